@@ -1,0 +1,35 @@
+# The two commands of the README's quick start:
+#   make dev   sets everything up and runs `trellis dev`
+#   make test  sets everything up and runs the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: dev test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; sys.exit("Trellis needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+dev: $(STAMP)
+	$(BIN)/trellis dev
+
+test: $(STAMP)
+	$(BIN)/ruff check api proxy tests bench
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check api proxy tests bench
+	$(BIN)/ruff format --check api proxy tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/control_plane.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

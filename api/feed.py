@@ -1,0 +1,150 @@
+"""The change feed: how a blocking query learns that a write concerns it.
+
+Theory of operation
+-------------------
+Every write transaction takes the next value of the store's one global index and records, in
+the same transaction, the *changes* it made: ``(index, topic, key)`` rows such as
+``(42, "kv", "app/config")`` or ``(43, "catalog", "svc/web")``. After the commit the writer
+publishes those changes to the feed of its own process at once; a background follower (see
+``api.store``) publishes the changes that *other* processes committed (SQLite: a cheap
+``PRAGMA data_version`` poll; PostgreSQL: LISTEN/NOTIFY plus a slow poll and a re-read after every
+reconnect, because a NOTIFY sent while a listener is disconnected is lost for good).
+
+A blocking query:
+
+1. takes ``pos = feed.position()``;
+2. reads its result from the store (which sees every commit made before step 1);
+3. if the result's index is not above the client's, calls ``feed.wait(watch, pos, timeout)``,
+   which returns at once if a matching change was published after ``pos`` and otherwise parks on
+   an event until one is;
+4. goes back to 2.
+
+Because the position is taken *before* the read, a change committed between the read and the
+wait is never missed. Waiters are filed by topic, and a change only wakes the waiters whose watch
+matches it, so a thousand long-polls on a thousand keys cost one match per write, not a thousand
+re-reads. Duplicate publications (a local write seen again by the follower) are dropped by index.
+
+The only primitives are ``threading.Lock`` and ``threading.Event``, so the same code works under
+gunicorn's gevent worker (where they are cooperative) and under threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+#: A change whose topic is ANY wakes every waiter (used when the follower lost history).
+ANY = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    index: int
+    topic: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """What a blocking query cares about: keys of one topic, exactly or by prefix.
+
+    ``Watch("kv", exact=("a",))`` wakes on key ``a``; ``Watch("kv", prefixes=("app/",))`` on
+    any key under ``app/``; ``Watch("catalog", prefixes=("",))`` on any catalog change.
+    """
+
+    topic: str
+    exact: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+
+    def matches(self, change: Change) -> bool:
+        if change.topic == ANY:
+            return True
+        if change.topic != self.topic:
+            return False
+        if change.key == ANY or change.key in self.exact:
+            return True
+        return any(change.key.startswith(p) for p in self.prefixes)
+
+
+class _Waiter:
+    __slots__ = ("event", "watch")
+
+    def __init__(self, watch: Watch) -> None:
+        self.watch = watch
+        self.event = threading.Event()
+
+
+class ChangeFeed:
+    """In-process fan-out of committed changes to parked blocking queries."""
+
+    def __init__(self, history: int = 8192) -> None:
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._recent: deque[tuple[int, Change]] = deque(maxlen=history)
+        self._known: set[Change] = set()
+        self._waiters: dict[str, set[_Waiter]] = {}
+        self.published_index = 0
+
+    def position(self) -> int:
+        return self._seq
+
+    def waiting(self) -> int:
+        """How many blocking queries are parked right now (for metrics and tests)."""
+        with self._lock:
+            return sum(len(s) for s in self._waiters.values())
+
+    def publish(self, changes: Iterable[Change]) -> None:
+        """Record committed changes and wake the waiters they concern.
+
+        A change already in the history (a local write that the follower read back) is
+        dropped, so it wakes nobody twice.
+        """
+        woken: list[_Waiter] = []
+        with self._lock:
+            for c in changes:
+                if c.topic != ANY and c in self._known:
+                    continue
+                self._seq += 1
+                if len(self._recent) == self._recent.maxlen:
+                    self._known.discard(self._recent[0][1])
+                self._recent.append((self._seq, c))
+                self._known.add(c)
+                if c.index > self.published_index:
+                    self.published_index = c.index
+                if c.topic == ANY:
+                    targets: Iterable[_Waiter] = [w for ws in self._waiters.values() for w in ws]
+                else:
+                    targets = self._waiters.get(c.topic, ())
+                woken.extend(w for w in targets if w.watch.matches(c))
+        for w in woken:
+            w.event.set()
+
+    def wait(self, watch: Watch, after: int, timeout: float) -> bool:
+        """Wait until a change matching ``watch`` is published after position ``after``.
+
+        Returns True if such a change arrived (or history was lost, which the caller treats
+        the same way: re-read), False on timeout.
+        """
+        with self._lock:
+            if self._recent and after < self._recent[0][0] - 1:
+                return True
+            for seq, c in reversed(self._recent):
+                if seq <= after:
+                    break
+                if watch.matches(c):
+                    return True
+            if timeout <= 0:
+                return False
+            w = _Waiter(watch)
+            self._waiters.setdefault(watch.topic, set()).add(w)
+        try:
+            return w.event.wait(timeout)
+        finally:
+            with self._lock:
+                ws = self._waiters.get(watch.topic)
+                if ws is not None:
+                    ws.discard(w)
+                    if not ws:
+                        del self._waiters[watch.topic]

@@ -1,0 +1,230 @@
+"""Configuration, read once at the edge into a frozen ``Settings``.
+
+Sources, weakest first: defaults, the config file (JSON, or HCL when it ends in ``.hcl``),
+``TRELLIS_*`` environment variables, command-line flags. Nothing below the CLI reads
+``os.environ``; everything takes a ``Settings``.
+
+The config file uses Consul's snake_case layout::
+
+    {
+      "datacenter": "dc1", "node_name": "host-1", "data_dir": "/var/lib/trellis",
+      "domain": "trellis.", "bind_addr": "127.0.0.1",
+      "addresses": {"http": "127.0.0.1", "dns": "127.0.0.1"},
+      "ports": {"http": 8500, "dns": 8600},
+      "store": "postgresql://trellis@db/trellis",
+      "server": {"workers": 2, "worker_class": "gevent", "worker_connections": 4096},
+      "limits": {"kv_max_value_size": 524288, "http_max_body": 1048576},
+      "blocking": {"default_wait": "5m", "max_wait": "10m"}
+    }
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.errors import ConfigError
+from proxy.durations import DurationError, parse_duration
+
+WORKER_CLASSES = ("gevent", "gthread", "sync")
+
+
+@dataclass(frozen=True)
+class Settings:
+    datacenter: str = "dc1"
+    node_name: str = field(default_factory=lambda: socket.gethostname())
+    node_address: str = "127.0.0.1"
+    data_dir: str = ""
+    #: ``sqlite:///path`` or ``postgresql://...``; empty means SQLite in ``data_dir``.
+    store: str = ""
+    domain: str = "trellis."
+    http_host: str = "127.0.0.1"
+    http_port: int = 8500
+    dns_host: str = "127.0.0.1"
+    #: 0 picks a free port; -1 disables DNS.
+    dns_port: int = 8600
+    workers: int = 2
+    worker_class: str = "gevent"
+    #: Simultaneous connections per gevent worker (each parked blocking query holds one).
+    worker_connections: int = 4096
+    #: Threads per gthread worker.
+    threads: int = 64
+    kv_max_value_size: int = 512 * 1024
+    http_max_body: int = 1024 * 1024
+    default_wait: float = 300.0
+    max_wait: float = 600.0
+    #: How often a process looks for other processes' SQLite commits (seconds).
+    sqlite_poll_interval: float = 0.01
+    #: PostgreSQL: the follower's fallback poll when no NOTIFY arrives (seconds).
+    pg_poll_interval: float = 1.0
+    #: How often TTL checks are looked at for expiry (seconds).
+    ttl_check_interval: float = 1.0
+    #: Register this node (``node_name``/``node_address``) in the catalog at start.
+    register_node: bool = True
+    dev: bool = False
+    log_level: str = "info"
+    acl_enabled: bool = False
+    acl_default_policy: str = "allow"
+
+    @property
+    def store_url(self) -> str:
+        if self.store:
+            return self.store
+        return "sqlite:///" + os.path.join(os.path.abspath(self.data_dir), "trellis.db")
+
+    @property
+    def domain_fqdn(self) -> str:
+        d = self.domain.strip(".").lower()
+        return d + "."
+
+    def replace(self, **changes: Any) -> Settings:
+        return validate(dataclasses.replace(self, **changes))
+
+
+def _duration(name: str, v: Any) -> float:
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return float(v)
+    try:
+        return parse_duration(str(v))
+    except DurationError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def _port(name: str, v: Any, *, allow_disable: bool = False) -> int:
+    try:
+        p = int(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {v!r} is not a port number") from None
+    lo = -1 if allow_disable else 0
+    if not lo <= p <= 65535:
+        raise ConfigError(f"{name}: {p} is not a port number ({lo}..65535)")
+    return p
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a config file into a flat dict of ``Settings`` field names."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        if path.endswith(".hcl"):
+            import hcl2
+
+            raw = hcl2.loads(text)
+            raw = _unwrap_hcl(raw)
+        else:
+            raw = json.loads(text)
+    except Exception as e:
+        raise ConfigError(f"config file {path} does not parse: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold an object")
+    return flatten(raw, source=path)
+
+
+def _unwrap_hcl(v: Any) -> Any:
+    # python-hcl2 wraps blocks in lists: {"ports": [{"http": 1}]}.
+    if isinstance(v, dict):
+        return {k: _unwrap_hcl(x) for k, x in v.items()}
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict):
+        return _unwrap_hcl(v[0])
+    return v
+
+
+_TOP = {
+    "datacenter": "datacenter",
+    "node_name": "node_name",
+    "advertise_addr": "node_address",
+    "data_dir": "data_dir",
+    "store": "store",
+    "domain": "domain",
+    "log_level": "log_level",
+}
+_NESTED = {
+    ("addresses", "http"): "http_host",
+    ("addresses", "dns"): "dns_host",
+    ("ports", "http"): "http_port",
+    ("ports", "dns"): "dns_port",
+    ("server", "workers"): "workers",
+    ("server", "worker_class"): "worker_class",
+    ("server", "worker_connections"): "worker_connections",
+    ("server", "threads"): "threads",
+    ("limits", "kv_max_value_size"): "kv_max_value_size",
+    ("limits", "http_max_body"): "http_max_body",
+    ("blocking", "default_wait"): "default_wait",
+    ("blocking", "max_wait"): "max_wait",
+    ("acl", "enabled"): "acl_enabled",
+    ("acl", "default_policy"): "acl_default_policy",
+}
+
+
+def flatten(raw: dict[str, Any], *, source: str = "config") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k in _TOP:
+            out[_TOP[k]] = v
+        elif k == "bind_addr":
+            out.setdefault("http_host", v)
+            out.setdefault("dns_host", v)
+        elif isinstance(v, dict) and any(g == k for g, _ in _NESTED):
+            for sk, sv in v.items():
+                name = _NESTED.get((k, sk))
+                if name is None:
+                    raise ConfigError(f"{source}: unknown setting {k}.{sk}")
+                out[name] = sv
+        else:
+            raise ConfigError(f"{source}: unknown setting {k!r}")
+    return out
+
+
+def from_env(env: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if env.get("TRELLIS_DATA_DIR"):
+        out["data_dir"] = env["TRELLIS_DATA_DIR"]
+    if env.get("TRELLIS_STORE"):
+        out["store"] = env["TRELLIS_STORE"]
+    return out
+
+
+def build(values: dict[str, Any]) -> Settings:
+    """Make a validated ``Settings`` from a dict of field values (file, env and flags merged)."""
+    known = {f.name for f in dataclasses.fields(Settings)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return validate(Settings(**values))
+
+
+def validate(s: Settings) -> Settings:
+    """Check and normalise every field; raise ConfigError saying which one is wrong."""
+    c: dict[str, Any] = {}
+    c["http_port"] = _port("ports.http", s.http_port)
+    c["dns_port"] = _port("ports.dns", s.dns_port, allow_disable=True)
+    for name in ("default_wait", "max_wait"):
+        c[name] = _duration(f"blocking.{name}", getattr(s, name))
+    if c["default_wait"] <= 0 or c["max_wait"] <= 0 or c["default_wait"] > c["max_wait"]:
+        raise ConfigError("blocking: need 0 < default_wait <= max_wait")
+    for name in ("workers", "worker_connections", "threads", "kv_max_value_size", "http_max_body"):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name}: must be a positive whole number, not {v!r}")
+    if s.worker_class not in WORKER_CLASSES:
+        raise ConfigError(
+            f"server.worker_class: {s.worker_class!r} is not one of {', '.join(WORKER_CLASSES)}"
+        )
+    if s.acl_default_policy not in ("allow", "deny"):
+        raise ConfigError("acl.default_policy must be allow or deny")
+    if not isinstance(s.domain, str) or not s.domain.strip("."):
+        raise ConfigError("domain must be a DNS name such as 'trellis.'")
+    if not s.datacenter or not str(s.datacenter).replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"datacenter {s.datacenter!r} must be letters, digits, - and _")
+    if not s.node_name:
+        raise ConfigError("node_name must not be empty")
+    if not s.store and not s.data_dir:
+        raise ConfigError("set data_dir (or store) so that Trellis knows where to keep its data")
+    return dataclasses.replace(s, **c)

@@ -1,0 +1,25 @@
+"""Open a store by URL: ``sqlite:///path/to/trellis.db`` or ``postgresql://...``."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from api.errors import ConfigError
+from api.store.base import Store
+
+
+def open_store(url: str, **kw) -> Store:
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        from api.store.sqlite import SQLiteStore
+
+        # SQLAlchemy's convention: sqlite:///relative/path, sqlite:////absolute/path
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ConfigError(f"store URL {url!r} names no file (sqlite:///path/to/trellis.db)")
+        return SQLiteStore(path, **kw)
+    if scheme in ("postgresql", "postgres"):
+        from api.store.postgres import PostgresStore
+
+        return PostgresStore(url, **kw)
+    raise ConfigError(f"unknown store URL {url!r}: use sqlite:///path or postgresql://...")

@@ -1,0 +1,852 @@
+"""The store, written once in SQL that both SQLite and PostgreSQL run.
+
+Theory of operation
+-------------------
+* Every write is one transaction that first bumps the single row ``indexes.global`` (``UPDATE ...
+  RETURNING``). On PostgreSQL that row lock serializes writers, so indexes commit in order; on
+  SQLite ``BEGIN IMMEDIATE`` does the same. The write then records its changes in ``changes``
+  (read by other processes' followers) and raises the ``indexes`` row of every topic it touched
+  (what ``X-Consul-Index`` of a watched read reports).
+* A write is acknowledged only after COMMIT returns; with SQLite in WAL mode and
+  ``synchronous=FULL`` that commit is on disk, so SIGKILL (or power loss) loses nothing acknowledged.
+* After the commit the writer publishes its changes to this process's feed. The dialect's
+  follower publishes the changes other processes made (see ``api.feed``).
+* Deleted K/V keys leave a tombstone holding the index of the delete, so that the index of a
+  key or prefix never goes backwards when something under it disappears.
+
+Dialects differ only in connecting, beginning a write, placeholders, the blob type and the
+follower; see ``sqlite.py`` and ``postgres.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from api.errors import StoreUnavailable
+from api.feed import ANY, Change, ChangeFeed
+from api.store.base import (
+    CRITICAL,
+    Check,
+    KVEntry,
+    Node,
+    Registration,
+    Service,
+    changed_catalog_keys,
+)
+
+log = logging.getLogger("trellis.store")
+
+U64 = 1 << 64
+I64 = 1 << 63
+
+
+def _to_i64(v: int) -> int:
+    """K/V flags are uint64 (Consul); both databases hold signed 64-bit integers."""
+    return v - U64 if v >= I64 else v
+
+
+def _from_i64(v: int) -> int:
+    return v + U64 if v < 0 else v
+
+
+def _dumps(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":"), sort_keys=True)
+
+
+def _loads(v: str | None, default: Any = None) -> Any:
+    if v is None or v == "":
+        return default
+    return json.loads(v)
+
+
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string greater than every string that starts with ``prefix``."""
+    for i in range(len(prefix) - 1, -1, -1):
+        c = ord(prefix[i])
+        if c < 0x10FFFF and not (0xD7FF <= c < 0xE000):
+            return prefix[:i] + chr(c + 1)
+    return None
+
+
+def migrations(blob: str) -> list[tuple[int, list[str]]]:
+    """Versioned schema changes; append, never edit an applied one."""
+    return [
+        (
+            1,
+            [
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+                "CREATE TABLE indexes (name TEXT PRIMARY KEY, idx BIGINT NOT NULL)",
+                "INSERT INTO indexes (name, idx) VALUES ('global', 0)",
+                "CREATE TABLE changes (idx BIGINT NOT NULL, topic TEXT NOT NULL,"
+                " key TEXT NOT NULL, PRIMARY KEY (idx, topic, key))",
+                f"CREATE TABLE kv (key TEXT {{collate}} PRIMARY KEY, value {blob},"
+                " flags BIGINT NOT NULL DEFAULT 0, create_index BIGINT NOT NULL,"
+                " modify_index BIGINT NOT NULL, lock_index BIGINT NOT NULL DEFAULT 0,"
+                " session TEXT)",
+                "CREATE TABLE kv_tombstones (key TEXT {collate} PRIMARY KEY, idx BIGINT NOT NULL)",
+                "CREATE TABLE nodes (name TEXT PRIMARY KEY, id TEXT NOT NULL,"
+                " address TEXT NOT NULL, datacenter TEXT NOT NULL,"
+                " tagged_addresses TEXT NOT NULL, meta TEXT NOT NULL,"
+                " create_index BIGINT NOT NULL, modify_index BIGINT NOT NULL)",
+                "CREATE TABLE services (node TEXT NOT NULL REFERENCES nodes(name)"
+                " ON DELETE CASCADE, id TEXT NOT NULL, name TEXT NOT NULL, tags TEXT NOT NULL,"
+                " address TEXT NOT NULL, port INTEGER NOT NULL, meta TEXT NOT NULL,"
+                " tagged_addresses TEXT NOT NULL, weights TEXT NOT NULL, kind TEXT NOT NULL,"
+                " proxy TEXT, connect TEXT, enable_tag_override INTEGER NOT NULL,"
+                " destination TEXT, create_index BIGINT NOT NULL,"
+                " modify_index BIGINT NOT NULL, PRIMARY KEY (node, id))",
+                "CREATE INDEX services_by_name ON services (name)",
+                "CREATE INDEX services_by_destination ON services (destination)",
+                "CREATE TABLE checks (node TEXT NOT NULL REFERENCES nodes(name)"
+                " ON DELETE CASCADE, check_id TEXT NOT NULL, name TEXT NOT NULL,"
+                " status TEXT NOT NULL, notes TEXT NOT NULL, output TEXT NOT NULL,"
+                " service_id TEXT NOT NULL, service_name TEXT NOT NULL, type TEXT NOT NULL,"
+                " definition TEXT NOT NULL, ttl DOUBLE PRECISION, expires_at DOUBLE PRECISION,"
+                " create_index BIGINT NOT NULL, modify_index BIGINT NOT NULL,"
+                " PRIMARY KEY (node, check_id))",
+                "CREATE INDEX checks_by_service ON checks (service_name)",
+            ],
+        ),
+    ]
+
+
+class Pool:
+    """A small blocking connection pool (cooperative under gevent, like everything here)."""
+
+    def __init__(self, connect: Callable[[], Any], size: int, timeout: float = 10.0) -> None:
+        self._connect = connect
+        self._free: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self._timeout = timeout
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        if not self._slots.acquire(timeout=self._timeout):
+            raise StoreUnavailable("no store connection became free in time")
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            conn = self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def put(self, conn: Any, *, broken: bool = False) -> None:
+        if broken:
+            with self._lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            try:
+                conn.close()
+            except Exception:  # noqa: S110 - a broken connection may fail to close; it is gone
+                pass
+        else:
+            self._free.put(conn)
+        self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for c in conns:
+            try:
+                c.close()
+            except Exception:  # noqa: S110 - closing on shutdown; nothing left to do
+                pass
+
+
+class Tx:
+    """An open write transaction: takes the next index once, records changes."""
+
+    def __init__(self, store: SQLStore, conn: Any) -> None:
+        self.store = store
+        self.conn = conn
+        self._index: int | None = None
+        self.changes: list[Change] = []
+        self._topics: set[str] = set()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.store._exec(self.conn, sql, params)
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.execute(sql, params).fetchone()
+
+    @property
+    def index(self) -> int:
+        if self._index is None:
+            row = self.one("UPDATE indexes SET idx = idx + 1 WHERE name = 'global' RETURNING idx")
+            self._index = int(row[0])
+        return self._index
+
+    def touch(self, topic: str, key: str, *, topic_index_key: bool = True) -> None:
+        idx = self.index
+        c = Change(idx, topic, key)
+        if c in self.changes:
+            return
+        self.changes.append(c)
+        self.execute("INSERT INTO changes (idx, topic, key) VALUES (?, ?, ?)", (idx, topic, key))
+        names = [topic] + ([f"{topic}/{key}"] if topic_index_key else [])
+        for name in names:
+            if name in self._topics:
+                continue
+            self._topics.add(name)
+            self.execute(
+                "INSERT INTO indexes (name, idx) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET idx = excluded.idx",
+                (name, idx),
+            )
+
+
+KV_COLS = "key, value, flags, create_index, modify_index, lock_index, session"
+NODE_COLS = "name, id, address, datacenter, tagged_addresses, meta, create_index, modify_index"
+SVC_COLS = (
+    "node, id, name, tags, address, port, meta, tagged_addresses, weights, kind, proxy,"
+    " connect, enable_tag_override, create_index, modify_index"
+)
+CHECK_COLS = (
+    "node, check_id, name, status, notes, output, service_id, service_name, type, definition,"
+    " ttl, expires_at, create_index, modify_index"
+)
+
+
+def _kv(row: Sequence[Any]) -> KVEntry:
+    value = row[1]
+    return KVEntry(
+        key=row[0],
+        value=bytes(value) if value is not None else None,
+        flags=_from_i64(int(row[2])),
+        create_index=int(row[3]),
+        modify_index=int(row[4]),
+        lock_index=int(row[5]),
+        session=row[6],
+    )
+
+
+def _node(row: Sequence[Any]) -> Node:
+    return Node(
+        name=row[0],
+        id=row[1],
+        address=row[2],
+        datacenter=row[3],
+        tagged_addresses=_loads(row[4], {}),
+        meta=_loads(row[5], {}),
+        create_index=int(row[6]),
+        modify_index=int(row[7]),
+    )
+
+
+def _svc(row: Sequence[Any]) -> Service:
+    return Service(
+        node=row[0],
+        id=row[1],
+        name=row[2],
+        tags=tuple(_loads(row[3], [])),
+        address=row[4],
+        port=int(row[5]),
+        meta=_loads(row[6], {}),
+        tagged_addresses=_loads(row[7], {}),
+        weights=_loads(row[8], {"Passing": 1, "Warning": 1}),
+        kind=row[9],
+        proxy=_loads(row[10]),
+        connect=_loads(row[11]),
+        enable_tag_override=bool(row[12]),
+        create_index=int(row[13]),
+        modify_index=int(row[14]),
+    )
+
+
+def _check(row: Sequence[Any]) -> Check:
+    return Check(
+        node=row[0],
+        check_id=row[1],
+        name=row[2],
+        status=row[3],
+        notes=row[4],
+        output=row[5],
+        service_id=row[6],
+        service_name=row[7],
+        type=row[8],
+        definition=_loads(row[9], {}),
+        ttl=row[10],
+        expires_at=row[11],
+        create_index=int(row[12]),
+        modify_index=int(row[13]),
+    )
+
+
+class SQLStore:
+    """The shared body of both stores. Subclasses provide the dialect hooks below."""
+
+    blob_type = "BLOB"
+    key_collation = ""
+    #: Driver exceptions that mean "the database is unavailable or refused": StoreUnavailable.
+    unavailable_errors: tuple[type[BaseException], ...] = ()
+    #: How many old change rows to keep for followers in other processes.
+    change_history = 20_000
+
+    def __init__(self, pool_size: int = 8) -> None:
+        self.feed = ChangeFeed()
+        self._pool = Pool(self._connect, pool_size)
+        self._writes = 0
+        self._closed = threading.Event()
+        self._migrate()
+
+    # -- dialect hooks -------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _begin_write(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def _begin_read(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def _lock_migrations(self, tx: Tx) -> None:
+        """Serialize migrations between processes (the write transaction does on SQLite)."""
+
+    def _before_commit(self, tx: Tx) -> None:
+        """Last words of a write transaction that changed something (PostgreSQL: NOTIFY)."""
+
+    def start_follower(self) -> None:
+        """Start publishing the changes that other processes commit (see ``api.feed``)."""
+        raise NotImplementedError
+
+    def catch_up(self, last: int) -> int:
+        """Publish the changes committed after index ``last``; return the new ``last``."""
+        changes = self.read_changes_after(last)
+        if changes and last and changes[0].index > last + 1:
+            # Rows we never saw were trimmed: wake everyone to re-read.
+            self.feed.publish([Change(changes[0].index, ANY, ANY)])
+        if changes:
+            self.feed.publish(changes)
+            last = changes[-1].index
+        return last
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _exec(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
+        return conn.execute(self._sql(sql), tuple(params))
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except self.unavailable_errors as e:
+            log.warning("store error: %s", e)
+            raise StoreUnavailable(f"the store is unavailable: {str(e).strip()[:200]}") from e
+
+    @contextmanager
+    def write(self) -> Iterator[Tx]:
+        """A write transaction. Changes are published to the feed after COMMIT returns."""
+        with self._translate():
+            conn = self._pool.get()
+            broken = False
+            try:
+                self._begin_write(conn)
+                tx = Tx(self, conn)
+                try:
+                    yield tx
+                    if tx.changes:
+                        self._before_commit(tx)
+                    self._exec(conn, "COMMIT")
+                except BaseException:
+                    try:
+                        self._exec(conn, "ROLLBACK")
+                    except Exception:
+                        broken = True
+                    raise
+            except self.unavailable_errors:
+                broken = True
+                raise
+            finally:
+                self._pool.put(conn, broken=broken)
+        if tx.changes:
+            self._writes += 1
+            self.feed.publish(tx.changes)
+            if self._writes % 1000 == 0:
+                self._trim_changes()
+
+    @contextmanager
+    def read(self) -> Iterator[Any]:
+        """A consistent read snapshot; yields a function ``q(sql, params) -> rows``."""
+        with self._translate():
+            conn = self._pool.get()
+            broken = False
+            try:
+                self._begin_read(conn)
+                try:
+                    yield lambda sql, params=(): self._exec(conn, sql, params).fetchall()
+                finally:
+                    self._exec(conn, "COMMIT")
+            except self.unavailable_errors:
+                broken = True
+                raise
+            finally:
+                self._pool.put(conn, broken=broken)
+
+    def _trim_changes(self) -> None:
+        with self._translate():
+            conn = self._pool.get()
+            try:
+                self._exec(
+                    conn,
+                    "DELETE FROM changes WHERE idx < (SELECT idx FROM indexes"
+                    " WHERE name = 'global') - ?",
+                    (self.change_history,),
+                )
+            finally:
+                self._pool.put(conn)
+
+    def _migrate(self) -> None:
+        with self.write() as tx:
+            self._lock_migrations(tx)
+            tx.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+                " applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+            )
+            done = {int(r[0]) for r in tx.execute("SELECT version FROM schema_migrations")}
+            for version, statements in migrations(self.blob_type):
+                if version in done:
+                    continue
+                for st in statements:
+                    tx.execute(st.replace("{collate}", self.key_collation))
+                tx.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+                log.info("applied store migration %d", version)
+            row = tx.one("SELECT value FROM meta WHERE key = 'cluster_id'")
+            if row is None:
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('cluster_id', ?)", (str(uuid.uuid4()),)
+                )
+
+    def close(self) -> None:
+        self._closed.set()
+        self._pool.close()
+
+    def ping(self) -> None:
+        with self.read() as q:
+            q("SELECT 1")
+
+    def read_changes_after(self, index: int) -> list[Change]:
+        with self.read() as q:
+            rows = q(
+                "SELECT idx, topic, key FROM changes WHERE idx > ? ORDER BY idx LIMIT 10000",
+                (index,),
+            )
+        return [Change(int(r[0]), r[1], r[2]) for r in rows]
+
+    # -- the index -------------------------------------------------------------------------
+
+    def current_index(self) -> int:
+        with self.read() as q:
+            return int(q("SELECT idx FROM indexes WHERE name = 'global'")[0][0])
+
+    def topic_index(self, *topics: str) -> int:
+        if not topics:
+            return 0
+        marks = ",".join("?" * len(topics))
+        with self.read() as q:
+            rows = q(f"SELECT max(idx) FROM indexes WHERE name IN ({marks})", topics)  # noqa: S608 - only placeholders are formatted in
+        return int(rows[0][0] or 0)
+
+    def cluster_id(self) -> str:
+        with self.read() as q:
+            return q("SELECT value FROM meta WHERE key = 'cluster_id'")[0][0]
+
+    # -- K/V --------------------------------------------------------------------------------
+
+    def _prefix_where(self, prefix: str) -> tuple[str, list[Any]]:
+        if prefix == "":
+            return "1 = 1", []
+        upper = prefix_upper_bound(prefix)
+        if upper is None:
+            return "key >= ?", [prefix]
+        return "key >= ? AND key < ?", [prefix, upper]
+
+    def kv_get(self, key: str) -> KVEntry | None:
+        with self.read() as q:
+            rows = q(f"SELECT {KV_COLS} FROM kv WHERE key = ?", (key,))  # noqa: S608
+        return _kv(rows[0]) if rows else None
+
+    def kv_list(self, prefix: str) -> list[KVEntry]:
+        where, params = self._prefix_where(prefix)
+        with self.read() as q:
+            rows = q(f"SELECT {KV_COLS} FROM kv WHERE {where} ORDER BY key", params)  # noqa: S608
+        return [_kv(r) for r in rows]
+
+    def kv_index(self, prefix: str, *, exact: bool) -> int:
+        """The index a read of ``prefix`` reports: the newest write or delete under it.
+
+        With nothing there (and no tombstone) it is the index of the whole K/V table, as in
+        Consul, so that a client never sees an index of 0.
+        """
+        if exact:
+            where, params = "key = ?", [prefix]
+        else:
+            where, params = self._prefix_where(prefix)
+        with self.read() as q:
+            live = q(f"SELECT max(modify_index) FROM kv WHERE {where}", params)[0][0]  # noqa: S608
+            dead = q(f"SELECT max(idx) FROM kv_tombstones WHERE {where}", params)[0][0]  # noqa: S608
+            best = max(int(live or 0), int(dead or 0))
+            if best:
+                return best
+            table = q("SELECT idx FROM indexes WHERE name = 'kv'")
+        return max(1, int(table[0][0]) if table else 1)
+
+    def kv_put(self, key: str, value: bytes, *, flags: int = 0, cas: int | None = None) -> bool:
+        with self.write() as tx:
+            row = tx.one("SELECT modify_index FROM kv WHERE key = ?", (key,))
+            if cas is not None:
+                current = int(row[0]) if row else 0
+                if current != cas:
+                    return False
+            idx = tx.index
+            if row is None:
+                tx.execute(
+                    "INSERT INTO kv (key, value, flags, create_index, modify_index)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (key, value, _to_i64(flags), idx, idx),
+                )
+                tx.execute("DELETE FROM kv_tombstones WHERE key = ?", (key,))
+            else:
+                tx.execute(
+                    "UPDATE kv SET value = ?, flags = ?, modify_index = ? WHERE key = ?",
+                    (value, _to_i64(flags), idx, key),
+                )
+            tx.touch("kv", key, topic_index_key=False)
+            return True
+
+    def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
+        with self.write() as tx:
+            if recurse:
+                where, params = self._prefix_where(key)
+                keys = [r[0] for r in tx.execute(f"SELECT key FROM kv WHERE {where}", params)]  # noqa: S608
+            else:
+                row = tx.one("SELECT modify_index FROM kv WHERE key = ?", (key,))
+                if cas is not None and (row is None or int(row[0]) != cas):
+                    return False
+                keys = [key] if row else []
+            if not keys:
+                return True
+            idx = tx.index
+            for k in keys:
+                tx.execute("DELETE FROM kv WHERE key = ?", (k,))
+                tx.execute(
+                    "INSERT INTO kv_tombstones (key, idx) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET idx = excluded.idx",
+                    (k, idx),
+                )
+                tx.touch("kv", k, topic_index_key=False)
+            return True
+
+    # -- catalog -----------------------------------------------------------------------------
+
+    def register(self, reg: Registration) -> int:
+        n = reg.node
+        with self.write() as tx:
+            idx = tx.index
+            row = tx.one(f"SELECT {NODE_COLS} FROM nodes WHERE name = ?", (n.name,))  # noqa: S608
+            touched: set[str] = set()
+            if row is None:
+                tx.execute(
+                    f"INSERT INTO nodes ({NODE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    (
+                        n.name,
+                        n.id or str(uuid.uuid4()),
+                        n.address,
+                        n.datacenter,
+                        _dumps(dict(n.tagged_addresses)),
+                        _dumps(dict(n.meta)),
+                        idx,
+                        idx,
+                    ),
+                )
+                touched.add(f"node/{n.name}")
+            elif not reg.keep_existing_node:
+                old = _node(row)
+                if (
+                    old.id,
+                    old.address,
+                    old.datacenter,
+                    dict(old.tagged_addresses),
+                    dict(old.meta),
+                ) != (
+                    n.id or old.id,
+                    n.address,
+                    n.datacenter,
+                    dict(n.tagged_addresses),
+                    dict(n.meta),
+                ):
+                    tx.execute(
+                        "UPDATE nodes SET id = ?, address = ?, datacenter = ?,"
+                        " tagged_addresses = ?, meta = ?, modify_index = ? WHERE name = ?",
+                        (
+                            n.id or old.id,
+                            n.address,
+                            n.datacenter,
+                            _dumps(dict(n.tagged_addresses)),
+                            _dumps(dict(n.meta)),
+                            idx,
+                            n.name,
+                        ),
+                    )
+                    touched.add(f"node/{n.name}")
+                    touched |= {
+                        f"svc/{r[0]}"
+                        for r in tx.execute("SELECT name FROM services WHERE node = ?", (n.name,))
+                    }
+            for s in reg.services:
+                old_row = tx.one(
+                    f"SELECT {SVC_COLS} FROM services WHERE node = ? AND id = ?",  # noqa: S608
+                    (n.name, s.id),
+                )
+                create = idx
+                if old_row is not None:
+                    old_s = _svc(old_row)
+                    create = old_s.create_index
+                    touched |= changed_catalog_keys([old_s])
+                tx.execute(
+                    f"INSERT INTO services ({SVC_COLS}, destination) VALUES"  # noqa: S608
+                    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (node, id) DO UPDATE SET name = excluded.name,"
+                    " tags = excluded.tags, address = excluded.address, port = excluded.port,"
+                    " meta = excluded.meta, tagged_addresses = excluded.tagged_addresses,"
+                    " weights = excluded.weights, kind = excluded.kind, proxy = excluded.proxy,"
+                    " connect = excluded.connect,"
+                    " enable_tag_override = excluded.enable_tag_override,"
+                    " destination = excluded.destination, modify_index = excluded.modify_index",
+                    (
+                        n.name,
+                        s.id,
+                        s.name,
+                        _dumps(list(s.tags)),
+                        s.address,
+                        s.port,
+                        _dumps(dict(s.meta)),
+                        _dumps(dict(s.tagged_addresses)),
+                        _dumps(dict(s.weights)),
+                        s.kind,
+                        _dumps(s.proxy) if s.proxy is not None else None,
+                        _dumps(s.connect) if s.connect is not None else None,
+                        int(s.enable_tag_override),
+                        create,
+                        idx,
+                        s.destination,
+                    ),
+                )
+                touched |= changed_catalog_keys([s])
+            keep = {c.check_id for c in reg.checks}
+            for sid in reg.replace_checks_for:
+                for r in tx.execute(
+                    "SELECT check_id, service_name FROM checks WHERE node = ? AND service_id = ?",
+                    (n.name, sid),
+                ).fetchall():
+                    if r[0] not in keep:
+                        tx.execute(
+                            "DELETE FROM checks WHERE node = ? AND check_id = ?", (n.name, r[0])
+                        )
+                        touched.add(f"svc/{r[1]}")
+            for c in reg.checks:
+                self._upsert_check(tx, n.name, c, idx)
+                touched.add(f"svc/{c.service_name}" if c.service_name else f"node/{n.name}")
+                if not c.service_name:
+                    touched |= {
+                        f"svc/{r[0]}"
+                        for r in tx.execute("SELECT name FROM services WHERE node = ?", (n.name,))
+                    }
+            for key in sorted(touched):
+                tx.touch("catalog", key)
+            return idx
+
+    def _upsert_check(self, tx: Tx, node: str, c: Check, idx: int) -> None:
+        old = tx.one(
+            "SELECT status, output, create_index FROM checks WHERE node = ? AND check_id = ?",
+            (node, c.check_id),
+        )
+        create = int(old[2]) if old else idx
+        tx.execute(
+            f"INSERT INTO checks ({CHECK_COLS}) VALUES"  # noqa: S608
+            " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (node, check_id) DO UPDATE SET name = excluded.name,"
+            " status = excluded.status, notes = excluded.notes, output = excluded.output,"
+            " service_id = excluded.service_id, service_name = excluded.service_name,"
+            " type = excluded.type, definition = excluded.definition, ttl = excluded.ttl,"
+            " expires_at = excluded.expires_at, modify_index = excluded.modify_index",
+            (
+                node,
+                c.check_id,
+                c.name,
+                c.status,
+                c.notes,
+                c.output,
+                c.service_id,
+                c.service_name,
+                c.type,
+                _dumps(dict(c.definition)),
+                c.ttl,
+                c.expires_at,
+                create,
+                idx,
+            ),
+        )
+
+    def deregister_service(self, node: str, service_id: str) -> bool:
+        with self.write() as tx:
+            row = tx.one(
+                f"SELECT {SVC_COLS} FROM services WHERE node = ? AND id = ?",  # noqa: S608
+                (node, service_id),
+            )
+            if row is None:
+                return False
+            s = _svc(row)
+            tx.execute("DELETE FROM checks WHERE node = ? AND service_id = ?", (node, service_id))
+            tx.execute("DELETE FROM services WHERE node = ? AND id = ?", (node, service_id))
+            for key in sorted(changed_catalog_keys([s])):
+                tx.touch("catalog", key)
+            return True
+
+    def deregister_check(self, node: str, check_id: str) -> bool:
+        with self.write() as tx:
+            row = tx.one(
+                "SELECT service_name FROM checks WHERE node = ? AND check_id = ?", (node, check_id)
+            )
+            if row is None:
+                return False
+            tx.execute("DELETE FROM checks WHERE node = ? AND check_id = ?", (node, check_id))
+            if row[0]:
+                tx.touch("catalog", f"svc/{row[0]}")
+            else:
+                self._touch_node(tx, node)
+            return True
+
+    def _touch_node(self, tx: Tx, node: str) -> None:
+        tx.touch("catalog", f"node/{node}")
+        rows = tx.execute(f"SELECT {SVC_COLS} FROM services WHERE node = ?", (node,)).fetchall()  # noqa: S608
+        for key in sorted(changed_catalog_keys([_svc(r) for r in rows])):
+            tx.touch("catalog", key)
+
+    def deregister_node(self, node: str) -> bool:
+        with self.write() as tx:
+            if tx.one("SELECT name FROM nodes WHERE name = ?", (node,)) is None:
+                return False
+            self._touch_node(tx, node)
+            tx.execute("DELETE FROM checks WHERE node = ?", (node,))
+            tx.execute("DELETE FROM services WHERE node = ?", (node,))
+            tx.execute("DELETE FROM nodes WHERE name = ?", (node,))
+            return True
+
+    def nodes(self) -> list[Node]:
+        with self.read() as q:
+            return [_node(r) for r in q(f"SELECT {NODE_COLS} FROM nodes ORDER BY name")]  # noqa: S608
+
+    def node(self, name: str) -> Node | None:
+        with self.read() as q:
+            rows = q(f"SELECT {NODE_COLS} FROM nodes WHERE name = ?", (name,))  # noqa: S608
+        return _node(rows[0]) if rows else None
+
+    def services(
+        self, *, node: str | None = None, name: str | None = None, destination: str | None = None
+    ) -> list[Service]:
+        where, params = [], []
+        for col, val in (("node", node), ("name", name), ("destination", destination)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                params.append(val)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self.read() as q:
+            rows = q(f"SELECT {SVC_COLS} FROM services {clause} ORDER BY node, id", params)  # noqa: S608
+        return [_svc(r) for r in rows]
+
+    def checks(
+        self,
+        *,
+        node: str | None = None,
+        service_name: str | None = None,
+        service_id: str | None = None,
+        state: str | None = None,
+        check_id: str | None = None,
+    ) -> list[Check]:
+        where, params = [], []
+        for col, val in (
+            ("node", node),
+            ("service_name", service_name),
+            ("service_id", service_id),
+            ("status", state),
+            ("check_id", check_id),
+        ):
+            if val is not None:
+                where.append(f"{col} = ?")
+                params.append(val)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self.read() as q:
+            rows = q(f"SELECT {CHECK_COLS} FROM checks {clause} ORDER BY node, check_id", params)  # noqa: S608
+        return [_check(r) for r in rows]
+
+    def update_check(
+        self, node: str, check_id: str, status: str, output: str | None, *, now: float
+    ) -> Check | None:
+        with self.write() as tx:
+            row = tx.one(
+                f"SELECT {CHECK_COLS} FROM checks WHERE node = ? AND check_id = ?",  # noqa: S608
+                (node, check_id),
+            )
+            if row is None:
+                return None
+            c = _check(row)
+            new_output = c.output if output is None else output
+            expires = now + c.ttl if c.ttl else None
+            if c.status == status and c.output == new_output:
+                # Consul does not bump the index when nothing visible changed; only the
+                # TTL deadline moves.
+                if expires is not None:
+                    tx.execute(
+                        "UPDATE checks SET expires_at = ? WHERE node = ? AND check_id = ?",
+                        (expires, node, check_id),
+                    )
+                return c
+            idx = tx.index
+            tx.execute(
+                "UPDATE checks SET status = ?, output = ?, expires_at = ?, modify_index = ?"
+                " WHERE node = ? AND check_id = ?",
+                (status, new_output, expires, idx, node, check_id),
+            )
+            if c.service_name:
+                tx.touch("catalog", f"svc/{c.service_name}")
+            else:
+                self._touch_node(tx, node)
+            return _check(
+                tx.one(
+                    f"SELECT {CHECK_COLS} FROM checks WHERE node = ? AND check_id = ?",  # noqa: S608
+                    (node, check_id),
+                )
+            )
+
+    def expire_ttl_checks(self, now: float) -> int:
+        """Turn TTL checks that were not refreshed in time critical. Returns how many."""
+        with self.read() as q:
+            due = q(
+                "SELECT node, check_id FROM checks WHERE expires_at IS NOT NULL"
+                " AND expires_at < ? AND status <> ?",
+                (now, CRITICAL),
+            )
+        n = 0
+        for node, check_id in due:
+            c = self.update_check(node, check_id, CRITICAL, "TTL expired", now=now)
+            if c is not None:
+                n += 1
+        return n

@@ -1,0 +1,77 @@
+"""The embedded store: one SQLite file in the data dir, WAL mode, ``synchronous=FULL``.
+
+FULL (not NORMAL) because an acknowledged write must survive power loss, not only a process
+crash; see SECURITY.md. Several gunicorn workers may share the file: each process follows the
+others' commits by polling ``PRAGMA data_version``, which changes only when another connection
+commits, and is a cheap read of the shared WAL index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from typing import Any
+
+from api.errors import StoreUnavailable
+from api.store.sql import SQLStore
+
+log = logging.getLogger("trellis.store.sqlite")
+
+
+class SQLiteStore(SQLStore):
+    blob_type = "BLOB"
+    key_collation = ""  # BINARY: byte order of UTF-8, which is code point order
+    unavailable_errors = (sqlite3.OperationalError, sqlite3.DatabaseError)
+
+    def __init__(self, path: str, *, poll_interval: float = 0.01, pool_size: int = 8) -> None:
+        self.path = path
+        self.poll_interval = poll_interval
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise StoreUnavailable(f"the data directory {parent} does not exist")
+        self._follower: threading.Thread | None = None
+        super().__init__(pool_size=pool_size)
+
+    def _connect(self) -> Any:
+        conn = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def _begin_write(self, conn: Any) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _begin_read(self, conn: Any) -> None:
+        conn.execute("BEGIN")
+
+    def start_follower(self) -> None:
+        if self._follower is not None:
+            return
+        last = self.current_index()
+        self._follower = threading.Thread(
+            target=self._follow, args=(last,), name="trellis-sqlite-follower", daemon=True
+        )
+        self._follower.start()
+
+    def _follow(self, last: int) -> None:
+        conn = None
+        version = None
+        while not self._closed.is_set():
+            try:
+                if conn is None:
+                    conn = self._connect()
+                v = conn.execute("PRAGMA data_version").fetchone()[0]
+                if v != version:
+                    version = v
+                    last = self.catch_up(last)
+            except Exception as e:  # the follower must never die; it retries
+                log.warning("sqlite follower: %s", e)
+                conn = None
+            self._closed.wait(self.poll_interval)
+        if conn is not None:
+            conn.close()

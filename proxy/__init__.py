@@ -1,0 +1,4 @@
+"""Trellis data plane, and the pure modules that the control plane shares with it.
+
+Nothing in this package imports Flask.
+"""
