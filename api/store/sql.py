@@ -8,7 +8,8 @@ Theory of operation
   (read by other processes' followers) and raises the ``indexes`` row of every topic it touched
   (what ``X-Consul-Index`` of a watched read reports).
 * A write is acknowledged only after COMMIT returns; with SQLite in WAL mode and
-  ``synchronous=FULL`` that commit is on disk, so SIGKILL (or power loss) loses nothing acknowledged.
+  ``synchronous=FULL`` that commit is on disk, so SIGKILL (or power loss) loses nothing
+  that was acknowledged.
 * After the commit the writer publishes its changes to this process's feed. The dialect's
   follower publishes the changes other processes made (see ``api.feed``).
 * Deleted K/V keys leave a tombstone holding the index of the delete, so that the index of a

@@ -1,0 +1,156 @@
+"""The application factory: ``create_app(settings)`` builds a Flask app around one store.
+
+Nothing happens at import time. Each gunicorn worker calls ``create_app`` after it has forked
+(the app is never preloaded), so every worker has its own store connections and its own
+change feed, and follows the other workers' writes through the store (see ``api.feed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from api.errors import TrellisError
+from api.settings import Settings
+from api.store import open_store
+from api.store.base import PASSING, Check, Node, Registration, Store
+
+log = logging.getLogger("trellis.api")
+
+SPEC_PATH = Path(__file__).resolve().parent / "openapi.yaml"
+
+
+@dataclass
+class AppServices:
+    settings: Settings
+    store: Store
+    store_kind: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=5)
+        self.store.close()
+
+
+def create_app(settings: Settings, *, store: Store | None = None, background: bool = True) -> Flask:
+    app = Flask("trellis")
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.http_max_body, settings.kv_max_value_size) + 1
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    if store is None:
+        store = open_store(settings.store_url, **_store_options(settings))
+    kind = "postgresql" if settings.store_url.startswith("postgres") else "sqlite"
+    svc = AppServices(settings=settings, store=store, store_kind=kind)
+    app.extensions["trellis"] = svc
+
+    from api.views import agent, catalog, health, kv, spec, status
+
+    for module in (kv, catalog, health, agent, status, spec):
+        app.register_blueprint(module.bp)
+
+    _error_handlers(app)
+
+    @app.after_request
+    def _headers(resp: Response) -> Response:
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    if settings.register_node:
+        register_local_node(store, settings)
+    if background:
+        store.start_follower()
+        t = threading.Thread(
+            target=_maintenance, args=(svc,), name="trellis-maintenance", daemon=True
+        )
+        t.start()
+        svc.threads.append(t)
+    return app
+
+
+def _store_options(settings: Settings) -> dict:
+    if settings.store_url.startswith("sqlite"):
+        return {"poll_interval": settings.sqlite_poll_interval}
+    return {"poll_interval": settings.pg_poll_interval}
+
+
+def register_local_node(store: Store, settings: Settings) -> None:
+    """Put this server's node in the catalog, with the always-passing ``serfHealth`` check
+    that Consul clients expect to see on every node."""
+    existing = store.node(settings.node_name)
+    node = Node(
+        name=settings.node_name,
+        id=existing.id if existing else "",
+        address=settings.node_address,
+        datacenter=settings.datacenter,
+        tagged_addresses={"lan": settings.node_address, "wan": settings.node_address},
+        meta=dict(existing.meta) if existing else {},
+    )
+    health = Check(
+        node=settings.node_name,
+        check_id="serfHealth",
+        name="Serf Health Status",
+        status=PASSING,
+        output="Agent alive and reachable",
+        type="",
+    )
+    have = {c.check_id: c for c in store.checks(node=settings.node_name)}
+    same = existing is not None and (existing.address, existing.datacenter) == (
+        node.address,
+        node.datacenter,
+    )
+    if same and "serfHealth" in have and have["serfHealth"].status == PASSING:
+        return
+    store.register(Registration(node=node, checks=(health,)))
+
+
+def _maintenance(svc: AppServices) -> None:
+    """Turn TTL checks that were not refreshed critical, about once a ``ttl_check_interval``."""
+    while not svc.stop.wait(svc.settings.ttl_check_interval):
+        try:
+            svc.store.expire_ttl_checks(time.time())
+        except Exception as e:  # keep going: the store may be back on the next round
+            log.warning("TTL check expiry failed: %s", e)
+
+
+def _error_handlers(app: Flask) -> None:
+    def render(status: int, message: str, code: str, headers: dict | None = None) -> Response:
+        from api.http import json_response
+
+        return json_response(
+            {"error": message, "code": code, "status": status}, status=status, headers=headers
+        )
+
+    @app.errorhandler(TrellisError)
+    def _trellis(e: TrellisError):
+        return render(e.status, e.message, e.code, e.headers)
+
+    @app.errorhandler(HTTPException)
+    def _http(e: HTTPException):
+        status = e.code or 500
+        message = e.description or e.name
+        if status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        elif status == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
+        elif status == 413:
+            message = "request body is too large"
+        headers = {}
+        if status == 405 and e.get_response().headers.get("Allow"):
+            headers["Allow"] = e.get_response().headers["Allow"]
+        code = e.name.lower().replace(" ", "_")
+        return render(status, message, code, headers)
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception):
+        # Our fault, not the client's: log the traceback, tell the client only that it happened.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return render(500, "internal error; see the server log", "internal")

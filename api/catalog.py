@@ -1,0 +1,514 @@
+"""Catalog domain logic: turning registration bodies into store values, and back into
+Consul's response shapes.
+
+Registration bodies come in two spellings: the API form (``Name``, ``Port``, ``Connect``) and
+the config-file form (``name``, ``port``, ``connect``, ``sidecar_service``,
+``destination_name``). ``to_pascal`` rewrites the second into the first, leaving the *values*
+of opaque maps (``Meta``, ``Config``, ``TaggedAddresses`` keys, ``Header``) untouched, and the
+marshmallow schemas then validate one spelling, refusing unknown fields so that a typo in a
+service definition is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+from api.errors import BadRequest
+from api.store.base import CHECK_STATES, CRITICAL, Check, Node, Service
+from proxy.durations import DurationError, parse_duration
+
+#: Keys whose values are free-form maps: their keys are kept exactly as sent.
+OPAQUE = {"Meta", "NodeMeta", "Config", "Header", "ServiceMeta", "EnvoyExtensions"}
+#: Keys whose values are maps with free-form keys but structured values.
+FREE_KEYS = {"TaggedAddresses"}
+
+_SPECIAL = {
+    "id": "ID",
+    "ttl": "TTL",
+    "http": "HTTP",
+    "tcp": "TCP",
+    "udp": "UDP",
+    "grpc": "GRPC",
+    "grpc_use_tls": "GRPCUseTLS",
+    "tls_skip_verify": "TLSSkipVerify",
+    "tls_server_name": "TLSServerName",
+    "check_id": "CheckID",
+    "service_id": "ServiceID",
+    "node_id": "NodeID",
+    "destination_service_id": "DestinationServiceID",
+    "args": "ScriptArgs",
+    "script_args": "ScriptArgs",
+    "docker_container_id": "DockerContainerID",
+    "h2ping": "H2PING",
+    "alias_node": "AliasNode",
+    "alias_service": "AliasService",
+}
+
+
+def _pascal(key: str) -> str:
+    if key in _SPECIAL:
+        return _SPECIAL[key]
+    if not key or key[0].isupper():
+        return key
+    parts = key.split("_")
+    return "".join(p[:1].upper() + p[1:] for p in parts)
+
+
+def to_pascal(value: Any, parent: str = "") -> Any:
+    """Rewrite config-file (snake_case) keys into API (PascalCase) keys, recursively."""
+    if isinstance(value, list):
+        return [to_pascal(v, parent) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if parent in OPAQUE:
+        return value
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise BadRequest("object keys must be strings")
+        nk = k if parent in FREE_KEYS else _pascal(k)
+        if nk in out:
+            raise BadRequest(f"field {nk!r} is given twice (as {k!r} and another spelling)")
+        out[nk] = to_pascal(v, nk)
+    return out
+
+
+_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?$")
+_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def valid_name(kind: str, name: str) -> str:
+    """Service and node names must be DNS-safe: DNS is one of the ways they are looked up."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise BadRequest(
+            f"{kind} {name!r} is not valid: use 1-128 letters, digits, '-', '_' or '.',"
+            " starting and ending with a letter or digit"
+        )
+    return name
+
+
+def _check_meta(meta: Mapping[str, Any], what: str) -> None:
+    if len(meta) > 64:
+        raise ValidationError(f"{what} may hold at most 64 keys")
+    for k, v in meta.items():
+        if not _META_KEY.match(k):
+            raise ValidationError(f"{what} key {k!r} must be 1-128 letters, digits, '-' or '_'")
+        if not isinstance(v, str) or len(v) > 512:
+            raise ValidationError(f"{what} value of {k!r} must be a string of at most 512 chars")
+
+
+class _Strict(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class WeightsSchema(_Strict):
+    Passing = fields.Integer(load_default=1, validate=validate.Range(min=1, max=65535))
+    Warning = fields.Integer(load_default=1, validate=validate.Range(min=0, max=65535))
+
+
+class TaggedAddressSchema(_Strict):
+    Address = fields.String(required=True)
+    Port = fields.Integer(load_default=0, validate=validate.Range(min=0, max=65535))
+
+
+class CheckSchema(_Strict):
+    CheckID = fields.String()
+    ID = fields.String()
+    Name = fields.String()
+    Notes = fields.String()
+    Status = fields.String(validate=validate.OneOf(CHECK_STATES))
+    ServiceID = fields.String()
+    Output = fields.String()
+    TTL = fields.String()
+    HTTP = fields.String()
+    Method = fields.String()
+    Header = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
+    Body = fields.String()
+    TCP = fields.String()
+    Interval = fields.String()
+    Timeout = fields.String()
+    TLSSkipVerify = fields.Boolean()
+    TLSServerName = fields.String()
+    DeregisterCriticalServiceAfter = fields.String()
+    SuccessBeforePassing = fields.Integer(validate=validate.Range(min=0))
+    FailuresBeforeCritical = fields.Integer(validate=validate.Range(min=0))
+    AliasService = fields.String()
+    AliasNode = fields.String()
+    Type = fields.String()
+    Definition = fields.Dict()
+    Namespace = fields.String()
+
+    @validates_schema
+    def _durations(self, data: dict, **kw: Any) -> None:
+        for k in ("TTL", "Interval", "Timeout", "DeregisterCriticalServiceAfter"):
+            if k in data and data[k] != "":
+                try:
+                    parse_duration(data[k])
+                except DurationError as e:
+                    raise ValidationError(str(e), k) from None
+        kinds = [k for k in ("TTL", "HTTP", "TCP", "AliasService") if data.get(k)]
+        if len(kinds) > 1:
+            raise ValidationError(f"a check has one type; got {', '.join(kinds)}")
+        if (data.get("HTTP") or data.get("TCP")) and not data.get("Interval"):
+            raise ValidationError("HTTP and TCP checks need an Interval")
+        if data.get("HTTP") and not re.match(r"^https?://", data["HTTP"]):
+            raise ValidationError("HTTP must be an http:// or https:// URL", "HTTP")
+
+
+class UpstreamSchema(_Strict):
+    DestinationType = fields.String(validate=validate.OneOf(["service", "prepared_query"]))
+    DestinationName = fields.String(required=True)
+    DestinationNamespace = fields.String()
+    DestinationPartition = fields.String()
+    DestinationPeer = fields.String()
+    Datacenter = fields.String()
+    LocalBindAddress = fields.String()
+    LocalBindPort = fields.Integer(validate=validate.Range(min=0, max=65535))
+    LocalBindSocketPath = fields.String()
+    LocalBindSocketMode = fields.String()
+    Config = fields.Dict()
+    MeshGateway = fields.Dict()
+    CentrallyConfigured = fields.Boolean()
+
+
+class ProxySchema(_Strict):
+    """``Proxy`` of a connect-proxy service (1.3+), also the 1.2 managed ``Connect.Proxy``."""
+
+    DestinationServiceName = fields.String()
+    DestinationServiceID = fields.String()
+    LocalServiceAddress = fields.String()
+    LocalServicePort = fields.Integer(validate=validate.Range(min=0, max=65535))
+    LocalServiceSocketPath = fields.String()
+    Mode = fields.String()
+    Config = fields.Dict()
+    Upstreams = fields.List(fields.Nested(UpstreamSchema))
+    MeshGateway = fields.Dict()
+    Expose = fields.Dict()
+    TransparentProxy = fields.Dict()
+    # The 1.2 managed proxy's fields.
+    ExecMode = fields.String()
+    Command = fields.List(fields.String())
+
+
+class ServiceSchema(_Strict):
+    ID = fields.String()
+    Name = fields.String()
+    Service = fields.String()  # catalog/register's spelling of Name
+    Tags = fields.List(fields.String(validate=validate.Length(max=256)), allow_none=True)
+    Address = fields.String()
+    TaggedAddresses = fields.Dict(keys=fields.String(), values=fields.Nested(TaggedAddressSchema))
+    Meta = fields.Dict(keys=fields.String(), values=fields.Raw(), allow_none=True)
+    Port = fields.Integer(validate=validate.Range(min=0, max=65535))
+    Kind = fields.String(
+        validate=validate.OneOf(
+            ["", "connect-proxy", "mesh-gateway", "terminating-gateway", "ingress-gateway"]
+        )
+    )
+    Proxy = fields.Nested(ProxySchema, allow_none=True)
+    Connect = fields.Nested(lambda: ConnectSchema(), allow_none=True)
+    Check = fields.Nested(CheckSchema, allow_none=True)
+    Checks = fields.List(fields.Nested(CheckSchema), allow_none=True)
+    EnableTagOverride = fields.Boolean()
+    Weights = fields.Nested(WeightsSchema, allow_none=True)
+    Namespace = fields.String()
+    Partition = fields.String()
+    Locality = fields.Dict()
+    SocketPath = fields.String()
+    CreateIndex = fields.Integer()
+    ModifyIndex = fields.Integer()
+
+    @validates_schema
+    def _meta(self, data: dict, **kw: Any) -> None:
+        _check_meta(data.get("Meta") or {}, "Meta")
+
+
+class ConnectSchema(_Strict):
+    Native = fields.Boolean()
+    Proxy = fields.Nested(ProxySchema, allow_none=True)
+    SidecarService = fields.Nested(ServiceSchema, allow_none=True)
+
+
+class CatalogRegisterSchema(_Strict):
+    ID = fields.String()
+    Node = fields.String(required=True)
+    Address = fields.String(required=True)
+    Datacenter = fields.String()
+    TaggedAddresses = fields.Dict(keys=fields.String(), values=fields.String())
+    NodeMeta = fields.Dict(keys=fields.String(), values=fields.Raw(), allow_none=True)
+    Service = fields.Nested(ServiceSchema, allow_none=True)
+    Check = fields.Nested(CheckSchema, allow_none=True)
+    Checks = fields.List(fields.Nested(CheckSchema), allow_none=True)
+    SkipNodeUpdate = fields.Boolean()
+    Namespace = fields.String()
+    Partition = fields.String()
+
+    @validates_schema
+    def _meta(self, data: dict, **kw: Any) -> None:
+        _check_meta(data.get("NodeMeta") or {}, "NodeMeta")
+
+
+def load(schema: Schema, data: Any) -> dict:
+    try:
+        return schema.load(data)
+    except ValidationError as e:
+        raise BadRequest(f"invalid request body: {_flatten(e.messages)}") from None
+
+
+def _flatten(messages: Any, path: str = "") -> str:
+    if isinstance(messages, dict):
+        parts = [_flatten(v, f"{path}.{k}" if path else str(k)) for k, v in messages.items()]
+        return "; ".join(parts)
+    if isinstance(messages, list):
+        text = " ".join(
+            str(m) if not isinstance(m, dict | list) else _flatten(m, path) for m in messages
+        )
+        return f"{path}: {text}" if path else text
+    return f"{path}: {messages}" if path else str(messages)
+
+
+def unwrap_service_body(body: dict) -> dict:
+    """Accept ``{"service": {...}}`` (a config file) as well as the bare API body."""
+    if len(body) == 1:
+        ((k, v),) = body.items()
+        if k in ("service", "Service") and isinstance(v, dict):
+            return v
+    return body
+
+
+# -- building store values ------------------------------------------------------------------
+
+SIDECAR_MIN_PORT, SIDECAR_MAX_PORT = 21000, 21255
+
+
+def build_checks(
+    node: str, service: Service | None, defs: list[dict], *, now: float | None = None
+) -> list[Check]:
+    now = time.time() if now is None else now
+    out: list[Check] = []
+    multi = len(defs) > 1
+    for i, d in enumerate(defs, 1):
+        sid = service.id if service else d.get("ServiceID", "")
+        sname = service.name if service else ""
+        default_id = f"service:{sid}" + (f":{i}" if multi else "") if sid else d.get("Name", "")
+        check_id = d.get("CheckID") or d.get("ID") or default_id
+        if not check_id:
+            raise BadRequest("a node check needs a CheckID or a Name")
+        name = d.get("Name") or (f"Service '{sname}' check" if sname else check_id)
+        ctype = (
+            "ttl"
+            if d.get("TTL")
+            else "http"
+            if d.get("HTTP")
+            else "tcp"
+            if d.get("TCP")
+            else "alias"
+            if d.get("AliasService") or d.get("AliasNode")
+            else d.get("Type", "")
+        )
+        ttl = parse_duration(d["TTL"]) if d.get("TTL") else None
+        definition = {
+            k: d[k]
+            for k in (
+                "HTTP",
+                "Method",
+                "Header",
+                "Body",
+                "TCP",
+                "Interval",
+                "Timeout",
+                "TTL",
+                "TLSSkipVerify",
+                "TLSServerName",
+                "DeregisterCriticalServiceAfter",
+                "AliasService",
+                "AliasNode",
+            )
+            if k in d
+        }
+        out.append(
+            Check(
+                node=node,
+                check_id=check_id,
+                name=name,
+                status=d.get("Status") or CRITICAL,
+                notes=d.get("Notes", ""),
+                output=d.get("Output", ""),
+                service_id=sid,
+                service_name=sname,
+                type=ctype,
+                definition=definition,
+                ttl=ttl,
+                expires_at=now + ttl if ttl else None,
+            )
+        )
+    return out
+
+
+def build_service(node: str, d: dict) -> Service:
+    name = d.get("Name") or d.get("Service")
+    if not name:
+        raise BadRequest("invalid request body: Name: Missing data for required field.")
+    valid_name("service name", name)
+    sid = d.get("ID") or name
+    if len(sid) > 256 or any(ord(c) < 32 for c in sid) or "/" in sid:
+        raise BadRequest(f"service ID {sid!r} is not valid")
+    kind = d.get("Kind", "")
+    proxy = d.get("Proxy")
+    if kind == "connect-proxy":
+        if not proxy or not proxy.get("DestinationServiceName"):
+            raise BadRequest("a connect-proxy needs Proxy.DestinationServiceName")
+        valid_name("destination service name", proxy["DestinationServiceName"])
+    elif proxy:
+        raise BadRequest("Proxy is only valid for Kind connect-proxy (use Connect.Proxy)")
+    connect = d.get("Connect")
+    if connect:
+        connect = {k: v for k, v in connect.items() if k != "SidecarService"}
+        if connect.get("Native") and connect.get("Proxy") is not None:
+            raise BadRequest("a service cannot be Connect-native and have a managed proxy")
+    weights = d.get("Weights") or {"Passing": 1, "Warning": 1}
+    return Service(
+        node=node,
+        id=sid,
+        name=name,
+        tags=tuple(d.get("Tags") or ()),
+        address=d.get("Address", ""),
+        port=d.get("Port", 0),
+        meta=dict(d.get("Meta") or {}),
+        tagged_addresses={k: dict(v) for k, v in (d.get("TaggedAddresses") or {}).items()},
+        weights={"Passing": weights.get("Passing", 1), "Warning": weights.get("Warning", 1)},
+        kind=kind,
+        proxy=proxy or None,
+        connect=connect or None,
+        enable_tag_override=bool(d.get("EnableTagOverride", False)),
+    )
+
+
+def sidecar_for(parent: Service, spec: dict, taken_ports: set[int]) -> dict:
+    """The registration body of ``connect.sidecar_service``, with Consul's defaults."""
+    body = dict(spec)
+    body.setdefault("ID", f"{parent.id}-sidecar-proxy")
+    body.setdefault("Name", f"{parent.name}-sidecar-proxy")
+    body["Kind"] = "connect-proxy"
+    if not body.get("Port"):
+        free = [p for p in range(SIDECAR_MIN_PORT, SIDECAR_MAX_PORT + 1) if p not in taken_ports]
+        if not free:
+            raise BadRequest("no free sidecar port left in 21000-21255 on this node")
+        body["Port"] = free[0]
+    body.setdefault("Tags", list(parent.tags))
+    body.setdefault("Meta", dict(parent.meta))
+    if parent.address and "Address" not in body:
+        body["Address"] = parent.address
+    proxy = dict(body.get("Proxy") or {})
+    proxy["DestinationServiceName"] = parent.name
+    proxy["DestinationServiceID"] = parent.id
+    proxy.setdefault("LocalServiceAddress", "127.0.0.1")
+    proxy.setdefault("LocalServicePort", parent.port)
+    body["Proxy"] = proxy
+    if not body.get("Check") and not body.get("Checks"):
+        addr = body.get("Address") or "127.0.0.1"
+        body["Checks"] = [
+            {
+                "Name": "Connect Sidecar Listening",
+                "TCP": f"{addr}:{body['Port']}",
+                "Interval": "10s",
+            },
+            {"Name": "Connect Sidecar Aliasing " + parent.id, "AliasService": parent.id},
+        ]
+    return body
+
+
+# -- Consul response shapes -------------------------------------------------------------------
+
+
+def node_json(n: Node) -> dict:
+    return {
+        "ID": n.id,
+        "Node": n.name,
+        "Address": n.address,
+        "Datacenter": n.datacenter,
+        "TaggedAddresses": dict(n.tagged_addresses) or {"lan": n.address, "wan": n.address},
+        "Meta": dict(n.meta),
+        "CreateIndex": n.create_index,
+        "ModifyIndex": n.modify_index,
+    }
+
+
+def service_json(s: Service, datacenter: str | None = None) -> dict:
+    d: dict[str, Any] = {
+        "ID": s.id,
+        "Service": s.name,
+        "Tags": list(s.tags),
+        "Address": s.address,
+        "TaggedAddresses": dict(s.tagged_addresses),
+        "Meta": dict(s.meta),
+        "Port": s.port,
+        "Weights": dict(s.weights),
+        "EnableTagOverride": s.enable_tag_override,
+        "Kind": s.kind,
+        "Proxy": dict(s.proxy) if s.proxy is not None else None,
+        "Connect": dict(s.connect) if s.connect is not None else None,
+        "CreateIndex": s.create_index,
+        "ModifyIndex": s.modify_index,
+    }
+    if datacenter is not None:
+        d["Datacenter"] = datacenter
+    return d
+
+
+def agent_service_json(s: Service, datacenter: str) -> dict:
+    d = service_json(s, datacenter)
+    # The agent endpoints omit empty Proxy/Connect rather than sending null.
+    for k in ("Proxy", "Connect"):
+        if d[k] is None:
+            del d[k]
+    del d["CreateIndex"], d["ModifyIndex"]
+    return d
+
+
+def catalog_service_json(n: Node, s: Service) -> dict:
+    return {
+        "ID": n.id,
+        "Node": n.name,
+        "Address": n.address,
+        "Datacenter": n.datacenter,
+        "TaggedAddresses": dict(n.tagged_addresses) or {"lan": n.address, "wan": n.address},
+        "NodeMeta": dict(n.meta),
+        "ServiceID": s.id,
+        "ServiceName": s.name,
+        "ServiceTags": list(s.tags),
+        "ServiceAddress": s.address,
+        "ServicePort": s.port,
+        "ServiceMeta": dict(s.meta),
+        "ServiceTaggedAddresses": dict(s.tagged_addresses),
+        "ServiceWeights": dict(s.weights),
+        "ServiceEnableTagOverride": s.enable_tag_override,
+        "ServiceKind": s.kind,
+        "ServiceProxy": dict(s.proxy) if s.proxy is not None else None,
+        "ServiceConnect": dict(s.connect) if s.connect is not None else None,
+        "CreateIndex": s.create_index,
+        "ModifyIndex": s.modify_index,
+    }
+
+
+def check_json(c: Check, service_tags: tuple[str, ...] = ()) -> dict:
+    return {
+        "Node": c.node,
+        "CheckID": c.check_id,
+        "Name": c.name,
+        "Status": c.status,
+        "Notes": c.notes,
+        "Output": c.output,
+        "ServiceID": c.service_id,
+        "ServiceName": c.service_name,
+        "ServiceTags": list(service_tags),
+        "Type": c.type,
+        "Definition": dict(c.definition),
+        "CreateIndex": c.create_index,
+        "ModifyIndex": c.modify_index,
+    }

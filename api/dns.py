@@ -1,0 +1,842 @@
+"""The DNS interface: Consul's naming scheme, answered from the store, over UDP and TCP.
+
+Theory of operation
+-------------------
+``answer()`` is the whole protocol: one query packet in, one reply packet out, no I/O besides
+store reads, and it never raises. It parses the packet with dnslib, checks the envelope (a
+query, opcode QUERY, one question, at most one EDNS0 OPT record), then resolves the name:
+
+* names outside our domain are REFUSED: we are authoritative for one zone and never recurse;
+* under the domain, the *rightmost* label among ``service``, ``connect``, ``node`` and ``addr``
+  says what is asked (so a dotted node name such as ``db.rack1.node.trellis.`` still parses,
+  as in Consul); the single optional label after it is the datacenter, and any datacenter
+  other than ours is NXDOMAIN because this control plane only knows its own;
+* ``<svc>.service``, ``<tag>.<svc>.service``, ``_<svc>._<tag>.service`` (``_tcp`` = no tag)
+  and ``<svc>.connect`` go through ``api.health.service_instances`` with
+  ``include_critical=False``, so DNS serves exactly the instances the HTTP health API calls
+  not critical (warning is healthy, a critical node-level check removes every instance on
+  that node);
+* ``<node>.node`` gives the node's address whatever its health, as Consul does;
+* ``<hex-ip>.addr`` decodes the address; we emit such names as SRV targets for services that
+  have an address of their own (the node name would give the wrong address).
+
+Existence and health are separate questions, so the answer distinguishes NXDOMAIN (no such
+service, tag, node: "this name does not exist") from NODATA (the name exists but has no
+record of the asked type, e.g. every instance is critical, or AAAA for an IPv4-only service).
+Both carry the zone's SOA in the authority section so that resolvers can cache the negative
+answer (for 0 seconds: every TTL is 0, Consul's default, because health changes at once).
+
+ANY is answered like A plus AAAA for services and nodes (SRV only when asked by name: RFC 8482
+lets a server answer ANY with a subset, and address records are what ANY users want).
+
+Names are matched case-insensitively: the domain, the ``service``/``node`` keywords, the
+datacenter and tags by folding, and service and node names by trying the name as asked, then
+in lower case, then by scanning the catalog for a name equal ignoring case. The scan only
+happens for names that are otherwise unknown, so resolvers that randomise case (DNS 0x20)
+still find lower-case services in one lookup.
+
+Replies over UDP that do not fit 512 bytes, or the EDNS0 payload size the client advertised
+(clamped to 512..4096), keep as many answers as fit (with their additional records), set TC,
+and the client retries over TCP (where the limit is the 65535 bytes of the frame).
+
+``DNSServer`` is only transport. It uses blocking sockets and ``threading`` so that, under
+gunicorn's gevent worker, monkey-patching makes the same code cooperative. Because gevent
+refuses two greenlets waiting on one socket, UDP has a single reader that hands datagrams to a
+few worker threads (store reads may be slow; one slow read must not stall every query), and
+replies are sent under a lock. TCP has one acceptor and one thread per connection, capped.
+``close()`` wakes blocked calls by shutting the sockets down (and every socket also has a
+short timeout, so a platform where shutdown does not wake a reader still stops within a
+second), joins every thread, and only then closes the sockets, so no thread ever touches a
+closed (and possibly reused) file descriptor.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import queue
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from dnslib import (
+    AAAA,
+    CLASS,
+    EDNS0,
+    NS,
+    OPCODE,
+    QTYPE,
+    RCODE,
+    RR,
+    SOA,
+    SRV,
+    A,
+    DNSHeader,
+    DNSLabel,
+    DNSQuestion,
+    DNSRecord,
+)
+
+from api.errors import StoreUnavailable
+from api.health import Instance, service_instances
+from api.settings import Settings
+from api.store.base import WARNING, Node, Store
+
+log = logging.getLogger("trellis.dns")
+
+#: Every record's TTL (Consul's default): health changes must be seen at once.
+TTL = 0
+#: The UDP payload size we advertise in EDNS0 and the most we honour from a client.
+EDNS_MAX_UDP = 4096
+#: A plain DNS UDP message (RFC 1035).
+CLASSIC_UDP = 512
+#: A TCP frame's length is two bytes.
+TCP_MAX = 65535
+#: RFC 6891 extended RCODE BADVERS (16): the upper 8 bits go into the OPT record.
+_BADVERS_EXT = 16 >> 4
+
+_KINDS = ("service", "connect", "node", "addr")
+_ANY = QTYPE.ANY
+
+# Load balancing only; not a security decision, so the ordinary generator is right.
+_shuffle = random.Random().shuffle  # noqa: S311
+
+
+# -- name helpers -------------------------------------------------------------------------------
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``text`` holds if it is an IP literal, else None (it is a hostname)."""
+    if not text:
+        return None
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        # ::ffff:10.0.0.1 is an IPv4 host written the IPv6 way; clients want the A record.
+        return ip.ipv4_mapped
+    return ip
+
+
+def _name(*parts: str | bytes) -> DNSLabel | None:
+    """A wire name from text parts (each split on dots) or raw labels; None if not encodable.
+
+    Labels are UTF-8 bytes, not IDNA: a name we hand out is then the exact bytes a client
+    asks back, and ``_labels`` decodes them the same way.
+    """
+    labels: list[bytes] = []
+    for p in parts:
+        if isinstance(p, bytes):
+            labels.append(p)
+        else:
+            labels.extend(x.encode("utf-8") for x in p.strip(".").split(".") if x)
+    if any(not 0 < len(x) <= 63 for x in labels) or len(b".".join(labels)) > 253:
+        return None
+    return DNSLabel(labels)
+
+
+def _rr(name: DNSLabel, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> RR:
+    if ip.version == 4:
+        return RR(name, QTYPE.A, ttl=TTL, rdata=A(str(ip)))
+    return RR(name, QTYPE.AAAA, ttl=TTL, rdata=AAAA(tuple(ip.packed)))
+
+
+def _wants(qtype: int, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if qtype == _ANY:
+        return True
+    return qtype == (QTYPE.A if ip.version == 4 else QTYPE.AAAA)
+
+
+# -- the reply being built ----------------------------------------------------------------------
+
+
+@dataclass
+class _Result:
+    rcode: int = RCODE.NOERROR
+    #: Each answer with the additional records that belong to it (kept or dropped together).
+    answers: list[tuple[RR, list[RR]]] = field(default_factory=list)
+    authority: list[RR] = field(default_factory=list)
+    authoritative: bool = True
+
+
+class _Zone:
+    """Name building for one query: the domain, the datacenter, the SOA."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.domain = settings.domain_fqdn
+        self.dc = settings.datacenter
+        self.origin = DNSLabel(self.domain)
+
+    def soa(self) -> RR:
+        serial = int(time.time()) & 0xFFFFFFFF
+        return RR(
+            self.origin,
+            QTYPE.SOA,
+            ttl=TTL,
+            rdata=SOA(
+                DNSLabel("ns." + self.domain),
+                DNSLabel("hostmaster." + self.domain),
+                (serial, 3600, 600, 86400, TTL),
+            ),
+        )
+
+    def nxdomain(self) -> _Result:
+        return _Result(RCODE.NXDOMAIN, authority=[self.soa()])
+
+    def nodata(self) -> _Result:
+        return _Result(RCODE.NOERROR, authority=[self.soa()])
+
+    def answers(self, rrs: list[tuple[RR, list[RR]]]) -> _Result:
+        if not rrs:
+            return self.nodata()
+        return _Result(RCODE.NOERROR, answers=rrs)
+
+    def node_target(self, node: str) -> DNSLabel | None:
+        return _name(node, "node", self.dc, self.domain)
+
+    def addr_target(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> DNSLabel | None:
+        return _name(ip.packed.hex(), "addr", self.dc, self.domain)
+
+
+# -- the core -----------------------------------------------------------------------------------
+
+
+def answer(store: Store, settings: Settings, query: bytes, *, max_udp: int | None = 512) -> bytes:
+    """Parse one DNS query packet and return the reply packet (b"" = send nothing).
+
+    ``max_udp`` is the reply size limit for a client without EDNS0 (UDP); None means TCP,
+    where only the 65535-byte frame limits. Never raises.
+    """
+    try:
+        return _answer(store, settings, bytes(query), max_udp)
+    except Exception:
+        # A bug here must cost one query, not the server.
+        log.exception("dns: unexpected error answering a query")
+        return _raw_reply(query, RCODE.SERVFAIL)
+
+
+def _raw_reply(query: bytes, rcode: int) -> bytes:
+    """A header-only reply built from raw bytes, for packets dnslib cannot parse."""
+    if len(query) < 2:
+        return b""  # not even an ID: nothing a client could match a reply to
+    flags = query[2] if len(query) > 2 else 0
+    if flags & 0x80:
+        return b""  # a response, never answer one (reflection loops)
+    opcode_rd = flags & 0x79  # opcode bits and RD, echoed as RFC 1035 asks
+    return bytes(query[:2]) + bytes([0x80 | opcode_rd, rcode & 0x0F]) + bytes(8)
+
+
+def _answer(store: Store, settings: Settings, query: bytes, max_udp: int | None) -> bytes:
+    if len(query) < 12 or query[2] & 0x80:
+        return _raw_reply(query, RCODE.FORMERR)
+    try:
+        req = DNSRecord.parse(query)
+    except Exception as e:  # dnslib raises DNSError, BufferError and friends on junk
+        log.debug("dns: malformed packet (%d bytes): %s", len(query), e)
+        return _raw_reply(query, RCODE.FORMERR)
+
+    h = req.header
+
+    def header(rcode: int, *, aa: bool = False, tc: bool = False) -> DNSHeader:
+        return DNSHeader(
+            id=h.id, bitmap=0, qr=1, opcode=h.opcode, aa=int(aa), tc=int(tc), rd=h.rd, ra=0,
+            rcode=rcode,
+        )  # fmt: skip
+
+    questions = req.questions if len(req.questions) == 1 else []
+    if h.opcode != OPCODE.QUERY:
+        return DNSRecord(header(RCODE.NOTIMP), questions=questions).pack()
+    if len(req.questions) != 1:
+        return DNSRecord(header(RCODE.FORMERR)).pack()
+    opts = [rr for rr in req.ar if rr.rtype == QTYPE.OPT]
+    if len(opts) > 1:
+        return DNSRecord(header(RCODE.FORMERR), questions=questions).pack()
+    opt = None
+    limit = TCP_MAX if max_udp is None else max_udp
+    if opts:
+        if opts[0].edns_ver != 0:
+            bad = DNSRecord(header(RCODE.NOERROR), questions=questions)
+            bad.add_ar(EDNS0(udp_len=EDNS_MAX_UDP, ext_rcode=_BADVERS_EXT))
+            return bad.pack()
+        opt = EDNS0(udp_len=EDNS_MAX_UDP)
+        if max_udp is not None:
+            # Below 512 means 512 (RFC 6891 6.2.5); above 4096 we do not trust the path.
+            limit = max(max_udp, min(max(opts[0].edns_len, CLASSIC_UDP), EDNS_MAX_UDP))
+
+    q = req.questions[0]
+    if q.qclass not in (CLASS.IN, CLASS.ANY):
+        return _pack(header, q, _Result(RCODE.REFUSED, authoritative=False), opt, limit)
+    if q.qtype in (QTYPE.AXFR, QTYPE.IXFR):
+        return _pack(header, q, _Result(RCODE.NOTIMP, authoritative=False), opt, limit)
+
+    try:
+        result = _resolve(store, _Zone(settings), q)
+    except StoreUnavailable as e:
+        log.warning("dns: store unavailable answering %s: %s", q.qname, e)
+        result = _Result(RCODE.SERVFAIL, authoritative=False)
+    log.debug(
+        "dns: %s %s -> %s (%d answers)",
+        q.qname,
+        QTYPE.get(q.qtype),
+        RCODE.get(result.rcode),
+        len(result.answers),
+    )
+    return _pack(header, q, result, opt, limit)
+
+
+def _pack(header, q: DNSQuestion, result: _Result, opt: RR | None, limit: int) -> bytes:
+    """The reply, truncated to ``limit`` bytes if needed (TC set when answers were dropped)."""
+
+    def build(k: int, tc: bool) -> bytes:
+        rec = DNSRecord(header(result.rcode, aa=result.authoritative, tc=tc), q=q)
+        seen: set[tuple[str, int, str]] = set()
+        for rr, extra in result.answers[:k]:
+            rec.add_answer(rr)
+            for x in extra:
+                key = (str(x.rname).lower(), x.rtype, str(x.rdata))
+                if key not in seen:
+                    seen.add(key)
+                    rec.add_ar(x)
+        for rr in result.authority:
+            rec.add_auth(rr)
+        if opt is not None:
+            rec.add_ar(opt)
+        return rec.pack()
+
+    n = len(result.answers)
+    full = build(n, False)
+    if len(full) <= limit:
+        return full
+    # Binary search for the most answers that fit; each try re-packs (names compress
+    # differently as records go), which is exact and cheap next to a store read.
+    lo, hi, best = 0, n - 1, b""
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        data = build(mid, True)
+        if len(data) <= limit:
+            best, lo = data, mid + 1
+        else:
+            hi = mid - 1
+    if best:
+        return best
+    bare = DNSRecord(header(result.rcode, aa=result.authoritative, tc=True), q=q)
+    return bare.pack()
+
+
+def _labels(qname: DNSLabel, zone: _Zone) -> list[str] | None:
+    """The labels of ``qname`` left of our domain (None: not ours, or not text we could match)."""
+    if not qname.matchSuffix(zone.origin) or len(qname.label) < len(zone.origin.label):
+        return None
+    raw = qname.label[: len(qname.label) - len(zone.origin.label)]
+    try:
+        out = [x.decode("utf-8") for x in raw]
+    except UnicodeDecodeError:
+        return []  # cannot be any name we hold; the caller makes it NXDOMAIN
+    return out
+
+
+def _resolve(store: Store, zone: _Zone, q: DNSQuestion) -> _Result:
+    qname, qtype = q.qname, q.qtype
+    labels = _labels(qname, zone)
+    if labels is None:
+        return _Result(RCODE.REFUSED, authoritative=False)
+    if any("." in x for x in labels) or (not labels and len(qname.label) != len(zone.origin.label)):
+        # A label with a dot in it (legal on the wire) would alias a dotted name: refuse
+        # to guess, the name does not exist.
+        return zone.nxdomain()
+    if not labels:
+        return _apex(zone, qname, qtype)
+    low = [x.lower() for x in labels]
+    if low == ["ns"]:
+        return _ns_host(zone, qname, qtype)
+    kind_at = next((i for i in range(len(low) - 1, -1, -1) if low[i] in _KINDS), None)
+    if kind_at is None:
+        return zone.nxdomain()
+    kind, parts, suffix = low[kind_at], labels[:kind_at], low[kind_at + 1 :]
+    if len(suffix) > 1 or (suffix and suffix[0] != zone.dc.lower()):
+        return zone.nxdomain()
+    if not parts:
+        return zone.nxdomain()
+    if kind == "node":
+        return _node_lookup(store, zone, qname, qtype, ".".join(parts))
+    if kind == "addr":
+        return _addr_lookup(zone, qname, qtype, parts)
+    if kind == "connect":
+        if len(parts) != 1:
+            return zone.nxdomain()
+        return _service_lookup(store, zone, qname, qtype, parts[0], None, connect=True)
+    # service
+    if len(parts) == 2 and parts[0].startswith("_") and parts[1].startswith("_"):
+        # RFC 2782: _<service>._<tag>; _tcp is the protocol, not a tag filter.
+        tag: str | None = parts[1][1:]
+        if tag is not None and tag.lower() == "tcp":
+            tag = None
+        svc = parts[0][1:]
+    else:
+        svc = parts[-1]
+        # Tags may contain dots (Consul joins the leading labels back).
+        tag = ".".join(parts[:-1]) or None
+    if not svc or tag == "":
+        return zone.nxdomain()
+    return _service_lookup(store, zone, qname, qtype, svc, tag, connect=False)
+
+
+def _apex(zone: _Zone, qname: DNSLabel, qtype: int) -> _Result:
+    soa = zone.soa()
+    ns = RR(qname, QTYPE.NS, ttl=TTL, rdata=NS(DNSLabel("ns." + zone.domain)))
+    glue = _ns_records(zone, DNSLabel("ns." + zone.domain), _ANY)
+    if qtype == QTYPE.SOA:
+        return _Result(answers=[(soa, [])])
+    if qtype == QTYPE.NS:
+        return _Result(answers=[(ns, glue)])
+    if qtype == _ANY:
+        return _Result(answers=[(soa, []), (ns, glue)])
+    return zone.nodata()
+
+
+def _ns_records(zone: _Zone, name: DNSLabel, qtype: int) -> list[RR]:
+    # The name server is this node; node_address is what it advertises to the cluster.
+    ip = _ip(zone.settings.node_address)
+    return [_rr(name, ip)] if ip is not None and _wants(qtype, ip) else []
+
+
+def _ns_host(zone: _Zone, qname: DNSLabel, qtype: int) -> _Result:
+    return zone.answers([(rr, []) for rr in _ns_records(zone, qname, qtype)])
+
+
+def _find_node(store: Store, name: str) -> Node | None:
+    node = store.node(name)
+    if node is None and name.lower() != name:
+        node = store.node(name.lower())
+    if node is None:
+        folded = name.casefold()
+        node = next((n for n in store.nodes() if n.name.casefold() == folded), None)
+    return node
+
+
+def _node_lookup(store: Store, zone: _Zone, qname: DNSLabel, qtype: int, name: str) -> _Result:
+    node = _find_node(store, name)
+    if node is None:
+        return zone.nxdomain()
+    ip = _ip(node.address)
+    if ip is None or not _wants(qtype, ip):
+        return zone.nodata()
+    return zone.answers([(_rr(qname, ip), [])])
+
+
+def _addr_lookup(zone: _Zone, qname: DNSLabel, qtype: int, parts: list[str]) -> _Result:
+    if len(parts) != 1 or len(parts[0]) not in (8, 32):
+        return zone.nxdomain()
+    try:
+        raw = bytes.fromhex(parts[0])
+    except ValueError:
+        return zone.nxdomain()
+    ip = ipaddress.ip_address(raw)
+    if not _wants(qtype, ip):
+        return zone.nodata()
+    return zone.answers([(_rr(qname, ip), [])])
+
+
+def _with_tag(insts: Iterable[Instance], tag: str | None) -> list[Instance]:
+    if tag is None:
+        return list(insts)
+    # Consul compares DNS tags ignoring case; service_instances' tags= filter is exact.
+    t = tag.casefold()
+    return [i for i in insts if any(x.casefold() == t for x in i.service.tags)]
+
+
+def _candidate_names(store: Store, name: str, connect: bool) -> Iterable[str]:
+    yield name
+    if name.lower() != name:
+        yield name.lower()
+    folded = name.casefold()
+    found: set[str] = set()
+    for s in store.services():
+        if s.name.casefold() == folded:
+            found.add(s.name)
+        if connect and s.destination and s.destination.casefold() == folded:
+            found.add(s.destination)
+    yield from sorted(found - {name, name.lower()})
+
+
+def _instances(
+    store: Store, name: str, tag: str | None, *, connect: bool
+) -> tuple[bool, list[Instance]]:
+    """(whether the name exists, its healthy instances)."""
+    for candidate in _candidate_names(store, name, connect):
+        healthy = _with_tag(
+            service_instances(store, candidate, connect=connect, include_critical=False), tag
+        )
+        if healthy:
+            return True, healthy
+        # No healthy instance: NODATA if it has instances at all, else try the next spelling.
+        if _with_tag(service_instances(store, candidate, connect=connect), tag):
+            return True, []
+    return False, []
+
+
+def _weight(inst: Instance) -> int:
+    w = inst.service.weights or {}
+    key = "Warning" if inst.status == WARNING else "Passing"
+    try:
+        return max(0, min(65535, int(w.get(key, 1))))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _service_lookup(
+    store: Store,
+    zone: _Zone,
+    qname: DNSLabel,
+    qtype: int,
+    name: str,
+    tag: str | None,
+    *,
+    connect: bool,
+) -> _Result:
+    exists, insts = _instances(store, name, tag, connect=connect)
+    if not exists:
+        return zone.nxdomain()
+    if qtype == QTYPE.SRV:
+        return zone.answers(_srv_records(zone, qname, insts))
+    if qtype not in (QTYPE.A, QTYPE.AAAA, _ANY):
+        return zone.nodata()
+    seen: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    out: list[tuple[RR, list[RR]]] = []
+    for inst in insts:
+        ip = _ip(inst.service.address or inst.node.address)
+        # Hostname addresses cannot go in A/AAAA (Consul would CNAME; we only serve SRV).
+        if ip is None or ip in seen or not _wants(qtype, ip):
+            continue
+        seen.add(ip)
+        out.append((_rr(qname, ip), []))
+    _shuffle(out)
+    return zone.answers(out)
+
+
+def _srv_records(
+    zone: _Zone, qname: DNSLabel, insts: Sequence[Instance]
+) -> list[tuple[RR, list[RR]]]:
+    out: list[tuple[RR, list[RR]]] = []
+    seen: set[tuple[str, int]] = set()
+    for inst in insts:
+        svc = inst.service
+        addr = svc.address or inst.node.address
+        ip = _ip(addr)
+        extra: list[RR] = []
+        if ip is None:
+            # A hostname is its own target; the client resolves it wherever it lives.
+            target = _name(addr) if addr else None
+        elif svc.address and ip != _ip(inst.node.address):
+            # The service listens elsewhere than its node: the node's name would resolve to
+            # the wrong address, so name the address itself (Consul's <hex>.addr form).
+            target = zone.addr_target(ip)
+        else:
+            target = zone.node_target(inst.node.name)
+        if target is None:
+            log.debug("dns: %s/%s has no encodable SRV target", inst.node.name, svc.id)
+            continue
+        key = (str(target).lower(), svc.port)
+        if key in seen:
+            continue  # identical SRV records are one record (RFC 2181 5)
+        seen.add(key)
+        if ip is not None:
+            extra.append(_rr(target, ip))
+        rdata = SRV(priority=1, weight=_weight(inst), port=svc.port, target=target)
+        out.append((RR(qname, QTYPE.SRV, ttl=TTL, rdata=rdata), extra))
+    _shuffle(out)
+    return out
+
+
+# -- sockets ------------------------------------------------------------------------------------
+
+
+def bind_dns_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """Bind a UDP and a listening TCP socket on ``host:port``.
+
+    ``port`` 0 picks a port free for both protocols: the kernel picks a free UDP port, and
+    if that number is taken for TCP we try again (a few times).
+    """
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except OSError as e:
+        raise OSError(e.errno, f"DNS: cannot resolve bind address {host!r}: {e}") from e
+    family, _, _, _, sockaddr = infos[0]
+
+    def addr(p: int) -> tuple:
+        return (sockaddr[0], p, *sockaddr[2:])
+
+    tries = 20 if port == 0 else 1
+    for _ in range(tries):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            udp.bind(addr(port))
+        except OSError as e:
+            udp.close()
+            raise OSError(
+                e.errno, f"DNS: cannot bind UDP {host}:{port} ({e.strerror or e})"
+            ) from e
+        actual = udp.getsockname()[1]
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # Restarts must not wait out TIME_WAIT; Linux still refuses a second listener.
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.bind(addr(actual))
+            tcp.listen(128)
+        except OSError as e:
+            tcp.close()
+            udp.close()
+            if port == 0 and e.errno == errno.EADDRINUSE:
+                continue
+            raise OSError(
+                e.errno, f"DNS: cannot bind TCP {host}:{actual} ({e.strerror or e})"
+            ) from e
+        return udp, tcp
+    raise OSError(
+        errno.EADDRINUSE, f"DNS: found no port on {host} free for both UDP and TCP ({tries} tries)"
+    )
+
+
+class DNSServer:
+    """Serves ``answer()`` on a bound UDP socket and a listening TCP socket (it owns both)."""
+
+    #: How long a UDP/listening socket call blocks before looking at the stop flag again.
+    poll_interval = 1.0
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        udp_sock: socket.socket,
+        tcp_sock: socket.socket,
+        *,
+        tcp_idle_timeout: float = 10.0,
+        max_tcp_connections: int = 256,
+        udp_workers: int = 8,
+        udp_queue: int = 1024,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self._udp = udp_sock
+        self._tcp = tcp_sock
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_tcp_connections = max_tcp_connections
+        self._udp_workers = max(1, udp_workers)
+        self._queue: queue.Queue[tuple[bytes, object] | None] = queue.Queue(maxsize=udp_queue)
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._serving = False
+        self._closed = False
+        self._slots = threading.BoundedSemaphore(max_tcp_connections)
+        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._last_warning = 0.0
+
+    @property
+    def address(self) -> tuple:
+        """Where the server listens (host, port), for logs and tests."""
+        return self._udp.getsockname()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        with self._lock:
+            if self._serving or self._stop.is_set():
+                return
+            self._serving = True
+        for s in (self._udp, self._tcp):
+            s.settimeout(self.poll_interval)
+        reader = threading.Thread(target=self._udp_reader, name="trellis-dns-udp", daemon=True)
+        acceptor = threading.Thread(target=self._tcp_acceptor, name="trellis-dns-tcp", daemon=True)
+        workers = [
+            threading.Thread(target=self._udp_worker, name=f"trellis-dns-udp-{i}", daemon=True)
+            for i in range(self._udp_workers)
+        ]
+        started: list[threading.Thread] = []
+        try:
+            for t in (reader, acceptor, *workers):
+                t.start()
+                started.append(t)
+            log.info("dns: serving %s on UDP and TCP", self.address)
+            self._stop.wait()
+        finally:
+            self._stop.set()
+            self._wake()
+            for t in (reader, acceptor):
+                if t in started:
+                    t.join(timeout=5)
+            # The reader is gone, nobody else puts: one sentinel per worker ends them all.
+            for t in workers:
+                if t in started:
+                    self._queue.put(None)
+            for t in workers:
+                if t in started:
+                    t.join(timeout=5)
+            with self._lock:
+                conns = list(self._conns.values())
+            for t in conns:
+                t.join(timeout=5)
+            self._close_sockets()
+            self._done.set()
+            log.info("dns: stopped")
+
+    def close(self) -> None:
+        """Stop serving; returns once every thread has finished (serve_forever returns too)."""
+        self._stop.set()
+        self._wake()
+        with self._lock:
+            serving = self._serving
+        if serving:
+            self._done.wait(timeout=10)
+        else:
+            self._close_sockets()
+
+    def _wake(self) -> None:
+        # shutdown() wakes a thread blocked in recvfrom/accept/recv on Linux (for unbound
+        # UDP it also reports ENOTCONN, which we ignore); under gevent it makes the fd ready.
+        with self._lock:
+            socks = [self._udp, self._tcp, *self._conns]
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _close_sockets(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._udp.close()
+        self._tcp.close()
+
+    def _warn(self, msg: str, *args: object) -> None:
+        # Rate-limited: a flood must not also flood the log.
+        now = time.monotonic()
+        if now - self._last_warning >= 10:
+            self._last_warning = now
+            log.warning(msg, *args)
+
+    # -- UDP ---------------------------------------------------------------------------------
+
+    def _udp_reader(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self._udp.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if self._stop.is_set():
+                    break
+                self._warn("dns: UDP receive failed: %s", e)
+                self._stop.wait(0.05)  # e.g. ENOBUFS: do not spin
+                continue
+            if self._stop.is_set():
+                break
+            try:
+                self._queue.put_nowait((data, peer))
+            except queue.Full:
+                # Drop: the client retries, and queueing more only adds latency.
+                self._warn("dns: UDP queue full, dropping queries")
+
+    def _udp_worker(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._stop.is_set():
+                continue  # draining to our sentinel
+            data, peer = item
+            reply = answer(self.store, self.settings, data, max_udp=CLASSIC_UDP)
+            if not reply:
+                continue
+            try:
+                with self._send_lock:
+                    self._udp.sendto(reply, peer)
+            except OSError as e:
+                log.debug("dns: UDP reply to %s failed: %s", peer, e)
+
+    # -- TCP ---------------------------------------------------------------------------------
+
+    def _tcp_acceptor(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self._tcp.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if self._stop.is_set():
+                    break
+                self._warn("dns: TCP accept failed: %s", e)  # e.g. EMFILE
+                self._stop.wait(0.05)
+                continue
+            if self._stop.is_set() or not self._slots.acquire(blocking=False):
+                if not self._stop.is_set():
+                    self._warn("dns: %d TCP connections open, refusing more", self.max_tcp_connections)
+                conn.close()
+                continue
+            t = threading.Thread(
+                target=self._tcp_conn, args=(conn, peer), name="trellis-dns-conn", daemon=True
+            )
+            with self._lock:
+                self._conns[conn] = t
+            try:
+                t.start()
+            except RuntimeError as e:  # cannot start a thread: shed this connection
+                self._warn("dns: cannot serve a TCP connection: %s", e)
+                with self._lock:
+                    self._conns.pop(conn, None)
+                conn.close()
+                self._slots.release()
+
+    def _recv_exact(self, conn: socket.socket, n: int) -> bytes | None:
+        """``n`` bytes within the idle timeout, or None (peer gone, timed out, stopping)."""
+        deadline = time.monotonic() + self.tcp_idle_timeout
+        buf = bytearray()
+        while len(buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop.is_set():
+                return None
+            conn.settimeout(left)
+            try:
+                chunk = conn.recv(n - len(buf))
+            except (TimeoutError, OSError):
+                return None
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def _tcp_conn(self, conn: socket.socket, peer: object) -> None:
+        try:
+            # RFC 7766: several queries per connection, one frame each, answered in order.
+            while not self._stop.is_set():
+                head = self._recv_exact(conn, 2)
+                if head is None:
+                    break
+                (length,) = struct.unpack("!H", head)
+                data = self._recv_exact(conn, length) if length else None
+                if data is None:
+                    break  # a zero-length or half-sent frame ends the connection
+                reply = answer(self.store, self.settings, data, max_udp=None)
+                if not reply:
+                    break
+                conn.settimeout(self.tcp_idle_timeout)  # a client that never reads
+                conn.sendall(struct.pack("!H", len(reply)) + reply)
+        except OSError as e:
+            log.debug("dns: TCP connection from %s: %s", peer, e)
+        except Exception:
+            log.exception("dns: TCP connection from %s failed", peer)
+        finally:
+            with self._lock:
+                self._conns.pop(conn, None)
+            conn.close()
+            self._slots.release()

@@ -1,0 +1,249 @@
+"""Running the control plane: ``trellis server`` and ``trellis dev``.
+
+Theory of operation
+-------------------
+The master process (gunicorn's arbiter) checks the configuration and the store, binds every
+listening socket itself (HTTP, and DNS over UDP and TCP), prints where everything listens, then
+forks the workers. Binding in the master means a busy port is a clear error before anything
+starts, port 0 works (the real port is printed), and every worker shares the same sockets.
+
+Each worker builds its own app (``create_app``) after the fork: its own store connections and
+change feed, following the other workers' commits through the store. Each worker also serves
+DNS from the inherited DNS sockets; the kernel hands each datagram or connection to one of them.
+
+The default worker class is gevent: a parked blocking query costs a greenlet, not a thread, so
+thousands of long-polls do not tie up the workers (gthread and sync remain available).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+from typing import Any
+
+from api import __version__
+from api.errors import ConfigError, StoreUnavailable
+from api.settings import Settings, build, from_env, load_file
+
+log = logging.getLogger("trellis.server")
+
+
+def _fail(message: str) -> int:
+    print(f"Error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main_server(values: dict[str, Any], config_file: str | None) -> int:
+    """``trellis server``: the production server. Flags override the config file."""
+    try:
+        merged: dict[str, Any] = {}
+        if config_file:
+            merged.update(load_file(config_file))
+        merged.update(from_env(dict(os.environ)))
+        merged.update(values)
+        merged.setdefault("register_node", True)
+        settings = build(merged)
+    except ConfigError as e:
+        return _fail(f"invalid configuration: {e}")
+    return serve(settings)
+
+
+def main_dev(values: dict[str, Any]) -> int:
+    """``trellis dev``: everything in one process tree, on a throw-away data dir."""
+    own_dir = None
+    merged: dict[str, Any] = {"workers": 1, "dev": True}
+    merged.update(values)
+    if not merged.get("data_dir") and not merged.get("store"):
+        own_dir = tempfile.mkdtemp(prefix="trellis-dev-")
+        merged["data_dir"] = own_dir
+    try:
+        settings = build(merged)
+    except ConfigError as e:
+        return _fail(f"invalid configuration: {e}")
+    try:
+        return serve(settings)
+    finally:
+        if own_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen for HTTP on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _addr(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings.log_level)
+    if settings.data_dir:
+        try:
+            os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            return _fail(f"cannot create data dir {settings.data_dir}: {e.strerror}")
+    # Open the store once in the master: it runs the migrations and proves the store is
+    # reachable before any port is taken or worker forked.
+    from api.store import open_store
+
+    try:
+        store = open_store(settings.store_url)
+        store.close()
+    except (StoreUnavailable, ConfigError) as e:
+        return _fail(f"cannot open the store {_redact(settings.store_url)}: {e}")
+
+    try:
+        http = bind_http(settings.http_host, settings.http_port)
+    except OSError as e:
+        return _fail(str(e))
+    dns_socks = None
+    if settings.dns_port >= 0:
+        from api.dns import bind_dns_sockets
+
+        try:
+            dns_socks = bind_dns_sockets(settings.dns_host, settings.dns_port)
+        except OSError as e:
+            http.close()
+            return _fail(f"cannot listen for DNS on {settings.dns_host}:{settings.dns_port}: {e}")
+        for s in dns_socks:
+            s.set_inheritable(True)
+
+    http_url = f"http://{_addr(http)}"
+    lines = [
+        "==> Trellis " + ("dev mode" if settings.dev else "server") + " running",
+        f"         Version: {__version__}",
+        f"       Node name: {settings.node_name}",
+        f"      Datacenter: {settings.datacenter}",
+        f"           Store: {_redact(settings.store_url)}",
+        f"        HTTP API: {http_url}",
+        f"             DNS: "
+        + (
+            f"{_addr(dns_socks[0])} (UDP and TCP), domain {settings.domain_fqdn}"
+            if dns_socks
+            else "disabled"
+        ),
+        f"         Workers: {settings.workers} x {settings.worker_class}",
+        f"            ACLs: {'enabled, default ' + settings.acl_default_policy if settings.acl_enabled else 'disabled'}",
+        "",
+        "==> Log data will now stream in as it occurs:",
+    ]
+    print("\n".join(lines), flush=True)
+
+    app = TrellisGunicorn(settings, http, dns_socks)
+    try:
+        app.run()
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _redact(url: str) -> str:
+    """Never print a store password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":****@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _gunicorn_base():
+    from gunicorn.app.base import BaseApplication
+
+    return BaseApplication
+
+
+class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
+    """gunicorn, configured from ``Settings`` rather than from its own command line."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        http: socket.socket,
+        dns_socks: tuple[socket.socket, socket.socket] | None,
+    ) -> None:
+        self.settings = settings
+        self.http = http
+        self.dns_socks = dns_socks
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        cfg = {
+            "bind": [f"fd://{self.http.fileno()}"],
+            "workers": s.workers,
+            "worker_class": s.worker_class,
+            "worker_connections": s.worker_connections,
+            "threads": s.threads,
+            # Blocking queries hold a request for up to max_wait; the gevent and gthread
+            # workers keep heart-beating meanwhile, so this only catches a stuck worker.
+            "timeout": 60,
+            "graceful_timeout": 5,
+            "keepalive": 75,
+            "loglevel": s.log_level,
+            "accesslog": None,
+            "preload_app": False,
+            "proc_name": "trellis-server",
+            "post_worker_init": self._post_worker_init,
+            "worker_exit": self._worker_exit,
+            "limit_request_line": 8190,
+            # gunicorn's control socket lives at one fixed path per user; several Trellis
+            # servers on one host would fight over it, and Trellis does not use it.
+            "control_socket_disable": True,
+        }
+        for k, v in cfg.items():
+            self.cfg.set(k, v)
+
+    def load(self):
+        # Runs in each worker, after the fork (and after gevent has monkey-patched it).
+        from api.app import create_app
+
+        return create_app(self.settings)
+
+    def _post_worker_init(self, worker) -> None:
+        if self.dns_socks is None:
+            return
+        from api.dns import DNSServer
+
+        app = worker.wsgi
+        store = app.extensions["trellis"].store
+        udp, tcp = self.dns_socks
+        server = DNSServer(store, self.settings, udp, tcp)
+        app.extensions["trellis-dns"] = server
+        threading.Thread(target=server.serve_forever, name="trellis-dns", daemon=True).start()
+
+    def _worker_exit(self, arbiter, worker) -> None:
+        app = getattr(worker, "wsgi", None)
+        if app is None:
+            return
+        dns = app.extensions.get("trellis-dns")
+        if dns is not None:
+            dns.close()
+        svc = app.extensions.get("trellis")
+        if svc is not None:
+            svc.close()

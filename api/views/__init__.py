@@ -1,0 +1,1 @@
+"""One blueprint per resource. Views are thin: parse and validate, call the store, shape."""

@@ -1,0 +1,249 @@
+"""``/v1/agent/*``: the endpoints of "this node's agent".
+
+The server answers them for its own node (``node_name`` in its settings): registrations made
+here land in the catalog on that node, and ``/v1/agent/services`` lists that node's services.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from flask import Blueprint
+
+from api import __version__
+from api import catalog as cat
+from api.errors import BadRequest, NotFound
+from api.feed import Watch
+from api.http import flag, hash_blocking, json_body, json_response, services, str_arg
+from api.store.base import CRITICAL, PASSING, WARNING, Node, Registration, Service
+
+bp = Blueprint("agent", __name__)
+
+
+def local_node() -> Node:
+    s = services().settings
+    existing = services().store.node(s.node_name)
+    if existing is not None:
+        return existing
+    return Node(name=s.node_name, id="", address=s.node_address, datacenter=s.datacenter)
+
+
+def node_watch() -> Watch:
+    return Watch("catalog", exact=(f"node/{services().settings.node_name}",))
+
+
+def register_service_body(body: dict, *, replace_checks: bool) -> Service:
+    """Register one service (and its sidecar) on this node from an agent registration body."""
+    store = services().store
+    settings = services().settings
+    d = cat.load(cat.ServiceSchema(), cat.to_pascal(cat.unwrap_service_body(body)))
+    svc = cat.build_service(settings.node_name, d)
+    defs = list(d.get("Checks") or [])
+    if d.get("Check"):
+        defs.insert(0, d["Check"])
+    svcs = [svc]
+    checks = cat.build_checks(settings.node_name, svc, defs)
+    sidecar_spec = (d.get("Connect") or {}).get("SidecarService")
+    if sidecar_spec is not None:
+        existing = store.services(node=settings.node_name)
+        taken = {s.port for s in existing if s.id != f"{svc.id}-sidecar-proxy"}
+        sc_body = cat.sidecar_for(svc, dict(sidecar_spec), taken)
+        sc_d = cat.load(cat.ServiceSchema(), sc_body)
+        sidecar = cat.build_service(settings.node_name, sc_d)
+        svcs.append(sidecar)
+        checks += cat.build_checks(settings.node_name, sidecar, list(sc_d.get("Checks") or []))
+    store.register(
+        Registration(
+            node=local_node(),
+            services=tuple(svcs),
+            checks=tuple(checks),
+            replace_checks_for=tuple(s.id for s in svcs) if replace_checks else (),
+            keep_existing_node=True,
+        )
+    )
+    return svc
+
+
+@bp.put("/v1/agent/service/register")
+def service_register():
+    body = json_body()
+    register_service_body(body, replace_checks=flag("replace-existing-checks"))
+    return json_response(None)
+
+
+@bp.put("/v1/agent/service/deregister/<service_id>")
+def service_deregister(service_id: str):
+    store = services().store
+    node = services().settings.node_name
+    if not store.deregister_service(node, service_id):
+        raise NotFound(f"Unknown service ID {service_id!r}")
+    # A sidecar registered through connect.sidecar_service goes with its parent.
+    store.deregister_service(node, f"{service_id}-sidecar-proxy")
+    return json_response(None)
+
+
+def _local_services() -> dict:
+    s = services()
+    return {
+        svc.id: cat.agent_service_json(svc, s.settings.datacenter)
+        for svc in s.store.services(node=s.settings.node_name)
+    }
+
+
+@bp.get("/v1/agent/services")
+def list_services():
+    data, h = hash_blocking(node_watch(), _local_services)
+    return json_response(data, headers={"X-Consul-ContentHash": h})
+
+
+@bp.get("/v1/agent/service/<service_id>")
+def get_service(service_id: str):
+    def compute():
+        return _local_services().get(service_id)
+
+    data, h = hash_blocking(node_watch(), compute)
+    if data is None:
+        raise NotFound(f"unknown service ID: {service_id}")
+    data["ContentHash"] = h
+    return json_response(data, headers={"X-Consul-ContentHash": h})
+
+
+def _local_checks() -> dict:
+    s = services()
+    return {c.check_id: cat.check_json(c) for c in s.store.checks(node=s.settings.node_name)}
+
+
+@bp.get("/v1/agent/checks")
+def list_checks():
+    return json_response(_local_checks())
+
+
+@bp.put("/v1/agent/check/register")
+def check_register():
+    s = services()
+    d = cat.load(cat.CheckSchema(), cat.to_pascal(json_body()))
+    owner = None
+    if d.get("ServiceID"):
+        owner = next(
+            (x for x in s.store.services(node=s.settings.node_name) if x.id == d["ServiceID"]),
+            None,
+        )
+        if owner is None:
+            raise NotFound(f"ServiceID {d['ServiceID']!r} does not exist")
+    if not d.get("Name"):
+        raise BadRequest("invalid request body: Name: Missing data for required field.")
+    d.setdefault("CheckID", d.get("ID") or d["Name"])
+    checks = cat.build_checks(s.settings.node_name, owner, [d])
+    s.store.register(Registration(node=local_node(), checks=tuple(checks), keep_existing_node=True))
+    return json_response(None)
+
+
+@bp.put("/v1/agent/check/deregister/<check_id>")
+def check_deregister(check_id: str):
+    s = services()
+    if not s.store.deregister_check(s.settings.node_name, check_id):
+        raise NotFound(f"Unknown check ID {check_id!r}")
+    return json_response(None)
+
+
+MAX_OUTPUT = 4096
+
+
+def _update(check_id: str, status: str, output: str | None):
+    s = services()
+    if output is not None and len(output) > MAX_OUTPUT:
+        # Consul truncates long output rather than refusing it.
+        output = output[:MAX_OUTPUT] + " ... (Output exceeded 4096 bytes)"
+    c = s.store.update_check(s.settings.node_name, check_id, status, output, now=time.time())
+    if c is None:
+        raise NotFound(f"Unknown check ID {check_id!r}")
+    return json_response(None)
+
+
+@bp.put("/v1/agent/check/pass/<check_id>")
+def check_pass(check_id: str):
+    return _update(check_id, PASSING, str_arg("note", max_len=MAX_OUTPUT * 2))
+
+
+@bp.put("/v1/agent/check/warn/<check_id>")
+def check_warn(check_id: str):
+    return _update(check_id, WARNING, str_arg("note", max_len=MAX_OUTPUT * 2))
+
+
+@bp.put("/v1/agent/check/fail/<check_id>")
+def check_fail(check_id: str):
+    return _update(check_id, CRITICAL, str_arg("note", max_len=MAX_OUTPUT * 2))
+
+
+@bp.put("/v1/agent/check/update/<check_id>")
+def check_update(check_id: str):
+    body = cat.to_pascal(json_body(required=False) or {})
+    unknown = set(body) - {"Status", "Output"}
+    if unknown:
+        raise BadRequest(f"invalid request body: unknown field(s) {', '.join(sorted(unknown))}")
+    status = body.get("Status", PASSING)
+    if status not in (PASSING, WARNING, CRITICAL):
+        raise BadRequest("Status must be passing, warning or critical")
+    output = body.get("Output")
+    if output is not None and not isinstance(output, str):
+        raise BadRequest("Output must be a string")
+    return _update(check_id, status, output)
+
+
+@bp.get("/v1/agent/self")
+def self_():
+    s = services()
+    node = local_node()
+    cfg = {
+        "Datacenter": s.settings.datacenter,
+        "NodeName": s.settings.node_name,
+        "NodeID": node.id,
+        "Server": True,
+        "Revision": "",
+        "Version": __version__,
+        "Domain": s.settings.domain_fqdn,
+        "PrimaryDatacenter": s.settings.datacenter,
+    }
+    member = {
+        "Name": s.settings.node_name,
+        "Addr": s.settings.node_address,
+        "Port": s.settings.http_port,
+        "Tags": {"role": "consul", "dc": s.settings.datacenter, "build": __version__},
+        "Status": 1,
+    }
+    stats = {
+        "agent": {"checks": str(len(_local_checks())), "services": str(len(_local_services()))},
+        "store": {"backend": s.store_kind, "index": str(s.store.current_index())},
+        "blocking": {"waiting": str(s.store.feed.waiting())},
+        "runtime": {"hostname": socket.gethostname()},
+    }
+    return json_response(
+        {
+            "Config": cfg,
+            "Member": member,
+            "Meta": dict(node.meta),
+            "Stats": stats,
+            "xDS": None,
+        }
+    )
+
+
+@bp.get("/v1/agent/members")
+def members():
+    s = services()
+    out = []
+    for n in s.store.nodes():
+        out.append(
+            {
+                "Name": n.name,
+                "Addr": n.address,
+                "Port": 8301,
+                "Tags": {
+                    "dc": n.datacenter,
+                    "role": "consul" if n.name == s.settings.node_name else "node",
+                },
+                "Status": 1,
+            }
+        )
+    return json_response(out)

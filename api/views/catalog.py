@@ -1,0 +1,186 @@
+"""``/v1/catalog/*``: the cluster-wide view of nodes and services."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from api import catalog as cat
+from api.errors import BadRequest
+from api.feed import Watch
+from api.http import blocking, json_body, json_response, services, str_arg
+from api.store.base import Node, Registration
+
+bp = Blueprint("catalog", __name__)
+
+ALL = Watch("catalog", prefixes=("",))
+
+
+def svc_watch(name: str) -> Watch:
+    return Watch("catalog", exact=(f"svc/{name}",))
+
+
+def check_dc() -> None:
+    dc = str_arg("dc", max_len=64)
+    if dc and dc != services().settings.datacenter:
+        raise BadRequest(f"No path to datacenter {dc!r}")
+
+
+def tags_arg() -> tuple[str, ...]:
+    from flask import request
+
+    return tuple(t for t in request.args.getlist("tag") if t)
+
+
+@bp.put("/v1/catalog/register")
+def register():
+    check_dc()
+    body = cat.load(cat.CatalogRegisterSchema(), cat.to_pascal(json_body()))
+    settings = services().settings
+    if body.get("Datacenter") and body["Datacenter"] != settings.datacenter:
+        raise BadRequest(f"No path to datacenter {body['Datacenter']!r}")
+    node_name = cat.valid_name("node name", body["Node"])
+    node = Node(
+        name=node_name,
+        id=body.get("ID", ""),
+        address=body["Address"],
+        datacenter=settings.datacenter,
+        tagged_addresses=body.get("TaggedAddresses") or {},
+        meta=body.get("NodeMeta") or {},
+    )
+    svcs = []
+    checks_defs = list(body.get("Checks") or [])
+    if body.get("Check"):
+        checks_defs.append(body["Check"])
+    svc = None
+    if body.get("Service"):
+        svc = cat.build_service(node_name, body["Service"])
+        svcs.append(svc)
+    checks = []
+    for d in checks_defs:
+        sid = d.get("ServiceID", "")
+        owner = svc if svc and sid == svc.id else None
+        if sid and owner is None:
+            existing = services().store.services(node=node_name)
+            owner = next((s for s in existing if s.id == sid), None)
+            if owner is None:
+                raise BadRequest(f"check refers to unknown service ID {sid!r}")
+        checks += cat.build_checks(node_name, owner, [d])
+    services().store.register(
+        Registration(
+            node=node,
+            services=tuple(svcs),
+            checks=tuple(checks),
+            keep_existing_node=bool(body.get("SkipNodeUpdate")),
+        )
+    )
+    return json_response(True)
+
+
+@bp.put("/v1/catalog/deregister")
+def deregister():
+    check_dc()
+    body = cat.to_pascal(json_body())
+    node = body.get("Node")
+    if not isinstance(node, str) or not node:
+        raise BadRequest("invalid request body: Node: Missing data for required field.")
+    unknown = set(body) - {"Node", "ServiceID", "CheckID", "Datacenter", "Namespace", "Partition"}
+    if unknown:
+        raise BadRequest(f"invalid request body: unknown field(s) {', '.join(sorted(unknown))}")
+    store = services().store
+    for k in ("ServiceID", "CheckID"):
+        if k in body and not isinstance(body[k], str):
+            raise BadRequest(f"invalid request body: {k}: Not a valid string.")
+    if body.get("ServiceID"):
+        store.deregister_service(node, body["ServiceID"])
+    elif body.get("CheckID"):
+        store.deregister_check(node, body["CheckID"])
+    else:
+        store.deregister_node(node)
+    return json_response(True)
+
+
+@bp.get("/v1/catalog/datacenters")
+def datacenters():
+    return json_response([services().settings.datacenter])
+
+
+@bp.get("/v1/catalog/services")
+def list_services():
+    check_dc()
+    store = services().store
+
+    def compute():
+        out: dict[str, list[str]] = {}
+        for s in store.services():
+            tags = out.setdefault(s.name, [])
+            tags.extend(t for t in s.tags if t not in tags)
+        return out, store.topic_index("catalog")
+
+    data, index = blocking(ALL, compute)
+    return json_response(data, index=index)
+
+
+@bp.get("/v1/catalog/nodes")
+def list_nodes():
+    check_dc()
+    store = services().store
+
+    def compute():
+        return [cat.node_json(n) for n in store.nodes()], store.topic_index("catalog")
+
+    data, index = blocking(ALL, compute)
+    return json_response(data, index=index)
+
+
+def _service_index(name: str) -> int:
+    store = services().store
+    return store.topic_index(f"catalog/svc/{name}") or store.topic_index("catalog")
+
+
+@bp.get("/v1/catalog/service/<name>")
+def service(name: str):
+    check_dc()
+    return _instances(name, connect=False)
+
+
+@bp.get("/v1/catalog/connect/<name>")
+def connect(name: str):
+    check_dc()
+    return _instances(name, connect=True)
+
+
+def _instances(name: str, *, connect: bool):
+    store = services().store
+    tags = tags_arg()
+
+    def compute():
+        if connect:
+            svcs = store.services(destination=name) + [
+                s for s in store.services(name=name) if (s.connect or {}).get("Native")
+            ]
+        else:
+            svcs = store.services(name=name)
+        svcs = [s for s in svcs if set(tags) <= set(s.tags)]
+        nodes = {n.name: n for n in (store.node(x) for x in {s.node for s in svcs}) if n}
+        out = [cat.catalog_service_json(nodes[s.node], s) for s in svcs if s.node in nodes]
+        return out, _service_index(name)
+
+    data, index = blocking(svc_watch(name), compute)
+    return json_response(data, index=index)
+
+
+@bp.get("/v1/catalog/node/<node>")
+def node(node: str):
+    check_dc()
+    store = services().store
+
+    def compute():
+        n = store.node(node)
+        idx = store.topic_index(f"catalog/node/{node}") or store.topic_index("catalog")
+        if n is None:
+            return None, idx
+        svcs = {s.id: cat.service_json(s) for s in store.services(node=node)}
+        return {"Node": cat.node_json(n), "Services": svcs}, idx
+
+    data, index = blocking(Watch("catalog", exact=(f"node/{node}",)), compute)
+    return json_response(data, index=index)

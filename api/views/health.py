@@ -1,0 +1,95 @@
+"""``/v1/health/*``: instances with their checks, and checks by service, node or state."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from api import catalog as cat
+from api.errors import BadRequest
+from api.feed import Watch
+from api.health import service_instances
+from api.http import blocking, flag, json_response, services
+from api.store.base import CHECK_STATES
+from api.views.catalog import ALL, _service_index, check_dc, svc_watch, tags_arg
+
+bp = Blueprint("health", __name__)
+
+
+def _entries(name: str, *, connect: bool):
+    check_dc()
+    store = services().store
+    passing, tags = flag("passing"), tags_arg()
+
+    def compute():
+        out = []
+        for inst in service_instances(
+            store, name, connect=connect, tags=tags, passing_only=passing
+        ):
+            out.append(
+                {
+                    "Node": cat.node_json(inst.node),
+                    "Service": cat.service_json(inst.service),
+                    "Checks": [
+                        cat.check_json(c, inst.service.tags if c.service_id else ())
+                        for c in inst.checks
+                    ],
+                }
+            )
+        return out, _service_index(name)
+
+    data, index = blocking(svc_watch(name), compute)
+    return json_response(data, index=index)
+
+
+@bp.get("/v1/health/service/<name>")
+def service(name: str):
+    return _entries(name, connect=False)
+
+
+@bp.get("/v1/health/connect/<name>")
+def connect(name: str):
+    return _entries(name, connect=True)
+
+
+@bp.get("/v1/health/checks/<name>")
+def checks(name: str):
+    check_dc()
+    store = services().store
+
+    def compute():
+        tags = {s.id: s.tags for s in store.services(name=name)}
+        data = [
+            cat.check_json(c, tags.get(c.service_id, ())) for c in store.checks(service_name=name)
+        ]
+        return data, _service_index(name)
+
+    data, index = blocking(svc_watch(name), compute)
+    return json_response(data, index=index)
+
+
+@bp.get("/v1/health/node/<node>")
+def node(node: str):
+    check_dc()
+    store = services().store
+
+    def compute():
+        idx = store.topic_index(f"catalog/node/{node}") or store.topic_index("catalog")
+        return [cat.check_json(c) for c in store.checks(node=node)], idx
+
+    data, index = blocking(Watch("catalog", exact=(f"node/{node}",)), compute)
+    return json_response(data, index=index)
+
+
+@bp.get("/v1/health/state/<state>")
+def state(state: str):
+    check_dc()
+    if state != "any" and state not in CHECK_STATES:
+        raise BadRequest(f"state must be any, passing, warning or critical, not {state!r}")
+    store = services().store
+
+    def compute():
+        rows = store.checks(state=None if state == "any" else state)
+        return [cat.check_json(c) for c in rows], store.topic_index("catalog")
+
+    data, index = blocking(ALL, compute)
+    return json_response(data, index=index)

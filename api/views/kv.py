@@ -1,0 +1,133 @@
+"""``/v1/kv/<key>``: Consul's K/V API (get, recurse, keys, raw, put with cas/flags, delete)."""
+
+from __future__ import annotations
+
+import base64
+
+from flask import Blueprint, Response, request
+
+from api.errors import BadRequest, PayloadTooLarge
+from api.feed import Watch
+from api.http import (
+    add_index_headers,
+    blocking,
+    flag,
+    json_response,
+    services,
+    str_arg,
+    uint_arg,
+)
+from api.store.base import KVEntry
+
+bp = Blueprint("kv", __name__)
+
+MAX_KEY_BYTES = 1024
+
+
+def check_key(key: str, *, allow_empty: bool) -> str:
+    """Refuse keys that no client means: control characters, ``.``/``..`` segments, huge."""
+    if key == "":
+        if allow_empty:
+            return key
+        raise BadRequest("Missing key name")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise BadRequest(f"key is longer than {MAX_KEY_BYTES} bytes")
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise BadRequest("key contains control characters")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in key):
+        raise BadRequest("key is not valid UTF-8")
+    if any(seg in (".", "..") for seg in key.split("/")):
+        raise BadRequest("key must not contain '.' or '..' segments")
+    return key
+
+
+def entry_json(e: KVEntry) -> dict:
+    return {
+        "LockIndex": e.lock_index,
+        "Key": e.key,
+        "Flags": e.flags,
+        "Value": base64.b64encode(e.value).decode() if e.value is not None else None,
+        "Session": e.session,
+        "CreateIndex": e.create_index,
+        "ModifyIndex": e.modify_index,
+    }
+
+
+def _folded_keys(entries: list[KVEntry], prefix: str, sep: str | None) -> list[str]:
+    out: list[str] = []
+    seen: set[str] = set()
+    for e in entries:
+        k = e.key
+        if sep:
+            i = k.find(sep, len(prefix))
+            if i >= 0:
+                k = k[: i + len(sep)]
+        if k not in seen:
+            seen.add(k)
+            out.append(k)
+    return out
+
+
+@bp.get("/v1/kv/", defaults={"key": ""})
+@bp.get("/v1/kv/<path:key>")
+def get(key: str):
+    recurse, keys, raw = flag("recurse"), flag("keys"), flag("raw")
+    sep = str_arg("separator", max_len=64)
+    check_key(key, allow_empty=recurse or keys)
+    store = services().store
+    if keys or recurse:
+        watch = Watch("kv", prefixes=(key,))
+
+        def compute():
+            return store.kv_list(key), store.kv_index(key, exact=False)
+    else:
+        watch = Watch("kv", exact=(key,))
+
+        def compute():
+            e = store.kv_get(key)
+            return ([e] if e else []), (e.modify_index if e else store.kv_index(key, exact=True))
+
+    entries, index = blocking(watch, compute)
+    if not entries:
+        resp = json_response({"error": f"no key found at {key!r}", "code": "not_found"}, status=404)
+        add_index_headers(resp, index)
+        return resp
+    if keys:
+        return json_response(_folded_keys(entries, key, sep), index=index)
+    if raw and not recurse:
+        # Served as bytes that a browser must not sniff into HTML (CVE-2020-25864).
+        resp = Response(entries[0].value or b"", mimetype="application/octet-stream")
+        add_index_headers(resp, index)
+        return resp
+    return json_response([entry_json(e) for e in entries], index=index)
+
+
+@bp.put("/v1/kv/", defaults={"key": ""})
+@bp.put("/v1/kv/<path:key>")
+def put(key: str):
+    check_key(key, allow_empty=False)
+    settings = services().settings
+    if "acquire" in request.args or "release" in request.args:
+        raise BadRequest("sessions (acquire/release) are not supported by Trellis yet")
+    flags = uint_arg("flags") or 0
+    cas = uint_arg("cas")
+    limit = settings.kv_max_value_size
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Value exceeds {limit} byte limit")
+    value = request.get_data(cache=False)
+    if len(value) > limit:
+        raise PayloadTooLarge(f"Value exceeds {limit} byte limit")
+    ok = services().store.kv_put(key, value, flags=flags, cas=cas)
+    return json_response(ok)
+
+
+@bp.delete("/v1/kv/", defaults={"key": ""})
+@bp.delete("/v1/kv/<path:key>")
+def delete(key: str):
+    recurse = flag("recurse")
+    check_key(key, allow_empty=recurse)
+    cas = uint_arg("cas")
+    if recurse and cas is not None:
+        raise BadRequest("cas cannot be combined with recurse")
+    ok = services().store.kv_delete(key, recurse=recurse, cas=cas)
+    return json_response(ok)

@@ -1,0 +1,421 @@
+"""A typed client for Trellis's Consul-compatible HTTP API.
+
+Shared by the CLI, the node agent and sidecar, and the Terraform provider, so it imports neither
+Flask nor trio: it is a thin, synchronous layer over one ``httpx.Client``.
+
+Theory of operation:
+
+* Every call goes through :meth:`Client.request`, the only place that touches httpx. httpx's
+  exceptions are translated there, at the boundary, into :class:`ConnectionFailed` (the server
+  could not be reached or did not answer in time) and :class:`APIError` (it answered with an
+  error status); nothing httpx-specific escapes this module.
+* A response is a small frozen :class:`Response` (status, body bytes, headers, the
+  ``X-Consul-Index``), so callers never hold an open connection.
+* Blocking (long-poll) reads send ``?index=N&wait=D``. The server may hold such a request for
+  ``wait`` plus up to ``wait/16`` of jitter, so the read timeout of that one request is raised to
+  cover both plus a margin; an ordinary request keeps the short default timeout.
+* Methods that can block (``index=``/``wait=``) return :class:`Indexed` (the decoded value and
+  the index to pass to the next call); the others return the decoded value itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import json as jsonlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from proxy.durations import format_duration, parse_duration
+
+T = TypeVar("T")
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8500"
+#: What the server waits when a blocking read names an index but no ``wait`` (Consul's 5m).
+SERVER_DEFAULT_WAIT = 300.0
+#: Extra read time granted to a blocking read on top of ``wait + wait/16``.
+BLOCKING_MARGIN = 10.0
+
+
+class APIError(Exception):
+    """The server answered a request with an error status.
+
+    ``status`` is the HTTP status: 4xx means the caller sent something wrong (or lacks the
+    permission), 5xx that the server or its store failed. ``message`` is the server's own words
+    (the ``error`` field of its JSON body, else its text body).
+    """
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConnectionFailed(APIError):
+    """No HTTP answer at all: refused, unreachable, reset, timed out or a malformed address.
+
+    The fault is the environment's (server down, wrong address); ``status`` is None.
+    """
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(None, f"cannot reach Trellis at {address}: {reason}")
+        self.address = address
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Response:
+    """One HTTP answer, read to the end."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: ``X-Consul-Index`` as an int, or None when absent or not a number.
+    index: int | None = None
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        """The body as JSON; a body that is not JSON is the server's fault (APIError)."""
+        try:
+            return jsonlib.loads(self.body)
+        except ValueError as e:
+            raise APIError(self.status, f"the server sent a body that is not JSON: {e}") from None
+
+
+@dataclass(frozen=True)
+class Indexed(Generic[T]):
+    """A value read with a blocking-capable query, and the index to block on next."""
+
+    value: T
+    index: int | None
+
+
+@dataclass(frozen=True)
+class KVPair:
+    key: str
+    value: bytes | None
+    flags: int = 0
+    create_index: int = 0
+    modify_index: int = 0
+    lock_index: int = 0
+    session: str = ""
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> KVPair:
+        raw = d.get("Value")
+        try:
+            value = None if raw is None else base64.b64decode(raw, validate=True)
+        except (ValueError, TypeError) as e:
+            raise APIError(200, f"the server sent a K/V value that is not base64: {e}") from None
+        return cls(
+            key=d.get("Key", ""),
+            value=value,
+            flags=int(d.get("Flags") or 0),
+            create_index=int(d.get("CreateIndex") or 0),
+            modify_index=int(d.get("ModifyIndex") or 0),
+            lock_index=int(d.get("LockIndex") or 0),
+            session=d.get("Session") or "",
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry in the API's own shape (``Value`` base64-encoded)."""
+        return {
+            "Key": self.key,
+            "CreateIndex": self.create_index,
+            "ModifyIndex": self.modify_index,
+            "LockIndex": self.lock_index,
+            "Flags": self.flags,
+            "Value": None if self.value is None else base64.b64encode(self.value).decode(),
+            "Session": self.session,
+        }
+
+
+def normalize_address(address: str) -> str:
+    """``127.0.0.1:8500`` -> ``http://127.0.0.1:8500``, as Consul's clients accept both."""
+    address = address.strip().rstrip("/")
+    if "://" not in address:
+        address = "http://" + address
+    return address
+
+
+def _wait_seconds(wait: float | str | None) -> float | None:
+    if wait is None:
+        return None
+    if isinstance(wait, str):
+        return parse_duration(wait)
+    if wait < 0:
+        raise ValueError("wait must not be negative")
+    return float(wait)
+
+
+def _path(*parts: str) -> str:
+    return "/".join(quote(p, safe="") for p in parts)
+
+
+def _key_path(key: str) -> str:
+    # Keys keep their slashes; everything else that is special in a URL is escaped.
+    return "/v1/kv/" + quote(key.lstrip("/"), safe="/")
+
+
+def _error_message(status: int, body: bytes) -> str:
+    text = body.decode("utf-8", errors="replace").strip()
+    if text.startswith("{"):
+        try:
+            doc = jsonlib.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+            return doc["error"]
+    return text or f"Unexpected response code: {status}"
+
+
+class Client:
+    """A connection pool to one Trellis server. Use it as a context manager, or ``close()`` it.
+
+    ``timeout`` bounds connecting and each non-blocking request; ``transport`` lets a caller
+    swap httpx's network transport (for example ``httpx.WSGITransport`` over the real app).
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        verify: Any = True,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.address = normalize_address(address)
+        parts = urlsplit(self.address)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConnectionFailed(address, "the address must look like http://HOST:PORT")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a malformed port
+        except ValueError as e:
+            raise ConnectionFailed(address, str(e)) from None
+        self.token = token or None
+        self.timeout = timeout
+        headers = {"User-Agent": "trellis-client"}
+        if self.token:
+            headers["X-Consul-Token"] = self.token
+        self._http = httpx.Client(
+            base_url=self.address,
+            headers=headers,
+            timeout=httpx.Timeout(timeout),
+            verify=verify,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the one place that does I/O -----------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        index: int | None = None,
+        wait: float | str | None = None,
+        allow: tuple[int, ...] = (),
+    ) -> Response:
+        """Send one request; raise APIError for a status >= 400 that is not in ``allow``.
+
+        ``index``/``wait`` make it a blocking read (``wait`` in seconds or as "30s").
+        """
+        q: dict[str, Any] = {}
+        for k, v in (params or {}).items():
+            if v is None or v is False:
+                continue
+            q[k] = "true" if v is True else v
+        timeout = httpx.Timeout(self.timeout)
+        wait_s = _wait_seconds(wait)
+        if index is not None:
+            q["index"] = int(index)
+        if wait_s is not None:
+            q["wait"] = format_duration(wait_s)
+        if index is not None or wait_s is not None:
+            blocking = SERVER_DEFAULT_WAIT if wait_s is None else wait_s
+            read = max(self.timeout, blocking + blocking / 16 + BLOCKING_MARGIN)
+            timeout = httpx.Timeout(self.timeout, read=read)
+        try:
+            r = self._http.request(
+                method, path, params=q, json=json, content=content, timeout=timeout
+            )
+            body = r.read()
+        except httpx.TimeoutException as e:
+            raise ConnectionFailed(self.address, f"timed out ({type(e).__name__})") from None
+        except (httpx.TransportError, httpx.InvalidURL) as e:
+            raise ConnectionFailed(self.address, str(e) or type(e).__name__) from None
+        except httpx.StreamError as e:
+            raise ConnectionFailed(self.address, str(e) or type(e).__name__) from None
+        raw_index = r.headers.get("X-Consul-Index")
+        try:
+            idx = int(raw_index) if raw_index is not None else None
+        except ValueError:
+            idx = None
+        resp = Response(status=r.status_code, body=body, headers=dict(r.headers), index=idx)
+        if resp.status >= 400 and resp.status not in allow:
+            raise APIError(resp.status, _error_message(resp.status, body))
+        return resp
+
+    # -- K/V -----------------------------------------------------------------------------------
+
+    def kv_get(
+        self,
+        key: str,
+        *,
+        recurse: bool = False,
+        keys: bool = False,
+        separator: str | None = None,
+        raw: bool = False,
+        index: int | None = None,
+        wait: float | str | None = None,
+    ) -> Indexed[Any]:
+        """Read K/V. The value is, by mode:
+
+        * default: ``KVPair`` or None when the key does not exist;
+        * ``recurse``: ``list[KVPair]`` under the prefix (empty when there is none);
+        * ``keys``: ``list[str]`` (rolled up at ``separator`` when given);
+        * ``raw``: the value's ``bytes``, or None when the key does not exist.
+        """
+        params: dict[str, Any] = {}
+        if keys:
+            params["keys"] = True
+            if separator:
+                params["separator"] = separator
+        elif recurse:
+            params["recurse"] = True
+        elif raw:
+            params["raw"] = True
+        r = self.request(
+            "GET", _key_path(key), params=params, index=index, wait=wait, allow=(404,)
+        )
+        if r.status == 404:
+            return Indexed([] if (keys or recurse) else None, r.index)
+        if keys:
+            return Indexed([str(k) for k in r.json()], r.index)
+        if raw:
+            return Indexed(r.body, r.index)
+        pairs = [KVPair.from_json(d) for d in r.json()]
+        if recurse:
+            return Indexed(pairs, r.index)
+        return Indexed(pairs[0] if pairs else None, r.index)
+
+    def kv_put(
+        self, key: str, value: bytes | str, *, flags: int | None = None, cas: int | None = None
+    ) -> bool:
+        """Write a key; False when a ``cas`` condition did not hold (``cas=0``: create only)."""
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        params = {"flags": flags, "cas": cas}
+        return self.request("PUT", _key_path(key), params=params, content=value).json() is True
+
+    def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
+        """Delete a key (or a prefix); False when a ``cas`` condition did not hold."""
+        r = self.request("DELETE", _key_path(key), params={"recurse": recurse, "cas": cas})
+        return r.json() is True
+
+    # -- agent ---------------------------------------------------------------------------------
+
+    def agent_service_register(
+        self, body: Mapping[str, Any], *, replace_existing_checks: bool = False
+    ) -> None:
+        """Register a service on the agent; ``body`` in the API (PascalCase) or file form."""
+        params = {"replace-existing-checks": replace_existing_checks}
+        self.request("PUT", "/v1/agent/service/register", params=params, json=dict(body))
+
+    def agent_service_deregister(self, service_id: str) -> None:
+        self.request("PUT", "/v1/agent/service/deregister/" + _path(service_id))
+
+    def agent_services(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/agent/services").json()
+
+    def agent_self(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/agent/self").json()
+
+    # -- catalog and health --------------------------------------------------------------------
+
+    def catalog_services(
+        self, *, index: int | None = None, wait: float | str | None = None
+    ) -> Indexed[dict[str, list[str]]]:
+        r = self.request("GET", "/v1/catalog/services", index=index, wait=wait)
+        return Indexed(r.json(), r.index)
+
+    def catalog_nodes(
+        self, *, index: int | None = None, wait: float | str | None = None
+    ) -> Indexed[list[dict[str, Any]]]:
+        r = self.request("GET", "/v1/catalog/nodes", index=index, wait=wait)
+        return Indexed(r.json(), r.index)
+
+    def catalog_service(
+        self,
+        name: str,
+        tag: str | None = None,
+        *,
+        index: int | None = None,
+        wait: float | str | None = None,
+    ) -> Indexed[list[dict[str, Any]]]:
+        r = self.request(
+            "GET",
+            "/v1/catalog/service/" + _path(name),
+            params={"tag": tag},
+            index=index,
+            wait=wait,
+        )
+        return Indexed(r.json(), r.index)
+
+    def catalog_node(
+        self, name: str, *, index: int | None = None, wait: float | str | None = None
+    ) -> Indexed[dict[str, Any] | None]:
+        """The node and its services; None when there is no such node."""
+        r = self.request(
+            "GET", "/v1/catalog/node/" + _path(name), index=index, wait=wait, allow=(404,)
+        )
+        return Indexed(None if r.status == 404 else r.json(), r.index)
+
+    def health_service(
+        self,
+        name: str,
+        passing: bool = False,
+        tag: str | None = None,
+        *,
+        index: int | None = None,
+        wait: float | str | None = None,
+    ) -> Indexed[list[dict[str, Any]]]:
+        r = self.request(
+            "GET",
+            "/v1/health/service/" + _path(name),
+            params={"passing": passing, "tag": tag},
+            index=index,
+            wait=wait,
+        )
+        return Indexed(r.json(), r.index)
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status_leader(self) -> str:
+        return self.request("GET", "/v1/status/leader").json()
+
+    def status_peers(self) -> list[str]:
+        return self.request("GET", "/v1/status/peers").json()
