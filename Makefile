@@ -22,6 +22,7 @@ dev: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check api proxy tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

