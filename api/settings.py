@@ -114,10 +114,9 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
         if path.endswith(".hcl"):
-            import hcl2
+            from api import hcl
 
-            raw = hcl2.loads(text)
-            raw = _unwrap_hcl(raw)
+            raw = hcl.loads(text)
         else:
             raw = json.loads(text)
     except Exception as e:
@@ -125,15 +124,6 @@ def load_file(path: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold an object")
     return flatten(raw, source=path)
-
-
-def _unwrap_hcl(v: Any) -> Any:
-    # python-hcl2 wraps blocks in lists: {"ports": [{"http": 1}]}.
-    if isinstance(v, dict):
-        return {k: _unwrap_hcl(x) for k, x in v.items()}
-    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict):
-        return _unwrap_hcl(v[0])
-    return v
 
 
 _TOP = {

@@ -75,6 +75,7 @@ class Response:
 
     status: int
     body: bytes
+    #: Header names in lower case.
     headers: Mapping[str, str] = field(default_factory=dict)
     #: ``X-Consul-Index`` as an int, or None when absent or not a number.
     index: int | None = None
@@ -111,6 +112,8 @@ class KVPair:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> KVPair:
+        if not isinstance(d, Mapping):
+            raise APIError(200, "the server sent a K/V entry that is not an object")
         raw = d.get("Value")
         try:
             value = None if raw is None else base64.b64decode(raw, validate=True)
@@ -141,10 +144,11 @@ class KVPair:
 
 def normalize_address(address: str) -> str:
     """``127.0.0.1:8500`` -> ``http://127.0.0.1:8500``, as Consul's clients accept both."""
-    address = address.strip().rstrip("/")
+    address = address.strip()
     if "://" not in address:
         address = "http://" + address
-    return address
+    scheme, _, rest = address.partition("://")
+    return f"{scheme}://{rest.rstrip('/')}"
 
 
 def _wait_seconds(wait: float | str | None) -> float | None:
@@ -166,6 +170,18 @@ def _key_path(key: str) -> str:
     return "/v1/kv/" + quote(key.lstrip("/"), safe="/")
 
 
+_KINDS: dict[type, str] = {dict: "an object", list: "an array", str: "a string"}
+
+
+def _expect(r: Response, kind: type[T]) -> T:
+    """The JSON body, which must be of ``kind``; anything else is the server's fault."""
+    value = r.json()
+    if not isinstance(value, kind):
+        got = _KINDS.get(type(value), type(value).__name__)
+        raise APIError(r.status, f"the server sent {got} where {_KINDS[kind]} was expected")
+    return value
+
+
 def _error_message(status: int, body: bytes) -> str:
     text = body.decode("utf-8", errors="replace").strip()
     if text.startswith("{"):
@@ -174,7 +190,7 @@ def _error_message(status: int, body: bytes) -> str:
         except ValueError:
             doc = None
         if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-            return doc["error"]
+            return str(doc["error"])
     return text or f"Unexpected response code: {status}"
 
 
@@ -274,7 +290,8 @@ class Client:
             idx = int(raw_index) if raw_index is not None else None
         except ValueError:
             idx = None
-        resp = Response(status=r.status_code, body=body, headers=dict(r.headers), index=idx)
+        headers = {k.lower(): v for k, v in r.headers.items()}
+        resp = Response(status=r.status_code, body=body, headers=headers, index=idx)
         if resp.status >= 400 and resp.status not in allow:
             raise APIError(resp.status, _error_message(resp.status, body))
         return resp
@@ -308,16 +325,14 @@ class Client:
             params["recurse"] = True
         elif raw:
             params["raw"] = True
-        r = self.request(
-            "GET", _key_path(key), params=params, index=index, wait=wait, allow=(404,)
-        )
+        r = self.request("GET", _key_path(key), params=params, index=index, wait=wait, allow=(404,))
         if r.status == 404:
             return Indexed([] if (keys or recurse) else None, r.index)
         if keys:
-            return Indexed([str(k) for k in r.json()], r.index)
+            return Indexed([str(k) for k in _expect(r, list)], r.index)
         if raw:
             return Indexed(r.body, r.index)
-        pairs = [KVPair.from_json(d) for d in r.json()]
+        pairs = [KVPair.from_json(d) for d in _expect(r, list)]
         if recurse:
             return Indexed(pairs, r.index)
         return Indexed(pairs[0] if pairs else None, r.index)
@@ -349,10 +364,10 @@ class Client:
         self.request("PUT", "/v1/agent/service/deregister/" + _path(service_id))
 
     def agent_services(self) -> dict[str, Any]:
-        return self.request("GET", "/v1/agent/services").json()
+        return _expect(self.request("GET", "/v1/agent/services"), dict)
 
     def agent_self(self) -> dict[str, Any]:
-        return self.request("GET", "/v1/agent/self").json()
+        return _expect(self.request("GET", "/v1/agent/self"), dict)
 
     # -- catalog and health --------------------------------------------------------------------
 
@@ -360,13 +375,13 @@ class Client:
         self, *, index: int | None = None, wait: float | str | None = None
     ) -> Indexed[dict[str, list[str]]]:
         r = self.request("GET", "/v1/catalog/services", index=index, wait=wait)
-        return Indexed(r.json(), r.index)
+        return Indexed(_expect(r, dict), r.index)
 
     def catalog_nodes(
         self, *, index: int | None = None, wait: float | str | None = None
     ) -> Indexed[list[dict[str, Any]]]:
         r = self.request("GET", "/v1/catalog/nodes", index=index, wait=wait)
-        return Indexed(r.json(), r.index)
+        return Indexed(_expect(r, list), r.index)
 
     def catalog_service(
         self,
@@ -383,16 +398,19 @@ class Client:
             index=index,
             wait=wait,
         )
-        return Indexed(r.json(), r.index)
+        return Indexed(_expect(r, list), r.index)
 
     def catalog_node(
         self, name: str, *, index: int | None = None, wait: float | str | None = None
     ) -> Indexed[dict[str, Any] | None]:
-        """The node and its services; None when there is no such node."""
+        """The node and its services; None when there is no such node (Consul answers 200 with
+        ``null``; a 404 is taken the same way)."""
         r = self.request(
             "GET", "/v1/catalog/node/" + _path(name), index=index, wait=wait, allow=(404,)
         )
-        return Indexed(None if r.status == 404 else r.json(), r.index)
+        if r.status == 404 or r.json() is None:
+            return Indexed(None, r.index)
+        return Indexed(_expect(r, dict), r.index)
 
     def health_service(
         self,
@@ -410,12 +428,12 @@ class Client:
             index=index,
             wait=wait,
         )
-        return Indexed(r.json(), r.index)
+        return Indexed(_expect(r, list), r.index)
 
     # -- status --------------------------------------------------------------------------------
 
     def status_leader(self) -> str:
-        return self.request("GET", "/v1/status/leader").json()
+        return _expect(self.request("GET", "/v1/status/leader"), str)
 
     def status_peers(self) -> list[str]:
-        return self.request("GET", "/v1/status/peers").json()
+        return _expect(self.request("GET", "/v1/status/peers"), list)

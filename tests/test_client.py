@@ -1,0 +1,462 @@
+"""The typed HTTP client (``proxy.client``).
+
+The transport behaviour (error mapping, timeouts, headers, query encoding) is tested against a
+small scripted HTTP server on 127.0.0.1 port 0; the API behaviour against the real Trellis server
+(``trellis_server``, a ``trellis dev`` subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from proxy.client import (
+    APIError,
+    Client,
+    ConnectionFailed,
+    Indexed,
+    KVPair,
+    Response,
+    normalize_address,
+)
+
+# -- a scripted HTTP server --------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str  # as sent, still percent-encoded
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+Route = Callable[[Seen], Reply]
+
+
+class StubServer:
+    """An HTTP server on 127.0.0.1:0 that answers with ``route(request)`` and records requests.
+
+    ``route`` is replaced per test. It runs in a thread; the socket listens as soon as the
+    object exists, so there is nothing to wait for.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+        self.route: Route = lambda req: Reply(404, b"no route")
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                parts = urlsplit(self.path)
+                req = Seen(
+                    self.command,
+                    parts.path,
+                    parse_qs(parts.query, keep_blank_values=True),
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
+                )
+                stub.seen.append(req)
+                reply = stub.route(req)
+                if reply.delay:
+                    time.sleep(reply.delay)
+                self.send_response(reply.status)
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+            do_GET = do_PUT = do_DELETE = do_POST = _any
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def json(self, status: int, doc: object, **headers: str) -> Reply:
+        return Reply(
+            status, json.dumps(doc).encode(), {"Content-Type": "application/json", **headers}
+        )
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def stub():
+    s = StubServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def dead_url():
+    """A port on 127.0.0.1 that is bound but not listening: connecting is refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
+# -- transport: errors, headers, timeouts ------------------------------------------------------
+
+
+def test_json_error_body_gives_status_and_message(stub):
+    stub.route = lambda req: stub.json(400, {"error": "bad key", "code": "bad_request"})
+    with Client(stub.url) as c, pytest.raises(APIError) as ei:
+        c.request("GET", "/v1/kv/x")
+    assert ei.value.status == 400
+    assert ei.value.message == "bad key"
+    assert str(ei.value) == "bad key"
+    assert not isinstance(ei.value, ConnectionFailed)
+
+
+def test_text_error_body_is_the_message(stub):
+    stub.route = lambda req: Reply(403, b"Permission denied\n", {"Content-Type": "text/plain"})
+    with Client(stub.url) as c, pytest.raises(APIError) as ei:
+        c.kv_put("a", b"1")
+    assert (ei.value.status, ei.value.message) == (403, "Permission denied")
+
+
+def test_empty_error_body_names_the_status(stub):
+    stub.route = lambda req: Reply(500)
+    with Client(stub.url) as c, pytest.raises(APIError) as ei:
+        c.agent_self()
+    assert (ei.value.status, ei.value.message) == (500, "Unexpected response code: 500")
+
+
+def test_json_body_without_error_field_is_shown_as_text(stub):
+    stub.route = lambda req: stub.json(409, {"message": "x"})
+    with Client(stub.url) as c, pytest.raises(APIError) as ei:
+        c.request("PUT", "/v1/anything")
+    assert ei.value.message == '{"message": "x"}'
+
+
+def test_allowed_status_is_returned_not_raised(stub):
+    stub.route = lambda req: Reply(404, b"", {"X-Consul-Index": "7"})
+    with Client(stub.url) as c:
+        r = c.request("GET", "/v1/kv/nope", allow=(404,))
+    assert (r.status, r.index, r.body) == (404, 7, b"")
+
+
+def test_connection_refused_is_connection_failed(dead_url):
+    with Client(dead_url) as c, pytest.raises(ConnectionFailed) as ei:
+        c.status_leader()
+    e = ei.value
+    assert isinstance(e, APIError)
+    assert e.status is None
+    assert e.message.startswith(f"cannot reach Trellis at {dead_url}: ")
+    assert "refused" in e.message.lower()
+
+
+@pytest.mark.parametrize("address", ["ftp://127.0.0.1:8500", "http://", "http://127.0.0.1:port"])
+def test_malformed_address_is_connection_failed(address):
+    with pytest.raises(ConnectionFailed) as ei:
+        Client(address)
+    assert ei.value.message.startswith(f"cannot reach Trellis at {address}: ")
+
+
+def test_address_without_scheme_gets_http():
+    assert normalize_address("127.0.0.1:8500") == "http://127.0.0.1:8500"
+    assert normalize_address("https://h:1/") == "https://h:1"
+
+
+def test_token_is_sent_as_x_consul_token(stub):
+    stub.route = lambda req: stub.json(200, "127.0.0.1:8300")
+    with Client(stub.url, token="s3cret") as c:
+        assert c.status_leader() == "127.0.0.1:8300"
+    with Client(stub.url) as c:
+        c.status_leader()
+    assert stub.seen[0].headers["x-consul-token"] == "s3cret"
+    assert "x-consul-token" not in stub.seen[1].headers
+
+
+@pytest.mark.parametrize(("header", "index"), [("42", 42), (None, None), ("nope", None)])
+def test_index_header_is_parsed(stub, header, index):
+    headers = {"X-Consul-Index": header} if header else {}
+    stub.route = lambda req: stub.json(200, {}, **headers)
+    with Client(stub.url) as c:
+        assert c.request("GET", "/v1/catalog/services").index == index
+
+
+def test_blocking_read_waits_longer_than_the_base_timeout(stub):
+    # The server holds the request for 0.8 s; the client's ordinary timeout is 0.3 s. A blocking
+    # read with wait=1s must be given more than wait + wait/16 to read, an ordinary one not.
+    stub.route = lambda req: Reply(200, b"{}", {"X-Consul-Index": "9"}, delay=0.8)
+    with Client(stub.url, timeout=0.3) as c:
+        got = c.catalog_services(index=5, wait=1)
+        assert got == Indexed({}, 9)
+        assert stub.seen[-1].query == {"index": ["5"], "wait": ["1s"]}
+        with pytest.raises(ConnectionFailed) as ei:
+            c.catalog_services()
+    assert "timed out" in ei.value.message
+
+
+def test_wait_given_as_duration_text(stub):
+    stub.route = lambda req: stub.json(200, [])
+    with Client(stub.url) as c:
+        c.catalog_nodes(index=3, wait="1500ms")
+        c.health_service("web", passing=True, tag="v1", index=1, wait="2m")
+    assert stub.seen[0].query == {"index": ["3"], "wait": ["1.5s"]}
+    assert stub.seen[1].path == "/v1/health/service/web"
+    assert stub.seen[1].query == {
+        "passing": ["true"],
+        "tag": ["v1"],
+        "index": ["1"],
+        "wait": ["2m0s"],
+    }
+
+
+def test_non_json_body_is_an_api_error(stub):
+    stub.route = lambda req: Reply(200, b"<html>", {"Content-Type": "text/html"})
+    with Client(stub.url) as c, pytest.raises(APIError) as ei:
+        c.agent_services()
+    assert ei.value.message.startswith("the server sent a body that is not JSON")
+
+
+@pytest.mark.parametrize(
+    ("call", "body", "message"),
+    [
+        (lambda c: c.catalog_services(), b"[1, 2]", "an array where an object was expected"),
+        (lambda c: c.catalog_nodes(), b"{}", "an object where an array was expected"),
+        (lambda c: c.status_leader(), b"null", "NoneType where a string was expected"),
+        (lambda c: c.kv_get("k"), b"[3]", "a K/V entry that is not an object"),
+        (lambda c: c.kv_get("k"), b'[{"Key": "k", "Value": "%%%"}]', "not base64"),
+    ],
+)
+def test_unexpected_shapes_are_the_servers_fault(stub, call, body, message):
+    stub.route = lambda req: Reply(200, body, {"Content-Type": "application/json"})
+    with Client(stub.url) as c, pytest.raises(APIError) as ei:
+        call(c)
+    assert ei.value.status == 200
+    assert message in ei.value.message
+
+
+# -- request shapes ----------------------------------------------------------------------------
+
+
+def test_kv_keys_are_escaped_but_keep_slashes(stub):
+    stub.route = lambda req: Reply(404, b"", {"X-Consul-Index": "3"})
+    with Client(stub.url) as c:
+        assert c.kv_get("/a b/c?d#e%") == Indexed(None, 3)
+        assert c.kv_get("p/", recurse=True) == Indexed([], 3)
+        assert c.kv_get("p/", keys=True, separator="/") == Indexed([], 3)
+    assert stub.seen[0].path == "/v1/kv/a%20b/c%3Fd%23e%25"
+    assert stub.seen[0].query == {}
+    assert stub.seen[1].query == {"recurse": ["true"]}
+    assert stub.seen[2].query == {"keys": ["true"], "separator": ["/"]}
+
+
+def test_kv_get_decodes_entries(stub):
+    entry = {
+        "Key": "a/b",
+        "Value": "aGk=",
+        "Flags": 7,
+        "CreateIndex": 3,
+        "ModifyIndex": 5,
+        "LockIndex": 0,
+        "Session": "",
+    }
+    stub.route = lambda req: stub.json(200, [entry, {**entry, "Key": "a/c", "Value": None}])
+    with Client(stub.url) as c:
+        one = c.kv_get("a/b").value
+        many = c.kv_get("a/", recurse=True).value
+    assert one == KVPair("a/b", b"hi", flags=7, create_index=3, modify_index=5)
+    assert [p.value for p in many] == [b"hi", None]
+    assert one.to_json() == entry
+
+
+def test_kv_put_and_delete_send_cas_and_flags(stub):
+    answers = iter([b"true", b"false", b"true"])
+    stub.route = lambda req: Reply(200, next(answers))
+    with Client(stub.url) as c:
+        assert c.kv_put("k", b"\x00\xff", flags=2) is True
+        assert c.kv_put("k", "text", cas=0) is False
+        assert c.kv_delete("p/", recurse=True) is True
+    put1, put2, delete = stub.seen
+    assert (put1.method, put1.path, put1.query, put1.body) == (
+        "PUT",
+        "/v1/kv/k",
+        {"flags": ["2"]},
+        b"\x00\xff",
+    )
+    assert (put2.query, put2.body) == ({"cas": ["0"]}, b"text")
+    assert (delete.method, delete.query) == ("DELETE", {"recurse": ["true"]})
+
+
+def test_agent_register_sends_the_body_as_is(stub):
+    stub.route = lambda req: Reply(200)
+    body = {"service": {"name": "web", "port": 8080}}["service"]
+    with Client(stub.url) as c:
+        c.agent_service_register(body)
+        c.agent_service_deregister("web/1")
+    reg, dereg = stub.seen
+    assert (reg.method, reg.path, json.loads(reg.body)) == (
+        "PUT",
+        "/v1/agent/service/register",
+        body,
+    )
+    assert (dereg.method, dereg.path) == ("PUT", "/v1/agent/service/deregister/web%2F1")
+
+
+def test_response_is_frozen():
+    r = Response(200, b"[1]")
+    assert r.json() == [1]
+    with pytest.raises(AttributeError):
+        r.status = 500  # type: ignore[misc]
+
+
+def test_client_imports_no_flask():
+    code = (
+        "import sys, proxy.client; "
+        "bad = [m for m in ('flask', 'gunicorn', 'trio') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- against the real server -------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(trellis_server):
+    with Client(trellis_server.url, timeout=10) as c:
+        yield c
+
+
+@pytest.mark.integration
+def test_kv_round_trip(client):
+    assert client.kv_put("client-test/a", b"\x00binary\xff", flags=42) is True
+    assert client.kv_put("client-test/b/c", b"two") is True
+    got = client.kv_get("client-test/a")
+    assert got.value is not None
+    assert (got.value.key, got.value.value, got.value.flags) == (
+        "client-test/a",
+        b"\x00binary\xff",
+        42,
+    )
+    assert got.index is not None and got.index >= got.value.modify_index
+    assert client.kv_get("client-test/a", raw=True).value == b"\x00binary\xff"
+    keys = client.kv_get("client-test/", keys=True, separator="/").value
+    assert keys == ["client-test/a", "client-test/b/"]
+    pairs = client.kv_get("client-test/", recurse=True).value
+    assert [p.key for p in pairs] == ["client-test/a", "client-test/b/c"]
+    assert client.kv_get("client-test/missing").value is None
+    assert client.kv_delete("client-test/", recurse=True) is True
+    assert client.kv_get("client-test/", recurse=True).value == []
+
+
+@pytest.mark.integration
+def test_kv_cas(client):
+    assert client.kv_put("cas-test", b"1", cas=0) is True
+    assert client.kv_put("cas-test", b"2", cas=0) is False
+    idx = client.kv_get("cas-test").value.modify_index
+    assert client.kv_put("cas-test", b"3", cas=idx + 1000) is False
+    assert client.kv_put("cas-test", b"3", cas=idx) is True
+    new = client.kv_get("cas-test").value
+    assert new.value == b"3"
+    assert client.kv_delete("cas-test", cas=idx) is False
+    assert client.kv_delete("cas-test", cas=new.modify_index) is True
+
+
+@pytest.mark.integration
+def test_blocking_kv_read_wakes_on_write(client, trellis_server):
+    client.kv_put("block-test", b"old")
+    first = client.kv_get("block-test")
+
+    def write_later():
+        time.sleep(0.3)
+        with Client(trellis_server.url) as other:
+            other.kv_put("block-test", b"new")
+
+    t = threading.Thread(target=write_later)
+    started = time.monotonic()
+    t.start()
+    second = client.kv_get("block-test", index=first.index, wait="20s")
+    took = time.monotonic() - started
+    t.join()
+    assert second.value.value == b"new"
+    assert second.index > first.index
+    assert 0.2 < took < 10
+
+
+@pytest.mark.integration
+def test_blocking_read_returns_after_wait_without_change(client):
+    client.kv_put("idle-test", b"x")
+    first = client.kv_get("idle-test")
+    started = time.monotonic()
+    again = client.kv_get("idle-test", index=first.index, wait="1s")
+    took = time.monotonic() - started
+    assert again.value.value == b"x"
+    assert again.index == first.index
+    assert 0.9 < took < 1 + 1 / 16 + 3
+
+
+@pytest.mark.integration
+def test_service_register_catalog_health_deregister(client):
+    client.agent_service_register(
+        {"name": "client-web", "id": "client-web-1", "port": 8080, "tags": ["v1"]}
+    )
+    try:
+        assert "client-web-1" in client.agent_services()
+        assert client.catalog_services().value["client-web"] == ["v1"]
+        inst = client.catalog_service("client-web").value
+        assert [(s["ServiceID"], s["ServicePort"]) for s in inst] == [("client-web-1", 8080)]
+        assert client.catalog_service("client-web", tag="nope").value == []
+        health = client.health_service("client-web", passing=True).value
+        assert [h["Service"]["ID"] for h in health] == ["client-web-1"]
+        node = client.catalog_node(inst[0]["Node"]).value
+        assert node is not None and node["Node"]["Node"] == inst[0]["Node"]
+    finally:
+        client.agent_service_deregister("client-web-1")
+    assert "client-web" not in client.catalog_services().value
+    assert client.catalog_node("no-such-node").value is None
+
+
+@pytest.mark.integration
+def test_status_and_self(client):
+    assert isinstance(client.status_leader(), str)
+    assert isinstance(client.status_peers(), list)
+    me = client.agent_self()
+    assert me["Config"]["NodeName"] in [n["Node"] for n in client.catalog_nodes().value]
+
+
+@pytest.mark.integration
+def test_real_server_errors_are_api_errors(client):
+    with pytest.raises(APIError) as ei:
+        client.agent_service_register({"port": 1})  # no name
+    assert ei.value.status == 400
+    assert ei.value.message
