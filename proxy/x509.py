@@ -79,11 +79,13 @@ def generate_key(key_type: str = "ec", bits: int = 256) -> PrivateKey:
     raise PolicyError(f"key type must be ec or rsa, not {key_type!r}")
 
 
-def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm:
+def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return {256: hashes.SHA256(), 384: hashes.SHA384(), 521: hashes.SHA512()}[
-            EC_CURVES[key.curve.name]
-        ]
+        bits = EC_CURVES[key.curve.name]
+        if bits == 384:
+            return hashes.SHA384()
+        if bits == 521:
+            return hashes.SHA512()
     return hashes.SHA256()
 
 
@@ -195,6 +197,7 @@ def check_csr(
         raise PolicyError("the CSR's signature does not verify")
     key = csr.public_key()
     key_type, key_bits = key_description(key)
+    assert isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)  # key_description
     if key_type not in set(allowed_key_types):
         raise PolicyError(f"{key_type} keys are not allowed by the CA configuration")
     try:
