@@ -12,14 +12,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from api.ca.manager import CAManager
+from api.ca.secrets import load_sealer
 from api.errors import TrellisError
 from api.settings import Settings
 from api.store import open_store
 from api.store.base import PASSING, Check, Node, Registration, Store
+
+if TYPE_CHECKING:
+    from api.views.connect_ca import LeafCache
 
 log = logging.getLogger("trellis.api")
 
@@ -31,6 +37,8 @@ class AppServices:
     settings: Settings
     store: Store
     store_kind: str
+    ca: CAManager
+    leaves: LeafCache = field(default_factory=lambda: _leaf_cache())
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -41,6 +49,12 @@ class AppServices:
         self.store.close()
 
 
+def _leaf_cache():
+    from api.views.connect_ca import LeafCache
+
+    return LeafCache()
+
+
 def create_app(settings: Settings, *, store: Store | None = None, background: bool = True) -> Flask:
     app = Flask("trellis")
     app.config["MAX_CONTENT_LENGTH"] = max(settings.http_max_body, settings.kv_max_value_size) + 1
@@ -48,12 +62,19 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     if store is None:
         store = open_store(settings.store_url, **_store_options(settings))
     kind = "postgresql" if settings.store_url.startswith("postgres") else "sqlite"
-    svc = AppServices(settings=settings, store=store, store_kind=kind)
+    sealer = load_sealer(settings.ca_seal_key, settings.data_dir, shared_store=kind != "sqlite")
+    ca = CAManager(
+        store,
+        datacenter=settings.datacenter,
+        sealer=sealer,
+        bootstrap=(settings.ca_provider, settings.ca_config),
+    )
+    svc = AppServices(settings=settings, store=store, store_kind=kind, ca=ca)
     app.extensions["trellis"] = svc
 
-    from api.views import agent, catalog, health, kv, spec, status
+    from api.views import agent, catalog, connect_ca, health, kv, spec, status
 
-    for module in (kv, catalog, health, agent, status, spec):
+    for module in (kv, catalog, health, agent, status, connect_ca, spec):
         app.register_blueprint(module.bp)
 
     _error_handlers(app)
@@ -66,6 +87,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
 
     if settings.register_node:
         register_local_node(store, settings)
+    _init_ca(ca)
     if background:
         store.start_follower()
         t = threading.Thread(
@@ -112,13 +134,32 @@ def register_local_node(store: Store, settings: Settings) -> None:
     store.register(Registration(node=node, checks=(health,)))
 
 
+def _init_ca(ca: CAManager) -> bool:
+    """Make the cluster's first CA root if there is none. A provider that is down (Vault) is
+    not fatal: the CA endpoints answer 503 and the maintenance loop tries again."""
+    try:
+        ca.ensure_initialized()
+        return True
+    except TrellisError as e:
+        log.error("the CA is not initialized: %s", e.message)
+        return False
+
+
 def _maintenance(svc: AppServices) -> None:
-    """Turn TTL checks that were not refreshed critical, about once a ``ttl_check_interval``."""
+    """Background chores, about once a ``ttl_check_interval``: turn TTL checks that were not
+    refreshed critical; set up the CA if its provider was down at start; prune old roots."""
+    ca_ready = svc.ca.initialized()
+    last_prune = 0.0
     while not svc.stop.wait(svc.settings.ttl_check_interval):
         try:
             svc.store.expire_ttl_checks(time.time())
+            if not ca_ready:
+                ca_ready = _init_ca(svc.ca)
+            if time.monotonic() - last_prune > 60:
+                last_prune = time.monotonic()
+                svc.ca.prune()
         except Exception as e:  # keep going: the store may be back on the next round
-            log.warning("TTL check expiry failed: %s", e)
+            log.warning("maintenance: %s", e)
 
 
 def _error_handlers(app: Flask) -> None:

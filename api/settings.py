@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,12 @@ class Settings:
     log_level: str = "info"
     acl_enabled: bool = False
     acl_default_policy: str = "allow"
+    #: The CA provider and its configuration at the cluster's first start (later changes go
+    #: through the API, as in Consul). PascalCase keys, as the API takes them.
+    ca_provider: str = "builtin"
+    ca_config: Mapping[str, Any] = field(default_factory=dict)
+    #: Base64 of 32 bytes: seals CA private keys and the Vault token in the store.
+    ca_seal_key: str = ""
 
     @property
     def store_url(self) -> str:
@@ -150,6 +157,33 @@ _NESTED = {
     ("blocking", "max_wait"): "max_wait",
     ("acl", "enabled"): "acl_enabled",
     ("acl", "default_policy"): "acl_default_policy",
+    ("connect", "ca_provider"): "ca_provider",
+    ("connect", "ca_config"): "ca_config",
+    ("connect", "ca_seal_key"): "ca_seal_key",
+}
+
+#: Consul's snake_case CA settings (config files) and the API's PascalCase names.
+CA_CONFIG_KEYS = {
+    "leaf_cert_ttl": "LeafCertTTL",
+    "intermediate_cert_ttl": "IntermediateCertTTL",
+    "root_cert_ttl": "RootCertTTL",
+    "private_key_type": "PrivateKeyType",
+    "private_key_bits": "PrivateKeyBits",
+    "csr_max_per_second": "CSRMaxPerSecond",
+    "csr_max_concurrent": "CSRMaxConcurrent",
+    "private_key": "PrivateKey",
+    "root_cert": "RootCert",
+    "address": "Address",
+    "token": "Token",
+    "root_pki_path": "RootPKIPath",
+    "intermediate_pki_path": "IntermediatePKIPath",
+    "ca_file": "CAFile",
+    "ca_path": "CAPath",
+    "cert_file": "CertFile",
+    "key_file": "KeyFile",
+    "tls_server_name": "TLSServerName",
+    "tls_skip_verify": "TLSSkipVerify",
+    "namespace": "Namespace",
 }
 
 
@@ -207,6 +241,9 @@ def validate(s: Settings) -> Settings:
         raise ConfigError(
             f"server.worker_class: {s.worker_class!r} is not one of {', '.join(WORKER_CLASSES)}"
         )
+    if not isinstance(s.ca_config, Mapping):
+        raise ConfigError("connect.ca_config must be an object")
+    c["ca_config"] = {CA_CONFIG_KEYS.get(k, k): v for k, v in s.ca_config.items()}
     if s.acl_default_policy not in ("allow", "deny"):
         raise ConfigError("acl.default_policy must be allow or deny")
     if not isinstance(s.domain, str) or not s.domain.strip("."):

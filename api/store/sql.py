@@ -121,6 +121,15 @@ def migrations(blob: str) -> list[tuple[int, list[str]]]:
                 "CREATE INDEX checks_by_service ON checks (service_name)",
             ],
         ),
+        (
+            2,
+            [
+                # Documents of the control plane's own subsystems (the CA's configuration,
+                # roots and sealed keys), written with compare-and-set on modify_index.
+                "CREATE TABLE system (key TEXT PRIMARY KEY, value TEXT NOT NULL,"
+                " create_index BIGINT NOT NULL, modify_index BIGINT NOT NULL)",
+            ],
+        ),
     ]
 
 
@@ -925,3 +934,40 @@ class SQLStore:
             if c is not None:
                 n += 1
         return n
+
+    # -- system documents ----------------------------------------------------------------------
+
+    def system_get(self, key: str) -> tuple[Any, int] | None:
+        """A system document and its modify index, or None."""
+        with self.read() as q:
+            rows = q("SELECT value, modify_index FROM system WHERE key = ?", (key,))
+        return (json.loads(rows[0][0]), int(rows[0][1])) if rows else None
+
+    def system_write(
+        self, puts: dict[str, Any], expect: dict[str, int] | None = None
+    ) -> int | None:
+        """Write (or, with a None value, delete) several documents in one transaction.
+
+        ``expect`` maps keys to the modify index they must still have (0: must not exist);
+        if any differs nothing is written and None is returned. Returns the write's index.
+        Each written key touches topic ``system`` with the key, so blocking reads wake.
+        """
+        with self.write() as tx:
+            for key, want in (expect or {}).items():
+                row = tx.one("SELECT modify_index FROM system WHERE key = ?", (key,))
+                have = int(row[0]) if row else 0
+                if have != want:
+                    return None
+            idx = tx.index
+            for key, value in puts.items():
+                if value is None:
+                    tx.execute("DELETE FROM system WHERE key = ?", (key,))
+                else:
+                    tx.execute(
+                        "INSERT INTO system (key, value, create_index, modify_index)"
+                        " VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                        " value = excluded.value, modify_index = excluded.modify_index",
+                        (key, _dumps(value), idx, idx),
+                    )
+                tx.touch("system", key)
+            return idx

@@ -1,0 +1,653 @@
+"""The CA manager: configuration, roots, signing, rotation and pruning, over any provider.
+
+Theory of operation
+-------------------
+The CA's state is three kinds of system documents in the store, written with compare-and-set
+so that replicas sharing a PostgreSQL store agree on one history:
+
+* ``ca/config``: the provider's name and its configuration; secrets (the Vault token, a custom
+  root's private key) sealed (``api.ca.secrets``). Never returned with a secret in it.
+* ``ca/roots``: the trust domain, the active root's ID, a sequence number that rises on every
+  change, and every trusted root with its public record (certificate, intermediates, the
+  provider's non-secret state, and when it stopped being active).
+* ``ca/keys/<id>``: the built-in provider's sealed private keys.
+
+Signing a CSR: the pure policy (``proxy.x509.check_csr``) decides whether the CSR may be
+signed at all; the active root's provider signs; the leaf goes out with the active root's
+``IntermediateCerts`` (the provider's signing chain, then the cross-signed certificate of the
+new root by the previous one), so peers that still trust only the old root can verify it.
+
+Rotation (``rotate``, a configuration change that touches the root key, or a provider switch):
+pre-flight (can the current provider cross-sign? if not, refuse unless
+``ForceWithoutCrossSigning``), the new provider makes a new root, the current provider
+cross-signs it, and one compare-and-set write makes it active while keeping the old root
+trusted. If anything fails before that write, what the new provider made is cleaned up and
+nothing changes. Old roots are pruned once every leaf they signed has expired: 2 x LeafCertTTL
+after they stopped being active.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+
+from api.ca.builtin import BuiltinProvider
+from api.ca.provider import CAOptions, Provider, ProviderError, RootMaterial
+from api.ca.secrets import Sealer
+from api.errors import BadRequest, Conflict, StoreUnavailable, TooManyRequests, TrellisError
+from api.feed import Watch
+from api.store.base import Store
+from proxy import spiffe
+from proxy import x509 as px
+from proxy.durations import DurationError, format_duration, parse_duration
+
+log = logging.getLogger("trellis.ca")
+
+CONFIG_DOC, ROOTS_DOC, KEY_PREFIX = "ca/config", "ca/roots", "ca/keys/"
+WATCH = Watch("system", prefixes=("ca/",))
+ROOTS_WATCH = Watch("system", exact=(ROOTS_DOC,))
+
+ALIASES = {"consul": "builtin"}
+PROVIDERS = ("builtin", "vault")
+SECRET_FIELDS = ("Token", "PrivateKey")
+DEFAULTS: dict[str, Any] = {
+    "LeafCertTTL": "72h",
+    "IntermediateCertTTL": "8760h",
+    "RootCertTTL": "87600h",
+    "PrivateKeyType": "ec",
+    "PrivateKeyBits": 256,
+    "CSRMaxPerSecond": 50,
+    "CSRMaxConcurrent": 0,
+}
+PROVIDER_FIELDS = {
+    "builtin": {"PrivateKey", "RootCert"},
+    "vault": {
+        "Address",
+        "Token",
+        "RootPKIPath",
+        "IntermediatePKIPath",
+        "CAFile",
+        "CAPath",
+        "CertFile",
+        "KeyFile",
+        "TLSServerName",
+        "TLSSkipVerify",
+        "Namespace",
+        "AuthMethod",
+    },
+}
+#: Fields whose change needs a new root (and so a rotation).
+ROOT_FIELDS = {
+    "builtin": {"PrivateKeyType", "PrivateKeyBits", "PrivateKey", "RootCert"},
+    "vault": {"PrivateKeyType", "PrivateKeyBits", "Address", "RootPKIPath", "IntermediatePKIPath"},
+}
+#: Fields of a root record that are the CA's business, not the API's.
+INTERNAL_FIELDS = ("ProviderState", "ProviderConfig", "RotatedOutAt", "Provider")
+KEY_BITS = {"ec": (256, 384, 521), "rsa": (2048, 3072, 4096)}
+
+
+class CAUnavailable(TrellisError):
+    """The CA cannot serve right now (its provider is down, or it is not set up yet)."""
+
+    status = 503
+    code = "ca_unavailable"
+
+
+@dataclass(frozen=True)
+class SignedLeaf:
+    cert: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    identity: spiffe.ServiceID
+    root_id: str
+
+    @property
+    def cert_pem(self) -> str:
+        return px.cert_pem(self.cert) + "".join(px.cert_pem(c) for c in self.chain)
+
+    @property
+    def serial(self) -> str:
+        return px.serial_hex(self.cert.serial_number)
+
+
+def _ttl(config: Mapping[str, Any], name: str) -> dt.timedelta:
+    return dt.timedelta(seconds=parse_duration(str(config[name])))
+
+
+def _rfc3339(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def validate_config(provider: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a CA configuration body; return it with defaults filled in. BadRequest if bad."""
+    if not isinstance(config, Mapping):
+        raise BadRequest("Config must be an object")
+    known = set(DEFAULTS) | PROVIDER_FIELDS[provider]
+    unknown = set(config) - known
+    if unknown:
+        raise BadRequest(
+            f"unknown field(s) in Config for provider {provider}: {', '.join(sorted(unknown))}"
+        )
+    out = {**DEFAULTS, **config}
+    durations = {}
+    for name in ("LeafCertTTL", "IntermediateCertTTL", "RootCertTTL"):
+        try:
+            durations[name] = parse_duration(str(out[name]))
+        except DurationError as e:
+            raise BadRequest(f"Config.{name}: {e}") from None
+        out[name] = format_duration(durations[name])
+    leaf = durations["LeafCertTTL"]
+    if not 3600 <= leaf <= 8760 * 3600:
+        raise BadRequest("Config.LeafCertTTL must be between 1h and 8760h (one year)")
+    if durations["IntermediateCertTTL"] < 3 * leaf:
+        raise BadRequest("Config.IntermediateCertTTL must be at least 3 x LeafCertTTL")
+    if durations["RootCertTTL"] < durations["IntermediateCertTTL"]:
+        raise BadRequest("Config.RootCertTTL must be at least IntermediateCertTTL")
+    ktype = out["PrivateKeyType"]
+    if ktype not in KEY_BITS:
+        raise BadRequest("Config.PrivateKeyType must be ec or rsa")
+    bits = out["PrivateKeyBits"]
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in KEY_BITS[ktype]:
+        raise BadRequest(
+            f"Config.PrivateKeyBits for {ktype} must be one of"
+            f" {', '.join(map(str, KEY_BITS[ktype]))}"
+        )
+    rate = out["CSRMaxPerSecond"]
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
+        raise BadRequest("Config.CSRMaxPerSecond must be a number >= 0")
+    conc = out["CSRMaxConcurrent"]
+    if isinstance(conc, bool) or not isinstance(conc, int) or conc < 0:
+        raise BadRequest("Config.CSRMaxConcurrent must be a whole number >= 0")
+    for name in PROVIDER_FIELDS[provider] - {"TLSSkipVerify", "AuthMethod"}:
+        if name in out and not isinstance(out[name], str):
+            raise BadRequest(f"Config.{name} must be a string")
+    if "TLSSkipVerify" in out and not isinstance(out["TLSSkipVerify"], bool):
+        raise BadRequest("Config.TLSSkipVerify must be true or false")
+    if provider == "vault":
+        for name in ("Address", "Token"):
+            if not out.get(name):
+                raise BadRequest(f"Config.{name} is required for the vault provider")
+    return out
+
+
+class _Limiter:
+    """CSRMaxPerSecond (token bucket) and CSRMaxConcurrent, per server process, as Consul."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens = 0.0
+        self._last = time.monotonic()
+        self._inflight = 0
+
+    def acquire(self, rate: float, concurrent: int) -> None:
+        with self._lock:
+            if concurrent > 0:
+                if self._inflight >= concurrent:
+                    raise TooManyRequests(
+                        "rate limit reached, try again later", headers={"Retry-After": "1"}
+                    )
+            elif rate > 0:
+                now = time.monotonic()
+                self._tokens = min(rate, self._tokens + (now - self._last) * rate)
+                self._last = now
+                if self._tokens < 1:
+                    wait = max(1, int((1 - self._tokens) / rate + 0.999))
+                    raise TooManyRequests(
+                        "rate limit reached, try again later",
+                        headers={"Retry-After": str(wait)},
+                    )
+                self._tokens -= 1
+            self._inflight += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+
+class CAManager:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        datacenter: str,
+        sealer: Sealer,
+        bootstrap: tuple[str, Mapping[str, Any]] = ("builtin", {}),
+        provider_factory: Callable[[str], Provider] | None = None,
+    ) -> None:
+        self.store = store
+        self.datacenter = datacenter
+        self.sealer = sealer
+        self.bootstrap = bootstrap
+        self._factory = provider_factory or self._default_factory
+        self._lock = threading.RLock()
+        self._limiter = _Limiter()
+        self._cache: tuple[int, dict, int, dict, int] | None = None  # pos, roots, ri, cfg, ci
+        self._providers: dict[tuple[str, int], Provider] = {}
+        self.trust_domain = spiffe.trust_domain_for_cluster(store.cluster_id())
+
+    # -- providers -------------------------------------------------------------------------
+
+    def _default_factory(self, name: str) -> Provider:
+        if name == "builtin":
+            return BuiltinProvider(_StoreKeys(self.store, self.sealer))
+        if name == "vault":
+            from api.ca.vault import VaultProvider
+
+            return VaultProvider()
+        raise BadRequest(f"unknown CA provider {name!r}")
+
+    def _options(self, config: Mapping[str, Any]) -> CAOptions:
+        return CAOptions(
+            trust_domain=self.trust_domain,
+            datacenter=self.datacenter,
+            leaf_ttl=_ttl(config, "LeafCertTTL"),
+            intermediate_ttl=_ttl(config, "IntermediateCertTTL"),
+            root_ttl=_ttl(config, "RootCertTTL"),
+            key_type=config["PrivateKeyType"],
+            key_bits=config["PrivateKeyBits"],
+        )
+
+    def _new_provider(self, name: str, config: Mapping[str, Any]) -> Provider:
+        p = self._factory(name)
+        try:
+            p.configure(self._options(config), config)
+        except ProviderError as e:
+            raise BadRequest(f"CA provider {name}: {e.message}") from None
+        return p
+
+    def _seal(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(config)
+        for f in SECRET_FIELDS:
+            if out.get(f):
+                out[f] = {"Sealed": self.sealer.seal(f"{CONFIG_DOC}/{f}", str(out[f]))}
+        return out
+
+    def _unseal(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(config)
+        for f in SECRET_FIELDS:
+            v = out.get(f)
+            if isinstance(v, dict) and "Sealed" in v:
+                out[f] = self.sealer.open(f"{CONFIG_DOC}/{f}", v["Sealed"])
+        return out
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _state(self) -> tuple[dict, int, dict, int]:
+        """The roots and config documents, re-read only when a CA document changed."""
+        feed = self.store.feed
+        cached = self._cache
+        if cached is not None and not feed.wait(WATCH, cached[0], 0):
+            return cached[1], cached[2], cached[3], cached[4]
+        pos = feed.position()
+        roots = self.store.system_get(ROOTS_DOC)
+        config = self.store.system_get(CONFIG_DOC)
+        if roots is None or config is None:
+            raise CAUnavailable("the CA is not initialized yet")
+        self._cache = (pos, roots[0], roots[1], config[0], config[1])
+        return roots[0], roots[1], config[0], config[1]
+
+    def initialized(self) -> bool:
+        return self.store.system_get(ROOTS_DOC) is not None
+
+    def ensure_initialized(self) -> None:
+        """Make the first root if there is none (once per cluster: CAS decides the race)."""
+        with self._lock:
+            if self.initialized():
+                return
+            name, raw = self.bootstrap
+            name = ALIASES.get(name, name)
+            if name not in PROVIDERS:
+                raise BadRequest(f"unknown CA provider {name!r}")
+            config = validate_config(name, raw)
+            provider = self._new_provider(name, config)
+            material = self._generate(provider)
+            record = self._record(name, material, config, cross=None)
+            roots = {
+                "TrustDomain": self.trust_domain,
+                "ActiveRootID": record["ID"],
+                "Sequence": 1,
+                "Roots": [record],
+            }
+            idx = self.store.system_write(
+                {ROOTS_DOC: roots, CONFIG_DOC: {"Provider": name, "Config": self._seal(config)}},
+                expect={ROOTS_DOC: 0, CONFIG_DOC: 0},
+            )
+            if idx is None:
+                # Another server initialized the CA first; drop ours.
+                self._cleanup(provider, material.state)
+                return
+            log.info("CA initialized: provider %s, root %s", name, record["ID"])
+
+    def _generate(self, provider: Provider) -> RootMaterial:
+        try:
+            return provider.generate_root()
+        except ProviderError as e:
+            raise CAUnavailable(
+                f"CA provider {provider.name} could not make a root: {e.message}"
+                + (" (will retry)" if e.retryable else "")
+            ) from None
+
+    def _cleanup(self, provider: Provider, state: Mapping[str, Any]) -> None:
+        try:
+            provider.cleanup(state)
+        except ProviderError as e:
+            log.warning("CA provider %s cleanup failed: %s", provider.name, e.message)
+
+    def _record(
+        self,
+        provider: str,
+        material: RootMaterial,
+        config: Mapping[str, Any],
+        cross: x509.Certificate | None,
+    ) -> dict[str, Any]:
+        cert = material.cert
+        ski = px.key_id(cert.public_key())  # type: ignore[arg-type]
+        signer = material.signing_chain[0] if material.signing_chain else cert
+        key_type, key_bits = px.key_description(cert.public_key())
+        intermediates = [px.cert_pem(c) for c in material.signing_chain]
+        if cross is not None:
+            intermediates.append(px.cert_pem(cross))
+        cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return {
+            "ID": px.colon_hex(ski),
+            "Name": str(cn[0].value) if cn else "Trellis CA",
+            "SerialNumber": px.serial_hex(cert.serial_number),
+            "SigningKeyID": px.colon_hex(px.key_id(signer.public_key())),  # type: ignore[arg-type]
+            "NotBefore": _rfc3339(cert.not_valid_before_utc),
+            "NotAfter": _rfc3339(cert.not_valid_after_utc),
+            "RootCert": px.cert_pem(cert),
+            "IntermediateCerts": intermediates,
+            "PrivateKeyType": key_type,
+            "PrivateKeyBits": key_bits,
+            "Provider": provider,
+            "ProviderState": dict(material.state),
+            # The configuration this root was made with (secrets sealed), so that the root
+            # can be cleaned up after a provider switch made the current config another one.
+            "ProviderConfig": self._seal(config),
+            "RotatedOutAt": None,
+        }
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def roots_view(self) -> tuple[dict, int]:
+        """``/v1/connect/ca/roots``: every trusted root, the active one marked."""
+        roots, idx, _, _ = self._state()
+        out = []
+        for r in roots["Roots"]:
+            rec = {k: v for k, v in r.items() if k not in INTERNAL_FIELDS}
+            rec["Active"] = r["ID"] == roots["ActiveRootID"]
+            rec["ExternalTrustDomain"] = roots["TrustDomain"]
+            rec["CreateIndex"] = idx
+            rec["ModifyIndex"] = idx
+            out.append(rec)
+        return {
+            "ActiveRootID": roots["ActiveRootID"],
+            "TrustDomain": roots["TrustDomain"],
+            "Sequence": roots["Sequence"],
+            "Roots": out,
+        }, idx
+
+    def root_certs(self) -> list[x509.Certificate]:
+        roots, _, _, _ = self._state()
+        return [px.load_certs(r["RootCert"])[0] for r in roots["Roots"]]
+
+    def config_view(self) -> tuple[dict, int]:
+        """The configuration with every secret removed, whoever asks (CVE-2020-28053)."""
+        _, _, config, idx = self._state()
+        public = {k: v for k, v in config["Config"].items() if k not in SECRET_FIELDS}
+        return {
+            "Provider": config["Provider"],
+            "Config": public,
+            "State": None,
+            "ForceWithoutCrossSigning": False,
+            "CreateIndex": idx,
+            "ModifyIndex": idx,
+        }, idx
+
+    def leaf_ttl(self) -> dt.timedelta:
+        _, _, config, _ = self._state()
+        return _ttl(config["Config"], "LeafCertTTL")
+
+    # -- signing -------------------------------------------------------------------------------
+
+    def _active_provider(
+        self, roots: dict, config: dict, config_index: int
+    ) -> tuple[Provider, dict]:
+        active = next(r for r in roots["Roots"] if r["ID"] == roots["ActiveRootID"])
+        key = (active["ID"], config_index)
+        with self._lock:
+            p = self._providers.get(key)
+            if p is None:
+                cfg = self._unseal(config["Config"])
+                p = self._new_provider(active["Provider"], cfg)
+                try:
+                    p.load_root(px.load_certs(active["RootCert"])[0], active["ProviderState"])
+                except ProviderError as e:
+                    raise CAUnavailable(f"CA provider {p.name}: {e.message}") from None
+                self._providers = {key: p}
+        return p, active
+
+    def sign_csr(self, csr_pem: str, may_sign: Callable[[str], bool]) -> SignedLeaf:
+        """Sign a CSR for a service the caller may write. BadRequest for a CSR the policy
+        refuses, TooManyRequests over the configured rate, CAUnavailable if the provider is
+        down."""
+        roots, _, config, cidx = self._state()
+        cfg = config["Config"]
+        self._limiter.acquire(float(cfg["CSRMaxPerSecond"]), int(cfg["CSRMaxConcurrent"]))
+        try:
+            try:
+                csr = px.load_csr(csr_pem)
+                info = px.check_csr(
+                    csr,
+                    trust_domain=self.trust_domain,
+                    datacenter=self.datacenter,
+                    may_sign=may_sign,
+                )
+            except px.PolicyError as e:
+                raise BadRequest(f"CSR refused: {e}") from None
+            provider, active = self._active_provider(roots, config, cidx)
+            try:
+                leaf, chain = provider.sign_leaf(csr_pem, info, _ttl(cfg, "LeafCertTTL"))
+            except ProviderError as e:
+                raise CAUnavailable(
+                    f"CA provider {provider.name} could not sign: {e.message}"
+                ) from None
+            # Defence in depth: whatever the provider returned must be the leaf we asked for.
+            got = px.leaf_identity(leaf)
+            if got != info.identity:
+                raise CAUnavailable("the CA provider returned a certificate for another identity")
+            extra = tuple(
+                c
+                for pem in active["IntermediateCerts"]
+                for c in px.load_certs(pem)
+                if px.fingerprint(c) not in {px.fingerprint(x) for x in chain}
+            )
+            return SignedLeaf(leaf, tuple(chain) + extra, info.identity, active["ID"])
+        finally:
+            self._limiter.release()
+
+    # -- configuration and rotation ---------------------------------------------------------------
+
+    def set_config(self, body: Mapping[str, Any]) -> None:
+        """``PUT /v1/connect/ca/configuration``: rotate if the change needs a new root."""
+        if not isinstance(body, Mapping):
+            raise BadRequest("request body must be a JSON object")
+        unknown = set(body) - {"Provider", "Config", "ForceWithoutCrossSigning", "State"}
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        name = body.get("Provider")
+        if not isinstance(name, str) or not name:
+            raise BadRequest("Provider is required")
+        name = ALIASES.get(name, name)
+        if name not in PROVIDERS:
+            raise BadRequest(f"Provider must be builtin (alias consul) or vault, not {name!r}")
+        force = body.get("ForceWithoutCrossSigning", False)
+        if not isinstance(force, bool):
+            raise BadRequest("ForceWithoutCrossSigning must be true or false")
+        raw = body.get("Config") or {}
+        with self._lock:
+            self.ensure_initialized()
+            roots, ridx, config, cidx = self._state()
+            old_name = config["Provider"]
+            old_cfg = self._unseal(config["Config"])
+            if name == old_name and name == "vault" and "Token" not in raw:
+                raw = {**raw, "Token": old_cfg.get("Token")}  # keep the token if not resent
+            new_cfg = validate_config(name, raw)
+            rotate = name != old_name or any(
+                new_cfg.get(f) != old_cfg.get(f) for f in ROOT_FIELDS[name]
+            )
+            if not rotate:
+                # TTLs and limits: no new root. Check the provider takes the new settings.
+                self._new_provider(name, new_cfg)
+                if (
+                    self.store.system_write(
+                        {CONFIG_DOC: {"Provider": name, "Config": self._seal(new_cfg)}},
+                        expect={CONFIG_DOC: cidx},
+                    )
+                    is None
+                ):
+                    raise Conflict("the CA configuration changed meanwhile; read it and retry")
+                return
+            self._rotate(
+                name, new_cfg, force=force, roots=roots, ridx=ridx, cidx=cidx, config=config
+            )
+
+    def rotate(self, *, force: bool = False) -> None:
+        """Make a new root with the current configuration (``trellis ca rotate``)."""
+        with self._lock:
+            self.ensure_initialized()
+            roots, ridx, config, cidx = self._state()
+            cfg = self._unseal(config["Config"])
+            self._rotate(
+                config["Provider"],
+                cfg,
+                force=force,
+                roots=roots,
+                ridx=ridx,
+                cidx=cidx,
+                config=config,
+            )
+
+    def _rotate(
+        self,
+        name: str,
+        new_cfg: dict[str, Any],
+        *,
+        force: bool,
+        roots: dict,
+        ridx: int,
+        cidx: int,
+        config: dict,
+    ) -> None:
+        old_provider, _active = self._active_provider(roots, config, cidx)
+        if not force and not old_provider.supports_cross_signing():
+            raise BadRequest(
+                f"the current CA provider ({old_provider.name}) cannot cross-sign a new root;"
+                " set ForceWithoutCrossSigning to rotate anyway (existing connections keep"
+                " working, but peers must fetch the new root before they trust new leaves)"
+            )
+        new_provider = self._new_provider(name, new_cfg)
+        material = self._generate(new_provider)
+        try:
+            cross = None
+            try:
+                cross = old_provider.cross_sign(material.cert)
+            except ProviderError as e:
+                if not force:
+                    raise BadRequest(
+                        f"the current CA provider could not cross-sign the new root: {e.message};"
+                        " set ForceWithoutCrossSigning to rotate anyway"
+                    ) from None
+            record = self._record(name, material, new_cfg, cross)
+            now = time.time()
+            kept = []
+            for r in roots["Roots"]:
+                r = dict(r)
+                if r["ID"] == roots["ActiveRootID"]:
+                    r["RotatedOutAt"] = now
+                kept.append(r)
+            if any(r["ID"] == record["ID"] for r in kept):
+                raise BadRequest("the new root is the same as a trusted one (same key)")
+            new_roots = {
+                "TrustDomain": roots["TrustDomain"],
+                "ActiveRootID": record["ID"],
+                "Sequence": roots["Sequence"] + 1,
+                "Roots": [*kept, record],
+            }
+            idx = self.store.system_write(
+                {
+                    ROOTS_DOC: new_roots,
+                    CONFIG_DOC: {"Provider": name, "Config": self._seal(new_cfg)},
+                },
+                expect={ROOTS_DOC: ridx, CONFIG_DOC: cidx},
+            )
+            if idx is None:
+                raise Conflict("the CA changed meanwhile (another rotation?); retry")
+        except BaseException:
+            self._cleanup(new_provider, material.state)
+            raise
+        log.info("CA root rotated: %s is now active (provider %s)", record["ID"], name)
+
+    def prune(self, now: float | None = None) -> int:
+        """Drop roots whose every leaf has expired (2 x LeafCertTTL after rotation)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            try:
+                roots, ridx, config, _cidx = self._state()
+            except CAUnavailable:
+                return 0
+            grace = 2 * _ttl(config["Config"], "LeafCertTTL").total_seconds()
+            dead = [
+                r
+                for r in roots["Roots"]
+                if r["ID"] != roots["ActiveRootID"]
+                and r.get("RotatedOutAt") is not None
+                and now >= r["RotatedOutAt"] + grace
+            ]
+            if not dead:
+                return 0
+            ids = {r["ID"] for r in dead}
+            new_roots = {
+                **roots,
+                "Sequence": roots["Sequence"] + 1,
+                "Roots": [r for r in roots["Roots"] if r["ID"] not in ids],
+            }
+            if self.store.system_write({ROOTS_DOC: new_roots}, expect={ROOTS_DOC: ridx}) is None:
+                return 0
+            for r in dead:
+                try:
+                    p = self._new_provider(r["Provider"], self._unseal(r["ProviderConfig"]))
+                    self._cleanup(p, r["ProviderState"])
+                except (BadRequest, ProviderError) as e:
+                    log.warning("cleanup of pruned root %s failed: %s", r["ID"], e)
+            log.info("pruned %d expired CA root(s)", len(dead))
+            return len(dead)
+
+
+class _StoreKeys:
+    """The built-in provider's key store: sealed documents ``ca/keys/<id>``."""
+
+    def __init__(self, store: Store, sealer: Sealer) -> None:
+        self.store = store
+        self.sealer = sealer
+
+    def put_key(self, key_id: str, pem: str) -> None:
+        name = KEY_PREFIX + key_id
+        if self.store.system_write({name: {"Sealed": self.sealer.seal(name, pem)}}) is None:
+            raise StoreUnavailable("could not store the CA key")
+
+    def get_key(self, key_id: str) -> str:
+        name = KEY_PREFIX + key_id
+        doc = self.store.system_get(name)
+        if doc is None:
+            raise ProviderError(f"CA key {key_id} is missing from the store")
+        return self.sealer.open(name, doc[0]["Sealed"])
+
+    def delete_key(self, key_id: str) -> None:
+        self.store.system_write({KEY_PREFIX + key_id: None})
