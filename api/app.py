@@ -39,6 +39,8 @@ class AppServices:
     store_kind: str
     ca: CAManager
     leaves: LeafCache = field(default_factory=lambda: _leaf_cache())
+    #: Results of blocking reads, shared by the queries one write wakes (see api.http).
+    shared_reads: dict = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
 

