@@ -20,8 +20,10 @@ MAX_ID_BYTES = 2048
 MAX_TRUST_DOMAIN_BYTES = 255
 DEFAULT_NAMESPACE = "default"
 
-_TD = re.compile(r"^[a-z0-9._-]+$")
-_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+# Used with ``fullmatch`` only: ``$`` also matches before a trailing newline, so ``match``
+# with ``^...$`` let ``spiffe://td\n`` and ``.../svc/web\n`` through (fix: tests/test_spiffe.py).
+_TD = re.compile(r"[a-z0-9._-]+")
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class SpiffeIDError(ValueError):
@@ -82,12 +84,16 @@ def parse(text: str) -> SpiffeID:
         raise SpiffeIDError("the trust domain has no user info")
     if ":" in authority:
         raise SpiffeIDError("the trust domain has no port")
+    if not authority.isascii():
+        # Checked before lower-casing: str.lower() maps some non-ASCII letters to ASCII
+        # (KELVIN SIGN U+212A -> "k"), which would smuggle them past the character rule.
+        raise SpiffeIDError("the trust domain may hold only letters, digits, '.', '-' and '_'")
     td = authority.lower()
     if not td:
         raise SpiffeIDError("the trust domain is empty")
     if len(td.encode()) > MAX_TRUST_DOMAIN_BYTES:
         raise SpiffeIDError(f"the trust domain may be at most {MAX_TRUST_DOMAIN_BYTES} bytes")
-    if not _TD.match(td):
+    if not _TD.fullmatch(td):
         raise SpiffeIDError("the trust domain may hold only letters, digits, '.', '-' and '_'")
     if not slash:
         return SpiffeID(td, "")
@@ -98,7 +104,7 @@ def parse(text: str) -> SpiffeID:
             raise SpiffeIDError("the path has an empty segment or ends with '/'")
         if seg in (".", ".."):
             raise SpiffeIDError("the path has a '.' or '..' segment")
-        if not _SEGMENT.match(seg):
+        if not _SEGMENT.fullmatch(seg):
             raise SpiffeIDError(
                 f"path segment {seg!r} may hold only letters, digits, '.', '-' and '_'"
             )
@@ -119,7 +125,8 @@ def service_id(
 ) -> ServiceID:
     """Build a service identity, checking every part so that formatting never yields an ID
     that ``parse_service`` would refuse."""
-    sid = ServiceID(trust_domain.lower(), namespace, datacenter, service)
+    # The trust domain goes through the parser, not str.lower(): "\u212atd".lower() is "ktd".
+    sid = ServiceID(signing_id(trust_domain).trust_domain, namespace, datacenter, service)
     parsed = parse_service(sid.uri)
     if parsed != sid:
         raise SpiffeIDError(f"cannot form a service identity from {service!r}")
@@ -129,11 +136,15 @@ def service_id(
 def signing_id(trust_domain: str) -> SpiffeID:
     """The CA's identity: the trust domain with no path."""
     sid = parse(f"spiffe://{trust_domain}")
+    if sid.path:
+        # "spiffe://td/x" parses, but a trust domain holding "/" is not a trust domain, and
+        # the signing ID MUST have no path (X509-SVID); refuse rather than return a path.
+        raise SpiffeIDError(f"{trust_domain!r} is not a trust domain (it has a path)")
     return sid
 
 
 def trust_domain_for_cluster(cluster_id: str) -> str:
     """``<cluster-id>.trellis``: a UUID keeps trust domains of different clusters apart."""
-    td = f"{cluster_id.lower()}.trellis"
-    parse(f"spiffe://{td}")
-    return td
+    # Parse the name as given (not pre-lowered: str.lower() maps some non-ASCII letters to
+    # ASCII) and refuse a path: "abc/def" used to yield the "trust domain" "abc/def.trellis".
+    return signing_id(f"{cluster_id}.trellis").trust_domain

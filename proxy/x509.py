@@ -256,6 +256,24 @@ def _now(now: dt.datetime | None) -> dt.datetime:
     return (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
 
 
+def _authority_key_id(
+    issuer: x509.Certificate | None, issuer_public: object
+) -> x509.AuthorityKeyIdentifier:
+    """The AKI of a certificate signed by ``issuer``: the issuer's own SKI when it has one.
+
+    Fix (tests/test_x509.py): the AKI used to be recomputed from the issuer's public key
+    (SHA-1, RFC 5280 method 1). An imported custom root whose SKI was made another way then
+    got leaves whose AKI matched no issuer, and OpenSSL (``openssl verify``, Python's ssl)
+    refused them: "unable to get local issuer certificate"."""
+    if issuer is not None:
+        try:
+            ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        except x509.ExtensionNotFound:
+            pass
+    return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public)  # type: ignore[arg-type]
+
+
 #: Leaves and CA certificates are back-dated a little to absorb clock skew between hosts.
 BACKDATE = dt.timedelta(minutes=1)
 
@@ -306,10 +324,7 @@ def build_leaf(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(info.public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
+        .add_extension(_authority_key_id(issuer, issuer.public_key()), critical=False)
         .sign(issuer_key, _hash_for(issuer_key))
     )
 
@@ -325,22 +340,34 @@ def build_ca(
     now: dt.datetime | None = None,
     path_length: int | None = None,
     serial: int | None = None,
+    subject: x509.Name | None = None,
+    subject_key_id: x509.SubjectKeyIdentifier | None = None,
 ) -> x509.Certificate:
     """A CA certificate: self-signed when ``signer`` is None (a root), else signed by it (an
     intermediate, or a cross-signed root). Its one URI SAN is the trust domain's signing ID,
-    with no path, as the X509-SVID spec asks of signing certificates."""
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Trellis"),
-        ]
-    )
+    with no path, as the X509-SVID spec asks of signing certificates.
+
+    ``subject`` and ``subject_key_id`` (default: ``CN=<common_name>, O=Trellis`` and the SKI
+    computed from the key) let ``cross_sign`` copy an existing root's name and SKI."""
+    if subject is None:
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Trellis"),
+            ]
+        )
     start = _now(now) - BACKDATE
     end = _now(now) + ttl
     if signer is not None:
         end = min(end, signer.not_valid_after_utc)
     issuer_name = signer.subject if signer is not None else subject
     issuer_public = signer.public_key() if signer is not None else public_key
+    ski = subject_key_id or x509.SubjectKeyIdentifier.from_public_key(public_key)
+    aki = (
+        _authority_key_id(signer, issuer_public)
+        if signer is not None
+        else x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    )
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -370,11 +397,8 @@ def build_ca(
             ),
             critical=False,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public),  # type: ignore[arg-type]
-            critical=False,
-        )
+        .add_extension(ski, critical=False)
+        .add_extension(aki, critical=False)
         .sign(signer_key, _hash_for(signer_key))
     )
 
@@ -391,7 +415,19 @@ def cross_sign(
     the old root can still build a path to a leaf issued under the new one."""
     cn = new_root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     name = str(cn[0].value) if cn else "Trellis CA"
+    # Fix (tests/test_x509.py): the cross-signed certificate must carry the new root's exact
+    # subject and SKI, or leaves of the new root (issuer = that subject, AKI = that SKI) find
+    # no path through it. Rebuilding "CN=<cn>, O=Trellis" broke rotation to an imported root
+    # whose subject or SKI differs from what build_ca would have made.
+    try:
+        ski: x509.SubjectKeyIdentifier | None = new_root.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier
+        ).value
+    except x509.ExtensionNotFound:
+        ski = None
     return build_ca(
+        subject=new_root.subject,
+        subject_key_id=ski,
         public_key=new_root.public_key(),  # type: ignore[arg-type]
         trust_domain=trust_domain,
         common_name=name,
