@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Response, current_app, request
 
-from api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from api.errors import BadRequest, PayloadTooLarge
 from api.feed import Watch
 from proxy.durations import DurationError, parse_duration
 
@@ -87,16 +87,9 @@ def json_body(*, required: bool = True, allow_list: bool = False) -> Any:
         if required:
             raise BadRequest("request body is empty; expected a JSON object")
         return None
-    ctype = request.mimetype
-    if (
-        ctype
-        and ctype not in ("application/json", "text/plain", "application/octet-stream")
-        and ("json" not in ctype)
-    ):
-        # Consul clients send JSON with assorted content types (or none); only refuse the
-        # ones that are clearly something else, such as form posts.
-        if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            raise UnsupportedMediaType(f"expected a JSON body, got {ctype}")
+    # The Content-Type is not checked: Consul ignores it, and so do its users' scripts
+    # (``curl -d @service.json`` sends application/x-www-form-urlencoded). The body must
+    # parse as JSON whatever it claims to be.
     try:
         # NaN and Infinity are not JSON (RFC 8259); Python accepts them, stores them, and then
         # writes responses no JSON client can parse. Refuse them here.

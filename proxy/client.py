@@ -430,6 +430,37 @@ class Client:
         )
         return Indexed(_expect(r, list), r.index)
 
+    # -- Connect CA ----------------------------------------------------------------------------
+
+    def ca_roots(
+        self, *, index: int | None = None, wait: float | str | None = None
+    ) -> Indexed[dict[str, Any]]:
+        """The trusted roots (``ActiveRootID``, ``TrustDomain``, ``Sequence``, ``Roots``)."""
+        r = self.request("GET", "/v1/connect/ca/roots", index=index, wait=wait)
+        return Indexed(_expect(r, dict), r.index)
+
+    def ca_roots_pem(self) -> str:
+        """The trusted roots' certificates as one PEM bundle."""
+        return self.request("GET", "/v1/connect/ca/roots", params={"pem": True}).text
+
+    def ca_get_config(self) -> dict[str, Any]:
+        """The CA provider and its configuration (secrets are never returned)."""
+        return _expect(self.request("GET", "/v1/connect/ca/configuration"), dict)
+
+    def ca_set_config(self, body: Mapping[str, Any]) -> None:
+        """Replace the CA configuration (``Provider``, ``Config``, ``ForceWithoutCrossSigning``);
+        a change of the root key rotates the root."""
+        self.request("PUT", "/v1/connect/ca/configuration", json=dict(body))
+
+    def ca_rotate(self, *, force_without_cross_signing: bool = False) -> dict[str, Any]:
+        """Make a new active root; returns the roots after the rotation."""
+        body = {"ForceWithoutCrossSigning": True} if force_without_cross_signing else {}
+        return _expect(self.request("POST", "/v1/connect/ca/rotate", json=body), dict)
+
+    def ca_sign(self, csr_pem: str) -> dict[str, Any]:
+        """Have the CA sign a CSR; returns the ``IssuedCert`` (``CertPEM``: leaf, then chain)."""
+        return _expect(self.request("POST", "/v1/connect/ca/sign", json={"CSR": csr_pem}), dict)
+
     # -- status --------------------------------------------------------------------------------
 
     def status_leader(self) -> str:

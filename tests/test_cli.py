@@ -77,6 +77,7 @@ TOP_HELP = """\
 Usage: trellis [--version] [--help] <command> [<args>]
 
 Available commands are:
+    ca          Interact with the Connect certificate authority (CA)
     catalog     Interact with the catalog
     dev         Run a server and a node agent on this machine, for development
     info        Provides debugging information for operators

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from flask import Flask, Response
 from openapi_spec_validator import OpenAPIV31SpecValidator
+from werkzeug.routing import PathConverter
 
 from tests import openapi_check
 from tests.openapi_check import (
@@ -45,10 +46,9 @@ def flask_operations(app: Flask) -> tuple[set[tuple[str, str]], dict[str, set[st
         if rule.endpoint == "static":
             continue
         path = re.sub(r"<(?:[a-z_]+:)?([A-Za-z_][A-Za-z0-9_]*)>", r"{\1}", rule.rule)
+        # isinstance: the K/V key's converter is a PathConverter subclass (api/views/kv.py).
         greedy[path] = {
-            name
-            for name, conv in rule._converters.items()
-            if type(conv).__name__ == "PathConverter"
+            name for name, conv in rule._converters.items() if isinstance(conv, PathConverter)
         }
         for method in rule.methods or ():
             if method not in ("HEAD", "OPTIONS"):
@@ -316,6 +316,16 @@ def ok(resp, status=200):
     return resp
 
 
+def service_csr(trust_domain: str, service: str) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from proxy import spiffe
+    from proxy import x509 as px
+
+    ident = spiffe.service_id(trust_domain, "dc1", service)
+    return px.build_csr(px.generate_key(), ident).public_bytes(Encoding.PEM).decode()
+
+
 def test_smoke_walk_every_endpoint(app_client):
     c = app_client
 
@@ -409,6 +419,18 @@ def test_smoke_walk_every_endpoint(app_client):
     ok(c.get("/v1/status/peers"))
     ok(c.get("/v1/openapi.yaml"))
 
+    # ---- the Connect CA
+    roots = ok(c.get("/v1/connect/ca/roots")).json
+    ok(c.get("/v1/agent/connect/ca/roots?index=1&wait=10ms"))
+    pem = ok(c.get("/v1/connect/ca/roots?pem=true"))
+    assert pem.mimetype == "application/pem-certificate-chain"
+    ok(c.get("/v1/connect/ca/configuration"))
+    ttl_only = {"Provider": "consul", "Config": {"LeafCertTTL": "24h"}}
+    assert ok(c.put("/v1/connect/ca/configuration", json=ttl_only)).json is True
+    ok(c.post("/v1/connect/ca/sign", json={"CSR": service_csr(roots["TrustDomain"], "web")}))
+    ok(c.get("/v1/agent/connect/ca/leaf/web"))
+    assert len(ok(c.post("/v1/connect/ca/rotate")).json["Roots"]) == 2
+
     # ---- deletes and deregistrations
     assert ok(c.delete("/v1/kv/config/web/name?cas=1")).json is False
     assert ok(c.delete("/v1/kv/config/web/name")).json is True
@@ -452,6 +474,9 @@ def test_smoke_walk_every_endpoint(app_client):
     ok(c.put("/v1/kv/big", data=b"x" * (512 * 1024 + 1)), 413)
     ok(c.put("/v1/agent/service/register", data=b"x" * (2 * 1024 * 1024)), 413)
     ok(c.put("/v1/agent/service/register", data={"Name": "web"}), 415)
+    ok(c.post("/v1/connect/ca/sign", json={"CSR": "not a CSR"}), 400)
+    ok(c.put("/v1/connect/ca/configuration", json={"Provider": "nope"}), 400)
+    ok(c.get("/v1/agent/connect/ca/leaf/-web"), 400)
     ok(c.options("/v1/kv/k"))  # answered by Flask itself; not checked
 
     # ---- every operation of the spec answered 2xx at least once, every GET 200

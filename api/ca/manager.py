@@ -181,7 +181,9 @@ class _Limiter:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._tokens = 0.0
+        # Fix: the bucket starts full, as Go's rate.Limiter (Consul's) does. It started empty,
+        # so the first CSRs after a server started were refused with a 429.
+        self._tokens = float("inf")
         self._last = time.monotonic()
         self._inflight = 0
 
@@ -194,7 +196,8 @@ class _Limiter:
                     )
             elif rate > 0:
                 now = time.monotonic()
-                self._tokens = min(rate, self._tokens + (now - self._last) * rate)
+                # Fix: room for at least one token, or a rate below 1/s (0.5) never signs.
+                self._tokens = min(max(rate, 1.0), self._tokens + (now - self._last) * rate)
                 self._last = now
                 if self._tokens < 1:
                     wait = max(1, int((1 - self._tokens) / rate + 0.999))
@@ -490,7 +493,12 @@ class CAManager:
         force = body.get("ForceWithoutCrossSigning", False)
         if not isinstance(force, bool):
             raise BadRequest("ForceWithoutCrossSigning must be true or false")
-        raw = body.get("Config") or {}
+        # Fix: ``or {}`` took a falsy non-object (``[]``, ``""``, ``0``) for "no Config".
+        raw = body.get("Config")
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise BadRequest("Config must be an object")
         with self._lock:
             self.ensure_initialized()
             roots, ridx, config, cidx = self._state()

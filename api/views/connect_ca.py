@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Response
 
-from api.ca.manager import ROOTS_WATCH, CAManager, SignedLeaf, _rfc3339
+from api.ca.manager import ROOTS_WATCH, WATCH, CAManager, SignedLeaf, _rfc3339
 from api.catalog import valid_name
 from api.errors import BadRequest
 from api.http import (
@@ -54,7 +54,9 @@ def agent_roots():
 
 @bp.get("/v1/connect/ca/configuration")
 def get_configuration():
-    data, index = blocking(ROOTS_WATCH, ca().config_view)
+    # Fix: watch every CA document (WATCH), not only the roots: a TTL-only change writes
+    # ca/config alone, and a blocking read of the configuration slept through it.
+    data, index = blocking(WATCH, ca().config_view)
     return json_response(data, index=index)
 
 
