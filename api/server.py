@@ -34,6 +34,8 @@ log = logging.getLogger("trellis.server")
 
 
 def _fail(message: str) -> int:
+    # One line, whatever the cause: driver errors (psycopg's) carry hints on further lines.
+    message = " ".join(message.split())
     print(f"Error: {message}", file=sys.stderr, flush=True)
     return 1
 
@@ -115,6 +117,19 @@ def serve(settings: Settings) -> int:
         store.close()
     except (StoreUnavailable, ConfigError) as e:
         return _fail(f"cannot open the store {_redact(settings.store_url)}: {e}")
+    # The CA seal key, also in the master: a missing key (PostgreSQL) is a configuration error
+    # to refuse here, not a traceback in every worker; and a SQLite server's generated key is
+    # made once, before the workers race to make it.
+    from api.ca.secrets import load_sealer
+
+    try:
+        load_sealer(
+            settings.ca_seal_key,
+            settings.data_dir,
+            shared_store=not settings.store_url.startswith("sqlite"),
+        )
+    except ConfigError as e:
+        return _fail(f"invalid configuration: {e}")
 
     try:
         http = bind_http(settings.http_host, settings.http_port)
@@ -128,7 +143,10 @@ def serve(settings: Settings) -> int:
             dns_socks = bind_dns_sockets(settings.dns_host, settings.dns_port)
         except OSError as e:
             http.close()
-            return _fail(f"cannot listen for DNS on {settings.dns_host}:{settings.dns_port}: {e}")
+            # bind_dns_sockets' message names the protocol, the address and the reason
+            # ("DNS: cannot bind UDP 127.0.0.1:8600 (Address already in use)"); str(e) would
+            # wrap it in "[Errno 98]" and repeat the address.
+            return _fail(e.strerror if isinstance(e.strerror, str) else str(e))
         for s in dns_socks:
             s.set_inheritable(True)
 
@@ -140,24 +158,35 @@ def serve(settings: Settings) -> int:
         f"      Datacenter: {settings.datacenter}",
         f"           Store: {_redact(settings.store_url)}",
         f"        HTTP API: {http_url}",
-        f"             DNS: "
+        "             DNS: "
         + (
             f"{_addr(dns_socks[0])} (UDP and TCP), domain {settings.domain_fqdn}"
             if dns_socks
             else "disabled"
         ),
         f"         Workers: {settings.workers} x {settings.worker_class}",
-        f"            ACLs: {'enabled, default ' + settings.acl_default_policy if settings.acl_enabled else 'disabled'}",
+        "            ACLs: "
+        + (
+            f"enabled, default {settings.acl_default_policy}"
+            if settings.acl_enabled
+            else "disabled"
+        ),
         "",
         "==> Log data will now stream in as it occurs:",
     ]
     print("\n".join(lines), flush=True)
 
     app = TrellisGunicorn(settings, http, dns_socks)
+    from gunicorn.errors import HaltServer
+
     try:
         app.run()
     except SystemExit as e:
         return int(e.code or 0)
+    except HaltServer as e:
+        # gunicorn raises this past run() when a second worker fails while it is already
+        # halting for the first (e.g. every worker failed to boot); its log says why.
+        return _fail(f"the server stopped: {e.reason}")
     return 0
 
 
@@ -170,6 +199,26 @@ def _redact(url: str) -> str:
         netloc = parts.netloc.replace(f":{parts.password}@", ":****@")
         return urlunsplit(parts._replace(netloc=netloc))
     return url
+
+
+def _cooperative_psycopg() -> None:
+    """Make psycopg wait on its sockets in a way gevent can switch away from.
+
+    psycopg chooses its wait function once, when ``psycopg.waiting`` is imported. The master
+    imports it (it opens the store before forking), before the gevent worker monkey-patches
+    the process, so a worker inherits the C ``poll()`` wait, which blocks the whole gevent hub:
+    the PostgreSQL follower parked in LISTEN, or any query, would freeze every request of the
+    worker. Once gevent has patched ``select``, switch to psycopg's Python ``poll()`` wait and
+    the (now patched) default selector, which is what psycopg picks when imported under gevent.
+    """
+    waiting = sys.modules.get("psycopg.waiting")
+    monkey = sys.modules.get("gevent.monkey")
+    if waiting is None or monkey is None or not monkey.is_module_patched("select"):
+        return
+    import selectors
+
+    waiting.wait = waiting.wait_poll
+    waiting.DefaultSelector = selectors.DefaultSelector
 
 
 def _gunicorn_base():
@@ -223,6 +272,7 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
         # Runs in each worker, after the fork (and after gevent has monkey-patched it).
         from api.app import create_app
 
+        _cooperative_psycopg()
         return create_app(self.settings)
 
     def _post_worker_init(self, worker) -> None:
@@ -232,7 +282,13 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
 
         app = worker.wsgi
         store = app.extensions["trellis"].store
-        udp, tcp = self.dns_socks
+        # The sockets were made in the master, before the gevent worker monkey-patched this
+        # process: a plain socket's blocking recvfrom()/accept() would stall the whole gevent
+        # hub (every HTTP request). Re-wrap the inherited fds in the (now patched) socket class,
+        # as gunicorn does for its own listeners; under gthread/sync this is a no-op re-wrap.
+        udp, tcp = (
+            socket.socket(s.family, s.type, s.proto, fileno=s.detach()) for s in self.dns_socks
+        )
         server = DNSServer(store, self.settings, udp, tcp)
         app.extensions["trellis-dns"] = server
         threading.Thread(target=server.serve_forever, name="trellis-dns", daemon=True).start()
@@ -241,9 +297,10 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
         app = getattr(worker, "wsgi", None)
         if app is None:
             return
-        dns = app.extensions.get("trellis-dns")
-        if dns is not None:
-            dns.close()
+        # The DNS server is not closed here: its sockets are shared with the master and every
+        # other worker, and DNSServer.close() shuts them down (shutdown(2) acts on the shared
+        # socket, not on this process's fd), which would end DNS for the whole server whenever
+        # one worker exits or is replaced. Its threads are daemons; they end with the process.
         svc = app.extensions.get("trellis")
         if svc is not None:
             svc.close()

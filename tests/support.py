@@ -1,0 +1,126 @@
+"""Helpers for tests that run real ``trellis`` processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+TRELLIS = str(Path(sys.executable).with_name("trellis"))
+
+
+class TrellisProcess:
+    """A real ``trellis dev`` or ``trellis server`` subprocess on free ports.
+
+    It reads the banner the server prints to learn the HTTP URL and the DNS port, waits until
+    ``/v1/status/leader`` answers, and keeps the output for failure messages.
+    """
+
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
+        self.args = [TRELLIS, *args]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.dns_port: int | None = None
+        self.lines: list[str] = []
+        self._reader: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    def start(self, timeout: float = 30.0) -> TrellisProcess:
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise AssertionError("trellis did not print its address:\n" + self.output())
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("trellis exited early:\n" + self.output())
+            try:
+                if httpx.get(self.url + "/v1/status/leader", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError("trellis did not become ready:\n" + self.output())
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            m = re.search(r"HTTP API: (http://\S+)", line)
+            if m:
+                self.url = m.group(1)
+            m = re.search(r"DNS: \S+:(\d+) ", line)
+            if m:
+                self.dns_port = int(m.group(1))
+            if "Log data will now stream" in line or ("DNS:" in line and self.url):
+                self._ready.set()
+        self._ready.set()
+
+    def output(self) -> str:
+        return "\n".join(self.lines[-80:])
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (master and workers): a crash, not a shutdown."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        # Workers of a killed master exit on their own when they notice; make sure.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._close()
+        return self.proc.returncode
+
+    def _close(self) -> None:
+        if self._reader is not None:
+            self._reader.join(5)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
