@@ -718,10 +718,22 @@ class DNSServer:
             self._udp.sendto(b"", (host, port, *rest))
         except OSError:
             pass  # already shut down or closed
-        # shutdown() wakes threads blocked in accept() and recv() (and blocking UDP reads; it
-        # reports ENOTCONN for UDP, which we ignore); under gevent it cancels the waiters.
+        # The listening sockets are shared with the master and every other worker (they were
+        # bound before the fork): shutdown() on them would stop DNS in every process. Wake our
+        # accept() with a connection to ourselves instead (if another worker takes it, it
+        # closes it; ours wakes at its next timeout), and shut down only our own connections.
+        try:
+            host, port, *rest = self._tcp.getsockname()
+            if host in ("0.0.0.0", "::"):  # noqa: S104 - we only compare, and dial loopback
+                host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as poke:
+                poke.settimeout(0.5)
+                poke.connect((host, port, *rest))
+        except OSError:
+            pass  # closed already, or the backlog is full: the accept timeout will do
         with self._lock:
-            socks = [self._udp, self._tcp, *self._conns]
+            socks = list(self._conns)
         for s in socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)

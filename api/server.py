@@ -297,10 +297,10 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
         app = getattr(worker, "wsgi", None)
         if app is None:
             return
-        # The DNS server is not closed here: its sockets are shared with the master and every
-        # other worker, and DNSServer.close() shuts them down (shutdown(2) acts on the shared
-        # socket, not on this process's fd), which would end DNS for the whole server whenever
-        # one worker exits or is replaced. Its threads are daemons; they end with the process.
+        # The DNS server is not closed here: its threads are daemons and end with the process,
+        # and its sockets are shared with the master and the other workers, which keep serving.
+        # (DNSServer.close() no longer shuts the shared sockets down, but waiting for its
+        # threads would only slow a worker's exit.)
         svc = app.extensions.get("trellis")
         if svc is not None:
             svc.close()

@@ -398,7 +398,8 @@ class SQLStore:
         try:
             yield
         except self.unavailable_errors as e:
-            log.warning("store error: %s", e)
+            # The caller reports it (a 503, or the start-up refusal); log only for debugging.
+            log.debug("store error: %s", e)
             raise StoreUnavailable(f"the store is unavailable: {str(e).strip()[:200]}") from e
 
     @contextmanager
