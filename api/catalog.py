@@ -103,18 +103,20 @@ def _check_meta(meta: Mapping[str, Any], what: str) -> None:
 
 
 class _Strict(Schema):
+    # Integer fields below are all ``strict=True``: marshmallow's default also takes the string
+    # "80" and silently truncates 1.5 to 1, where Consul (Go's encoding/json) refuses both.
     class Meta:
         unknown = RAISE
 
 
 class WeightsSchema(_Strict):
-    Passing = fields.Integer(load_default=1, validate=validate.Range(min=1, max=65535))
-    Warning = fields.Integer(load_default=1, validate=validate.Range(min=0, max=65535))
+    Passing = fields.Integer(strict=True, load_default=1, validate=validate.Range(min=1, max=65535))
+    Warning = fields.Integer(strict=True, load_default=1, validate=validate.Range(min=0, max=65535))
 
 
 class TaggedAddressSchema(_Strict):
     Address = fields.String(required=True)
-    Port = fields.Integer(load_default=0, validate=validate.Range(min=0, max=65535))
+    Port = fields.Integer(strict=True, load_default=0, validate=validate.Range(min=0, max=65535))
 
 
 class CheckSchema(_Strict):
@@ -136,8 +138,8 @@ class CheckSchema(_Strict):
     TLSSkipVerify = fields.Boolean()
     TLSServerName = fields.String()
     DeregisterCriticalServiceAfter = fields.String()
-    SuccessBeforePassing = fields.Integer(validate=validate.Range(min=0))
-    FailuresBeforeCritical = fields.Integer(validate=validate.Range(min=0))
+    SuccessBeforePassing = fields.Integer(strict=True, validate=validate.Range(min=0))
+    FailuresBeforeCritical = fields.Integer(strict=True, validate=validate.Range(min=0))
     AliasService = fields.String()
     AliasNode = fields.String()
     Type = fields.String()
@@ -169,7 +171,7 @@ class UpstreamSchema(_Strict):
     DestinationPeer = fields.String()
     Datacenter = fields.String()
     LocalBindAddress = fields.String()
-    LocalBindPort = fields.Integer(validate=validate.Range(min=0, max=65535))
+    LocalBindPort = fields.Integer(strict=True, validate=validate.Range(min=0, max=65535))
     LocalBindSocketPath = fields.String()
     LocalBindSocketMode = fields.String()
     Config = fields.Dict()
@@ -183,7 +185,7 @@ class ProxySchema(_Strict):
     DestinationServiceName = fields.String()
     DestinationServiceID = fields.String()
     LocalServiceAddress = fields.String()
-    LocalServicePort = fields.Integer(validate=validate.Range(min=0, max=65535))
+    LocalServicePort = fields.Integer(strict=True, validate=validate.Range(min=0, max=65535))
     LocalServiceSocketPath = fields.String()
     Mode = fields.String()
     Config = fields.Dict()
@@ -204,7 +206,7 @@ class ServiceSchema(_Strict):
     Address = fields.String()
     TaggedAddresses = fields.Dict(keys=fields.String(), values=fields.Nested(TaggedAddressSchema))
     Meta = fields.Dict(keys=fields.String(), values=fields.Raw(), allow_none=True)
-    Port = fields.Integer(validate=validate.Range(min=0, max=65535))
+    Port = fields.Integer(strict=True, validate=validate.Range(min=0, max=65535))
     Kind = fields.String(
         validate=validate.OneOf(
             ["", "connect-proxy", "mesh-gateway", "terminating-gateway", "ingress-gateway"]
@@ -220,8 +222,8 @@ class ServiceSchema(_Strict):
     Partition = fields.String()
     Locality = fields.Dict()
     SocketPath = fields.String()
-    CreateIndex = fields.Integer()
-    ModifyIndex = fields.Integer()
+    CreateIndex = fields.Integer(strict=True)
+    ModifyIndex = fields.Integer(strict=True)
 
     @validates_schema
     def _meta(self, data: dict, **kw: Any) -> None:

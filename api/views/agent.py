@@ -46,6 +46,10 @@ def register_service_body(body: dict, *, replace_checks: bool) -> Service:
     checks = cat.build_checks(settings.node_name, svc, defs)
     sidecar_spec = (d.get("Connect") or {}).get("SidecarService")
     if sidecar_spec is not None:
+        # As in Consul: a sidecar has no sidecar of its own. It used to be accepted and the
+        # nested one silently dropped.
+        if (sidecar_spec.get("Connect") or {}).get("SidecarService") is not None:
+            raise BadRequest("SidecarService cannot have a nested SidecarService")
         existing = store.services(node=settings.node_name)
         taken = {s.port for s in existing if s.id != f"{svc.id}-sidecar-proxy"}
         sc_body = cat.sidecar_for(svc, dict(sidecar_spec), taken)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+from urllib.parse import unquote_to_bytes
 
 from flask import Blueprint, Response, request
+from werkzeug.routing import PathConverter
 
 from api.errors import BadRequest, PayloadTooLarge
 from api.feed import Watch
@@ -18,8 +20,24 @@ from api.http import (
     uint_arg,
 )
 from api.store.base import KVEntry
+from api.views.catalog import check_dc
 
 bp = Blueprint("kv", __name__)
+
+
+class KeyConverter(PathConverter):
+    """Werkzeug's ``path`` converter, but also matching newlines (its ``.`` does not), so that
+    a key holding one reaches ``check_key`` and is refused as a bad key (400), rather than
+    answered "no such endpoint" (404)."""
+
+    regex = "(?s:[^/].*?)"
+
+
+@bp.record_once
+def _add_converter(state) -> None:
+    # Recorded before the routes below, so it is in the URL map before they are compiled.
+    state.app.url_map.converters["kvkey"] = KeyConverter
+
 
 MAX_KEY_BYTES = 1024
 
@@ -36,9 +54,29 @@ def check_key(key: str, *, allow_empty: bool) -> str:
         raise BadRequest("key contains control characters")
     if any(0xD800 <= ord(c) <= 0xDFFF for c in key):
         raise BadRequest("key is not valid UTF-8")
+    if "\ufffd" in key and not _raw_path_is_utf8():
+        # Werkzeug decodes an invalid UTF-8 path with errors="replace", so /v1/kv/%ff and
+        # /v1/kv/%fe both became the key "\ufffd": a PUT silently wrote another key than the
+        # client named. Look at the raw path to tell them from a real U+FFFD.
+        raise BadRequest("key is not valid UTF-8")
     if any(seg in (".", "..") for seg in key.split("/")):
         raise BadRequest("key must not contain '.' or '..' segments")
     return key
+
+
+def _raw_path_is_utf8() -> bool:
+    """Whether the path the client sent decodes as UTF-8. Gunicorn and Werkzeug keep it in
+    RAW_URI/REQUEST_URI (still %-encoded); PATH_INFO is the decoded form, as latin-1."""
+    env = request.environ
+    try:
+        raw = env.get("RAW_URI") or env.get("REQUEST_URI")
+        if raw:
+            unquote_to_bytes(raw.encode("latin-1").split(b"?", 1)[0]).decode("utf-8")
+        else:
+            env.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return False
+    return True
 
 
 def entry_json(e: KVEntry) -> dict:
@@ -46,7 +84,8 @@ def entry_json(e: KVEntry) -> dict:
         "LockIndex": e.lock_index,
         "Key": e.key,
         "Flags": e.flags,
-        "Value": base64.b64encode(e.value).decode() if e.value is not None else None,
+        # Consul reports an empty value (a "folder" key such as ``app/``) as null, not "".
+        "Value": base64.b64encode(e.value).decode() if e.value else None,
         "Session": e.session,
         "CreateIndex": e.create_index,
         "ModifyIndex": e.modify_index,
@@ -69,8 +108,9 @@ def _folded_keys(entries: list[KVEntry], prefix: str, sep: str | None) -> list[s
 
 
 @bp.get("/v1/kv/", defaults={"key": ""})
-@bp.get("/v1/kv/<path:key>")
+@bp.get("/v1/kv/<kvkey:key>")
 def get(key: str):
+    check_dc()  # K/V took ?dc= and answered from this datacenter whatever it named
     recurse, keys, raw = flag("recurse"), flag("keys"), flag("raw")
     sep = str_arg("separator", max_len=64)
     check_key(key, allow_empty=recurse or keys)
@@ -89,7 +129,9 @@ def get(key: str):
 
     entries, index = blocking(watch, compute)
     if not entries:
-        resp = json_response({"error": f"no key found at {key!r}", "code": "not_found"}, status=404)
+        # The same error shape as every other error (api.errors.TrellisError.to_json).
+        body = {"error": f"no key found at {key!r}", "code": "not_found", "status": 404}
+        resp = json_response(body, status=404)
         add_index_headers(resp, index)
         return resp
     if keys:
@@ -103,8 +145,9 @@ def get(key: str):
 
 
 @bp.put("/v1/kv/", defaults={"key": ""})
-@bp.put("/v1/kv/<path:key>")
+@bp.put("/v1/kv/<kvkey:key>")
 def put(key: str):
+    check_dc()
     check_key(key, allow_empty=False)
     settings = services().settings
     if "acquire" in request.args or "release" in request.args:
@@ -122,8 +165,9 @@ def put(key: str):
 
 
 @bp.delete("/v1/kv/", defaults={"key": ""})
-@bp.delete("/v1/kv/<path:key>")
+@bp.delete("/v1/kv/<kvkey:key>")
 def delete(key: str):
+    check_dc()
     recurse = flag("recurse")
     check_key(key, allow_empty=recurse)
     cas = uint_arg("cas")
