@@ -17,7 +17,11 @@ _UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+#: Longer than any duration anyone means (and short of float infinity).
+MAX_SECONDS = 100 * 365 * 86400.0
 
 
 class DurationError(ValueError):
@@ -37,7 +41,9 @@ def parse_duration(text: str) -> float:
         raise DurationError("empty duration")
     if s == "0":
         return 0.0
-    if re.fullmatch(r"\d+(\.\d+)?", s):
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", s):
+        if float(s) > MAX_SECONDS:
+            raise DurationError(f"duration {text!r} is longer than 100 years")
         return float(s)
     pos = 0
     total = 0.0
@@ -47,6 +53,8 @@ def parse_duration(text: str) -> float:
             raise DurationError(f"invalid duration {text!r}")
         total += float(m.group(1)) * _UNITS[m.group(2)]
         pos = m.end()
+    if total > MAX_SECONDS:
+        raise DurationError(f"duration {text!r} is longer than 100 years")
     return total
 
 

@@ -130,7 +130,7 @@ def _templates() -> tuple[_Template, ...]:
             if i % 2 == 0:
                 rx += re.escape(part)
             else:
-                rx += f"(?P<{part}>.+)" if part in greedy else f"(?P<{part}>[^/]+)"
+                rx += f"(?P<{part}>(?s:.+))" if part in greedy else f"(?P<{part}>[^/]+)"
         methods = frozenset(m.upper() for m in HTTP_METHODS if m in item)
         literal = sum(len(p) for p in parts[0::2])
         out.append(_Template(template, re.compile(rx + r"\Z"), methods, literal))
