@@ -84,7 +84,7 @@ _META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 def valid_name(kind: str, name: str) -> str:
     """Service and node names must be DNS-safe: DNS is one of the ways they are looked up."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise BadRequest(
             f"{kind} {name!r} is not valid: use 1-128 letters, digits, '-', '_' or '.',"
             " starting and ending with a letter or digit"
@@ -96,7 +96,7 @@ def _check_meta(meta: Mapping[str, Any], what: str) -> None:
     if len(meta) > 64:
         raise ValidationError(f"{what} may hold at most 64 keys")
     for k, v in meta.items():
-        if not _META_KEY.match(k):
+        if not _META_KEY.fullmatch(k):
             raise ValidationError(f"{what} key {k!r} must be 1-128 letters, digits, '-' or '_'")
         if not isinstance(v, str) or len(v) > 512:
             raise ValidationError(f"{what} value of {k!r} must be a string of at most 512 chars")
