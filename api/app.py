@@ -26,6 +26,7 @@ from api.store.base import PASSING, Check, Node, Registration, Store
 
 if TYPE_CHECKING:
     from api.views.connect_ca import LeafCache
+    from api.views.intentions import IntentionCache
 
 log = logging.getLogger("trellis.api")
 
@@ -41,6 +42,7 @@ class AppServices:
     leaves: LeafCache = field(default_factory=lambda: _leaf_cache())
     #: Results of blocking reads, shared by the queries one write wakes (see api.http).
     shared_reads: dict = field(default_factory=dict)
+    intentions: IntentionCache = field(default_factory=lambda: _intention_cache())
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -49,6 +51,12 @@ class AppServices:
         for t in self.threads:
             t.join(timeout=5)
         self.store.close()
+
+
+def _intention_cache():
+    from api.views.intentions import IntentionCache
+
+    return IntentionCache()
 
 
 def _leaf_cache():
@@ -74,9 +82,9 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     svc = AppServices(settings=settings, store=store, store_kind=kind, ca=ca)
     app.extensions["trellis"] = svc
 
-    from api.views import agent, catalog, connect_ca, health, kv, spec, status
+    from api.views import agent, catalog, connect_ca, health, intentions, kv, spec, status
 
-    for module in (kv, catalog, health, agent, status, connect_ca, spec):
+    for module in (kv, catalog, health, agent, status, connect_ca, intentions, spec):
         app.register_blueprint(module.bp)
 
     _error_handlers(app)

@@ -42,6 +42,8 @@ from api.store.base import (
     Service,
     changed_catalog_keys,
 )
+from api.store.security import MIGRATION as SECURITY_MIGRATION
+from api.store.security import SecurityStoreMixin
 
 log = logging.getLogger("trellis.store")
 
@@ -130,6 +132,8 @@ def migrations(blob: str) -> list[tuple[int, list[str]]]:
                 " create_index BIGINT NOT NULL, modify_index BIGINT NOT NULL)",
             ],
         ),
+        # Intentions and ACL tokens and policies (api/store/security.py).
+        (3, list(SECURITY_MIGRATION)),
     ]
 
 
@@ -328,7 +332,7 @@ def _check(row: Sequence[Any]) -> Check:
     )
 
 
-class SQLStore:
+class SQLStore(SecurityStoreMixin):
     """The shared body of both stores. Subclasses provide the dialect hooks below."""
 
     blob_type = "BLOB"

@@ -1,0 +1,409 @@
+"""Intentions (``/v1/connect/intentions*``) and ``POST /v1/agent/connect/authorize``.
+
+Decisions come from an in-memory ``proxy.authz.IntentionSet`` per server process, rebuilt
+only when an intention changed (the change feed says so), so ``authorize`` and ``check`` cost a
+few dictionary lookups, not a query.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from typing import Any
+
+from flask import Blueprint, request
+
+from api.errors import BadRequest, NotFound
+from api.feed import Watch
+from api.http import blocking, json_body, json_response, services, str_arg
+from api.store.security import IntentionRecord
+from proxy import authz, spiffe
+
+bp = Blueprint("intentions", __name__)
+
+ALL = Watch("intentions", prefixes=("",))
+FIELDS = {"SourceName", "DestinationName", "SourceType", "Action", "Description", "Meta"}
+#: Accepted for compatibility with Consul clients, and must hold Consul's only OSS value.
+NS_FIELDS = {"SourceNS", "DestinationNS", "SourcePartition", "DestinationPartition"}
+READ_ONLY = {"ID", "Precedence", "CreatedAt", "UpdatedAt", "CreateIndex", "ModifyIndex"}
+
+
+class IntentionCache:
+    """This process's compiled intentions, rebuilt when the feed reports a change."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pos = -1
+        self._set = authz.IntentionSet(())
+
+    def get(self) -> authz.IntentionSet:
+        svc = services()
+        feed = svc.store.feed
+        if self._pos >= 0 and not feed.wait(ALL, self._pos, 0):
+            return self._set
+        with self._lock:
+            pos = feed.position()
+            records = svc.store.intentions()
+            self._set = authz.IntentionSet(_to_authz(r) for r in records)
+            self._pos = pos
+            return self._set
+
+
+def _to_authz(r: IntentionRecord) -> authz.Intention:
+    return authz.Intention(
+        source=r.source,
+        destination=r.destination,
+        action=r.action,
+        id=r.id,
+        description=r.description,
+        meta=dict(r.meta),
+    )
+
+
+def default_allow() -> bool:
+    """With ACLs off every connection is allowed by default (as in Consul and ``trellis dev``);
+    with ACLs on, the ACL default policy decides."""
+    s = services().settings
+    return not s.acl_enabled or s.acl_default_policy == "allow"
+
+
+def intention_json(r: IntentionRecord) -> dict[str, Any]:
+    return {
+        "ID": r.id,
+        "Description": r.description,
+        "SourceNS": "default",
+        "SourceName": r.source,
+        "DestinationNS": "default",
+        "DestinationName": r.destination,
+        "SourceType": "consul",
+        "Action": r.action,
+        "Meta": dict(r.meta),
+        "Precedence": authz.precedence(r.source, r.destination),
+        "CreatedAt": r.created_at,
+        "UpdatedAt": r.updated_at,
+        "CreateIndex": r.create_index,
+        "ModifyIndex": r.modify_index,
+    }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{what} must be a string")
+    try:
+        return authz.check_name(value)
+    except authz.IntentionError as e:
+        raise BadRequest(f"{what}: {e}") from None
+
+
+def _parse_body(body: dict, *, names_from_body: bool) -> dict[str, Any]:
+    """Validate an intention body; returns source/destination (if in body), action, etc."""
+    allowed = FIELDS | NS_FIELDS | READ_ONLY
+    unknown = set(body) - allowed
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if "Permissions" in body:
+        raise BadRequest("L7 Permissions are not supported; use Action allow or deny")
+    for k in NS_FIELDS:
+        if k in body and body[k] not in ("", "default"):
+            raise BadRequest(f"{k} must be 'default' (namespaces and partitions are not served)")
+    out: dict[str, Any] = {}
+    if names_from_body:
+        out["source"] = _name(body.get("SourceName"), "SourceName")
+        out["destination"] = _name(body.get("DestinationName"), "DestinationName")
+    st = body.get("SourceType", "consul")
+    if st not in ("consul", ""):
+        raise BadRequest("SourceType must be consul")
+    action = body.get("Action")
+    if action not in (authz.ALLOW, authz.DENY):
+        raise BadRequest("Action must be allow or deny")
+    out["action"] = action
+    desc = body.get("Description", "")
+    if not isinstance(desc, str) or len(desc) > 512:
+        raise BadRequest("Description must be a string of at most 512 characters")
+    out["description"] = desc
+    meta = body.get("Meta") or {}
+    if not isinstance(meta, dict) or len(meta) > 64:
+        raise BadRequest("Meta must be an object with at most 64 keys")
+    for k, v in meta.items():
+        if not isinstance(v, str) or len(k) > 128 or len(v) > 512 or not k:
+            raise BadRequest("Meta keys and values must be strings (keys 1-128, values <= 512)")
+    out["meta"] = meta
+    return out
+
+
+# -- the ACL hooks (ACLs are a later issue; with ACLs off everything is allowed) ----------------
+
+
+def check_intention_read(destination: str) -> None:
+    """``intentions:read`` on the destination (a no-op while ACLs are off)."""
+
+
+def check_intention_write(destination: str) -> None:
+    """``intentions:write`` on the destination (a no-op while ACLs are off)."""
+
+
+def check_service_write(name: str) -> None:
+    """``service:write`` on ``name`` (a no-op while ACLs are off)."""
+
+
+# -- the ID-based API ---------------------------------------------------------------------------
+
+
+@bp.get("/v1/connect/intentions")
+def list_intentions():
+    store = services().store
+
+    def compute():
+        return [intention_json(r) for r in store.intentions()], store.topic_index("intentions")
+
+    data, index = blocking(ALL, compute)
+    data = [d for d in data if _readable(d["DestinationName"])]
+    return json_response(data, index=index)
+
+
+def _readable(destination: str) -> bool:
+    try:
+        check_intention_read(destination)
+        return True
+    except Exception:
+        return False
+
+
+@bp.post("/v1/connect/intentions")
+def create():
+    body = _parse_body(json_body(), names_from_body=True)
+    check_intention_write(body["destination"])
+    now = _now()
+    rec = services().store.intention_put(
+        IntentionRecord(
+            id=str(uuid.uuid4()),
+            source=body["source"],
+            destination=body["destination"],
+            action=body["action"],
+            description=body["description"],
+            meta=body["meta"],
+            created_at=now,
+            updated_at=now,
+        ),
+        create_only=True,
+    )
+    return json_response({"ID": rec.id})
+
+
+def _by_id(intention_id: str) -> IntentionRecord:
+    try:
+        uuid.UUID(intention_id)
+    except ValueError:
+        raise BadRequest(f"{intention_id!r} is not an intention ID (a UUID)") from None
+    rec = services().store.intention(intention_id)
+    if rec is None:
+        raise NotFound(f"intention {intention_id} not found")
+    return rec
+
+
+@bp.get("/v1/connect/intentions/<intention_id>")
+def get(intention_id: str):
+    rec = _by_id(intention_id)
+    check_intention_read(rec.destination)
+    return json_response(intention_json(rec), index=rec.modify_index)
+
+
+@bp.put("/v1/connect/intentions/<intention_id>")
+def update(intention_id: str):
+    rec = _by_id(intention_id)
+    body = _parse_body(json_body(), names_from_body=True)
+    check_intention_write(rec.destination)
+    check_intention_write(body["destination"])
+    try:
+        services().store.intention_put(
+            IntentionRecord(
+                id=rec.id,
+                source=body["source"],
+                destination=body["destination"],
+                action=body["action"],
+                description=body["description"],
+                meta=body["meta"],
+                created_at=rec.created_at,
+                updated_at=_now(),
+            ),
+            expect_id=rec.id,
+        )
+    except KeyError:
+        raise NotFound(f"intention {intention_id} not found") from None
+    return json_response(True)
+
+
+@bp.delete("/v1/connect/intentions/<intention_id>")
+def delete(intention_id: str):
+    rec = _by_id(intention_id)
+    check_intention_write(rec.destination)
+    services().store.intention_delete(rec.id)
+    return json_response(True)
+
+
+# -- the name-based API ----------------------------------------------------------------------
+
+
+def _pair() -> tuple[str, str]:
+    source = _name(str_arg("source") or "", "source")
+    destination = _name(str_arg("destination") or "", "destination")
+    return source, destination
+
+
+@bp.get("/v1/connect/intentions/exact")
+def get_exact():
+    source, destination = _pair()
+    check_intention_read(destination)
+    store = services().store
+
+    def compute():
+        rec = store.intention_exact(source, destination)
+        return rec, store.topic_index(f"intentions/{destination}") or store.topic_index(
+            "intentions"
+        )
+
+    rec, index = blocking(Watch("intentions", exact=(destination,)), compute)
+    if rec is None:
+        resp = json_response(
+            {
+                "error": f"no intention {source} => {destination}",
+                "code": "not_found",
+                "status": 404,
+            },
+            status=404,
+        )
+        from api.http import add_index_headers
+
+        add_index_headers(resp, index)
+        return resp
+    return json_response(intention_json(rec), index=index)
+
+
+@bp.put("/v1/connect/intentions/exact")
+def put_exact():
+    source, destination = _pair()
+    body = _parse_body(json_body(), names_from_body=False)
+    check_intention_write(destination)
+    store = services().store
+    existing = store.intention_exact(source, destination)
+    now = _now()
+    store.intention_put(
+        IntentionRecord(
+            id=existing.id if existing else str(uuid.uuid4()),
+            source=source,
+            destination=destination,
+            action=body["action"],
+            description=body["description"],
+            meta=body["meta"],
+            created_at=existing.created_at if existing else now,
+            updated_at=now,
+        )
+    )
+    return json_response(True)
+
+
+@bp.delete("/v1/connect/intentions/exact")
+def delete_exact():
+    source, destination = _pair()
+    check_intention_write(destination)
+    store = services().store
+    rec = store.intention_exact(source, destination)
+    if rec is not None:
+        store.intention_delete(rec.id)
+    return json_response(True)
+
+
+@bp.get("/v1/connect/intentions/match")
+def match():
+    by = request.args.get("by")
+    if by not in ("source", "destination"):
+        raise BadRequest("by must be source or destination")
+    names = request.args.getlist("name")
+    if not names:
+        raise BadRequest("name is required (repeatable)")
+    names = [_name(n, "name") for n in names]
+    for n in names:
+        if by == "destination":
+            check_intention_read(n)
+    store = services().store
+    cache: IntentionCache = services().intentions
+
+    def compute():
+        iset = cache.get()
+        out = {n: [_match_json(i) for i in iset.match(by=by, name=n)] for n in names}
+        return out, store.topic_index("intentions")
+
+    data, index = blocking(ALL, compute)
+    if by == "source":
+        data = {n: [i for i in v if _readable(i["DestinationName"])] for n, v in data.items()}
+    return json_response(data, index=index)
+
+
+def _match_json(i: authz.Intention) -> dict[str, Any]:
+    rec = services().store.intention(i.id)
+    if rec is None:  # deleted between the index and now; the next blocking round shows it
+        return {
+            "ID": i.id,
+            "SourceName": i.source,
+            "DestinationName": i.destination,
+            "Action": i.action,
+        }
+    return intention_json(rec)
+
+
+@bp.get("/v1/connect/intentions/check")
+def check():
+    source, destination = _pair()
+    check_intention_read(destination)
+    decision = (
+        services().intentions.get().decide(source, destination, default_allow=default_allow())
+    )
+    return json_response({"Allowed": decision.allowed})
+
+
+@bp.post("/v1/agent/connect/authorize")
+def authorize():
+    body = json_body()
+    unknown = set(body) - {"Target", "ClientCertURI", "ClientCertSerial", "Namespace", "Partition"}
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    target = _name(body.get("Target"), "Target")
+    if target == authz.WILDCARD:
+        raise BadRequest("Target must be a service name, not '*'")
+    uri = body.get("ClientCertURI")
+    if not isinstance(uri, str) or not uri:
+        raise BadRequest("ClientCertURI is required")
+    serial = body.get("ClientCertSerial", "")
+    if not isinstance(serial, str):
+        raise BadRequest("ClientCertSerial must be a string")
+    check_service_write(target)
+    try:
+        peer = spiffe.parse_service(uri)
+    except spiffe.SpiffeIDError as e:
+        return json_response(
+            {"Authorized": False, "Reason": f"Client certificate URI is invalid: {e}"}
+        )
+    trust_domain = services().ca.trust_domain
+    if peer.trust_domain != trust_domain:
+        return json_response(
+            {
+                "Authorized": False,
+                "Reason": f"Client certificate is from another trust domain ({peer.trust_domain})",
+            }
+        )
+    if peer.datacenter != services().settings.datacenter or peer.namespace != "default":
+        return json_response(
+            {
+                "Authorized": False,
+                "Reason": "Client certificate names another datacenter or namespace",
+            }
+        )
+    decision = (
+        services().intentions.get().decide(peer.service, target, default_allow=default_allow())
+    )
+    return json_response({"Authorized": decision.allowed, "Reason": decision.reason})
