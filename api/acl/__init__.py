@@ -1,0 +1,1 @@
+"""ACLs: policy rules and the authorizer they compile into."""
