@@ -25,6 +25,7 @@ from api.store import open_store
 from api.store.base import PASSING, Check, Node, Registration, Store
 
 if TYPE_CHECKING:
+    from api.acl.service import AuthorizerCache
     from api.views.connect_ca import LeafCache
     from api.views.intentions import IntentionCache
 
@@ -43,6 +44,7 @@ class AppServices:
     #: Results of blocking reads, shared by the queries one write wakes (see api.http).
     shared_reads: dict = field(default_factory=dict)
     intentions: IntentionCache = field(default_factory=lambda: _intention_cache())
+    acls: AuthorizerCache = field(default_factory=lambda: _authorizer_cache())
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -51,6 +53,12 @@ class AppServices:
         for t in self.threads:
             t.join(timeout=5)
         self.store.close()
+
+
+def _authorizer_cache():
+    from api.acl.service import AuthorizerCache
+
+    return AuthorizerCache()
 
 
 def _intention_cache():
@@ -82,9 +90,9 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     svc = AppServices(settings=settings, store=store, store_kind=kind, ca=ca)
     app.extensions["trellis"] = svc
 
-    from api.views import agent, catalog, connect_ca, health, intentions, kv, spec, status
+    from api.views import acl, agent, catalog, connect_ca, health, intentions, kv, spec, status
 
-    for module in (kv, catalog, health, agent, status, connect_ca, intentions, spec):
+    for module in (kv, catalog, health, agent, status, connect_ca, intentions, acl, spec):
         app.register_blueprint(module.bp)
 
     _error_handlers(app)
@@ -98,6 +106,11 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     if settings.register_node:
         register_local_node(store, settings)
     _init_ca(ca)
+    if settings.acl_enabled:
+        with app.app_context():
+            from api.acl.service import ensure_builtins
+
+            ensure_builtins()
     if background:
         store.start_follower()
         t = threading.Thread(

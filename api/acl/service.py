@@ -179,3 +179,28 @@ def bootstrap(secret: str) -> ACLToken | None:
         ),
         create=True,
     )
+
+
+def require_service_write(name: str) -> None:
+    require(current().service_write(name), f"service:write on {name!r}")
+
+
+def require_registration(service_name: str, destination: str | None) -> None:
+    """Registering a service needs ``service:write`` on it; registering a proxy also needs it
+    on the service it proxies for, or a token could intercept that service's traffic
+    (CVE-2021-38698)."""
+    require_service_write(service_name)
+    if destination:
+        require_service_write(destination)
+
+
+def require_node_write(node: str) -> None:
+    require(current().node_write(node), f"node:write on {node!r}")
+
+
+def require_operator(write: bool) -> None:
+    a = current()
+    require(
+        a.operator_write() if write else a.operator_read(),
+        "operator:" + ("write" if write else "read"),
+    )

@@ -13,6 +13,7 @@ from flask import Blueprint
 
 from api import __version__
 from api import catalog as cat
+from api.acl import service as acl
 from api.errors import BadRequest, NotFound
 from api.feed import Watch
 from api.http import flag, hash_blocking, json_body, json_response, services, str_arg
@@ -57,6 +58,8 @@ def register_service_body(body: dict, *, replace_checks: bool) -> Service:
         sidecar = cat.build_service(settings.node_name, sc_d)
         svcs.append(sidecar)
         checks += cat.build_checks(settings.node_name, sidecar, list(sc_d.get("Checks") or []))
+    # The sidecar is derived from its parent's registration: write on the parent covers it.
+    acl.require_registration(svc.name, svc.destination)
     store.register(
         Registration(
             node=local_node(),
@@ -80,6 +83,9 @@ def service_register():
 def service_deregister(service_id: str):
     store = services().store
     node = services().settings.node_name
+    owner = next((s for s in store.services(node=node) if s.id == service_id), None)
+    if owner is not None:
+        acl.require_service_write(owner.name)
     if not store.deregister_service(node, service_id):
         raise NotFound(f"Unknown service ID {service_id!r}")
     # A sidecar registered through connect.sidecar_service goes with its parent.
@@ -89,9 +95,11 @@ def service_deregister(service_id: str):
 
 def _local_services() -> dict:
     s = services()
+    authz = acl.current()
     return {
         svc.id: cat.agent_service_json(svc, s.settings.datacenter)
         for svc in s.store.services(node=s.settings.node_name)
+        if authz.service_read(svc.name)
     }
 
 
@@ -115,7 +123,12 @@ def get_service(service_id: str):
 
 def _local_checks() -> dict:
     s = services()
-    return {c.check_id: cat.check_json(c) for c in s.store.checks(node=s.settings.node_name)}
+    authz = acl.current()
+    return {
+        c.check_id: cat.check_json(c)
+        for c in s.store.checks(node=s.settings.node_name)
+        if (authz.service_read(c.service_name) if c.service_name else authz.node_read(c.node))
+    }
 
 
 @bp.get("/v1/agent/checks")
@@ -138,6 +151,10 @@ def check_register():
     if not d.get("Name"):
         raise BadRequest("invalid request body: Name: Missing data for required field.")
     d.setdefault("CheckID", d.get("ID") or d["Name"])
+    if owner is not None:
+        acl.require_service_write(owner.name)
+    else:
+        acl.require_node_write(s.settings.node_name)
     checks = cat.build_checks(s.settings.node_name, owner, [d])
     s.store.register(Registration(node=local_node(), checks=tuple(checks), keep_existing_node=True))
     return json_response(None)
@@ -146,6 +163,7 @@ def check_register():
 @bp.put("/v1/agent/check/deregister/<check_id>")
 def check_deregister(check_id: str):
     s = services()
+    _require_check_write(check_id)
     if not s.store.deregister_check(s.settings.node_name, check_id):
         raise NotFound(f"Unknown check ID {check_id!r}")
     return json_response(None)
@@ -154,11 +172,24 @@ def check_deregister(check_id: str):
 MAX_OUTPUT = 4096
 
 
+def _require_check_write(check_id: str) -> None:
+    """Updating a service's check needs service:write on it; a node check, node:write."""
+    s = services()
+    check = next(iter(s.store.checks(node=s.settings.node_name, check_id=check_id)), None)
+    if check is None:
+        return  # the caller answers 404
+    if check.service_name:
+        acl.require_service_write(check.service_name)
+    else:
+        acl.require_node_write(check.node)
+
+
 def _update(check_id: str, status: str, output: str | None):
     s = services()
     if output is not None and len(output) > MAX_OUTPUT:
         # Consul truncates long output rather than refusing it.
         output = output[:MAX_OUTPUT] + " ... (Output exceeded 4096 bytes)"
+    _require_check_write(check_id)
     c = s.store.update_check(s.settings.node_name, check_id, status, output, now=time.time())
     if c is None:
         raise NotFound(f"Unknown check ID {check_id!r}")
@@ -198,6 +229,8 @@ def check_update(check_id: str):
 @bp.get("/v1/agent/self")
 def self_():
     s = services()
+    # Consul asks agent:read; Trellis's agent is its node, so node:read on it.
+    acl.require(acl.current().node_read(s.settings.node_name), "node:read (agent)")
     node = local_node()
     cfg = {
         "Datacenter": s.settings.datacenter,
@@ -237,7 +270,10 @@ def self_():
 def members():
     s = services()
     out = []
+    authz = acl.current()
     for n in s.store.nodes():
+        if not authz.node_read(n.name):
+            continue
         out.append(
             {
                 "Name": n.name,

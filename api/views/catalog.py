@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from api import catalog as cat
+from api.acl import service as acl
 from api.errors import BadRequest
 from api.feed import Watch
 from api.http import blocking, json_body, json_response, services, str_arg
@@ -65,6 +66,15 @@ def register():
             if owner is None:
                 raise BadRequest(f"check refers to unknown service ID {sid!r}")
         checks += cat.build_checks(node_name, owner, [d])
+    if not body.get("SkipNodeUpdate") or services().store.node(node_name) is None:
+        acl.require_node_write(node_name)
+    for s in svcs:
+        acl.require_registration(s.name, s.destination)
+    for c in checks:
+        if c.service_name:
+            acl.require_service_write(c.service_name)
+        else:
+            acl.require_node_write(node_name)
     services().store.register(
         Registration(
             node=node,
@@ -91,10 +101,21 @@ def deregister():
         if k in body and not isinstance(body[k], str):
             raise BadRequest(f"invalid request body: {k}: Not a valid string.")
     if body.get("ServiceID"):
+        owner = next((s for s in store.services(node=node) if s.id == body["ServiceID"]), None)
+        if owner is not None:
+            acl.require_service_write(owner.name)
+        else:
+            acl.require_node_write(node)
         store.deregister_service(node, body["ServiceID"])
     elif body.get("CheckID"):
+        check = next(iter(store.checks(node=node, check_id=body["CheckID"])), None)
+        if check is not None and check.service_name:
+            acl.require_service_write(check.service_name)
+        else:
+            acl.require_node_write(node)
         store.deregister_check(node, body["CheckID"])
     else:
+        acl.require_node_write(node)
         store.deregister_node(node)
     return json_response(True)
 
@@ -117,6 +138,8 @@ def list_services():
         return out, store.topic_index("catalog")
 
     data, index = blocking(ALL, compute)
+    authz = acl.current()
+    data = {k: v for k, v in data.items() if authz.service_read(k)}
     return json_response(data, index=index)
 
 
@@ -129,6 +152,8 @@ def list_nodes():
         return [cat.node_json(n) for n in store.nodes()], store.topic_index("catalog")
 
     data, index = blocking(ALL, compute)
+    authz = acl.current()
+    data = [n for n in data if authz.node_read(n["Node"])]
     return json_response(data, index=index)
 
 
@@ -166,6 +191,15 @@ def _instances(name: str, *, connect: bool):
         return out, _service_index(name)
 
     data, index = blocking(svc_watch(name), compute)
+    authz = acl.current()
+    # Without service:read on the name the list is empty (Consul filters, it does not 403).
+    data = [
+        d
+        for d in data
+        if authz.service_read(d["ServiceName"])
+        and authz.service_read(name)
+        and authz.node_read(d["Node"])
+    ]
     return json_response(data, index=index)
 
 
@@ -183,4 +217,15 @@ def node(node: str):
         return {"Node": cat.node_json(n), "Services": svcs}, idx
 
     data, index = blocking(Watch("catalog", exact=(f"node/{node}",)), compute)
+    authz = acl.current()
+    if data is not None:
+        if not authz.node_read(node):
+            data = None
+        else:
+            data = {
+                **data,
+                "Services": {
+                    k: v for k, v in data["Services"].items() if authz.service_read(v["Service"])
+                },
+            }
     return json_response(data, index=index)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Response
 
+from api.acl import service as acl
 from api.ca.manager import ROOTS_WATCH, WATCH, CAManager, SignedLeaf, _rfc3339
 from api.catalog import valid_name
 from api.errors import BadRequest
@@ -54,6 +55,7 @@ def agent_roots():
 
 @bp.get("/v1/connect/ca/configuration")
 def get_configuration():
+    acl.require_operator(write=False)
     # Fix: watch every CA document (WATCH), not only the roots: a TTL-only change writes
     # ca/config alone, and a blocking read of the configuration slept through it.
     data, index = blocking(WATCH, ca().config_view)
@@ -62,12 +64,14 @@ def get_configuration():
 
 @bp.put("/v1/connect/ca/configuration")
 def put_configuration():
+    acl.require_operator(write=True)
     ca().set_config(json_body())
     return json_response(True)
 
 
 @bp.post("/v1/connect/ca/rotate")
 def rotate():
+    acl.require_operator(write=True)
     body = json_body(required=False) or {}
     unknown = set(body) - {"ForceWithoutCrossSigning"}
     if unknown:
@@ -83,10 +87,9 @@ def rotate():
 def may_sign(service: str) -> bool:
     """Whether the request's token may obtain a certificate for ``service``.
 
-    ACLs (a later issue) will check ``service:write`` here; with ACLs off, as in Consul,
-    any caller may.
+    ``service:write`` on it (with ACLs off, as in Consul, any caller may).
     """
-    return True
+    return acl.current().service_write(service)
 
 
 def leaf_json(leaf: SignedLeaf, index: int, key_pem: str = "") -> dict:
@@ -170,6 +173,7 @@ class LeafCache:
 @bp.get("/v1/agent/connect/ca/leaf/<service>")
 def agent_leaf(service: str):
     valid_name("service name", service)
+    acl.require_service_write(service)
     manager = ca()
     _, _, config, _ = manager._state()
     cfg = config["Config"]

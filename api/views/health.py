@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from api import catalog as cat
+from api.acl import service as acl
 from api.errors import BadRequest
 from api.feed import Watch
 from api.health import service_instances
@@ -38,7 +39,22 @@ def _entries(name: str, *, connect: bool):
         return out, _service_index(name)
 
     data, index = blocking(svc_watch(name), compute)
+    authz = acl.current()
+    data = [
+        e
+        for e in data
+        if authz.service_read(name)
+        and authz.service_read(e["Service"]["Service"])
+        and authz.node_read(e["Node"]["Node"])
+    ]
     return json_response(data, index=index)
+
+
+def _visible(authz, check: dict) -> bool:
+    """A check is visible with service:read on its service, or node:read for a node check."""
+    if check["ServiceName"]:
+        return authz.service_read(check["ServiceName"]) and authz.node_read(check["Node"])
+    return authz.node_read(check["Node"])
 
 
 @bp.get("/v1/health/service/<name>")
@@ -64,6 +80,8 @@ def checks(name: str):
         return data, _service_index(name)
 
     data, index = blocking(svc_watch(name), compute)
+    authz = acl.current()
+    data = [c for c in data if _visible(authz, c)]
     return json_response(data, index=index)
 
 
@@ -77,6 +95,8 @@ def node(node: str):
         return [cat.check_json(c) for c in store.checks(node=node)], idx
 
     data, index = blocking(Watch("catalog", exact=(f"node/{node}",)), compute)
+    authz = acl.current()
+    data = [c for c in data if _visible(authz, c)]
     return json_response(data, index=index)
 
 
@@ -92,4 +112,6 @@ def state(state: str):
         return [cat.check_json(c) for c in rows], store.topic_index("catalog")
 
     data, index = blocking(ALL, compute)
+    authz = acl.current()
+    data = [c for c in data if _visible(authz, c)]
     return json_response(data, index=index)

@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import Blueprint, request
 
+from api.acl import service as acl
 from api.errors import BadRequest, NotFound
 from api.feed import Watch
 from api.http import blocking, json_body, json_response, services, str_arg
@@ -136,19 +137,20 @@ def _parse_body(body: dict, *, names_from_body: bool) -> dict[str, Any]:
     return out
 
 
-# -- the ACL hooks (ACLs are a later issue; with ACLs off everything is allowed) ----------------
+# -- ACLs: intentions are managed per destination -------------------------------------------
 
 
 def check_intention_read(destination: str) -> None:
-    """``intentions:read`` on the destination (a no-op while ACLs are off)."""
+    acl.require(acl.current().intention_read(destination), f"intentions:read on {destination!r}")
 
 
 def check_intention_write(destination: str) -> None:
-    """``intentions:write`` on the destination (a no-op while ACLs are off)."""
+    """A team may manage only the intentions whose destination is its own service."""
+    acl.require(acl.current().intention_write(destination), f"intentions:write on {destination!r}")
 
 
 def check_service_write(name: str) -> None:
-    """``service:write`` on ``name`` (a no-op while ACLs are off)."""
+    acl.require_service_write(name)
 
 
 # -- the ID-based API ---------------------------------------------------------------------------

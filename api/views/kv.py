@@ -8,6 +8,7 @@ from urllib.parse import unquote_to_bytes
 from flask import Blueprint, Response, request
 from werkzeug.routing import PathConverter
 
+from api.acl import service as acl
 from api.errors import BadRequest, PayloadTooLarge
 from api.feed import Watch
 from api.http import (
@@ -114,6 +115,11 @@ def get(key: str):
     recurse, keys, raw = flag("recurse"), flag("keys"), flag("raw")
     sep = str_arg("separator", max_len=64)
     check_key(key, allow_empty=recurse or keys)
+    authz = acl.current()
+    if not (keys or recurse):
+        acl.require(authz.key_read(key), f"key:read on {key!r}")
+    elif keys:
+        acl.require(authz.key_list(key), f"key:list on {key!r}")
     store = services().store
     if keys or recurse:
         watch = Watch("kv", prefixes=(key,))
@@ -128,6 +134,11 @@ def get(key: str):
             return ([e] if e else []), (e.modify_index if e else store.kv_index(key, exact=True))
 
     entries, index = blocking(watch, compute)
+    if recurse and not keys:
+        # A recursive read returns only what the token may read, as in Consul.
+        entries = [e for e in entries if authz.key_read(e.key)]
+    elif keys:
+        entries = [e for e in entries if authz.key_list(e.key)]
     if not entries:
         # The same error shape as every other error (api.errors.TrellisError.to_json).
         body = {"error": f"no key found at {key!r}", "code": "not_found", "status": 404}
@@ -160,6 +171,7 @@ def put(key: str):
     value = request.get_data(cache=False)
     if len(value) > limit:
         raise PayloadTooLarge(f"Value exceeds {limit} byte limit")
+    acl.require(acl.current().key_write(key), f"key:write on {key!r}")
     ok = services().store.kv_put(key, value, flags=flags, cas=cas)
     return json_response(ok)
 
@@ -173,5 +185,10 @@ def delete(key: str):
     cas = uint_arg("cas")
     if recurse and cas is not None:
         raise BadRequest("cas cannot be combined with recurse")
+    authz = acl.current()
+    if recurse:
+        acl.require(authz.key_write_prefix(key), f"key:write on every key under {key!r}")
+    else:
+        acl.require(authz.key_write(key), f"key:write on {key!r}")
     ok = services().store.kv_delete(key, recurse=recurse, cas=cas)
     return json_response(ok)
