@@ -461,6 +461,157 @@ class Client:
         """Have the CA sign a CSR; returns the ``IssuedCert`` (``CertPEM``: leaf, then chain)."""
         return _expect(self.request("POST", "/v1/connect/ca/sign", json={"CSR": csr_pem}), dict)
 
+    # -- intentions ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _intention_body(
+        action: str, description: str, meta: Mapping[str, str] | None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"SourceType": "consul", "Action": action}
+        if description:
+            body["Description"] = description
+        if meta:
+            body["Meta"] = dict(meta)
+        return body
+
+    def intention_create(
+        self,
+        source: str,
+        destination: str,
+        action: str = "allow",
+        *,
+        description: str = "",
+        meta: Mapping[str, str] | None = None,
+    ) -> str:
+        """Create the intention ``source => destination``; returns its ID. APIError 409 when
+        that pair has an intention already."""
+        body = {
+            "SourceName": source,
+            "DestinationName": destination,
+            **self._intention_body(action, description, meta),
+        }
+        out = _expect(self.request("POST", "/v1/connect/intentions", json=body), dict)
+        return str(out.get("ID", ""))
+
+    def intention_update(
+        self,
+        intention_id: str,
+        source: str,
+        destination: str,
+        action: str,
+        *,
+        description: str = "",
+        meta: Mapping[str, str] | None = None,
+    ) -> None:
+        """Replace the intention with this ID (its pair may change; 409 if the new pair is
+        another intention's)."""
+        body = {
+            "SourceName": source,
+            "DestinationName": destination,
+            **self._intention_body(action, description, meta),
+        }
+        self.request("PUT", "/v1/connect/intentions/" + _path(intention_id), json=body)
+
+    def intention_upsert_exact(
+        self,
+        source: str,
+        destination: str,
+        action: str,
+        *,
+        description: str = "",
+        meta: Mapping[str, str] | None = None,
+    ) -> None:
+        """Create or replace the intention for ``source => destination`` (by name)."""
+        self.request(
+            "PUT",
+            "/v1/connect/intentions/exact",
+            params={"source": source, "destination": destination},
+            json=self._intention_body(action, description, meta),
+        )
+
+    def intention_get(self, intention_id: str) -> dict[str, Any] | None:
+        """The intention with this ID, or None when there is none (APIError 400 for an ID
+        that is not a UUID)."""
+        r = self.request("GET", "/v1/connect/intentions/" + _path(intention_id), allow=(404,))
+        return None if r.status == 404 else _expect(r, dict)
+
+    def intention_get_exact(
+        self,
+        source: str,
+        destination: str,
+        *,
+        index: int | None = None,
+        wait: float | str | None = None,
+    ) -> Indexed[dict[str, Any] | None]:
+        """The intention for exactly this pair (``*`` taken literally), or None."""
+        r = self.request(
+            "GET",
+            "/v1/connect/intentions/exact",
+            params={"source": source, "destination": destination},
+            index=index,
+            wait=wait,
+            allow=(404,),
+        )
+        return Indexed(None if r.status == 404 else _expect(r, dict), r.index)
+
+    def intention_delete(self, intention_id: str) -> None:
+        """Delete by ID; APIError 404 when there is no such intention."""
+        self.request("DELETE", "/v1/connect/intentions/" + _path(intention_id))
+
+    def intention_delete_exact(self, source: str, destination: str) -> None:
+        """Delete the intention for this pair (nothing to delete is not an error)."""
+        self.request(
+            "DELETE",
+            "/v1/connect/intentions/exact",
+            params={"source": source, "destination": destination},
+        )
+
+    def intentions_list(
+        self, *, index: int | None = None, wait: float | str | None = None
+    ) -> Indexed[list[dict[str, Any]]]:
+        """Every intention, highest precedence first."""
+        r = self.request("GET", "/v1/connect/intentions", index=index, wait=wait)
+        return Indexed(_expect(r, list), r.index)
+
+    def intention_match(
+        self,
+        by: str,
+        names: str | list[str] | tuple[str, ...],
+        *,
+        index: int | None = None,
+        wait: float | str | None = None,
+    ) -> Indexed[dict[str, list[dict[str, Any]]]]:
+        """For each name, the intentions that apply to it as a ``by`` (``"source"`` or
+        ``"destination"``), in evaluation order."""
+        names = [names] if isinstance(names, str) else list(names)
+        r = self.request(
+            "GET",
+            "/v1/connect/intentions/match",
+            params={"by": by, "name": names},
+            index=index,
+            wait=wait,
+        )
+        return Indexed(_expect(r, dict), r.index)
+
+    def intention_check(self, source: str, destination: str) -> bool:
+        """Would a connection from ``source`` to ``destination`` be allowed?"""
+        r = self.request(
+            "GET",
+            "/v1/connect/intentions/check",
+            params={"source": source, "destination": destination},
+        )
+        return _expect(r, dict).get("Allowed") is True
+
+    def agent_authorize(
+        self, target: str, client_cert_uri: str, client_cert_serial: str = ""
+    ) -> dict[str, Any]:
+        """May the holder of a (verified) client certificate connect to ``target``?
+        Returns ``{"Authorized": bool, "Reason": str}``."""
+        body = {"Target": target, "ClientCertURI": client_cert_uri}
+        if client_cert_serial:
+            body["ClientCertSerial"] = client_cert_serial
+        return _expect(self.request("POST", "/v1/agent/connect/authorize", json=body), dict)
+
     # -- status --------------------------------------------------------------------------------
 
     def status_leader(self) -> str:

@@ -77,15 +77,16 @@ TOP_HELP = """\
 Usage: trellis [--version] [--help] <command> [<args>]
 
 Available commands are:
-    ca          Interact with the Connect certificate authority (CA)
-    catalog     Interact with the catalog
-    dev         Run a server and a node agent on this machine, for development
-    info        Provides debugging information for operators
-    kv          Interact with the key-value store
-    members     Lists the members of a Trellis cluster
-    server      Run the control plane (HTTP API, UI and DNS)
-    services    Interact with services
-    version     Prints the Trellis version
+    ca           Interact with the Connect certificate authority (CA)
+    catalog      Interact with the catalog
+    dev          Run a server and a node agent on this machine, for development
+    info         Provides debugging information for operators
+    intention    Interact with Connect service intentions
+    kv           Interact with the key-value store
+    members      Lists the members of a Trellis cluster
+    server       Run the control plane (HTTP API, UI and DNS)
+    services     Interact with services
+    version      Prints the Trellis version
 """
 
 

@@ -431,6 +431,39 @@ def test_smoke_walk_every_endpoint(app_client):
     ok(c.get("/v1/agent/connect/ca/leaf/web"))
     assert len(ok(c.post("/v1/connect/ca/rotate")).json["Roots"]) == 2
 
+    # ---- intentions and authorization
+    web_db = {"SourceName": "web", "DestinationName": "db", "Action": "allow", "Meta": {"a": "b"}}
+    ixn_id = ok(c.post("/v1/connect/intentions", json=web_db)).json["ID"]
+    ok(c.post("/v1/connect/intentions", json={**web_db, "SourceName": "*"}))
+    ok(c.post("/v1/connect/intentions", json=web_db), 409)
+    idx = ok(c.get("/v1/connect/intentions")).headers["X-Consul-Index"]
+    assert len(ok(c.get(f"/v1/connect/intentions?index={idx}&wait=10ms")).json) == 2
+    assert ok(c.get(f"/v1/connect/intentions/{ixn_id}")).json["Precedence"] == 9
+    assert ok(c.put(f"/v1/connect/intentions/{ixn_id}", json={**web_db, "Action": "deny"})).json
+    ok(c.put(f"/v1/connect/intentions/{ixn_id}", json={**web_db, "SourceName": "*"}), 409)
+    assert ok(c.put("/v1/connect/intentions/exact?source=api&destination=*", json=web_db)).json
+    exact = ok(c.get("/v1/connect/intentions/exact?source=api&destination=*"))
+    ok(c.get(f"/v1/connect/intentions/exact?source=api&destination=*&index={idx}&wait=10ms"))
+    assert exact.json["Precedence"] == 6
+    ok(c.get("/v1/connect/intentions/exact?source=x&destination=y&index=1&wait=10ms"), 404)
+    match = ok(c.get("/v1/connect/intentions/match?by=source&name=web&name=api&index=1&wait=1ms"))
+    assert [len(match.json[n]) for n in ("web", "api")] == [2, 2]
+    ok(c.get("/v1/connect/intentions/match?by=destination&name=db"))
+    assert ok(c.get("/v1/connect/intentions/check?source=web&destination=db")).json == {
+        "Allowed": False
+    }
+    uri = f"spiffe://{roots['TrustDomain']}/ns/default/dc/dc1/svc/web"
+    auth = ok(c.post("/v1/agent/connect/authorize", json={"Target": "db", "ClientCertURI": uri}))
+    assert auth.json == {"Authorized": False, "Reason": "Matched intention: web => db (deny)"}
+    assert ok(c.delete(f"/v1/connect/intentions/{ixn_id}")).json is True
+    assert ok(c.delete("/v1/connect/intentions/exact?source=api&destination=*")).json is True
+    ok(c.get(f"/v1/connect/intentions/{ixn_id}"), 404)
+    ok(c.delete(f"/v1/connect/intentions/{ixn_id}"), 404)
+    ok(c.get("/v1/connect/intentions/not-a-uuid"), 400)
+    ok(c.post("/v1/connect/intentions", json={**web_db, "SourceName": "web*"}), 400)
+    ok(c.get("/v1/connect/intentions/match?by=sideways&name=db"), 400)
+    ok(c.post("/v1/agent/connect/authorize", json={"Target": "*", "ClientCertURI": uri}), 400)
+
     # ---- deletes and deregistrations
     assert ok(c.delete("/v1/kv/config/web/name?cas=1")).json is False
     assert ok(c.delete("/v1/kv/config/web/name")).json is True

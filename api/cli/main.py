@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO
 
 from api import __version__
-from api.cli import ca, catalog, kv, serve, services
+from api.cli import ca, catalog, intention, kv, serve, services
 from api.cli.base import (
     Command,
     CommandError,
@@ -39,6 +39,7 @@ def build_registry() -> Registry:
     r = Registry()
     kv.register(r)
     ca.register(r)
+    intention.register(r)
     services.register(r)
     catalog.register(r)
     serve.register(r)

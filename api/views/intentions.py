@@ -27,7 +27,10 @@ ALL = Watch("intentions", prefixes=("",))
 FIELDS = {"SourceName", "DestinationName", "SourceType", "Action", "Description", "Meta"}
 #: Accepted for compatibility with Consul clients, and must hold Consul's only OSS value.
 NS_FIELDS = {"SourceNS", "DestinationNS", "SourcePartition", "DestinationPartition"}
-READ_ONLY = {"ID", "Precedence", "CreatedAt", "UpdatedAt", "CreateIndex", "ModifyIndex"}
+#: Read-only fields, accepted and ignored so that an intention read back can be sent back.
+#: ``Hash``: Consul's Go client (api.Intention) always sends it (no omitempty), as null, so
+#: refusing it made every IntentionCreate/IntentionUpdate of that client a 400.
+READ_ONLY = {"ID", "Precedence", "CreatedAt", "UpdatedAt", "CreateIndex", "ModifyIndex", "Hash"}
 
 
 class IntentionCache:
@@ -104,11 +107,13 @@ def _name(value: Any, what: str) -> str:
 def _parse_body(body: dict, *, names_from_body: bool) -> dict[str, Any]:
     """Validate an intention body; returns source/destination (if in body), action, etc."""
     allowed = FIELDS | NS_FIELDS | READ_ONLY
+    # Permissions first: checked after the unknown fields, it was one of them, and its own
+    # message (the useful one) was never given.
+    if "Permissions" in body:
+        raise BadRequest("L7 Permissions are not supported; use Action allow or deny")
     unknown = set(body) - allowed
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    if "Permissions" in body:
-        raise BadRequest("L7 Permissions are not supported; use Action allow or deny")
     for k in NS_FIELDS:
         if k in body and body[k] not in ("", "default"):
             raise BadRequest(f"{k} must be 'default' (namespaces and partitions are not served)")
@@ -127,7 +132,10 @@ def _parse_body(body: dict, *, names_from_body: bool) -> dict[str, Any]:
     if not isinstance(desc, str) or len(desc) > 512:
         raise BadRequest("Description must be a string of at most 512 characters")
     out["description"] = desc
-    meta = body.get("Meta") or {}
+    # null means none; any other non-object ([] or "" as much as [1]) is an error. With
+    # ``or {}``, the falsy ones ([], "", false, 0) were taken silently as no Meta.
+    meta = body.get("Meta")
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or len(meta) > 64:
         raise BadRequest("Meta must be an object with at most 64 keys")
     for k, v in meta.items():
@@ -158,10 +166,15 @@ def check_service_write(name: str) -> None:
 
 @bp.get("/v1/connect/intentions")
 def list_intentions():
+    acl.current()  # an unknown token is a 403 even when there is nothing to filter
     store = services().store
 
     def compute():
-        return [intention_json(r) for r in store.intentions()], store.topic_index("intentions")
+        # Consul's order (its state store sorts by IntentionPrecedenceSorter): precedence
+        # descending, then source and destination names; ``consul intention list`` prints it.
+        rows = [intention_json(r) for r in store.intentions()]
+        rows.sort(key=lambda d: (-d["Precedence"], d["SourceName"], d["DestinationName"]))
+        return rows, store.topic_index("intentions")
 
     data, index = blocking(ALL, compute)
     data = [d for d in data if _readable(d["DestinationName"])]
@@ -169,11 +182,9 @@ def list_intentions():
 
 
 def _readable(destination: str) -> bool:
-    try:
-        check_intention_read(destination)
-        return True
-    except Exception:
-        return False
+    # Fix: this caught every exception, so an unknown token ("ACL not found", which Consul
+    # answers 403) got a 200 with an empty list, and any other failure hid intentions.
+    return acl.current().intention_read(destination)
 
 
 @bp.post("/v1/connect/intentions")
@@ -322,6 +333,7 @@ def delete_exact():
 
 @bp.get("/v1/connect/intentions/match")
 def match():
+    acl.current()  # an unknown token is a 403 even when there is nothing to filter
     by = request.args.get("by")
     if by not in ("source", "destination"):
         raise BadRequest("by must be source or destination")
