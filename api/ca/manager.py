@@ -281,11 +281,18 @@ class CAManager:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _state(self) -> tuple[dict, int, dict, int]:
-        """The roots and config documents, re-read only when a CA document changed."""
+    def _state(self, *, fresh: bool = True) -> tuple[dict, int, dict, int]:
+        """The roots and config documents.
+
+        ``fresh=False`` (the signing hot path) reuses the last read until this process's feed
+        reports a CA change; another process's change reaches the feed a few milliseconds
+        after its commit, which is harmless for signing. Reads that answer clients and every
+        change read the store, so a client always reads its own writes, whichever server
+        process took them.
+        """
         feed = self.store.feed
         cached = self._cache
-        if cached is not None and not feed.wait(WATCH, cached[0], 0):
+        if not fresh and cached is not None and not feed.wait(WATCH, cached[0], 0):
             return cached[1], cached[2], cached[3], cached[4]
         pos = feed.position()
         roots = self.store.system_get(ROOTS_DOC)
@@ -440,7 +447,7 @@ class CAManager:
         """Sign a CSR for a service the caller may write. BadRequest for a CSR the policy
         refuses, TooManyRequests over the configured rate, CAUnavailable if the provider is
         down."""
-        roots, _, config, cidx = self._state()
+        roots, _, config, cidx = self._state(fresh=False)
         cfg = config["Config"]
         self._limiter.acquire(float(cfg["CSRMaxPerSecond"]), int(cfg["CSRMaxConcurrent"]))
         try:
@@ -553,8 +560,15 @@ class CAManager:
         cidx: int,
         config: dict,
     ) -> None:
-        old_provider, _active = self._active_provider(roots, config, cidx)
-        if not force and not old_provider.supports_cross_signing():
+        try:
+            old_provider: Provider | None = self._active_provider(roots, config, cidx)[0]
+        except CAUnavailable:
+            # The current provider cannot be reached (a dead Vault). Only a forced rotation
+            # may leave it, without cross-signing; otherwise the CA would be stuck with it.
+            if not force:
+                raise
+            old_provider = None
+        if not force and old_provider is not None and not old_provider.supports_cross_signing():
             raise BadRequest(
                 f"the current CA provider ({old_provider.name}) cannot cross-sign a new root;"
                 " set ForceWithoutCrossSigning to rotate anyway (existing connections keep"
@@ -565,6 +579,8 @@ class CAManager:
         try:
             cross = None
             try:
+                if old_provider is None:
+                    raise ProviderError("the current CA provider is unavailable")
                 cross = old_provider.cross_sign(material.cert)
             except ProviderError as e:
                 if not force:

@@ -155,7 +155,7 @@ class _ServerNameAdapter(requests.adapters.HTTPAdapter):
 
     def __init__(self, server_name: str) -> None:
         self._server_name = server_name
-        super().__init__()
+        super().__init__(pool_connections=4, pool_maxsize=64)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["server_hostname"] = self._server_name
@@ -319,6 +319,10 @@ def _build_client(settings: VaultSettings, token: str, namespace: str | None) ->
         verify = settings.ca_path
     cert = (settings.cert_file, settings.key_file) if settings.cert_file else None
     session = requests.Session()
+    # One server process signs for many concurrent requests: keep enough connections to
+    # Vault that bursts do not open (and log) a new one each time past the default ten.
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
+    session.mount("https://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
     # The configuration decides, not the environment (REQUESTS_CA_BUNDLE, *_PROXY, netrc):
     # a proxy from the environment would otherwise see the token.
     session.trust_env = False
