@@ -232,6 +232,7 @@ class CAManager:
         self._limiter = _Limiter()
         self._cache: tuple[int, dict, int, dict, int] | None = None  # pos, roots, ri, cfg, ci
         self._providers: dict[tuple[str, int], Provider] = {}
+        self._chain_cache: dict[tuple, tuple[x509.Certificate, ...]] = {}
         self.trust_domain = spiffe.trust_domain_for_cluster(store.cluster_id())
 
     # -- providers -------------------------------------------------------------------------
@@ -403,6 +404,11 @@ class CAManager:
             "Roots": out,
         }, idx
 
+    def roots_index(self) -> tuple[str, int]:
+        """The active root's ID and the roots' index, from this process's cached view."""
+        roots, idx, _, _ = self._state(fresh=False)
+        return roots["ActiveRootID"], idx
+
     def root_certs(self) -> list[x509.Certificate]:
         roots, _, _, _ = self._state()
         return [px.load_certs(r["RootCert"])[0] for r in roots["Roots"]]
@@ -468,19 +474,39 @@ class CAManager:
                 raise CAUnavailable(
                     f"CA provider {provider.name} could not sign: {e.message}"
                 ) from None
-            # Defence in depth: whatever the provider returned must be the leaf we asked for.
-            got = px.leaf_identity(leaf)
-            if got != info.identity:
-                raise CAUnavailable("the CA provider returned a certificate for another identity")
-            extra = tuple(
+            if provider.name != "builtin":
+                # Defence in depth: whatever an external PKI returned must be the leaf we
+                # asked for. (The built-in provider builds it from the checked CSR itself.)
+                got = px.leaf_identity(leaf)
+                if got != info.identity:
+                    raise CAUnavailable(
+                        "the CA provider returned a certificate for another identity"
+                    )
+            return SignedLeaf(
+                leaf, tuple(chain) + self._extra_chain(active, chain), info.identity, active["ID"]
+            )
+        finally:
+            self._limiter.release()
+
+    def _extra_chain(
+        self, active: dict, chain: tuple[x509.Certificate, ...]
+    ) -> tuple[x509.Certificate, ...]:
+        """The active root's intermediates that the provider's chain lacks (the cross-signed
+        certificate of the new root), parsed once per root rather than per signing."""
+        key = (active["ID"], tuple(px.fingerprint(c) for c in chain))
+        hit = self._chain_cache.get(key)
+        if hit is None:
+            have = set(key[1])
+            hit = tuple(
                 c
                 for pem in active["IntermediateCerts"]
                 for c in px.load_certs(pem)
-                if px.fingerprint(c) not in {px.fingerprint(x) for x in chain}
+                if px.fingerprint(c) not in have
             )
-            return SignedLeaf(leaf, tuple(chain) + extra, info.identity, active["ID"])
-        finally:
-            self._limiter.release()
+            if len(self._chain_cache) > 64:
+                self._chain_cache.clear()
+            self._chain_cache[key] = hit
+        return hit
 
     # -- configuration and rotation ---------------------------------------------------------------
 

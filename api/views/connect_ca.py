@@ -55,7 +55,10 @@ def agent_roots():
 
 @bp.get("/v1/connect/ca/configuration")
 def get_configuration():
-    acl.require_operator(write=False)
+    # Fix: operator:write, not operator:read, as Consul since 1.8.6/1.7.10/1.6.10: the
+    # configuration is the CA's, and reading it was how CVE-2020-28053 leaked the private key
+    # to operator:read tokens. Trellis never returns a secret here, but keeps Consul's rule.
+    acl.require_operator(write=True)
     # Fix: watch every CA document (WATCH), not only the roots: a TTL-only change writes
     # ca/config alone, and a blocking read of the configuration slept through it.
     data, index = blocking(WATCH, ca().config_view)
@@ -87,9 +90,14 @@ def rotate():
 def may_sign(service: str) -> bool:
     """Whether the request's token may obtain a certificate for ``service``.
 
-    ``service:write`` on it (with ACLs off, as in Consul, any caller may).
+    ``service:write`` on it (with ACLs off, as in Consul, any caller may). A token without it
+    gets 403 Permission denied, as in Consul (ConnectCA.Sign).
+
+    Fix: this returned False, and the CSR policy turned that into a 400 "CSR refused", so a
+    permission failure looked like a malformed request.
     """
-    return acl.current().service_write(service)
+    acl.require_service_write(service)
+    return True
 
 
 def leaf_json(leaf: SignedLeaf, index: int, key_pem: str = "") -> dict:
@@ -119,7 +127,8 @@ def sign():
     if not isinstance(csr, str) or not csr:
         raise BadRequest("CSR (a PEM certificate request) is required")
     leaf = ca().sign_csr(csr, may_sign)
-    index = services().store.current_index()
+    # The index of the roots the leaf was signed under: no extra store read per signing.
+    _, index = ca().roots_index()
     return json_response(leaf_json(leaf, index))
 
 
