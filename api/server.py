@@ -86,6 +86,9 @@ def bind_http(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Each worker listens on the same port with its own socket (see _post_fork); the kernel
+    # then spreads connections evenly over the workers, which one shared socket does not.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
         sock.listen(2048)
@@ -258,6 +261,11 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
             "accesslog": None,
             "preload_app": False,
             "proc_name": "trellis-server",
+            # Not gunicorn's own reuse_port: it would bind each worker to the configured
+            # address, and Trellis hands gunicorn an already bound socket (port 0 resolved);
+            # _when_ready and _post_fork do the same with that socket's address.
+            "when_ready": self._when_ready,
+            "post_fork": self._post_fork,
             "post_worker_init": self._post_worker_init,
             "worker_exit": self._worker_exit,
             "limit_request_line": 8190,
@@ -274,6 +282,35 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
 
         _cooperative_psycopg()
         return create_app(self.settings)
+
+    def _when_ready(self, arbiter) -> None:
+        """Take the master's socket out of the kernel's accept balancing.
+
+        With one listening socket shared by every worker, the worker that happens to be
+        awake accepts most connections (a 30/70 split was measured), and the busier worker
+        sets every latency percentile. So each worker listens on its own SO_REUSEPORT socket
+        (``_post_fork``) and the kernel hashes connections over them. The master's socket
+        stays bound, which keeps the port reserved, but is shut down, which removes it from
+        the balancing: nobody accepts on it.
+        """
+        for listener in arbiter.LISTENERS:
+            listener.sock.shutdown(socket.SHUT_RDWR)
+
+    def _post_fork(self, arbiter, worker) -> None:
+        from gunicorn.sock import TCP6Socket, TCPSocket
+
+        own = []
+        for listener in arbiter.LISTENERS:
+            addr = listener.sock.getsockname()
+            family = listener.sock.family
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(addr)
+            sock.listen(2048)
+            kind = TCP6Socket if family == socket.AF_INET6 else TCPSocket
+            own.append(kind(addr, arbiter.cfg, arbiter.log, fd=sock.detach()))
+        worker.sockets = own
 
     def _post_worker_init(self, worker) -> None:
         if self.dns_socks is None:

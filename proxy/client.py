@@ -612,6 +612,133 @@ class Client:
             body["ClientCertSerial"] = client_cert_serial
         return _expect(self.request("POST", "/v1/agent/connect/authorize", json=body), dict)
 
+    # -- ACLs ----------------------------------------------------------------------------------
+    #
+    # Tokens and policies in the API's own shape (dicts with Consul's field names). A token's
+    # ``SecretID`` is in the answer of ``acl_bootstrap`` and ``acl_token_create`` only: the
+    # server keeps a hash of it, so no read can return it.
+
+    def acl_bootstrap(self) -> dict[str, Any]:
+        """Make the first management token (once per cluster; APIError 403 after that)."""
+        return _expect(self.request("PUT", "/v1/acl/bootstrap"), dict)
+
+    @staticmethod
+    def _policy_links(
+        policy_ids: tuple[str, ...] | list[str] = (),
+        policy_names: tuple[str, ...] | list[str] = (),
+    ) -> list[dict[str, str]]:
+        return [{"ID": p} for p in policy_ids] + [{"Name": n} for n in policy_names]
+
+    def acl_token_create(
+        self,
+        *,
+        description: str = "",
+        policy_ids: tuple[str, ...] | list[str] = (),
+        policy_names: tuple[str, ...] | list[str] = (),
+        local: bool = False,
+        accessor_id: str | None = None,
+        secret_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a token holding the policies named by ID or name; the answer has its
+        ``SecretID`` (the only time it is shown)."""
+        body: dict[str, Any] = {
+            "Description": description,
+            "Policies": self._policy_links(policy_ids, policy_names),
+            "Local": local,
+        }
+        if accessor_id:
+            body["AccessorID"] = accessor_id
+        if secret_id:
+            body["SecretID"] = secret_id
+        return _expect(self.request("PUT", "/v1/acl/token", json=body), dict)
+
+    def acl_token_read(self, accessor_id: str) -> dict[str, Any]:
+        """A token by accessor ID (APIError 404 when there is none)."""
+        return _expect(self.request("GET", "/v1/acl/token/" + _path(accessor_id)), dict)
+
+    def acl_token_self(self) -> dict[str, Any]:
+        """The token this client sends (the anonymous token when it sends none)."""
+        return _expect(self.request("GET", "/v1/acl/token/self"), dict)
+
+    def acl_token_update(
+        self,
+        accessor_id: str,
+        *,
+        description: str = "",
+        policies: list[Mapping[str, str]] | tuple[Mapping[str, str], ...] = (),
+        local: bool = False,
+    ) -> dict[str, Any]:
+        """Replace a token's description, policies (``{"ID": ...}`` or ``{"Name": ...}``)
+        and locality; its secret never changes."""
+        body = {
+            "AccessorID": accessor_id,
+            "Description": description,
+            "Policies": [dict(p) for p in policies],
+            "Local": local,
+        }
+        return _expect(self.request("PUT", "/v1/acl/token/" + _path(accessor_id), json=body), dict)
+
+    def acl_token_delete(self, accessor_id: str) -> None:
+        """Delete a token (APIError 404 when there is none)."""
+        self.request("DELETE", "/v1/acl/token/" + _path(accessor_id))
+
+    def acl_token_list(self) -> list[dict[str, Any]]:
+        """Every token, oldest first, without secrets."""
+        return _expect(self.request("GET", "/v1/acl/tokens"), list)
+
+    def acl_policy_create(
+        self,
+        name: str,
+        *,
+        rules: str = "",
+        description: str = "",
+        datacenters: tuple[str, ...] | list[str] = (),
+    ) -> dict[str, Any]:
+        """Create a policy (``rules`` in Consul's HCL or JSON; APIError 400 when they do not
+        parse, 409 when the name is taken)."""
+        body = {
+            "Name": name,
+            "Description": description,
+            "Rules": rules,
+            "Datacenters": list(datacenters),
+        }
+        return _expect(self.request("PUT", "/v1/acl/policy", json=body), dict)
+
+    def acl_policy_read(self, policy_id: str) -> dict[str, Any]:
+        """A policy by ID, with its rules (APIError 404 when there is none)."""
+        return _expect(self.request("GET", "/v1/acl/policy/" + _path(policy_id)), dict)
+
+    def acl_policy_read_by_name(self, name: str) -> dict[str, Any]:
+        """A policy by name, with its rules (APIError 404 when there is none)."""
+        return _expect(self.request("GET", "/v1/acl/policy/name/" + _path(name)), dict)
+
+    def acl_policy_update(
+        self,
+        policy_id: str,
+        name: str,
+        *,
+        rules: str = "",
+        description: str = "",
+        datacenters: tuple[str, ...] | list[str] = (),
+    ) -> dict[str, Any]:
+        """Replace a policy's name, rules, description and datacenters."""
+        body = {
+            "ID": policy_id,
+            "Name": name,
+            "Description": description,
+            "Rules": rules,
+            "Datacenters": list(datacenters),
+        }
+        return _expect(self.request("PUT", "/v1/acl/policy/" + _path(policy_id), json=body), dict)
+
+    def acl_policy_delete(self, policy_id: str) -> None:
+        """Delete a policy (APIError 404 when there is none)."""
+        self.request("DELETE", "/v1/acl/policy/" + _path(policy_id))
+
+    def acl_policy_list(self) -> list[dict[str, Any]]:
+        """Every policy, by name, without rules."""
+        return _expect(self.request("GET", "/v1/acl/policies"), list)
+
     # -- status --------------------------------------------------------------------------------
 
     def status_leader(self) -> str:

@@ -77,6 +77,7 @@ TOP_HELP = """\
 Usage: trellis [--version] [--help] <command> [<args>]
 
 Available commands are:
+    acl          Interact with Trellis's ACLs
     ca           Interact with the Connect certificate authority (CA)
     catalog      Interact with the catalog
     dev          Run a server and a node agent on this machine, for development

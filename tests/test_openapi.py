@@ -512,15 +512,99 @@ def test_smoke_walk_every_endpoint(app_client):
     ok(c.get("/v1/agent/connect/ca/leaf/-web"), 400)
     ok(c.options("/v1/kv/k"))  # answered by Flask itself; not checked
 
-    # ---- every operation of the spec answered 2xx at least once, every GET 200
+    # ---- ACL endpoints: this app has ACLs off, so every one answers 401
+    some = "00000000-0000-4000-8000-000000000000"
+    for method, url in ACL_CALLS:
+        ok(c.open(url.format(id=some), method=method, json={"Name": "p"}), 401)
+    assert {(m, t) for m, t, s in c.seen if s == 401} == acl_operations()
+
+    # ---- every other operation of the spec answered 2xx at least once, every GET 200 (the
+    #      ACL operations: test_smoke_walk_acls)
     seen_ok = {(m, t) for m, t, s in c.seen if 200 <= s < 300}
-    not_exercised = sorted(spec_operations() - seen_ok)
+    not_exercised = sorted(spec_operations() - acl_operations() - seen_ok)
     allowed_unexercised = {("PUT", "/v1/kv/")}  # always 400: a key name is required
     assert set(not_exercised) <= allowed_unexercised, not_exercised
-    assert {("GET", t) for m, t in spec_operations() if m == "GET"} <= {
+    assert {("GET", t) for m, t in spec_operations() - acl_operations() if m == "GET"} <= {
         (m, t) for m, t, s in c.seen if s == 200
     }
     assert {400, 404, 413} <= {s for _, _, s in c.seen}
+
+
+#: One request per ACL operation (``{id}``: a policy ID or a token accessor).
+ACL_CALLS = (
+    ("PUT", "/v1/acl/bootstrap"),
+    ("PUT", "/v1/acl/policy"),
+    ("GET", "/v1/acl/policy/{id}"),
+    ("PUT", "/v1/acl/policy/{id}"),
+    ("DELETE", "/v1/acl/policy/{id}"),
+    ("GET", "/v1/acl/policy/name/p"),
+    ("GET", "/v1/acl/policies"),
+    ("PUT", "/v1/acl/token"),
+    ("GET", "/v1/acl/token/self"),
+    ("GET", "/v1/acl/token/{id}"),
+    ("PUT", "/v1/acl/token/{id}"),
+    ("DELETE", "/v1/acl/token/{id}"),
+    ("GET", "/v1/acl/tokens"),
+)
+
+
+def acl_operations() -> set[tuple[str, str]]:
+    return {(m, t) for m, t in spec_operations() if t.startswith("/v1/acl/")}
+
+
+def test_smoke_walk_acls(tmp_path):
+    """The ACL operations, on an app with ACLs on (default deny): each answers 2xx once, each
+    GET 200, and the errors they list (400, 403, 404, 409) are met."""
+    app = make_app(tmp_path, acl_enabled=True, acl_default_policy="deny")
+    c = ValidatingClient(app.test_client())
+    try:
+        ok(c.get("/v1/acl/token/self"))  # the anonymous token, before any bootstrap
+        ok(c.get("/v1/acl/tokens"), 403)
+        boot = ok(c.put("/v1/acl/bootstrap")).json
+        ok(c.put("/v1/acl/bootstrap"), 403)
+        h = {"X-Consul-Token": boot["SecretID"]}
+        ok(c.get("/v1/acl/token/self", headers={"X-Consul-Token": "no-such-secret"}), 403)
+
+        rules = 'key_prefix "app/" { policy = "write" }'
+        p = ok(c.put("/v1/acl/policy", json={"Name": "app", "Rules": rules}, headers=h)).json
+        ok(c.put("/v1/acl/policy", json={"Name": "app"}, headers=h), 409)
+        ok(c.put("/v1/acl/policy", json={"Name": "bad", "Rules": "nope {"}, headers=h), 400)
+        ok(c.get(f"/v1/acl/policy/{p['ID']}?pretty", headers=h))
+        ok(c.get("/v1/acl/policy/name/app", headers=h))
+        ok(c.get("/v1/acl/policy/name/nothing", headers=h), 404)
+        ok(c.get("/v1/acl/policy/not-a-uuid", headers=h), 400)
+        body = {"Name": "app", "Rules": rules, "Description": "app keys", "Datacenters": ["dc1"]}
+        ok(c.put(f"/v1/acl/policy/{p['ID']}", json=body, headers=h))
+        ok(c.get("/v1/acl/policies", headers=h))
+
+        t = ok(c.put("/v1/acl/token", json={"Policies": [{"Name": "app"}]}, headers=h)).json
+        ok(c.put("/v1/acl/token", json={"SecretID": t["SecretID"]}, headers=h), 409)
+        ok(c.put("/v1/acl/token", json={"Policies": [{"Name": "nothing"}]}, headers=h), 400)
+        ok(c.get("/v1/acl/token/self", headers={"Authorization": f"Bearer {t['SecretID']}"}))
+        ok(c.get(f"/v1/acl/token/{t['AccessorID']}", headers=h))
+        ok(
+            c.get(f"/v1/acl/token/{t['AccessorID']}", headers={"X-Consul-Token": t["SecretID"]}),
+            403,
+        )
+        body = {"Description": "app deployer", "Policies": [{"ID": p["ID"]}]}
+        ok(c.put(f"/v1/acl/token/{t['AccessorID']}", json=body, headers=h))
+        ok(c.get("/v1/acl/tokens", headers=h))
+        assert ok(c.delete(f"/v1/acl/token/{t['AccessorID']}", headers=h)).json is True
+        ok(c.get(f"/v1/acl/token/{t['AccessorID']}", headers=h), 404)
+        ok(c.delete(f"/v1/acl/token/{t['AccessorID']}", headers=h), 404)
+        assert ok(c.delete(f"/v1/acl/policy/{p['ID']}", headers=h)).json is True
+        ok(c.delete(f"/v1/acl/policy/{p['ID']}", headers=h), 404)
+        ok(c.put(f"/v1/acl/policy/{p['ID']}", json={"Name": "x"}, headers=h), 404)
+    finally:
+        app.extensions["trellis"].close()
+
+    seen_ok = {(m, t) for m, t, s in c.seen if 200 <= s < 300}
+    assert acl_operations() <= seen_ok, sorted(acl_operations() - seen_ok)
+    assert {(m, t) for m, t in acl_operations() if m == "GET"} <= {
+        (m, t) for m, t, s in c.seen if s == 200
+    }
+    assert {400, 403, 404, 409} <= {s for m, t, s in c.seen if t.startswith("/v1/acl/")}
+    assert len(ACL_CALLS) == len(acl_operations())
 
 
 def test_store_unavailable_is_a_503_in_the_contract(tmp_path):

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO
 
 from api import __version__
-from api.cli import ca, catalog, intention, kv, serve, services
+from api.cli import acl, ca, catalog, intention, kv, serve, services
 from api.cli.base import (
     Command,
     CommandError,
@@ -38,6 +38,7 @@ def _version(ctx: Context, ns: object) -> int:
 def build_registry() -> Registry:
     r = Registry()
     kv.register(r)
+    acl.register(r)
     ca.register(r)
     intention.register(r)
     services.register(r)

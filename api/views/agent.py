@@ -18,6 +18,7 @@ from api.errors import BadRequest, NotFound
 from api.feed import Watch
 from api.http import flag, hash_blocking, json_body, json_response, services, str_arg
 from api.store.base import CRITICAL, PASSING, WARNING, Node, Registration, Service
+from api.views.catalog import require_overwrite_write
 
 bp = Blueprint("agent", __name__)
 
@@ -60,6 +61,12 @@ def register_service_body(body: dict, *, replace_checks: bool) -> Service:
         checks += cat.build_checks(settings.node_name, sidecar, list(sc_d.get("Checks") or []))
     # The sidecar is derived from its parent's registration: write on the parent covers it.
     acl.require_registration(svc.name, svc.destination)
+    if len(svcs) > 1 and svcs[1].name != f"{svc.name}-sidecar-proxy":
+        # Fix: only the default sidecar name is the parent's; SidecarService.Name could name
+        # any service (``db``), and registered an instance of it with write on ``web`` alone.
+        acl.require_service_write(svcs[1].name)
+    # Fix: nor may a registration replace another service's instance or check by its ID.
+    require_overwrite_write(settings.node_name, svcs, checks)
     store.register(
         Registration(
             node=local_node(),
@@ -83,9 +90,15 @@ def service_register():
 def service_deregister(service_id: str):
     store = services().store
     node = services().settings.node_name
-    owner = next((s for s in store.services(node=node) if s.id == service_id), None)
+    local = {s.id: s for s in store.services(node=node)}
+    owner = local.get(service_id)
     if owner is not None:
         acl.require_service_write(owner.name)
+    sidecar = local.get(f"{service_id}-sidecar-proxy")
+    # Fix: the instance with the sidecar's ID went with its parent whatever it was; it is the
+    # parent's only when it proxies for it, else deregistering it needs write on it.
+    if owner is not None and sidecar is not None and sidecar.destination != owner.name:
+        acl.require_service_write(sidecar.name)
     if not store.deregister_service(node, service_id):
         raise NotFound(f"Unknown service ID {service_id!r}")
     # A sidecar registered through connect.sidecar_service goes with its parent.
@@ -156,6 +169,8 @@ def check_register():
     else:
         acl.require_node_write(s.settings.node_name)
     checks = cat.build_checks(s.settings.node_name, owner, [d])
+    # Fix: a check that reuses another service's (or the node's) check ID replaces it.
+    require_overwrite_write(s.settings.node_name, (), checks)
     s.store.register(Registration(node=local_node(), checks=tuple(checks), keep_existing_node=True))
     return json_response(None)
 

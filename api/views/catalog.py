@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from flask import Blueprint
 
 from api import catalog as cat
@@ -9,7 +11,7 @@ from api.acl import service as acl
 from api.errors import BadRequest
 from api.feed import Watch
 from api.http import blocking, json_body, json_response, services, str_arg
-from api.store.base import Node, Registration
+from api.store.base import Check, Node, Registration, Service
 
 bp = Blueprint("catalog", __name__)
 
@@ -30,6 +32,31 @@ def tags_arg() -> tuple[str, ...]:
     from flask import request
 
     return tuple(t for t in request.args.getlist("tag") if t)
+
+
+def require_overwrite_write(node: str, svcs: Iterable[Service], checks: Iterable[Check]) -> None:
+    """A registration replaces the service or check that has its ID on ``node``: that needs
+    write on what it replaces too, or ``service:write`` on ``web`` would let a token overwrite
+    (take over, or silence the checks of) ``db``'s instance by reusing its ID. Consul vets the
+    same (``vetRegisterWithACL``, ``vetServiceRegisterWithAuthorizer``: "Vet any service that
+    might be getting overwritten", and the same for checks on the agent).
+
+    Fix: registrations checked only the names they wrote, never what they overwrote.
+    """
+    store = services().store
+    existing = {s.id: s for s in store.services(node=node)}
+    for s in svcs:
+        old = existing.get(s.id)
+        if old is not None and old.name != s.name:
+            acl.require_service_write(old.name)
+    for c in checks:
+        old_check = next(iter(store.checks(node=node, check_id=c.check_id)), None)
+        if old_check is None or old_check.service_name == c.service_name:
+            continue
+        if old_check.service_name:
+            acl.require_service_write(old_check.service_name)
+        else:
+            acl.require_node_write(node)
 
 
 @bp.put("/v1/catalog/register")
@@ -75,6 +102,7 @@ def register():
             acl.require_service_write(c.service_name)
         else:
             acl.require_node_write(node_name)
+    require_overwrite_write(node_name, svcs, checks)
     services().store.register(
         Registration(
             node=node,
