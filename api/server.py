@@ -249,7 +249,10 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
         cfg = {
             "bind": [f"fd://{self.http.fileno()}"],
             "workers": s.workers,
-            "worker_class": s.worker_class,
+            # gevent means Trellis's gevent worker (api/gworker.py): one send per response.
+            "worker_class": (
+                "api.gworker.TrellisGeventWorker" if s.worker_class == "gevent" else s.worker_class
+            ),
             "worker_connections": s.worker_connections,
             "threads": s.threads,
             # Blocking queries hold a request for up to max_wait; the gevent and gthread
