@@ -7,17 +7,14 @@ with a pattern and then compared with what the typed client reads from the API.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import socket
-import sys
-from dataclasses import dataclass
 
 import pytest
 
-from api.cli.main import run
-from proxy.client import APIError, Client
+from proxy.client import APIError
+from tests import cli_support
 from tests.ca_support import RFC3339, certs, service_csr
 
 pytestmark = pytest.mark.integration
@@ -26,37 +23,10 @@ ID = r"[0-9a-f]{2}(?::[0-9a-f]{2}){19}"  # a 20-byte key ID
 NAME = r"Trellis CA [0-9a-f]{8}"
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def cli(capsys, request):
-    """Run ``trellis ARGS`` in-process against the real server (started on first use)."""
-
-    def call(*argv: str, addr: str | None = None) -> Result:
-        if addr is None:
-            addr = request.getfixturevalue("trellis_server").url
-        code = run(
-            list(argv),
-            env={"TRELLIS_HTTP_ADDR": addr},
-            stdin=io.StringIO(""),
-            stdout=sys.stdout,
-            stderr=sys.stderr,
-        )
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
-
-    return call
-
-
-@pytest.fixture
-def api(trellis_server):
-    with Client(trellis_server.url) as c:
-        yield c
+# Shared fixtures, bound here by name (importing them directly trips ruff's F811).
+Result = cli_support.Result
+cli = cli_support.cli
+api = cli_support.api
 
 
 def _row(root_id: str, name: str, active: str, not_after: str) -> str:

@@ -10,51 +10,20 @@ Output, messages and exit statuses are ``consul intention``'s, except ``check``:
 from __future__ import annotations
 
 import datetime as dt
-import io
 import socket
-import sys
-from dataclasses import dataclass
 
 import pytest
 
 from api.cli.intention import rfc850
-from api.cli.main import run
-from proxy.client import Client
+from tests import cli_support
 
 pytestmark = pytest.mark.integration
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def cli(capsys, request):
-    """Run ``trellis ARGS`` in-process against the real server (started on first use)."""
-
-    def call(*argv: str, addr: str | None = None) -> Result:
-        if addr is None:
-            addr = request.getfixturevalue("trellis_server").url
-        code = run(
-            list(argv),
-            env={"TRELLIS_HTTP_ADDR": addr},
-            stdin=io.StringIO(""),
-            stdout=sys.stdout,
-            stderr=sys.stderr,
-        )
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
-
-    return call
-
-
-@pytest.fixture
-def api(trellis_server):
-    with Client(trellis_server.url) as c:
-        yield c
+# Shared fixtures, bound here by name (importing them directly trips ruff's F811).
+Result = cli_support.Result
+cli = cli_support.cli
+api = cli_support.api
 
 
 @pytest.fixture
