@@ -62,11 +62,6 @@ class PayloadTooLarge(TrellisError):
     code = "payload_too_large"
 
 
-class UnsupportedMediaType(TrellisError):
-    status = 415
-    code = "unsupported_media_type"
-
-
 class TooManyRequests(TrellisError):
     status = 429
     code = "too_many_requests"

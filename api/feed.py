@@ -86,6 +86,9 @@ class ChangeFeed:
         self._known: set[Change] = set()
         self._waiters: dict[str, set[_Waiter]] = {}
         self.published_index = 0
+        #: The position of the last change published per topic (ANY counts for every topic).
+        self._topic_seq: dict[str, int] = {}
+        self._any_seq = 0
 
     def position(self) -> int:
         return self._seq
@@ -111,6 +114,10 @@ class ChangeFeed:
                     self._known.discard(self._recent[0][1])
                 self._recent.append((self._seq, c))
                 self._known.add(c)
+                if c.topic == ANY:
+                    self._any_seq = self._seq
+                else:
+                    self._topic_seq[c.topic] = self._seq
                 if c.index > self.published_index:
                     self.published_index = c.index
                 if c.topic == ANY:
@@ -120,6 +127,14 @@ class ChangeFeed:
                 woken.extend(w for w in targets if w.watch.matches(c))
         for w in woken:
             w.event.set()
+
+    def topic_changed_since(self, topic: str, after: int) -> bool:
+        """Whether anything of ``topic`` was published after position ``after``.
+
+        O(1), for per-process caches of a whole topic (intentions, ACLs, the CA) that ask on
+        every request; ``wait(..., 0)`` would scan every change published since.
+        """
+        return max(self._topic_seq.get(topic, 0), self._any_seq) > after
 
     def wait(self, watch: Watch, after: int, timeout: float) -> bool:
         """Wait until a change matching ``watch`` is published after position ``after``.

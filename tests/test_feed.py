@@ -352,3 +352,19 @@ def test_no_lost_wakeups_under_concurrency() -> None:
     assert errors == []
     assert time.monotonic() - t0 < PROMPT * 2
     assert feed.waiting() == 0
+
+
+def test_topic_changed_since_is_per_topic_and_counts_any():
+    feed = ChangeFeed()
+    pos = feed.position()
+    assert not feed.topic_changed_since("acl", pos)
+    feed.publish([Change(1, "kv", "a")])
+    assert not feed.topic_changed_since("acl", pos)
+    assert feed.topic_changed_since("kv", pos)
+    feed.publish([Change(2, "acl", "tokens")])
+    assert feed.topic_changed_since("acl", pos)
+    later = feed.position()
+    assert not feed.topic_changed_since("acl", later)
+    feed.publish([Change(3, ANY, ANY)])  # lost history: every cache must re-read
+    assert feed.topic_changed_since("acl", later)
+    assert feed.topic_changed_since("intentions", later)

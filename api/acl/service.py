@@ -17,7 +17,6 @@ from flask import g, request
 
 from api.acl.rules import Authorizer, RulesError, parse_rules
 from api.errors import PermissionDenied
-from api.feed import Watch
 from api.http import services
 from api.store.security import ACLPolicy, ACLToken
 
@@ -26,7 +25,6 @@ MANAGEMENT_POLICY_NAME = "global-management"
 ANONYMOUS_ACCESSOR = "00000000-0000-0000-0000-000000000002"
 ANONYMOUS_SECRET = "anonymous"  # noqa: S105 - Consul's well-known anonymous token, not a secret
 BOOTSTRAP_DOC = "acl/bootstrap"
-WATCH = Watch("acl", prefixes=("",))
 #: ACLs off: one immutable allow-all Authorizer for every request (it used to be built per
 #: request, which showed in profiles of a thousand woken blocking queries).
 _ALLOW_ALL = Authorizer.allow_all()
@@ -62,7 +60,7 @@ class AuthorizerCache:
     def resolve(self, secret: str | None) -> tuple[ACLToken | None, Authorizer]:
         svc = services()
         feed = svc.store.feed
-        if self._pos < 0 or feed.wait(WATCH, self._pos, 0):
+        if self._pos < 0 or feed.topic_changed_since("acl", self._pos):
             with self._lock:
                 self._by_hash = {}
                 self._pos = feed.position()

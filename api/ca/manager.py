@@ -293,7 +293,7 @@ class CAManager:
         """
         feed = self.store.feed
         cached = self._cache
-        if not fresh and cached is not None and not feed.wait(WATCH, cached[0], 0):
+        if not fresh and cached is not None and not feed.topic_changed_since("system", cached[0]):
             return cached[1], cached[2], cached[3], cached[4]
         pos = feed.position()
         roots = self.store.system_get(ROOTS_DOC)

@@ -44,7 +44,7 @@ class IntentionCache:
     def get(self) -> authz.IntentionSet:
         svc = services()
         feed = svc.store.feed
-        if self._pos >= 0 and not feed.wait(ALL, self._pos, 0):
+        if self._pos >= 0 and not feed.topic_changed_since("intentions", self._pos):
             return self._set
         with self._lock:
             pos = feed.position()
@@ -348,26 +348,21 @@ def match():
     cache: IntentionCache = services().intentions
 
     def compute():
+        # One read of the records, for every name: the compiled set gives the order, the
+        # records give the full shape (timestamps, indexes). An intention deleted between
+        # the two is left out; the change that deleted it wakes the next round.
         iset = cache.get()
-        out = {n: [_match_json(i) for i in iset.match(by=by, name=n)] for n in names}
+        records = {r.id: r for r in store.intentions()}
+        out = {
+            n: [intention_json(records[i.id]) for i in iset.match(by=by, name=n) if i.id in records]
+            for n in names
+        }
         return out, store.topic_index("intentions")
 
     data, index = blocking(ALL, compute)
     if by == "source":
         data = {n: [i for i in v if _readable(i["DestinationName"])] for n, v in data.items()}
     return json_response(data, index=index)
-
-
-def _match_json(i: authz.Intention) -> dict[str, Any]:
-    rec = services().store.intention(i.id)
-    if rec is None:  # deleted between the index and now; the next blocking round shows it
-        return {
-            "ID": i.id,
-            "SourceName": i.source,
-            "DestinationName": i.destination,
-            "Action": i.action,
-        }
-    return intention_json(rec)
 
 
 @bp.get("/v1/connect/intentions/check")
