@@ -24,9 +24,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import queue
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -138,12 +138,21 @@ def migrations(blob: str) -> list[tuple[int, list[str]]]:
 
 
 class Pool:
-    """A small blocking connection pool (cooperative under gevent, like everything here)."""
+    """A small blocking connection pool, cooperative under gevent like everything here.
+
+    Built from a plain lock and one event per waiter, not from ``queue.Queue`` or
+    ``threading.Semaphore``: under gevent those yield to the hub on every call, even when a
+    connection is free (``Condition.notify`` probes its lock with a non-blocking acquire, and
+    gevent's lock answers a failed probe with a sleep). A yield in the middle of a read let a
+    thousand woken blocking queries each start the same read before the first one finished,
+    so none of them could share its result.
+    """
 
     def __init__(self, connect: Callable[[], Any], size: int, timeout: float = 10.0) -> None:
         self._connect = connect
-        self._free: queue.LifoQueue[Any] = queue.LifoQueue()
-        self._slots = threading.BoundedSemaphore(size)
+        self._free: list[Any] = []  # LIFO: the most recently used connection is warmest
+        self._slots = size
+        self._waiters: deque[threading.Event] = deque()
         self._timeout = timeout
         self._all: list[Any] = []
         self._lock = threading.Lock()
@@ -154,39 +163,59 @@ class Pool:
         # finishing a poll): it would never be closed, and would leak past the store's life.
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        if not self._slots.acquire(timeout=self._timeout):
-            raise StoreUnavailable("no store connection became free in time")
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            pass
+        with self._lock:
+            if self._slots > 0:
+                self._slots -= 1
+                waiter = None
+            else:
+                waiter = threading.Event()
+                self._waiters.append(waiter)
+        if waiter is not None and not waiter.wait(self._timeout):
+            with self._lock:
+                try:
+                    self._waiters.remove(waiter)
+                    gave_up = True
+                except ValueError:
+                    gave_up = False  # a slot was handed over just as the wait ran out
+            if gave_up:
+                raise StoreUnavailable("no store connection became free in time")
+        # This caller now holds a slot.
+        with self._lock:
+            if self._free:
+                return self._free.pop()
         try:
             conn = self._connect()
         except BaseException:
-            self._slots.release()
+            self._release_slot()
             raise
         with self._lock:
             self._all.append(conn)
         return conn
 
+    def _release_slot(self) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()  # the slot passes straight to the first waiter
+            else:
+                self._slots += 1
+
     def put(self, conn: Any, *, broken: bool = False) -> None:
-        if broken:
-            with self._lock:
+        close = broken
+        with self._lock:
+            if broken or self._closed:
+                # A broken connection, or one handed back after close() (which could not see
+                # it in the free list), is closed here, by the thread that held it.
+                close = True
                 if conn in self._all:
                     self._all.remove(conn)
+            else:
+                self._free.append(conn)
+        if close:
             try:
                 conn.close()
             except Exception:  # noqa: S110 - a broken connection may fail to close; it is gone
                 pass
-        elif self._closed:
-            # Handed back after close(): close() could not see it in the free list.
-            with self._lock:
-                if conn in self._all:
-                    self._all.remove(conn)
-            conn.close()
-        else:
-            self._free.put(conn)
-        self._slots.release()
+        self._release_slot()
 
     def close(self) -> None:
         """Close the free connections now, and each checked-out one when it is handed back.
@@ -196,13 +225,7 @@ class Pool:
         """
         with self._lock:
             self._closed = True
-        conns = []
-        while True:
-            try:
-                conns.append(self._free.get_nowait())
-            except queue.Empty:
-                break
-        with self._lock:
+            conns, self._free = self._free, []
             for c in conns:
                 if c in self._all:
                     self._all.remove(c)
