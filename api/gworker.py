@@ -18,11 +18,14 @@ from gunicorn.workers.ggevent import GeventWorker
 class _Corked:
     """A client socket whose first ``sendall`` of a response waits for the second."""
 
-    __slots__ = ("_head", "_sock")
+    __slots__ = ("_head", "_sock", "woken")
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self._head: bytes | None = None
+        #: Set by ``api.http.blocking`` (through ``environ["gunicorn.socket"]``) when this
+        #: request was a parked blocking query that a change woke.
+        self.woken = False
 
     def sendall(self, data: bytes) -> None:
         if self._head is None:
@@ -55,9 +58,10 @@ class TrellisGeventWorker(GeventWorker):
                 corked.flush()
             except OSError:
                 pass  # the client went away; gunicorn's own handling has seen to it
-            # Let every other ready greenlet run before this connection goes on to read its next
-            # request. One write wakes a thousand parked queries; without this, each one sets
-            # up gunicorn's keep-alive read (a Timeout, a parser, a recv that would block)
-            # before the next one may answer. With it, all thousand answer first, and that
-            # bookkeeping runs after. Costs one trip through the hub per request.
-            gevent.sleep(0)
+            if corked.woken:
+                # One write wakes a thousand parked queries in one pass of the hub. Without
+                # this yield, each would set up gunicorn's keep-alive read (a Timeout, a parser,
+                # a recv that would block) before the next could answer; with it, all answer
+                # first and that bookkeeping follows. Only woken queries pay for the trip
+                # through the hub.
+                gevent.sleep(0)
