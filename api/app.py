@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 from api.ca.manager import CAManager
 from api.ca.secrets import load_sealer
 from api.errors import TrellisError
+from api.feed import SharedReads
 from api.settings import Settings
 from api.store import open_store
 from api.store.base import PASSING, Check, Node, Registration, Store
@@ -42,7 +43,7 @@ class AppServices:
     ca: CAManager
     leaves: LeafCache = field(default_factory=lambda: _leaf_cache())
     #: Results of blocking reads, shared by the queries one write wakes (see api.http).
-    shared_reads: dict = field(default_factory=dict)
+    shared_reads: SharedReads = field(default_factory=SharedReads)
     intentions: IntentionCache = field(default_factory=lambda: _intention_cache())
     acls: AuthorizerCache = field(default_factory=lambda: _authorizer_cache())
     stop: threading.Event = field(default_factory=threading.Event)

@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar, cast
+
+T = TypeVar("T")
 
 #: A change whose topic is ANY wakes every waiter (used when the follower lost history).
 ANY = "*"
@@ -163,3 +166,79 @@ class ChangeFeed:
                     ws.discard(w)
                     if not ws:
                         del self._waiters[watch.topic]
+
+
+class _Flight:
+    __slots__ = ("done", "ok", "pos", "value")
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+        self.done = threading.Event()
+        self.ok = False
+        self.value: object = None
+
+
+class SharedReads:
+    """One read of the store for all blocking queries that a change woke together.
+
+    One write can wake a thousand parked queries for the same read (the same path, arguments
+    and token). A result computed from feed position P reflects every change published by P, so
+    it can answer any query woken at a position <= P. The first woken query computes; the
+    others that arrive while it is computing wait for its result (single flight) instead of
+    each starting the same read, which matters on PostgreSQL, where a read yields to the other
+    greenlets while it waits for the database. If the computing query fails, each waiter reads
+    for itself.
+
+    Only woken queries use this: a fresh request always reads the store itself (``remember``
+    records its result), so that a client reads its own writes even when another process
+    served the write.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._limit = limit
+        self._done: dict[Hashable, tuple[int, object]] = {}
+        self._flights: dict[Hashable, _Flight] = {}
+
+    def remember(self, key: Hashable, pos: int, value: object) -> None:
+        """Record ``value``, computed from position ``pos``, unless a newer one is known."""
+        with self._lock:
+            have = self._done.get(key)
+            if have is not None and have[0] > pos:
+                return
+            if have is None and len(self._done) >= self._limit:
+                self._done.clear()
+            self._done[key] = (pos, value)
+
+    def read(self, key: Hashable, pos: int, compute: Callable[[], T]) -> T:
+        """A value for ``key`` computed from position ``pos`` or later."""
+        with self._lock:
+            have = self._done.get(key)
+            if have is not None and have[0] >= pos:
+                return cast(T, have[1])
+            flight = self._flights.get(key)
+            leader = flight is None or flight.pos < pos
+            if leader:
+                flight = _Flight(pos)
+                self._flights[key] = flight
+        assert flight is not None
+        if not leader:
+            flight.done.wait()
+            if flight.ok:
+                return cast(T, flight.value)
+            return compute()
+        try:
+            value = compute()
+        except BaseException:
+            self._land(key, flight)
+            raise
+        flight.value, flight.ok = value, True
+        self.remember(key, pos, value)
+        self._land(key, flight)
+        return value
+
+    def _land(self, key: Hashable, flight: _Flight) -> None:
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        flight.done.set()

@@ -188,19 +188,12 @@ def blocking(watch: Watch, compute: Callable[[], tuple[Any, int]]) -> tuple[Any,
     woken = False
     while True:
         pos = feed.position()
-        # One write can wake a thousand queries for the same read; the first to run computes
-        # it and the others take its result. A result computed at feed position P reflects
-        # every change published by P, so it serves any query woken at a position <= P.
-        # Only woken queries share: a fresh request always reads the store, so a client reads
-        # its own writes even when another worker served the write.
-        entry = shared.get(key) if woken else None
-        if entry is not None and entry[0] >= pos:
-            result, index = entry[1], entry[2]
+        if woken:
+            # Queries woken by the same change share one read (see api.feed.SharedReads).
+            result, index = shared.read(key, pos, compute)
         else:
             result, index = compute()
-            if len(shared) >= 4096:
-                shared.clear()
-            shared[key] = (pos, result, index)
+            shared.remember(key, pos, (result, index))
         if index > min_index:
             if woken:
                 _note_woken()

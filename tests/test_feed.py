@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from api.feed import ANY, Change, ChangeFeed, Watch
+from api.feed import ANY, Change, ChangeFeed, SharedReads, Watch
 
 #: Generous upper bound for "returns promptly" on a loaded 2-core CI machine.
 PROMPT = 5.0
@@ -368,3 +368,123 @@ def test_topic_changed_since_is_per_topic_and_counts_any():
     feed.publish([Change(3, ANY, ANY)])  # lost history: every cache must re-read
     assert feed.topic_changed_since("acl", later)
     assert feed.topic_changed_since("intentions", later)
+
+
+# -- SharedReads: one read for the queries a change woke together ---------------------------
+
+
+class SlowRead:
+    """A compute that counts its calls and blocks until released (a read waiting on the
+    database, during which other queries run)."""
+
+    def __init__(self, value: object = "v", fail: bool = False) -> None:
+        self.calls = 0
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.value, self.fail = value, fail
+
+    def __call__(self) -> object:
+        self.calls += 1
+        self.started.set()
+        assert self.release.wait(PROMPT)
+        if self.fail:
+            raise RuntimeError("the store went away")
+        return self.value
+
+
+def test_a_remembered_result_serves_positions_up_to_its_own():
+    shared = SharedReads()
+    shared.remember("k", 5, "at5")
+    never = SlowRead()
+    assert shared.read("k", 5, never) == "at5"
+    assert shared.read("k", 3, never) == "at5"
+    assert never.calls == 0
+    fresh = SlowRead("at6")
+    fresh.release.set()
+    assert shared.read("k", 6, fresh) == "at6"  # newer than what is known: read
+    assert fresh.calls == 1
+    assert shared.read("k", 6, never) == "at6"
+    assert never.calls == 0
+
+
+def test_an_older_result_never_replaces_a_newer_one():
+    shared = SharedReads()
+    shared.remember("k", 7, "new")
+    shared.remember("k", 6, "old")
+    assert shared.read("k", 7, SlowRead()) == "new"
+
+
+def test_concurrent_woken_queries_share_one_read_in_flight():
+    shared = SharedReads()
+    read = SlowRead("once")
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(shared.read("k", 4, read)), daemon=True)
+        for _ in range(20)
+    ]
+    threads[0].start()
+    assert read.started.wait(PROMPT)  # the first one is reading...
+    for t in threads[1:]:
+        t.start()  # ...while the others arrive
+    time.sleep(0.05)
+    read.release.set()
+    for t in threads:
+        t.join(PROMPT)
+    assert results == ["once"] * 20
+    assert read.calls == 1
+
+
+def test_a_read_in_flight_from_an_older_position_does_not_serve_a_newer_query():
+    shared = SharedReads()
+    old = SlowRead("from4")
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(shared.read("k", 4, old)), daemon=True)
+    t.start()
+    assert old.started.wait(PROMPT)
+    new = SlowRead("from5")
+    new.release.set()
+    assert shared.read("k", 5, new) == "from5"  # does not wait for, or take, the older read
+    assert new.calls == 1
+    old.release.set()
+    t.join(PROMPT)
+    assert got == ["from4"]
+    assert shared.read("k", 5, SlowRead()) == "from5"  # the older result did not replace it
+
+
+def test_when_the_shared_read_fails_each_waiter_reads_for_itself():
+    shared = SharedReads()
+    failing = SlowRead(fail=True)
+    errors: list[BaseException] = []
+
+    def leader() -> None:
+        try:
+            shared.read("k", 1, failing)
+        except RuntimeError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=leader, daemon=True)
+    t.start()
+    assert failing.started.wait(PROMPT)
+    fallback = SlowRead("own")
+    fallback.release.set()
+    got: list[object] = []
+    w = threading.Thread(target=lambda: got.append(shared.read("k", 1, fallback)), daemon=True)
+    w.start()
+    time.sleep(0.05)
+    assert fallback.calls == 0  # waiting for the leader, not reading
+    failing.release.set()
+    t.join(PROMPT)
+    w.join(PROMPT)
+    assert len(errors) == 1
+    assert got == ["own"] and fallback.calls == 1
+
+
+def test_the_remembered_results_are_bounded():
+    shared = SharedReads(limit=3)
+    for i in range(10):
+        shared.remember(f"k{i}", 1, i)
+    again = SlowRead("re-read")
+    again.release.set()
+    assert shared.read("k0", 1, again) == "re-read"  # long forgotten
+    assert again.calls == 1
+    assert shared.read("k9", 1, SlowRead()) == 9  # the latest is still there
