@@ -74,9 +74,9 @@ class Watch:
 class _Waiter:
     __slots__ = ("event", "watch")
 
-    def __init__(self, watch: Watch) -> None:
+    def __init__(self, watch: Watch, event: threading.Event | None = None) -> None:
         self.watch = watch
-        self.event = threading.Event()
+        self.event = event if event is not None else threading.Event()
 
 
 class ChangeFeed:
@@ -139,11 +139,19 @@ class ChangeFeed:
         """
         return max(self._topic_seq.get(topic, 0), self._any_seq) > after
 
-    def wait(self, watch: Watch, after: int, timeout: float) -> bool:
+    def wait(
+        self,
+        watch: Watch,
+        after: int,
+        timeout: float,
+        event: threading.Event | None = None,
+    ) -> bool:
         """Wait until a change matching ``watch`` is published after position ``after``.
 
         Returns True if such a change arrived (or history was lost, which the caller treats
-        the same way: re-read), False on timeout.
+        the same way: re-read), False on timeout. ``event``, when given, is the event the
+        waiter parks on, so that the caller may also wake it for reasons of its own (the
+        client went away); a wake-up from it returns True too.
         """
         with self._lock:
             if self._recent and after < self._recent[0][0] - 1:
@@ -155,7 +163,7 @@ class ChangeFeed:
                     return True
             if timeout <= 0:
                 return False
-            w = _Waiter(watch)
+            w = _Waiter(watch, event)
             self._waiters.setdefault(watch.topic, set()).add(w)
         try:
             return w.event.wait(timeout)

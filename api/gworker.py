@@ -9,6 +9,10 @@ until the first body write (or the end of the response) and sends both together.
 
 from __future__ import annotations
 
+import _socket
+import os
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -35,6 +39,34 @@ class _Corked:
             data = self._head + data
             self._head = b""
         self._sock.sendall(data)
+
+    def on_readable(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (in the hub) when the client socket turns readable: the client
+        sent more, or closed its end. Returns the function that stops watching."""
+        watcher = gevent.get_hub().loop.io(self._sock.fileno(), 1)
+        watcher.start(callback)
+
+        def stop() -> None:
+            watcher.stop()
+            watcher.close()
+
+        return stop
+
+    def peer_closed(self) -> bool:
+        """Whether the client has closed (or reset) its end. Reads nothing: a pipelined
+        request stays in the socket for gunicorn to parse."""
+        # A probe on a duplicate of the descriptor, from the unpatched socket module: gevent's
+        # socket would park on EAGAIN instead of returning. Closing the duplicate leaves the
+        # connection open.
+        probe = _socket.socket(fileno=os.dup(self._sock.fileno()))
+        try:
+            return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # reset
+        finally:
+            probe.close()
 
     def flush(self) -> None:
         if self._head:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from flask import Response, current_app, request
 
-from api.errors import BadRequest, PayloadTooLarge
+from api.errors import BadRequest, ClientClosed, PayloadTooLarge
 from api.feed import Watch
 from proxy.durations import DurationError, parse_duration
 
@@ -185,6 +186,7 @@ def blocking(watch: Watch, compute: Callable[[], tuple[Any, int]]) -> tuple[Any,
     deadline = time.monotonic() + wait + random.uniform(0, wait / 16)  # noqa: S311 - jitter
     shared = services().shared_reads
     key = _read_key()
+    client = _client_socket()
     woken = False
     while True:
         pos = feed.position()
@@ -196,20 +198,56 @@ def blocking(watch: Watch, compute: Callable[[], tuple[Any, int]]) -> tuple[Any,
             shared.remember(key, pos, (result, index))
         if index > min_index:
             if woken:
-                _note_woken()
+                _note_woken(client)
             return result, index
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return result, index
-        feed.wait(watch, pos, remaining)
+        if client is None:
+            feed.wait(watch, pos, remaining)
+        elif not _wait_watching_client(feed, watch, pos, remaining, client):
+            client = None
         woken = True
 
 
-def _note_woken() -> None:
+def _wait_watching_client(feed: Any, watch: Watch, pos: int, timeout: float, client: Any) -> bool:
+    """``feed.wait``, also woken when the client's socket turns readable.
+
+    If the client closed, end the query now (``ClientClosed``) instead of holding a connection
+    slot until ``wait`` runs out, up to 10 minutes later. If it sent more (a pipelined request),
+    return False: stop watching, since those bytes stay readable until gunicorn reads them.
+    """
+    event = threading.Event()
+    fired: list[bool] = []
+
+    def readable() -> None:
+        fired.append(True)
+        event.set()
+
+    stop = client.on_readable(readable)
+    try:
+        feed.wait(watch, pos, timeout, event)
+    finally:
+        stop()
+    if not fired:
+        return True
+    if client.peer_closed():
+        raise ClientClosed("the client closed the connection")
+    return False
+
+
+def _client_socket() -> Any:
+    """The client connection, when Trellis's gevent worker (``api.gworker``) serves this
+    request; None under any other server and in the test client."""
+    sock = request.environ.get("gunicorn.socket")
+    return sock if hasattr(sock, "on_readable") else None
+
+
+def _note_woken(client: Any) -> None:
     """Tell Trellis's gevent worker (``api.gworker``) that this answer is one of a batch woken
     by the same change, so that it lets the others answer before reading this connection's
     next request. Other servers and the test client have no such hook."""
-    sock = request.environ.get("gunicorn.socket")
+    sock = client if client is not None else request.environ.get("gunicorn.socket")
     if sock is not None and hasattr(sock, "woken"):
         sock.woken = True
 
@@ -234,6 +272,7 @@ def hash_blocking(watch: Watch, compute: Callable[[], Any]) -> tuple[Any, str]:
     wait = wait_arg()
     feed = services().store.feed
     deadline = time.monotonic() + wait
+    client = _client_socket()
     while True:
         pos = feed.position()
         result = compute()
@@ -243,4 +282,7 @@ def hash_blocking(watch: Watch, compute: Callable[[], Any]) -> tuple[Any, str]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return result, h
-        feed.wait(watch, pos, remaining)
+        if client is None:
+            feed.wait(watch, pos, remaining)
+        elif not _wait_watching_client(feed, watch, pos, remaining, client):
+            client = None

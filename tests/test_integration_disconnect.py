@@ -1,0 +1,141 @@
+"""Parked blocking queries end when their client goes away (a real ``trellis server``, 1 worker).
+
+Without this, a client that gives up on a ``?wait=10m`` query (a killed process, a client-side
+timeout) leaves the query parked, holding a connection slot of its worker, until the wait runs
+out. Raw sockets, so that the test controls exactly when a connection closes and what else it
+sends.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+
+from tests.support import TrellisProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def server(tmp_path):
+    p = TrellisProcess(
+        [
+            "server",
+            "-data-dir",
+            str(tmp_path / "data"),
+            "-http-port",
+            "0",
+            "-dns-port",
+            "-1",
+            "-bind",
+            "127.0.0.1",
+            "-workers",
+            "1",
+            "-node",
+            "n1",
+        ]
+    ).start()
+    yield p
+    p.stop()
+
+
+def parked(url: str) -> int:
+    return int(httpx.get(url + "/v1/agent/self").json()["Stats"]["blocking"]["waiting"])
+
+
+def index_of(url: str, key: str) -> int:
+    return int(httpx.get(f"{url}/v1/kv/{key}").headers["X-Consul-Index"])
+
+
+@pytest.fixture
+def connect():
+    """Open raw connections to the server; every one is closed at teardown."""
+    opened: list[socket.socket] = []
+
+    def open_(url: str) -> socket.socket:
+        host, port = url.removeprefix("http://").split(":")
+        s = socket.create_connection((host, int(port)), timeout=10)
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        s.close()
+
+
+def request(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: trellis\r\n\r\n".encode()
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One whole response (Content-Length bodies, as Trellis sends)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before a response"
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk
+        rest += chunk
+    assert len(rest) == length, "more than one response arrived"
+    return int(head.split()[1]), rest
+
+
+def test_queries_of_clients_that_closed_are_ended(server, connect):
+    url = server.url
+    httpx.put(f"{url}/v1/kv/watched", content=b"v0")
+    index = index_of(url, "watched")
+    socks = [connect(url) for _ in range(40)]
+    for s in socks:
+        s.sendall(request(f"/v1/kv/watched?index={index}&wait=10m"))
+    wait_until(lambda: parked(url) == 40, timeout=20)
+    for s in socks[:30]:
+        s.close()
+    wait_until(lambda: parked(url) == 10, timeout=10)
+    # The ten still connected are still parked, and a write answers them all.
+    httpx.put(f"{url}/v1/kv/watched", content=b"v1")
+    for s in socks[30:]:
+        status, body = read_response(s)
+        assert status == 200 and b'"Value":"djE="' in body
+        s.close()
+    wait_until(lambda: parked(url) == 0, timeout=10)
+
+
+def test_a_pipelined_request_does_not_end_the_parked_query(server, connect):
+    url = server.url
+    httpx.put(f"{url}/v1/kv/piped", content=b"v0")
+    index = index_of(url, "piped")
+    s = connect(url)
+    s.sendall(request(f"/v1/kv/piped?index={index}&wait=10m"))
+    wait_until(lambda: parked(url) == 1, timeout=20)
+    s.sendall(request("/v1/status/leader"))  # pipelined behind the parked query
+    # The socket is readable now, but the client is still there: the query stays parked.
+    with pytest.raises(AssertionError):
+        wait_until(lambda: parked(url) == 0, timeout=1.0)
+    httpx.put(f"{url}/v1/kv/piped", content=b"v1")
+    status, body = read_response(s)
+    assert status == 200 and b'"Value":"djE="' in body
+    status, body = read_response(s)  # then the pipelined request, on the same connection
+    assert status == 200 and body.strip().startswith(b'"127.0.0.1:')
+    s.close()
+
+
+def test_the_agent_hash_wait_ends_too(server, connect):
+    url = server.url
+    h = httpx.get(f"{url}/v1/agent/services").headers["X-Consul-ContentHash"]
+    socks = [connect(url) for _ in range(5)]
+    for s in socks:
+        s.sendall(request(f"/v1/agent/services?hash={h}&wait=10m"))
+    wait_until(lambda: parked(url) == 5, timeout=20)
+    for s in socks:
+        s.close()
+    wait_until(lambda: parked(url) == 0, timeout=10)
