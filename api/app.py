@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from api import longpoll
 from api.ca.manager import CAManager
 from api.ca.secrets import load_sealer
 from api.errors import TrellisError
@@ -97,6 +98,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         app.register_blueprint(module.bp)
 
     _error_handlers(app)
+    longpoll.install(app)
 
     @app.after_request
     def _headers(resp: Response) -> Response:

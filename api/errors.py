@@ -67,14 +67,6 @@ class TooManyRequests(TrellisError):
     code = "too_many_requests"
 
 
-class ClientClosed(TrellisError):
-    """The client closed its connection while its blocking query was parked. Nobody reads the
-    answer (nginx's 499); the point is to end the request and free its connection slot."""
-
-    status = 499
-    code = "client_closed"
-
-
 class StoreUnavailable(TrellisError):
     """The store (SQLite file or PostgreSQL server) cannot be reached or refused the work."""
 

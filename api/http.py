@@ -10,15 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from flask import Response, current_app, request
 
-from api.errors import BadRequest, ClientClosed, PayloadTooLarge
+from api.errors import BadRequest, PayloadTooLarge
 from api.feed import Watch
+from api.longpoll import RERUN, Park, Parked, client_socket, wait_for_change
 from proxy.durations import DurationError, parse_duration
 
 U64_MAX = (1 << 64) - 1
@@ -176,80 +176,31 @@ def blocking(watch: Watch, compute: Callable[[], tuple[Any, int]]) -> tuple[Any,
     ``compute()`` returns ``(result, index)``. Without ``?index`` (or with 0) it runs once.
     Otherwise it returns as soon as the result's index is above the client's, or when ``wait``
     (plus up to wait/16 of jitter, so that many clients do not return together) has passed,
-    with the latest result either way. See ``api.feed`` for why no wake-up can be lost.
+    with the latest result either way. Until then the query is parked: this raises
+    ``Parked``, and ``api.longpoll`` waits on the change feed outside the view, then runs the
+    view again. See ``api.feed`` for why no wake-up can be lost.
     """
     min_index = uint_arg("index")
     wait = wait_arg()
-    feed = services().store.feed
     if not min_index:
         return compute()
-    deadline = time.monotonic() + wait + random.uniform(0, wait / 16)  # noqa: S311 - jitter
-    shared = services().shared_reads
+    svc = services()
     key = _read_key()
-    client = _client_socket()
-    woken = False
-    while True:
-        pos = feed.position()
-        if woken:
-            # Queries woken by the same change share one read (see api.feed.SharedReads).
-            result, index = shared.read(key, pos, compute)
-        else:
-            result, index = compute()
-            shared.remember(key, pos, (result, index))
-        if index > min_index:
-            if woken:
-                _note_woken(client)
-            return result, index
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return result, index
-        if client is None:
-            feed.wait(watch, pos, remaining)
-        elif not _wait_watching_client(feed, watch, pos, remaining, client):
-            client = None
-        woken = True
-
-
-def _wait_watching_client(feed: Any, watch: Watch, pos: int, timeout: float, client: Any) -> bool:
-    """``feed.wait``, also woken when the client's socket turns readable.
-
-    If the client closed, end the query now (``ClientClosed``) instead of holding a connection
-    slot until ``wait`` runs out, up to 10 minutes later. If it sent more (a pipelined request),
-    return False: stop watching, since those bytes stay readable until gunicorn reads them.
-    """
-    event = threading.Event()
-    fired: list[bool] = []
-
-    def readable() -> None:
-        fired.append(True)
-        event.set()
-
-    stop = client.on_readable(readable)
-    try:
-        feed.wait(watch, pos, timeout, event)
-    finally:
-        stop()
-    if not fired:
-        return True
-    if client.peer_closed():
-        raise ClientClosed("the client closed the connection")
-    return False
-
-
-def _client_socket() -> Any:
-    """The client connection, when Trellis's gevent worker (``api.gworker``) serves this
-    request; None under any other server and in the test client."""
-    sock = request.environ.get("gunicorn.socket")
-    return sock if hasattr(sock, "on_readable") else None
-
-
-def _note_woken(client: Any) -> None:
-    """Tell Trellis's gevent worker (``api.gworker``) that this answer is one of a batch woken
-    by the same change, so that it lets the others answer before reading this connection's
-    next request. Other servers and the test client have no such hook."""
-    sock = client if client is not None else request.environ.get("gunicorn.socket")
-    if sock is not None and hasattr(sock, "woken"):
-        sock.woken = True
+    pos = svc.store.feed.position()
+    park = request.environ.get(RERUN)
+    if park is None:
+        deadline = time.monotonic() + wait + random.uniform(0, wait / 16)  # noqa: S311 - jitter
+        # A fresh request always reads the store itself, so that a client reads its own writes
+        # even when another process served the write.
+        result, index = compute()
+        svc.shared_reads.remember(key, pos, (result, index))
+    else:
+        # A re-run after a wake-up: the queries woken by the same change share one read.
+        deadline = park.deadline
+        result, index = svc.shared_reads.read(key, pos, compute)
+    if index > min_index or time.monotonic() >= deadline:
+        return result, index
+    raise Parked(Park(watch, pos, deadline, key, min_index, index))
 
 
 def _read_key() -> tuple:
@@ -272,7 +223,7 @@ def hash_blocking(watch: Watch, compute: Callable[[], Any]) -> tuple[Any, str]:
     wait = wait_arg()
     feed = services().store.feed
     deadline = time.monotonic() + wait
-    client = _client_socket()
+    client = client_socket(request.environ)
     while True:
         pos = feed.position()
         result = compute()
@@ -282,7 +233,4 @@ def hash_blocking(watch: Watch, compute: Callable[[], Any]) -> tuple[Any, str]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return result, h
-        if client is None:
-            feed.wait(watch, pos, remaining)
-        elif not _wait_watching_client(feed, watch, pos, remaining, client):
-            client = None
+        client = wait_for_change(feed, watch, pos, remaining, client)

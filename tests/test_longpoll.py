@@ -1,0 +1,113 @@
+"""Parked blocking queries answered outside the view (``api/longpoll.py``), in-process, on SQLite
+and on PostgreSQL.
+
+The blocking behaviour every endpoint must have is ``tests/test_api_blocking.py``; this file is
+about what the long-poll path adds: queries woken together run the view once and share its
+rendering, a shared rendering only serves a query it fits, and an answer that is not a plain
+read (a refusal after a token was deleted) is never shared.
+"""
+
+from __future__ import annotations
+
+from tests import api_fixtures
+from tests.api_fixtures import InThread, index_of, parked, wait_until
+from tests.test_acl_api import DENY, bootstrap, create_token, raise_unless, tok
+
+client = api_fixtures.client
+make_client = api_fixtures.make_client
+
+
+def count_views(client, endpoint: str) -> list[int]:
+    """Count the runs of the view ``endpoint``, first passes and re-runs (a wrapper around
+    the registered view function)."""
+    seen = [0]
+    views = client.application.view_functions
+    view = views[endpoint]
+
+    def counting(*args, **kwargs):
+        seen[0] += 1
+        return view(*args, **kwargs)
+
+    views[endpoint] = counting
+    return seen
+
+
+def park_many(client, url: str, n: int, headers: dict | None = None, admin=None) -> list[InThread]:
+    """Start ``n`` blocking GETs of ``url`` and wait until all are parked. ``admin``: the
+    headers that may read ``/v1/agent/self`` when ACLs are on."""
+
+    def now_parked() -> int:
+        r = client.get("/v1/agent/self", headers=admin or {})
+        return int(r.get_json()["Stats"]["blocking"]["waiting"])
+
+    before = now_parked()
+    qs = [InThread(lambda: client.get(url, headers=headers or {})).start() for _ in range(n)]
+    wait_until(lambda: now_parked() >= before + n or any(q.done() for q in qs), timeout=20)
+    assert not any(q.done() for q in qs), "a query answered before the write"
+    return qs
+
+
+def test_queries_woken_together_run_the_view_once(client):
+    client.put("/v1/kv/shared", data=b"a")
+    index = index_of(client.get("/v1/kv/shared"))
+    views = count_views(client, "kv.get")
+    qs = park_many(client, f"/v1/kv/shared?index={index}&wait=30s", 20)
+    assert views[0] == 20  # the first passes
+    client.put("/v1/kv/shared", data=b"b")
+    bodies = set()
+    for q in qs:
+        r = q.result()
+        assert r.status_code == 200 and index_of(r) > index
+        bodies.add(r.get_data())
+    assert len(bodies) == 1 and b'"Value":"Yg=="' in bodies.pop()
+    assert views[0] == 21, f"the view ran {views[0] - 20} times for 20 woken queries"
+
+
+def test_a_shared_answer_only_serves_the_queries_it_fits(client):
+    client.put("/v1/kv/fit", data=b"a")
+    index = index_of(client.get("/v1/kv/fit"))
+    low = park_many(client, f"/v1/kv/fit?index={index}&wait=30s", 5)
+    # Consul parks a query whose index is ahead of the store's until the store passes it.
+    high = park_many(client, f"/v1/kv/fit?index={index + 3}&wait=30s", 5)
+    client.put("/v1/kv/fit", data=b"b")  # index + 1
+    for q in low:
+        assert index_of(q.result()) == index + 1
+    assert not any(q.done() for q in high)
+    wait_until(lambda: parked(client) >= 5, timeout=10)
+    client.put("/v1/kv/fit", data=b"c")  # index + 2: still not above index + 3
+    client.put("/v1/kv/other", data=b"x")  # another key: wakes nobody here
+    assert not any(q.done() for q in high)
+    client.put("/v1/kv/fit", data=b"d")  # above index + 3 now
+    for q in high:
+        r = q.result()
+        assert index_of(r) > index + 3 and b'"Value":"ZA=="' in r.get_data()
+
+
+def test_a_token_deleted_while_parked_gets_no_data(make_client):
+    c = make_client(**DENY)
+    root = bootstrap(c)["SecretID"]
+    policy = c.put(
+        "/v1/acl/policy",
+        json={"Name": "app-read", "Rules": 'key_prefix "app/" { policy = "read" }'},
+        headers=tok(root),
+    )
+    raise_unless(policy, 200)
+    reader = create_token(c, root, [{"ID": policy.get_json()["ID"]}])
+    raise_unless(c.put("/v1/kv/app/cfg", data=b"a", headers=tok(root)), 200)
+    index = index_of(c.get("/v1/kv/app/cfg", headers=tok(reader["SecretID"])))
+    url = f"/v1/kv/app/cfg?index={index}&wait=30s"
+    qs = park_many(c, url, 5, tok(reader["SecretID"]), admin=tok(root))
+    raise_unless(c.delete(f"/v1/acl/token/{reader['AccessorID']}", headers=tok(root)), 200)
+    raise_unless(c.put("/v1/kv/app/cfg", data=b"secret", headers=tok(root)), 200)
+    for q in qs:
+        r = q.result()
+        assert r.status_code == 403, r.get_data(as_text=True)
+        assert b"c2VjcmV0" not in r.get_data()  # base64 of the new value
+
+
+def test_the_deadline_answers_with_the_same_index(client):
+    client.put("/v1/kv/quiet", data=b"a")
+    index = index_of(client.get("/v1/kv/quiet"))
+    r = client.get(f"/v1/kv/quiet?index={index}&wait=300ms")
+    assert r.status_code == 200 and index_of(r) == index
+    assert b'"Value":"YQ=="' in r.get_data()
