@@ -16,6 +16,16 @@ import httpx
 TRELLIS = str(Path(sys.executable).with_name("trellis"))
 
 
+def server_args(data_dir: Path, *, workers: int, node: str) -> list[str]:
+    """``trellis server`` on a fresh data dir and a free HTTP port, DNS off."""
+    return [
+        "server",
+        *("-data-dir", str(data_dir)),
+        *("-http-port", "0", "-dns-port", "-1"),
+        *("-workers", str(workers), "-node", node),
+    ]
+
+
 class TrellisProcess:
     """A real ``trellis dev`` or ``trellis server`` subprocess on free ports.
 

@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from proxy import x509 as px
 from tests import vault_fixtures
 from tests.ca_support import certs, leaf_and_chain, openssl_ok, peer_ok, service_csr
-from tests.support import TRELLIS, TrellisProcess
+from tests.support import TRELLIS, TrellisProcess, server_args
 from tests.vault_fixtures import MountPaths, start_bao
 
 openbao = vault_fixtures.openbao
@@ -42,21 +42,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def server(tmp_path):
     """A real ``trellis server`` with two workers, DNS off, on a free HTTP port."""
-    p = TrellisProcess(
-        [
-            "server",
-            "-data-dir",
-            str(tmp_path / "data"),
-            "-http-port",
-            "0",
-            "-dns-port",
-            "-1",
-            "-workers",
-            "2",
-            "-node",
-            "ca-switch",
-        ]
-    ).start()
+    p = TrellisProcess(server_args(tmp_path / "data", workers=2, node="ca-switch")).start()
     yield p
     p.stop()
 

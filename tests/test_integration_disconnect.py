@@ -13,30 +13,14 @@ import socket
 import httpx
 import pytest
 
-from tests.support import TrellisProcess, wait_until
+from tests.support import TrellisProcess, server_args, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def server(tmp_path):
-    p = TrellisProcess(
-        [
-            "server",
-            "-data-dir",
-            str(tmp_path / "data"),
-            "-http-port",
-            "0",
-            "-dns-port",
-            "-1",
-            "-bind",
-            "127.0.0.1",
-            "-workers",
-            "1",
-            "-node",
-            "n1",
-        ]
-    ).start()
+    p = TrellisProcess(server_args(tmp_path / "data", workers=1, node="n1")).start()
     yield p
     p.stop()
 
