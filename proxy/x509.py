@@ -474,12 +474,16 @@ def verify_peer(
     *,
     now: dt.datetime | None = None,
     expected_service: str | None = None,
+    expected_identity: spiffe.ServiceID | None = None,
 ) -> spiffe.ServiceID:
     """Verify a peer's chain (leaf first) and return its identity.
 
     ``bundles`` maps a trust domain to its trusted roots; the chain must lead to a root of the
-    trust domain named in the leaf's own SPIFFE ID. ``expected_service`` (for outbound
-    connections) also requires the peer to be that service (CVE-2021-32574).
+    trust domain named in the leaf's own SPIFFE ID. For outbound connections, the caller says
+    whom it meant to reach (CVE-2021-32574): ``expected_identity``, the whole SPIFFE ID (trust
+    domain, namespace, datacenter and service), is what a sidecar should pass: with bundles
+    of several trust domains or datacenters, the service name alone would accept a "db" of
+    another cluster or datacenter. ``expected_service`` checks the name only.
     """
     if not chain:
         raise PeerRejected("the peer presented no certificate")
@@ -497,4 +501,6 @@ def verify_peer(
         raise PeerRejected(f"the peer's chain does not verify: {e}") from None
     if expected_service is not None and identity.service != expected_service:
         raise PeerRejected(f"the peer is {identity.service!r}, expected {expected_service!r}")
+    if expected_identity is not None and identity != expected_identity:
+        raise PeerRejected(f"the peer is {identity.uri}, expected {expected_identity.uri}")
     return identity

@@ -931,6 +931,15 @@ def test_root_is_not_a_peer() -> None:
 # == Peer verification ======================================================================
 
 
+def test_verify_peer_accepts_the_expected_identity() -> None:
+    leaf = make_leaf()
+    assert px.verify_peer([leaf], {TD: [ROOT]}, now=NOW, expected_identity=WEB) == WEB
+    # The name alone would accept this leaf for "web" of another datacenter: the whole ID not.
+    assert px.verify_peer([leaf], {TD: [ROOT]}, now=NOW, expected_service="web") == WEB
+    with pytest.raises(PeerRejected):
+        px.verify_peer([leaf], {TD: [ROOT]}, now=NOW, expected_identity=sid("web", dc="dc2"))
+
+
 def test_verify_peer_accepts_a_good_leaf() -> None:
     leaf = make_leaf()
     assert px.leaf_identity(leaf) == WEB
@@ -1139,6 +1148,34 @@ BAD_PEERS: list[tuple[str, Callable[[], list[x509.Certificate]], Any, dict[str, 
         {TD: [ROOT]},
         {"expected_service": "Web"},
         "expected 'Web'",
+    ),
+    (
+        "expected-identity-other-datacenter",
+        lambda: [make_leaf()],
+        {TD: [ROOT]},
+        {"expected_identity": sid("web", dc="dc2")},
+        f"expected {sid('web', dc='dc2').uri}",
+    ),
+    (
+        "expected-identity-other-trust-domain",
+        lambda: [make_leaf()],
+        {TD: [ROOT]},
+        {"expected_identity": sid("web", td=TD_B)},
+        f"expected {sid('web', td=TD_B).uri}",
+    ),
+    (
+        "expected-identity-other-namespace",
+        lambda: [make_leaf()],
+        {TD: [ROOT]},
+        {"expected_identity": sid("web", ns="team-a")},
+        "expected spiffe://",
+    ),
+    (
+        "expected-identity-other-service",
+        lambda: [make_leaf()],
+        {TD: [ROOT]},
+        {"expected_identity": DB},
+        f"expected {DB.uri}",
     ),
 ]
 
