@@ -690,6 +690,42 @@ def test_reregister_updates_in_place(store: Store) -> None:
     assert len(store.nodes()) == 1
 
 
+def test_reregistering_the_same_service_and_checks_changes_nothing(store: Store) -> None:
+    """Consul skips identical catalog updates: an agent re-syncing its services, or a client
+    retrying a registration, must not move ModifyIndex or wake the service's watchers."""
+    web = svc(
+        "web1",
+        "web",
+        port=80,
+        tags=("a", "b"),
+        meta={"m": "1"},
+        proxy=None,
+        connect={"Native": False},
+        weights={"Passing": 3, "Warning": 1},
+    )
+    checks = (
+        chk("c1", service=web, type="http", definition={"HTTP": "http://x/health"}),
+        chk("c2", type="tcp", definition={"TCP": "x:1"}),
+    )
+    store.register(Registration(node(), services=(web,), checks=checks))
+    before = store.current_index()
+    pos = store.feed.position()
+    again = store.register(Registration(node(), services=(web,), checks=checks))
+    assert again == before == store.current_index()
+    assert store.feed.position() == pos  # nothing published: no watcher wakes
+    [s] = store.services()
+    assert (s.create_index, s.modify_index) == (before, before)
+    assert {(c.check_id, c.modify_index) for c in store.checks()} == {
+        ("c1", before),
+        ("c2", before),
+    }
+    # Any difference is a change.
+    with bumps(store):
+        store.register(Registration(node(), services=(svc("web1", "web", port=80),)))
+    with bumps(store):
+        store.register(Registration(node(), checks=(chk("c2", type="tcp", status=WARNING),)))
+
+
 def test_keep_existing_node(store: Store) -> None:
     store.register(Registration(node(meta={"a": "1"})))
     store.register(

@@ -336,6 +336,48 @@ def _svc(row: Sequence[Any]) -> Service:
     )
 
 
+def _svc_content(s: Service) -> tuple[Any, ...]:
+    """A service's stored columns from ``name`` to ``enable_tag_override``, as written."""
+    return (
+        s.name,
+        _dumps(list(s.tags)),
+        s.address,
+        s.port,
+        _dumps(dict(s.meta)),
+        _dumps(dict(s.tagged_addresses)),
+        _dumps(dict(s.weights)),
+        s.kind,
+        _dumps(s.proxy) if s.proxy is not None else None,
+        _dumps(s.connect) if s.connect is not None else None,
+        int(s.enable_tag_override),
+    )
+
+
+def _svc_row_content(row: Sequence[Any]) -> tuple[Any, ...]:
+    """The same columns of a stored row (``SVC_COLS``), comparable with ``_svc_content``."""
+    return (*row[2:5], int(row[5]), *row[6:12], int(row[12]))
+
+
+def _check_content(c: Check) -> tuple[Any, ...]:
+    return (
+        c.name,
+        c.status,
+        c.notes,
+        c.output,
+        c.service_id,
+        c.service_name,
+        c.type,
+        _dumps(dict(c.definition)),
+        c.ttl,
+        c.expires_at,
+    )
+
+
+def _check_row_content(row: Sequence[Any]) -> tuple[Any, ...]:
+    """Columns ``name`` to ``expires_at`` of a stored check row (``CHECK_COLS``)."""
+    return tuple(row[2:12])
+
+
 def _check(row: Sequence[Any]) -> Check:
     return Check(
         node=row[0],
@@ -700,6 +742,11 @@ class SQLStore(SecurityStoreMixin):
                     f"SELECT {SVC_COLS} FROM services WHERE node = ? AND id = ?",  # noqa: S608
                     (n.name, s.id),
                 )
+                content = _svc_content(s)
+                if old_row is not None and _svc_row_content(old_row) == content:
+                    # The same service again (an agent re-syncing, a client retrying): Consul
+                    # leaves its ModifyIndex alone and wakes nobody; so does Trellis.
+                    continue
                 create = tx.index
                 if old_row is not None:
                     old_s = _svc(old_row)
@@ -715,24 +762,7 @@ class SQLStore(SecurityStoreMixin):
                     " connect = excluded.connect,"
                     " enable_tag_override = excluded.enable_tag_override,"
                     " destination = excluded.destination, modify_index = excluded.modify_index",
-                    (
-                        n.name,
-                        s.id,
-                        s.name,
-                        _dumps(list(s.tags)),
-                        s.address,
-                        s.port,
-                        _dumps(dict(s.meta)),
-                        _dumps(dict(s.tagged_addresses)),
-                        _dumps(dict(s.weights)),
-                        s.kind,
-                        _dumps(s.proxy) if s.proxy is not None else None,
-                        _dumps(s.connect) if s.connect is not None else None,
-                        int(s.enable_tag_override),
-                        create,
-                        tx.index,
-                        s.destination,
-                    ),
+                    (n.name, s.id, *content, create, tx.index, s.destination),
                 )
                 touched |= changed_catalog_keys([s])
             keep = {c.check_id for c in reg.checks}
@@ -747,7 +777,8 @@ class SQLStore(SecurityStoreMixin):
                         )
                         touched.add(f"svc/{r[1]}")
             for c in reg.checks:
-                self._upsert_check(tx, n.name, c, tx.index)
+                if not self._upsert_check(tx, n.name, c):
+                    continue  # the same check again: nothing changed
                 touched.add(f"svc/{c.service_name}" if c.service_name else f"node/{n.name}")
                 if not c.service_name:
                     touched |= {
@@ -760,12 +791,16 @@ class SQLStore(SecurityStoreMixin):
                 return tx.index
             return int(tx.one("SELECT idx FROM indexes WHERE name = 'global'")[0])
 
-    def _upsert_check(self, tx: Tx, node: str, c: Check, idx: int) -> None:
+    def _upsert_check(self, tx: Tx, node: str, c: Check) -> bool:
+        """Write the check unless it is stored exactly so already; whether it wrote."""
         old = tx.one(
-            "SELECT status, output, create_index FROM checks WHERE node = ? AND check_id = ?",
+            f"SELECT {CHECK_COLS} FROM checks WHERE node = ? AND check_id = ?",  # noqa: S608
             (node, c.check_id),
         )
-        create = int(old[2]) if old else idx
+        if old is not None and _check_row_content(old) == _check_content(c):
+            return False
+        idx = tx.index
+        create = int(old[12]) if old else idx
         tx.execute(
             f"INSERT INTO checks ({CHECK_COLS}) VALUES"  # noqa: S608
             " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -791,6 +826,7 @@ class SQLStore(SecurityStoreMixin):
                 idx,
             ),
         )
+        return True
 
     def deregister_service(self, node: str, service_id: str) -> bool:
         with self.write() as tx:
