@@ -92,6 +92,8 @@ class ChangeFeed:
         #: The position of the last change published per topic (ANY counts for every topic).
         self._topic_seq: dict[str, int] = {}
         self._any_seq = 0
+        #: Set by ``drain`` when the server is stopping: nothing parks any more.
+        self.draining = False
 
     def position(self) -> int:
         return self._seq
@@ -131,6 +133,16 @@ class ChangeFeed:
         for w in woken:
             w.event.set()
 
+    def drain(self) -> None:
+        """The server process is stopping: wake every parked query and let none park again,
+        so that each answers at once with what it has (Consul clients then re-poll, against
+        another server or this one once it is back) instead of being cut off."""
+        with self._lock:
+            self.draining = True
+            waiters = [w for ws in self._waiters.values() for w in ws]
+        for w in waiters:
+            w.event.set()
+
     def topic_changed_since(self, topic: str, after: int) -> bool:
         """Whether anything of ``topic`` was published after position ``after``.
 
@@ -154,6 +166,8 @@ class ChangeFeed:
         client went away); a wake-up from it returns True too.
         """
         with self._lock:
+            if self.draining:
+                return True
             if self._recent and after < self._recent[0][0] - 1:
                 return True
             for seq, c in reversed(self._recent):

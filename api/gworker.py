@@ -85,7 +85,49 @@ class _Corked:
 
 
 class TrellisGeventWorker(GeventWorker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connections: set[Any] = set()  # every open client connection
+        self._busy: dict[Any, Any] = {}  # those in the middle of a request: socket -> request
+
+    def run(self) -> None:
+        gevent.spawn(self._drain_when_stopping)
+        super().run()
+
+    def _drain_when_stopping(self) -> None:
+        """On a graceful stop (SIGTERM), end what would hold the worker until gunicorn's
+        graceful timeout cuts it off (5 s, and a warning): parked blocking queries answer at
+        once with what they have (``ChangeFeed.drain``; gunicorn adds ``Connection: close``
+        once the worker is stopping), and idle keep-alive connections are closed for reading,
+        which ends their wait for a next request."""
+        while self.alive:
+            gevent.sleep(0.2)
+        for req in list(self._busy.values()):
+            req.must_close = True  # their answers say Connection: close
+        services = getattr(self.wsgi, "extensions", {}).get("trellis")
+        if services is not None:
+            services.store.feed.drain()
+        for sock in list(self._connections - self._busy.keys()):
+            try:
+                sock.shutdown(socket.SHUT_RD)  # a request already read still gets its answer
+            except OSError:
+                pass  # already gone
+
+    def handle(self, listener, client, addr):  # type: ignore[no-untyped-def]
+        self._connections.add(client)
+        try:
+            return super().handle(listener, client, addr)
+        finally:
+            self._connections.discard(client)
+
     def handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
+        self._busy[sock] = req
+        try:
+            return self._handle_request(listener_name, req, sock, addr)
+        finally:
+            self._busy.pop(sock, None)
+
+    def _handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
         corked = _Corked(sock)
         try:
             return super().handle_request(listener_name, req, corked, addr)

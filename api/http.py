@@ -198,7 +198,7 @@ def blocking(watch: Watch, compute: Callable[[], tuple[Any, int]]) -> tuple[Any,
         # A re-run after a wake-up: the queries woken by the same change share one read.
         deadline = park.deadline
         result, index = svc.shared_reads.read(key, pos, compute)
-    if index > min_index or time.monotonic() >= deadline:
+    if index > min_index or time.monotonic() >= deadline or svc.store.feed.draining:
         return result, index
     raise Parked(Park(watch, pos, deadline, key, min_index, index))
 
@@ -231,6 +231,6 @@ def hash_blocking(watch: Watch, compute: Callable[[], Any]) -> tuple[Any, str]:
         if not want or h != want:
             return result, h
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or feed.draining:
             return result, h
         client = wait_for_change(feed, watch, pos, remaining, client)

@@ -110,12 +110,13 @@ class _LongPoll:
         park = self.park
         while True:
             remaining = park.deadline - time.monotonic()
-            if remaining > 0:
+            if remaining > 0 and not self.feed.draining:
                 self.client = wait_for_change(
                     self.feed, park.watch, park.pos, remaining, self.client
                 )
             pos = self.feed.position()
-            woken = time.monotonic() < park.deadline
+            # Stopping (feed.drain) counts as the deadline: answer with what there is.
+            woken = time.monotonic() < park.deadline and not self.feed.draining
             answer: Rendered | None = None
             if woken:
                 # Share the rendering with the queries woken with this one: the first runs the

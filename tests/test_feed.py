@@ -488,3 +488,20 @@ def test_the_remembered_results_are_bounded():
     assert shared.read("k0", 1, again) == "re-read"  # long forgotten
     assert again.calls == 1
     assert shared.read("k9", 1, SlowRead()) == 9  # the latest is still there
+
+
+def test_drain_wakes_every_waiter_and_parks_no_one_after():
+    feed = ChangeFeed()
+    pos = feed.position()
+    waiters = [Waiter(feed, Watch("kv", exact=(f"k{i}",)), pos, PROMPT * 4) for i in range(5)]
+    for w in waiters:
+        w.start()
+    eventually(lambda: feed.waiting() == 5)
+    feed.drain()
+    for w in waiters:
+        w.join(PROMPT)
+        assert w.result is True and w.elapsed < PROMPT
+    assert feed.waiting() == 0
+    t0 = time.monotonic()
+    assert feed.wait(Watch("kv", exact=("other",)), feed.position(), PROMPT) is True
+    assert time.monotonic() - t0 < SHORT

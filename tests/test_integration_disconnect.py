@@ -1,4 +1,5 @@
-"""Parked blocking queries end when their client goes away (a real ``trellis server``, 1 worker).
+"""Parked blocking queries end when their client goes away, and answer when the server stops
+(a real ``trellis server``, 1 worker).
 
 Without this, a client that gives up on a ``?wait=10m`` query (a killed process, a client-side
 timeout) leaves the query parked, holding a connection slot of its worker, until the wait runs
@@ -8,6 +9,7 @@ sends.
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import httpx
@@ -54,24 +56,30 @@ def request(path: str) -> bytes:
 
 
 def read_response(sock: socket.socket) -> tuple[int, bytes]:
-    """One whole response (Content-Length bodies, as Trellis sends)."""
+    """One whole response (Content-Length bodies, as Trellis sends): status and body."""
+    status, _, body = read_full_response(sock)
+    return status, body
+
+
+def read_full_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One whole response: status, headers (lower-case names) and body."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
         assert chunk, "connection closed before a response"
         buf += chunk
     head, _, rest = buf.partition(b"\r\n\r\n")
-    length = 0
+    headers = {}
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
+        headers[name.strip().lower().decode()] = value.strip().decode()
+    length = int(headers.get("content-length", "0"))
     while len(rest) < length:
         chunk = sock.recv(65536)
         assert chunk
         rest += chunk
     assert len(rest) == length, "more than one response arrived"
-    return int(head.split()[1]), rest
+    return int(head.split()[1]), headers, rest
 
 
 def test_queries_of_clients_that_closed_are_ended(server, connect):
@@ -123,3 +131,30 @@ def test_the_agent_hash_wait_ends_too(server, connect):
     for s in socks:
         s.close()
     wait_until(lambda: parked(url) == 0, timeout=10)
+
+
+def test_a_graceful_stop_answers_parked_queries_and_closes_idle_connections(server, connect):
+    """SIGTERM: each parked query answers at once with what it has (same index), with
+    ``Connection: close``; idle keep-alive connections are closed; the server exits 0 without
+    waiting out gunicorn's graceful timeout."""
+    url = server.url
+    httpx.put(f"{url}/v1/kv/stopping", content=b"v0")
+    index = index_of(url, "stopping")
+    waiting = [connect(url) for _ in range(10)]
+    for s in waiting:
+        s.sendall(request(f"/v1/kv/stopping?index={index}&wait=10m"))
+    idle = [connect(url) for _ in range(3)]
+    for s in idle:
+        s.sendall(request("/v1/status/leader"))
+        assert read_response(s)[0] == 200  # the connection stays open, idle
+    wait_until(lambda: parked(url) == 10, timeout=20)
+    assert server.stop(signal.SIGTERM, timeout=30) == 0
+    for s in waiting:
+        status, headers, body = read_full_response(s)
+        assert status == 200 and int(headers["x-consul-index"]) == index
+        assert b'"Value":"djA="' in body
+        assert headers.get("connection", "").lower() == "close"
+        assert s.recv(1) == b""
+    for s in idle:
+        assert s.recv(1) == b""
+    assert "graceful timeout" not in server.output().lower()
