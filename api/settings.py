@@ -70,6 +70,8 @@ class Settings:
     log_level: str = "info"
     acl_enabled: bool = False
     acl_default_policy: str = "allow"
+    #: Consul's acl.enable_key_list_policy: ``?keys`` needs key:list on the prefix itself.
+    acl_enable_key_list_policy: bool = False
     #: The CA provider and its configuration at the cluster's first start (later changes go
     #: through the API, as in Consul). PascalCase keys, as the API takes them.
     ca_provider: str = "builtin"
@@ -157,6 +159,7 @@ _NESTED = {
     ("blocking", "max_wait"): "max_wait",
     ("acl", "enabled"): "acl_enabled",
     ("acl", "default_policy"): "acl_default_policy",
+    ("acl", "enable_key_list_policy"): "acl_enable_key_list_policy",
     ("connect", "ca_provider"): "ca_provider",
     ("connect", "ca_config"): "ca_config",
     ("connect", "ca_seal_key"): "ca_seal_key",
@@ -246,6 +249,12 @@ def validate(s: Settings) -> Settings:
     c["ca_config"] = {CA_CONFIG_KEYS.get(k, k): v for k, v in s.ca_config.items()}
     if s.acl_default_policy not in ("allow", "deny"):
         raise ConfigError("acl.default_policy must be allow or deny")
+    for name, v in (
+        ("acl.enabled", s.acl_enabled),
+        ("acl.enable_key_list_policy", s.acl_enable_key_list_policy),
+    ):
+        if not isinstance(v, bool):
+            raise ConfigError(f"{name} must be true or false, not {v!r}")
     if not isinstance(s.domain, str) or not s.domain.strip("."):
         raise ConfigError("domain must be a DNS name such as 'trellis.'")
     if not s.datacenter or not str(s.datacenter).replace("-", "").replace("_", "").isalnum():

@@ -663,3 +663,60 @@ def test_ca_configuration_needs_operator_write_and_never_shows_a_key(acl_client)
         text = r.get_data(as_text=True)
         assert "PRIVATE KEY" not in text
         assert "PrivateKey" not in r.get_json()["Config"]
+
+
+# -- K/V listings: filtered, and acl.enable_key_list_policy ----------------------------------
+
+
+def _kv_world(c) -> tuple[str, str]:
+    """Keys app/a, app/b and secret/x; a token that may read app/ only. Returns (root, app)."""
+    root = bootstrap(c)["SecretID"]
+    for k in ("app/a", "app/b", "secret/x"):
+        raise_unless(c.put(f"/v1/kv/{k}", data=b"v", headers=tok(root)), 200)
+    p = c.put(
+        "/v1/acl/policy",
+        json={"Name": "app-read", "Rules": 'key_prefix "app/" { policy = "read" }'},
+        headers=tok(root),
+    )
+    raise_unless(p, 200)
+    app = create_token(c, root, [{"ID": p.get_json()["ID"]}])["SecretID"]
+    return root, app
+
+
+FILTERED = "X-Consul-Results-Filtered-By-ACLs"
+
+
+def test_listings_show_only_what_the_token_may_read_and_say_so(acl_client):
+    c = acl_client
+    root, app = _kv_world(c)
+    r = c.get("/v1/kv/?keys", headers=tok(app))
+    raise_unless(r, 200)
+    assert r.get_json() == ["app/a", "app/b"] and r.headers[FILTERED] == "true"
+    r = c.get("/v1/kv/?recurse", headers=tok(app))
+    raise_unless(r, 200)
+    assert [e["Key"] for e in r.get_json()] == ["app/a", "app/b"]
+    assert r.headers[FILTERED] == "true"
+    # Nothing hidden: no header.
+    for url in ("/v1/kv/app/?keys", "/v1/kv/app/?recurse"):
+        r = c.get(url, headers=tok(app))
+        raise_unless(r, 200)
+        assert FILTERED not in r.headers
+    r = c.get("/v1/kv/?keys", headers=tok(root))
+    assert r.get_json() == ["app/a", "app/b", "secret/x"] and FILTERED not in r.headers
+    # Everything hidden: a 404, as for an empty prefix, and the header says why.
+    r = c.get("/v1/kv/secret/?keys", headers=tok(app))
+    raise_unless(r, 404)
+    assert r.headers[FILTERED] == "true"
+
+
+def test_enable_key_list_policy_needs_list_on_the_prefix(make_client):
+    c = make_client(**DENY, acl_enable_key_list_policy=True)
+    root, app = _kv_world(c)
+    r = c.get("/v1/kv/?keys", headers=tok(app))
+    assert_error(r, 403, "permission_denied", contains="key:list")
+    r = c.get("/v1/kv/app/?keys", headers=tok(app))  # read on app/ grants list there
+    raise_unless(r, 200)
+    assert r.get_json() == ["app/a", "app/b"]
+    raise_unless(c.get("/v1/kv/?keys", headers=tok(root)), 200)
+    # recurse is unchanged by the policy: filtered, not refused.
+    raise_unless(c.get("/v1/kv/?recurse", headers=tok(app)), 200)

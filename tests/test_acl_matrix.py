@@ -399,16 +399,17 @@ BOTH_IXNS = ["api => db", "api => web"]
 
 # fmt: off
 ROWS: list[Row] = [
-    # ---- K/V: key:read / key:write, recursive reads filtered, ?keys needs list on the prefix
+    # ---- K/V: key:read / key:write; recursive reads and key listings filtered, as Consul does
+    # without acl.enable_key_list_policy (tests/test_acl_api.py has the policy on)
     #                                            none read web  app  op   mgmt bogus
     R("GET", "/v1/kv/app/cfg",                   F,   200, F,   200, F,   200, F),
     R("GET", "/v1/kv/secret/cfg",                F,   200, F,   F,   F,   200, F),
     R("GET", "/v1/kv/?recurse",                  404, 200, 404, 200, 404, 200, F, view=kv_keys,
       read=["app/cfg", "secret/cfg"], app=["app/cfg"], mgmt=["app/cfg", "secret/cfg"]),
-    R("GET", "/v1/kv/app/?keys",                 F,   200, F,   200, F,   200, F, view=sorted,
+    R("GET", "/v1/kv/app/?keys",                 404, 200, 404, 200, 404, 200, F, view=sorted,
       read=["app/cfg"], app=["app/cfg"], mgmt=["app/cfg"]),
-    R("GET", "/v1/kv/?keys",                     F,   200, F,   F,   F,   200, F, view=sorted,
-      read=["app/cfg", "secret/cfg"], mgmt=["app/cfg", "secret/cfg"]),
+    R("GET", "/v1/kv/?keys",                     404, 200, 404, 200, 404, 200, F, view=sorted,
+      read=["app/cfg", "secret/cfg"], app=["app/cfg"], mgmt=["app/cfg", "secret/cfg"]),
     R("PUT", "/v1/kv/app/cfg",                   F,   F,   F,   200, F,   200, F, body=b"new"),
     R("PUT", "/v1/kv/secret/cfg",                F,   F,   F,   F,   F,   200, F, body=b"new"),
     R("PUT", "/v1/kv/",                          400, 400, 400, 400, 400, 400, 400, body=b"x"),

@@ -117,9 +117,14 @@ def test_missing_config_file(tmp_path):
     [
         ({"bogus_setting": 1}, "unknown setting 'bogus_setting'"),
         ({"ports": {"htttp": 8500}}, "unknown setting ports.htttp"),
+        ({"acl": {"enabled": "yes"}}, "acl.enabled must be true or false, not 'yes'"),
+        (
+            {"acl": {"enable_key_list_policy": 1}},
+            "acl.enable_key_list_policy must be true or false, not 1",
+        ),
     ],
 )
-def test_unknown_setting(tmp_path, config, expected):
+def test_unknown_or_mistyped_setting(tmp_path, config, expected):
     path = tmp_path / "trellis.json"
     path.write_text(json.dumps(config))
     line = refused("server", "-config", str(path), "-data-dir", str(tmp_path / "data"))

@@ -118,7 +118,7 @@ def get(key: str):
     authz = acl.current()
     if not (keys or recurse):
         acl.require(authz.key_read(key), f"key:read on {key!r}")
-    elif keys:
+    elif keys and services().settings.acl_enable_key_list_policy:
         acl.require(authz.key_list(key), f"key:list on {key!r}")
     store = services().store
     if keys or recurse:
@@ -134,25 +134,29 @@ def get(key: str):
             return ([e] if e else []), (e.modify_index if e else store.kv_index(key, exact=True))
 
     entries, index = blocking(watch, compute)
-    if recurse and not keys:
-        # A recursive read returns only what the token may read, as in Consul.
-        entries = [e for e in entries if authz.key_read(e.key)]
-    elif keys:
-        entries = [e for e in entries if authz.key_list(e.key)]
+    filtered = False
+    if keys or recurse:
+        # A recursive read or a key listing returns only what the token may read, as in
+        # Consul, and says so when it hid something.
+        allowed = authz.key_list if keys else authz.key_read
+        visible = [e for e in entries if allowed(e.key)]
+        filtered = len(visible) < len(entries)
+        entries = visible
+    extra = {"X-Consul-Results-Filtered-By-ACLs": "true"} if filtered else None
     if not entries:
         # The same error shape as every other error (api.errors.TrellisError.to_json).
         body = {"error": f"no key found at {key!r}", "code": "not_found", "status": 404}
-        resp = json_response(body, status=404)
+        resp = json_response(body, status=404, headers=extra)
         add_index_headers(resp, index)
         return resp
     if keys:
-        return json_response(_folded_keys(entries, key, sep), index=index)
+        return json_response(_folded_keys(entries, key, sep), index=index, headers=extra)
     if raw and not recurse:
         # Served as bytes that a browser must not sniff into HTML (CVE-2020-25864).
         resp = Response(entries[0].value or b"", mimetype="application/octet-stream")
         add_index_headers(resp, index)
         return resp
-    return json_response([entry_json(e) for e in entries], index=index)
+    return json_response([entry_json(e) for e in entries], index=index, headers=extra)
 
 
 @bp.put("/v1/kv/", defaults={"key": ""})
