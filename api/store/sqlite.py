@@ -12,12 +12,16 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from typing import Any
 
 from api.errors import StoreUnavailable
 from api.store.sql import SQLStore
 
 log = logging.getLogger("trellis.store.sqlite")
+
+#: How long a statement may wait for a lock another connection holds before it fails.
+LOCK_TIMEOUT = 30.0
 
 
 class SQLiteStore(SQLStore):
@@ -36,7 +40,7 @@ class SQLiteStore(SQLStore):
 
     def _connect(self) -> Any:
         conn = sqlite3.connect(
-            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            self.path, timeout=LOCK_TIMEOUT, isolation_level=None, check_same_thread=False
         )
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
@@ -44,7 +48,32 @@ class SQLiteStore(SQLStore):
         return conn
 
     def _begin_write(self, conn: Any) -> None:
-        conn.execute("BEGIN IMMEDIATE")
+        """Take the database's write lock, waiting for another process's write to finish
+        without blocking this one.
+
+        SQLite's own busy handler waits in C, and a gevent worker cannot switch away from a C
+        call: while one worker held the write lock, the other's ``BEGIN IMMEDIATE`` froze it
+        whole (its reads, its parked queries, its accept loop) for up to the busy timeout.
+        So the busy handler is off for this one statement, and the wait is a loop of short
+        sleeps, which under gevent let everything else in the worker run.
+        """
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT
+            delay = 0.0005
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) and "busy" not in str(e):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise
+                time.sleep(delay)  # cooperative under gevent
+                delay = min(delay * 2, 0.005)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(LOCK_TIMEOUT * 1000)}")
 
     def _begin_read(self, conn: Any) -> None:
         conn.execute("BEGIN")
