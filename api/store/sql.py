@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -236,6 +237,20 @@ class Pool:
                 pass
 
 
+class _Batch:
+    """Writes that share one transaction and one COMMIT (``SQLStore._group_write``)."""
+
+    __slots__ = ("closed", "conn", "done", "error", "lock", "ready")
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.lock = threading.Lock()  # one body at a time on the shared connection
+        self.ready = threading.Event()  # the leader holds the write lock (or failed to)
+        self.done = threading.Event()  # committed (or failed: ``error``)
+        self.closed = False
+        self.error: BaseException | None = None
+
+
 class Tx:
     """An open write transaction: takes the next index once, records changes."""
 
@@ -406,11 +421,15 @@ class SQLStore(SecurityStoreMixin):
     unavailable_errors: tuple[type[BaseException], ...] = ()
     #: How many old change rows to keep for followers in other processes.
     change_history = 20_000
+    #: Writes that arrive together share one transaction and one COMMIT (see _group_write).
+    group_commit = False
 
     def __init__(self, pool_size: int = 8) -> None:
         self.feed = ChangeFeed()
         self._pool = Pool(self._connect, pool_size)
         self._writes = 0
+        self._batch: _Batch | None = None
+        self._batch_guard = threading.Lock()
         self._closed = threading.Event()
         self._migrate()
 
@@ -474,6 +493,10 @@ class SQLStore(SecurityStoreMixin):
     @contextmanager
     def write(self) -> Iterator[Tx]:
         """A write transaction. Changes are published to the feed after COMMIT returns."""
+        if self.group_commit:
+            with self._group_write() as tx:
+                yield tx
+            return
         with self._translate():
             conn = self._pool.get()
             broken = False
@@ -520,18 +543,115 @@ class SQLStore(SecurityStoreMixin):
             finally:
                 self._pool.put(conn, broken=broken)
 
-    def _trim_changes(self) -> None:
+    @contextmanager
+    def _group_write(self) -> Iterator[Tx]:
+        """``write`` with group commit: the writes that arrive together share one transaction,
+        so one fsync acknowledges them all.
+
+        The first writer (the leader) takes the write lock and opens a batch; each writer runs
+        its body inside a savepoint of the batch's transaction (a body that fails rolls back
+        to its savepoint and fails alone). After its own body the leader yields once, so that
+        the writers ready to run join the batch, then closes it and commits. A writer returns
+        only after that COMMIT: an acknowledged write is on disk, as without batching. If the
+        COMMIT fails, every writer of the batch fails with it and none of their changes is
+        published.
+        """
         with self._translate():
-            conn = self._pool.get()
-            try:
-                self._exec(
-                    conn,
-                    "DELETE FROM changes WHERE idx < (SELECT idx FROM indexes"
-                    " WHERE name = 'global') - ?",
-                    (self.change_history,),
-                )
-            finally:
-                self._pool.put(conn)
+            while True:
+                with self._batch_guard:
+                    batch = self._batch
+                    leader = batch is None
+                    if leader:
+                        batch = self._batch = _Batch()
+                assert batch is not None
+                if leader:
+                    try:
+                        batch.conn = self._pool.get()
+                        self._begin_write(batch.conn)
+                    except BaseException as e:
+                        self._end_batch(batch, e, broken=batch.conn is not None)
+                        raise
+                    batch.ready.set()
+                else:
+                    batch.ready.wait()
+                if batch.closed or batch.error is not None:
+                    continue  # too late for this batch, or it never started: the next one
+                tx = None
+                try:
+                    with batch.lock:
+                        if batch.closed:
+                            continue
+                        tx = Tx(self, batch.conn)
+                        self._exec(batch.conn, "SAVEPOINT w")
+                        try:
+                            yield tx
+                            if tx.changes:
+                                self._before_commit(tx)
+                            self._exec(batch.conn, "RELEASE w")
+                        except BaseException:
+                            try:
+                                self._exec(batch.conn, "ROLLBACK TO w")
+                                self._exec(batch.conn, "RELEASE w")
+                            except Exception as e:  # the transaction is gone: fail the batch
+                                batch.error = e
+                            raise
+                finally:
+                    if leader:
+                        self._commit_batch(batch)
+                if not leader:
+                    batch.done.wait()
+                if batch.error is not None:
+                    raise StoreUnavailable(
+                        f"the store is unavailable: {str(batch.error).strip()[:200]}"
+                    ) from batch.error
+                break
+        if tx is not None and tx.changes:
+            self._writes += 1
+            self.feed.publish(tx.changes)
+            if self._writes % 1000 == 0:
+                self._trim_changes()
+
+    def _commit_batch(self, batch: _Batch) -> None:
+        time.sleep(0)  # under gevent: the writers ready to run join this batch first
+        with self._batch_guard:
+            if self._batch is batch:
+                self._batch = None  # writers from now on start the next batch
+        broken = False
+        with batch.lock:  # once the last joiner's body is done
+            batch.closed = True
+            if batch.error is None:
+                try:
+                    self._exec(batch.conn, "COMMIT")
+                except BaseException as e:
+                    batch.error = e
+            if batch.error is not None:
+                try:
+                    self._exec(batch.conn, "ROLLBACK")
+                except Exception:
+                    broken = True
+        self._end_batch(batch, batch.error, broken=broken)
+
+    def _end_batch(self, batch: _Batch, error: BaseException | None, *, broken: bool) -> None:
+        with self._batch_guard:
+            if self._batch is batch:
+                self._batch = None
+        batch.closed = True
+        batch.error = error
+        if batch.conn is not None:
+            self._pool.put(batch.conn, broken=broken)
+        batch.ready.set()
+        batch.done.set()
+
+    def _trim_changes(self) -> None:
+        # Through write(), like every other write: a statement outside it would wait for the
+        # write lock in SQLite's C busy handler, which a batch held across its yield would
+        # turn into a stall of the whole worker.
+        with self.write() as tx:
+            tx.execute(
+                "DELETE FROM changes WHERE idx < (SELECT idx FROM indexes WHERE name = 'global')"
+                " - ?",
+                (self.change_history,),
+            )
 
     def _migrate(self) -> None:
         with self.write() as tx:

@@ -28,6 +28,8 @@ class SQLiteStore(SQLStore):
     blob_type = "BLOB"
     key_collation = ""  # BINARY: byte order of UTF-8, which is code point order
     unavailable_errors = (sqlite3.OperationalError, sqlite3.DatabaseError)
+    # One COMMIT (one fsync, with synchronous=FULL) for the writes a worker has ready at once.
+    group_commit = True
 
     def __init__(self, path: str, *, poll_interval: float = 0.01, pool_size: int = 8) -> None:
         self.path = path

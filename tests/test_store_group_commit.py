@@ -1,0 +1,120 @@
+"""SQLite group commit (``SQLStore._group_write``), under gevent as the workers run it.
+
+Each scenario runs in a subprocess with gevent's monkey patching, on a real SQLite file. The
+store there is a subclass that counts COMMITs (the only thing it changes), so that the test can
+tell one batch from many.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+PRELUDE = textwrap.dedent(
+    """
+    from gevent import monkey; monkey.patch_all()
+    import json, sys, gevent
+    from api.errors import BadRequest
+    from api.store.sqlite import SQLiteStore
+
+    class Counting(SQLiteStore):
+        commits = 0
+
+        def _commit_batch(self, batch):
+            type(self).commits += 1
+            super()._commit_batch(batch)
+
+    store = Counting(sys.argv[1])
+    store.kv_put("warm", b"up")
+    Counting.commits = 0
+    out = {}
+    """
+)
+
+
+def run(tmp_path, body: str) -> dict:
+    script = PRELUDE + textwrap.dedent(body) + "\nprint(json.dumps(out))\nstore.close()\n"
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "trellis.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_writes_ready_together_share_one_commit(tmp_path):
+    out = run(
+        tmp_path,
+        """
+        gs = [gevent.spawn(store.kv_put, f"k{i}", b"v") for i in range(50)]
+        gevent.joinall(gs, raise_error=True)
+        out["commits"] = Counting.commits
+        out["indexes"] = sorted(store.kv_get(f"k{i}").modify_index for i in range(50))
+        """,
+    )
+    assert 1 <= out["commits"] <= 5, out
+    # Each write still has its own index: one per write, none shared, none skipped.
+    first = out["indexes"][0]
+    assert out["indexes"] == list(range(first, first + 50))
+
+
+def test_a_failing_write_fails_alone(tmp_path):
+    out = run(
+        tmp_path,
+        """
+        def put(i):
+            key = "bad\\x00key" if i == 5 else f"k{i}"
+            try:
+                store.kv_put(key, b"v")
+                return "ok"
+            except BadRequest as e:
+                return "bad: " + e.message
+
+        gs = [gevent.spawn(put, i) for i in range(10)]
+        gevent.joinall(gs)
+        out["results"] = [g.value for g in gs]
+        out["stored"] = sorted(e.key for e in store.kv_list("k"))
+        out["commits"] = Counting.commits
+        """,
+    )
+    assert out["results"][5].startswith("bad: ") and "NUL" in out["results"][5]
+    assert [r for i, r in enumerate(out["results"]) if i != 5] == ["ok"] * 9
+    assert out["stored"] == sorted(f"k{i}" for i in range(10) if i != 5)
+    assert 1 <= out["commits"] <= 3
+
+
+def test_check_and_set_in_one_batch_lets_exactly_one_win(tmp_path):
+    out = run(
+        tmp_path,
+        """
+        store.kv_put("lock", b"free")
+        idx = store.kv_get("lock").modify_index
+        gs = [gevent.spawn(store.kv_put, "lock", f"owner{i}".encode(), cas=idx) for i in range(8)]
+        gevent.joinall(gs, raise_error=True)
+        out["won"] = [g.value for g in gs]
+        out["value"] = store.kv_get("lock").value.decode()
+        """,
+    )
+    assert out["won"].count(True) == 1, out
+    assert out["value"] == f"owner{out['won'].index(True)}"
+
+
+def test_changes_of_a_batch_are_published_after_its_commit(tmp_path):
+    out = run(
+        tmp_path,
+        """
+        from api.feed import Watch
+        pos = store.feed.position()
+        gs = [gevent.spawn(store.kv_put, f"w{i}", b"v") for i in range(20)]
+        gevent.joinall(gs, raise_error=True)
+        out["woken"] = store.feed.wait(Watch("kv", prefixes=("w",)), pos, 0)
+        out["published"] = store.feed.published_index
+        out["current"] = store.current_index()
+        """,
+    )
+    assert out["woken"] is True
+    assert out["published"] == out["current"]
