@@ -1,8 +1,9 @@
-"""SQLite group commit (``SQLStore._group_write``), under gevent as the workers run it.
+"""Group commit (``SQLStore._group_write``), under gevent as the workers run it, on SQLite and
+on PostgreSQL.
 
-Each scenario runs in a subprocess with gevent's monkey patching, on a real SQLite file. The
-store there is a subclass that counts COMMITs (the only thing it changes), so that the test can
-tell one batch from many.
+Each scenario runs in a subprocess with gevent's monkey patching, on a real SQLite file or a
+real PostgreSQL database. The store there is a subclass that counts COMMITs (the only thing it
+changes), so that the test can tell one batch from many.
 """
 
 from __future__ import annotations
@@ -12,21 +13,27 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 PRELUDE = textwrap.dedent(
     """
     from gevent import monkey; monkey.patch_all()
     import json, sys, gevent
     from api.errors import BadRequest
+    from api.store.postgres import PostgresStore
     from api.store.sqlite import SQLiteStore
 
-    class Counting(SQLiteStore):
+    url = sys.argv[1]
+    base = SQLiteStore if url.startswith("sqlite:") else PostgresStore
+
+    class Counting(base):
         commits = 0
 
         def _commit_batch(self, batch):
             type(self).commits += 1
             super()._commit_batch(batch)
 
-    store = Counting(sys.argv[1])
+    store = Counting(url.removeprefix("sqlite:///") if base is SQLiteStore else url)
     store.kv_put("warm", b"up")
     Counting.commits = 0
     out = {}
@@ -34,10 +41,10 @@ PRELUDE = textwrap.dedent(
 )
 
 
-def run(tmp_path, body: str) -> dict:
+def run(store_url: str, body: str) -> dict:
     script = PRELUDE + textwrap.dedent(body) + "\nprint(json.dumps(out))\nstore.close()\n"
     r = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "trellis.db")],
+        [sys.executable, "-c", script, store_url],
         capture_output=True,
         text=True,
         timeout=60,
@@ -46,9 +53,9 @@ def run(tmp_path, body: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_writes_ready_together_share_one_commit(tmp_path):
+def test_writes_ready_together_share_one_commit(store_url):
     out = run(
-        tmp_path,
+        store_url,
         """
         gs = [gevent.spawn(store.kv_put, f"k{i}", b"v") for i in range(50)]
         gevent.joinall(gs, raise_error=True)
@@ -62,12 +69,14 @@ def test_writes_ready_together_share_one_commit(tmp_path):
     assert out["indexes"] == list(range(first, first + 50))
 
 
-def test_a_failing_write_fails_alone(tmp_path):
+@pytest.mark.parametrize("bad", [0, 5], ids=["first-of-the-batch", "a-later-one"])
+def test_a_failing_write_fails_alone(store_url, bad):
     out = run(
-        tmp_path,
-        """
+        store_url,
+        f"\n        BAD = {bad}\n"
+        + """
         def put(i):
-            key = "bad\\x00key" if i == 5 else f"k{i}"
+            key = "bad\\x00key" if i == BAD else f"k{i}"
             try:
                 store.kv_put(key, b"v")
                 return "ok"
@@ -81,15 +90,15 @@ def test_a_failing_write_fails_alone(tmp_path):
         out["commits"] = Counting.commits
         """,
     )
-    assert out["results"][5].startswith("bad: ") and "NUL" in out["results"][5]
-    assert [r for i, r in enumerate(out["results"]) if i != 5] == ["ok"] * 9
-    assert out["stored"] == sorted(f"k{i}" for i in range(10) if i != 5)
+    assert out["results"][bad].startswith("bad: ") and "NUL" in out["results"][bad]
+    assert [r for i, r in enumerate(out["results"]) if i != bad] == ["ok"] * 9
+    assert out["stored"] == sorted(f"k{i}" for i in range(10) if i != bad)
     assert 1 <= out["commits"] <= 3
 
 
-def test_check_and_set_in_one_batch_lets_exactly_one_win(tmp_path):
+def test_check_and_set_in_one_batch_lets_exactly_one_win(store_url):
     out = run(
-        tmp_path,
+        store_url,
         """
         store.kv_put("lock", b"free")
         idx = store.kv_get("lock").modify_index
@@ -103,9 +112,9 @@ def test_check_and_set_in_one_batch_lets_exactly_one_win(tmp_path):
     assert out["value"] == f"owner{out['won'].index(True)}"
 
 
-def test_changes_of_a_batch_are_published_after_its_commit(tmp_path):
+def test_changes_of_a_batch_are_published_after_its_commit(store_url):
     out = run(
-        tmp_path,
+        store_url,
         """
         from api.feed import Watch
         pos = store.feed.position()

@@ -49,6 +49,9 @@ class PostgresStore(SQLStore):
     blob_type = "BYTEA"
     key_collation = 'COLLATE "C"'  # byte order, so prefix ranges match SQLite's
     unavailable_errors = (psycopg.OperationalError, psycopg.InterfaceError)
+    # One transaction (one advisory lock, one WAL flush) for the writes a worker has ready at
+    # once; while a body waits on the database, the writers that arrive queue into its batch.
+    group_commit = True
 
     def __init__(
         self, url: str, *, poll_interval: float = 1.0, pool_size: int = 8, connect_timeout: int = 5

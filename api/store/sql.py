@@ -240,10 +240,12 @@ class Pool:
 class _Batch:
     """Writes that share one transaction and one COMMIT (``SQLStore._group_write``)."""
 
-    __slots__ = ("closed", "conn", "done", "error", "lock", "ready")
+    __slots__ = ("bodies", "closed", "conn", "done", "error", "lock", "ready", "rolled_back")
 
     def __init__(self) -> None:
         self.conn: Any = None
+        self.bodies = 0  # bodies run (or running) in this batch
+        self.rolled_back = False  # its first body failed: the transaction was rolled back
         self.lock = threading.Lock()  # one body at a time on the shared connection
         self.ready = threading.Event()  # the leader holds the write lock (or failed to)
         self.done = threading.Event()  # committed (or failed: ``error``)
@@ -581,19 +583,23 @@ class SQLStore(SecurityStoreMixin):
                     with batch.lock:
                         if batch.closed:
                             continue
+                        # The first body of a batch needs no savepoint (two statements, two
+                        # round trips on PostgreSQL): if it fails, nothing else is in the
+                        # transaction yet, so all of it is rolled back, and the writers queued
+                        # behind it start a new batch.
+                        first = batch.bodies == 0
+                        batch.bodies += 1
                         tx = Tx(self, batch.conn)
-                        self._exec(batch.conn, "SAVEPOINT w")
+                        if not first:
+                            self._exec(batch.conn, "SAVEPOINT w")
                         try:
                             yield tx
                             if tx.changes:
                                 self._before_commit(tx)
-                            self._exec(batch.conn, "RELEASE w")
-                        except BaseException:
-                            try:
-                                self._exec(batch.conn, "ROLLBACK TO w")
+                            if not first:
                                 self._exec(batch.conn, "RELEASE w")
-                            except Exception as e:  # the transaction is gone: fail the batch
-                                batch.error = e
+                        except BaseException:
+                            self._undo_body(batch, first)
                             raise
                 finally:
                     if leader:
@@ -611,15 +617,30 @@ class SQLStore(SecurityStoreMixin):
             if self._writes % 1000 == 0:
                 self._trim_changes()
 
+    def _undo_body(self, batch: _Batch, first: bool) -> None:
+        """Undo a body that failed: its savepoint, or, for the first, the whole transaction."""
+        try:
+            if first:
+                self._exec(batch.conn, "ROLLBACK")
+                batch.rolled_back = batch.closed = True
+            else:
+                self._exec(batch.conn, "ROLLBACK TO w")
+                self._exec(batch.conn, "RELEASE w")
+        except Exception as e:  # the transaction is gone: the whole batch fails
+            batch.error = e
+
     def _commit_batch(self, batch: _Batch) -> None:
-        time.sleep(0)  # under gevent: the writers ready to run join this batch first
+        if not batch.rolled_back:
+            time.sleep(0)  # under gevent: the writers ready to run join this batch first
         with self._batch_guard:
             if self._batch is batch:
                 self._batch = None  # writers from now on start the next batch
         broken = False
         with batch.lock:  # once the last joiner's body is done
             batch.closed = True
-            if batch.error is None:
+            if batch.rolled_back:
+                pass  # nothing to commit; the writers still queued retry in the next batch
+            elif batch.error is None:
                 try:
                     self._exec(batch.conn, "COMMIT")
                 except BaseException as e:
