@@ -85,6 +85,7 @@ from dnslib import (  # type: ignore[import-untyped]
     DNSRecord,
 )
 
+from api.acl.rules import Authorizer
 from api.errors import StoreUnavailable
 from api.health import Instance, service_instances
 from api.settings import Settings
@@ -213,14 +214,24 @@ class _Zone:
 # -- the core -----------------------------------------------------------------------------------
 
 
-def answer(store: Store, settings: Settings, query: bytes, *, max_udp: int | None = 512) -> bytes:
+def answer(
+    store: Store,
+    settings: Settings,
+    query: bytes,
+    *,
+    max_udp: int | None = 512,
+    authorizer: Callable[[], Authorizer | None] | None = None,
+) -> bytes:
     """Parse one DNS query packet and return the reply packet (b"" = send nothing).
 
     ``max_udp`` is the reply size limit for a client without EDNS0 (UDP); None means TCP,
-    where only the 65535-byte frame limits. Never raises.
+    where only the 65535-byte frame limits. ``authorizer`` gives the ACL rules DNS answers
+    under (with ACLs on: the anonymous token's, as Consul's DNS uses the agent's default
+    token): a service needs ``service:read`` and each instance ``node:read`` on its node, a
+    node ``node:read``; what the rules hide does not exist (NXDOMAIN). Never raises.
     """
     try:
-        return bytes(_answer(store, settings, bytes(query), max_udp))
+        return bytes(_answer(store, settings, bytes(query), max_udp, authorizer))
     except Exception:
         # A bug here must cost one query, not the server.
         log.exception("dns: unexpected error answering a query")
@@ -238,7 +249,13 @@ def _raw_reply(query: bytes, rcode: int) -> bytes:
     return bytes(query[:2]) + bytes([0x80 | opcode_rd, rcode & 0x0F]) + bytes(8)
 
 
-def _answer(store: Store, settings: Settings, query: bytes, max_udp: int | None) -> bytes:
+def _answer(
+    store: Store,
+    settings: Settings,
+    query: bytes,
+    max_udp: int | None,
+    authorizer: Callable[[], Authorizer | None] | None,
+) -> bytes:
     if len(query) < 12 or query[2] & 0x80:
         return _raw_reply(query, RCODE.FORMERR)
     try:
@@ -282,7 +299,8 @@ def _answer(store: Store, settings: Settings, query: bytes, max_udp: int | None)
         return _pack(header, q, _Result(RCODE.NOTIMP, authoritative=False), opt, limit)
 
     try:
-        result = _resolve(store, _Zone(settings), q)
+        authz = authorizer() if authorizer is not None else None
+        result = _resolve(store, _Zone(settings), q, authz)
     except StoreUnavailable as e:
         log.warning("dns: store unavailable answering %s: %s", q.qname, e)
         result = _Result(RCODE.SERVFAIL, authoritative=False)
@@ -352,7 +370,7 @@ def _labels(qname: DNSLabel, zone: _Zone) -> list[str] | None:
     return [x.decode("utf-8", "replace") for x in raw]
 
 
-def _resolve(store: Store, zone: _Zone, q: DNSQuestion) -> _Result:
+def _resolve(store: Store, zone: _Zone, q: DNSQuestion, authz: Authorizer | None) -> _Result:
     qname, qtype = q.qname, q.qtype
     labels = _labels(qname, zone)
     if labels is None:
@@ -375,13 +393,13 @@ def _resolve(store: Store, zone: _Zone, q: DNSQuestion) -> _Result:
     if not parts:
         return zone.nxdomain()
     if kind == "node":
-        return _node_lookup(store, zone, qname, qtype, ".".join(parts))
+        return _node_lookup(store, zone, qname, qtype, ".".join(parts), authz)
     if kind == "addr":
         return _addr_lookup(zone, qname, qtype, parts)
     if kind == "connect":
         if len(parts) != 1:
             return zone.nxdomain()
-        return _service_lookup(store, zone, qname, qtype, parts[0], None, connect=True)
+        return _service_lookup(store, zone, qname, qtype, parts[0], None, authz, connect=True)
     # service
     if len(parts) == 2 and parts[0].startswith("_") and parts[1].startswith("_"):
         # RFC 2782: _<service>._<tag>; _tcp is the protocol, not a tag filter.
@@ -393,7 +411,7 @@ def _resolve(store: Store, zone: _Zone, q: DNSQuestion) -> _Result:
         tag = ".".join(parts[:-1]) or None
     if not svc or tag == "":
         return zone.nxdomain()
-    return _service_lookup(store, zone, qname, qtype, svc, tag, connect=False)
+    return _service_lookup(store, zone, qname, qtype, svc, tag, authz, connect=False)
 
 
 def _apex(zone: _Zone, qname: DNSLabel, qtype: int) -> _Result:
@@ -429,9 +447,11 @@ def _find_node(store: Store, name: str) -> Node | None:
     return node
 
 
-def _node_lookup(store: Store, zone: _Zone, qname: DNSLabel, qtype: int, name: str) -> _Result:
+def _node_lookup(
+    store: Store, zone: _Zone, qname: DNSLabel, qtype: int, name: str, authz: Authorizer | None
+) -> _Result:
     node = _find_node(store, name)
-    if node is None:
+    if node is None or (authz is not None and not authz.node_read(node.name)):
         return zone.nxdomain()
     ip = _ip(node.address)
     if ip is None or not _wants(qtype, ip):
@@ -475,17 +495,26 @@ def _candidate_names(store: Store, name: str, connect: bool) -> Iterable[str]:
 
 
 def _instances(
-    store: Store, name: str, tag: str | None, *, connect: bool
+    store: Store, name: str, tag: str | None, authz: Authorizer | None, *, connect: bool
 ) -> tuple[bool, list[Instance]]:
-    """(whether the name exists, its healthy instances)."""
+    """(whether the name exists for these ACLs, its healthy instances they may see)."""
+
+    def visible(insts: Iterable[Instance]) -> list[Instance]:
+        insts = _with_tag(insts, tag)
+        if authz is None:
+            return insts
+        return [i for i in insts if authz.node_read(i.node.name)]
+
     for candidate in _candidate_names(store, name, connect):
-        healthy = _with_tag(
-            service_instances(store, candidate, connect=connect, include_critical=False), tag
+        if authz is not None and not authz.service_read(candidate):
+            continue  # hidden by the ACLs: as if it did not exist
+        healthy = visible(
+            service_instances(store, candidate, connect=connect, include_critical=False)
         )
         if healthy:
             return True, healthy
         # No healthy instance: NODATA if it has instances at all, else try the next spelling.
-        if _with_tag(service_instances(store, candidate, connect=connect), tag):
+        if visible(service_instances(store, candidate, connect=connect)):
             return True, []
     return False, []
 
@@ -506,10 +535,11 @@ def _service_lookup(
     qtype: int,
     name: str,
     tag: str | None,
+    authz: Authorizer | None,
     *,
     connect: bool,
 ) -> _Result:
-    exists, insts = _instances(store, name, tag, connect=connect)
+    exists, insts = _instances(store, name, tag, authz, connect=connect)
     if not exists:
         return zone.nxdomain()
     if qtype == QTYPE.SRV:
@@ -627,9 +657,11 @@ class DNSServer:
         max_tcp_connections: int = 256,
         udp_workers: int = 8,
         udp_queue: int = 1024,
+        authorizer: Callable[[], Authorizer | None] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
+        self.authorizer = authorizer
         self._udp = udp_sock
         self._tcp = tcp_sock
         self.tcp_idle_timeout = tcp_idle_timeout
@@ -785,7 +817,9 @@ class DNSServer:
             if self._stop.is_set():
                 continue  # draining to our sentinel
             data, peer = item
-            reply = answer(self.store, self.settings, data, max_udp=CLASSIC_UDP)
+            reply = answer(
+                self.store, self.settings, data, max_udp=CLASSIC_UDP, authorizer=self.authorizer
+            )
             if not reply:
                 continue
             try:
@@ -858,7 +892,9 @@ class DNSServer:
                 data = self._recv_exact(conn, length) if length else None
                 if data is None:
                     break  # a zero-length or half-sent frame ends the connection
-                reply = answer(self.store, self.settings, data, max_udp=None)
+                reply = answer(
+                    self.store, self.settings, data, max_udp=None, authorizer=self.authorizer
+                )
                 if not reply:
                     break
                 conn.settimeout(self.tcp_idle_timeout)  # a client that never reads

@@ -318,6 +318,7 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
     def _post_worker_init(self, worker) -> None:
         if self.dns_socks is None:
             return
+        from api.acl.service import dns_authorizer
         from api.dns import DNSServer
 
         app = worker.wsgi
@@ -329,7 +330,7 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
         udp, tcp = (
             socket.socket(s.family, s.type, s.proto, fileno=s.detach()) for s in self.dns_socks
         )
-        server = DNSServer(store, self.settings, udp, tcp)
+        server = DNSServer(store, self.settings, udp, tcp, authorizer=dns_authorizer(app))
         app.extensions["trellis-dns"] = server
         threading.Thread(target=server.serve_forever, name="trellis-dns", daemon=True).start()
 

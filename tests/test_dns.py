@@ -868,3 +868,54 @@ def test_close_before_serving(db, settings):
     server.close()
     server.serve_forever()  # returns at once
     assert udp.fileno() == -1 and tcp.fileno() == -1
+
+
+# -- ACLs: DNS answers under the anonymous token's rules ------------------------------------
+
+
+def acl(text: str, *, default_allow: bool = False):
+    from api.acl.rules import Authorizer, parse_rules
+
+    authz = Authorizer([parse_rules(text)], default_allow=default_allow)
+    return lambda: authz
+
+
+def test_acls_hide_services_and_nodes_the_rules_do_not_let_read(db, settings):
+    reg(db, "n1", "10.0.0.1", svc("n1", "web1", "web"), svc("n1", "db1", "db"))
+    reg(db, "n2", "10.0.0.2", svc("n2", "web2", "web"))
+    rules = acl('service "web" { policy = "read" }\nnode "n1" { policy = "read" }')
+    r = core(db, settings, "web.service.trellis", authorizer=rules)
+    assert r.header.rcode == RCODE.NOERROR and addrs(r) == {"10.0.0.1"}  # n2 hidden
+    r = core(db, settings, "web.service.trellis", "SRV", authorizer=rules)
+    assert len(r.rr) == 1
+    assert core(db, settings, "db.service.trellis", authorizer=rules).header.rcode == (
+        RCODE.NXDOMAIN
+    )
+    assert addrs(core(db, settings, "n1.node.trellis", authorizer=rules)) == {"10.0.0.1"}
+    assert core(db, settings, "n2.node.trellis", authorizer=rules).header.rcode == RCODE.NXDOMAIN
+    # A service whose every instance sits on a hidden node does not exist either.
+    only_n2 = acl('service "web" { policy = "read" }\nnode "n2" { policy = "deny" }')
+    r = core(db, settings, "web.service.trellis", authorizer=only_n2)
+    assert addrs(r) == set() and r.header.rcode == RCODE.NXDOMAIN
+    # Without an authorizer (ACLs off) everything answers.
+    assert addrs(core(db, settings, "web.service.trellis")) == {"10.0.0.1", "10.0.0.2"}
+
+
+def test_acl_default_allow_answers_unless_denied(db, settings):
+    reg(db, "n1", "10.0.0.1", svc("n1", "web1", "web"), svc("n1", "db1", "db"))
+    rules = acl('service "db" { policy = "deny" }', default_allow=True)
+    assert addrs(core(db, settings, "web.service.trellis", authorizer=rules)) == {"10.0.0.1"}
+    assert core(db, settings, "db.service.trellis", authorizer=rules).header.rcode == (
+        RCODE.NXDOMAIN
+    )
+
+
+def test_the_server_asks_its_authorizer_on_every_query(db, settings, serve):
+    reg(db, "n1", "10.0.0.1", svc("n1", "web1", "web"))
+    allowed = {"now": False}
+    open_rules = acl('service "web" { policy = "read" }\nnode "n1" { policy = "read" }')
+    closed_rules = acl("")
+    running = serve(authorizer=lambda: (open_rules if allowed["now"] else closed_rules)())
+    assert running.ask("web.service.trellis").header.rcode == RCODE.NXDOMAIN
+    allowed["now"] = True
+    assert addrs(running.ask("web.service.trellis", tcp=True)) == {"10.0.0.1"}

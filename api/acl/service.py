@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from flask import g, request
 
@@ -103,6 +105,21 @@ class AuthorizerCache:
             self._by_hash = {}
         self._by_hash[h] = result
         return result
+
+
+def dns_authorizer(app: Any) -> Callable[[], Authorizer | None] | None:
+    """The rules DNS answers under, for ``api.dns``: None with ACLs off; otherwise those of the
+    anonymous token (DNS carries no token; Consul's DNS uses the agent's default token, which
+    is the anonymous one unless set). Resolved per query through the per-process cache, so a
+    policy change reaches DNS as soon as the change feed has it."""
+    if not app.extensions["trellis"].settings.acl_enabled:
+        return None
+
+    def authorizer() -> Authorizer:
+        with app.app_context():
+            return app.extensions["trellis"].acls.resolve(None)[1]
+
+    return authorizer
 
 
 def _default_allow() -> bool:
