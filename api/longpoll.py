@@ -61,6 +61,27 @@ class Parked(Exception):
         self.park = park
 
 
+class ClientGone(ConnectionResetError):
+    """The client closed its connection while its query waited. Outside a view (a parked
+    query's iterable) gunicorn takes it as a reset connection and closes it quietly; inside a
+    view (an agent ``?hash=`` wait) the app turns it into ``_Reset``, which does the same."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ECONNRESET, "the client closed the connection")
+
+
+class _Reset(Response):
+    """The answer to a client that is gone: nothing is sent, the connection is dropped."""
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:  # type: ignore[override]
+        return _ResetIter()
+
+
+class _ResetIter:
+    def __iter__(self) -> Iterator[bytes]:
+        raise ClientGone()
+
+
 @dataclass(frozen=True)
 class Rendered:
     """What a woken query's view answered, for the others woken with it."""
@@ -90,6 +111,10 @@ def install(app: Flask) -> None:
     @app.errorhandler(Parked)
     def _park(e: Parked) -> Response:
         return ParkedResponse(app, e.park)
+
+    @app.errorhandler(ClientGone)
+    def _gone(e: ClientGone) -> Response:
+        return _Reset()
 
 
 class _LongPoll:
@@ -194,8 +219,8 @@ def wait_for_change(feed: ChangeFeed, watch: Watch, pos: int, timeout: float, cl
     """``feed.wait``, also woken when the client's socket (if any) turns readable.
 
     If the client closed, end the query now instead of holding a connection slot until
-    ``wait`` runs out (up to 10 minutes): raise ``ConnectionResetError``, which the WSGI server
-    treats as a connection gone. If it sent more (a pipelined request), stop watching, since
+    ``wait`` runs out (up to 10 minutes): raise ``ClientGone``, which the WSGI server treats as
+    a connection gone. If it sent more (a pipelined request), stop watching, since
     those bytes stay readable until gunicorn reads them after this answer: return None, the
     client to watch from now on.
     """
@@ -217,5 +242,5 @@ def wait_for_change(feed: ChangeFeed, watch: Watch, pos: int, timeout: float, cl
     if not fired:
         return client
     if client.peer_closed():
-        raise ConnectionResetError(errno.ECONNRESET, "the client closed the connection")
+        raise ClientGone()
     return None

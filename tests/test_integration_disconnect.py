@@ -131,6 +131,9 @@ def test_the_agent_hash_wait_ends_too(server, connect):
     for s in socks:
         s.close()
     wait_until(lambda: parked(url) == 0, timeout=10)
+    # Ended quietly: a client that left is not a server error.
+    out = server.output()
+    assert "[ERROR]" not in out and "Traceback" not in out, out
 
 
 def test_a_graceful_stop_answers_parked_queries_and_closes_idle_connections(server, connect):

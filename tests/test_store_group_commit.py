@@ -127,3 +127,79 @@ def test_changes_of_a_batch_are_published_after_its_commit(store_url):
     )
     assert out["woken"] is True
     assert out["published"] == out["current"]
+
+
+def test_a_writer_queued_behind_a_lost_transaction_reports_what_happened(tmp_path):
+    """Real threads (as under the gthread worker), SQLite. The second body of a batch finds the
+    whole transaction gone (SQLite rolls back by itself on SQLITE_FULL, IOERR or NOMEM; here its
+    body issues the ROLLBACK) while another writer waits for the batch's lock. Whatever the
+    schedule, each writer's answer must match what is on disk: acknowledged means stored, an
+    error means not stored."""
+    import threading
+    import time
+
+    from api.errors import StoreUnavailable
+    from api.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "trellis.db"))
+    said: dict[str, bool] = {}
+
+    def leader() -> None:
+        try:
+            with store.write() as tx:
+                tx.execute(
+                    "INSERT INTO kv (key, value, flags, create_index, modify_index, lock_index)"
+                    " VALUES ('k0', x'00', 0, 1, 1, 0)"
+                )
+                time.sleep(0.3)  # holds the batch while the others queue
+            said["k0"] = True
+        except StoreUnavailable:
+            said["k0"] = False
+
+    def broken() -> None:
+        try:
+            with store.write() as tx:
+                tx.execute("ROLLBACK")  # the transaction is gone under everyone's feet
+                raise OSError("disk full")
+        except (OSError, StoreUnavailable):
+            pass
+
+    def queued() -> None:
+        try:
+            store.kv_put("k2", b"v")
+            said["k2"] = True
+        except StoreUnavailable:
+            said["k2"] = False
+
+    threads = []
+    for target in (leader, broken, queued):
+        t = threading.Thread(target=target)
+        t.start()
+        threads.append(t)
+        time.sleep(0.1)
+    for t in threads:
+        t.join(30)
+    assert set(said) == {"k0", "k2"}
+    stored = {k: store.kv_get(k) is not None for k in ("k0", "k2")}
+    store.close()
+    assert said == stored, f"reported {said}, stored {stored}"
+
+
+def test_a_failing_change_log_trim_does_not_fail_the_write_that_triggered_it(tmp_path, caplog):
+    """Every thousandth write trims the change log; the write is committed by then and must be
+    acknowledged whatever the trim meets. The store is a subclass whose trim fails."""
+    from api.errors import StoreUnavailable
+    from api.store.sqlite import SQLiteStore
+    from tests.support import wait_until
+
+    class TrimFails(SQLiteStore):
+        def _trim_changes(self) -> None:
+            raise StoreUnavailable("the store is unavailable: database is locked")
+
+    store = TrimFails(str(tmp_path / "trellis.db"))
+    with caplog.at_level("WARNING", logger="trellis.store"):
+        for i in range(1000):
+            store.kv_put(f"k{i % 10}", str(i).encode())  # the 1000th triggers the trim
+        wait_until(lambda: "trimming the change log failed" in caplog.text, timeout=10)
+    assert store.kv_get("k9").value == b"999"
+    store.close()

@@ -432,6 +432,7 @@ class SQLStore(SecurityStoreMixin):
         self._writes = 0
         self._batch: _Batch | None = None
         self._batch_guard = threading.Lock()
+        self._trimming = False
         self._closed = threading.Event()
         self._migrate()
 
@@ -525,7 +526,7 @@ class SQLStore(SecurityStoreMixin):
             self._writes += 1
             self.feed.publish(tx.changes)
             if self._writes % 1000 == 0:
-                self._trim_changes()
+                self._schedule_trim()
 
     @contextmanager
     def read(self) -> Iterator[Any]:
@@ -581,8 +582,8 @@ class SQLStore(SecurityStoreMixin):
                 tx = None
                 try:
                     with batch.lock:
-                        if batch.closed:
-                            continue
+                        if batch.closed or batch.error is not None:
+                            continue  # the batch failed or ended while this writer queued
                         # The first body of a batch needs no savepoint (two statements, two
                         # round trips on PostgreSQL): if it fails, nothing else is in the
                         # transaction yet, so all of it is rolled back, and the writers queued
@@ -615,7 +616,7 @@ class SQLStore(SecurityStoreMixin):
             self._writes += 1
             self.feed.publish(tx.changes)
             if self._writes % 1000 == 0:
-                self._trim_changes()
+                self._schedule_trim()
 
     def _undo_body(self, batch: _Batch, first: bool) -> None:
         """Undo a body that failed: its savepoint, or, for the first, the whole transaction."""
@@ -628,6 +629,7 @@ class SQLStore(SecurityStoreMixin):
                 self._exec(batch.conn, "RELEASE w")
         except Exception as e:  # the transaction is gone: the whole batch fails
             batch.error = e
+            batch.closed = True  # and no queued writer may run in what is left of it
 
     def _commit_batch(self, batch: _Batch) -> None:
         if not batch.rolled_back:
@@ -662,6 +664,25 @@ class SQLStore(SecurityStoreMixin):
             self._pool.put(batch.conn, broken=broken)
         batch.ready.set()
         batch.done.set()
+
+    def _schedule_trim(self) -> None:
+        """Trim the change log in the background: the write that triggers it is committed and
+        must be acknowledged as such, whatever the trim meets (a lock wait running out, a
+        failed commit), and it should not wait for a second fsync."""
+        with self._batch_guard:
+            if self._trimming:
+                return
+            self._trimming = True
+
+        def trim() -> None:
+            try:
+                self._trim_changes()
+            except Exception as e:  # the next thousandth write tries again
+                log.warning("trimming the change log failed (retried later): %s", e)
+            finally:
+                self._trimming = False
+
+        threading.Thread(target=trim, name="trellis-trim-changes", daemon=True).start()
 
     def _trim_changes(self) -> None:
         # Through write(), like every other write: a statement outside it would wait for the
