@@ -179,3 +179,31 @@ def test_under_gevent_a_free_connection_is_taken_and_returned_without_yielding()
     entries, interleaved = map(int, out.stdout.split())
     assert entries == 400
     assert interleaved == 0, f"{interleaved} of 200 woken greenlets were interleaved"
+
+
+def test_a_waiter_killed_in_its_wait_loses_no_slot():
+    """Under gevent, a greenlet killed while queued for a connection (the end of a graceful
+    stop) must leave the queue: otherwise the next connection handed back goes to it, and is
+    lost to every later caller."""
+    script = textwrap.dedent(
+        """
+        from gevent import monkey; monkey.patch_all()
+        import gevent
+        from api.store.sql import Pool
+
+        class C:
+            def close(self): pass
+
+        pool = Pool(C, 1, timeout=5)
+        held = pool.get()
+        waiting = gevent.spawn(pool.get)
+        gevent.sleep(0.05)
+        waiting.kill()                  # killed while queued
+        pool.put(held)
+        conn = gevent.spawn(pool.get).get(timeout=2)
+        print("ok" if conn is held else "lost")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok"]

@@ -171,14 +171,16 @@ class Pool:
             else:
                 waiter = threading.Event()
                 self._waiters.append(waiter)
-        if waiter is not None and not waiter.wait(self._timeout):
-            with self._lock:
-                try:
-                    self._waiters.remove(waiter)
-                    gave_up = True
-                except ValueError:
-                    gave_up = False  # a slot was handed over just as the wait ran out
-            if gave_up:
+        if waiter is not None:
+            try:
+                got = waiter.wait(self._timeout)
+            except BaseException:
+                # Interrupted (a greenlet killed at the end of a graceful stop): give back a
+                # slot handed over meanwhile, or it would be lost to every later caller.
+                if not self._forget(waiter):
+                    self._release_slot()
+                raise
+            if not got and self._forget(waiter):
                 raise StoreUnavailable("no store connection became free in time")
         # This caller now holds a slot.
         with self._lock:
@@ -192,6 +194,15 @@ class Pool:
         with self._lock:
             self._all.append(conn)
         return conn
+
+    def _forget(self, waiter: threading.Event) -> bool:
+        """Take ``waiter`` off the queue; False if a slot was handed to it already."""
+        with self._lock:
+            try:
+                self._waiters.remove(waiter)
+                return True
+            except ValueError:
+                return False
 
     def _release_slot(self) -> None:
         with self._lock:
