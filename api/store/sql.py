@@ -387,6 +387,7 @@ def _svc_row_content(row: Sequence[Any]) -> tuple[Any, ...]:
 
 
 def _check_content(c: Check) -> tuple[Any, ...]:
+    """A check's stored columns from ``name`` to ``expires_at``, as written."""
     return (
         c.name,
         c.status,
@@ -982,22 +983,7 @@ class SQLStore(SecurityStoreMixin):
             " service_id = excluded.service_id, service_name = excluded.service_name,"
             " type = excluded.type, definition = excluded.definition, ttl = excluded.ttl,"
             " expires_at = excluded.expires_at, modify_index = excluded.modify_index",
-            (
-                node,
-                c.check_id,
-                c.name,
-                c.status,
-                c.notes,
-                c.output,
-                c.service_id,
-                c.service_name,
-                c.type,
-                _dumps(dict(c.definition)),
-                c.ttl,
-                c.expires_at,
-                create,
-                idx,
-            ),
+            (node, c.check_id, *_check_content(c), create, idx),
         )
         return True
 
