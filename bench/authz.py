@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import random
 import statistics
@@ -54,6 +53,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from report import table, write_output  # noqa: E402
 
 from proxy.authz import ALLOW, DENY, Intention, IntentionSet  # noqa: E402
 
@@ -285,18 +286,6 @@ def run(cfg: Config) -> dict[str, Any]:
     return res
 
 
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
 def report(res: dict[str, Any]) -> str:
     cols = list(res["rows"][0]["paths"])
     c = res["config"]
@@ -378,13 +367,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     res = run(cfg)
-    if cfg.json_out == "-":
-        print(json.dumps(res, indent=2))
-    else:
-        print(report(res))
-        if cfg.json_out:
-            Path(cfg.json_out).write_text(json.dumps(res, indent=2) + "\n")
-            log(f"JSON written to {cfg.json_out}")
+    write_output(res, report, cfg.json_out, log)
     return 0
 
 

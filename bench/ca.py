@@ -47,7 +47,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import re
 import resource
 import secrets
@@ -74,6 +73,8 @@ from procs import (
     wait_quiet,
 )
 from rawhttp import Conn, hostport, ms, pct
+from report import fmt, table, write_output
+from report import machine as describe_machine
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -414,31 +415,9 @@ class Config:
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = ""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        kb = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
-        mem = f"{kb / 1024 / 1024:.1f} GiB"
-    osname = platform.platform()
-    with contextlib.suppress(OSError):
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                osname = line.split("=", 1)[1].strip('"') + f" (kernel {platform.release()})"
     import cryptography
 
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": model,
-        "memory": mem,
-        "python": platform.python_version(),
-        "cryptography": cryptography.__version__,
-        "os": osname,
-    }
+    return {**describe_machine(), "cryptography": cryptography.__version__}
 
 
 def http_json(method: str, url: str, body: Any = None, timeout: float = 60.0) -> Any:
@@ -753,26 +732,6 @@ def summarize(results: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _f(v: Any, nd: int = 1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
 LABEL = {
     "builtin": "builtin (Trellis)",
     "vault": "vault via Trellis",
@@ -814,15 +773,15 @@ def report(res: dict[str, Any]) -> str:
                 LABEL[s["target"]],
                 str(s["concurrency"]),
                 str(s["requests"]),
-                _f(s["signings_per_s"], 0),
-                _f(s["p50_ms"], 2),
-                _f(s["p99_ms"], 2),
+                fmt(s["signings_per_s"], 0),
+                fmt(s["p50_ms"], 2),
+                fmt(s["p99_ms"], 2),
                 str(bad),
                 f"{chk['verified']}/{chk['verify_sample']}",
-                _f(s["server_cpu_pct"], 0),
-                _f(s["signings_per_server_cpu_s"], 0),
-                _f(s["client_cpu_pct"], 0),
-                _f(s["other_cpu_pct"], 0),
+                fmt(s["server_cpu_pct"], 0),
+                fmt(s["signings_per_server_cpu_s"], 0),
+                fmt(s["client_cpu_pct"], 0),
+                fmt(s["other_cpu_pct"], 0),
             ]
         )
     parts.append(
@@ -848,9 +807,9 @@ def report(res: dict[str, Any]) -> str:
     rrows = [
         [
             str(r["concurrency"]),
-            _f(r["builtin_over_vault"], 2),
-            _f(r["builtin_over_openbao"], 2),
-            _f(r["vault_over_openbao"], 2),
+            fmt(r["builtin_over_vault"], 2),
+            fmt(r["builtin_over_openbao"], 2),
+            fmt(r["vault_over_openbao"], 2),
         ]
         for r in res.get("ratios", [])
     ]
@@ -969,13 +928,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted; every process started has been stopped")
         return 130
-    if cfg.json_out == "-":
-        print(json.dumps(res, indent=2))
-    else:
-        print(report(res))
-        if cfg.json_out:
-            Path(cfg.json_out).write_text(json.dumps(res, indent=2) + "\n")
-            log(f"JSON written to {cfg.json_out}")
+    write_output(res, report, cfg.json_out, log)
     return 0
 
 

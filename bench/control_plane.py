@@ -37,7 +37,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import random
 import re
 import resource
@@ -65,6 +64,7 @@ from procs import (
     wait_quiet_async,
 )
 from rawhttp import Conn, Resp, close_all, connect, ms, pct
+from report import fmt, machine, table, write_output
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -758,31 +758,6 @@ def raise_nofile(need: int) -> tuple[int, int]:
     return soft, hard
 
 
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = ""
-    with contextlib.suppress(OSError, IndexError):
-        kb = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
-        mem = f"{kb / 1024 / 1024:.1f} GiB"
-    osname = platform.platform()
-    with contextlib.suppress(OSError):
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                osname = line.split("=", 1)[1].strip('"') + f" (kernel {platform.release()})"
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": model,
-        "memory": mem,
-        "python": platform.python_version(),
-        "os": osname,
-    }
-
-
 def run(cfg: Config) -> dict[str, Any]:
     started: list[Any] = []  # every server we start, for the finally below
     results: dict[str, Any] = {
@@ -882,33 +857,9 @@ def run(cfg: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _f(v: Any, nd: int = 1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
 def _bad(r: dict[str, Any]) -> str:
     n = sum(r["non_ok"].values()) + r["conn_errors"] + r["stalled"]
     return str(n)
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    line = "  ".join(
-        h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
-    )
-    out = [line, "  ".join("-" * w for w in widths)]
-    for r in rows:
-        out.append(
-            "  ".join(
-                x.rjust(w) if i else x.ljust(w)
-                for i, (x, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-    return "\n".join(out)
 
 
 def _blocking_tables(ok: dict[str, Any], res: dict[str, Any]) -> list[str]:
@@ -921,18 +872,18 @@ def _blocking_tables(ok: dict[str, Any], res: dict[str, Any]) -> list[str]:
             [
                 b,
                 str(x["watchers"]),
-                _f(x["put_ms"], 1),
+                fmt(x["put_ms"], 1),
                 f"{x['woken']}/{x['watchers']}",
                 str(x["within_100ms"]),
-                _f(x["p50_ms"], 1),
-                _f(x["p90_ms"], 1),
-                _f(x["p99_ms"], 1),
-                _f(x["max_ms"], 1),
+                fmt(x["p50_ms"], 1),
+                fmt(x["p90_ms"], 1),
+                fmt(x["p99_ms"], 1),
+                fmt(x["max_ms"], 1),
                 str(x["returned_other"] + x["not_returned"]),
                 ",".join(map(str, x["parked_per_worker_samples"])),
-                _f(x["server_cpu_pct"], 0),
-                _f(x["client_cpu_pct"], 0),
-                _f(x.get("other_cpu_pct"), 0),
+                fmt(x["server_cpu_pct"], 0),
+                fmt(x["client_cpu_pct"], 0),
+                fmt(x.get("other_cpu_pct"), 0),
             ]
         )
     bhead = "store N put_ms woken <=100ms p50 p90 p99 max missing parked/worker srv_cpu% cli_cpu%"
@@ -947,9 +898,9 @@ def _blocking_tables(ok: dict[str, Any], res: dict[str, Any]) -> list[str]:
             [
                 b,
                 str(x["watchers"]),
-                _f(x["put_ms"], 1),
+                fmt(x["put_ms"], 1),
                 "yes" if x["target_woken"] else "NO",
-                _f(x["target_ms"], 1),
+                fmt(x["target_ms"], 1),
                 str(x["others_returned_within_1s"]),
             ]
         )
@@ -1007,15 +958,15 @@ def report(res: dict[str, Any]) -> str:
                         {"kv_put": "KV PUT", "kv_get": "KV GET", "register": "REGISTER"}[op],
                         str(s["concurrency"]),
                         str(s["requests"]),
-                        _f(s["rps"], 0),
-                        _f(s["p50_ms"], 2),
-                        _f(s["p90_ms"], 2),
-                        _f(s["p99_ms"], 2),
-                        _f(s["max_ms"], 1),
+                        fmt(s["rps"], 0),
+                        fmt(s["p50_ms"], 2),
+                        fmt(s["p90_ms"], 2),
+                        fmt(s["p99_ms"], 2),
+                        fmt(s["max_ms"], 1),
                         _bad(s),
-                        _f(s["server_cpu_pct"], 0),
-                        _f(s["client_cpu_pct"], 0),
-                        _f(s.get("other_cpu_pct"), 0),
+                        fmt(s["server_cpu_pct"], 0),
+                        fmt(s["client_cpu_pct"], 0),
+                        fmt(s.get("other_cpu_pct"), 0),
                     ]
                 )
     parts.append(table(rows, header))
@@ -1027,7 +978,7 @@ def report(res: dict[str, Any]) -> str:
                 row = [{"kv_put": "KV PUT", "kv_get": "KV GET"}[op], str(e["concurrency"])]
                 for _b, r in ok.items():
                     t = r[op][i]["rps"] if i < len(r[op]) else None
-                    row.append(_f(t / e["rps"], 2) if t is not None and e["rps"] else "-")
+                    row.append(fmt(t / e["rps"], 2) if t is not None and e["rps"] else "-")
                 rrows.append(row)
         parts.append(table(rrows, ["op", "conc", *(f"{b}/etcd" for b in ok)]))
     elif "kv_put" not in etcd:
@@ -1134,14 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted; every server started has been stopped")
         return 130
-    out = cfg.json_out
-    if out == "-":
-        print(json.dumps(res, indent=2))
-    else:
-        print(report(res))
-        if out:
-            Path(out).write_text(json.dumps(res, indent=2) + "\n")
-            log(f"JSON written to {out}")
+    write_output(res, report, cfg.json_out, log)
     return 0
 
 
