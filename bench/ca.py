@@ -66,6 +66,7 @@ from typing import Any
 
 from procs import (
     Proc,
+    background_before_run,
     cpu_seconds,
     log_problems,
     port_pair,
@@ -638,19 +639,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "wait_quiet_s": cfg.wait_quiet,
         },
     }
-    deadline = time.monotonic() + cfg.wait_quiet
-    while True:
-        busy0 = system_busy()
-        time.sleep(1.0)
-        results["background_cpu_pct"] = round(100 * (system_busy() - busy0), 1)
-        if results["background_cpu_pct"] <= 20 or time.monotonic() >= deadline:
-            break
-        log(f"waiting for a quiet machine: others use {results['background_cpu_pct']}% CPU")
-    if results["background_cpu_pct"] > 20:
-        log(
-            f"warning: other processes use {results['background_cpu_pct']}% CPU;"
-            " the figures will be noisy (see the other% column)"
-        )
+    results["background_cpu_pct"] = background_before_run(cfg.wait_quiet, log)
     root = tempfile.mkdtemp(prefix="trellis-bench-ca-", dir=cfg.tmp_root)
     started: list[Proc] = []
     t_start = time.perf_counter()

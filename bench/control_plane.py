@@ -56,6 +56,7 @@ from typing import Any
 
 from procs import (
     Proc,
+    background_before_run,
     cpu_by_pid,
     free_port,
     log_problems,
@@ -774,19 +775,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "trellis": {},
         "etcd": None,
     }
-    deadline = time.monotonic() + cfg.wait_quiet
-    while True:
-        busy0 = system_busy()
-        time.sleep(1.0)
-        results["background_cpu_pct"] = round(100 * (system_busy() - busy0), 1)
-        if results["background_cpu_pct"] <= 20 or time.monotonic() >= deadline:
-            break
-        log(f"waiting for a quiet machine: others use {results['background_cpu_pct']}% CPU")
-    if results["background_cpu_pct"] > 20:
-        log(
-            f"warning: other processes already use {results['background_cpu_pct']}% CPU;"
-            " the figures will be noisy (see the other% column)"
-        )
+    results["background_cpu_pct"] = background_before_run(cfg.wait_quiet, log)
     root = tempfile.mkdtemp(prefix="trellis-bench-", dir=cfg.tmp_root)
     t_start = time.perf_counter()
     try:

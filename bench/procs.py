@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 #: Below this much CPU (percent of one core, all processes) the machine counts as quiet.
 QUIET_PCT = 25.0
@@ -116,6 +117,26 @@ def wait_quiet(budget: float) -> tuple[float, float]:
         waited = time.monotonic() - t0
         if busy <= QUIET_PCT or waited >= budget:
             return round(waited, 1), round(busy, 1)
+
+
+def background_before_run(budget: float, log: Callable[[str], None]) -> float:
+    """The CPU other processes use before a run (percent of one core, sampled over 1 s),
+    waiting up to ``budget`` seconds for it to fall to 20 % or less, and warning if it does
+    not: the figures would be noisy."""
+    deadline = time.monotonic() + budget
+    while True:
+        b0 = system_busy()
+        time.sleep(1.0)
+        busy = round(100 * (system_busy() - b0), 1)
+        if busy <= 20 or time.monotonic() >= deadline:
+            break
+        log(f"waiting for a quiet machine: others use {busy}% CPU")
+    if busy > 20:
+        log(
+            f"warning: other processes use {busy}% CPU;"
+            " the figures will be noisy (see the other% column)"
+        )
+    return busy
 
 
 async def wait_quiet_async(budget: float) -> float:
