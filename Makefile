@@ -7,6 +7,9 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
 .PHONY: dev test lint bench clean
+# mypy reads the modules under their installed names (trellis.api, trellis.proxy) through
+# these links; see mypy.ini.
+TYPECHECK = build/typecheck/trellis
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("Trellis needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
@@ -20,7 +23,12 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 dev: $(STAMP)
 	$(BIN)/trellis dev
 
-test: $(STAMP)
+$(TYPECHECK):
+	mkdir -p $(TYPECHECK)
+	ln -sfn ../../../api $(TYPECHECK)/api
+	ln -sfn ../../../proxy $(TYPECHECK)/proxy
+
+test: $(STAMP) $(TYPECHECK)
 	$(BIN)/ruff check api proxy tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

@@ -2,7 +2,7 @@
 
 Nothing happens at import time. Each gunicorn worker calls ``create_app`` after it has forked
 (the app is never preloaded), so every worker has its own store connections and its own
-change feed, and follows the other workers' writes through the store (see ``api.feed``).
+change feed, and follows the other workers' writes through the store (see ``trellis.api.feed``).
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ from typing import TYPE_CHECKING
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from api import longpoll
-from api.ca.manager import CAManager
-from api.ca.secrets import load_sealer
-from api.errors import TrellisError
-from api.feed import SharedReads
-from api.settings import Settings
-from api.store import open_store
-from api.store.base import PASSING, Check, Node, Registration, Store
+from trellis.api import longpoll
+from trellis.api.ca.manager import CAManager
+from trellis.api.ca.secrets import load_sealer
+from trellis.api.errors import TrellisError
+from trellis.api.feed import SharedReads
+from trellis.api.settings import Settings
+from trellis.api.store import open_store
+from trellis.api.store.base import PASSING, Check, Node, Registration, Store
 
 if TYPE_CHECKING:
-    from api.acl.service import AuthorizerCache
-    from api.views.connect_ca import LeafCache
-    from api.views.intentions import IntentionCache
+    from trellis.api.acl.service import AuthorizerCache
+    from trellis.api.views.connect_ca import LeafCache
+    from trellis.api.views.intentions import IntentionCache
 
 log = logging.getLogger("trellis.api")
 
@@ -58,25 +58,28 @@ class AppServices:
 
 
 def _authorizer_cache():
-    from api.acl.service import AuthorizerCache
+    from trellis.api.acl.service import AuthorizerCache
 
     return AuthorizerCache()
 
 
 def _intention_cache():
-    from api.views.intentions import IntentionCache
+    from trellis.api.views.intentions import IntentionCache
 
     return IntentionCache()
 
 
 def _leaf_cache():
-    from api.views.connect_ca import LeafCache
+    from trellis.api.views.connect_ca import LeafCache
 
     return LeafCache()
 
 
 def create_app(settings: Settings, *, store: Store | None = None, background: bool = True) -> Flask:
-    app = Flask("trellis")
+    # instance_path given: Flask would look for it from the top package, and "trellis" is a
+    # namespace package, which Flask cannot place under an editable install. Trellis keeps
+    # nothing in an instance folder (its state is in the store and the data dir).
+    app = Flask("trellis.api", instance_path=str(Path(__file__).resolve().parent))
     app.config["MAX_CONTENT_LENGTH"] = max(settings.http_max_body, settings.kv_max_value_size) + 1
     app.json.sort_keys = False  # type: ignore[attr-defined]
     if store is None:
@@ -92,7 +95,17 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     svc = AppServices(settings=settings, store=store, store_kind=kind, ca=ca)
     app.extensions["trellis"] = svc
 
-    from api.views import acl, agent, catalog, connect_ca, health, intentions, kv, spec, status
+    from trellis.api.views import (
+        acl,
+        agent,
+        catalog,
+        connect_ca,
+        health,
+        intentions,
+        kv,
+        spec,
+        status,
+    )
 
     for module in (kv, catalog, health, agent, status, connect_ca, intentions, acl, spec):
         app.register_blueprint(module.bp)
@@ -111,7 +124,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     _init_ca(ca)
     if settings.acl_enabled:
         with app.app_context():
-            from api.acl.service import ensure_builtins
+            from trellis.api.acl.service import ensure_builtins
 
             ensure_builtins()
     if background:
@@ -190,7 +203,7 @@ def _maintenance(svc: AppServices) -> None:
 
 def _error_handlers(app: Flask) -> None:
     def render(status: int, message: str, code: str, headers: dict | None = None) -> Response:
-        from api.http import json_response
+        from trellis.api.http import json_response
 
         return json_response(
             {"error": message, "code": code, "status": status}, status=status, headers=headers

@@ -18,9 +18,9 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from api.errors import BadRequest
-from api.store.base import CHECK_STATES, CRITICAL, Check, Node, Service
-from proxy.durations import DurationError, parse_duration
+from trellis.api.errors import BadRequest
+from trellis.api.store.base import CHECK_STATES, CRITICAL, Check, Node, Service
+from trellis.proxy.durations import DurationError, parse_duration
 
 #: Keys whose values are free-form maps: their keys are kept exactly as sent.
 OPAQUE = {"Meta", "NodeMeta", "Config", "Header", "ServiceMeta", "EnvoyExtensions"}

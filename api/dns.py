@@ -12,7 +12,7 @@ query, opcode QUERY, one question, at most one EDNS0 OPT record), then resolves 
   as in Consul); the single optional label after it is the datacenter, and any datacenter
   other than ours is NXDOMAIN because this control plane only knows its own;
 * ``<svc>.service``, ``<tag>.<svc>.service``, ``_<svc>._<tag>.service`` (``_tcp`` = no tag)
-  and ``<svc>.connect`` go through ``api.health.service_instances`` with
+  and ``<svc>.connect`` go through ``trellis.api.health.service_instances`` with
   ``include_critical=False``, so DNS serves exactly the instances the HTTP health API calls
   not critical (warning is healthy, a critical node-level check removes every instance on
   that node);
@@ -85,11 +85,11 @@ from dnslib import (  # type: ignore[import-untyped]
     DNSRecord,
 )
 
-from api.acl.rules import Authorizer
-from api.errors import StoreUnavailable
-from api.health import Instance, service_instances
-from api.settings import Settings
-from api.store.base import WARNING, Node, Store
+from trellis.api.acl.rules import Authorizer
+from trellis.api.errors import StoreUnavailable
+from trellis.api.health import Instance, service_instances
+from trellis.api.settings import Settings
+from trellis.api.store.base import WARNING, Node, Store
 
 log = logging.getLogger("trellis.dns")
 

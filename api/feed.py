@@ -6,7 +6,7 @@ Every write transaction takes the next value of the store's one global index and
 the same transaction, the *changes* it made: ``(index, topic, key)`` rows such as
 ``(42, "kv", "app/config")`` or ``(43, "catalog", "svc/web")``. After the commit the writer
 publishes those changes to the feed of its own process at once; a background follower (see
-``api.store``) publishes the changes that *other* processes committed (SQLite: a cheap
+``trellis.api.store``) publishes the changes that *other* processes committed (SQLite: a cheap
 ``PRAGMA data_version`` poll; PostgreSQL: LISTEN/NOTIFY plus a slow poll and a re-read after every
 reconnect, because a NOTIFY sent while a listener is disconnected is lost for good).
 

@@ -6,9 +6,9 @@ through the socket wrapper) per response, which showed as a large share of the t
 one write to answer a thousand parked blocking queries. The wrapper below holds the head back
 until the first body write (or the end of the response) and sends both together.
 
-The wrapper is also how a parked blocking query (``api.longpoll``) watches its client's socket
-(``on_readable``, ``peer_closed``) and marks itself woken (``woken``), so that the worker lets
-the rest of a woken batch answer before this connection reads its next request.
+The wrapper is also how a parked blocking query (``trellis.api.longpoll``) watches its client's
+socket (``on_readable``, ``peer_closed``) and marks itself woken (``woken``), so that the worker
+lets the rest of a woken batch answer before this connection reads its next request.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class _Corked:
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self._head: bytes | None = None
-        #: Set by ``api.longpoll`` (through ``environ["gunicorn.socket"]``) when this
+        #: Set by ``trellis.api.longpoll`` (through ``environ["gunicorn.socket"]``) when this
         #: request was a parked blocking query that a change woke.
         self.woken = False
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from api.store.base import CRITICAL, PASSING, WARNING, Check, Node, Service, Store
+from trellis.api.store.base import CRITICAL, PASSING, WARNING, Check, Node, Service, Store
 
 _RANK = {PASSING: 0, WARNING: 1, CRITICAL: 2}
 

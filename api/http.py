@@ -16,10 +16,10 @@ from typing import Any
 
 from flask import Response, current_app, request
 
-from api.errors import BadRequest, PayloadTooLarge
-from api.feed import Watch
-from api.longpoll import RERUN, Park, Parked, client_socket, wait_for_change
-from proxy.durations import DurationError, parse_duration
+from trellis.api.errors import BadRequest, PayloadTooLarge
+from trellis.api.feed import Watch
+from trellis.api.longpoll import RERUN, Park, Parked, client_socket, wait_for_change
+from trellis.proxy.durations import DurationError, parse_duration
 
 U64_MAX = (1 << 64) - 1
 #: How deeply a JSON body may nest. Real registrations are under ten levels deep; the limit keeps
@@ -177,8 +177,8 @@ def blocking(watch: Watch, compute: Callable[[], tuple[Any, int]]) -> tuple[Any,
     Otherwise it returns as soon as the result's index is above the client's, or when ``wait``
     (plus up to wait/16 of jitter, so that many clients do not return together) has passed,
     with the latest result either way. Until then the query is parked: this raises
-    ``Parked``, and ``api.longpoll`` waits on the change feed outside the view, then runs the
-    view again. See ``api.feed`` for why no wake-up can be lost.
+    ``Parked``, and ``trellis.api.longpoll`` waits on the change feed outside the view, then runs
+    the view again. See ``trellis.api.feed`` for why no wake-up can be lost.
     """
     min_index = uint_arg("index")
     wait = wait_arg()

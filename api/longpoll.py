@@ -1,6 +1,6 @@
 """Parking blocking queries outside the view, and answering a woken batch with one rendering.
 
-A blocking query (``api.http.blocking``) that has nothing new to return does not wait inside
+A blocking query (``trellis.api.http.blocking``) that has nothing new to return does not wait inside
 its view. It raises ``Park``; the app turns that into a ``ParkedResponse``, and Flask finishes
 the request as usual (after-request hooks, context teardown). The WSGI server then iterates the
 response, and the iteration is where the query waits on the change feed:
@@ -31,7 +31,7 @@ from typing import Any
 
 from flask import Flask, Response
 
-from api.feed import ChangeFeed, SharedReads, Watch
+from trellis.api.feed import ChangeFeed, SharedReads, Watch
 
 #: Environ key: the ``Park`` of the query being re-run after a wake-up or at its deadline.
 RERUN = "trellis.longpoll"
@@ -54,7 +54,7 @@ class Park:
 
 
 class Parked(Exception):
-    """Raised by ``api.http.blocking`` to park the query outside the view."""
+    """Raised by ``trellis.api.http.blocking`` to park the query outside the view."""
 
     def __init__(self, park: Park) -> None:
         super().__init__("parked")
@@ -209,7 +209,7 @@ class _LongPoll:
 
 
 def client_socket(environ: dict) -> Any:
-    """The client connection when Trellis's gevent worker (``api.gworker``) serves the
+    """The client connection when Trellis's gevent worker (``trellis.api.gworker``) serves the
     request, which lets a parked query watch it; None under other servers and in tests."""
     sock = environ.get("gunicorn.socket")
     return sock if hasattr(sock, "on_readable") else None

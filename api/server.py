@@ -26,9 +26,9 @@ import tempfile
 import threading
 from typing import Any
 
-from api import __version__
-from api.errors import ConfigError, StoreUnavailable
-from api.settings import Settings, build, from_env, load_file
+from trellis.api import __version__
+from trellis.api.errors import ConfigError, StoreUnavailable
+from trellis.api.settings import Settings, build, from_env, load_file
 
 log = logging.getLogger("trellis.server")
 
@@ -113,7 +113,7 @@ def serve(settings: Settings) -> int:
             return _fail(f"cannot create data dir {settings.data_dir}: {e.strerror}")
     # Open the store once in the master: it runs the migrations and proves the store is
     # reachable before any port is taken or worker forked.
-    from api.store import open_store
+    from trellis.api.store import open_store
 
     try:
         store = open_store(settings.store_url)
@@ -123,7 +123,7 @@ def serve(settings: Settings) -> int:
     # The CA seal key, also in the master: a missing key (PostgreSQL) is a configuration error
     # to refuse here, not a traceback in every worker; and a SQLite server's generated key is
     # made once, before the workers race to make it.
-    from api.ca.secrets import load_sealer
+    from trellis.api.ca.secrets import load_sealer
 
     try:
         load_sealer(
@@ -140,7 +140,7 @@ def serve(settings: Settings) -> int:
         return _fail(str(e))
     dns_socks = None
     if settings.dns_port >= 0:
-        from api.dns import bind_dns_sockets
+        from trellis.api.dns import bind_dns_sockets
 
         try:
             dns_socks = bind_dns_sockets(settings.dns_host, settings.dns_port)
@@ -251,7 +251,9 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
             "workers": s.workers,
             # gevent means Trellis's gevent worker (api/gworker.py): one send per response.
             "worker_class": (
-                "api.gworker.TrellisGeventWorker" if s.worker_class == "gevent" else s.worker_class
+                "trellis.api.gworker.TrellisGeventWorker"
+                if s.worker_class == "gevent"
+                else s.worker_class
             ),
             "worker_connections": s.worker_connections,
             "threads": s.threads,
@@ -281,7 +283,7 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
 
     def load(self):
         # Runs in each worker, after the fork (and after gevent has monkey-patched it).
-        from api.app import create_app
+        from trellis.api.app import create_app
 
         _cooperative_psycopg()
         return create_app(self.settings)
@@ -318,8 +320,8 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
     def _post_worker_init(self, worker) -> None:
         if self.dns_socks is None:
             return
-        from api.acl.service import dns_authorizer
-        from api.dns import DNSServer
+        from trellis.api.acl.service import dns_authorizer
+        from trellis.api.dns import DNSServer
 
         app = worker.wsgi
         store = app.extensions["trellis"].store

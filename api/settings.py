@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.errors import ConfigError
-from proxy.durations import DurationError, parse_duration
+from trellis.api.errors import ConfigError
+from trellis.proxy.durations import DurationError, parse_duration
 
 WORKER_CLASSES = ("gevent", "gthread", "sync")
 
@@ -123,7 +123,7 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
         if path.endswith(".hcl"):
-            from api import hcl
+            from trellis.api import hcl
 
             raw = hcl.loads(text)
         else:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Authorization benchmark: decisions per second of ``proxy.authz.IntentionSet.decide``.
+"""Authorization benchmark: decisions per second of ``trellis.proxy.authz.IntentionSet.decide``.
 
 The sidecar decides every inbound connection from its cached intentions, so the decision must
 not get slower as the mesh grows. This script builds three sets, of 10, 1,000 and 100,000
@@ -56,7 +56,7 @@ if str(REPO) not in sys.path:
 
 from report import table, write_output  # noqa: E402
 
-from proxy.authz import ALLOW, DENY, Intention, IntentionSet  # noqa: E402
+from trellis.proxy.authz import ALLOW, DENY, Intention, IntentionSet  # noqa: E402
 
 SIZES = (10, 1_000, 100_000)
 FLAT_RATIO = 1.5

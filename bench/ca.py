@@ -25,8 +25,8 @@ concurrency of 0 no cap), so it does not cap the figures.
 Nothing counts as a signing unless it is one: a response is a success only with status 200 and
 a body naming the service its CSR asked for; non-200 statuses, connection errors and bodies
 without the right identity are counted apart; and a sample of the leaves of every step is
-verified with the sidecar's own check (``proxy.x509.verify_peer``) against the trust bundle of
-that moment (for OpenBao direct: against the Vault root, with the issuing CA as the chain).
+verified with the sidecar's own check (``trellis.proxy.x509.verify_peer``) against the trust bundle
+of that moment (for OpenBao direct: against the Vault root, with the issuing CA as the chain).
 
 Usage::
 
@@ -84,8 +84,8 @@ if str(REPO) not in sys.path:
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from proxy import spiffe  # noqa: E402
-from proxy import x509 as px  # noqa: E402
+from trellis.proxy import spiffe  # noqa: E402
+from trellis.proxy import x509 as px  # noqa: E402
 
 PY = sys.executable
 BIN = Path(PY).parent

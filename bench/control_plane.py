@@ -24,7 +24,7 @@ Usage::
     .venv/bin/python bench/control_plane.py --json     # print JSON instead of the tables
 
 This is not a test: it asserts nothing. It does not import the project's tests; it starts
-``trellis server`` (or, if the console script is not usable, ``api.server.main_server``
+``trellis server`` (or, if the console script is not usable, ``trellis.api.server.main_server``
 through ``python -c``) as a subprocess and reads the address from its banner.
 """
 
@@ -155,7 +155,7 @@ class TrellisServer(Proc):
         if self.store:
             values["store"] = self.store
         code = (
-            "import sys; from api.server import main_server; "
+            "import sys; from trellis.api.server import main_server; "
             f"sys.exit(main_server({values!r}, {config!r}))"
         )
         return [PY, "-c", code]

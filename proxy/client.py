@@ -29,7 +29,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from proxy.durations import format_duration, parse_duration
+from trellis.proxy.durations import format_duration, parse_duration
 
 T = TypeVar("T")
 

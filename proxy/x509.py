@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from proxy import spiffe
+from trellis.proxy import spiffe
 
 MAX_CSR_BYTES = 16 * 1024
 EC_CURVES = {"secp256r1": 256, "secp384r1": 384, "secp521r1": 521}

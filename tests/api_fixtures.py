@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from api.app import create_app
-from api.settings import Settings, validate
 from tests.openapi_check import ValidatingClient
+from trellis.api.app import create_app
+from trellis.api.settings import Settings, validate
 
 NODE = "test-node"
 

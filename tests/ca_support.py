@@ -1,5 +1,5 @@
 """Helpers of the Connect CA tests: CSRs (good and deliberately bad), certificates from API
-bodies, and the two ways a peer's chain is judged (``proxy.x509.verify_peer`` and the
+bodies, and the two ways a peer's chain is judged (``trellis.proxy.x509.verify_peer`` and the
 ``openssl verify`` command line)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy import spiffe
-from proxy import x509 as px
+from trellis.proxy import spiffe
+from trellis.proxy import x509 as px
 
 DC = "dc1"
 COLON_HEX = r"[0-9a-f]{2}(?::[0-9a-f]{2})*"
@@ -89,7 +89,8 @@ def peer_ok(
     bundle: Sequence[x509.Certificate],
     trust_domain: str,
 ) -> bool:
-    """Whether a sidecar trusting ``bundle`` accepts this peer (``proxy.x509.verify_peer``)."""
+    """Whether a sidecar trusting ``bundle`` accepts this peer
+    (``trellis.proxy.x509.verify_peer``)."""
     try:
         px.verify_peer([leaf, *chain], {trust_domain: list(bundle)})
     except px.PeerRejected:

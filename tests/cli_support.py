@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from api.cli.main import run
-from proxy.client import Client
+from trellis.api.cli.main import run
+from trellis.proxy.client import Client
 
 
 @dataclass

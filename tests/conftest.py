@@ -65,7 +65,7 @@ def store_url(request):
 
 @pytest.fixture
 def store(store_url):
-    from api.store import open_store
+    from trellis.api.store import open_store
 
     s = open_store(store_url)
     yield s
@@ -102,9 +102,9 @@ def app_client(tmp_path):
     breaks the contract fails the test with an AssertionError. ``app_client.raw`` is the
     unchecked Flask test client, and ``app_client.application`` the app.
     """
-    from api.app import create_app
-    from api.settings import Settings, validate
     from tests.openapi_check import ValidatingClient
+    from trellis.api.app import create_app
+    from trellis.api.settings import Settings, validate
 
     settings = validate(Settings(data_dir=str(tmp_path), node_name="test-node"))
     app = create_app(settings)

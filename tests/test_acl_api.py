@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from api.acl.service import ANONYMOUS_ACCESSOR, MANAGEMENT_POLICY_ID
 from tests import api_fixtures
 from tests.api_fixtures import assert_error, index_of
+from trellis.api.acl.service import ANONYMOUS_ACCESSOR, MANAGEMENT_POLICY_ID
 
 make_client = api_fixtures.make_client
 

@@ -44,11 +44,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from api.app import create_app
-from api.settings import Settings, validate
-from proxy import spiffe
-from proxy import x509 as px
 from tests.openapi_check import ValidatingClient
+from trellis.api.app import create_app
+from trellis.api.settings import Settings, validate
+from trellis.proxy import spiffe
+from trellis.proxy import x509 as px
 
 NODE = "test-node"
 TOKENS = ("none", "read", "web", "app", "op", "mgmt", "bogus")

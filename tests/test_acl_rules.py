@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.acl import rules as acl
-from api.acl.rules import (
+from trellis.api.acl import rules as acl
+from trellis.api.acl.rules import (
     DENY,
     LIST,
     READ,

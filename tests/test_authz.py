@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import authz
-from proxy.authz import (
+from trellis.proxy import authz
+from trellis.proxy.authz import (
     ALLOW,
     DEFAULT_ALLOW,
     DEFAULT_DENY,

@@ -21,12 +21,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from api.ca.manager import CAManager
-from api.ca.secrets import Sealer
-from api.errors import TooManyRequests
-from api.store import open_store
-from proxy import spiffe
-from proxy import x509 as px
 from tests import api_fixtures
 from tests.api_fixtures import InThread, assert_error, index_of, parked, wait_until
 from tests.ca_support import (
@@ -41,6 +35,12 @@ from tests.ca_support import (
     service_csr,
     to_pem,
 )
+from trellis.api.ca.manager import CAManager
+from trellis.api.ca.secrets import Sealer
+from trellis.api.errors import TooManyRequests
+from trellis.api.store import open_store
+from trellis.proxy import spiffe
+from trellis.proxy import x509 as px
 
 client = api_fixtures.client
 make_client = api_fixtures.make_client

@@ -4,7 +4,7 @@ During a rotation a sidecar may hold any of three trust bundles: the old root on
 not fetched the new roots yet), old + new, or (after pruning) the new root only. A leaf issued
 before the rotation must verify with the first two and must not verify with the new root
 alone; a leaf issued after it carries the new root cross-signed by the old one, so it verifies
-with all three. Each case is judged twice: by ``proxy.x509.verify_peer`` (what the sidecar
+with all three. Each case is judged twice: by ``trellis.proxy.x509.verify_peer`` (what the sidecar
 runs) and by ``openssl verify`` (an independent implementation).
 """
 
@@ -15,11 +15,6 @@ import time
 
 import pytest
 
-from api.ca.manager import CAManager
-from api.ca.provider import ProviderError
-from api.ca.secrets import Sealer
-from api.errors import BadRequest
-from api.store import open_store
 from tests import api_fixtures
 from tests.ca_support import (
     DC,
@@ -30,6 +25,11 @@ from tests.ca_support import (
     root_by_id,
     service_csr,
 )
+from trellis.api.ca.manager import CAManager
+from trellis.api.ca.provider import ProviderError
+from trellis.api.ca.secrets import Sealer
+from trellis.api.errors import BadRequest
+from trellis.api.store import open_store
 
 client = api_fixtures.client
 make_client = api_fixtures.make_client

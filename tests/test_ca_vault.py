@@ -2,7 +2,7 @@
 
 Every test here talks to a real ``bao server -dev`` (tests/vault_fixtures.py); nothing is
 mocked. Each test works in its own mount paths. Certificates are judged with the same pure
-policy the sidecar uses (``proxy.x509.verify_peer``) and, independently, with ``openssl
+policy the sidecar uses (``trellis.proxy.x509.verify_peer``) and, independently, with ``openssl
 verify``.
 """
 
@@ -24,12 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from api.ca.provider import CAOptions, ProviderError
-from api.ca.vault import MOUNT_MARK, VaultProvider, parse_config
-from proxy import spiffe
-from proxy import x509 as px
 from tests import vault_fixtures
 from tests.vault_fixtures import MountPaths, closed_port, start_bao
+from trellis.api.ca.provider import CAOptions, ProviderError
+from trellis.api.ca.vault import MOUNT_MARK, VaultProvider, parse_config
+from trellis.proxy import spiffe
+from trellis.proxy import x509 as px
 
 # The fixtures this module uses: a session-wide OpenBao dev server, fresh mount paths per test.
 openbao = vault_fixtures.openbao
@@ -572,9 +572,9 @@ def test_the_ca_manager_switches_builtin_to_vault_and_back(openbao, vault_paths,
     new key type -> built-in) a new leaf verifies against the roots, and against the root
     that was active before the switch alone (the cross-signature); pruning the old roots
     releases the Vault mounts."""
-    from api.ca.manager import CAManager
-    from api.ca.secrets import Sealer
-    from api.store import open_store
+    from trellis.api.ca.manager import CAManager
+    from trellis.api.ca.secrets import Sealer
+    from trellis.api.store import open_store
 
     store = open_store(f"sqlite:///{tmp_path / 'ca.db'}")
     try:

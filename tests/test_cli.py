@@ -1,6 +1,6 @@
 """The ``trellis`` CLI: argument parsing, messages and output, compared verbatim.
 
-Commands run in-process through ``api.cli.main.run`` (or ``main``) with pytest's captured
+Commands run in-process through ``trellis.api.cli.main.run`` (or ``main``) with pytest's captured
 streams. Output formatting is checked against canned answers from a scripted HTTP server on
 127.0.0.1:0 (so that indexes and fields are fixed) and, end to end, against the real server
 (``trellis_server``); a few commands run as real ``trellis`` subprocesses.
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from api import __version__
-from api.cli.base import UsageError
-from api.cli.main import main, run
-from api.cli.serve import parse_server_args
-from api.cli.services import services_from_file
-from proxy.client import Client
 from tests.test_client import Reply, StubServer
+from trellis.api import __version__
+from trellis.api.cli.base import UsageError
+from trellis.api.cli.main import main, run
+from trellis.api.cli.serve import parse_server_args
+from trellis.api.cli.services import services_from_file
+from trellis.proxy.client import Client
 
 
 @dataclass
@@ -822,7 +822,7 @@ def test_script_version_and_refused_connection(dead_url):
 def test_script_client_commands_import_no_server_code(stub):
     # The client commands must not load Flask or gunicorn; a usage error exercises the import.
     code = (
-        "import sys; from api.cli.main import main; main(['kv', 'get', '-h']); "
+        "import sys; from trellis.api.cli.main import main; main(['kv', 'get', '-h']); "
         "bad = [m for m in ('flask', 'gunicorn', 'gevent') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -848,7 +848,7 @@ def test_script_end_to_end(srv, prefix):
 
 
 def test_hcl_blocks_become_objects_but_repeatable_ones_stay_lists():
-    from api import hcl
+    from trellis.api import hcl
 
     doc = hcl.loads(
         'service {\n name = "web"\n connect {\n sidecar_service {}\n }\n'
@@ -884,7 +884,7 @@ def test_dev_usage_error_starts_nothing(cli):
 
 def test_an_unexpected_failure_is_one_line(capsys):
     # A command with a bug, injected through the registry: no traceback reaches the user.
-    from api.cli.base import Command, Registry
+    from trellis.api.cli.base import Command, Registry
 
     def broken(ctx, ns):
         raise RuntimeError("boom")

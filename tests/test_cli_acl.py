@@ -1,7 +1,7 @@
 """``trellis acl ...`` against a real ``trellis server`` with ACLs on (default deny), output
 compared verbatim.
 
-Commands run in-process through ``api.cli.main.run`` with captured streams; the server is a
+Commands run in-process through ``trellis.api.cli.main.run`` with captured streams; the server is a
 real subprocess started once for the module from a JSON config file. IDs and times are the
 server's, so they are matched with a pattern and then compared with what the typed client
 reads from the API. The server logs at debug level, and no secret may appear in its output.
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from api.cli.main import run
-from proxy.client import APIError, Client
 from tests.support import TrellisProcess
+from trellis.api.cli.main import run
+from trellis.proxy.client import APIError, Client
 
 pytestmark = pytest.mark.integration
 

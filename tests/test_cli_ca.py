@@ -1,7 +1,7 @@
 """``trellis ca ...`` against a real ``trellis dev`` subprocess, output compared verbatim.
 
-Commands run in-process through ``api.cli.main.run`` with captured streams; the server is the
-real one (``trellis_server``). Root IDs, names and dates are the server's, so they are matched
+Commands run in-process through ``trellis.api.cli.main.run`` with captured streams; the server is
+the real one (``trellis_server``). Root IDs, names and dates are the server's, so they are matched
 with a pattern and then compared with what the typed client reads from the API.
 """
 
@@ -13,9 +13,9 @@ import socket
 
 import pytest
 
-from proxy.client import APIError
 from tests import cli_support
 from tests.ca_support import RFC3339, certs, service_csr
+from trellis.proxy.client import APIError
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """``trellis intention ...`` against a real ``trellis dev`` subprocess, output compared verbatim.
 
-Commands run in-process through ``api.cli.main.run`` with captured streams; the server is the
-real one (``trellis_server``), started on first use (the usage errors need none). IDs and times
+Commands run in-process through ``trellis.api.cli.main.run`` with captured streams; the server is
+the real one (``trellis_server``), started on first use (the usage errors need none). IDs and times
 are the server's: they are read back with the typed client and put into the expected text.
 Output, messages and exit statuses are ``consul intention``'s, except ``check``: Denied exits 2
 (Consul: 1) and an error 1 (Consul: 2), as Trellis's module docstring explains.
@@ -14,8 +14,8 @@ import socket
 
 import pytest
 
-from api.cli.intention import rfc850
 from tests import cli_support
+from trellis.api.cli.intention import rfc850
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""The typed HTTP client (``proxy.client``).
+"""The typed HTTP client (``trellis.proxy.client``).
 
 The transport behaviour (error mapping, timeouts, headers, query encoding) is tested against a
 small scripted HTTP server on 127.0.0.1 port 0; the API behaviour against the real Trellis server
@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from proxy.client import (
+from trellis.proxy.client import (
     APIError,
     Client,
     ConnectionFailed,
@@ -340,7 +340,7 @@ def test_response_is_frozen():
 
 def test_client_imports_no_flask():
     code = (
-        "import sys, proxy.client; "
+        "import sys, trellis.proxy.client; "
         "bad = [m for m in ('flask', 'gunicorn', 'trio') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

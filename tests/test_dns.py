@@ -17,10 +17,10 @@ import time
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 
-from api.dns import DNSServer, answer, bind_dns_sockets
-from api.settings import Settings, validate
-from api.store import open_store
-from api.store.base import CRITICAL, PASSING, WARNING, Check, Node, Registration, Service
+from trellis.api.dns import DNSServer, answer, bind_dns_sockets
+from trellis.api.settings import Settings, validate
+from trellis.api.store import open_store
+from trellis.api.store.base import CRITICAL, PASSING, WARNING, Check, Node, Registration, Service
 
 # -- fixtures and helpers -----------------------------------------------------------------------
 
@@ -874,7 +874,7 @@ def test_close_before_serving(db, settings):
 
 
 def acl(text: str, *, default_allow: bool = False):
-    from api.acl.rules import Authorizer, parse_rules
+    from trellis.api.acl.rules import Authorizer, parse_rules
 
     authz = Authorizer([parse_rules(text)], default_allow=default_allow)
     return lambda: authz

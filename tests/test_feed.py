@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from api.feed import ANY, Change, ChangeFeed, SharedReads, Watch
+from trellis.api.feed import ANY, Change, ChangeFeed, SharedReads, Watch
 
 #: Generous upper bound for "returns promptly" on a loaded 2-core CI machine.
 PROMPT = 5.0

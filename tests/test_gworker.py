@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from api.gworker import _Corked
 from tests import api_fixtures
 from tests.api_fixtures import InThread, index_of, parked, wait_until
+from trellis.api.gworker import _Corked
 
 client = api_fixtures.client
 make_client = api_fixtures.make_client

@@ -7,7 +7,7 @@ the Vault side is a real OpenBao dev server (tests/vault_fixtures.py). Nothing i
 A switch is a rotation: the new provider's root becomes active and the old root cross-signs
 it, so a leaf of the new root verifies for a peer that trusts only the old root (given the
 chain the CA sends), while leaves of the old root keep verifying against the bundle. Peers are
-judged with the sidecar's own check (``proxy.x509.verify_peer``) and, independently, with
+judged with the sidecar's own check (``trellis.proxy.x509.verify_peer``) and, independently, with
 ``openssl verify``.
 
 Each worker caches the CA documents and hears of the other worker's writes from its store
@@ -27,11 +27,11 @@ import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from proxy import x509 as px
 from tests import vault_fixtures
 from tests.ca_support import certs, leaf_and_chain, openssl_ok, peer_ok, service_csr
 from tests.support import TRELLIS, TrellisProcess, server_args
 from tests.vault_fixtures import MountPaths, start_bao
+from trellis.proxy import x509 as px
 
 openbao = vault_fixtures.openbao
 vault_paths = vault_fixtures.vault_paths

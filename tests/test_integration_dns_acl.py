@@ -10,8 +10,8 @@ import httpx
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from api.acl.service import ANONYMOUS_ACCESSOR
 from tests.support import TrellisProcess, wait_until
+from trellis.api.acl.service import ANONYMOUS_ACCESSOR
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@ on SQLite and on PostgreSQL, every response checked against openapi.yaml.
 
 Covers the ID-based API (Consul 1.2) and the name-based one (1.9+), match ordering, check,
 the validation of names and bodies, blocking reads, the authorize decision with Consul's
-reasons, and the typed client (``proxy.client``) over the same app.
+reasons, and the typed client (``trellis.proxy.client``) over the same app.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import uuid
 import httpx
 import pytest
 
-from proxy.client import APIError, Client
 from tests import api_fixtures
 from tests.api_fixtures import assert_error, index_of, put_json
 from tests.openapi_check import validate
 from tests.test_api_blocking import PROMPT, assert_not_woken, assert_woken, block
+from trellis.proxy.client import APIError, Client
 
 client = api_fixtures.client
 make_client = api_fixtures.make_client

@@ -31,8 +31,8 @@ from tests.openapi_check import (
 
 
 def make_app(tmp_path, **settings):
-    from api.app import create_app
-    from api.settings import Settings, validate
+    from trellis.api.app import create_app
+    from trellis.api.settings import Settings, validate
 
     s = validate(Settings(data_dir=str(tmp_path), node_name="test-node", **settings))
     return create_app(s, background=False)
@@ -66,7 +66,7 @@ def test_spec_is_a_valid_openapi_31_document():
 
 
 def test_the_package_ships_the_same_file():
-    from api.app import SPEC_PATH as SERVED
+    from trellis.api.app import SPEC_PATH as SERVED
 
     assert SERVED.resolve() == SPEC_PATH.resolve()
 
@@ -319,8 +319,8 @@ def ok(resp, status=200):
 def service_csr(trust_domain: str, service: str) -> str:
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from proxy import spiffe
-    from proxy import x509 as px
+    from trellis.proxy import spiffe
+    from trellis.proxy import x509 as px
 
     ident = spiffe.service_id(trust_domain, "dc1", service)
     return px.build_csr(px.generate_key(), ident).public_bytes(Encoding.PEM).decode()

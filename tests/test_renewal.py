@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import renewal
+from trellis.proxy import renewal
 
 NB = 1_700_000_000.0
 LIFE = 72 * 3600.0

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import spiffe
-from proxy.spiffe import ServiceID, SpiffeID, SpiffeIDError
+from trellis.proxy import spiffe
+from trellis.proxy.spiffe import ServiceID, SpiffeID, SpiffeIDError
 
 TD = "example.trellis"
 SVC = f"spiffe://{TD}/ns/default/dc/dc1/svc/web"

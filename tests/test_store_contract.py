@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api.errors import BadRequest, ConfigError, StoreUnavailable
-from api.feed import Watch
-from api.store import open_store
-from api.store.base import (
+from trellis.api.errors import BadRequest, ConfigError, StoreUnavailable
+from trellis.api.feed import Watch
+from trellis.api.store import open_store
+from trellis.api.store.base import (
     CRITICAL,
     PASSING,
     WARNING,
@@ -33,7 +33,7 @@ from api.store.base import (
     Service,
     Store,
 )
-from api.store.sql import migrations
+from trellis.api.store.sql import migrations
 
 U64_MAX = 2**64 - 1
 DEADLINE = 15.0

@@ -19,9 +19,9 @@ PRELUDE = textwrap.dedent(
     """
     from gevent import monkey; monkey.patch_all()
     import json, sys, gevent
-    from api.errors import BadRequest
-    from api.store.postgres import PostgresStore
-    from api.store.sqlite import SQLiteStore
+    from trellis.api.errors import BadRequest
+    from trellis.api.store.postgres import PostgresStore
+    from trellis.api.store.sqlite import SQLiteStore
 
     url = sys.argv[1]
     base = SQLiteStore if url.startswith("sqlite:") else PostgresStore
@@ -116,7 +116,7 @@ def test_changes_of_a_batch_are_published_after_its_commit(store_url):
     out = run(
         store_url,
         """
-        from api.feed import Watch
+        from trellis.api.feed import Watch
         pos = store.feed.position()
         gs = [gevent.spawn(store.kv_put, f"w{i}", b"v") for i in range(20)]
         gevent.joinall(gs, raise_error=True)
@@ -138,8 +138,8 @@ def test_a_writer_queued_behind_a_lost_transaction_reports_what_happened(tmp_pat
     import threading
     import time
 
-    from api.errors import StoreUnavailable
-    from api.store.sqlite import SQLiteStore
+    from trellis.api.errors import StoreUnavailable
+    from trellis.api.store.sqlite import SQLiteStore
 
     store = SQLiteStore(str(tmp_path / "trellis.db"))
     said: dict[str, bool] = {}
@@ -188,9 +188,9 @@ def test_a_writer_queued_behind_a_lost_transaction_reports_what_happened(tmp_pat
 def test_a_failing_change_log_trim_does_not_fail_the_write_that_triggered_it(tmp_path, caplog):
     """Every thousandth write trims the change log; the write is committed by then and must be
     acknowledged whatever the trim meets. The store is a subclass whose trim fails."""
-    from api.errors import StoreUnavailable
-    from api.store.sqlite import SQLiteStore
     from tests.support import wait_until
+    from trellis.api.errors import StoreUnavailable
+    from trellis.api.store.sqlite import SQLiteStore
 
     class TrimFails(SQLiteStore):
         def _trim_changes(self) -> None:

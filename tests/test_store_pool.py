@@ -1,4 +1,4 @@
-"""Unit tests of the store's connection pool (``api.store.sql.Pool``).
+"""Unit tests of the store's connection pool (``trellis.api.store.sql.Pool``).
 
 Connections are small fake objects (the pool only hands them out and closes them). Threads are
 real. The last test runs the pool under gevent in a subprocess, the way gunicorn's gevent
@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from api.errors import StoreUnavailable
-from api.store.sql import Pool
+from trellis.api.errors import StoreUnavailable
+from trellis.api.store.sql import Pool
 
 
 class FakeConn:
@@ -145,7 +145,7 @@ GEVENT_SCRIPT = textwrap.dedent(
     """
     from gevent import monkey; monkey.patch_all()
     import threading, gevent
-    from api.store.sql import Pool
+    from trellis.api.store.sql import Pool
 
     class C:
         def close(self): pass
@@ -189,7 +189,7 @@ def test_a_waiter_killed_in_its_wait_loses_no_slot():
         """
         from gevent import monkey; monkey.patch_all()
         import gevent
-        from api.store.sql import Pool
+        from trellis.api.store.sql import Pool
 
         class C:
             def close(self): pass

@@ -28,7 +28,7 @@ WRITER = textwrap.dedent(
     """
     from gevent import monkey; monkey.patch_all()
     import subprocess, sys, time, gevent
-    from api.store import open_store
+    from trellis.api.store import open_store
 
     url, path, holder = sys.argv[1], sys.argv[2], sys.argv[3]
     store = open_store(url)

@@ -25,9 +25,9 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from proxy import spiffe
-from proxy import x509 as px
-from proxy.x509 import CSRInfo, PeerRejected, PolicyError
+from trellis.proxy import spiffe
+from trellis.proxy import x509 as px
+from trellis.proxy.x509 import CSRInfo, PeerRejected, PolicyError
 
 NOW = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 TD = "c0ffee00-0000-4000-8000-000000000001.trellis"

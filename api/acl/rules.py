@@ -186,7 +186,7 @@ def _load_json(text: str) -> Any:
 def _load_hcl(text: str) -> Any:
     import hcl2
 
-    from api import hcl
+    from trellis.api import hcl
 
     try:
         tree = hcl2.parses_to_tree(text)

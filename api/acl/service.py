@@ -17,10 +17,10 @@ from typing import Any
 
 from flask import g, request
 
-from api.acl.rules import Authorizer, RulesError, parse_rules
-from api.errors import PermissionDenied
-from api.http import services
-from api.store.security import ACLPolicy, ACLToken
+from trellis.api.acl.rules import Authorizer, RulesError, parse_rules
+from trellis.api.errors import PermissionDenied
+from trellis.api.http import services
+from trellis.api.store.security import ACLPolicy, ACLToken
 
 MANAGEMENT_POLICY_ID = "00000000-0000-0000-0000-000000000001"
 MANAGEMENT_POLICY_NAME = "global-management"
@@ -108,8 +108,8 @@ class AuthorizerCache:
 
 
 def dns_authorizer(app: Any) -> Callable[[], Authorizer | None] | None:
-    """The rules DNS answers under, for ``api.dns``: None with ACLs off; otherwise those of the
-    anonymous token (DNS carries no token; Consul's DNS uses the agent's default token, which
+    """The rules DNS answers under, for ``trellis.api.dns``: None with ACLs off; otherwise those of
+    the anonymous token (DNS carries no token; Consul's DNS uses the agent's default token, which
     is the anonymous one unless set). Resolved per query through the per-process cache, so a
     policy change reaches DNS as soon as the change feed has it."""
     if not app.extensions["trellis"].settings.acl_enabled:

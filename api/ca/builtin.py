@@ -3,7 +3,7 @@
 The root signs leaves directly (there is no intermediate: the key never leaves the control
 plane, and an intermediate would only add a certificate to every handshake). The root's private
 key is sealed with AES-256-GCM under a key from the server's configuration before it reaches
-the store (see ``api.ca.secrets``), so a copy of the database alone yields no CA key.
+the store (see ``trellis.api.ca.secrets``), so a copy of the database alone yields no CA key.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from api.ca.provider import CAOptions, ProviderError, RootMaterial
-from proxy import x509 as px
+from trellis.api.ca.provider import CAOptions, ProviderError, RootMaterial
+from trellis.proxy import x509 as px
 
 
 class KeyStore(Protocol):

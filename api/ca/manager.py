@@ -6,13 +6,13 @@ The CA's state is three kinds of system documents in the store, written with com
 so that replicas sharing a PostgreSQL store agree on one history:
 
 * ``ca/config``: the provider's name and its configuration; secrets (the Vault token, a custom
-  root's private key) sealed (``api.ca.secrets``). Never returned with a secret in it.
+  root's private key) sealed (``trellis.api.ca.secrets``). Never returned with a secret in it.
 * ``ca/roots``: the trust domain, the active root's ID, a sequence number that rises on every
   change, and every trusted root with its public record (certificate, intermediates, the
   provider's non-secret state, and when it stopped being active).
 * ``ca/keys/<id>``: the built-in provider's sealed private keys.
 
-Signing a CSR: the pure policy (``proxy.x509.check_csr``) decides whether the CSR may be
+Signing a CSR: the pure policy (``trellis.proxy.x509.check_csr``) decides whether the CSR may be
 signed at all; the active root's provider signs; the leaf goes out with the active root's
 ``IntermediateCerts`` (the provider's signing chain, then the cross-signed certificate of the
 new root by the previous one), so peers that still trust only the old root can verify it.
@@ -38,15 +38,15 @@ from typing import Any
 
 from cryptography import x509
 
-from api.ca.builtin import BuiltinProvider
-from api.ca.provider import CAOptions, Provider, ProviderError, RootMaterial
-from api.ca.secrets import Sealer
-from api.errors import BadRequest, Conflict, StoreUnavailable, TooManyRequests, TrellisError
-from api.feed import Watch
-from api.store.base import Store
-from proxy import spiffe
-from proxy import x509 as px
-from proxy.durations import DurationError, format_duration, parse_duration
+from trellis.api.ca.builtin import BuiltinProvider
+from trellis.api.ca.provider import CAOptions, Provider, ProviderError, RootMaterial
+from trellis.api.ca.secrets import Sealer
+from trellis.api.errors import BadRequest, Conflict, StoreUnavailable, TooManyRequests, TrellisError
+from trellis.api.feed import Watch
+from trellis.api.store.base import Store
+from trellis.proxy import spiffe
+from trellis.proxy import x509 as px
+from trellis.proxy.durations import DurationError, format_duration, parse_duration
 
 log = logging.getLogger("trellis.ca")
 
@@ -241,7 +241,7 @@ class CAManager:
         if name == "builtin":
             return BuiltinProvider(_StoreKeys(self.store, self.sealer))
         if name == "vault":
-            from api.ca.vault import VaultProvider
+            from trellis.api.ca.vault import VaultProvider
 
             return VaultProvider()
         raise BadRequest(f"unknown CA provider {name!r}")

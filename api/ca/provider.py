@@ -1,8 +1,8 @@
 """The CA provider interface, modelled on Consul's ``agent/connect/ca/provider.go``.
 
-A provider holds (or reaches) the keys; the CA manager (``api.ca.manager``) decides when to
+A provider holds (or reaches) the keys; the CA manager (``trellis.api.ca.manager``) decides when to
 make roots, rotate, cross-sign and prune, and keeps the public record of every root in the
-store. Both providers run every CSR through the same pure policy (``proxy.x509.check_csr``)
+store. Both providers run every CSR through the same pure policy (``trellis.proxy.x509.check_csr``)
 before they sign anything, so a provider cannot be talked into signing what the policy refuses.
 
 Provider *state* (``ProviderState``) is what a provider needs to find its keys again after a
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from proxy.x509 import CSRInfo
+from trellis.proxy.x509 import CSRInfo
 
 
 class ProviderError(Exception):
@@ -79,7 +79,7 @@ class Provider(Protocol):
     def sign_leaf(
         self, csr_pem: str, info: CSRInfo, ttl: dt.timedelta
     ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
-        """Sign a CSR that already passed ``proxy.x509.check_csr`` (``info`` is its result).
+        """Sign a CSR that already passed ``trellis.proxy.x509.check_csr`` (``info`` is its result).
         Returns the leaf and the chain to send with it (intermediates only; never the root)."""
 
     def cross_sign(self, new_root: x509.Certificate) -> x509.Certificate:

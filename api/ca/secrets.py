@@ -16,7 +16,7 @@ import secrets
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from api.errors import ConfigError
+from trellis.api.errors import ConfigError
 
 
 class SealError(Exception):

@@ -75,10 +75,10 @@ import requests.adapters
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from api.ca.provider import CAOptions, ProviderError, RootMaterial
-from proxy import spiffe
-from proxy import x509 as px
-from proxy.x509 import CSRInfo
+from trellis.api.ca.provider import CAOptions, ProviderError, RootMaterial
+from trellis.proxy import spiffe
+from trellis.proxy import x509 as px
+from trellis.proxy.x509 import CSRInfo
 
 log = logging.getLogger("trellis.ca.vault")
 

@@ -19,8 +19,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from api.cli.base import Command, CommandError, Context, FlagParser, Registry, add_format_flag
-from proxy.client import APIError, Client
+from trellis.api.cli.base import (
+    Command,
+    CommandError,
+    Context,
+    FlagParser,
+    Registry,
+    add_format_flag,
+)
+from trellis.proxy.client import APIError, Client
 
 HIDDEN = "<hidden>"
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from proxy.client import Client
+from trellis.proxy.client import Client
 
 _NEGATIVE_NUMBER = re.compile(r"^-\d+(\.\d+)?$")
 _TRUE = {"1", "t", "T", "true", "TRUE", "True"}

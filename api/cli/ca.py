@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from api.cli.base import (
+from trellis.api.cli.base import (
     Command,
     CommandError,
     Context,
@@ -23,7 +23,7 @@ from api.cli.base import (
     columnize,
     exactly,
 )
-from proxy.client import APIError
+from trellis.proxy.client import APIError
 
 #: Fields of ``get-config`` output that the server computes; dropped from a ``set-config``
 #: file so that ``get-config > f; edit f; set-config -config-file f`` works.

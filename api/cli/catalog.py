@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from api.cli.base import (
+from trellis.api.cli.base import (
     Command,
     CommandError,
     Context,
@@ -18,7 +18,7 @@ from api.cli.base import (
     exactly,
     tabulate,
 )
-from proxy.client import APIError
+from trellis.proxy.client import APIError
 
 
 def _services_flags(p: FlagParser) -> None:

@@ -19,8 +19,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from api.cli.base import Command, CommandError, Context, FlagParser, Registry, columnize
-from proxy.client import APIError
+from trellis.api.cli.base import Command, CommandError, Context, FlagParser, Registry, columnize
+from trellis.proxy.client import APIError
 
 #: ``trellis intention check``: the exit status of ``Denied`` (``Allowed`` is 0, an error 1).
 EXIT_DENIED = 2

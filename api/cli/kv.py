@@ -8,7 +8,7 @@ import binascii
 import json
 from typing import Any
 
-from api.cli.base import (
+from trellis.api.cli.base import (
     Command,
     CommandError,
     Context,
@@ -20,7 +20,7 @@ from api.cli.base import (
     tabulate,
     uint,
 )
-from proxy.client import APIError, KVPair
+from trellis.proxy.client import APIError, KVPair
 
 
 def _strip(key: str) -> str:

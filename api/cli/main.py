@@ -1,7 +1,7 @@
 """The ``trellis`` command: dispatch to a command, render every failure as a message.
 
 The environment is read here and nowhere below: ``main`` takes ``TRELLIS_HTTP_ADDR`` and
-``TRELLIS_HTTP_TOKEN`` and passes them down in a :class:`~api.cli.base.Context`. ``run`` is
+``TRELLIS_HTTP_TOKEN`` and passes them down in a :class:`~trellis.api.cli.base.Context`. ``run`` is
 ``main`` with everything injected (argv, environment, streams), for tests and embedding.
 
 Exit status: 0 on success, 1 on any error (usage, API, connection). A failure is printed to
@@ -16,9 +16,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import IO
 
-from api import __version__
-from api.cli import acl, ca, catalog, intention, kv, serve, services
-from api.cli.base import (
+from trellis.api import __version__
+from trellis.api.cli import acl, ca, catalog, intention, kv, serve, services
+from trellis.api.cli.base import (
     Command,
     CommandError,
     Context,
@@ -27,7 +27,7 @@ from api.cli.base import (
     UsageError,
     group_help,
 )
-from proxy.client import DEFAULT_ADDRESS, APIError
+from trellis.proxy.client import DEFAULT_ADDRESS, APIError
 
 
 def _version(ctx: Context, ns: object) -> int:

@@ -1,9 +1,9 @@
 """``trellis dev`` and ``trellis server``: parse Consul-style flags into ``Settings`` field values
-and hand them to ``api.server``.
+and hand them to ``trellis.api.server``.
 
 Only the flags given on the command line go into the dict, so that the config file and the
-environment keep every value the operator did not override. ``api.server`` is imported inside
-the commands: the client commands must not pay for (or depend on) gunicorn and Flask.
+environment keep every value the operator did not override. ``trellis.api.server`` is imported
+inside the commands: the client commands must not pay for (or depend on) gunicorn and Flask.
 """
 
 from __future__ import annotations
@@ -12,8 +12,16 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from api.cli.base import Command, CommandError, Context, FlagParser, Registry, at_most, integer
-from api.settings import WORKER_CLASSES
+from trellis.api.cli.base import (
+    Command,
+    CommandError,
+    Context,
+    FlagParser,
+    Registry,
+    at_most,
+    integer,
+)
+from trellis.api.settings import WORKER_CLASSES
 
 _S = argparse.SUPPRESS
 
@@ -124,7 +132,7 @@ def parse_server_args(argv: Sequence[str], *, dev: bool) -> tuple[dict[str, Any]
 def _run_dev(ctx: Context, ns: argparse.Namespace) -> int:
     at_most(ns.args, 0)
     try:
-        from api.server import main_dev
+        from trellis.api.server import main_dev
     except ImportError as e:
         raise CommandError(f"Error! The Trellis server is not available: {e}") from None
     return _call(lambda: main_dev(settings_values(ns)))
@@ -133,14 +141,14 @@ def _run_dev(ctx: Context, ns: argparse.Namespace) -> int:
 def _run_server(ctx: Context, ns: argparse.Namespace) -> int:
     at_most(ns.args, 0)
     try:
-        from api.server import main_server
+        from trellis.api.server import main_server
     except ImportError as e:
         raise CommandError(f"Error! The Trellis server is not available: {e}") from None
     return _call(lambda: main_server(settings_values(ns), ns.config))
 
 
 def _call(fn: Any) -> int:
-    from api.errors import ConfigError
+    from trellis.api.errors import ConfigError
 
     try:
         rc = fn()

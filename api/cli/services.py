@@ -12,9 +12,9 @@ import json
 import os
 from typing import Any
 
-from api import hcl
-from api.cli.base import Command, CommandError, Context, FlagParser, Registry, UsageError
-from proxy.client import APIError
+from trellis.api import hcl
+from trellis.api.cli.base import Command, CommandError, Context, FlagParser, Registry, UsageError
+from trellis.proxy.client import APIError
 
 
 def services_from_file(path: str) -> list[dict[str, Any]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from api.errors import ConfigError
-from api.store.base import Store
+from trellis.api.errors import ConfigError
+from trellis.api.store.base import Store
 
 
 def open_store(url: str, **kw) -> Store:
@@ -15,7 +15,7 @@ def open_store(url: str, **kw) -> Store:
         raise ConfigError(f"invalid store URL: {e}") from None
     scheme = parts.scheme
     if scheme == "sqlite":
-        from api.store.sqlite import SQLiteStore
+        from trellis.api.store.sqlite import SQLiteStore
 
         # SQLAlchemy's convention: sqlite:///relative/path, sqlite:////absolute/path
         path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
@@ -23,7 +23,7 @@ def open_store(url: str, **kw) -> Store:
             raise ConfigError(f"store URL {url!r} names no file (sqlite:///path/to/trellis.db)")
         return SQLiteStore(path, **kw)
     if scheme in ("postgresql", "postgres"):
-        from api.store.postgres import PostgresStore, check_url
+        from trellis.api.store.postgres import PostgresStore, check_url
 
         check_url(url)
         return PostgresStore(url, **kw)

@@ -1,8 +1,9 @@
 """The store's value objects and its interface.
 
 Views and domain code see only these frozen values, never driver rows. Two implementations
-(``api.store.sqlite`` and ``api.store.postgres``) share one SQL body (``api.store.sql``) and pass
-the same contract tests (``tests/test_store_contract.py``) on real databases.
+(``trellis.api.store.sqlite`` and ``trellis.api.store.postgres``) share one SQL body
+(``trellis.api.store.sql``) and pass the same contract tests (``tests/test_store_contract.py``) on
+real databases.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from api.feed import ChangeFeed
+from trellis.api.feed import ChangeFeed
 
 PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
 CHECK_STATES = (PASSING, WARNING, CRITICAL)

@@ -17,8 +17,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from api.errors import ConfigError
-from api.store.sql import SQLStore, Tx
+from trellis.api.errors import ConfigError
+from trellis.api.store.sql import SQLStore, Tx
 
 log = logging.getLogger("trellis.store.postgres")
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.errors import Conflict
+from trellis.api.errors import Conflict
 
 INTENTION_COLS = (
     "id, source, destination, action, description, meta, created_at, updated_at,"

@@ -11,7 +11,7 @@ Theory of operation
   ``synchronous=FULL`` that commit is on disk, so SIGKILL (or power loss) loses nothing
   that was acknowledged.
 * After the commit the writer publishes its changes to this process's feed. The dialect's
-  follower publishes the changes other processes made (see ``api.feed``).
+  follower publishes the changes other processes made (see ``trellis.api.feed``).
 * Deleted K/V keys leave a tombstone holding the index of the delete, so that the index of a
   key or prefix never goes backwards when something under it disappears.
 
@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from api.errors import BadRequest, StoreUnavailable
-from api.feed import ANY, Change, ChangeFeed
-from api.store.base import (
+from trellis.api.errors import BadRequest, StoreUnavailable
+from trellis.api.feed import ANY, Change, ChangeFeed
+from trellis.api.store.base import (
     CRITICAL,
     Check,
     KVEntry,
@@ -43,8 +43,8 @@ from api.store.base import (
     Service,
     changed_catalog_keys,
 )
-from api.store.security import MIGRATION as SECURITY_MIGRATION
-from api.store.security import SecurityStoreMixin
+from trellis.api.store.security import MIGRATION as SECURITY_MIGRATION
+from trellis.api.store.security import SecurityStoreMixin
 
 log = logging.getLogger("trellis.store")
 
@@ -472,7 +472,7 @@ class SQLStore(SecurityStoreMixin):
         """Last words of a write transaction that changed something (PostgreSQL: NOTIFY)."""
 
     def start_follower(self) -> None:
-        """Start publishing the changes that other processes commit (see ``api.feed``)."""
+        """Start publishing the changes that other processes commit (see ``trellis.api.feed``)."""
         raise NotImplementedError
 
     def catch_up(self, last: int) -> int:

@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Any
 
-from api.errors import StoreUnavailable
-from api.store.sql import SQLStore
+from trellis.api.errors import StoreUnavailable
+from trellis.api.store.sql import SQLStore
 
 log = logging.getLogger("trellis.store.sqlite")
 

@@ -12,11 +12,11 @@ from typing import Any
 
 from flask import Blueprint
 
-from api.acl import service as acl
-from api.acl.rules import RulesError, parse_rules
-from api.errors import BadRequest, NotFound, PermissionDenied, TrellisError
-from api.http import json_body, json_response, services
-from api.store.security import ACLPolicy, ACLToken
+from trellis.api.acl import service as acl
+from trellis.api.acl.rules import RulesError, parse_rules
+from trellis.api.errors import BadRequest, NotFound, PermissionDenied, TrellisError
+from trellis.api.http import json_body, json_response, services
+from trellis.api.store.security import ACLPolicy, ACLToken
 
 bp = Blueprint("acl", __name__)
 

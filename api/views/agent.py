@@ -11,14 +11,14 @@ import time
 
 from flask import Blueprint
 
-from api import __version__
-from api import catalog as cat
-from api.acl import service as acl
-from api.errors import BadRequest, NotFound
-from api.feed import Watch
-from api.http import flag, hash_blocking, json_body, json_response, services, str_arg
-from api.store.base import CRITICAL, PASSING, WARNING, Node, Registration, Service
-from api.views.catalog import require_overwrite_write
+from trellis.api import __version__
+from trellis.api import catalog as cat
+from trellis.api.acl import service as acl
+from trellis.api.errors import BadRequest, NotFound
+from trellis.api.feed import Watch
+from trellis.api.http import flag, hash_blocking, json_body, json_response, services, str_arg
+from trellis.api.store.base import CRITICAL, PASSING, WARNING, Node, Registration, Service
+from trellis.api.views.catalog import require_overwrite_write
 
 bp = Blueprint("agent", __name__)
 

@@ -6,12 +6,12 @@ from collections.abc import Iterable
 
 from flask import Blueprint
 
-from api import catalog as cat
-from api.acl import service as acl
-from api.errors import BadRequest
-from api.feed import Watch
-from api.http import blocking, json_body, json_response, services, str_arg
-from api.store.base import Check, Node, Registration, Service
+from trellis.api import catalog as cat
+from trellis.api.acl import service as acl
+from trellis.api.errors import BadRequest
+from trellis.api.feed import Watch
+from trellis.api.http import blocking, json_body, json_response, services, str_arg
+from trellis.api.store.base import Check, Node, Registration, Service
 
 bp = Blueprint("catalog", __name__)
 

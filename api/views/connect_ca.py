@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Response
 
-from api.acl import service as acl
-from api.ca.manager import ROOTS_WATCH, WATCH, CAManager, SignedLeaf, _rfc3339
-from api.catalog import valid_name
-from api.errors import BadRequest
-from api.http import (
+from trellis.api.acl import service as acl
+from trellis.api.ca.manager import ROOTS_WATCH, WATCH, CAManager, SignedLeaf, _rfc3339
+from trellis.api.catalog import valid_name
+from trellis.api.errors import BadRequest
+from trellis.api.http import (
     add_index_headers,
     blocking,
     flag,
@@ -23,8 +23,8 @@ from api.http import (
     uint_arg,
     wait_arg,
 )
-from proxy import renewal, spiffe
-from proxy import x509 as px
+from trellis.proxy import renewal, spiffe
+from trellis.proxy import x509 as px
 
 bp = Blueprint("connect_ca", __name__)
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from api import catalog as cat
-from api.acl import service as acl
-from api.errors import BadRequest
-from api.feed import Watch
-from api.health import service_instances
-from api.http import blocking, flag, json_response, services
-from api.store.base import CHECK_STATES
-from api.views.catalog import ALL, _service_index, check_dc, svc_watch, tags_arg
+from trellis.api import catalog as cat
+from trellis.api.acl import service as acl
+from trellis.api.errors import BadRequest
+from trellis.api.feed import Watch
+from trellis.api.health import service_instances
+from trellis.api.http import blocking, flag, json_response, services
+from trellis.api.store.base import CHECK_STATES
+from trellis.api.views.catalog import ALL, _service_index, check_dc, svc_watch, tags_arg
 
 bp = Blueprint("health", __name__)
 

@@ -1,6 +1,6 @@
 """Intentions (``/v1/connect/intentions*``) and ``POST /v1/agent/connect/authorize``.
 
-Decisions come from an in-memory ``proxy.authz.IntentionSet`` per server process, rebuilt
+Decisions come from an in-memory ``trellis.proxy.authz.IntentionSet`` per server process, rebuilt
 only when an intention changed (the change feed says so), so ``authorize`` and ``check`` cost a
 few dictionary lookups, not a query.
 """
@@ -14,12 +14,12 @@ from typing import Any
 
 from flask import Blueprint, request
 
-from api.acl import service as acl
-from api.errors import BadRequest, NotFound
-from api.feed import Watch
-from api.http import blocking, json_body, json_response, services, str_arg
-from api.store.security import IntentionRecord
-from proxy import authz, spiffe
+from trellis.api.acl import service as acl
+from trellis.api.errors import BadRequest, NotFound
+from trellis.api.feed import Watch
+from trellis.api.http import blocking, json_body, json_response, services, str_arg
+from trellis.api.store.security import IntentionRecord
+from trellis.proxy import authz, spiffe
 
 bp = Blueprint("intentions", __name__)
 
@@ -290,7 +290,7 @@ def get_exact():
             },
             status=404,
         )
-        from api.http import add_index_headers
+        from trellis.api.http import add_index_headers
 
         add_index_headers(resp, index)
         return resp

@@ -8,10 +8,10 @@ from urllib.parse import unquote_to_bytes
 from flask import Blueprint, Response, request
 from werkzeug.routing import PathConverter
 
-from api.acl import service as acl
-from api.errors import BadRequest, PayloadTooLarge
-from api.feed import Watch
-from api.http import (
+from trellis.api.acl import service as acl
+from trellis.api.errors import BadRequest, PayloadTooLarge
+from trellis.api.feed import Watch
+from trellis.api.http import (
     add_index_headers,
     blocking,
     flag,
@@ -20,8 +20,8 @@ from api.http import (
     str_arg,
     uint_arg,
 )
-from api.store.base import KVEntry
-from api.views.catalog import check_dc
+from trellis.api.store.base import KVEntry
+from trellis.api.views.catalog import check_dc
 
 bp = Blueprint("kv", __name__)
 

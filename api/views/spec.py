@@ -9,6 +9,6 @@ bp = Blueprint("spec", __name__)
 
 @bp.get("/v1/openapi.yaml")
 def openapi():
-    from api.app import SPEC_PATH
+    from trellis.api.app import SPEC_PATH
 
     return Response(SPEC_PATH.read_bytes(), mimetype="application/yaml")

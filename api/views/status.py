@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from api.http import json_response, services
+from trellis.api.http import json_response, services
 
 bp = Blueprint("status", __name__)
 

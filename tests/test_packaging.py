@@ -1,0 +1,139 @@
+"""The installed package: one ``trellis`` namespace, nothing generic at the top level.
+
+The repository keeps its folders (``api/``, ``proxy/``); setup.cfg maps them to
+``trellis.api`` and ``trellis.proxy``. These tests build the real wheel (offline, with the
+test environment's setuptools), install it into a fresh virtual environment and look at what
+a user's environment gets, and check that no code of the repository imports the folders by
+their bare names (which would work in a checkout and break once installed).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {"api": "trellis/api", "proxy": "trellis/proxy"}
+
+
+def _run(*cmd: str | Path, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, f"{cmd}: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel, built from a copy of the sources (so the checkout gets no build/ or
+    egg-info), without build isolation: the suite downloads nothing."""
+    src = tmp_path_factory.mktemp("src")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("api", "proxy"):
+        shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=ignore)
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "openapi.yaml"):
+        shutil.copy2(ROOT / name, src / name)
+    out = tmp_path_factory.mktemp("dist")
+    _run(
+        sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+        "--no-index", "-q", "-w", out, ".", cwd=src,
+    )  # fmt: skip
+    (whl,) = out.glob("trellis_mesh-*.whl")
+    return whl
+
+
+def test_wheel_holds_one_top_level_name_and_every_module(wheel: Path):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/", 1)[0] for n in names}
+    dist_info = {t for t in top if t.endswith(".dist-info")}
+    assert top - dist_info == {"trellis"}, sorted(top)
+    # Every module of the folders is in the wheel, under its namespaced name: a subpackage
+    # left out of setup.cfg's explicit list would be missing here.
+    for folder, target in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).as_posix()
+            assert f"{target}/{rel}" in names, f"{folder}/{rel} is not in the wheel"
+    # No __init__ in trellis/: it is a namespace package, so trellis.connect (the SDK) and
+    # other distributions may add to it.
+    assert "trellis/__init__.py" not in names
+    # The OpenAPI contract ships as a file (api/openapi.yaml is a symlink in the checkout).
+    spec = zipfile.ZipFile(wheel).read("trellis/api/openapi.yaml")
+    assert spec == (ROOT / "openapi.yaml").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def fresh_env(wheel: Path, tmp_path_factory) -> Path:
+    """A new virtual environment with the wheel installed (no dependencies from the index).
+
+    The dependencies come from this test environment's site-packages through a .pth line; a
+    .pth line adds a directory to sys.path without processing the .pth files inside it, so the
+    checkout's editable install (a .pth and an import hook there) is not visible."""
+    venv = tmp_path_factory.mktemp("venv") / "env"
+    _run(sys.executable, "-m", "venv", venv, cwd=venv.parent)
+    py = venv / "bin" / "python"
+    before = set(_site_packages(py).iterdir())
+    _run(py, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel, cwd=venv.parent)
+    site = _site_packages(py)
+    added = {p.name for p in set(site.iterdir()) - before}
+    assert {n for n in added if not n.endswith(".dist-info")} == {"trellis"}, sorted(added)
+    (site / "zz-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv
+
+
+def _site_packages(py: Path) -> Path:
+    r = _run(py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=py.parent)
+    return Path(r.stdout.strip())
+
+
+def test_installed_package_imports_as_trellis_only(fresh_env: Path, tmp_path: Path):
+    py = fresh_env / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = (
+        "import importlib.util, trellis.api.app, trellis.proxy.authz, trellis.api.cli.main\n"
+        "print(trellis.api.app.__file__)\n"
+        "print(importlib.util.find_spec('api'), importlib.util.find_spec('proxy'))\n"
+    )
+    r = _run(py, "-c", code, cwd=tmp_path, env=env)
+    app_file, bare = r.stdout.splitlines()
+    assert app_file.startswith(str(fresh_env)), app_file  # the installed copy, not the checkout
+    assert bare == "None None"  # no generic top-level api or proxy
+    r = _run(fresh_env / "bin" / "trellis", "--version", cwd=tmp_path, env=env)
+    assert r.stdout.startswith("Trellis v"), r.stdout
+
+
+def _bare_imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            mods = [node.module]
+        else:
+            continue
+        found += [
+            f"{path.relative_to(ROOT)}:{node.lineno}: {m}"
+            for m in mods
+            if m.split(".")[0] in FOLDERS
+        ]
+    return found
+
+
+def test_no_code_imports_the_folders_by_their_bare_names():
+    # In a checkout, `import api` works (the folder is on sys.path when pytest runs from the
+    # root) and would load a second copy of a module beside trellis.api's; installed, it fails.
+    bad = [
+        hit
+        for folder in ("api", "proxy", "tests", "bench")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for hit in _bare_imports(path)
+    ]
+    assert bad == []
