@@ -52,6 +52,14 @@ class MethodNotAllowed(TrellisError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(TrellisError):
+    """The client did not send its whole request body within ``limits.http_body_timeout``
+    (a stalled or very slow client; the connection is closed after this answer)."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class Conflict(TrellisError):
     status = 409
     code = "conflict"
@@ -65,6 +73,13 @@ class PayloadTooLarge(TrellisError):
 class TooManyRequests(TrellisError):
     status = 429
     code = "too_many_requests"
+
+
+class TooManyConnections(TooManyRequests):
+    """The client's address already holds ``limits.http_max_conns_per_client`` connections
+    to this worker; the new one is answered and closed before any request is read."""
+
+    code = "too_many_connections"
 
 
 class StoreUnavailable(TrellisError):

@@ -18,7 +18,9 @@ thousands of long-polls do not tie up the workers (gthread and sync remain avail
 from __future__ import annotations
 
 import logging
+import math
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -104,8 +106,35 @@ def _addr(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def raise_open_files_limit(settings: Settings) -> None:
+    """Raise this process's soft limit on open files to what the workers may need, up to the
+    hard limit (as Go programs, Consul among them, do at start).
+
+    A gevent worker holds up to ``worker_connections`` client connections, each a file
+    descriptor; with the common soft limit of 1024, a worker past it fails every ``accept``
+    (EMFILE), and new connections wait in the backlog whatever the per-client cap. Workers
+    inherit the limit from the master.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Client connections, DNS over TCP, store connections, log files and the like.
+    need = settings.worker_connections + 1024
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < need:
+            log.warning(
+                "the open files limit (%d) is below what %d connections per worker need (%d):"
+                " raise it (ulimit -n) or lower server.worker_connections",
+                target,
+                settings.worker_connections,
+                need,
+            )
+
+
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
+    raise_open_files_limit(settings)
     if settings.data_dir:
         try:
             os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
@@ -261,7 +290,8 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
             # workers keep heart-beating meanwhile, so this only catches a stuck worker.
             "timeout": 60,
             "graceful_timeout": 5,
-            "keepalive": 75,
+            # Whole seconds (gunicorn's setting is an int, and 0 would turn keep-alive off).
+            "keepalive": max(1, math.ceil(s.http_idle_timeout)),
             "loglevel": s.log_level,
             "accesslog": None,
             "preload_app": False,

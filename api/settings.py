@@ -13,7 +13,9 @@ The config file uses Consul's snake_case layout::
       "ports": {"http": 8500, "dns": 8600},
       "store": "postgresql://trellis@db/trellis",
       "server": {"workers": 2, "worker_class": "gevent", "worker_connections": 4096},
-      "limits": {"kv_max_value_size": 524288, "http_max_body": 1048576},
+      "limits": {"kv_max_value_size": 524288, "http_max_body": 1048576,
+                 "http_max_conns_per_client": 200, "http_header_timeout": "20s",
+                 "http_body_timeout": "30s", "http_idle_timeout": "75s"},
       "blocking": {"default_wait": "5m", "max_wait": "10m"}
     }
 """
@@ -56,6 +58,15 @@ class Settings:
     threads: int = 64
     kv_max_value_size: int = 512 * 1024
     http_max_body: int = 1024 * 1024
+    #: gevent worker: connections one client address may hold open per worker (0: no cap).
+    http_max_conns_per_client: int = 200
+    #: gevent worker: a request's head (line and headers) must arrive within this many seconds
+    #: of its first byte, and a new connection must send its first head within it too.
+    http_header_timeout: float = 20.0
+    #: gevent worker: a request's body must arrive within this many seconds of its head.
+    http_body_timeout: float = 30.0
+    #: How long an idle keep-alive connection waits for its next request.
+    http_idle_timeout: float = 75.0
     default_wait: float = 300.0
     max_wait: float = 600.0
     #: How often a process looks for other processes' SQLite commits (seconds).
@@ -155,6 +166,10 @@ _NESTED = {
     ("server", "threads"): "threads",
     ("limits", "kv_max_value_size"): "kv_max_value_size",
     ("limits", "http_max_body"): "http_max_body",
+    ("limits", "http_max_conns_per_client"): "http_max_conns_per_client",
+    ("limits", "http_header_timeout"): "http_header_timeout",
+    ("limits", "http_body_timeout"): "http_body_timeout",
+    ("limits", "http_idle_timeout"): "http_idle_timeout",
     ("blocking", "default_wait"): "default_wait",
     ("blocking", "max_wait"): "max_wait",
     ("acl", "enabled"): "acl_enabled",
@@ -236,6 +251,15 @@ def validate(s: Settings) -> Settings:
         c[name] = _duration(f"blocking.{name}", getattr(s, name))
     if c["default_wait"] <= 0 or c["max_wait"] <= 0 or c["default_wait"] > c["max_wait"]:
         raise ConfigError("blocking: need 0 < default_wait <= max_wait")
+    for name in ("http_header_timeout", "http_body_timeout", "http_idle_timeout"):
+        c[name] = _duration(f"limits.{name}", getattr(s, name))
+        if not 0 < c[name] <= 3600:
+            raise ConfigError(f"limits.{name}: must be more than 0s and at most 1h")
+    v = s.http_max_conns_per_client
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(
+            f"limits.http_max_conns_per_client: must be a whole number >= 0 (0: no cap), not {v!r}"
+        )
     for name in ("workers", "worker_connections", "threads", "kv_max_value_size", "http_max_body"):
         v = getattr(s, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
