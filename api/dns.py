@@ -32,20 +32,34 @@ gives the SOA and NS records. Other types on a name that exists get NODATA.
 
 Names are matched case-insensitively: the domain, the ``service``/``node`` keywords, the
 datacenter and tags by folding, and service and node names by trying the name as asked, then
-in lower case, then by scanning the catalog for a name equal ignoring case. The scan only
-happens for names that are otherwise unknown, so resolvers that randomise case (DNS 0x20)
-find lower-case services without one. (Two services whose names differ only in case are
-one name in DNS; the first spelling found wins.)
+in lower case, then the other spellings that ``NameIndex`` holds for its case fold. The index
+is kept current from the change feed (one indexed read per name a change touched), so a name
+that exists in no case costs a few indexed reads, never a scan of the catalog: a flood of
+unknown names once cost a scan each and stalled the worker's HTTP requests with it. (Two
+services whose names differ only in case are one name in DNS; the first spelling found wins.)
 
-Replies over UDP that do not fit 512 bytes, or the EDNS0 payload size the client advertised
-(clamped to 512..4096), keep as many answers as fit (with their additional records), set TC,
-and the client retries over TCP (where the limit is the 65535 bytes of the frame).
+A name the wire allows but DNS does not (a label over 63 bytes, a name over 255) is FORMERR.
+
+Over UDP a reply carries at most ``dns_udp_answer_limit`` answers (Consul's
+``udp_answer_limit``, default 3, whatever EDNS0 payload size the client advertises), so that
+a small spoofed query cannot make us send a large reply to its victim; TC is set on such a
+reply only with ``dns_enable_truncate``, as in Consul. ANY over UDP gets one RRset (RFC 8482:
+the A records if there are any). A reply that still does not fit 512 bytes, or the EDNS0
+payload size the client advertised (clamped to 512..4096), keeps as many answers as fit (with
+their additional records) and sets TC, and the client retries over TCP, where nothing is cut
+but ``dns_a_record_limit`` (where the limit is the 65535 bytes of the frame).
 
 ``DNSServer`` is only transport. It uses blocking sockets and ``threading`` so that, under
 gunicorn's gevent worker, monkey-patching makes the same code cooperative. Because gevent
 refuses two greenlets waiting on one socket, UDP has a single reader that hands datagrams to a
 few worker threads (store reads may be slow; one slow read must not stall every query), and
-replies are sent under a lock. TCP has one acceptor and one thread per connection, capped.
+replies are sent under a lock. Under gevent the threads are greenlets of the worker that also
+serves HTTP, so DNS must never hold the hub for long: the reader hands on one datagram at a
+time and waits (instead of reading and dropping) when the queue is full, letting the kernel
+drop the excess, and every worker yields after each reply. TCP has one acceptor and one thread
+per connection, capped in all and per client address; a connection must send its first query
+within ``dns_tcp_first_query_timeout`` (2 s) and may then idle ``dns_tcp_idle_timeout``
+between queries, so idle connections from one client cannot take every slot.
 ``close()`` wakes the blocked calls (an empty datagram to our own UDP socket, ``shutdown()``
 of the listener and of every connection; the UDP and listening sockets also time out every
 second, as a backstop), joins every thread, and only then closes the sockets, so no thread
@@ -63,6 +77,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +103,7 @@ from dnslib import (  # type: ignore[import-untyped]
 from trellis.api.acl.rules import Authorizer
 from trellis.api.errors import StoreUnavailable
 from trellis.api.health import Instance, service_instances
+from trellis.api.peers import client_key
 from trellis.api.settings import Settings
 from trellis.api.store.base import WARNING, Node, Store
 
@@ -108,6 +124,11 @@ _KINDS = ("service", "connect", "node", "addr")
 _ANY = QTYPE.ANY
 #: QCLASS ANY (dnslib names it "*").
 _CLASS_ANY = 255
+#: RFC 1035 2.3.4: a label is at most 63 bytes, a name at most 255 on the wire.
+MAX_LABEL = 63
+MAX_NAME = 255
+#: At most one log line per this many seconds for each kind of bad packet or failure.
+LOG_INTERVAL = 10.0
 
 # Load balancing only; not a security decision, so the ordinary generator is right.
 _shuffle = random.Random().shuffle  # noqa: S311
@@ -233,9 +254,38 @@ def answer(
     try:
         return bytes(_answer(store, settings, bytes(query), max_udp, authorizer))
     except Exception:
-        # A bug here must cost one query, not the server.
-        log.exception("dns: unexpected error answering a query")
+        # A bug here must cost one query, not the server, nor the log: one traceback per
+        # interval, however many packets trigger it.
+        _throttled(logging.ERROR, "unexpected", "dns: unexpected error answering a query", exc=True)
         return _raw_reply(query, RCODE.SERVFAIL)
+
+
+class _Throttle:
+    """At most one log line per ``LOG_INTERVAL`` for each kind of event, with the count of
+    those left out since the last line, so that a flood of bad packets cannot flood the log."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def __call__(self, level: int, kind: str, msg: str, *args: object, exc: bool = False) -> None:
+        if not log.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < LOG_INTERVAL:
+                self._skipped[kind] = self._skipped.get(kind, 0) + 1
+                return
+            self._last[kind] = now
+            skipped = self._skipped.pop(kind, 0)
+        if skipped:
+            msg += f" (and {skipped} more like it in the last {LOG_INTERVAL:g}s)"
+        log.log(level, msg, *args, exc_info=exc)
+
+
+_throttled = _Throttle()
 
 
 def _raw_reply(query: bytes, rcode: int) -> bytes:
@@ -265,6 +315,11 @@ def _answer(
         return _raw_reply(query, RCODE.FORMERR)
 
     h = req.header
+    if req.questions and not _encodable(req.questions[0].qname):
+        # dnslib reads a 64-byte label (or a 300-byte name) off the wire but cannot write it
+        # back; it is malformed, and the client's fault.
+        _throttled(logging.INFO, "long-name", "dns: FORMERR for a name over DNS's length limits")
+        return _raw_reply(query, RCODE.FORMERR)
 
     def header(rcode: int, *, aa: bool = False, tc: bool = False) -> DNSHeader:
         # RA stays 0: we never recurse. RD is echoed, as RFC 1035 asks.
@@ -312,7 +367,39 @@ def _answer(
             RCODE.get(result.rcode),
             len(result.answers),
         )
-    return _pack(header, q, result, opt, limit)
+    cut = _limit_answers(result, q.qtype, settings, udp=max_udp is not None)
+    return _pack(header, q, result, opt, limit, cut=cut and settings.dns_enable_truncate)
+
+
+def _encodable(name: DNSLabel) -> bool:
+    labels = name.label
+    if any(len(x) > MAX_LABEL for x in labels):
+        return False
+    return sum(len(x) + 1 for x in labels) + 1 <= MAX_NAME
+
+
+def _limit_answers(result: _Result, qtype: int, settings: Settings, *, udp: bool) -> bool:
+    """Apply the answer limits to ``result`` in place; whether answers were dropped.
+
+    ``dns_a_record_limit`` caps address answers on both transports. Over UDP, ANY keeps one
+    RRset (RFC 8482: the A records if there are any) and every reply at most
+    ``dns_udp_answer_limit`` answers: an amplification attack sends small spoofed UDP queries
+    and wants large replies sent to its victim. The answers were shuffled, so the cut keeps a
+    random subset, as Consul's does.
+    """
+    answers = result.answers
+    before = len(answers)
+    a_limit = settings.dns_a_record_limit
+    if a_limit and qtype in (QTYPE.A, QTYPE.AAAA, _ANY):
+        answers = answers[:a_limit]
+    if udp:
+        if qtype == _ANY and answers:
+            types = {rr.rtype for rr, _ in answers}
+            keep = QTYPE.A if QTYPE.A in types else answers[0][0].rtype
+            answers = [(rr, extra) for rr, extra in answers if rr.rtype == keep]
+        answers = answers[: settings.dns_udp_answer_limit]
+    result.answers = answers
+    return len(answers) < before
 
 
 def _pack(
@@ -321,8 +408,11 @@ def _pack(
     result: _Result,
     opt: RR | None,
     limit: int,
+    *,
+    cut: bool = False,
 ) -> bytes:
-    """The reply, truncated to ``limit`` bytes if needed (TC set when answers were dropped)."""
+    """The reply, truncated to ``limit`` bytes if needed (TC set when answers were dropped
+    for size, or ``cut``: the answer limit dropped some and the operator wants TC for it)."""
 
     def build(k: int, tc: bool) -> bytes:
         rec = DNSRecord(header(result.rcode, aa=result.authoritative, tc=tc), q=q)
@@ -341,7 +431,7 @@ def _pack(
         return bytes(rec.pack())
 
     n = len(result.answers)
-    full = build(n, False)
+    full = build(n, cut)
     if len(full) <= limit:
         return full
     # Binary search for the most answers that fit; each try re-packs (names compress
@@ -442,8 +532,10 @@ def _find_node(store: Store, name: str) -> Node | None:
     if node is None and name.lower() != name:
         node = store.node(name.lower())
     if node is None:
-        folded = name.casefold()
-        node = next((n for n in store.nodes() if n.name.casefold() == folded), None)
+        for other in sorted(name_index(store).nodes(name) - {name, name.lower()}):
+            node = store.node(other)
+            if node is not None:
+                break
     return node
 
 
@@ -484,14 +576,109 @@ def _candidate_names(store: Store, name: str, connect: bool) -> Iterable[str]:
     yield name
     if name.lower() != name:
         yield name.lower()
+    yield from sorted(name_index(store).services(name, connect=connect) - {name, name.lower()})
+
+
+class NameIndex:
+    """The catalog's service names, proxy destinations and node names by case fold.
+
+    DNS names are case-insensitive and the store's are not: ``WEB.service`` must find the
+    service registered as ``Web``. Scanning the catalog for that on every name not found
+    as asked let a flood of unknown names stall the worker. Instead this index is built from
+    the store once (the only scan; again only if the change feed has lost history since its
+    last use) and then follows the feed: before each use it re-reads, by indexed lookups,
+    just the names that the catalog changes published since touched. Like a blocking query it
+    takes the feed position before it reads, so no change is missed; it may lag another
+    process's write by the follower's delay, as everything in this process does.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._pos: int | None = None
+        self._names: dict[str, set[str]] = {}
+        self._destinations: dict[str, set[str]] = {}
+        self._nodes: dict[str, set[str]] = {}
+        #: How many times the whole catalog was read (for tests and metrics).
+        self.scans = 0
+
+    def services(self, name: str, *, connect: bool = False) -> set[str]:
+        """The stored spellings of service ``name`` (and, with ``connect``, of proxy
+        destinations) equal to it ignoring case."""
+        self._refresh()
+        folded = name.casefold()
+        found = set(self._names.get(folded, ()))
+        if connect:
+            found |= self._destinations.get(folded, set())
+        return found
+
+    def nodes(self, name: str) -> set[str]:
+        self._refresh()
+        return set(self._nodes.get(name.casefold(), ()))
+
+    def _refresh(self) -> None:
+        feed = self._store.feed
+        with self._lock:
+            pos = feed.position()
+            if pos == self._pos:
+                return
+            changes = None if self._pos is None else feed.changes_after(self._pos)
+            if changes is None:
+                self._rebuild()
+            else:
+                services: set[str] = set()
+                nodes: set[str] = set()
+                for c in changes:
+                    if c.topic == "catalog":
+                        kind, _, key = c.key.partition("/")
+                        if kind == "svc":
+                            services.add(key)
+                        elif kind == "node":
+                            nodes.add(key)
+                for key in services:
+                    _file(self._names, key, bool(self._store.services(name=key)))
+                    _file(self._destinations, key, bool(self._store.services(destination=key)))
+                for key in nodes:
+                    _file(self._nodes, key, self._store.node(key) is not None)
+            self._pos = pos
+
+    def _rebuild(self) -> None:
+        self.scans += 1
+        names: dict[str, set[str]] = {}
+        destinations: dict[str, set[str]] = {}
+        nodes: dict[str, set[str]] = {}
+        for svc in self._store.services():
+            _file(names, svc.name, True)
+            if svc.destination:
+                _file(destinations, svc.destination, True)
+        for node in self._store.nodes():
+            _file(nodes, node.name, True)
+        self._names, self._destinations, self._nodes = names, destinations, nodes
+
+
+def _file(index: dict[str, set[str]], name: str, present: bool) -> None:
     folded = name.casefold()
-    found: set[str] = set()
-    for s in store.services():
-        if s.name.casefold() == folded:
-            found.add(s.name)
-        if connect and s.destination and s.destination.casefold() == folded:
-            found.add(s.destination)
-    yield from sorted(found - {name, name.lower()})
+    if present:
+        index.setdefault(folded, set()).add(name)
+        return
+    spellings = index.get(folded)
+    if spellings is not None:
+        spellings.discard(name)
+        if not spellings:
+            del index[folded]
+
+
+_indexes: weakref.WeakKeyDictionary[Any, NameIndex] = weakref.WeakKeyDictionary()
+_indexes_lock = threading.Lock()
+
+
+def name_index(store: Store) -> NameIndex:
+    """The one ``NameIndex`` of ``store`` (made at first use, gone with the store)."""
+    with _indexes_lock:
+        index = _indexes.get(store)
+        if index is None:
+            index = _indexes[store] = NameIndex(store)
+        return index
 
 
 def _instances(
@@ -653,8 +840,10 @@ class DNSServer:
         udp_sock: socket.socket,
         tcp_sock: socket.socket,
         *,
-        tcp_idle_timeout: float = 10.0,
+        tcp_idle_timeout: float | None = None,
+        tcp_first_query_timeout: float | None = None,
         max_tcp_connections: int = 256,
+        max_tcp_conns_per_client: int | None = None,
         udp_workers: int = 8,
         udp_queue: int = 1024,
         authorizer: Callable[[], Authorizer | None] | None = None,
@@ -664,8 +853,22 @@ class DNSServer:
         self.authorizer = authorizer
         self._udp = udp_sock
         self._tcp = tcp_sock
-        self.tcp_idle_timeout = tcp_idle_timeout
+        # Keyword arguments override the settings (tests use short timeouts and small caps).
+        self.tcp_idle_timeout = (
+            settings.dns_tcp_idle_timeout if tcp_idle_timeout is None else tcp_idle_timeout
+        )
+        self.tcp_first_query_timeout = (
+            settings.dns_tcp_first_query_timeout
+            if tcp_first_query_timeout is None
+            else tcp_first_query_timeout
+        )
         self.max_tcp_connections = max_tcp_connections
+        self.max_tcp_conns_per_client = (
+            settings.dns_tcp_max_conns_per_client
+            if max_tcp_conns_per_client is None
+            else max_tcp_conns_per_client
+        )
+        self._per_client: dict[str, int] = {}
         self._udp_workers = max(1, udp_workers)
         self._queue: queue.Queue[tuple[bytes, Any] | None] = queue.Queue(maxsize=udp_queue)
         self._stop = threading.Event()
@@ -803,11 +1006,18 @@ class DNSServer:
                 continue
             if self._stop.is_set():
                 break
-            try:
-                self._queue.put_nowait((data, peer))
-            except queue.Full:
-                # Drop: the client retries, and queueing more only adds latency.
-                self._warn("dns: UDP queue full, dropping queries")
+            # When the workers are behind, wait for room rather than read and drop: the kernel
+            # drops the excess at no cost to us, while reading datagrams only to drop them
+            # would keep this greenlet running and starve the worker's HTTP requests.
+            while not self._stop.is_set():
+                try:
+                    self._queue.put((data, peer), timeout=self.poll_interval)
+                    break
+                except queue.Full:
+                    self._warn("dns: UDP queries arrive faster than they are answered")
+            # A socket with data waiting returns at once without yielding: let the worker's
+            # other greenlets run between datagrams.
+            time.sleep(0)
 
     def _udp_worker(self) -> None:
         while True:
@@ -820,13 +1030,15 @@ class DNSServer:
             reply = answer(
                 self.store, self.settings, data, max_udp=CLASSIC_UDP, authorizer=self.authorizer
             )
-            if not reply:
-                continue
-            try:
-                with self._send_lock:
-                    self._udp.sendto(reply, peer)
-            except OSError as e:
-                log.debug("dns: UDP reply to %s failed: %s", peer, e)
+            if reply:
+                try:
+                    with self._send_lock:
+                        self._udp.sendto(reply, peer)
+                except OSError as e:
+                    log.debug("dns: UDP reply to %s failed: %s", peer, e)
+            # Under gevent, answering is pure CPU between store reads (and SQLite reads do
+            # not yield): give the worker's HTTP requests their turn after each reply.
+            time.sleep(0)
 
     # -- TCP ---------------------------------------------------------------------------------
 
@@ -842,15 +1054,36 @@ class DNSServer:
                 self._warn("dns: TCP accept failed: %s", e)  # e.g. EMFILE
                 self._stop.wait(0.05)
                 continue
-            if self._stop.is_set() or not self._slots.acquire(blocking=False):
-                if not self._stop.is_set():
-                    self._warn(
-                        "dns: %d TCP connections open, refusing more", self.max_tcp_connections
-                    )
+            if self._stop.is_set():
+                conn.close()
+                continue
+            key = client_key(peer)
+            cap = self.max_tcp_conns_per_client
+            with self._lock:
+                held = self._per_client.get(key, 0)
+                over = bool(cap) and held >= cap
+                if not over:
+                    self._per_client[key] = held + 1
+            if over:
+                _throttled(
+                    logging.WARNING,
+                    "tcp-per-client",
+                    "dns: refusing TCP connections from %s over the per-client cap (%d)",
+                    key,
+                    cap,
+                )
+                conn.close()
+                continue
+            if not self._slots.acquire(blocking=False):
+                self._warn("dns: %d TCP connections open, refusing more", self.max_tcp_connections)
+                self._release_client(key)
                 conn.close()
                 continue
             t = threading.Thread(
-                target=self._tcp_conn, args=(conn, peer), name="trellis-dns-conn", daemon=True
+                target=self._tcp_conn,
+                args=(conn, peer, key),
+                name="trellis-dns-conn",
+                daemon=True,
             )
             with self._lock:
                 self._conns[conn] = t
@@ -862,10 +1095,19 @@ class DNSServer:
                     self._conns.pop(conn, None)
                 conn.close()
                 self._slots.release()
+                self._release_client(key)
 
-    def _recv_exact(self, conn: socket.socket, n: int) -> bytes | None:
-        """``n`` bytes within the idle timeout, or None (peer gone, timed out, stopping)."""
-        deadline = time.monotonic() + self.tcp_idle_timeout
+    def _release_client(self, key: str) -> None:
+        with self._lock:
+            left = self._per_client.get(key, 1) - 1
+            if left > 0:
+                self._per_client[key] = left
+            else:
+                self._per_client.pop(key, None)
+
+    def _recv_exact(self, conn: socket.socket, n: int, timeout: float) -> bytes | None:
+        """``n`` bytes within ``timeout``, or None (peer gone, timed out, stopping)."""
+        deadline = time.monotonic() + timeout
         buf = bytearray()
         while len(buf) < n:
             left = deadline - time.monotonic()
@@ -881,15 +1123,19 @@ class DNSServer:
             buf += chunk
         return bytes(buf)
 
-    def _tcp_conn(self, conn: socket.socket, peer: Any) -> None:
+    def _tcp_conn(self, conn: socket.socket, peer: Any, key: str) -> None:
+        # A connection that has sent nothing yet gets the short timeout: holding many such
+        # connections open is how a client would take every slot from the others.
+        wait = self.tcp_first_query_timeout
         try:
             # RFC 7766: several queries per connection, one frame each, answered in order.
             while not self._stop.is_set():
-                head = self._recv_exact(conn, 2)
+                head = self._recv_exact(conn, 2, wait)
                 if head is None:
                     break
+                wait = self.tcp_idle_timeout
                 (length,) = struct.unpack("!H", head)
-                data = self._recv_exact(conn, length) if length else None
+                data = self._recv_exact(conn, length, wait) if length else None
                 if data is None:
                     break  # a zero-length or half-sent frame ends the connection
                 reply = answer(
@@ -908,3 +1154,4 @@ class DNSServer:
                 self._conns.pop(conn, None)
             conn.close()
             self._slots.release()
+            self._release_client(key)

@@ -151,6 +151,23 @@ class ChangeFeed:
         """
         return max(self._topic_seq.get(topic, 0), self._any_seq) > after
 
+    def changes_after(self, after: int) -> list[Change] | None:
+        """The changes published after position ``after``, oldest first; None when some of
+        them are no longer in the history, or history was lost (an ANY change), so that the
+        caller must start over from the store (DNS's name index uses this)."""
+        with self._lock:
+            if self._recent and after < self._recent[0][0] - 1:
+                return None
+            out: list[Change] = []
+            for seq, c in reversed(self._recent):
+                if seq <= after:
+                    break
+                if c.topic == ANY:
+                    return None
+                out.append(c)
+        out.reverse()
+        return out
+
     def wait(
         self,
         watch: Watch,

@@ -41,7 +41,6 @@ are pinned in setup.cfg and their shape is checked by tests/test_gworker_contrac
 from __future__ import annotations
 
 import _socket
-import ipaddress
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from trellis.api.errors import RequestTimeout, TooManyConnections
+from trellis.api.peers import client_key
 
 log = logging.getLogger("trellis.server")
 
@@ -180,21 +180,6 @@ class _Guarded:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
-
-
-def client_key(addr: Any) -> str:
-    """Whose connection this is, for the per-client cap: the IP address, or for IPv6 its /64
-    (a single host is commonly given a whole /64, and could otherwise use 2^64 addresses)."""
-    host = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
-    if ":" not in host:
-        return host
-    try:
-        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 class TrellisGeventWorker(GeventWorker):

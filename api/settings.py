@@ -11,6 +11,7 @@ The config file uses Consul's snake_case layout::
       "domain": "trellis.", "bind_addr": "127.0.0.1",
       "addresses": {"http": "127.0.0.1", "dns": "127.0.0.1"},
       "ports": {"http": 8500, "dns": 8600},
+      "dns_config": {"udp_answer_limit": 3, "a_record_limit": 0, "enable_truncate": false},
       "store": "postgresql://trellis@db/trellis",
       "server": {"workers": 2, "worker_class": "gevent", "worker_connections": 4096},
       "limits": {"kv_max_value_size": 524288, "http_max_body": 1048576,
@@ -50,6 +51,21 @@ class Settings:
     dns_host: str = "127.0.0.1"
     #: 0 picks a free port; -1 disables DNS.
     dns_port: int = 8600
+    #: Consul's dns_config.udp_answer_limit: at most this many answers in a UDP reply (with
+    #: or without EDNS0), which bounds what a spoofed query can make us send; TCP is not capped.
+    dns_udp_answer_limit: int = 3
+    #: Consul's dns_config.a_record_limit: at most this many A/AAAA answers over either
+    #: transport (0: no limit).
+    dns_a_record_limit: int = 0
+    #: Consul's dns_config.enable_truncate: set TC on a UDP reply that the answer limit cut,
+    #: so that resolvers retry over TCP for the full set.
+    dns_enable_truncate: bool = False
+    #: DNS over TCP, per worker: connections one client address may hold (0: no cap).
+    dns_tcp_max_conns_per_client: int = 16
+    #: DNS over TCP: a new connection must send its first query within this many seconds;
+    #: between queries a connection may stay idle for dns_tcp_idle_timeout.
+    dns_tcp_first_query_timeout: float = 2.0
+    dns_tcp_idle_timeout: float = 10.0
     workers: int = 2
     worker_class: str = "gevent"
     #: Simultaneous connections per gevent worker (each parked blocking query holds one).
@@ -160,6 +176,12 @@ _NESTED = {
     ("addresses", "dns"): "dns_host",
     ("ports", "http"): "http_port",
     ("ports", "dns"): "dns_port",
+    ("dns_config", "udp_answer_limit"): "dns_udp_answer_limit",
+    ("dns_config", "a_record_limit"): "dns_a_record_limit",
+    ("dns_config", "enable_truncate"): "dns_enable_truncate",
+    ("dns_config", "tcp_max_conns_per_client"): "dns_tcp_max_conns_per_client",
+    ("dns_config", "tcp_first_query_timeout"): "dns_tcp_first_query_timeout",
+    ("dns_config", "tcp_idle_timeout"): "dns_tcp_idle_timeout",
     ("server", "workers"): "workers",
     ("server", "worker_class"): "worker_class",
     ("server", "worker_connections"): "worker_connections",
@@ -255,10 +277,28 @@ def validate(s: Settings) -> Settings:
         c[name] = _duration(f"limits.{name}", getattr(s, name))
         if not 0 < c[name] <= 3600:
             raise ConfigError(f"limits.{name}: must be more than 0s and at most 1h")
-    v = s.http_max_conns_per_client
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    for key, name, lo in (
+        ("limits.http_max_conns_per_client", "http_max_conns_per_client", 0),
+        ("dns_config.udp_answer_limit", "dns_udp_answer_limit", 1),
+        ("dns_config.a_record_limit", "dns_a_record_limit", 0),
+        ("dns_config.tcp_max_conns_per_client", "dns_tcp_max_conns_per_client", 0),
+    ):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= 1_000_000:
+            extra = " (0: no limit)" if lo == 0 else ""
+            raise ConfigError(
+                f"{key}: must be a whole number from {lo} to 1000000{extra}, not {v!r}"
+            )
+    for key, name in (
+        ("dns_config.tcp_first_query_timeout", "dns_tcp_first_query_timeout"),
+        ("dns_config.tcp_idle_timeout", "dns_tcp_idle_timeout"),
+    ):
+        c[name] = _duration(key, getattr(s, name))
+        if not 0 < c[name] <= 3600:
+            raise ConfigError(f"{key}: must be more than 0s and at most 1h")
+    if not isinstance(s.dns_enable_truncate, bool):
         raise ConfigError(
-            f"limits.http_max_conns_per_client: must be a whole number >= 0 (0: no cap), not {v!r}"
+            f"dns_config.enable_truncate must be true or false, not {s.dns_enable_truncate!r}"
         )
     for name in ("workers", "worker_connections", "threads", "kv_max_value_size", "http_max_body"):
         v = getattr(s, name)

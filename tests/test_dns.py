@@ -254,11 +254,16 @@ def test_ipv4_ipv6_and_any(db, settings):
     assert r.rr == [] and soa_of(r)
     assert addrs(core(db, settings, "dual.service.trellis", "A")) == {"10.0.0.1"}
     assert addrs(core(db, settings, "dual.service.trellis", "AAAA")) == {"fd00::6"}
-    r = core(db, settings, "dual.service.trellis", "ANY")
+    # ANY over TCP: every address record; over UDP one RRset, the A records (RFC 8482).
+    r = core(db, settings, "dual.service.trellis", "ANY", max_udp=None)
     assert sorted((rr.rtype, str(rr.rdata)) for rr in r.rr) == [
         (QTYPE.A, "10.0.0.1"),
         (QTYPE.AAAA, "fd00::6"),
     ]
+    r = core(db, settings, "dual.service.trellis", "ANY")
+    assert [(rr.rtype, str(rr.rdata)) for rr in r.rr] == [(QTYPE.A, "10.0.0.1")]
+    r = core(db, settings, "v6.service.trellis", "ANY")
+    assert [(rr.rtype, str(rr.rdata)) for rr in r.rr] == [(QTYPE.AAAA, "fd00::6")]
     # Other types on a known name: NODATA.
     r = core(db, settings, "dual.service.trellis", "TXT")
     assert r.header.rcode == RCODE.NOERROR and r.rr == [] and soa_of(r)
@@ -303,7 +308,7 @@ def test_answers_are_shuffled(db, settings):
         reg(db, f"n{i}", f"10.0.0.{i + 1}", svc(f"n{i}", "web"))
     orders = set()
     for _ in range(40):
-        r = core(db, settings, "web.service.trellis")
+        r = core(db, settings, "web.service.trellis", max_udp=None)
         assert len(r.rr) == 6
         orders.add(tuple(str(rr.rdata) for rr in r.rr))
     assert len(orders) > 1
@@ -331,7 +336,7 @@ def test_srv_records_weights_targets_and_additional_section(db, settings):
     reg(db, "n3", "10.0.0.3", svc("n3", "web", port=82, address="10.9.0.3", weights=weights))
     reg(db, "n4", "10.0.0.4", svc("n4", "web", port=83, address="web4.example.com."))
     reg(db, "n5", "fd00::5", svc("n5", "web", port=84))
-    r = core(db, settings, "web.service.trellis", "SRV")
+    r = core(db, settings, "web.service.trellis", "SRV", max_udp=None)
     assert r.header.rcode == RCODE.NOERROR
     got = {s.port: (s.priority, s.weight, str(s.target)) for s in srvs(r)}
     assert got == {
@@ -498,8 +503,10 @@ def test_apex_soa_ns_and_the_name_server(db, settings):
     assert [str(rr.rdata) for rr in r.rr] == ["ns.trellis."]
     assert [(str(rr.rname), str(rr.rdata)) for rr in r.ar] == [("ns.trellis.", "127.0.0.1")]
     assert addrs(core(db, settings, "ns.trellis")) == {"127.0.0.1"}
-    r = core(db, settings, "trellis.", "ANY")
+    r = core(db, settings, "trellis.", "ANY", max_udp=None)
     assert sorted(rr.rtype for rr in r.rr) == sorted([QTYPE.SOA, QTYPE.NS])
+    r = core(db, settings, "trellis.", "ANY")  # over UDP, one RRset
+    assert [rr.rtype for rr in r.rr] == [QTYPE.SOA]
     r = core(db, settings, "trellis.", "A")
     assert r.header.rcode == RCODE.NOERROR and r.rr == [] and soa_of(r)
 
@@ -559,7 +566,15 @@ def many(db):
     )
 
 
-def test_udp_truncates_and_tcp_gives_everything(server, many):
+@pytest.fixture
+def unlimited(serve, settings):
+    """A server whose UDP answer count is not limited (an operator raised
+    ``dns_config.udp_answer_limit``): what cuts a UDP reply is then its size alone."""
+    return serve(cfg=settings.replace(dns_udp_answer_limit=1000))
+
+
+def test_udp_truncates_and_tcp_gives_everything(unlimited, many):
+    server = unlimited
     raw = server.raw(DNSRecord.question("web.service.trellis", "A"))
     assert len(raw) <= 512
     r = DNSRecord.parse(raw)
@@ -571,7 +586,8 @@ def test_udp_truncates_and_tcp_gives_everything(server, many):
     assert addrs(r) < addrs(full)
 
 
-def test_truncated_srv_keeps_the_additional_records_of_kept_answers(server, many):
+def test_truncated_srv_keeps_the_additional_records_of_kept_answers(unlimited, many):
+    server = unlimited
     raw = server.raw(DNSRecord.question("web.service.trellis", "SRV"))
     assert len(raw) <= 512
     r = DNSRecord.parse(raw)
@@ -582,7 +598,8 @@ def test_truncated_srv_keeps_the_additional_records_of_kept_answers(server, many
     assert len(srvs(full)) == 60 and len(full.ar) == 60 and full.header.tc == 0
 
 
-def test_edns_payload_size(server, many):
+def test_edns_payload_size(unlimited, many):
+    server = unlimited
     def ask(udp_len: int) -> tuple[int, DNSRecord]:
         q = DNSRecord.question("web.service.trellis", "A")
         q.add_ar(EDNS0(udp_len=udp_len))
@@ -604,6 +621,7 @@ def test_edns_payload_size(server, many):
 
 
 def test_edns_payload_is_capped_at_4096_and_tcp_is_not(db, settings):
+    settings = settings.replace(dns_udp_answer_limit=1000)
     reg(
         db,
         "big",
