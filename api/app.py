@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from trellis.api import longpoll
+from trellis.api import browsers, longpoll
 from trellis.api.ca.manager import CAManager
 from trellis.api.ca.secrets import load_sealer
 from trellis.api.errors import TrellisError
@@ -112,6 +112,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
 
     _error_handlers(app)
     longpoll.install(app)
+    browsers.install(app, settings)  # web pages: cross-origin writes, dev's Host check
 
     @app.after_request
     def _headers(resp: Response) -> Response:
