@@ -112,13 +112,18 @@ class TrellisServer(Proc):
             self._banner.set()
 
     def _config_file(self) -> str | None:
-        """Servers sharing a PostgreSQL store must be given the key that seals CA keys."""
-        if not self.store:
-            return None
+        """Servers sharing a PostgreSQL store must be given the key that seals CA keys. And
+        every client of this benchmark connects from 127.0.0.1, where a deployment's come
+        from many hosts: the per-client connection cap would refuse the watchers past the
+        200th per worker, so it is off here."""
         path = os.path.join(self.data_dir, "bench-config.json")
-        key = base64.b64encode(os.urandom(32)).decode()
+        config: dict[str, Any] = {"limits": {"http_max_conns_per_client": 0}}
+        if self.store:
+            key = base64.b64encode(os.urandom(32)).decode()
+            config["connect"] = {"ca_seal_key": key}
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         with open(path, "w") as f:
-            json.dump({"connect": {"ca_seal_key": key}}, f)
+            json.dump(config, f)
         os.chmod(path, 0o600)
         return path
 
