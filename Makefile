@@ -28,7 +28,13 @@ $(TYPECHECK):
 	ln -sfn ../../../api $(TYPECHECK)/api
 	ln -sfn ../../../proxy $(TYPECHECK)/proxy
 
-test: $(STAMP) $(TYPECHECK)
+# tests/test_browsers_chromium.py drives Debian's Chromium through Playwright (never
+# `playwright install`, which would download a browser of its own). Installing it needs root.
+CHROMIUM = /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: $(STAMP) $(TYPECHECK) $(CHROMIUM)
 	$(BIN)/ruff check api proxy tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
