@@ -54,6 +54,7 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from trellis.api.errors import RequestTimeout, TooManyConnections
 from trellis.api.peers import client_key
+from trellis.api.settings import Settings
 
 log = logging.getLogger("trellis.server")
 
@@ -190,10 +191,10 @@ class TrellisGeventWorker(GeventWorker):
         self._per_client: dict[str, int] = {}  # open connections by client_key
         self._last_refusal_log = 0.0
         self._refused = 0
-        # The defaults of trellis.api.settings, until run() reads the app's settings.
-        self.max_conns_per_client = 200
-        self.header_timeout = 20.0
-        self.body_timeout = 30.0
+        # Settings' defaults, until run() reads the app's own settings.
+        self.max_conns_per_client = Settings.http_max_conns_per_client
+        self.header_timeout = Settings.http_header_timeout
+        self.body_timeout = Settings.http_body_timeout
 
     def run(self) -> None:
         services = getattr(self.wsgi, "extensions", {}).get("trellis")
