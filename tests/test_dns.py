@@ -600,6 +600,7 @@ def test_truncated_srv_keeps_the_additional_records_of_kept_answers(unlimited, m
 
 def test_edns_payload_size(unlimited, many):
     server = unlimited
+
     def ask(udp_len: int) -> tuple[int, DNSRecord]:
         q = DNSRecord.question("web.service.trellis", "A")
         q.add_ar(EDNS0(udp_len=udp_len))
