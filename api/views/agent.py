@@ -17,6 +17,8 @@ from trellis.api.acl import service as acl
 from trellis.api.errors import BadRequest, NotFound
 from trellis.api.feed import Watch
 from trellis.api.http import flag, hash_blocking, json_body, json_response, services, str_arg
+from trellis.api.schemas import load
+from trellis.api.schemas.catalog import CheckSchema, ServiceSchema
 from trellis.api.store.base import CRITICAL, PASSING, WARNING, Node, Registration, Service
 from trellis.api.views.catalog import require_overwrite_write
 
@@ -39,7 +41,7 @@ def register_service_body(body: dict, *, replace_checks: bool) -> Service:
     """Register one service (and its sidecar) on this node from an agent registration body."""
     store = services().store
     settings = services().settings
-    d = cat.load(cat.ServiceSchema(), cat.to_pascal(cat.unwrap_service_body(body)))
+    d = load(ServiceSchema(), cat.to_pascal(cat.unwrap_service_body(body)))
     svc = cat.build_service(settings.node_name, d)
     defs = list(d.get("Checks") or [])
     if d.get("Check"):
@@ -55,7 +57,7 @@ def register_service_body(body: dict, *, replace_checks: bool) -> Service:
         existing = store.services(node=settings.node_name)
         taken = {s.port for s in existing if s.id != f"{svc.id}-sidecar-proxy"}
         sc_body = cat.sidecar_for(svc, dict(sidecar_spec), taken)
-        sc_d = cat.load(cat.ServiceSchema(), sc_body)
+        sc_d = load(ServiceSchema(), sc_body)
         sidecar = cat.build_service(settings.node_name, sc_d)
         svcs.append(sidecar)
         checks += cat.build_checks(settings.node_name, sidecar, list(sc_d.get("Checks") or []))
@@ -152,7 +154,7 @@ def list_checks():
 @bp.put("/v1/agent/check/register")
 def check_register():
     s = services()
-    d = cat.load(cat.CheckSchema(), cat.to_pascal(json_body()))
+    d = load(CheckSchema(), cat.to_pascal(json_body()))
     owner = None
     if d.get("ServiceID"):
         owner = next(

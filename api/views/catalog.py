@@ -11,6 +11,8 @@ from trellis.api.acl import service as acl
 from trellis.api.errors import BadRequest
 from trellis.api.feed import Watch
 from trellis.api.http import blocking, json_body, json_response, services, str_arg
+from trellis.api.schemas import load
+from trellis.api.schemas.catalog import CatalogRegisterSchema
 from trellis.api.store.base import Check, Node, Registration, Service
 
 bp = Blueprint("catalog", __name__)
@@ -62,7 +64,7 @@ def require_overwrite_write(node: str, svcs: Iterable[Service], checks: Iterable
 @bp.put("/v1/catalog/register")
 def register():
     check_dc()
-    body = cat.load(cat.CatalogRegisterSchema(), cat.to_pascal(json_body()))
+    body = load(CatalogRegisterSchema(), cat.to_pascal(json_body()))
     settings = services().settings
     if body.get("Datacenter") and body["Datacenter"] != settings.datacenter:
         raise BadRequest(f"No path to datacenter {body['Datacenter']!r}")
