@@ -285,6 +285,9 @@ WRONG = [
     (CATALOG_DEREGISTER, {"Node": 1}, "Node"),
     (CATALOG_DEREGISTER, {"Node": "n", "ServiceID": 1}, "ServiceID"),
     (CATALOG_DEREGISTER, {"Node": "n", "CheckID": []}, "CheckID"),
+    # Accepted with any value before the body had a schema; openapi.yaml says strings.
+    (CATALOG_DEREGISTER, {"Node": "n", "Datacenter": 5}, "Datacenter"),
+    (CATALOG_DEREGISTER, {"Node": "n", "Namespace": {}}, "Namespace"),
     # agent checks
     (CHECK_REGISTER, {}, "Name"),
     (CHECK_REGISTER, {"Name": 1}, "Name"),

@@ -15,7 +15,7 @@ from typing import Any
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from trellis.api.schemas import Strict
-from trellis.api.store.base import CHECK_STATES
+from trellis.api.store.base import CHECK_STATES, CRITICAL, PASSING, WARNING
 from trellis.proxy.durations import DurationError, parse_duration
 
 _META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -175,3 +175,29 @@ class CatalogRegisterSchema(Strict):
     @validates_schema
     def _meta(self, data: dict, **kw: Any) -> None:
         _check_meta(data.get("NodeMeta") or {}, "NodeMeta")
+
+
+class CatalogDeregisterSchema(Strict):
+    """``PUT /v1/catalog/deregister``: the node, or one of its services or checks."""
+
+    Node = fields.String(
+        required=True,
+        validate=validate.Length(min=1, error="Missing data for required field."),
+    )
+    ServiceID = fields.String()
+    CheckID = fields.String()
+    Datacenter = fields.String()
+    Namespace = fields.String()
+    Partition = fields.String()
+
+
+class CheckUpdateSchema(Strict):
+    """``PUT /v1/agent/check/update/<id>``; an empty body (or null) means passing, as in Consul."""
+
+    Status = fields.String(
+        load_default=PASSING,
+        validate=validate.OneOf(
+            (PASSING, WARNING, CRITICAL), error="must be passing, warning or critical"
+        ),
+    )
+    Output = fields.String(allow_none=True, load_default=None)

@@ -18,7 +18,7 @@ from trellis.api.errors import BadRequest, NotFound
 from trellis.api.feed import Watch
 from trellis.api.http import flag, hash_blocking, json_body, json_response, services, str_arg
 from trellis.api.schemas import load
-from trellis.api.schemas.catalog import CheckSchema, ServiceSchema
+from trellis.api.schemas.catalog import CheckSchema, CheckUpdateSchema, ServiceSchema
 from trellis.api.store.base import CRITICAL, PASSING, WARNING, Node, Registration, Service
 from trellis.api.views.catalog import require_overwrite_write
 
@@ -230,17 +230,8 @@ def check_fail(check_id: str):
 
 @bp.put("/v1/agent/check/update/<check_id>")
 def check_update(check_id: str):
-    body = cat.to_pascal(json_body(required=False) or {})
-    unknown = set(body) - {"Status", "Output"}
-    if unknown:
-        raise BadRequest(f"invalid request body: unknown field(s) {', '.join(sorted(unknown))}")
-    status = body.get("Status", PASSING)
-    if status not in (PASSING, WARNING, CRITICAL):
-        raise BadRequest("Status must be passing, warning or critical")
-    output = body.get("Output")
-    if output is not None and not isinstance(output, str):
-        raise BadRequest("Output must be a string")
-    return _update(check_id, status, output)
+    body = load(CheckUpdateSchema(), cat.to_pascal(json_body(required=False) or {}))
+    return _update(check_id, body["Status"], body["Output"])
 
 
 @bp.get("/v1/agent/self")
