@@ -170,7 +170,7 @@ def build_checks(
 def build_service(node: str, d: dict) -> Service:
     name = d.get("Name") or d.get("Service")
     if not name:
-        raise BadRequest("invalid request body: Name: Missing data for required field.")
+        raise BadRequest("Name: Missing data for required field.")
     valid_name("service name", name)
     sid = d.get("ID") or name
     if len(sid) > 256 or any(ord(c) < 32 for c in sid) or "/" in sid:

@@ -19,8 +19,8 @@ The rules every schema follows:
   is a bool (``StrictBoolean``), numbers are finite JSON numbers, never strings.
 * **One error shape.** ``load`` turns marshmallow's nested messages into one line, each
   problem as ``<path>: <problem>`` (``Config.LeafCertTTL: must be between 1h and 8760h``,
-  ``Checks.0.Bogus: Unknown field.``), every problem at once, after ``invalid request body:``.
-  The handler in ``trellis.api.app`` renders it as ``{"error", "code", "status"}`` with 400.
+  ``Checks.0.Bogus: Unknown field.``), every problem at once, separated by ``; ``. The
+  handler in ``trellis.api.app`` renders it as ``{"error", "code", "status"}`` with 400.
   Messages never repeat a value that may be a secret (a token, a private key).
 
 ``openapi.yaml`` describes the same bodies; ``tests/test_schemas_openapi.py`` compares every
@@ -123,16 +123,17 @@ class Strict(Schema):
         return data
 
 
-def load(schema: Schema, data: Any, *, path: str = "", what: str = "invalid request body") -> dict:
+def load(schema: Schema, data: Any, *, path: str = "", what: str = "") -> dict:
     """``schema.load(data)``, or BadRequest (the client's fault) naming every bad field.
 
-    ``path`` prefixes the field names (``Config`` for a CA provider's settings), ``what``
-    starts the message (a config file is not a request body).
+    ``path`` prefixes the field names (``Config`` for a CA provider's settings); ``what``, if
+    given, starts the message (a config file is not a request body).
     """
     try:
         result: dict = schema.load(data)
     except ValidationError as e:
-        raise BadRequest(f"{what}: {flatten(e.messages, path)}") from None
+        problems = flatten(e.messages, path)
+        raise BadRequest(f"{what}: {problems}" if what else problems) from None
     return result
 
 

@@ -164,7 +164,7 @@ def check_register():
         if owner is None:
             raise NotFound(f"ServiceID {d['ServiceID']!r} does not exist")
     if not d.get("Name"):
-        raise BadRequest("invalid request body: Name: Missing data for required field.")
+        raise BadRequest("Name: Missing data for required field.")
     d.setdefault("CheckID", d.get("ID") or d["Name"])
     if owner is not None:
         acl.require_service_write(owner.name)
