@@ -43,10 +43,12 @@ from trellis.api.ca.provider import CAOptions, Provider, ProviderError, RootMate
 from trellis.api.ca.secrets import Sealer
 from trellis.api.errors import BadRequest, Conflict, StoreUnavailable, TooManyRequests, TrellisError
 from trellis.api.feed import Watch
+from trellis.api.schemas import load
+from trellis.api.schemas.ca import ALIASES, PROVIDERS, CAConfigurationSchema, validate_config
 from trellis.api.store.base import Store
 from trellis.proxy import spiffe
 from trellis.proxy import x509 as px
-from trellis.proxy.durations import DurationError, format_duration, parse_duration
+from trellis.proxy.durations import parse_duration
 
 log = logging.getLogger("trellis.ca")
 
@@ -54,35 +56,7 @@ CONFIG_DOC, ROOTS_DOC, KEY_PREFIX = "ca/config", "ca/roots", "ca/keys/"
 WATCH = Watch("system", prefixes=("ca/",))
 ROOTS_WATCH = Watch("system", exact=(ROOTS_DOC,))
 
-ALIASES = {"consul": "builtin"}
-PROVIDERS = ("builtin", "vault")
 SECRET_FIELDS = ("Token", "PrivateKey")
-DEFAULTS: dict[str, Any] = {
-    "LeafCertTTL": "72h",
-    "IntermediateCertTTL": "8760h",
-    "RootCertTTL": "87600h",
-    "PrivateKeyType": "ec",
-    "PrivateKeyBits": 256,
-    "CSRMaxPerSecond": 50,
-    "CSRMaxConcurrent": 0,
-}
-PROVIDER_FIELDS = {
-    "builtin": {"PrivateKey", "RootCert"},
-    "vault": {
-        "Address",
-        "Token",
-        "RootPKIPath",
-        "IntermediatePKIPath",
-        "CAFile",
-        "CAPath",
-        "CertFile",
-        "KeyFile",
-        "TLSServerName",
-        "TLSSkipVerify",
-        "Namespace",
-        "AuthMethod",
-    },
-}
 #: Fields whose change needs a new root (and so a rotation).
 ROOT_FIELDS = {
     "builtin": {"PrivateKeyType", "PrivateKeyBits", "PrivateKey", "RootCert"},
@@ -90,7 +64,6 @@ ROOT_FIELDS = {
 }
 #: Fields of a root record that are the CA's business, not the API's.
 INTERNAL_FIELDS = ("ProviderState", "ProviderConfig", "RotatedOutAt", "Provider")
-KEY_BITS = {"ec": (256, 384, 521), "rsa": (2048, 3072, 4096)}
 
 
 class CAUnavailable(TrellisError):
@@ -122,58 +95,6 @@ def _ttl(config: Mapping[str, Any], name: str) -> dt.timedelta:
 
 def _rfc3339(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def validate_config(provider: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a CA configuration body; return it with defaults filled in. BadRequest if bad."""
-    if not isinstance(config, Mapping):
-        raise BadRequest("Config must be an object")
-    known = set(DEFAULTS) | PROVIDER_FIELDS[provider]
-    unknown = set(config) - known
-    if unknown:
-        raise BadRequest(
-            f"unknown field(s) in Config for provider {provider}: {', '.join(sorted(unknown))}"
-        )
-    out = {**DEFAULTS, **config}
-    durations = {}
-    for name in ("LeafCertTTL", "IntermediateCertTTL", "RootCertTTL"):
-        try:
-            durations[name] = parse_duration(str(out[name]))
-        except DurationError as e:
-            raise BadRequest(f"Config.{name}: {e}") from None
-        out[name] = format_duration(durations[name])
-    leaf = durations["LeafCertTTL"]
-    if not 3600 <= leaf <= 8760 * 3600:
-        raise BadRequest("Config.LeafCertTTL must be between 1h and 8760h (one year)")
-    if durations["IntermediateCertTTL"] < 3 * leaf:
-        raise BadRequest("Config.IntermediateCertTTL must be at least 3 x LeafCertTTL")
-    if durations["RootCertTTL"] < durations["IntermediateCertTTL"]:
-        raise BadRequest("Config.RootCertTTL must be at least IntermediateCertTTL")
-    ktype = out["PrivateKeyType"]
-    if ktype not in KEY_BITS:
-        raise BadRequest("Config.PrivateKeyType must be ec or rsa")
-    bits = out["PrivateKeyBits"]
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in KEY_BITS[ktype]:
-        raise BadRequest(
-            f"Config.PrivateKeyBits for {ktype} must be one of"
-            f" {', '.join(map(str, KEY_BITS[ktype]))}"
-        )
-    rate = out["CSRMaxPerSecond"]
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
-        raise BadRequest("Config.CSRMaxPerSecond must be a number >= 0")
-    conc = out["CSRMaxConcurrent"]
-    if isinstance(conc, bool) or not isinstance(conc, int) or conc < 0:
-        raise BadRequest("Config.CSRMaxConcurrent must be a whole number >= 0")
-    for name in PROVIDER_FIELDS[provider] - {"TLSSkipVerify", "AuthMethod"}:
-        if name in out and not isinstance(out[name], str):
-            raise BadRequest(f"Config.{name} must be a string")
-    if "TLSSkipVerify" in out and not isinstance(out["TLSSkipVerify"], bool):
-        raise BadRequest("Config.TLSSkipVerify must be true or false")
-    if provider == "vault":
-        for name in ("Address", "Token"):
-            if not out.get(name):
-                raise BadRequest(f"Config.{name} is required for the vault provider")
-    return out
 
 
 class _Limiter:
@@ -315,7 +236,7 @@ class CAManager:
             name = ALIASES.get(name, name)
             if name not in PROVIDERS:
                 raise BadRequest(f"unknown CA provider {name!r}")
-            config = validate_config(name, raw)
+            config = validate_config(name, raw, path="", what="connect.ca_config")
             provider = self._new_provider(name, config)
             material = self._generate(provider)
             record = self._record(name, material, config, cross=None)
@@ -512,26 +433,8 @@ class CAManager:
 
     def set_config(self, body: Mapping[str, Any]) -> None:
         """``PUT /v1/connect/ca/configuration``: rotate if the change needs a new root."""
-        if not isinstance(body, Mapping):
-            raise BadRequest("request body must be a JSON object")
-        unknown = set(body) - {"Provider", "Config", "ForceWithoutCrossSigning", "State"}
-        if unknown:
-            raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-        name = body.get("Provider")
-        if not isinstance(name, str) or not name:
-            raise BadRequest("Provider is required")
-        name = ALIASES.get(name, name)
-        if name not in PROVIDERS:
-            raise BadRequest(f"Provider must be builtin (alias consul) or vault, not {name!r}")
-        force = body.get("ForceWithoutCrossSigning", False)
-        if not isinstance(force, bool):
-            raise BadRequest("ForceWithoutCrossSigning must be true or false")
-        # Fix: ``or {}`` took a falsy non-object (``[]``, ``""``, ``0``) for "no Config".
-        raw = body.get("Config")
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise BadRequest("Config must be an object")
+        request = load(CAConfigurationSchema(), body)
+        name, raw, force = request["provider"], request["config"], request["force"]
         with self._lock:
             self.ensure_initialized()
             roots, ridx, config, cidx = self._state()
