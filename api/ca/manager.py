@@ -186,6 +186,13 @@ class CAManager:
             raise BadRequest(f"CA provider {name}: {e.message}") from None
         return p
 
+    def _loaded(self, config: Mapping[str, Any], active: Mapping[str, Any]) -> Provider:
+        """A provider for the active root, configured with ``config``: ProviderError if it
+        cannot reach that root (BadRequest if it refuses the configuration outright)."""
+        p = self._new_provider(active["Provider"], config)
+        p.load_root(px.load_certs(active["RootCert"])[0], active["ProviderState"])
+        return p
+
     def _seal(self, config: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(config)
         for f in SECRET_FIELDS:
@@ -256,14 +263,16 @@ class CAManager:
                 return
             log.info("CA initialized: provider %s, root %s", name, record["ID"])
 
-    def _generate(self, provider: Provider) -> RootMaterial:
+    def _generate(self, provider: Provider, *, new_config: bool = False) -> RootMaterial:
+        """The provider's new root. With ``new_config`` (a configuration a client just sent),
+        a refusal that only the configuration can fix is the client's: a 400."""
         try:
             return provider.generate_root()
         except ProviderError as e:
-            raise CAUnavailable(
-                f"CA provider {provider.name} could not make a root: {e.message}"
-                + (" (will retry)" if e.retryable else "")
-            ) from None
+            message = f"CA provider {provider.name} could not make a root: {e.message}"
+            if new_config and not e.retryable:
+                raise BadRequest(message) from None
+            raise CAUnavailable(message + (" (will retry)" if e.retryable else "")) from None
 
     def _cleanup(self, provider: Provider, state: Mapping[str, Any]) -> None:
         try:
@@ -356,17 +365,17 @@ class CAManager:
     def _active_provider(
         self, roots: dict, config: dict, config_index: int
     ) -> tuple[Provider, dict]:
-        active = next(r for r in roots["Roots"] if r["ID"] == roots["ActiveRootID"])
+        active = _active(roots)
         key = (active["ID"], config_index)
         with self._lock:
             p = self._providers.get(key)
             if p is None:
-                cfg = self._unseal(config["Config"])
-                p = self._new_provider(active["Provider"], cfg)
                 try:
-                    p.load_root(px.load_certs(active["RootCert"])[0], active["ProviderState"])
+                    p = self._loaded(self._unseal(config["Config"]), active)
                 except ProviderError as e:
-                    raise CAUnavailable(f"CA provider {p.name}: {e.message}") from None
+                    raise CAUnavailable(
+                        f"CA provider {active['Provider']}: {e.message}{_fix_hint(e)}"
+                    ) from None
                 self._providers = {key: p}
         return p, active
 
@@ -393,7 +402,7 @@ class CAManager:
                 leaf, chain = provider.sign_leaf(csr_pem, info, _ttl(cfg, "LeafCertTTL"))
             except ProviderError as e:
                 raise CAUnavailable(
-                    f"CA provider {provider.name} could not sign: {e.message}"
+                    f"CA provider {provider.name} could not sign: {e.message}{_fix_hint(e)}"
                 ) from None
             if provider.name != "builtin":
                 # Defence in depth: whatever an external PKI returned must be the leaf we
@@ -447,8 +456,13 @@ class CAManager:
                 new_cfg.get(f) != old_cfg.get(f) for f in ROOT_FIELDS[name]
             )
             if not rotate:
-                # TTLs and limits: no new root. Check the provider takes the new settings.
-                self._new_provider(name, new_cfg)
+                # No new root (TTLs, limits, Vault credentials). Try the new settings on the
+                # active root before committing them: a token Vault refuses is the client's
+                # 400 now, not a 503 on every CSR after a 200.
+                try:
+                    self._loaded(new_cfg, _active(roots)).check()
+                except ProviderError as e:
+                    raise _refused(name, e) from None
                 if (
                     self.store.system_write(
                         {CONFIG_DOC: {"Provider": name, "Config": self._seal(new_cfg)}},
@@ -459,7 +473,14 @@ class CAManager:
                     raise Conflict("the CA configuration changed meanwhile; read it and retry")
                 return
             self._rotate(
-                name, new_cfg, force=force, roots=roots, ridx=ridx, cidx=cidx, config=config
+                name,
+                new_cfg,
+                force=force,
+                roots=roots,
+                ridx=ridx,
+                cidx=cidx,
+                config=config,
+                new_config=True,
             )
 
     def rotate(self, *, force: bool = False) -> None:
@@ -488,15 +509,9 @@ class CAManager:
         ridx: int,
         cidx: int,
         config: dict,
+        new_config: bool = False,
     ) -> None:
-        try:
-            old_provider: Provider | None = self._active_provider(roots, config, cidx)[0]
-        except CAUnavailable:
-            # The current provider cannot be reached (a dead Vault). Only a forced rotation
-            # may leave it, without cross-signing; otherwise the CA would be stuck with it.
-            if not force:
-                raise
-            old_provider = None
+        old_provider = self._cross_signer(name, new_cfg, force=force, roots=roots, config=config)
         if not force and old_provider is not None and not old_provider.supports_cross_signing():
             raise BadRequest(
                 f"the current CA provider ({old_provider.name}) cannot cross-sign a new root;"
@@ -504,7 +519,12 @@ class CAManager:
                 " working, but peers must fetch the new root before they trust new leaves)"
             )
         new_provider = self._new_provider(name, new_cfg)
-        material = self._generate(new_provider)
+        if new_config:
+            try:
+                new_provider.check()
+            except ProviderError as e:
+                raise _refused(name, e) from None
+        material = self._generate(new_provider, new_config=new_config)
         try:
             cross = None
             try:
@@ -547,6 +567,52 @@ class CAManager:
             raise
         log.info("CA root rotated: %s is now active (provider %s)", record["ID"], name)
 
+    def _cross_signer(
+        self,
+        name: str,
+        new_cfg: Mapping[str, Any],
+        *,
+        force: bool,
+        roots: dict,
+        config: dict,
+    ) -> Provider | None:
+        """The provider of the active root, to cross-sign the new one; None (forced only) if it
+        cannot be used.
+
+        Only that provider can cross-sign: it alone holds the active root's key (for Vault, in
+        Vault). When it fails, a Vault token that stopped working is the usual cause, so a
+        configuration for the same Vault with another Token tries that token on the active
+        root too. Otherwise the rotation is refused, with what to do, unless forced.
+        """
+        active = _active(roots)
+        old_cfg = self._unseal(config["Config"])
+        try:
+            return self._loaded(old_cfg, active)
+        except ProviderError as e:
+            failure = e
+        same_vault = active["Provider"] == name == "vault" and all(
+            new_cfg.get(f) == old_cfg.get(f) for f in ("Address", "Namespace")
+        )
+        if same_vault and new_cfg.get("Token") != old_cfg.get("Token"):
+            try:
+                return self._loaded({**old_cfg, "Token": new_cfg["Token"]}, active)
+            except ProviderError:
+                pass  # report the failure with the stored configuration
+        if force:
+            return None
+        message = (
+            f"the current CA provider ({active['Provider']}) cannot be used: {failure.message}."
+            " The new root must be cross-signed with the current root's key, which only that"
+            " provider holds: make it work again first (for Vault, PUT its configuration with"
+            " a working Token; that takes effect without a new root), or set"
+            " ForceWithoutCrossSigning to rotate without cross-signing (leaves of the current"
+            " root stay valid until they expire; peers that trust only the current root"
+            " accept new leaves once they have fetched the new root)"
+        )
+        if failure.retryable:
+            raise CAUnavailable(message + "; or try again")
+        raise BadRequest(message)
+
     def prune(self, now: float | None = None) -> int:
         """Drop roots whose every leaf has expired (2 x LeafCertTTL after rotation)."""
         now = time.time() if now is None else now
@@ -581,6 +647,27 @@ class CAManager:
                     log.warning("cleanup of pruned root %s failed: %s", r["ID"], e)
             log.info("pruned %d expired CA root(s)", len(dead))
             return len(dead)
+
+
+def _active(roots: Mapping[str, Any]) -> dict[str, Any]:
+    active: dict[str, Any] = next(r for r in roots["Roots"] if r["ID"] == roots["ActiveRootID"])
+    return active
+
+
+def _fix_hint(e: ProviderError) -> str:
+    """What an operator can do about a provider failure that will not pass by itself."""
+    if e.retryable:
+        return ""
+    return " (fix the CA configuration: PUT /v1/connect/ca/configuration)"
+
+
+def _refused(name: str, e: ProviderError) -> TrellisError:
+    """A provider's answer to a configuration a client sent: the client's to fix (400), unless
+    it may pass by itself (503: Vault down, try again)."""
+    message = f"CA provider {name} refused the configuration: {e.message}"
+    if e.retryable:
+        return CAUnavailable(message + " (try again)")
+    return BadRequest(message)
 
 
 class _StoreKeys:
