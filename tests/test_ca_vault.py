@@ -844,16 +844,21 @@ def assert_api_error(resp, status: int, contains: str) -> str:
     return str(body["error"])
 
 
+def on_vault_with_a_revoked_token(c, server, paths: MountPaths) -> tuple[str, x509.Certificate]:
+    """Switch the CA to Vault with a token of its own, sign once, revoke the token; return the
+    trust domain and the Vault root."""
+    token = child_token(server)
+    api_ok(put_vault(c, server, paths, Token=token))
+    api_ok(api_sign(c))
+    server.client().auth.token.revoke(token)
+    return c.get("/v1/connect/ca/roots").get_json()["TrustDomain"], active_root(c)
+
+
 def test_a_revoked_token_is_recovered_by_a_plain_configuration_change(
     app_client, openbao, vault_paths
 ):
     c = app_client
-    td = c.get("/v1/connect/ca/roots").get_json()["TrustDomain"]
-    first = child_token(openbao)
-    api_ok(put_vault(c, openbao, vault_paths, Token=first))
-    vault_root = active_root(c)
-    api_ok(api_sign(c))
-    openbao.client().auth.token.revoke(first)
+    td, vault_root = on_vault_with_a_revoked_token(c, openbao, vault_paths)
 
     # Every CSR fails, and says what to do.
     r = api_sign(c)
@@ -882,11 +887,7 @@ def test_a_new_token_in_a_rotating_change_cross_signs_and_force_still_works(
     app_client, openbao, vault_paths
 ):
     c = app_client
-    td = c.get("/v1/connect/ca/roots").get_json()["TrustDomain"]
-    first = child_token(openbao)
-    api_ok(put_vault(c, openbao, vault_paths, Token=first))
-    vault_root = active_root(c)
-    openbao.client().auth.token.revoke(first)
+    td, vault_root = on_vault_with_a_revoked_token(c, openbao, vault_paths)
     # A new token and a new key type at once: the new token reaches the old root to
     # cross-sign the new one (it was a 503: the old provider was tried with the dead token).
     second = child_token(openbao)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from marshmallow import EXCLUDE, RAISE, Schema, fields
 
-from tests.openapi_check import HTTP_METHODS, spec_dict
+from tests.openapi_check import HTTP_METHODS, _deref, spec_dict
 from trellis.api.schemas import Rejected
 from trellis.api.schemas.acl import PolicySchema, TokenSchema
 from trellis.api.schemas.ca import (
@@ -64,15 +64,6 @@ _ANY = None  # a field or schema that takes any JSON value
 
 
 # -- the openapi side ------------------------------------------------------------------------------
-
-
-def _deref(schema: Any) -> Any:
-    while isinstance(schema, Mapping) and "$ref" in schema:
-        node: Any = spec_dict()
-        for part in schema["$ref"].lstrip("#/").split("/"):
-            node = node[part]
-        schema = node
-    return schema
 
 
 def _json_type(value: Any) -> str:

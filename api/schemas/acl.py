@@ -58,7 +58,16 @@ class Rules(fields.String):
         return text
 
 
-class PolicySchema(Strict):
+class _ACLBody(Strict):
+    """The read-only fields of a policy or a token, which clients send back: ignored."""
+
+    CreateIndex = Ignored()
+    ModifyIndex = Ignored()
+    Hash = Ignored()
+    CreateTime = Ignored()
+
+
+class PolicySchema(_ACLBody):
     """A policy. ``ID``: refused on create, must match the path on update (the view's rule)."""
 
     ID = OptionalUUID()
@@ -75,10 +84,6 @@ class PolicySchema(Strict):
     datacenters = fields.List(
         fields.String(), data_key="Datacenters", allow_none=True, load_default=None
     )
-    CreateIndex = Ignored()
-    ModifyIndex = Ignored()
-    Hash = Ignored()
-    CreateTime = Ignored()
 
     @post_load
     def _tuples(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -102,7 +107,7 @@ class PolicyLinkSchema(Schema):
             raise ValidationError("needs an ID or a Name")
 
 
-class TokenSchema(Strict):
+class TokenSchema(_ACLBody):
     """A token. ``AccessorID``/``SecretID``: made by the server unless given on create; on
     update the AccessorID must match the path and a SecretID is refused (the view's rules)."""
 
@@ -121,10 +126,6 @@ class TokenSchema(Strict):
     )
     local = StrictBoolean(data_key="Local", load_default=False)
     ExpirationTTL = Rejected("is not supported yet")
-    CreateIndex = Ignored()
-    ModifyIndex = Ignored()
-    Hash = Ignored()
-    CreateTime = Ignored()
 
     @post_load
     def _no_policies(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
