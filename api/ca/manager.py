@@ -24,6 +24,14 @@ cross-signs it, and one compare-and-set write makes it active while keeping the 
 trusted. If anything fails before that write, what the new provider made is cleaned up and
 nothing changes. Old roots are pruned once every leaf they signed has expired: 2 x LeafCertTTL
 after they stopped being active.
+
+A configuration change is tried before it is written (``Provider.check``): without a new root,
+the new settings must load the active root and be allowed to sign with it; with one, the new
+provider must accept its credentials before it makes the root. What only the configuration
+can fix (a token Vault refuses) is the client's 400; a provider that is down, a 503. A stored
+Vault token that stopped working is replaced by a plain PUT of a working one; cross-signing
+needs the current root's key, so a switch away from a provider that refuses every credential
+it has is refused, saying how to get out, unless forced.
 """
 
 from __future__ import annotations
