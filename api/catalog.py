@@ -5,22 +5,20 @@ Registration bodies come in two spellings: the API form (``Name``, ``Port``, ``C
 the config-file form (``name``, ``port``, ``connect``, ``sidecar_service``,
 ``destination_name``). ``to_pascal`` rewrites the second into the first, leaving the *values*
 of opaque maps (``Meta``, ``Config``, ``TaggedAddresses`` keys, ``Header``) untouched, and the
-marshmallow schemas then validate one spelling, refusing unknown fields so that a typo in a
-service definition is an error, not a silently ignored setting.
+marshmallow schemas (``trellis.api.schemas.catalog``) then validate one spelling, refusing
+unknown fields so that a typo in a service definition is an error, not a silently ignored
+setting.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
-
 from trellis.api.errors import BadRequest
-from trellis.api.store.base import CHECK_STATES, CRITICAL, Check, Node, Service
-from trellis.proxy.durations import DurationError, parse_duration
+from trellis.api.store.base import CRITICAL, Check, Node, Service
+from trellis.proxy.durations import parse_duration
 
 #: Keys whose values are free-form maps: their keys are kept exactly as sent.
 OPAQUE = {"Meta", "NodeMeta", "Config", "Header", "ServiceMeta", "EnvoyExtensions"}
@@ -79,7 +77,6 @@ def to_pascal(value: Any, parent: str = "") -> Any:
 
 
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?$")
-_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 def valid_name(kind: str, name: str) -> str:
@@ -90,188 +87,6 @@ def valid_name(kind: str, name: str) -> str:
             " starting and ending with a letter or digit"
         )
     return name
-
-
-def _check_meta(meta: Mapping[str, Any], what: str) -> None:
-    if len(meta) > 64:
-        raise ValidationError(f"{what} may hold at most 64 keys")
-    for k, v in meta.items():
-        if not _META_KEY.fullmatch(k):
-            raise ValidationError(f"{what} key {k!r} must be 1-128 letters, digits, '-' or '_'")
-        if not isinstance(v, str) or len(v) > 512:
-            raise ValidationError(f"{what} value of {k!r} must be a string of at most 512 chars")
-
-
-class _Strict(Schema):
-    # Integer fields below are all ``strict=True``: marshmallow's default also takes the string
-    # "80" and silently truncates 1.5 to 1, where Consul (Go's encoding/json) refuses both.
-    class Meta:
-        unknown = RAISE
-
-
-class WeightsSchema(_Strict):
-    Passing = fields.Integer(strict=True, load_default=1, validate=validate.Range(min=1, max=65535))
-    Warning = fields.Integer(strict=True, load_default=1, validate=validate.Range(min=0, max=65535))
-
-
-class TaggedAddressSchema(_Strict):
-    Address = fields.String(required=True)
-    Port = fields.Integer(strict=True, load_default=0, validate=validate.Range(min=0, max=65535))
-
-
-class CheckSchema(_Strict):
-    CheckID = fields.String()
-    ID = fields.String()
-    Name = fields.String()
-    Notes = fields.String()
-    Status = fields.String(validate=validate.OneOf(CHECK_STATES))
-    ServiceID = fields.String()
-    Output = fields.String()
-    TTL = fields.String()
-    HTTP = fields.String()
-    Method = fields.String()
-    Header = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
-    Body = fields.String()
-    TCP = fields.String()
-    Interval = fields.String()
-    Timeout = fields.String()
-    TLSSkipVerify = fields.Boolean()
-    TLSServerName = fields.String()
-    DeregisterCriticalServiceAfter = fields.String()
-    SuccessBeforePassing = fields.Integer(strict=True, validate=validate.Range(min=0))
-    FailuresBeforeCritical = fields.Integer(strict=True, validate=validate.Range(min=0))
-    AliasService = fields.String()
-    AliasNode = fields.String()
-    Type = fields.String()
-    Definition = fields.Dict()
-    Namespace = fields.String()
-
-    @validates_schema
-    def _durations(self, data: dict, **kw: Any) -> None:
-        for k in ("TTL", "Interval", "Timeout", "DeregisterCriticalServiceAfter"):
-            if k in data and data[k] != "":
-                try:
-                    parse_duration(data[k])
-                except DurationError as e:
-                    raise ValidationError(str(e), k) from None
-        kinds = [k for k in ("TTL", "HTTP", "TCP", "AliasService") if data.get(k)]
-        if len(kinds) > 1:
-            raise ValidationError(f"a check has one type; got {', '.join(kinds)}")
-        if (data.get("HTTP") or data.get("TCP")) and not data.get("Interval"):
-            raise ValidationError("HTTP and TCP checks need an Interval")
-        if data.get("HTTP") and not re.match(r"^https?://", data["HTTP"]):
-            raise ValidationError("HTTP must be an http:// or https:// URL", "HTTP")
-
-
-class UpstreamSchema(_Strict):
-    DestinationType = fields.String(validate=validate.OneOf(["service", "prepared_query"]))
-    DestinationName = fields.String(required=True)
-    DestinationNamespace = fields.String()
-    DestinationPartition = fields.String()
-    DestinationPeer = fields.String()
-    Datacenter = fields.String()
-    LocalBindAddress = fields.String()
-    LocalBindPort = fields.Integer(strict=True, validate=validate.Range(min=0, max=65535))
-    LocalBindSocketPath = fields.String()
-    LocalBindSocketMode = fields.String()
-    Config = fields.Dict()
-    MeshGateway = fields.Dict()
-    CentrallyConfigured = fields.Boolean()
-
-
-class ProxySchema(_Strict):
-    """``Proxy`` of a connect-proxy service (1.3+), also the 1.2 managed ``Connect.Proxy``."""
-
-    DestinationServiceName = fields.String()
-    DestinationServiceID = fields.String()
-    LocalServiceAddress = fields.String()
-    LocalServicePort = fields.Integer(strict=True, validate=validate.Range(min=0, max=65535))
-    LocalServiceSocketPath = fields.String()
-    Mode = fields.String()
-    Config = fields.Dict()
-    Upstreams = fields.List(fields.Nested(UpstreamSchema))
-    MeshGateway = fields.Dict()
-    Expose = fields.Dict()
-    TransparentProxy = fields.Dict()
-    # The 1.2 managed proxy's fields.
-    ExecMode = fields.String()
-    Command = fields.List(fields.String())
-
-
-class ServiceSchema(_Strict):
-    ID = fields.String()
-    Name = fields.String()
-    Service = fields.String()  # catalog/register's spelling of Name
-    Tags = fields.List(fields.String(validate=validate.Length(max=256)), allow_none=True)
-    Address = fields.String()
-    TaggedAddresses = fields.Dict(keys=fields.String(), values=fields.Nested(TaggedAddressSchema))
-    Meta = fields.Dict(keys=fields.String(), values=fields.Raw(), allow_none=True)
-    Port = fields.Integer(strict=True, validate=validate.Range(min=0, max=65535))
-    Kind = fields.String(
-        validate=validate.OneOf(
-            ["", "connect-proxy", "mesh-gateway", "terminating-gateway", "ingress-gateway"]
-        )
-    )
-    Proxy = fields.Nested(ProxySchema, allow_none=True)
-    Connect = fields.Nested(lambda: ConnectSchema(), allow_none=True)
-    Check = fields.Nested(CheckSchema, allow_none=True)
-    Checks = fields.List(fields.Nested(CheckSchema), allow_none=True)
-    EnableTagOverride = fields.Boolean()
-    Weights = fields.Nested(WeightsSchema, allow_none=True)
-    Namespace = fields.String()
-    Partition = fields.String()
-    Locality = fields.Dict()
-    SocketPath = fields.String()
-    CreateIndex = fields.Integer(strict=True)
-    ModifyIndex = fields.Integer(strict=True)
-
-    @validates_schema
-    def _meta(self, data: dict, **kw: Any) -> None:
-        _check_meta(data.get("Meta") or {}, "Meta")
-
-
-class ConnectSchema(_Strict):
-    Native = fields.Boolean()
-    Proxy = fields.Nested(ProxySchema, allow_none=True)
-    SidecarService = fields.Nested(ServiceSchema, allow_none=True)
-
-
-class CatalogRegisterSchema(_Strict):
-    ID = fields.String()
-    Node = fields.String(required=True)
-    Address = fields.String(required=True)
-    Datacenter = fields.String()
-    TaggedAddresses = fields.Dict(keys=fields.String(), values=fields.String())
-    NodeMeta = fields.Dict(keys=fields.String(), values=fields.Raw(), allow_none=True)
-    Service = fields.Nested(ServiceSchema, allow_none=True)
-    Check = fields.Nested(CheckSchema, allow_none=True)
-    Checks = fields.List(fields.Nested(CheckSchema), allow_none=True)
-    SkipNodeUpdate = fields.Boolean()
-    Namespace = fields.String()
-    Partition = fields.String()
-
-    @validates_schema
-    def _meta(self, data: dict, **kw: Any) -> None:
-        _check_meta(data.get("NodeMeta") or {}, "NodeMeta")
-
-
-def load(schema: Schema, data: Any) -> dict:
-    try:
-        return schema.load(data)
-    except ValidationError as e:
-        raise BadRequest(f"invalid request body: {_flatten(e.messages)}") from None
-
-
-def _flatten(messages: Any, path: str = "") -> str:
-    if isinstance(messages, dict):
-        parts = [_flatten(v, f"{path}.{k}" if path else str(k)) for k, v in messages.items()]
-        return "; ".join(parts)
-    if isinstance(messages, list):
-        text = " ".join(
-            str(m) if not isinstance(m, dict | list) else _flatten(m, path) for m in messages
-        )
-        return f"{path}: {text}" if path else text
-    return f"{path}: {messages}" if path else str(messages)
 
 
 def unwrap_service_body(body: dict) -> dict:
@@ -355,7 +170,7 @@ def build_checks(
 def build_service(node: str, d: dict) -> Service:
     name = d.get("Name") or d.get("Service")
     if not name:
-        raise BadRequest("invalid request body: Name: Missing data for required field.")
+        raise BadRequest("Name: Missing data for required field.")
     valid_name("service name", name)
     sid = d.get("ID") or name
     if len(sid) > 256 or any(ord(c) < 32 for c in sid) or "/" in sid:

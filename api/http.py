@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -93,8 +94,9 @@ def json_body(*, required: bool = True, allow_list: bool = False) -> Any:
     # parse as JSON whatever it claims to be.
     try:
         # NaN and Infinity are not JSON (RFC 8259); Python accepts them, stores them, and then
-        # writes responses no JSON client can parse. Refuse them here.
-        data = json.loads(raw, parse_constant=_no_constant)
+        # writes responses no JSON client can parse. Refuse them here, and the numbers that
+        # become them: 1e400 parses as infinity, and an opaque map (a proxy's Config) kept it.
+        data = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except RecursionError:
         raise BadRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -109,6 +111,24 @@ def json_body(*, required: bool = True, allow_list: bool = False) -> Any:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is too large for a number (JSON readers use doubles)")
+    return value
+
+
+def _finite_int(text: str) -> int:
+    # Beyond a double's range a number reads as infinity in most JSON clients (Go's fails).
+    if len(text.lstrip("-")) > 308:
+        raise ValueError(f"{text[:40]}... is too large for a number (JSON readers use doubles)")
+    return int(text)
+
+
+# One decoder for every body: json.loads(raw, **hooks) would build a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite, parse_int=_finite_int)
 
 
 def _check_json_tree(data: Any) -> None:

@@ -389,6 +389,36 @@ def test_token_with_given_ids_and_conflicts(acl_client):
     assert_error(r, 400, "bad_request")
 
 
+@pytest.mark.parametrize(
+    ("url", "body", "problems"),
+    [
+        # Consul's policy name rule (and openapi.yaml's): ASCII only. isalnum() took "café".
+        ("/v1/acl/policy", {"Name": "café"}, ["Name: must be 1-128 letters, digits"]),
+        (
+            "/v1/acl/policy",
+            {"Name": "p", "Rules": 5, "Datacenters": "dc1", "Colour": 1},
+            ["Rules: Not a valid string.", "Datacenters: Not a valid list.", "Colour: Unknown"],
+        ),
+        (
+            "/v1/acl/token",
+            {"Policies": [{"Name": "p"}, {"ID": "nope"}, {}], "Local": "yes"},
+            ["Policies.1.ID: must be a UUID", "Policies.2: needs an ID or a Name", "Local: must"],
+        ),
+        # A mistyped secret is still a secret: the message does not repeat it.
+        ("/v1/acl/token", {"SecretID": "s3cr3t-not-a-uuid"}, ["SecretID: must be a UUID"]),
+    ],
+)
+def test_bad_bodies_name_every_problem_and_repeat_no_secret(acl_client, url, body, problems):
+    c = acl_client
+    h = tok(bootstrap(c)["SecretID"])
+    before = store_of(c).current_index()
+    got = assert_error(c.put(url, json=body, headers=h), 400, "bad_request")["error"]
+    for problem in problems:
+        assert problem in got, got
+    assert "s3cr3t" not in got
+    assert store_of(c).current_index() == before
+
+
 def test_tokens_by_header_and_bearer_and_unknown_tokens(acl_client):
     c = acl_client
     root = bootstrap(c)

@@ -46,6 +46,11 @@ BAD_JSON = [
     b'{"Name": NaN}',
     b'{"Name": "w", "Meta": {"a": Infinity}}',
     b'{"Name": "w", "Port": -Infinity}',
+    # Numbers that become infinity (or cannot be a double): an opaque map kept them, and every
+    # later read of the service was "Infinity", which no JSON client parses.
+    b'{"Name": "p", "Kind": "connect-proxy",'
+    b' "Proxy": {"DestinationServiceName": "d", "Config": {"x": 1e400}}}',
+    b'{"Name": "w", "Meta": {"k": "v"}, "Port": -1' + b"0" * 400 + b"}",
     b"[" * 100_000 + b"]" * 100_000,
     b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
     b'{"Name": "\xff"}',
@@ -285,6 +290,9 @@ WRONG = [
     (CATALOG_DEREGISTER, {"Node": 1}, "Node"),
     (CATALOG_DEREGISTER, {"Node": "n", "ServiceID": 1}, "ServiceID"),
     (CATALOG_DEREGISTER, {"Node": "n", "CheckID": []}, "CheckID"),
+    # Accepted with any value before the body had a schema; openapi.yaml says strings.
+    (CATALOG_DEREGISTER, {"Node": "n", "Datacenter": 5}, "Datacenter"),
+    (CATALOG_DEREGISTER, {"Node": "n", "Namespace": {}}, "Namespace"),
     # agent checks
     (CHECK_REGISTER, {}, "Name"),
     (CHECK_REGISTER, {"Name": 1}, "Name"),

@@ -20,6 +20,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from tests import api_fixtures
 from tests.api_fixtures import InThread, assert_error, index_of, parked, wait_until
@@ -221,6 +223,27 @@ def test_consul_alias_and_a_ttl_only_change_does_not_rotate(client):
     assert roots_of(client) == before
 
 
+def test_consul_go_client_bodies_and_a_read_configuration_are_accepted(app_client):
+    """Consul's Go client (api.CAConfig, no omitempty) sends State null and the indexes zero;
+    they were refused as unknown fields, so its CASetConfig (and ``consul connect ca
+    set-config``) always failed. A configuration read back is accepted as it is, too."""
+    before = roots_of(app_client)
+    go_body = {
+        "Provider": "consul",
+        "Config": {"LeafCertTTL": "24h"},
+        "State": None,
+        "ForceWithoutCrossSigning": False,
+        "CreateIndex": 0,
+        "ModifyIndex": 0,
+    }
+    ok(app_client.put(CONFIG, json=go_body))
+    read = config_of(app_client)
+    assert read["Config"]["LeafCertTTL"] == "24h0m0s"
+    ok(app_client.put(CONFIG, json=read))
+    assert config_of(app_client)["Config"] == read["Config"]
+    assert roots_of(app_client) == before
+
+
 def test_a_key_type_change_rotates_with_a_cross_signed_root(client):
     before = roots_of(client)
     ok(put_config(client, {"PrivateKeyType": "rsa", "PrivateKeyBits": 2048}))
@@ -315,70 +338,70 @@ def test_a_custom_root_of_another_trust_domain_is_refused(app_client):
 
 
 BAD_CONFIGS = [
-    ({"Provider": "consul", "Config": {"LeafCertTTL": "30m"}}, "LeafCertTTL must be between 1h"),
-    ({"Provider": "consul", "Config": {"LeafCertTTL": "8761h"}}, "LeafCertTTL must be between"),
+    ({"Provider": "consul", "Config": {"LeafCertTTL": "30m"}}, "LeafCertTTL: must be between 1h"),
+    ({"Provider": "consul", "Config": {"LeafCertTTL": "8761h"}}, "LeafCertTTL: must be between"),
     ({"Provider": "consul", "Config": {"LeafCertTTL": "soon"}}, "Config.LeafCertTTL"),
     ({"Provider": "consul", "Config": {"LeafCertTTL": 72}}, "Config.LeafCertTTL"),
     (
         {"Provider": "consul", "Config": {"IntermediateCertTTL": "100h"}},
-        "IntermediateCertTTL must be at least 3 x LeafCertTTL",
+        "IntermediateCertTTL: must be at least 3 x LeafCertTTL",
     ),
     (
         {"Provider": "consul", "Config": {"RootCertTTL": "9000h", "IntermediateCertTTL": "9999h"}},
-        "RootCertTTL must be at least IntermediateCertTTL",
+        "RootCertTTL: must be at least IntermediateCertTTL",
     ),
-    ({"Provider": "consul", "Config": {"PrivateKeyType": "dsa"}}, "PrivateKeyType must be ec"),
+    ({"Provider": "consul", "Config": {"PrivateKeyType": "dsa"}}, "PrivateKeyType: must be ec"),
     (
         {"Provider": "consul", "Config": {"PrivateKeyBits": 224}},
-        "PrivateKeyBits for ec must be one of 256, 384, 521",
+        "PrivateKeyBits: must be one of 256, 384, 521 for ec",
     ),
     (
         {"Provider": "consul", "Config": {"PrivateKeyType": "rsa", "PrivateKeyBits": 1024}},
-        "PrivateKeyBits for rsa must be one of 2048, 3072, 4096",
+        "PrivateKeyBits: must be one of 2048, 3072, 4096 for rsa",
     ),
     (
         {"Provider": "consul", "Config": {"PrivateKeyType": "rsa"}},  # 256 bits of RSA
-        "PrivateKeyBits for rsa must be one of",
+        "PrivateKeyBits: must be one of 2048, 3072, 4096 for rsa",
     ),
     ({"Provider": "consul", "Config": {"PrivateKeyBits": "256"}}, "Config.PrivateKeyBits"),
     ({"Provider": "consul", "Config": {"PrivateKeyBits": True}}, "Config.PrivateKeyBits"),
-    ({"Provider": "consul", "Config": {"CSRMaxPerSecond": "fast"}}, "CSRMaxPerSecond must be"),
-    ({"Provider": "consul", "Config": {"CSRMaxPerSecond": -1}}, "CSRMaxPerSecond must be"),
-    ({"Provider": "consul", "Config": {"CSRMaxConcurrent": 1.5}}, "CSRMaxConcurrent must be"),
-    ({"Provider": "consul", "Config": {"CSRMaxConcurrent": -1}}, "CSRMaxConcurrent must be"),
+    ({"Provider": "consul", "Config": {"CSRMaxPerSecond": "fast"}}, "CSRMaxPerSecond: must be"),
+    ({"Provider": "consul", "Config": {"CSRMaxPerSecond": -1}}, "CSRMaxPerSecond: must be"),
+    ({"Provider": "consul", "Config": {"CSRMaxConcurrent": 1.5}}, "CSRMaxConcurrent: Not a valid"),
+    ({"Provider": "consul", "Config": {"CSRMaxConcurrent": -1}}, "CSRMaxConcurrent: must be"),
     (
         {"Provider": "consul", "Config": {"Colour": "red"}},
-        "unknown field(s) in Config for provider builtin: Colour",
+        "Config.Colour: is not a setting of the builtin provider",
     ),
     (
         {"Provider": "consul", "Config": {"Address": "http://127.0.0.1:8200"}},
-        "unknown field(s) in Config for provider builtin: Address",
+        "Config.Address: is not a setting of the builtin provider",
     ),
-    ({"Provider": "consul", "Config": {"RootCert": 5}}, "Config.RootCert must be a string"),
+    ({"Provider": "consul", "Config": {"RootCert": 5}}, "Config.RootCert: Not a valid string."),
     (
         {"Provider": "consul", "Config": {"PrivateKey": "x"}},
         "PrivateKey and RootCert must be given together",
     ),
-    ({"Provider": "consul", "Config": []}, "Config must be an object"),
-    ({"Provider": "consul", "Config": ""}, "Config must be an object"),
-    ({"Provider": "consul", "Config": "x"}, "Config must be an object"),
-    ({"Provider": "consul", "Colour": "red"}, "unknown field(s): Colour"),
-    ({"Config": {}}, "Provider is required"),
-    ({"Provider": ""}, "Provider is required"),
-    ({"Provider": "aws-pca"}, "Provider must be builtin (alias consul) or vault"),
-    ({"Provider": "consul", "ForceWithoutCrossSigning": "yes"}, "ForceWithoutCrossSigning must"),
-    ({"Provider": "vault", "Config": {}}, "Config.Address is required for the vault provider"),
+    ({"Provider": "consul", "Config": []}, "Config: must be an object"),
+    ({"Provider": "consul", "Config": ""}, "Config: must be an object"),
+    ({"Provider": "consul", "Config": "x"}, "Config: must be an object"),
+    ({"Provider": "consul", "Colour": "red"}, "Colour: Unknown field."),
+    ({"Config": {}}, "Provider: is required"),
+    ({"Provider": ""}, "Provider: is required"),
+    ({"Provider": "aws-pca"}, "Provider: must be builtin (alias consul) or vault"),
+    ({"Provider": "consul", "ForceWithoutCrossSigning": "yes"}, "ForceWithoutCrossSigning: must"),
+    ({"Provider": "vault", "Config": {}}, "Config.Address: is required for the vault provider"),
     (
         {"Provider": "vault", "Config": {"Address": "http://127.0.0.1:8200"}},
-        "Config.Token is required for the vault provider",
+        "Config.Token: is required for the vault provider",
     ),
     (
         {"Provider": "vault", "Config": {"Address": 8200, "Token": "t"}},
-        "Config.Address must be a string",
+        "Config.Address: Not a valid string.",
     ),
     (
         {"Provider": "vault", "Config": {"Address": "a", "Token": "t", "TLSSkipVerify": "yes"}},
-        "Config.TLSSkipVerify must be true or false",
+        "Config.TLSSkipVerify: must be true or false",
     ),
     (["Provider", "consul"], "request body must be a JSON object"),
 ]
@@ -417,7 +440,7 @@ def test_rotate_body_errors(app_client):
         app_client.post(ROTATE, json={"ForceWithoutCrossSigning": "yes"}),
         400,
         "bad_request",
-        "ForceWithoutCrossSigning must be true or false",
+        "ForceWithoutCrossSigning: must be true or false",
     )
     assert_error(app_client.post(ROTATE, json=[1]), 400, "bad_request", "JSON object")
     assert roots_of(app_client) == before
@@ -556,10 +579,10 @@ def _bad_csrs(td: str) -> list[tuple[str, object, str]]:
         ("two CSRs", {"CSR": good + service_csr(td, "db")}, "exactly one PEM"),
         ("a certificate, not a CSR", {"CSR": cert_pem}, "exactly one PEM"),
         ("a CSR behind a certificate", {"CSR": cert_pem + good}, "exactly one PEM"),
-        ("no CSR field", {}, "CSR (a PEM certificate request) is required"),
-        ("an empty CSR", {"CSR": ""}, "CSR (a PEM certificate request) is required"),
-        ("a CSR that is not a string", {"CSR": [good]}, "is required"),
-        ("an unknown field", {"CSR": good, "Service": "db"}, "unknown field(s): Service"),
+        ("no CSR field", {}, "CSR: is required (a PEM certificate request)"),
+        ("an empty CSR", {"CSR": ""}, "CSR: is required (a PEM certificate request)"),
+        ("a CSR that is not a string", {"CSR": [good]}, "CSR: is required"),
+        ("an unknown field", {"CSR": good, "Service": "db"}, "Service: Unknown field."),
         ("not an object", [good], "must be a JSON object"),
     ]
 
@@ -614,6 +637,113 @@ def test_a_fractional_rate_still_signs(app_client):
     r = app_client.post(SIGN, json={"CSR": service_csr(td, "web")})
     assert_error(r, 429, "too_many_requests")
     assert int(r.headers["Retry-After"]) == 2
+
+
+# -- configuration values that used to be 500s (issue 9, item 10) ------------------------------
+
+#: Raw JSON, so that values Python's json module reads as infinity or as a huge int get sent.
+OUT_OF_RANGE = [
+    ('{"PrivateKeyType": {}}', "Config.PrivateKeyType: Not a valid string."),  # unhashable
+    ('{"PrivateKeyType": []}', "Config.PrivateKeyType: Not a valid string."),
+    ('{"CSRMaxPerSecond": 5e-324}', "between 0.001 and 1,000,000"),  # overflowed on signing
+    ('{"CSRMaxPerSecond": 1e-300}', "between 0.001 and 1,000,000"),  # 40-digit Retry-After
+    ('{"CSRMaxPerSecond": 0.0009}', "between 0.001 and 1,000,000"),
+    ('{"CSRMaxPerSecond": 1000001}', "between 0.001 and 1,000,000"),
+    # Numbers beyond a double (1e400 parsed as infinity) are refused with the body as a whole.
+    ('{"CSRMaxPerSecond": 1e400}', "1e400 is too large for a number"),
+    ('{"CSRMaxPerSecond": 1' + "0" * 400 + "}", "is too large for a number"),
+    ('{"CSRMaxPerSecond": 1' + "0" * 300 + "}", "between 0.001 and 1,000,000"),
+    ('{"CSRMaxConcurrent": 100001}', "CSRMaxConcurrent: must be 0 (no limit) to 100,000"),
+    ('{"CSRMaxConcurrent": 1' + "0" * 300 + "}", "CSRMaxConcurrent: must be 0 (no limit)"),
+    ('{"PrivateKeyBits": 1' + "0" * 300 + "}", "PrivateKeyBits: must be one of 256, 384"),
+    ('{"LeafCertTTL": 1e300}', "LeafCertTTL: invalid duration"),
+    ('{"RootCertTTL": "876001h"}', "RootCertTTL: duration '876001h' is longer than 100 years"),
+    ('{"LeafCertTTL": true}', "LeafCertTTL: must be a duration such as 72h"),
+    ('{"LeafCertTTL": null}', "LeafCertTTL: must be a duration such as 72h"),
+]
+
+
+@pytest.mark.parametrize(("config", "message"), OUT_OF_RANGE)
+def test_out_of_range_configuration_is_a_400_naming_the_field_and_range(
+    app_client, config, message
+):
+    before = (config_of(app_client), roots_of(app_client))
+    body = '{"Provider": "consul", "Config": ' + config + "}"
+    r = app_client.put(CONFIG, data=body, content_type="application/json")
+    assert_error(r, 400, "bad_request", message)
+    assert (config_of(app_client), roots_of(app_client)) == before
+    # And the CA still signs, one CSR after another (the tiny rate made the second a 500).
+    sign(app_client)
+    sign(app_client)
+
+
+def test_the_lowest_rate_waits_at_most_1000_seconds(app_client):
+    ok(put_config(app_client, {"CSRMaxPerSecond": 0.001}))
+    sign(app_client)
+    td = roots_of(app_client)["TrustDomain"]
+    r = app_client.post(SIGN, json={"CSR": service_csr(td, "web")})
+    assert_error(r, 429, "too_many_requests")
+    assert 1 <= int(r.headers["Retry-After"]) <= 1000
+
+
+# Values that have broken configuration code somewhere: wrong types, the edges of the ranges,
+# numbers Python reads as infinity or cannot turn into a float.
+CA_NASTY = st.sampled_from(
+    [None, True, False, 0, -1, 1, 0.5, 5e-324, 1e-300, 0.001, 0.0009, 1_000_000, 1_000_001,
+     2**63, 10**400, float("inf"), "", "x", "72h", "1h", "30m", "8760h", "8761h", "876000h",
+     "100000000h", "1e9", "-1h", "\u0000", "ec", "rsa", "dsa", 224, 256, 384, 521, [], {},
+     ["ec"], {"Type": "token"}]
+)  # fmt: skip
+CA_FIELDS = [
+    "LeafCertTTL", "IntermediateCertTTL", "RootCertTTL", "PrivateKeyType", "PrivateKeyBits",
+    "CSRMaxPerSecond", "CSRMaxConcurrent", "PrivateKey", "RootCert", "Address", "Token",
+    "TLSSkipVerify", "AuthMethod",
+]  # fmt: skip
+CA_CONFIGS = st.dictionaries(st.sampled_from(CA_FIELDS), CA_NASTY, max_size=4)
+CA_BODIES = st.fixed_dictionaries(
+    # Not "vault": its accepted configurations would talk to whatever Address says.
+    {"Provider": st.sampled_from(["consul", "builtin"])},
+    optional={
+        "Config": CA_CONFIGS | CA_CONFIGS | CA_NASTY,
+        "ForceWithoutCrossSigning": CA_NASTY,
+        "State": CA_NASTY,
+        "CreateIndex": CA_NASTY,
+    },
+) | st.dictionaries(st.sampled_from(["Provider", "Config", "Colour", ""]), CA_NASTY, max_size=3)
+
+
+def _ca_body(config: dict) -> dict:
+    return {"Provider": "consul", "Config": config}
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(body=CA_BODIES)
+# The attacks of issue 9 (item 10), always tried first.
+@example(body=_ca_body({"PrivateKeyType": {}}))
+@example(body=_ca_body({"CSRMaxPerSecond": 5e-324}))
+@example(body=_ca_body({"CSRMaxPerSecond": 1e-300}))
+@example(body=_ca_body({"CSRMaxPerSecond": 10**400}))
+def test_random_ca_configurations_never_500(app_client, body):
+    """Fuzz PUT /v1/connect/ca/configuration: never a 500, and whatever it accepts leaves a CA
+    that answers CSRs (signed, or 429 with a sane Retry-After) and a readable configuration."""
+    # json.dumps writes infinity as Infinity (refused as not JSON) and 10**400 as digits.
+    r = app_client.put(CONFIG, data=json.dumps(body), content_type="application/json")
+    assert r.status_code in (200, 400), r.get_data(as_text=True)
+    if r.status_code == 400:
+        assert_error(r, 400, "bad_request")
+    td = roots_of(app_client)["TrustDomain"]
+    for _ in range(2):  # the second CSR meets the rate limit, if there is one
+        signed = app_client.post(SIGN, json={"CSR": service_csr(td, "web")})
+        assert signed.status_code in (200, 429), signed.get_data(as_text=True)
+        if signed.status_code == 429:
+            assert 1 <= int(signed.headers["Retry-After"]) <= 1000
+    config_of(app_client)
+    # Back to the defaults, so that one example's rate limit does not throttle the next.
+    ok(put_config(app_client, {"CSRMaxPerSecond": 0}))
 
 
 class _GatedProvider:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests import vault_fixtures
+from tests.ca_support import leaf_and_chain, service_csr
 from tests.vault_fixtures import MountPaths, closed_port, start_bao
 from trellis.api.ca.provider import CAOptions, ProviderError
 from trellis.api.ca.vault import MOUNT_MARK, VaultProvider, parse_config
@@ -758,6 +759,150 @@ def test_replicas_setting_up_at_once_all_succeed(openbao, vault_paths):
     for p, r in zip(providers, results, strict=True):
         leaf, chain = p.sign_leaf(*checked_csr(), LEAF_TTL)
         px.verify_peer([leaf, *chain], {TD: [r.cert]})
+
+
+# -- configuration through the API: checked against Vault, recoverable (issue 9, item 5) --------
+
+CONFIG = "/v1/connect/ca/configuration"
+SIGN = "/v1/connect/ca/sign"
+BAD_TOKEN = "not-a-real-token-7f3a"
+
+
+def child_token(server, *, policies: tuple[str, ...] = ("root",)) -> str:
+    """A token of its own (revoking it leaves the session's root token alone)."""
+    created = server.client().auth.token.create(policies=list(policies), ttl="30m")
+    return created["auth"]["client_token"]
+
+
+def read_only_token(server, paths: MountPaths) -> str:
+    """A token that can read the CA's mounts (and itself) but not sign with them."""
+    name = f"read-only-{paths.root}"
+    rules = f"""
+path "sys/mounts" {{ capabilities = ["read"] }}
+path "{paths.root}/*" {{ capabilities = ["read", "list"] }}
+path "{paths.intermediate}/*" {{ capabilities = ["read", "list"] }}
+"""
+    server.client().sys.create_or_update_policy(name=name, policy=rules)
+    return child_token(server, policies=(name,))
+
+
+def put_vault(c, server, paths: MountPaths, **extra):
+    return c.put(CONFIG, json={"Provider": "vault", "Config": vault_config(server, paths, **extra)})
+
+
+def api_ok(resp, status: int = 200):
+    assert resp.status_code == status, (resp.status_code, resp.get_data(as_text=True))
+    return resp
+
+
+def api_sign(c):
+    td = c.get("/v1/connect/ca/roots").get_json()["TrustDomain"]
+    return c.post(SIGN, json={"CSR": service_csr(td, "web")})
+
+
+def api_state(c) -> tuple[dict, dict]:
+    return api_ok(c.get(CONFIG)).get_json(), api_ok(c.get("/v1/connect/ca/roots")).get_json()
+
+
+def active_root(c) -> x509.Certificate:
+    roots = c.get("/v1/connect/ca/roots").get_json()
+    [active] = [r for r in roots["Roots"] if r["Active"]]
+    return px.load_certs(active["RootCert"])[0]
+
+
+def test_a_token_vault_refuses_is_a_400_that_says_what_vault_answered(
+    app_client, openbao, vault_paths
+):
+    c = app_client
+    before, mounts_before = api_state(c), mounts(openbao)
+    # Switching to Vault with a bad token: it was a 503 "could not make a root".
+    r = put_vault(c, openbao, vault_paths, Token=BAD_TOKEN)
+    error = assert_api_error(r, 400, "permission denied")
+    assert "auth/token/lookup-self" in error
+    assert api_state(c) == before
+    assert mounts(openbao) == mounts_before
+
+    api_ok(put_vault(c, openbao, vault_paths, Token=child_token(openbao)))
+    on_vault = api_state(c)
+    api_ok(api_sign(c))
+    # A bad token for the Vault in use: it was a 200, and then every CSR a 503.
+    r = put_vault(c, openbao, vault_paths, Token=BAD_TOKEN)
+    assert_api_error(r, 400, "permission denied")
+    # A token Vault knows but that may not sign leaves with the CA's role.
+    r = put_vault(c, openbao, vault_paths, Token=read_only_token(openbao, vault_paths))
+    error = assert_api_error(r, 400, "the token may not sign leaves")
+    assert f"{vault_paths.intermediate}/sign/trellis-leaf-" in error
+    assert api_state(c) == on_vault
+    api_ok(api_sign(c))
+
+
+def assert_api_error(resp, status: int, contains: str) -> str:
+    body = resp.get_json()
+    assert (resp.status_code, body["status"]) == (status, status), body
+    assert contains in body["error"], body
+    assert BAD_TOKEN not in body["error"]
+    return str(body["error"])
+
+
+def on_vault_with_a_revoked_token(c, server, paths: MountPaths) -> tuple[str, x509.Certificate]:
+    """Switch the CA to Vault with a token of its own, sign once, revoke the token; return the
+    trust domain and the Vault root."""
+    token = child_token(server)
+    api_ok(put_vault(c, server, paths, Token=token))
+    api_ok(api_sign(c))
+    server.client().auth.token.revoke(token)
+    return c.get("/v1/connect/ca/roots").get_json()["TrustDomain"], active_root(c)
+
+
+def test_a_revoked_token_is_recovered_by_a_plain_configuration_change(
+    app_client, openbao, vault_paths
+):
+    c = app_client
+    td, vault_root = on_vault_with_a_revoked_token(c, openbao, vault_paths)
+
+    # Every CSR fails, and says what to do.
+    r = api_sign(c)
+    error = assert_api_error(r, 503, "permission denied")
+    assert "PUT /v1/connect/ca/configuration" in error
+    # Back to the built-in CA: the new root cannot be cross-signed (its key is in Vault, out of
+    # reach): refused, saying why and both ways out.
+    before = api_state(c)
+    r = c.put(CONFIG, json={"Provider": "consul", "Config": {}})
+    error = assert_api_error(r, 400, "permission denied")
+    for words in ("cross-signed with the current root's key", "Token", "ForceWithoutCrossSigning"):
+        assert words in error
+    assert api_state(c) == before
+
+    # Way out 1: a working token for the same Vault, no new root; then the switch cross-signs.
+    api_ok(put_vault(c, openbao, vault_paths, Token=child_token(openbao)))
+    assert api_state(c)[1] == before[1]
+    api_ok(api_sign(c))
+    api_ok(c.put(CONFIG, json={"Provider": "consul", "Config": {}}))
+    leaf, chain = leaf_and_chain(api_ok(api_sign(c)).get_json())
+    assert active_root(c) != vault_root
+    px.verify_peer([leaf, *chain], {td: [vault_root]})  # through the cross-signed new root
+
+
+def test_a_new_token_in_a_rotating_change_cross_signs_and_force_still_works(
+    app_client, openbao, vault_paths
+):
+    c = app_client
+    td, vault_root = on_vault_with_a_revoked_token(c, openbao, vault_paths)
+    # A new token and a new key type at once: the new token reaches the old root to
+    # cross-sign the new one (it was a 503: the old provider was tried with the dead token).
+    second = child_token(openbao)
+    api_ok(put_vault(c, openbao, vault_paths, Token=second, PrivateKeyType="rsa",
+                     PrivateKeyBits=2048))  # fmt: skip
+    rsa_root = active_root(c)
+    assert isinstance(rsa_root.public_key(), rsa.RSAPublicKey)
+    leaf, chain = leaf_and_chain(api_ok(api_sign(c)).get_json())
+    px.verify_peer([leaf, *chain], {td: [vault_root]})
+    # Way out 2, as the refusal says: forced, without cross-signing.
+    openbao.client().auth.token.revoke(second)
+    api_ok(c.put(CONFIG, json={"Provider": "consul", "ForceWithoutCrossSigning": True}))
+    leaf, chain = leaf_and_chain(api_ok(api_sign(c)).get_json())
+    assert chain == []
+    px.verify_peer([leaf], {td: [active_root(c)]})
 
 
 # -- secrets ---------------------------------------------------------------------------------

@@ -128,17 +128,17 @@ def test_ca_get_and_set_config(cli, api, tmp_path):
         (("-config-file", str(bad), "[1]"), f"Error! Config file {bad} must hold a JSON object\n"),
         (
             ("-config-file", str(bad), '{"Provider": "consul", "Config": {"LeafCertTTL": "10m"}}'),
-            "Error! Failed to set the CA configuration: Config.LeafCertTTL must be between 1h"
+            "Error! Failed to set the CA configuration: Config.LeafCertTTL: must be between 1h"
             " and 8760h (one year)\n",
         ),
         (
             ("-config-file", str(bad), '{"Provider": "consul", "Colour": "red"}'),
-            "Error! Failed to set the CA configuration: unknown field(s): Colour\n",
+            "Error! Failed to set the CA configuration: Colour: Unknown field.\n",
         ),
         (
             ("-config-file", str(bad), '{"Provider": "vault", "Config": {}}'),
-            "Error! Failed to set the CA configuration: Config.Address is required for the"
-            " vault provider\n",
+            "Error! Failed to set the CA configuration: Config.Address: is required for the"
+            " vault provider; Config.Token: is required for the vault provider\n",
         ),
     ]
     for args, expected in cases:

@@ -274,6 +274,19 @@ def test_bad_bodies_are_refused(client, extra, message):
     assert client.get(BASE).get_json() == []
 
 
+def test_every_problem_of_a_body_is_named_at_once(client):
+    body = {"SourceName": "web*", "DestinationName": "db", "Action": "maybe", "Colour": 1}
+    got = assert_error(client.post(BASE, json=body), 400, "bad_request")["error"]
+    assert "SourceName: " in got
+    assert "Action: must be allow or deny" in got
+    assert "Colour: Unknown field." in got
+    r = client.post("/v1/agent/connect/authorize", json={"Target": "*", "Colour": 1})
+    got = assert_error(r, 400, "bad_request")["error"]
+    assert "Target: must be a service name, not '*'" in got
+    assert "ClientCertURI: Missing data for required field." in got
+    assert "Colour: Unknown field." in got
+
+
 def test_missing_action_and_non_object_bodies(client):
     assert_error(client.post(BASE, json={"SourceName": "web", "DestinationName": "db"}), 400)
     assert_error(put_json(client, exact("web", "db"), {}), 400)

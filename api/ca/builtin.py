@@ -118,6 +118,9 @@ class BuiltinProvider:
             raise ProviderError("the stored key does not match the root certificate")
         self._root, self._key = cert, key
 
+    def check(self) -> None:
+        """Nothing to ask: the keys are in the store, and ``configure`` checked a custom root."""
+
     def _signer(self) -> tuple[x509.Certificate, px.PrivateKey]:
         if self._root is None or self._key is None:
             raise ProviderError("the built-in CA has no root loaded")

@@ -24,6 +24,14 @@ cross-signs it, and one compare-and-set write makes it active while keeping the 
 trusted. If anything fails before that write, what the new provider made is cleaned up and
 nothing changes. Old roots are pruned once every leaf they signed has expired: 2 x LeafCertTTL
 after they stopped being active.
+
+A configuration change is tried before it is written (``Provider.check``): without a new root,
+the new settings must load the active root and be allowed to sign with it; with one, the new
+provider must accept its credentials before it makes the root. What only the configuration
+can fix (a token Vault refuses) is the client's 400; a provider that is down, a 503. A stored
+Vault token that stopped working is replaced by a plain PUT of a working one; cross-signing
+needs the current root's key, so a switch away from a provider that refuses every credential
+it has is refused, saying how to get out, unless forced.
 """
 
 from __future__ import annotations
@@ -43,10 +51,12 @@ from trellis.api.ca.provider import CAOptions, Provider, ProviderError, RootMate
 from trellis.api.ca.secrets import Sealer
 from trellis.api.errors import BadRequest, Conflict, StoreUnavailable, TooManyRequests, TrellisError
 from trellis.api.feed import Watch
+from trellis.api.schemas import load
+from trellis.api.schemas.ca import ALIASES, PROVIDERS, CAConfigurationSchema, validate_config
 from trellis.api.store.base import Store
 from trellis.proxy import spiffe
 from trellis.proxy import x509 as px
-from trellis.proxy.durations import DurationError, format_duration, parse_duration
+from trellis.proxy.durations import parse_duration
 
 log = logging.getLogger("trellis.ca")
 
@@ -54,35 +64,7 @@ CONFIG_DOC, ROOTS_DOC, KEY_PREFIX = "ca/config", "ca/roots", "ca/keys/"
 WATCH = Watch("system", prefixes=("ca/",))
 ROOTS_WATCH = Watch("system", exact=(ROOTS_DOC,))
 
-ALIASES = {"consul": "builtin"}
-PROVIDERS = ("builtin", "vault")
 SECRET_FIELDS = ("Token", "PrivateKey")
-DEFAULTS: dict[str, Any] = {
-    "LeafCertTTL": "72h",
-    "IntermediateCertTTL": "8760h",
-    "RootCertTTL": "87600h",
-    "PrivateKeyType": "ec",
-    "PrivateKeyBits": 256,
-    "CSRMaxPerSecond": 50,
-    "CSRMaxConcurrent": 0,
-}
-PROVIDER_FIELDS = {
-    "builtin": {"PrivateKey", "RootCert"},
-    "vault": {
-        "Address",
-        "Token",
-        "RootPKIPath",
-        "IntermediatePKIPath",
-        "CAFile",
-        "CAPath",
-        "CertFile",
-        "KeyFile",
-        "TLSServerName",
-        "TLSSkipVerify",
-        "Namespace",
-        "AuthMethod",
-    },
-}
 #: Fields whose change needs a new root (and so a rotation).
 ROOT_FIELDS = {
     "builtin": {"PrivateKeyType", "PrivateKeyBits", "PrivateKey", "RootCert"},
@@ -90,7 +72,6 @@ ROOT_FIELDS = {
 }
 #: Fields of a root record that are the CA's business, not the API's.
 INTERNAL_FIELDS = ("ProviderState", "ProviderConfig", "RotatedOutAt", "Provider")
-KEY_BITS = {"ec": (256, 384, 521), "rsa": (2048, 3072, 4096)}
 
 
 class CAUnavailable(TrellisError):
@@ -122,58 +103,6 @@ def _ttl(config: Mapping[str, Any], name: str) -> dt.timedelta:
 
 def _rfc3339(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def validate_config(provider: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a CA configuration body; return it with defaults filled in. BadRequest if bad."""
-    if not isinstance(config, Mapping):
-        raise BadRequest("Config must be an object")
-    known = set(DEFAULTS) | PROVIDER_FIELDS[provider]
-    unknown = set(config) - known
-    if unknown:
-        raise BadRequest(
-            f"unknown field(s) in Config for provider {provider}: {', '.join(sorted(unknown))}"
-        )
-    out = {**DEFAULTS, **config}
-    durations = {}
-    for name in ("LeafCertTTL", "IntermediateCertTTL", "RootCertTTL"):
-        try:
-            durations[name] = parse_duration(str(out[name]))
-        except DurationError as e:
-            raise BadRequest(f"Config.{name}: {e}") from None
-        out[name] = format_duration(durations[name])
-    leaf = durations["LeafCertTTL"]
-    if not 3600 <= leaf <= 8760 * 3600:
-        raise BadRequest("Config.LeafCertTTL must be between 1h and 8760h (one year)")
-    if durations["IntermediateCertTTL"] < 3 * leaf:
-        raise BadRequest("Config.IntermediateCertTTL must be at least 3 x LeafCertTTL")
-    if durations["RootCertTTL"] < durations["IntermediateCertTTL"]:
-        raise BadRequest("Config.RootCertTTL must be at least IntermediateCertTTL")
-    ktype = out["PrivateKeyType"]
-    if ktype not in KEY_BITS:
-        raise BadRequest("Config.PrivateKeyType must be ec or rsa")
-    bits = out["PrivateKeyBits"]
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in KEY_BITS[ktype]:
-        raise BadRequest(
-            f"Config.PrivateKeyBits for {ktype} must be one of"
-            f" {', '.join(map(str, KEY_BITS[ktype]))}"
-        )
-    rate = out["CSRMaxPerSecond"]
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
-        raise BadRequest("Config.CSRMaxPerSecond must be a number >= 0")
-    conc = out["CSRMaxConcurrent"]
-    if isinstance(conc, bool) or not isinstance(conc, int) or conc < 0:
-        raise BadRequest("Config.CSRMaxConcurrent must be a whole number >= 0")
-    for name in PROVIDER_FIELDS[provider] - {"TLSSkipVerify", "AuthMethod"}:
-        if name in out and not isinstance(out[name], str):
-            raise BadRequest(f"Config.{name} must be a string")
-    if "TLSSkipVerify" in out and not isinstance(out["TLSSkipVerify"], bool):
-        raise BadRequest("Config.TLSSkipVerify must be true or false")
-    if provider == "vault":
-        for name in ("Address", "Token"):
-            if not out.get(name):
-                raise BadRequest(f"Config.{name} is required for the vault provider")
-    return out
 
 
 class _Limiter:
@@ -265,6 +194,13 @@ class CAManager:
             raise BadRequest(f"CA provider {name}: {e.message}") from None
         return p
 
+    def _loaded(self, config: Mapping[str, Any], active: Mapping[str, Any]) -> Provider:
+        """A provider for the active root, configured with ``config``: ProviderError if it
+        cannot reach that root (BadRequest if it refuses the configuration outright)."""
+        p = self._new_provider(active["Provider"], config)
+        p.load_root(px.load_certs(active["RootCert"])[0], active["ProviderState"])
+        return p
+
     def _seal(self, config: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(config)
         for f in SECRET_FIELDS:
@@ -315,7 +251,7 @@ class CAManager:
             name = ALIASES.get(name, name)
             if name not in PROVIDERS:
                 raise BadRequest(f"unknown CA provider {name!r}")
-            config = validate_config(name, raw)
+            config = validate_config(name, raw, path="", what="connect.ca_config")
             provider = self._new_provider(name, config)
             material = self._generate(provider)
             record = self._record(name, material, config, cross=None)
@@ -335,14 +271,16 @@ class CAManager:
                 return
             log.info("CA initialized: provider %s, root %s", name, record["ID"])
 
-    def _generate(self, provider: Provider) -> RootMaterial:
+    def _generate(self, provider: Provider, *, new_config: bool = False) -> RootMaterial:
+        """The provider's new root. With ``new_config`` (a configuration a client just sent),
+        a refusal that only the configuration can fix is the client's: a 400."""
         try:
             return provider.generate_root()
         except ProviderError as e:
-            raise CAUnavailable(
-                f"CA provider {provider.name} could not make a root: {e.message}"
-                + (" (will retry)" if e.retryable else "")
-            ) from None
+            message = f"CA provider {provider.name} could not make a root: {e.message}"
+            if new_config and not e.retryable:
+                raise BadRequest(message) from None
+            raise CAUnavailable(message + (" (will retry)" if e.retryable else "")) from None
 
     def _cleanup(self, provider: Provider, state: Mapping[str, Any]) -> None:
         try:
@@ -435,17 +373,17 @@ class CAManager:
     def _active_provider(
         self, roots: dict, config: dict, config_index: int
     ) -> tuple[Provider, dict]:
-        active = next(r for r in roots["Roots"] if r["ID"] == roots["ActiveRootID"])
+        active = _active(roots)
         key = (active["ID"], config_index)
         with self._lock:
             p = self._providers.get(key)
             if p is None:
-                cfg = self._unseal(config["Config"])
-                p = self._new_provider(active["Provider"], cfg)
                 try:
-                    p.load_root(px.load_certs(active["RootCert"])[0], active["ProviderState"])
+                    p = self._loaded(self._unseal(config["Config"]), active)
                 except ProviderError as e:
-                    raise CAUnavailable(f"CA provider {p.name}: {e.message}") from None
+                    raise CAUnavailable(
+                        f"CA provider {active['Provider']}: {e.message}{_fix_hint(e)}"
+                    ) from None
                 self._providers = {key: p}
         return p, active
 
@@ -472,7 +410,7 @@ class CAManager:
                 leaf, chain = provider.sign_leaf(csr_pem, info, _ttl(cfg, "LeafCertTTL"))
             except ProviderError as e:
                 raise CAUnavailable(
-                    f"CA provider {provider.name} could not sign: {e.message}"
+                    f"CA provider {provider.name} could not sign: {e.message}{_fix_hint(e)}"
                 ) from None
             if provider.name != "builtin":
                 # Defence in depth: whatever an external PKI returned must be the leaf we
@@ -512,26 +450,8 @@ class CAManager:
 
     def set_config(self, body: Mapping[str, Any]) -> None:
         """``PUT /v1/connect/ca/configuration``: rotate if the change needs a new root."""
-        if not isinstance(body, Mapping):
-            raise BadRequest("request body must be a JSON object")
-        unknown = set(body) - {"Provider", "Config", "ForceWithoutCrossSigning", "State"}
-        if unknown:
-            raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-        name = body.get("Provider")
-        if not isinstance(name, str) or not name:
-            raise BadRequest("Provider is required")
-        name = ALIASES.get(name, name)
-        if name not in PROVIDERS:
-            raise BadRequest(f"Provider must be builtin (alias consul) or vault, not {name!r}")
-        force = body.get("ForceWithoutCrossSigning", False)
-        if not isinstance(force, bool):
-            raise BadRequest("ForceWithoutCrossSigning must be true or false")
-        # Fix: ``or {}`` took a falsy non-object (``[]``, ``""``, ``0``) for "no Config".
-        raw = body.get("Config")
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise BadRequest("Config must be an object")
+        request = load(CAConfigurationSchema(), body)
+        name, raw, force = request["provider"], request["config"], request["force"]
         with self._lock:
             self.ensure_initialized()
             roots, ridx, config, cidx = self._state()
@@ -544,8 +464,13 @@ class CAManager:
                 new_cfg.get(f) != old_cfg.get(f) for f in ROOT_FIELDS[name]
             )
             if not rotate:
-                # TTLs and limits: no new root. Check the provider takes the new settings.
-                self._new_provider(name, new_cfg)
+                # No new root (TTLs, limits, Vault credentials). Try the new settings on the
+                # active root before committing them: a token Vault refuses is the client's
+                # 400 now, not a 503 on every CSR after a 200.
+                try:
+                    self._loaded(new_cfg, _active(roots)).check()
+                except ProviderError as e:
+                    raise _refused(name, e) from None
                 if (
                     self.store.system_write(
                         {CONFIG_DOC: {"Provider": name, "Config": self._seal(new_cfg)}},
@@ -556,7 +481,14 @@ class CAManager:
                     raise Conflict("the CA configuration changed meanwhile; read it and retry")
                 return
             self._rotate(
-                name, new_cfg, force=force, roots=roots, ridx=ridx, cidx=cidx, config=config
+                name,
+                new_cfg,
+                force=force,
+                roots=roots,
+                ridx=ridx,
+                cidx=cidx,
+                config=config,
+                new_config=True,
             )
 
     def rotate(self, *, force: bool = False) -> None:
@@ -585,15 +517,9 @@ class CAManager:
         ridx: int,
         cidx: int,
         config: dict,
+        new_config: bool = False,
     ) -> None:
-        try:
-            old_provider: Provider | None = self._active_provider(roots, config, cidx)[0]
-        except CAUnavailable:
-            # The current provider cannot be reached (a dead Vault). Only a forced rotation
-            # may leave it, without cross-signing; otherwise the CA would be stuck with it.
-            if not force:
-                raise
-            old_provider = None
+        old_provider = self._cross_signer(name, new_cfg, force=force, roots=roots, config=config)
         if not force and old_provider is not None and not old_provider.supports_cross_signing():
             raise BadRequest(
                 f"the current CA provider ({old_provider.name}) cannot cross-sign a new root;"
@@ -601,7 +527,12 @@ class CAManager:
                 " working, but peers must fetch the new root before they trust new leaves)"
             )
         new_provider = self._new_provider(name, new_cfg)
-        material = self._generate(new_provider)
+        if new_config:
+            try:
+                new_provider.check()
+            except ProviderError as e:
+                raise _refused(name, e) from None
+        material = self._generate(new_provider, new_config=new_config)
         try:
             cross = None
             try:
@@ -644,6 +575,52 @@ class CAManager:
             raise
         log.info("CA root rotated: %s is now active (provider %s)", record["ID"], name)
 
+    def _cross_signer(
+        self,
+        name: str,
+        new_cfg: Mapping[str, Any],
+        *,
+        force: bool,
+        roots: dict,
+        config: dict,
+    ) -> Provider | None:
+        """The provider of the active root, to cross-sign the new one; None (forced only) if it
+        cannot be used.
+
+        Only that provider can cross-sign: it alone holds the active root's key (for Vault, in
+        Vault). When it fails, a Vault token that stopped working is the usual cause, so a
+        configuration for the same Vault with another Token tries that token on the active
+        root too. Otherwise the rotation is refused, with what to do, unless forced.
+        """
+        active = _active(roots)
+        old_cfg = self._unseal(config["Config"])
+        try:
+            return self._loaded(old_cfg, active)
+        except ProviderError as e:
+            failure = e
+        same_vault = active["Provider"] == name == "vault" and all(
+            new_cfg.get(f) == old_cfg.get(f) for f in ("Address", "Namespace")
+        )
+        if same_vault and new_cfg.get("Token") != old_cfg.get("Token"):
+            try:
+                return self._loaded({**old_cfg, "Token": new_cfg["Token"]}, active)
+            except ProviderError:
+                pass  # report the failure with the stored configuration
+        if force:
+            return None
+        message = (
+            f"the current CA provider ({active['Provider']}) cannot be used: {failure.message}."
+            " The new root must be cross-signed with the current root's key, which only that"
+            " provider holds: make it work again first (for Vault, PUT its configuration with"
+            " a working Token; that takes effect without a new root), or set"
+            " ForceWithoutCrossSigning to rotate without cross-signing (leaves of the current"
+            " root stay valid until they expire; peers that trust only the current root"
+            " accept new leaves once they have fetched the new root)"
+        )
+        if failure.retryable:
+            raise CAUnavailable(message + "; or try again")
+        raise BadRequest(message)
+
     def prune(self, now: float | None = None) -> int:
         """Drop roots whose every leaf has expired (2 x LeafCertTTL after rotation)."""
         now = time.time() if now is None else now
@@ -678,6 +655,27 @@ class CAManager:
                     log.warning("cleanup of pruned root %s failed: %s", r["ID"], e)
             log.info("pruned %d expired CA root(s)", len(dead))
             return len(dead)
+
+
+def _active(roots: Mapping[str, Any]) -> dict[str, Any]:
+    active: dict[str, Any] = next(r for r in roots["Roots"] if r["ID"] == roots["ActiveRootID"])
+    return active
+
+
+def _fix_hint(e: ProviderError) -> str:
+    """What an operator can do about a provider failure that will not pass by itself."""
+    if e.retryable:
+        return ""
+    return " (fix the CA configuration: PUT /v1/connect/ca/configuration)"
+
+
+def _refused(name: str, e: ProviderError) -> TrellisError:
+    """A provider's answer to a configuration a client sent: the client's to fix (400), unless
+    it may pass by itself (503: Vault down, try again)."""
+    message = f"CA provider {name} refused the configuration: {e.message}"
+    if e.retryable:
+        return CAUnavailable(message + " (try again)")
+    return BadRequest(message)
 
 
 class _StoreKeys:

@@ -76,6 +76,11 @@ class Provider(Protocol):
         """Make a root made earlier (perhaps by another replica) the one this provider signs
         with."""
 
+    def check(self) -> None:
+        """Ask the PKI whether this configuration works (its credentials are valid and, once a
+        root is loaded, may sign leaves with it), before the manager commits a configuration.
+        ProviderError with what the PKI answered."""
+
     def sign_leaf(
         self, csr_pem: str, info: CSRInfo, ttl: dt.timedelta
     ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:

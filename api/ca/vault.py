@@ -883,6 +883,31 @@ class VaultProvider:
         if self._active is None or px.fingerprint(self._active.root) != px.fingerprint(root):
             self._previous, self._active = self._active, loaded
 
+    def check(self) -> None:
+        """Ask Vault whether this configuration works before the manager commits it: the token
+        is valid (``auth/token/lookup-self``, which Vault's default policy grants, as Consul
+        requires) and, once a root is loaded, may sign leaves with its role
+        (``sys/capabilities-self``). ProviderError with what Vault answered, never the token."""
+        _, settings, client = self._ready()
+        with self._vault("look up the token (auth/token/lookup-self)"):
+            response = client.auth.token.lookup_self()
+        self._data(response, "look up the token")
+        gen = self._active
+        if gen is None:
+            return
+        path = f"{gen.intermediate_mount}/sign/{gen.role}"
+        with self._vault(f"read the token's capabilities on {path} (sys/capabilities-self)"):
+            response = self._client_for(gen.state).write_data(
+                "sys/capabilities-self", data={"paths": [path]}
+            )
+        capabilities = self._data(response, "read the token's capabilities").get(path)
+        if not isinstance(capabilities, list) or not {"update", "root"} & set(capabilities):
+            raise _bad(
+                f"Vault at {settings.address}: the token may not sign leaves: its capabilities"
+                f" on {path} are {', '.join(map(str, capabilities or ())) or 'none'}"
+                " (signing needs update)"
+            )
+
     # -- signing -----------------------------------------------------------------------------
 
     def sign_leaf(

@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from trellis.api.cli.base import (
@@ -142,6 +143,15 @@ def _show_policy(ctx: Context, ns: argparse.Namespace, p: Mapping[str, Any]) -> 
         _print(ctx, format_policy(p))
 
 
+@contextmanager
+def _failing(what: str) -> Iterator[None]:
+    """An API error as Consul's command prints it: ``<what>: <the server's message>``."""
+    try:
+        yield
+    except APIError as e:
+        raise CommandError(f"{what}: {e.message}") from None
+
+
 def _no_args(ns: argparse.Namespace) -> None:
     if ns.args:
         raise CommandError(f"Too many arguments (expected 0, got {len(ns.args)})")
@@ -172,11 +182,8 @@ def _format_only(p: FlagParser) -> None:
 
 def acl_bootstrap(ctx: Context, ns: argparse.Namespace) -> int:
     _no_args(ns)
-    with ctx.client(ns) as c:
-        try:
-            t = c.acl_bootstrap()
-        except APIError as e:
-            raise CommandError(f"Failed ACL bootstrapping: {e.message}") from None
+    with ctx.client(ns) as c, _failing("Failed ACL bootstrapping"):
+        t = c.acl_bootstrap()
     _show_token(ctx, ns, t)
     return 0
 
@@ -226,18 +233,15 @@ def _token_create_flags(p: FlagParser) -> None:
 
 def acl_token_create(ctx: Context, ns: argparse.Namespace) -> int:
     _no_args(ns)
-    with ctx.client(ns) as c:
-        try:
-            t = c.acl_token_create(
-                description=ns.description,
-                policy_ids=ns.policy_id,
-                policy_names=ns.policy_name,
-                local=ns.local,
-                accessor_id=ns.accessor or None,
-                secret_id=ns.secret or None,
-            )
-        except APIError as e:
-            raise CommandError(f"Failed to create new token: {e.message}") from None
+    with ctx.client(ns) as c, _failing("Failed to create new token"):
+        t = c.acl_token_create(
+            description=ns.description,
+            policy_ids=ns.policy_id,
+            policy_names=ns.policy_name,
+            local=ns.local,
+            accessor_id=ns.accessor or None,
+            secret_id=ns.secret or None,
+        )
     _show_token(ctx, ns, t)
     return 0
 
@@ -256,11 +260,8 @@ def acl_token_read(ctx: Context, ns: argparse.Namespace) -> int:
     _no_args(ns)
     if not ns.id and not ns.self:
         raise CommandError("Must specify the -id parameter")
-    with ctx.client(ns) as c:
-        try:
-            t = c.acl_token_self() if ns.self else c.acl_token_read(ns.id)
-        except APIError as e:
-            raise CommandError(f"Error reading token {_q(ns.id)}: {e.message}") from None
+    with ctx.client(ns) as c, _failing(f"Error reading token {_q(ns.id)}"):
+        t = c.acl_token_self() if ns.self else c.acl_token_read(ns.id)
     _show_token(ctx, ns, t)
     return 0
 
@@ -288,17 +289,15 @@ def acl_token_update(ctx: Context, ns: argparse.Namespace) -> int:
     if not ns.id:
         raise CommandError("Cannot update a token without specifying the -id parameter")
     with ctx.client(ns) as c:
-        try:
+        with _failing("Error when retrieving current token"):
             cur = c.acl_token_read(ns.id)
-        except APIError as e:
-            raise CommandError(f"Error when retrieving current token: {e.message}") from None
         links = [{"ID": p["ID"]} for p in cur.get("Policies") or []]
         given = Client._policy_links(ns.policy_id, ns.policy_name)
         if given and ns.merge_policies:
             links += [g for g in given if not _has(cur, g)]
         elif given:
             links = given
-        try:
+        with _failing(f"Failed to update token {ns.id}"):
             t = c.acl_token_update(
                 ns.id,
                 description=cur.get("Description", "")
@@ -307,8 +306,6 @@ def acl_token_update(ctx: Context, ns: argparse.Namespace) -> int:
                 policies=links,
                 local=bool(cur.get("Local")),
             )
-        except APIError as e:
-            raise CommandError(f"Failed to update token {ns.id}: {e.message}") from None
     _show_token(ctx, ns, t)
     return 0
 
@@ -329,22 +326,16 @@ def acl_token_delete(ctx: Context, ns: argparse.Namespace) -> int:
     _no_args(ns)
     if not ns.id:
         raise CommandError("Must specify the -id parameter")
-    with ctx.client(ns) as c:
-        try:
-            c.acl_token_delete(ns.id)
-        except APIError as e:
-            raise CommandError(f"Error deleting token {_q(ns.id)}: {e.message}") from None
+    with ctx.client(ns) as c, _failing(f"Error deleting token {_q(ns.id)}"):
+        c.acl_token_delete(ns.id)
     ctx.out(f"Token {_q(ns.id)} deleted successfully")
     return 0
 
 
 def acl_token_list(ctx: Context, ns: argparse.Namespace) -> int:
     _no_args(ns)
-    with ctx.client(ns) as c:
-        try:
-            tokens = c.acl_token_list()
-        except APIError as e:
-            raise CommandError(f"Failed to retrieve the token list: {e.message}") from None
+    with ctx.client(ns) as c, _failing("Failed to retrieve the token list"):
+        tokens = c.acl_token_list()
     if ns.format == "json":
         _print_json(ctx, [token_json(t) for t in tokens])
     else:
@@ -400,13 +391,10 @@ def acl_policy_create(ctx: Context, ns: argparse.Namespace) -> int:
     if not ns.name:
         raise CommandError("Missing require '-name' flag")
     rules = _rules_arg(ctx, ns.rules)
-    with ctx.client(ns) as c:
-        try:
-            p = c.acl_policy_create(
-                ns.name, rules=rules, description=ns.description, datacenters=ns.datacenter
-            )
-        except APIError as e:
-            raise CommandError(f"Failed to create new policy: {e.message}") from None
+    with ctx.client(ns) as c, _failing("Failed to create new policy"):
+        p = c.acl_policy_create(
+            ns.name, rules=rules, description=ns.description, datacenters=ns.datacenter
+        )
     _show_policy(ctx, ns, p)
     return 0
 
@@ -429,13 +417,8 @@ def acl_policy_read(ctx: Context, ns: argparse.Namespace) -> int:
     _no_args(ns)
     if not ns.id and not ns.name:
         raise CommandError("Must specify either the -id or -name parameters")
-    with ctx.client(ns) as c:
-        try:
-            p = _find_policy(c, ns)
-        except APIError as e:
-            raise CommandError(
-                f"Error reading policy {_q(ns.id or ns.name)}: {e.message}"
-            ) from None
+    with ctx.client(ns) as c, _failing(f"Error reading policy {_q(ns.id or ns.name)}"):
+        p = _find_policy(c, ns)
     _show_policy(ctx, ns, p)
     return 0
 
@@ -449,11 +432,9 @@ def acl_policy_update(ctx: Context, ns: argparse.Namespace) -> int:
         if ns.no_merge:
             cur: dict[str, Any] = {"Name": "", "Description": "", "Rules": "", "Datacenters": []}
         else:
-            try:
+            with _failing("Error retrieving current policy"):
                 cur = c.acl_policy_read(ns.id)
-            except APIError as e:
-                raise CommandError(f"Error retrieving current policy: {e.message}") from None
-        try:
+        with _failing(f"Failed to update policy {ns.id}"):
             p = c.acl_policy_update(
                 ns.id,
                 cur.get("Name", "") if ns.name is None else ns.name,
@@ -463,8 +444,6 @@ def acl_policy_update(ctx: Context, ns: argparse.Namespace) -> int:
                 else ns.description,
                 datacenters=ns.datacenter or cur.get("Datacenters") or [],
             )
-        except APIError as e:
-            raise CommandError(f"Failed to update policy {ns.id}: {e.message}") from None
     _show_policy(ctx, ns, p)
     return 0
 
@@ -476,25 +455,18 @@ def acl_policy_delete(ctx: Context, ns: argparse.Namespace) -> int:
     with ctx.client(ns) as c:
         policy_id = ns.id
         if not policy_id:
-            try:
+            with _failing("Error determining policy ID"):
                 policy_id = c.acl_policy_read_by_name(ns.name)["ID"]
-            except APIError as e:
-                raise CommandError(f"Error determining policy ID: {e.message}") from None
-        try:
+        with _failing(f"Error deleting policy {_q(policy_id)}"):
             c.acl_policy_delete(policy_id)
-        except APIError as e:
-            raise CommandError(f"Error deleting policy {_q(policy_id)}: {e.message}") from None
     ctx.out(f"Policy {_q(policy_id)} deleted successfully")
     return 0
 
 
 def acl_policy_list(ctx: Context, ns: argparse.Namespace) -> int:
     _no_args(ns)
-    with ctx.client(ns) as c:
-        try:
-            policies = c.acl_policy_list()
-        except APIError as e:
-            raise CommandError(f"Failed to retrieve the policy list: {e.message}") from None
+    with ctx.client(ns) as c, _failing("Failed to retrieve the policy list"):
+        policies = c.acl_policy_list()
     if ns.format == "json":
         _print_json(ctx, policies)
     else:

@@ -7,22 +7,21 @@ their SHA-256, so a later read cannot show them, and neither can a copy of the d
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint
 
 from trellis.api.acl import service as acl
-from trellis.api.acl.rules import RulesError, parse_rules
 from trellis.api.errors import BadRequest, NotFound, PermissionDenied, TrellisError
 from trellis.api.http import json_body, json_response, services
+from trellis.api.schemas import load
+from trellis.api.schemas.acl import PolicySchema, TokenSchema
 from trellis.api.store.security import ACLPolicy, ACLToken
 
 bp = Blueprint("acl", __name__)
-
-TOKEN_FIELDS = {"AccessorID", "SecretID", "Description", "Policies", "Local", "ExpirationTTL"}
-POLICY_FIELDS = {"ID", "Name", "Description", "Rules", "Datacenters"}
-READ_ONLY = {"CreateIndex", "ModifyIndex", "Hash", "CreateTime"}
 
 
 class ACLDisabled(TrellisError):
@@ -30,9 +29,24 @@ class ACLDisabled(TrellisError):
     code = "acl_disabled"
 
 
-def _enabled() -> None:
-    if not services().settings.acl_enabled:
-        raise ACLDisabled("ACL support disabled")
+def needs(permission: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Every ACL endpoint: 401 when ACLs are off, then ``acl:read`` or ``acl:write`` (None:
+    no permission, e.g. bootstrap and a token reading itself)."""
+
+    def wrap(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if not services().settings.acl_enabled:
+                raise ACLDisabled("ACL support disabled")
+            if permission == "read":
+                acl.require(acl.current().acl_read(), "acl:read")
+            elif permission == "write":
+                acl.require(acl.current().acl_write(), "acl:write")
+            return view(*args, **kwargs)
+
+        return guarded
+
+    return wrap
 
 
 def _now() -> str:
@@ -82,8 +96,8 @@ def _uuid(value: Any, what: str) -> str:
 
 
 @bp.put("/v1/acl/bootstrap")
+@needs(None)
 def bootstrap():
-    _enabled()
     secret = str(uuid.uuid4())
     token = acl.bootstrap(secret)
     if token is None:
@@ -94,46 +108,29 @@ def bootstrap():
 # -- policies ------------------------------------------------------------------------------------
 
 
-def _policy_body(body: dict, policy_id: str) -> ACLPolicy:
-    unknown = set(body) - POLICY_FIELDS - READ_ONLY
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    name = body.get("Name")
-    if not isinstance(name, str) or not name or len(name) > 128:
-        raise BadRequest("Name is required: a string of 1-128 characters")
-    if not all(c.isalnum() or c in "-_" for c in name):
-        raise BadRequest("Name may hold only letters, digits, '-' and '_'")
-    rules = body.get("Rules", "")
-    if not isinstance(rules, str):
-        raise BadRequest("Rules must be a string (HCL or JSON)")
-    try:
-        parse_rules(rules)
-    except RulesError as e:
-        raise BadRequest(f"Rules: {e}") from None
-    desc = body.get("Description", "")
-    if not isinstance(desc, str):
-        raise BadRequest("Description must be a string")
-    dcs = body.get("Datacenters") or []
-    if not isinstance(dcs, list) or not all(isinstance(d, str) for d in dcs):
-        raise BadRequest("Datacenters must be a list of strings")
-    return ACLPolicy(id=policy_id, name=name, description=desc, rules=rules, datacenters=tuple(dcs))
+def _policy(body: dict[str, Any], policy_id: str) -> ACLPolicy:
+    return ACLPolicy(
+        id=policy_id,
+        name=body["name"],
+        description=body["description"],
+        rules=body["rules"],
+        datacenters=body["datacenters"],
+    )
 
 
 @bp.put("/v1/acl/policy")
+@needs("write")
 def policy_create():
-    _enabled()
-    acl.require(acl.current().acl_write(), "acl:write")
-    body = json_body()
-    if body.get("ID"):
+    body = load(PolicySchema(), json_body())
+    if body["ID"]:
         raise BadRequest("ID is assigned by the server on create")
-    p = services().store.acl_policy_put(_policy_body(body, str(uuid.uuid4())), create=True)
+    p = services().store.acl_policy_put(_policy(body, str(uuid.uuid4())), create=True)
     return json_response(policy_json(p))
 
 
 @bp.get("/v1/acl/policy/<policy_id>")
+@needs("read")
 def policy_read(policy_id: str):
-    _enabled()
-    acl.require(acl.current().acl_read(), "acl:read")
     p = services().store.acl_policy(policy_id=_uuid(policy_id, "policy ID"))
     if p is None:
         raise NotFound(f"ACL policy {policy_id} not found")
@@ -141,9 +138,8 @@ def policy_read(policy_id: str):
 
 
 @bp.get("/v1/acl/policy/name/<name>")
+@needs("read")
 def policy_read_by_name(name: str):
-    _enabled()
-    acl.require(acl.current().acl_read(), "acl:read")
     p = services().store.acl_policy(name=name)
     if p is None:
         raise NotFound(f"ACL policy {name!r} not found")
@@ -151,25 +147,23 @@ def policy_read_by_name(name: str):
 
 
 @bp.put("/v1/acl/policy/<policy_id>")
+@needs("write")
 def policy_update(policy_id: str):
-    _enabled()
-    acl.require(acl.current().acl_write(), "acl:write")
     pid = _uuid(policy_id, "policy ID")
     if pid == acl.MANAGEMENT_POLICY_ID:
         raise BadRequest("the global-management policy cannot be changed")
-    body = json_body()
-    if body.get("ID") and body["ID"] != pid:
+    body = load(PolicySchema(), json_body())
+    if body["ID"] and body["ID"] != pid:
         raise BadRequest("ID in the body does not match the URL")
-    p = services().store.acl_policy_put(_policy_body(body, pid), create=False)
+    p = services().store.acl_policy_put(_policy(body, pid), create=False)
     if p is None:
         raise NotFound(f"ACL policy {policy_id} not found")
     return json_response(policy_json(p))
 
 
 @bp.delete("/v1/acl/policy/<policy_id>")
+@needs("write")
 def policy_delete(policy_id: str):
-    _enabled()
-    acl.require(acl.current().acl_write(), "acl:write")
     pid = _uuid(policy_id, "policy ID")
     if pid == acl.MANAGEMENT_POLICY_ID:
         raise BadRequest("the global-management policy cannot be deleted")
@@ -179,9 +173,8 @@ def policy_delete(policy_id: str):
 
 
 @bp.get("/v1/acl/policies")
+@needs("read")
 def policy_list():
-    _enabled()
-    acl.require(acl.current().acl_read(), "acl:read")
     out = []
     for p in services().store.acl_policies():
         d = policy_json(p)
@@ -193,60 +186,34 @@ def policy_list():
 # -- tokens --------------------------------------------------------------------------------------
 
 
-def _policy_refs(body: dict) -> tuple[str, ...]:
-    refs = body.get("Policies") or []
-    if not isinstance(refs, list):
-        raise BadRequest("Policies must be a list of {ID} or {Name} objects")
+def _policy_ids(links: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The IDs of the policies a token body names (by ID or by name), each once, in order."""
     store = services().store
     ids: list[str] = []
-    for ref in refs:
-        if not isinstance(ref, dict) or not (ref.get("ID") or ref.get("Name")):
-            raise BadRequest("each entry of Policies needs an ID or a Name")
-        if ref.get("ID"):
-            p = store.acl_policy(policy_id=_uuid(ref["ID"], "Policies.ID"))
+    for link in links:
+        if link["ID"]:
+            p = store.acl_policy(policy_id=link["ID"])
         else:
-            if not isinstance(ref["Name"], str):
-                raise BadRequest("Policies.Name must be a string")
-            p = store.acl_policy(name=ref["Name"])
+            p = store.acl_policy(name=link["Name"])
         if p is None:
-            raise BadRequest(f"no such ACL policy: {ref.get('ID') or ref.get('Name')}")
+            raise BadRequest(f"no such ACL policy: {link['ID'] or link['Name']}")
         if p.id not in ids:
             ids.append(p.id)
     return tuple(ids)
 
 
-def _token_body(body: dict) -> dict[str, Any]:
-    unknown = set(body) - TOKEN_FIELDS - READ_ONLY
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    if "ExpirationTTL" in body:
-        raise BadRequest("ExpirationTTL is not supported yet")
-    desc = body.get("Description", "")
-    if not isinstance(desc, str) or len(desc) > 512:
-        raise BadRequest("Description must be a string of at most 512 characters")
-    local = body.get("Local", False)
-    if not isinstance(local, bool):
-        raise BadRequest("Local must be true or false")
-    return {"description": desc, "local": local, "policies": _policy_refs(body)}
-
-
 @bp.put("/v1/acl/token")
+@needs("write")
 def token_create():
-    _enabled()
-    acl.require(acl.current().acl_write(), "acl:write")
-    body = json_body()
-    fields = _token_body(body)
-    accessor = (
-        _uuid(body["AccessorID"], "AccessorID") if body.get("AccessorID") else str(uuid.uuid4())
-    )
-    secret = _uuid(body["SecretID"], "SecretID") if body.get("SecretID") else str(uuid.uuid4())
+    body = load(TokenSchema(), json_body())
+    secret = body["SecretID"] or str(uuid.uuid4())
     t = services().store.acl_token_put(
         ACLToken(
-            accessor_id=accessor,
+            accessor_id=body["AccessorID"] or str(uuid.uuid4()),
             secret_hash=acl.hash_secret(secret),
-            description=fields["description"],
-            policies=fields["policies"],
-            local=fields["local"],
+            description=body["description"],
+            policies=_policy_ids(body["policies"]),
+            local=body["local"],
             create_time=_now(),
         ),
         create=True,
@@ -256,8 +223,8 @@ def token_create():
 
 
 @bp.get("/v1/acl/token/self")
+@needs(None)
 def token_self():
-    _enabled()
     t = acl.current_token()
     if t is None:
         raise NotFound("ACL not found")
@@ -265,9 +232,8 @@ def token_self():
 
 
 @bp.get("/v1/acl/token/<accessor_id>")
+@needs("read")
 def token_read(accessor_id: str):
-    _enabled()
-    acl.require(acl.current().acl_read(), "acl:read")
     t = services().store.acl_token(accessor_id=_uuid(accessor_id, "AccessorID"))
     if t is None:
         raise NotFound(f"ACL token {accessor_id} not found")
@@ -275,23 +241,21 @@ def token_read(accessor_id: str):
 
 
 @bp.put("/v1/acl/token/<accessor_id>")
+@needs("write")
 def token_update(accessor_id: str):
-    _enabled()
-    acl.require(acl.current().acl_write(), "acl:write")
     aid = _uuid(accessor_id, "AccessorID")
-    body = json_body()
-    if body.get("AccessorID") and _uuid(body["AccessorID"], "AccessorID") != aid:
+    body = load(TokenSchema(), json_body())
+    if body["AccessorID"] and body["AccessorID"] != aid:
         raise BadRequest("AccessorID in the body does not match the URL")
-    if body.get("SecretID"):
+    if body["SecretID"]:
         raise BadRequest("a token's SecretID cannot be changed")
-    fields = _token_body(body)
     t = services().store.acl_token_put(
         ACLToken(
             accessor_id=aid,
             secret_hash="",
-            description=fields["description"],
-            policies=fields["policies"],
-            local=fields["local"],
+            description=body["description"],
+            policies=_policy_ids(body["policies"]),
+            local=body["local"],
         ),
         create=False,
     )
@@ -301,9 +265,8 @@ def token_update(accessor_id: str):
 
 
 @bp.delete("/v1/acl/token/<accessor_id>")
+@needs("write")
 def token_delete(accessor_id: str):
-    _enabled()
-    acl.require(acl.current().acl_write(), "acl:write")
     aid = _uuid(accessor_id, "AccessorID")
     if aid == acl.ANONYMOUS_ACCESSOR:
         raise BadRequest("the anonymous token cannot be deleted")
@@ -313,9 +276,8 @@ def token_delete(accessor_id: str):
 
 
 @bp.get("/v1/acl/tokens")
+@needs("read")
 def token_list():
-    _enabled()
-    acl.require(acl.current().acl_read(), "acl:read")
     return json_response(
         [token_json(t) for t in services().store.acl_tokens()],
         index=services().store.topic_index("acl"),

@@ -17,6 +17,8 @@ from trellis.api.acl import service as acl
 from trellis.api.errors import BadRequest, NotFound
 from trellis.api.feed import Watch
 from trellis.api.http import flag, hash_blocking, json_body, json_response, services, str_arg
+from trellis.api.schemas import load
+from trellis.api.schemas.catalog import CheckSchema, CheckUpdateSchema, ServiceSchema
 from trellis.api.store.base import CRITICAL, PASSING, WARNING, Node, Registration, Service
 from trellis.api.views.catalog import require_overwrite_write
 
@@ -39,7 +41,7 @@ def register_service_body(body: dict, *, replace_checks: bool) -> Service:
     """Register one service (and its sidecar) on this node from an agent registration body."""
     store = services().store
     settings = services().settings
-    d = cat.load(cat.ServiceSchema(), cat.to_pascal(cat.unwrap_service_body(body)))
+    d = load(ServiceSchema(), cat.to_pascal(cat.unwrap_service_body(body)))
     svc = cat.build_service(settings.node_name, d)
     defs = list(d.get("Checks") or [])
     if d.get("Check"):
@@ -55,7 +57,7 @@ def register_service_body(body: dict, *, replace_checks: bool) -> Service:
         existing = store.services(node=settings.node_name)
         taken = {s.port for s in existing if s.id != f"{svc.id}-sidecar-proxy"}
         sc_body = cat.sidecar_for(svc, dict(sidecar_spec), taken)
-        sc_d = cat.load(cat.ServiceSchema(), sc_body)
+        sc_d = load(ServiceSchema(), sc_body)
         sidecar = cat.build_service(settings.node_name, sc_d)
         svcs.append(sidecar)
         checks += cat.build_checks(settings.node_name, sidecar, list(sc_d.get("Checks") or []))
@@ -152,7 +154,7 @@ def list_checks():
 @bp.put("/v1/agent/check/register")
 def check_register():
     s = services()
-    d = cat.load(cat.CheckSchema(), cat.to_pascal(json_body()))
+    d = load(CheckSchema(), cat.to_pascal(json_body()))
     owner = None
     if d.get("ServiceID"):
         owner = next(
@@ -162,7 +164,7 @@ def check_register():
         if owner is None:
             raise NotFound(f"ServiceID {d['ServiceID']!r} does not exist")
     if not d.get("Name"):
-        raise BadRequest("invalid request body: Name: Missing data for required field.")
+        raise BadRequest("Name: Missing data for required field.")
     d.setdefault("CheckID", d.get("ID") or d["Name"])
     if owner is not None:
         acl.require_service_write(owner.name)
@@ -228,17 +230,8 @@ def check_fail(check_id: str):
 
 @bp.put("/v1/agent/check/update/<check_id>")
 def check_update(check_id: str):
-    body = cat.to_pascal(json_body(required=False) or {})
-    unknown = set(body) - {"Status", "Output"}
-    if unknown:
-        raise BadRequest(f"invalid request body: unknown field(s) {', '.join(sorted(unknown))}")
-    status = body.get("Status", PASSING)
-    if status not in (PASSING, WARNING, CRITICAL):
-        raise BadRequest("Status must be passing, warning or critical")
-    output = body.get("Output")
-    if output is not None and not isinstance(output, str):
-        raise BadRequest("Output must be a string")
-    return _update(check_id, status, output)
+    body = load(CheckUpdateSchema(), cat.to_pascal(json_body(required=False) or {}))
+    return _update(check_id, body["Status"], body["Output"])
 
 
 @bp.get("/v1/agent/self")

@@ -11,6 +11,8 @@ from trellis.api.acl import service as acl
 from trellis.api.errors import BadRequest
 from trellis.api.feed import Watch
 from trellis.api.http import blocking, json_body, json_response, services, str_arg
+from trellis.api.schemas import load
+from trellis.api.schemas.catalog import CatalogDeregisterSchema, CatalogRegisterSchema
 from trellis.api.store.base import Check, Node, Registration, Service
 
 bp = Blueprint("catalog", __name__)
@@ -62,7 +64,7 @@ def require_overwrite_write(node: str, svcs: Iterable[Service], checks: Iterable
 @bp.put("/v1/catalog/register")
 def register():
     check_dc()
-    body = cat.load(cat.CatalogRegisterSchema(), cat.to_pascal(json_body()))
+    body = load(CatalogRegisterSchema(), cat.to_pascal(json_body()))
     settings = services().settings
     if body.get("Datacenter") and body["Datacenter"] != settings.datacenter:
         raise BadRequest(f"No path to datacenter {body['Datacenter']!r}")
@@ -117,17 +119,9 @@ def register():
 @bp.put("/v1/catalog/deregister")
 def deregister():
     check_dc()
-    body = cat.to_pascal(json_body())
-    node = body.get("Node")
-    if not isinstance(node, str) or not node:
-        raise BadRequest("invalid request body: Node: Missing data for required field.")
-    unknown = set(body) - {"Node", "ServiceID", "CheckID", "Datacenter", "Namespace", "Partition"}
-    if unknown:
-        raise BadRequest(f"invalid request body: unknown field(s) {', '.join(sorted(unknown))}")
+    body = load(CatalogDeregisterSchema(), cat.to_pascal(json_body()))
+    node = body["Node"]
     store = services().store
-    for k in ("ServiceID", "CheckID"):
-        if k in body and not isinstance(body[k], str):
-            raise BadRequest(f"invalid request body: {k}: Not a valid string.")
     if body.get("ServiceID"):
         owner = next((s for s in store.services(node=node) if s.id == body["ServiceID"]), None)
         if owner is not None:

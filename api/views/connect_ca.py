@@ -12,7 +12,6 @@ from flask import Blueprint, Response
 from trellis.api.acl import service as acl
 from trellis.api.ca.manager import ROOTS_WATCH, WATCH, CAManager, SignedLeaf, _rfc3339
 from trellis.api.catalog import valid_name
-from trellis.api.errors import BadRequest
 from trellis.api.http import (
     add_index_headers,
     blocking,
@@ -23,6 +22,8 @@ from trellis.api.http import (
     uint_arg,
     wait_arg,
 )
+from trellis.api.schemas import load
+from trellis.api.schemas.ca import RotateSchema, SignSchema
 from trellis.proxy import renewal, spiffe
 from trellis.proxy import x509 as px
 
@@ -75,14 +76,8 @@ def put_configuration():
 @bp.post("/v1/connect/ca/rotate")
 def rotate():
     acl.require_operator(write=True)
-    body = json_body(required=False) or {}
-    unknown = set(body) - {"ForceWithoutCrossSigning"}
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    force = body.get("ForceWithoutCrossSigning", False)
-    if not isinstance(force, bool):
-        raise BadRequest("ForceWithoutCrossSigning must be true or false")
-    ca().rotate(force=force)
+    body = load(RotateSchema(), json_body(required=False) or {})
+    ca().rotate(force=body["force"])
     data, index = ca().roots_view()
     return json_response(data, index=index)
 
@@ -119,14 +114,8 @@ def leaf_json(leaf: SignedLeaf, index: int, key_pem: str = "") -> dict:
 @bp.post("/v1/connect/ca/sign")
 def sign():
     """Sign a CSR: the path for sidecars and native apps, whose keys never leave them."""
-    body = json_body()
-    unknown = set(body) - {"CSR"}
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    csr = body.get("CSR")
-    if not isinstance(csr, str) or not csr:
-        raise BadRequest("CSR (a PEM certificate request) is required")
-    leaf = ca().sign_csr(csr, may_sign)
+    body = load(SignSchema(), json_body())
+    leaf = ca().sign_csr(body["CSR"], may_sign)
     # The index of the roots the leaf was signed under: no extra store read per signing.
     _, index = ca().roots_index()
     return json_response(leaf_json(leaf, index))

@@ -18,19 +18,14 @@ from trellis.api.acl import service as acl
 from trellis.api.errors import BadRequest, NotFound
 from trellis.api.feed import Watch
 from trellis.api.http import blocking, json_body, json_response, services, str_arg
+from trellis.api.schemas import load
+from trellis.api.schemas.intentions import AuthorizeSchema, IntentionExactSchema, IntentionSchema
 from trellis.api.store.security import IntentionRecord
 from trellis.proxy import authz, spiffe
 
 bp = Blueprint("intentions", __name__)
 
 ALL = Watch("intentions", prefixes=("",))
-FIELDS = {"SourceName", "DestinationName", "SourceType", "Action", "Description", "Meta"}
-#: Accepted for compatibility with Consul clients, and must hold Consul's only OSS value.
-NS_FIELDS = {"SourceNS", "DestinationNS", "SourcePartition", "DestinationPartition"}
-#: Read-only fields, accepted and ignored so that an intention read back can be sent back.
-#: ``Hash``: Consul's Go client (api.Intention) always sends it (no omitempty), as null, so
-#: refusing it made every IntentionCreate/IntentionUpdate of that client a 400.
-READ_ONLY = {"ID", "Precedence", "CreatedAt", "UpdatedAt", "CreateIndex", "ModifyIndex", "Hash"}
 
 
 class IntentionCache:
@@ -104,47 +99,6 @@ def _name(value: Any, what: str) -> str:
         raise BadRequest(f"{what}: {e}") from None
 
 
-def _parse_body(body: dict, *, names_from_body: bool) -> dict[str, Any]:
-    """Validate an intention body; returns source/destination (if in body), action, etc."""
-    allowed = FIELDS | NS_FIELDS | READ_ONLY
-    # Permissions first: checked after the unknown fields, it was one of them, and its own
-    # message (the useful one) was never given.
-    if "Permissions" in body:
-        raise BadRequest("L7 Permissions are not supported; use Action allow or deny")
-    unknown = set(body) - allowed
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    for k in NS_FIELDS:
-        if k in body and body[k] not in ("", "default"):
-            raise BadRequest(f"{k} must be 'default' (namespaces and partitions are not served)")
-    out: dict[str, Any] = {}
-    if names_from_body:
-        out["source"] = _name(body.get("SourceName"), "SourceName")
-        out["destination"] = _name(body.get("DestinationName"), "DestinationName")
-    st = body.get("SourceType", "consul")
-    if st not in ("consul", ""):
-        raise BadRequest("SourceType must be consul")
-    action = body.get("Action")
-    if action not in (authz.ALLOW, authz.DENY):
-        raise BadRequest("Action must be allow or deny")
-    out["action"] = action
-    desc = body.get("Description", "")
-    if not isinstance(desc, str) or len(desc) > 512:
-        raise BadRequest("Description must be a string of at most 512 characters")
-    out["description"] = desc
-    # null means none; any other non-object ([] or "" as much as [1]) is an error. With
-    # ``or {}``, the falsy ones ([], "", false, 0) were taken silently as no Meta.
-    meta = body.get("Meta")
-    meta = {} if meta is None else meta
-    if not isinstance(meta, dict) or len(meta) > 64:
-        raise BadRequest("Meta must be an object with at most 64 keys")
-    for k, v in meta.items():
-        if not isinstance(v, str) or len(k) > 128 or len(v) > 512 or not k:
-            raise BadRequest("Meta keys and values must be strings (keys 1-128, values <= 512)")
-    out["meta"] = meta
-    return out
-
-
 # -- ACLs: intentions are managed per destination -------------------------------------------
 
 
@@ -189,7 +143,7 @@ def _readable(destination: str) -> bool:
 
 @bp.post("/v1/connect/intentions")
 def create():
-    body = _parse_body(json_body(), names_from_body=True)
+    body = load(IntentionSchema(), json_body())
     check_intention_write(body["destination"])
     now = _now()
     rec = services().store.intention_put(
@@ -229,7 +183,7 @@ def get(intention_id: str):
 @bp.put("/v1/connect/intentions/<intention_id>")
 def update(intention_id: str):
     rec = _by_id(intention_id)
-    body = _parse_body(json_body(), names_from_body=True)
+    body = load(IntentionSchema(), json_body())
     check_intention_write(rec.destination)
     check_intention_write(body["destination"])
     try:
@@ -300,7 +254,7 @@ def get_exact():
 @bp.put("/v1/connect/intentions/exact")
 def put_exact():
     source, destination = _pair()
-    body = _parse_body(json_body(), names_from_body=False)
+    body = load(IntentionExactSchema(), json_body())
     check_intention_write(destination)
     store = services().store
     existing = store.intention_exact(source, destination)
@@ -377,19 +331,8 @@ def check():
 
 @bp.post("/v1/agent/connect/authorize")
 def authorize():
-    body = json_body()
-    unknown = set(body) - {"Target", "ClientCertURI", "ClientCertSerial", "Namespace", "Partition"}
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    target = _name(body.get("Target"), "Target")
-    if target == authz.WILDCARD:
-        raise BadRequest("Target must be a service name, not '*'")
-    uri = body.get("ClientCertURI")
-    if not isinstance(uri, str) or not uri:
-        raise BadRequest("ClientCertURI is required")
-    serial = body.get("ClientCertSerial", "")
-    if not isinstance(serial, str):
-        raise BadRequest("ClientCertSerial must be a string")
+    body = load(AuthorizeSchema(), json_body())
+    target, uri = body["target"], body["uri"]
     check_service_write(target)
     try:
         peer = spiffe.parse_service(uri)
