@@ -80,12 +80,12 @@ Available commands are:
     acl          Interact with Trellis's ACLs
     ca           Interact with the Connect certificate authority (CA)
     catalog      Interact with the catalog
-    dev          Run a server and a node agent on this machine, for development
+    dev          Run a throw-away server on this machine, for development
     info         Provides debugging information for operators
     intention    Interact with Connect service intentions
     kv           Interact with the key-value store
     members      Lists the members of a Trellis cluster
-    server       Run the control plane (HTTP API, UI and DNS)
+    server       Run the control plane (HTTP API and DNS)
     services     Interact with services
     version      Prints the Trellis version
 """
@@ -139,6 +139,23 @@ def test_command_help_goes_to_stdout(cli):
     assert "\n  -recurse\n     Recursively delete all keys with the path." in r.out
     assert "\n  -modify-index=<uint>\n" in r.out
     assert "\nHTTP API Options:\n\n  -http-addr=<address>\n" in r.out
+
+
+def test_dev_help_says_what_dev_starts(cli):
+    """Only what ``trellis dev`` really starts: there is no node agent (nor UI) to promise."""
+    r = cli("dev", "-h")
+    assert r.code == 0 and r.err == ""
+    assert r.out.startswith(
+        "Usage: trellis dev [options]\n\n"
+        "  Starts a server with everything on one machine: the HTTP API on 127.0.0.1:8500,\n"
+        "  DNS on 127.0.0.1:8600, SQLite in a temporary data directory (deleted when it\n"
+        "  stops), the built-in CA, and this host registered as a node. Nothing else is\n"
+        "  needed. It starts no node agent and no proxies (Trellis has neither yet):\n"
+        "  register services through the HTTP API or 'trellis services register'.\n\n"
+        "Command Options:\n"
+    )
+    server = cli("server", "-h").out
+    assert "UI" not in server and "agent" not in server
 
 
 def test_missing_key_is_a_usage_error(cli):
