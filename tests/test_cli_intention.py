@@ -89,9 +89,12 @@ def test_create_an_existing_pair_fails_unless_replace(cli, api):
         'Error creating intention "web => db (deny)": an intention web => db already exists\n',
     )
     assert api.intention_get_exact("web", "db").value["Action"] == "allow"
-    # -replace: Consul prints nothing when it replaced an intention; its ID is kept, and its
-    # metadata is replaced by the command's (here: none).
-    ok(cli("intention", "create", "-replace", "-deny", "-description", "d", "web", "db"), "")
+    # -replace says what it did (Consul prints nothing); the ID is kept, and the metadata is
+    # replaced by the command's (here: none).
+    ok(
+        cli("intention", "create", "-replace", "-deny", "-description", "d", "web", "db"),
+        "Replaced: web => db (deny)\n",
+    )
     now = api.intention_get_exact("web", "db").value
     assert (now["ID"], now["Action"], now["Description"], now["Meta"]) == (
         first["ID"],
