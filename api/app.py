@@ -112,6 +112,9 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
 
     _error_handlers(app)
     longpoll.install(app)
+    from trellis.api.http import refuse_filter
+
+    app.before_request(refuse_filter)
 
     @app.after_request
     def _headers(resp: Response) -> Response:
