@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -824,3 +825,67 @@ def test_tls_without_the_ca_is_refused_unless_skip_verify(openbao_tls, vault_pat
     assert e.value.retryable is False
     assert vault_paths.root not in mounts(openbao_tls)
     provider(openbao_tls, vault_paths, TLSSkipVerify=True).generate_root()
+
+
+ENV_IGNORED = """
+import datetime as dt, json, sys
+import hvac
+from trellis.api.ca.provider import CAOptions
+from trellis.api.ca.vault import VaultProvider
+
+address, token, ca_file, root, intermediate = sys.argv[1:6]
+# The control: hvac's own defaults do pick the client certificate up from this environment
+# (a missing file here), so the provider's success below is not for want of one.
+try:
+    hvac.Client(url=address, token=token, verify=ca_file).sys.read_health_status(method="GET")
+except OSError as e:
+    control = str(e)
+else:
+    control = ""
+p = VaultProvider()
+p.configure(
+    CAOptions(
+        trust_domain=sys.argv[6], datacenter="dc1", leaf_ttl=dt.timedelta(hours=72),
+        intermediate_ttl=dt.timedelta(days=365), root_ttl=dt.timedelta(days=3650),
+        key_type="ec", key_bits=256,
+    ),
+    {"Address": address, "Token": token, "CAFile": ca_file,
+     "RootPKIPath": root, "IntermediatePKIPath": intermediate},
+)
+material = p.generate_root()
+print(json.dumps({"control": control, "root": material.cert.subject.rfc4514_string()}))
+"""
+
+
+def test_vault_client_settings_from_the_environment_are_ignored(openbao_tls, vault_paths, tmp_path):
+    """The configuration decides which client certificate goes to Vault, not hvac's
+    VAULT_CLIENT_CERT/VAULT_CLIENT_KEY (read from the environment when hvac is imported, so
+    the provider runs in a process of its own here). A certificate that leaked in would be
+    sent to the server (here: a missing file, so every request would fail)."""
+    env = {
+        **os.environ,
+        "VAULT_CLIENT_CERT": str(tmp_path / "no-such-client.pem"),
+        "VAULT_CLIENT_KEY": str(tmp_path / "no-such-client.key"),
+        "VAULT_CACERT": str(tmp_path / "no-such-ca.pem"),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ENV_IGNORED,
+            openbao_tls.address,
+            openbao_tls.token,
+            str(openbao_tls.ca_file),
+            vault_paths.root,
+            vault_paths.intermediate,
+            TD,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "no-such-client.pem" in got["control"], got
+    assert vault_paths.root in mounts(openbao_tls)
