@@ -124,6 +124,24 @@ class TrellisProcess:
             self.proc.stdout.close()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a ``trellis server``'s gunicorn workers), from
+    /proc; they are only looked at, never signalled, here."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ")".
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
