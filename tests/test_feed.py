@@ -426,12 +426,16 @@ def test_concurrent_woken_queries_share_one_read_in_flight():
     assert read.started.wait(PROMPT)  # the first one is reading...
     for t in threads[1:]:
         t.start()  # ...while the others arrive
-    time.sleep(0.05)
+    # Every other one has joined the read in flight (not merely arrived after it, when the
+    # remembered result would serve it without any sharing to test).
+    eventually(lambda: shared.following() == 19)
+    assert read.calls == 1
     read.release.set()
     for t in threads:
         t.join(PROMPT)
     assert results == ["once"] * 20
     assert read.calls == 1
+    assert shared.following() == 0
 
 
 def test_a_read_in_flight_from_an_older_position_does_not_serve_a_newer_query():
@@ -470,8 +474,8 @@ def test_when_the_shared_read_fails_each_waiter_reads_for_itself():
     got: list[object] = []
     w = threading.Thread(target=lambda: got.append(shared.read("k", 1, fallback)), daemon=True)
     w.start()
-    time.sleep(0.05)
-    assert fallback.calls == 0  # waiting for the leader, not reading
+    eventually(lambda: shared.following() == 1)  # waiting for the leader, not reading
+    assert fallback.calls == 0
     failing.release.set()
     t.join(PROMPT)
     w.join(PROMPT)
