@@ -73,6 +73,19 @@ def store(store_url):
 
 
 @pytest.fixture
+def dead_url():
+    """``http://127.0.0.1:<port>`` where nothing listens: the port is bound but not listening,
+    so a connection is refused at once, and, held for the whole test, nobody else can take it
+    and answer instead."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
+@pytest.fixture
 def trellis_server(tmp_path):
     """A real ``trellis dev`` subprocess on free HTTP and DNS ports (``.url``, ``.dns_port``)."""
     from tests.support import TrellisProcess

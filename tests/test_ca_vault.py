@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests import vault_fixtures
-from tests.vault_fixtures import MountPaths, closed_port, start_bao
+from tests.vault_fixtures import MountPaths, start_bao
 from trellis.api.ca.provider import CAOptions, ProviderError
 from trellis.api.ca.vault import MOUNT_MARK, VaultProvider, parse_config
 from trellis.proxy import spiffe
@@ -207,10 +207,10 @@ def test_configure_defaults_and_accepts_token_auth():
     assert settings.root_path == "connect-root"
 
 
-def test_configure_makes_no_request():
+def test_configure_makes_no_request(dead_url):
     # Nothing listens there; configure must still succeed (it only checks and builds).
     p = VaultProvider()
-    p.configure(options(), {**GOOD, "Address": f"http://127.0.0.1:{closed_port()}"})
+    p.configure(options(), {**GOOD, "Address": dead_url})
     assert "secret" not in repr(p)
 
 
@@ -640,9 +640,9 @@ def test_vault_down_is_retryable_and_quick(tmp_path, vault_paths):
     assert spare.token not in e.value.message
 
 
-def test_nothing_listening_is_retryable(vault_paths):
+def test_nothing_listening_is_retryable(vault_paths, dead_url):
     p = VaultProvider()
-    p.configure(options(), {**GOOD, "Address": f"http://127.0.0.1:{closed_port()}"})
+    p.configure(options(), {**GOOD, "Address": dead_url})
     t0 = time.monotonic()
     with pytest.raises(ProviderError, match="cannot reach Vault") as e:
         p.generate_root()
@@ -650,12 +650,11 @@ def test_nothing_listening_is_retryable(vault_paths):
     assert e.value.retryable is True
 
 
-def test_proxy_settings_in_the_environment_are_ignored(openbao, vault_paths, monkeypatch):
+def test_proxy_settings_in_the_environment_are_ignored(openbao, vault_paths, monkeypatch, dead_url):
     """The configuration decides where the token goes, not HTTP(S)_PROXY: here the proxy is a
     closed port, so going through it would fail."""
-    dead = f"http://127.0.0.1:{closed_port()}"
     for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
-        monkeypatch.setenv(name, dead)
+        monkeypatch.setenv(name, dead_url)
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     provider(openbao, vault_paths).generate_root()
