@@ -86,6 +86,16 @@ def dead_url():
 
 
 @pytest.fixture
+def stub():
+    """A scripted HTTP server on 127.0.0.1:0 (``tests.http_stub.StubServer``)."""
+    from tests.http_stub import StubServer
+
+    s = StubServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
 def trellis_server(tmp_path):
     """A real ``trellis dev`` subprocess on free HTTP and DNS ports (``.url``, ``.dns_port``)."""
     from tests.support import TrellisProcess
@@ -105,6 +115,15 @@ def trellis_server(tmp_path):
     ).start()
     yield p
     p.stop()
+
+
+@pytest.fixture
+def api(trellis_server):
+    """The typed client (``trellis.proxy.client.Client``) of ``trellis_server``."""
+    from trellis.proxy.client import Client
+
+    with Client(trellis_server.url, timeout=10) as c:
+        yield c
 
 
 @pytest.fixture

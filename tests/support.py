@@ -1,4 +1,4 @@
-"""Helpers for tests that run real ``trellis`` processes."""
+"""Helpers shared by the tests: real ``trellis`` processes, polling."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -142,8 +144,9 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); fail after
+    ``timeout``. The one polling helper of the suite: in-process tests and process tests."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -15,12 +15,12 @@ import os
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.test_client import Reply, StubServer
+from tests.cli_support import Result, run_cli
+from tests.http_stub import Reply
 from trellis.api import __version__
 from trellis.api.cli.base import UsageError
 from trellis.api.cli.main import main, run
@@ -29,46 +29,14 @@ from trellis.api.cli.services import services_from_file
 from trellis.proxy.client import Client
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
 def cli(capsys):
-    """Run ``trellis ARGS`` in-process; stdout and stderr are captured by pytest."""
+    """Run ``trellis ARGS`` in-process, with this environment and standard input."""
 
     def call(*argv: str, env: dict[str, str] | None = None, stdin: str = "") -> Result:
-        code = run(
-            list(argv),
-            env=env or {},
-            stdin=io.StringIO(stdin),
-            stdout=sys.stdout,
-            stderr=sys.stderr,
-        )
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
+        return run_cli(capsys, argv, env=env or {}, stdin=stdin)
 
     return call
-
-
-@pytest.fixture
-def stub():
-    s = StubServer()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def dead_url():
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    yield f"http://127.0.0.1:{s.getsockname()[1]}"
-    s.close()
 
 
 # -- help, version, usage errors ---------------------------------------------------------------

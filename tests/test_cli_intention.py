@@ -10,7 +10,6 @@ Output, messages and exit statuses are ``consul intention``'s, except ``check``:
 from __future__ import annotations
 
 import datetime as dt
-import socket
 
 import pytest
 
@@ -23,15 +22,6 @@ pytestmark = pytest.mark.integration
 # Shared fixtures, bound here by name (importing them directly trips ruff's F811).
 Result = cli_support.Result
 cli = cli_support.cli
-api = cli_support.api
-
-
-@pytest.fixture
-def dead_url():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    yield f"http://127.0.0.1:{s.getsockname()[1]}"
-    s.close()
 
 
 def created_at(ixn: dict) -> str:
