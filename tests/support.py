@@ -1,7 +1,8 @@
-"""Helpers shared by the tests: real ``trellis`` processes, polling."""
+"""Helpers shared by the tests: real ``trellis`` processes, fresh PostgreSQL databases, polling."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,13 +10,30 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 TRELLIS = str(Path(sys.executable).with_name("trellis"))
+
+
+@contextlib.contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server ``admin_url`` names (its URL), dropped
+    (connections and all) when the block ends."""
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(admin_url, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.replace("/postgres?", f"/{name}?", 1)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def server_args(data_dir: Path, *, workers: int, node: str) -> list[str]:
