@@ -123,12 +123,13 @@ def serve(settings: Settings) -> int:
     # to refuse here, not a traceback in every worker; and a SQLite server's generated key is
     # made once, before the workers race to make it.
     from trellis.api.ca.secrets import load_sealer
+    from trellis.api.store import SQLITE, store_kind
 
     try:
         load_sealer(
             settings.ca_seal_key,
             settings.data_dir,
-            shared_store=not settings.store_url.startswith("sqlite"),
+            shared_store=store_kind(settings.store_url) != SQLITE,
         )
     except ConfigError as e:
         return _fail(f"invalid configuration: {e}")

@@ -21,6 +21,7 @@ from tests.openapi_check import ValidatingClient
 from tests.support import wait_until  # noqa: F401 - re-exported to the API tests
 from trellis.api.app import create_app
 from trellis.api.settings import Settings, validate
+from trellis.api.store import store_kind as kind_of
 
 NODE = "test-node"
 
@@ -59,7 +60,7 @@ def client(make_client):
 
 @pytest.fixture
 def store_kind(store_url) -> str:
-    return "postgresql" if store_url.startswith("postgres") else "sqlite"
+    return kind_of(store_url)
 
 
 # -- helpers ---------------------------------------------------------------------------------
