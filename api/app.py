@@ -23,7 +23,7 @@ from trellis.api.ca.secrets import load_sealer
 from trellis.api.errors import TrellisError
 from trellis.api.feed import SharedReads
 from trellis.api.settings import Settings
-from trellis.api.store import open_store
+from trellis.api.store import SQLITE, open_store, store_kind
 from trellis.api.store.base import PASSING, Check, Node, Registration, Store
 
 if TYPE_CHECKING:
@@ -84,8 +84,8 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     app.json.sort_keys = False  # type: ignore[attr-defined]
     if store is None:
         store = open_store(settings.store_url, **_store_options(settings))
-    kind = "postgresql" if settings.store_url.startswith("postgres") else "sqlite"
-    sealer = load_sealer(settings.ca_seal_key, settings.data_dir, shared_store=kind != "sqlite")
+    kind = store_kind(settings.store_url)
+    sealer = load_sealer(settings.ca_seal_key, settings.data_dir, shared_store=kind != SQLITE)
     ca = CAManager(
         store,
         datacenter=settings.datacenter,
@@ -113,6 +113,9 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     _error_handlers(app)
     longpoll.install(app)
     browsers.install(app, settings)  # web pages: cross-origin writes, dev's Host check
+    from trellis.api.http import refuse_filter
+
+    app.before_request(refuse_filter)
 
     @app.after_request
     def _headers(resp: Response) -> Response:
@@ -139,7 +142,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
 
 
 def _store_options(settings: Settings) -> dict:
-    if settings.store_url.startswith("sqlite"):
+    if store_kind(settings.store_url) == SQLITE:
         return {"poll_interval": settings.sqlite_poll_interval}
     return {"poll_interval": settings.pg_poll_interval}
 

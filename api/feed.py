@@ -238,6 +238,13 @@ class SharedReads:
         self._limit = limit
         self._done: dict[Hashable, tuple[int, object]] = {}
         self._flights: dict[Hashable, _Flight] = {}
+        self._following = 0  # queries waiting for another's read in flight
+
+    def following(self) -> int:
+        """How many queries are waiting for a read in flight started by another (for tests,
+        which must know that a query joined a read rather than arrived after it)."""
+        with self._lock:
+            return self._following
 
     def remember(self, key: Hashable, pos: int, value: object) -> None:
         """Record ``value``, computed from position ``pos``, unless a newer one is known."""
@@ -260,9 +267,15 @@ class SharedReads:
             if leader:
                 flight = _Flight(pos)
                 self._flights[key] = flight
+            else:
+                self._following += 1
         assert flight is not None
         if not leader:
-            flight.done.wait()
+            try:
+                flight.done.wait()
+            finally:
+                with self._lock:
+                    self._following -= 1
             if flight.ok:
                 return cast(T, flight.value)
             return compute()

@@ -46,6 +46,25 @@ def flag(name: str) -> bool:
     raise BadRequest(f"query parameter {name!r} must be true or false, not {v!r}")
 
 
+def refuse_filter() -> None:
+    """Refuse ``?filter=`` on every endpoint (a ``before_request`` hook, see ``create_app``).
+
+    Consul's endpoints take a filter expression and return only the matching entries. Trellis
+    does not evaluate filter expressions yet; answering with the whole list would let a client
+    that filters (``consul catalog services -filter``, ``consul-template``, a script) act on
+    entries it meant to exclude. The client is at fault only in asking for what Trellis lacks,
+    so it gets a 400 that says so. An empty ``?filter=`` filters nothing, in Consul too, and is
+    accepted. A path that routes nowhere keeps its 404 or 405.
+    """
+    if request.url_rule is None or not any(v.strip() for v in request.args.getlist("filter")):
+        return
+    raise BadRequest(
+        "query parameter 'filter' is not supported: Trellis does not evaluate filter"
+        " expressions yet, and refuses the request rather than return unfiltered results;"
+        " leave out 'filter' and filter on the client"
+    )
+
+
 def uint_arg(name: str, *, maximum: int = U64_MAX) -> int | None:
     v = request.args.get(name)
     if v is None:

@@ -12,7 +12,10 @@ change feed, following the other workers' commits through the store. Each worker
 DNS from the inherited DNS sockets; the kernel hands each datagram or connection to one of them.
 
 The default worker class is gevent: a parked blocking query costs a greenlet, not a thread, so
-thousands of long-polls do not tie up the workers (gthread and sync remain available).
+thousands of long-polls do not tie up the workers (gthread and sync remain available). The
+master checks the store in a short-lived child process and never imports the database driver
+itself, so that each gevent worker imports psycopg after gevent has patched it, which is what
+makes psycopg cooperative (``check_store``).
 """
 
 from __future__ import annotations
@@ -140,25 +143,22 @@ def serve(settings: Settings) -> int:
             os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
         except OSError as e:
             return _fail(f"cannot create data dir {settings.data_dir}: {e.strerror}")
-    # Open the store once in the master: it runs the migrations and proves the store is
-    # reachable before any port is taken or worker forked.
-    from trellis.api.store import open_store
-
-    try:
-        store = open_store(settings.store_url)
-        store.close()
-    except (StoreUnavailable, ConfigError) as e:
-        return _fail(f"cannot open the store {_redact(settings.store_url)}: {e}")
+    # Open the store once before any port is taken or worker forked: it runs the migrations
+    # and proves the store is reachable. In a child process, see check_store.
+    problem = check_store(settings.store_url)
+    if problem:
+        return _fail(f"cannot open the store {_redact(settings.store_url)}: {problem}")
     # The CA seal key, also in the master: a missing key (PostgreSQL) is a configuration error
     # to refuse here, not a traceback in every worker; and a SQLite server's generated key is
     # made once, before the workers race to make it.
     from trellis.api.ca.secrets import load_sealer
+    from trellis.api.store import SQLITE, store_kind
 
     try:
         load_sealer(
             settings.ca_seal_key,
             settings.data_dir,
-            shared_store=not settings.store_url.startswith("sqlite"),
+            shared_store=store_kind(settings.store_url) != SQLITE,
         )
     except ConfigError as e:
         return _fail(f"invalid configuration: {e}")
@@ -233,24 +233,45 @@ def _redact(url: str) -> str:
     return url
 
 
-def _cooperative_psycopg() -> None:
-    """Make psycopg wait on its sockets in a way gevent can switch away from.
+def check_store(url: str) -> str | None:
+    """Open the store and close it again, in a child process; the reason it failed, or None.
 
-    psycopg chooses its wait function once, when ``psycopg.waiting`` is imported. The master
-    imports it (it opens the store before forking), before the gevent worker monkey-patches
-    the process, so a worker inherits the C ``poll()`` wait, which blocks the whole gevent hub:
-    the PostgreSQL follower parked in LISTEN, or any query, would freeze every request of the
-    worker. Once gevent has patched ``select``, switch to psycopg's Python ``poll()`` wait and
-    the (now patched) default selector, which is what psycopg picks when imported under gevent.
+    The child runs the migrations and proves the store is reachable, as the master used to do
+    itself. The master must not: psycopg chooses how it waits on its sockets when it is first
+    imported, and is cooperative under gevent only if gevent has patched ``select`` by then
+    (psycopg's documented gevent support). Imported in the master, before the gevent workers
+    patch themselves, it would be inherited with its C wait, which blocks a worker's whole
+    hub: the PostgreSQL follower parked in LISTEN, or any query, would stop every request of
+    the worker. So the driver is first imported in the workers, after the patching, and
+    nothing of psycopg's internals needs changing. (SQLite goes the same way, for one path.)
+
+    The operator is at fault for what the message says (an unreachable or misconfigured
+    store); an unexpected exception in the child is reported with its type, not a traceback.
     """
-    waiting = sys.modules.get("psycopg.waiting")
-    monkey = sys.modules.get("gevent.monkey")
-    if waiting is None or monkey is None or not monkey.is_module_patched("select"):
-        return
-    import selectors
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report on the pipe, exit without running the parent's cleanup
+        os.close(read_end)
+        code = 0
+        try:
+            from trellis.api.store import open_store
 
-    waiting.wait = waiting.wait_poll
-    waiting.DefaultSelector = selectors.DefaultSelector
+            open_store(url).close()
+        except (StoreUnavailable, ConfigError) as e:
+            code = 1
+            os.write(write_end, str(e).encode("utf-8", "replace")[:4096])
+        except BaseException as e:  # whatever it is, the parent reports it
+            code = 1
+            os.write(write_end, f"{type(e).__name__}: {e}".encode("utf-8", "replace")[:4096])
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode("utf-8", "replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 0:
+        return None
+    return message or f"the check ended with status {os.waitstatus_to_exitcode(status)}"
 
 
 def _gunicorn_base():
@@ -315,7 +336,13 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
         # Runs in each worker, after the fork (and after gevent has monkey-patched it).
         from trellis.api.app import create_app
 
-        _cooperative_psycopg()
+        monkey = sys.modules.get("gevent.monkey")
+        if "psycopg" in sys.modules and monkey and monkey.is_module_patched("select"):
+            # See check_store: a psycopg imported before the patching waits in C.
+            log.error(
+                "psycopg was imported before gevent patched this worker: PostgreSQL queries"
+                " will block the whole worker while they wait (a bug in Trellis)"
+            )
         return create_app(self.settings)
 
     def _when_ready(self, arbiter) -> None:

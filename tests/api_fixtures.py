@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from tests.openapi_check import ValidatingClient
+from tests.support import wait_until  # noqa: F401 - re-exported to the API tests
 from trellis.api.app import create_app
 from trellis.api.settings import Settings, validate
+from trellis.api.store import store_kind as kind_of
 
 NODE = "test-node"
 
@@ -58,7 +60,7 @@ def client(make_client):
 
 @pytest.fixture
 def store_kind(store_url) -> str:
-    return "postgresql" if store_url.startswith("postgres") else "sqlite"
+    return kind_of(store_url)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -112,18 +114,6 @@ def assert_error(resp, status: int, code: str | None = None, contains: str = "")
         assert body["code"] == code, body
     assert contains in body["error"], body
     return body
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 class InThread:

@@ -9,7 +9,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-import uuid
 
 import pytest
 
@@ -39,15 +38,10 @@ def pg_server(tmp_path_factory):
 @pytest.fixture
 def pg_url(pg_server):
     """A fresh, empty database on the session's PostgreSQL server."""
-    import psycopg
+    from tests.support import fresh_database
 
-    name = "t_" + uuid.uuid4().hex[:12]
-    admin = pg_server.get_uri()
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    yield admin.replace("/postgres?", f"/{name}?", 1)
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(pg_server.get_uri()) as url:
+        yield url
 
 
 @pytest.fixture
@@ -68,6 +62,29 @@ def store(store_url):
     from trellis.api.store import open_store
 
     s = open_store(store_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def dead_url():
+    """``http://127.0.0.1:<port>`` where nothing listens: the port is bound but not listening,
+    so a connection is refused at once, and, held for the whole test, nobody else can take it
+    and answer instead."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
+@pytest.fixture
+def stub():
+    """A scripted HTTP server on 127.0.0.1:0 (``tests.http_stub.StubServer``)."""
+    from tests.http_stub import StubServer
+
+    s = StubServer()
     yield s
     s.close()
 
@@ -95,18 +112,39 @@ def trellis_server(tmp_path):
 
 
 @pytest.fixture
-def app_client(tmp_path):
-    """The Flask app on a real SQLite file, driven in-process (no socket).
+def api(trellis_server):
+    """The typed client (``trellis.proxy.client.Client``) of ``trellis_server``."""
+    from trellis.proxy.client import Client
+
+    with Client(trellis_server.url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def app_client(tmp_path, store_url):
+    """The Flask app driven in-process (no socket), on a real SQLite file and on a fresh real
+    PostgreSQL database: a test using it runs once on each (``store_url``).
 
     Every response is checked against openapi.yaml (``tests.openapi_check``); a response that
     breaks the contract fails the test with an AssertionError. ``app_client.raw`` is the
     unchecked Flask test client, and ``app_client.application`` the app.
     """
+    import base64
+    import secrets
+
     from tests.openapi_check import ValidatingClient
     from trellis.api.app import create_app
     from trellis.api.settings import Settings, validate
 
-    settings = validate(Settings(data_dir=str(tmp_path), node_name="test-node"))
+    settings = validate(
+        Settings(
+            data_dir=str(tmp_path),
+            node_name="test-node",
+            store=store_url,
+            # A store other servers may share (PostgreSQL) needs the key that seals CA keys.
+            ca_seal_key=base64.b64encode(secrets.token_bytes(32)).decode(),
+        )
+    )
     app = create_app(settings)
     yield ValidatingClient(app.test_client())
     app.extensions["trellis"].close()

@@ -1,7 +1,8 @@
-"""Helpers for tests that run real ``trellis`` processes."""
+"""Helpers shared by the tests: real ``trellis`` processes, fresh PostgreSQL databases, polling."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,11 +10,30 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 TRELLIS = str(Path(sys.executable).with_name("trellis"))
+
+
+@contextlib.contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server ``admin_url`` names (its URL), dropped
+    (connections and all) when the block ends."""
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(admin_url, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.replace("/postgres?", f"/{name}?", 1)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def server_args(data_dir: Path, *, workers: int, node: str) -> list[str]:
@@ -124,8 +144,27 @@ class TrellisProcess:
             self.proc.stdout.close()
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a ``trellis server``'s gunicorn workers), from
+    /proc; they are only looked at, never signalled, here."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ")".
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); fail after
+    ``timeout``. The one polling helper of the suite: in-process tests and process tests."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

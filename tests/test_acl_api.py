@@ -21,6 +21,7 @@ import pytest
 from tests import api_fixtures
 from tests.api_fixtures import assert_error, index_of
 from trellis.api.acl.service import ANONYMOUS_ACCESSOR, MANAGEMENT_POLICY_ID
+from trellis.api.store import POSTGRESQL, SQLITE, store_kind
 
 make_client = api_fixtures.make_client
 
@@ -459,7 +460,7 @@ def test_tokens_by_header_and_bearer_and_unknown_tokens(acl_client):
 
 def _tables_as_text(client, store_url: str) -> str:
     """Every row of every table of the store, as text."""
-    if store_url.startswith("postgres"):
+    if store_kind(store_url) == POSTGRESQL:
         import psycopg
 
         with psycopg.connect(store_url) as conn:
@@ -513,7 +514,7 @@ def test_secrets_are_stored_hashed(acl_client, store_url, tmp_path):
     for secret in secrets:
         assert secret not in text
         assert secret.replace("-", "") not in text
-    if store_url.startswith("sqlite"):
+    if store_kind(store_url) == SQLITE:
         files = [p for p in Path(tmp_path).rglob("*") if p.is_file()]
         names = {p.name for p in files}
         assert {"trellis.db", "trellis.db-wal"} <= names, names

@@ -1,6 +1,7 @@
 """The ACL matrix: every endpoint of the app x a set of tokens, with the exact status expected.
 
-One app with ACLs on and the default policy deny, on a real SQLite file, holds a small world
+One app with ACLs on and the default policy deny, on a real SQLite file and then on a real
+PostgreSQL database, holds a small world
 (services ``web`` and ``db`` on this node and on ``ext-1``, a sidecar for ``web``, checks, keys
 under ``app/`` and ``secret/``, intentions ``api => web`` and ``api => db``, a victim ACL policy
 and token). Each row below is one request (an endpoint with one target: ``web``/``app/`` is the
@@ -35,9 +36,12 @@ added later without one fails the suite until its row is written.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +49,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.openapi_check import ValidatingClient
+from tests.support import fresh_database
 from trellis.api.app import create_app
 from trellis.api.settings import Settings, validate
 from trellis.proxy import spiffe
@@ -255,11 +260,29 @@ class World:
         return self.csrs[service]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def world(request, tmp_path_factory) -> Iterator[World]:
+    """The world on a SQLite file, then on a fresh PostgreSQL database: the matrix runs on
+    both stores."""
     data = tmp_path_factory.mktemp("acl-matrix")
+    with contextlib.ExitStack() as stack:
+        store = ""  # SQLite in the data dir
+        if request.param == "postgresql":
+            admin = request.getfixturevalue("pg_server").get_uri()
+            store = stack.enter_context(fresh_database(admin))
+        yield from _world(data, store)
+
+
+def _world(data, store: str) -> Iterator[World]:
     settings = validate(
-        Settings(data_dir=str(data), node_name=NODE, acl_enabled=True, acl_default_policy="deny")
+        Settings(
+            data_dir=str(data),
+            store=store,
+            node_name=NODE,
+            acl_enabled=True,
+            acl_default_policy="deny",
+            ca_seal_key=base64.b64encode(secrets.token_bytes(32)).decode(),
+        )
     )
     app = create_app(settings, background=False)
     c = ValidatingClient(app.test_client())

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests import vault_fixtures
 from tests.ca_support import leaf_and_chain, service_csr
-from tests.vault_fixtures import MountPaths, closed_port, start_bao
+from tests.vault_fixtures import MountPaths, start_bao
 from trellis.api.ca.provider import CAOptions, ProviderError
 from trellis.api.ca.vault import MOUNT_MARK, VaultProvider, parse_config
 from trellis.proxy import spiffe
@@ -207,10 +208,10 @@ def test_configure_defaults_and_accepts_token_auth():
     assert settings.root_path == "connect-root"
 
 
-def test_configure_makes_no_request():
+def test_configure_makes_no_request(dead_url):
     # Nothing listens there; configure must still succeed (it only checks and builds).
     p = VaultProvider()
-    p.configure(options(), {**GOOD, "Address": f"http://127.0.0.1:{closed_port()}"})
+    p.configure(options(), {**GOOD, "Address": dead_url})
     assert "secret" not in repr(p)
 
 
@@ -640,9 +641,9 @@ def test_vault_down_is_retryable_and_quick(tmp_path, vault_paths):
     assert spare.token not in e.value.message
 
 
-def test_nothing_listening_is_retryable(vault_paths):
+def test_nothing_listening_is_retryable(vault_paths, dead_url):
     p = VaultProvider()
-    p.configure(options(), {**GOOD, "Address": f"http://127.0.0.1:{closed_port()}"})
+    p.configure(options(), {**GOOD, "Address": dead_url})
     t0 = time.monotonic()
     with pytest.raises(ProviderError, match="cannot reach Vault") as e:
         p.generate_root()
@@ -650,12 +651,11 @@ def test_nothing_listening_is_retryable(vault_paths):
     assert e.value.retryable is True
 
 
-def test_proxy_settings_in_the_environment_are_ignored(openbao, vault_paths, monkeypatch):
+def test_proxy_settings_in_the_environment_are_ignored(openbao, vault_paths, monkeypatch, dead_url):
     """The configuration decides where the token goes, not HTTP(S)_PROXY: here the proxy is a
     closed port, so going through it would fail."""
-    dead = f"http://127.0.0.1:{closed_port()}"
     for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
-        monkeypatch.setenv(name, dead)
+        monkeypatch.setenv(name, dead_url)
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     provider(openbao, vault_paths).generate_root()
@@ -969,3 +969,67 @@ def test_tls_without_the_ca_is_refused_unless_skip_verify(openbao_tls, vault_pat
     assert e.value.retryable is False
     assert vault_paths.root not in mounts(openbao_tls)
     provider(openbao_tls, vault_paths, TLSSkipVerify=True).generate_root()
+
+
+ENV_IGNORED = """
+import datetime as dt, json, sys
+import hvac
+from trellis.api.ca.provider import CAOptions
+from trellis.api.ca.vault import VaultProvider
+
+address, token, ca_file, root, intermediate = sys.argv[1:6]
+# The control: hvac's own defaults do pick the client certificate up from this environment
+# (a missing file here), so the provider's success below is not for want of one.
+try:
+    hvac.Client(url=address, token=token, verify=ca_file).sys.read_health_status(method="GET")
+except OSError as e:
+    control = str(e)
+else:
+    control = ""
+p = VaultProvider()
+p.configure(
+    CAOptions(
+        trust_domain=sys.argv[6], datacenter="dc1", leaf_ttl=dt.timedelta(hours=72),
+        intermediate_ttl=dt.timedelta(days=365), root_ttl=dt.timedelta(days=3650),
+        key_type="ec", key_bits=256,
+    ),
+    {"Address": address, "Token": token, "CAFile": ca_file,
+     "RootPKIPath": root, "IntermediatePKIPath": intermediate},
+)
+material = p.generate_root()
+print(json.dumps({"control": control, "root": material.cert.subject.rfc4514_string()}))
+"""
+
+
+def test_vault_client_settings_from_the_environment_are_ignored(openbao_tls, vault_paths, tmp_path):
+    """The configuration decides which client certificate goes to Vault, not hvac's
+    VAULT_CLIENT_CERT/VAULT_CLIENT_KEY (read from the environment when hvac is imported, so
+    the provider runs in a process of its own here). A certificate that leaked in would be
+    sent to the server (here: a missing file, so every request would fail)."""
+    env = {
+        **os.environ,
+        "VAULT_CLIENT_CERT": str(tmp_path / "no-such-client.pem"),
+        "VAULT_CLIENT_KEY": str(tmp_path / "no-such-client.key"),
+        "VAULT_CACERT": str(tmp_path / "no-such-ca.pem"),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ENV_IGNORED,
+            openbao_tls.address,
+            openbao_tls.token,
+            str(openbao_tls.ca_file),
+            vault_paths.root,
+            vault_paths.intermediate,
+            TD,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "no-such-client.pem" in got["control"], got
+    assert vault_paths.root in mounts(openbao_tls)

@@ -15,12 +15,12 @@ import os
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.test_client import Reply, StubServer
+from tests.cli_support import Result, run_cli
+from tests.http_stub import Reply
 from trellis.api import __version__
 from trellis.api.cli.base import UsageError
 from trellis.api.cli.main import main, run
@@ -29,46 +29,14 @@ from trellis.api.cli.services import services_from_file
 from trellis.proxy.client import Client
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
 def cli(capsys):
-    """Run ``trellis ARGS`` in-process; stdout and stderr are captured by pytest."""
+    """Run ``trellis ARGS`` in-process, with this environment and standard input."""
 
     def call(*argv: str, env: dict[str, str] | None = None, stdin: str = "") -> Result:
-        code = run(
-            list(argv),
-            env=env or {},
-            stdin=io.StringIO(stdin),
-            stdout=sys.stdout,
-            stderr=sys.stderr,
-        )
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
+        return run_cli(capsys, argv, env=env or {}, stdin=stdin)
 
     return call
-
-
-@pytest.fixture
-def stub():
-    s = StubServer()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def dead_url():
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    yield f"http://127.0.0.1:{s.getsockname()[1]}"
-    s.close()
 
 
 # -- help, version, usage errors ---------------------------------------------------------------
@@ -80,12 +48,12 @@ Available commands are:
     acl          Interact with Trellis's ACLs
     ca           Interact with the Connect certificate authority (CA)
     catalog      Interact with the catalog
-    dev          Run a server and a node agent on this machine, for development
+    dev          Run a throw-away server on this machine, for development
     info         Provides debugging information for operators
     intention    Interact with Connect service intentions
     kv           Interact with the key-value store
     members      Lists the members of a Trellis cluster
-    server       Run the control plane (HTTP API, UI and DNS)
+    server       Run the control plane (HTTP API and DNS)
     services     Interact with services
     version      Prints the Trellis version
 """
@@ -139,6 +107,23 @@ def test_command_help_goes_to_stdout(cli):
     assert "\n  -recurse\n     Recursively delete all keys with the path." in r.out
     assert "\n  -modify-index=<uint>\n" in r.out
     assert "\nHTTP API Options:\n\n  -http-addr=<address>\n" in r.out
+
+
+def test_dev_help_says_what_dev_starts(cli):
+    """Only what ``trellis dev`` really starts: there is no node agent (nor UI) to promise."""
+    r = cli("dev", "-h")
+    assert r.code == 0 and r.err == ""
+    assert r.out.startswith(
+        "Usage: trellis dev [options]\n\n"
+        "  Starts a server with everything on one machine: the HTTP API on 127.0.0.1:8500,\n"
+        "  DNS on 127.0.0.1:8600, SQLite in a temporary data directory (deleted when it\n"
+        "  stops), the built-in CA, and this host registered as a node. Nothing else is\n"
+        "  needed. It starts no node agent and no proxies (Trellis has neither yet):\n"
+        "  register services through the HTTP API or 'trellis services register'.\n\n"
+        "Command Options:\n"
+    )
+    server = cli("server", "-h").out
+    assert "UI" not in server and "agent" not in server
 
 
 def test_missing_key_is_a_usage_error(cli):

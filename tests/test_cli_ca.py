@@ -26,7 +26,6 @@ NAME = r"Trellis CA [0-9a-f]{8}"
 # Shared fixtures, bound here by name (importing them directly trips ruff's F811).
 Result = cli_support.Result
 cli = cli_support.cli
-api = cli_support.api
 
 
 def _row(root_id: str, name: str, active: str, not_after: str) -> str:

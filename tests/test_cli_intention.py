@@ -10,7 +10,6 @@ Output, messages and exit statuses are ``consul intention``'s, except ``check``:
 from __future__ import annotations
 
 import datetime as dt
-import socket
 
 import pytest
 
@@ -23,15 +22,6 @@ pytestmark = pytest.mark.integration
 # Shared fixtures, bound here by name (importing them directly trips ruff's F811).
 Result = cli_support.Result
 cli = cli_support.cli
-api = cli_support.api
-
-
-@pytest.fixture
-def dead_url():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    yield f"http://127.0.0.1:{s.getsockname()[1]}"
-    s.close()
 
 
 def created_at(ixn: dict) -> str:
@@ -89,9 +79,12 @@ def test_create_an_existing_pair_fails_unless_replace(cli, api):
         'Error creating intention "web => db (deny)": an intention web => db already exists\n',
     )
     assert api.intention_get_exact("web", "db").value["Action"] == "allow"
-    # -replace: Consul prints nothing when it replaced an intention; its ID is kept, and its
-    # metadata is replaced by the command's (here: none).
-    ok(cli("intention", "create", "-replace", "-deny", "-description", "d", "web", "db"), "")
+    # -replace says what it did (Consul prints nothing); the ID is kept, and the metadata is
+    # replaced by the command's (here: none).
+    ok(
+        cli("intention", "create", "-replace", "-deny", "-description", "d", "web", "db"),
+        "Replaced: web => db (deny)\n",
+    )
     now = api.intention_get_exact("web", "db").value
     assert (now["ID"], now["Action"], now["Description"], now["Meta"]) == (
         first["ID"],

@@ -8,18 +8,15 @@ small scripted HTTP server on 127.0.0.1 port 0; the API behaviour against the re
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from tests.http_stub import Reply
+from tests.support import wait_until
 from trellis.proxy.client import (
     APIError,
     Client,
@@ -29,106 +26,6 @@ from trellis.proxy.client import (
     Response,
     normalize_address,
 )
-
-# -- a scripted HTTP server --------------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str  # as sent, still percent-encoded
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0
-
-
-Route = Callable[[Seen], Reply]
-
-
-class StubServer:
-    """An HTTP server on 127.0.0.1:0 that answers with ``route(request)`` and records requests.
-
-    ``route`` is replaced per test. It runs in a thread; the socket listens as soon as the
-    object exists, so there is nothing to wait for.
-    """
-
-    def __init__(self) -> None:
-        self.seen: list[Seen] = []
-        self.route: Route = lambda req: Reply(404, b"no route")
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _any(self) -> None:
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else b""
-                parts = urlsplit(self.path)
-                req = Seen(
-                    self.command,
-                    parts.path,
-                    parse_qs(parts.query, keep_blank_values=True),
-                    {k.lower(): v for k, v in self.headers.items()},
-                    body,
-                )
-                stub.seen.append(req)
-                reply = stub.route(req)
-                if reply.delay:
-                    time.sleep(reply.delay)
-                self.send_response(reply.status)
-                for k, v in reply.headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(reply.body)))
-                self.end_headers()
-                self.wfile.write(reply.body)
-
-            do_GET = do_PUT = do_DELETE = do_POST = _any
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-
-    def json(self, status: int, doc: object, **headers: str) -> Reply:
-        return Reply(
-            status, json.dumps(doc).encode(), {"Content-Type": "application/json", **headers}
-        )
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(5)
-
-
-@pytest.fixture
-def stub():
-    s = StubServer()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def dead_url():
-    """A port on 127.0.0.1 that is bound but not listening: connecting is refused."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    yield f"http://127.0.0.1:{s.getsockname()[1]}"
-    s.close()
-
 
 # -- transport: errors, headers, timeouts ------------------------------------------------------
 
@@ -351,74 +248,67 @@ def test_client_imports_no_flask():
 # -- against the real server -------------------------------------------------------------------
 
 
-@pytest.fixture
-def client(trellis_server):
-    with Client(trellis_server.url, timeout=10) as c:
-        yield c
-
-
 @pytest.mark.integration
-def test_kv_round_trip(client):
-    assert client.kv_put("client-test/a", b"\x00binary\xff", flags=42) is True
-    assert client.kv_put("client-test/b/c", b"two") is True
-    got = client.kv_get("client-test/a")
+def test_kv_round_trip(api):
+    assert api.kv_put("api-test/a", b"\x00binary\xff", flags=42) is True
+    assert api.kv_put("api-test/b/c", b"two") is True
+    got = api.kv_get("api-test/a")
     assert got.value is not None
     assert (got.value.key, got.value.value, got.value.flags) == (
-        "client-test/a",
+        "api-test/a",
         b"\x00binary\xff",
         42,
     )
     assert got.index is not None and got.index >= got.value.modify_index
-    assert client.kv_get("client-test/a", raw=True).value == b"\x00binary\xff"
-    keys = client.kv_get("client-test/", keys=True, separator="/").value
-    assert keys == ["client-test/a", "client-test/b/"]
-    pairs = client.kv_get("client-test/", recurse=True).value
-    assert [p.key for p in pairs] == ["client-test/a", "client-test/b/c"]
-    assert client.kv_get("client-test/missing").value is None
-    assert client.kv_delete("client-test/", recurse=True) is True
-    assert client.kv_get("client-test/", recurse=True).value == []
+    assert api.kv_get("api-test/a", raw=True).value == b"\x00binary\xff"
+    keys = api.kv_get("api-test/", keys=True, separator="/").value
+    assert keys == ["api-test/a", "api-test/b/"]
+    pairs = api.kv_get("api-test/", recurse=True).value
+    assert [p.key for p in pairs] == ["api-test/a", "api-test/b/c"]
+    assert api.kv_get("api-test/missing").value is None
+    assert api.kv_delete("api-test/", recurse=True) is True
+    assert api.kv_get("api-test/", recurse=True).value == []
 
 
 @pytest.mark.integration
-def test_kv_cas(client):
-    assert client.kv_put("cas-test", b"1", cas=0) is True
-    assert client.kv_put("cas-test", b"2", cas=0) is False
-    idx = client.kv_get("cas-test").value.modify_index
-    assert client.kv_put("cas-test", b"3", cas=idx + 1000) is False
-    assert client.kv_put("cas-test", b"3", cas=idx) is True
-    new = client.kv_get("cas-test").value
+def test_kv_cas(api):
+    assert api.kv_put("cas-test", b"1", cas=0) is True
+    assert api.kv_put("cas-test", b"2", cas=0) is False
+    idx = api.kv_get("cas-test").value.modify_index
+    assert api.kv_put("cas-test", b"3", cas=idx + 1000) is False
+    assert api.kv_put("cas-test", b"3", cas=idx) is True
+    new = api.kv_get("cas-test").value
     assert new.value == b"3"
-    assert client.kv_delete("cas-test", cas=idx) is False
-    assert client.kv_delete("cas-test", cas=new.modify_index) is True
+    assert api.kv_delete("cas-test", cas=idx) is False
+    assert api.kv_delete("cas-test", cas=new.modify_index) is True
 
 
 @pytest.mark.integration
-def test_blocking_kv_read_wakes_on_write(client, trellis_server):
-    client.kv_put("block-test", b"old")
-    first = client.kv_get("block-test")
+def test_blocking_kv_read_wakes_on_write(api, trellis_server):
+    api.kv_put("block-test", b"old")
+    first = api.kv_get("block-test")
 
-    def write_later():
-        time.sleep(0.3)
+    def write_once_parked():
+        # Only once the read is parked on the server, so that the write is what wakes it.
         with Client(trellis_server.url) as other:
+            wait_until(lambda: int(other.agent_self()["Stats"]["blocking"]["waiting"]) >= 1)
             other.kv_put("block-test", b"new")
 
-    t = threading.Thread(target=write_later)
-    started = time.monotonic()
+    t = threading.Thread(target=write_once_parked)
     t.start()
-    second = client.kv_get("block-test", index=first.index, wait="20s")
-    took = time.monotonic() - started
-    t.join()
+    second = api.kv_get("block-test", index=first.index, wait="20s")
+    t.join(15)
+    assert not t.is_alive()
     assert second.value.value == b"new"
     assert second.index > first.index
-    assert 0.2 < took < 10
 
 
 @pytest.mark.integration
-def test_blocking_read_returns_after_wait_without_change(client):
-    client.kv_put("idle-test", b"x")
-    first = client.kv_get("idle-test")
+def test_blocking_read_returns_after_wait_without_change(api):
+    api.kv_put("idle-test", b"x")
+    first = api.kv_get("idle-test")
     started = time.monotonic()
-    again = client.kv_get("idle-test", index=first.index, wait="1s")
+    again = api.kv_get("idle-test", index=first.index, wait="1s")
     took = time.monotonic() - started
     assert again.value.value == b"x"
     assert again.index == first.index
@@ -426,37 +316,35 @@ def test_blocking_read_returns_after_wait_without_change(client):
 
 
 @pytest.mark.integration
-def test_service_register_catalog_health_deregister(client):
-    client.agent_service_register(
-        {"name": "client-web", "id": "client-web-1", "port": 8080, "tags": ["v1"]}
-    )
+def test_service_register_catalog_health_deregister(api):
+    api.agent_service_register({"name": "api-web", "id": "api-web-1", "port": 8080, "tags": ["v1"]})
     try:
-        assert "client-web-1" in client.agent_services()
-        assert client.catalog_services().value["client-web"] == ["v1"]
-        inst = client.catalog_service("client-web").value
-        assert [(s["ServiceID"], s["ServicePort"]) for s in inst] == [("client-web-1", 8080)]
-        assert client.catalog_service("client-web", tag="nope").value == []
-        health = client.health_service("client-web", passing=True).value
-        assert [h["Service"]["ID"] for h in health] == ["client-web-1"]
-        node = client.catalog_node(inst[0]["Node"]).value
+        assert "api-web-1" in api.agent_services()
+        assert api.catalog_services().value["api-web"] == ["v1"]
+        inst = api.catalog_service("api-web").value
+        assert [(s["ServiceID"], s["ServicePort"]) for s in inst] == [("api-web-1", 8080)]
+        assert api.catalog_service("api-web", tag="nope").value == []
+        health = api.health_service("api-web", passing=True).value
+        assert [h["Service"]["ID"] for h in health] == ["api-web-1"]
+        node = api.catalog_node(inst[0]["Node"]).value
         assert node is not None and node["Node"]["Node"] == inst[0]["Node"]
     finally:
-        client.agent_service_deregister("client-web-1")
-    assert "client-web" not in client.catalog_services().value
-    assert client.catalog_node("no-such-node").value is None
+        api.agent_service_deregister("api-web-1")
+    assert "api-web" not in api.catalog_services().value
+    assert api.catalog_node("no-such-node").value is None
 
 
 @pytest.mark.integration
-def test_status_and_self(client):
-    assert isinstance(client.status_leader(), str)
-    assert isinstance(client.status_peers(), list)
-    me = client.agent_self()
-    assert me["Config"]["NodeName"] in [n["Node"] for n in client.catalog_nodes().value]
+def test_status_and_self(api):
+    assert isinstance(api.status_leader(), str)
+    assert isinstance(api.status_peers(), list)
+    me = api.agent_self()
+    assert me["Config"]["NodeName"] in [n["Node"] for n in api.catalog_nodes().value]
 
 
 @pytest.mark.integration
-def test_real_server_errors_are_api_errors(client):
+def test_real_server_errors_are_api_errors(api):
     with pytest.raises(APIError) as ei:
-        client.agent_service_register({"port": 1})  # no name
+        api.agent_service_register({"port": 1})  # no name
     assert ei.value.status == 400
     assert ei.value.message

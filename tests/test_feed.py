@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
+from tests.support import wait_until
 from trellis.api.feed import ANY, Change, ChangeFeed, SharedReads, Watch
 
 #: Generous upper bound for "returns promptly" on a loaded 2-core CI machine.
 PROMPT = 5.0
 #: How long a waiter that must not be woken is given before it times out.
 SHORT = 0.2
-
-
-def eventually(pred: Callable[[], bool], timeout: float = PROMPT) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        time.sleep(0.001)
 
 
 class Waiter(threading.Thread):
@@ -50,7 +42,7 @@ def park(feed: ChangeFeed, watches: list[Watch], timeout: float = PROMPT) -> lis
     ws = [Waiter(feed, w, pos, timeout) for w in watches]
     for w in ws:
         w.start()
-    eventually(lambda: feed.waiting() == before + len(ws))
+    wait_until(lambda: feed.waiting() == before + len(ws))
     return ws
 
 
@@ -426,12 +418,16 @@ def test_concurrent_woken_queries_share_one_read_in_flight():
     assert read.started.wait(PROMPT)  # the first one is reading...
     for t in threads[1:]:
         t.start()  # ...while the others arrive
-    time.sleep(0.05)
+    # Every other one has joined the read in flight (not merely arrived after it, when the
+    # remembered result would serve it without any sharing to test).
+    wait_until(lambda: shared.following() == 19)
+    assert read.calls == 1
     read.release.set()
     for t in threads:
         t.join(PROMPT)
     assert results == ["once"] * 20
     assert read.calls == 1
+    assert shared.following() == 0
 
 
 def test_a_read_in_flight_from_an_older_position_does_not_serve_a_newer_query():
@@ -470,8 +466,8 @@ def test_when_the_shared_read_fails_each_waiter_reads_for_itself():
     got: list[object] = []
     w = threading.Thread(target=lambda: got.append(shared.read("k", 1, fallback)), daemon=True)
     w.start()
-    time.sleep(0.05)
-    assert fallback.calls == 0  # waiting for the leader, not reading
+    wait_until(lambda: shared.following() == 1)  # waiting for the leader, not reading
+    assert fallback.calls == 0
     failing.release.set()
     t.join(PROMPT)
     w.join(PROMPT)
@@ -496,7 +492,7 @@ def test_drain_wakes_every_waiter_and_parks_no_one_after():
     waiters = [Waiter(feed, Watch("kv", exact=(f"k{i}",)), pos, PROMPT * 4) for i in range(5)]
     for w in waiters:
         w.start()
-    eventually(lambda: feed.waiting() == 5)
+    wait_until(lambda: feed.waiting() == 5)
     feed.drain()
     for w in waiters:
         w.join(PROMPT)

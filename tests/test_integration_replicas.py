@@ -32,7 +32,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.support import TrellisProcess, wait_until
+from tests.support import TrellisProcess, child_pids, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -116,19 +116,6 @@ class Conn:
 
     def close(self) -> None:
         self.http.close()
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def _hex_addr(port: int) -> str:
@@ -359,7 +346,7 @@ def test_two_workers_on_one_sqlite_file_wake_each_other(tmp_path):
     try:
 
         def two_workers() -> list[int] | None:
-            w = children(server.pid)
+            w = child_pids(server.pid)
             return w if len(w) == 2 else None
 
         workers = wait_until(two_workers)

@@ -22,7 +22,7 @@ import dnslib
 import httpx
 import pytest
 
-from tests.support import TRELLIS, TrellisProcess, wait_until
+from tests.support import TRELLIS, TrellisProcess, child_pids, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -201,23 +201,6 @@ def test_busy_dns_port(tmp_path, proto):
 # -- trellis dev: banner, serving, stopping -------------------------------------------------
 
 
-def worker_pids(master: int) -> list[int]:
-    """The processes whose parent is ``master`` (gunicorn's workers)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ")".
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == master:
-            out.append(int(entry))
-    return out
-
-
 def gone(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -279,7 +262,7 @@ def test_dev_stops_cleanly(dev_process, sig, to_group):
     assert p.proc is not None
     data_dir = Path(banner_value(p, "Store").removeprefix("sqlite:///")).parent
     assert data_dir.is_dir()
-    workers = wait_until(lambda: worker_pids(p.pid), timeout=10)
+    workers = wait_until(lambda: child_pids(p.pid), timeout=10)
     # Some state, so that the stop has something to close.
     assert httpx.put(p.url + "/v1/kv/k", content=b"v").json() is True
 
@@ -436,7 +419,7 @@ def test_dns_keeps_serving_when_a_worker_is_replaced(tmp_path):
         assert p.dns_port
 
         def two_workers() -> list[int] | None:
-            w = worker_pids(p.pid)
+            w = child_pids(p.pid)
             return w if len(w) == 2 else None
 
         first = wait_until(two_workers)

@@ -21,10 +21,11 @@ PRELUDE = textwrap.dedent(
     import json, sys, gevent
     from trellis.api.errors import BadRequest
     from trellis.api.store.postgres import PostgresStore
+    from trellis.api.store import SQLITE, store_kind
     from trellis.api.store.sqlite import SQLiteStore
 
     url = sys.argv[1]
-    base = SQLiteStore if url.startswith("sqlite:") else PostgresStore
+    base = SQLiteStore if store_kind(url) == SQLITE else PostgresStore
 
     class Counting(base):
         commits = 0

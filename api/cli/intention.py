@@ -5,8 +5,9 @@ deleted.``, the ``get`` layout, the ``list`` table), so that people and scripts 
 Consul's CLI find what they expect. Where Trellis differs, it says so in the command's help:
 
 * ``create`` also takes ``-description``; ``-replace`` replaces the intention of the pair by
-  name (``PUT /v1/connect/intentions/exact``), and, as in Consul, prints nothing when it
-  replaced one (``Created: ...`` only when it created one);
+  name (``PUT /v1/connect/intentions/exact``) and prints ``Replaced: web => db (deny)``, in the
+  form of ``Created: ...`` (Consul prints nothing then, which leaves a script, or a person,
+  unable to tell a replacement from a command that did nothing);
 * ``check`` exits 0 for ``Allowed`` and 2 for ``Denied``; an error (a usage error, the server
   unreachable) exits 1, as every Trellis command does, so a script can tell the three apart.
 """
@@ -127,7 +128,8 @@ def intention_create(ctx: Context, ns: argparse.Namespace) -> int:
                         f"Error replacing intention with source {_q(source)} "
                         f"and destination {_q(destination)}: {e.message}"
                     ) from None
-                return 0  # Consul prints nothing when it replaced an intention
+                ctx.out(f"Replaced: {label(ixn)}")
+                return 0
         try:
             c.intention_create(source, destination, action, description=ns.description, meta=meta)
         except APIError as e:
@@ -304,7 +306,7 @@ def register(r: Registry) -> None:
 
             If the pair has an intention already, creation fails. To replace it, give
             the "-replace" flag: its action, description and metadata are replaced by
-            this command's (nothing is printed then).
+            this command's, and "Replaced: SRC => DST (action)" is printed.
             """,
         ),
         Command(

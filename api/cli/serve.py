@@ -159,21 +159,23 @@ def _call(fn: Any) -> int:
 
 DEV = Command(
     ("dev",),
-    "Run a server and a node agent on this machine, for development",
+    "Run a throw-away server on this machine, for development",
     "trellis dev [options]",
     _run_dev,
     _common_flags,
     description="""
-    Starts everything on one machine: the HTTP API on 127.0.0.1:8500, DNS on
-    127.0.0.1:8600, SQLite in a temporary data directory, the built-in CA and a local
-    node agent. Nothing else is needed.
+    Starts a server with everything on one machine: the HTTP API on 127.0.0.1:8500,
+    DNS on 127.0.0.1:8600, SQLite in a temporary data directory (deleted when it
+    stops), the built-in CA, and this host registered as a node. Nothing else is
+    needed. It starts no node agent and no proxies (Trellis has neither yet):
+    register services through the HTTP API or 'trellis services register'.
     """,
     http=False,
 )
 
 SERVER = Command(
     ("server",),
-    "Run the control plane (HTTP API, UI and DNS)",
+    "Run the control plane (HTTP API and DNS)",
     "trellis server -config FILE [options]",
     _run_server,
     _server_flags,

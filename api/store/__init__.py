@@ -7,14 +7,33 @@ from urllib.parse import urlsplit
 from trellis.api.errors import ConfigError
 from trellis.api.store.base import Store
 
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
 
-def open_store(url: str, **kw) -> Store:
+
+def store_kind(url: str) -> str:
+    """Which store a URL names, ``SQLITE`` or ``POSTGRESQL``, from its scheme.
+
+    The one rule, wherever the kind matters (which store class to open, whether the CA seal
+    key must be shared, which poll interval applies, what ``/v1/agent/self`` reports). The
+    operator is at fault for a ConfigError: a URL that does not parse, or another scheme.
+    """
     try:
-        parts = urlsplit(url)
+        scheme = urlsplit(url).scheme
     except ValueError as e:  # e.g. an unbalanced '[' in the host
         raise ConfigError(f"invalid store URL: {e}") from None
-    scheme = parts.scheme
     if scheme == "sqlite":
+        return SQLITE
+    if scheme in ("postgresql", "postgres"):
+        return POSTGRESQL
+    # Only the scheme is echoed: a mistyped postgresql URL may carry a password.
+    raise ConfigError(
+        f"unknown store URL scheme {scheme!r}: use sqlite:///path or postgresql://..."
+    )
+
+
+def open_store(url: str, **kw) -> Store:
+    if store_kind(url) == SQLITE:
         from trellis.api.store.sqlite import SQLiteStore
 
         # SQLAlchemy's convention: sqlite:///relative/path, sqlite:////absolute/path
@@ -22,12 +41,7 @@ def open_store(url: str, **kw) -> Store:
         if not path:
             raise ConfigError(f"store URL {url!r} names no file (sqlite:///path/to/trellis.db)")
         return SQLiteStore(path, **kw)
-    if scheme in ("postgresql", "postgres"):
-        from trellis.api.store.postgres import PostgresStore, check_url
+    from trellis.api.store.postgres import PostgresStore, check_url
 
-        check_url(url)
-        return PostgresStore(url, **kw)
-    # Only the scheme is echoed: a mistyped postgresql URL may carry a password.
-    raise ConfigError(
-        f"unknown store URL scheme {scheme!r}: use sqlite:///path or postgresql://..."
-    )
+    check_url(url)
+    return PostgresStore(url, **kw)
