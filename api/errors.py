@@ -7,6 +7,8 @@ says who is at fault: 4xx errors are the client's, 5xx errors are ours or a depe
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TrellisError(Exception):
     """Base of every error Trellis reports to a client."""
@@ -19,7 +21,7 @@ class TrellisError(Exception):
         self.message = message
         self.headers = headers or {}
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"error": self.message, "code": self.code, "status": self.status}
 
 
@@ -36,7 +38,7 @@ class PermissionDenied(TrellisError):
     status = 403
     code = "permission_denied"
 
-    def __init__(self, message: str = "Permission denied", **kw) -> None:
+    def __init__(self, message: str = "Permission denied", **kw: Any) -> None:
         if not message.startswith("Permission denied"):
             message = f"Permission denied: {message}"
         super().__init__(message, **kw)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 from trellis.api.errors import ConfigError
 from trellis.api.store.base import Store
 
 
-def open_store(url: str, **kw) -> Store:
+def open_store(url: str, **kw: Any) -> Store:
     try:
         parts = urlsplit(url)
     except ValueError as e:  # e.g. an unbalanced '[' in the host

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from trellis.api.feed import ChangeFeed
+from trellis.api.store.security import ACLPolicy, ACLToken, IntentionRecord
 
 PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
 CHECK_STATES = (PASSING, WARNING, CRITICAL)
@@ -102,7 +103,15 @@ class Registration:
 
 
 class Store(Protocol):
-    """What the control plane needs from its database. Every write bumps the global index."""
+    """What the control plane needs from its database. Every write bumps the global index.
+
+    Reads return value objects (never driver rows), and ``None`` (or an empty list) for what
+    does not exist. Errors, all from ``trellis.api.store.errors``: ``StoreUnavailable`` from
+    any method when the database cannot be reached or refuses the work; ``UnstorableValue``
+    for text holding NUL; ``StoreConflict`` and ``NotFoundInStore`` only from the writes whose
+    docstrings say so. Both implementations satisfy this Protocol (tests/test_store_contract.py
+    checks their signatures against it).
+    """
 
     feed: ChangeFeed
 
@@ -151,6 +160,44 @@ class Store(Protocol):
     def system_write(
         self, puts: dict[str, Any], expect: dict[str, int] | None = None
     ) -> int | None: ...
+
+    # intentions
+    def intentions(self) -> list[IntentionRecord]: ...
+    def intention(self, intention_id: str) -> IntentionRecord | None: ...
+    def intention_exact(self, source: str, destination: str) -> IntentionRecord | None: ...
+    def intention_put(
+        self, rec: IntentionRecord, *, create_only: bool = False, expect_id: str | None = None
+    ) -> IntentionRecord:
+        """Create or replace the intention of ``(rec.source, rec.destination)``.
+
+        StoreConflict: ``create_only`` and the pair exists, or (with ``expect_id``) the pair
+        belongs to another intention. NotFoundInStore: no intention ``expect_id``.
+        """
+        ...
+
+    def intention_delete(self, intention_id: str) -> bool: ...
+
+    # ACL tokens and policies
+    def acl_tokens(self) -> list[ACLToken]: ...
+    def acl_token(
+        self, *, accessor_id: str | None = None, secret_hash: str | None = None
+    ) -> ACLToken | None: ...
+    def acl_token_put(self, t: ACLToken, *, create: bool) -> ACLToken | None:
+        """Create (StoreConflict if the accessor ID or the secret exists) or update (None if
+        there is no such token)."""
+        ...
+
+    def acl_token_delete(self, accessor_id: str) -> bool: ...
+    def acl_policies(self) -> list[ACLPolicy]: ...
+    def acl_policy(
+        self, *, policy_id: str | None = None, name: str | None = None
+    ) -> ACLPolicy | None: ...
+    def acl_policy_put(self, p: ACLPolicy, *, create: bool) -> ACLPolicy | None:
+        """Create (StoreConflict if the ID exists) or update (None if there is no such
+        policy); StoreConflict if another policy has the name."""
+        ...
+
+    def acl_policy_delete(self, policy_id: str) -> bool: ...
 
 
 def changed_catalog_keys(services: Iterable[Service], node: str | None = None) -> set[str]:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from trellis.api.errors import BadRequest, StoreUnavailable
+from trellis.api.errors import StoreUnavailable
 from trellis.api.feed import ANY, Change, ChangeFeed
 from trellis.api.store.base import (
     CRITICAL,
@@ -43,6 +43,7 @@ from trellis.api.store.base import (
     Service,
     changed_catalog_keys,
 )
+from trellis.api.store.errors import UnstorableValue
 from trellis.api.store.security import MIGRATION as SECURITY_MIGRATION
 from trellis.api.store.security import SecurityStoreMixin
 
@@ -493,7 +494,7 @@ class SQLStore(SecurityStoreMixin):
         # refuse it on both, as the client's fault, so the two stores keep one contract.
         for p in params:
             if isinstance(p, str) and "\x00" in p:
-                raise BadRequest("names and keys cannot contain the NUL character")
+                raise UnstorableValue("names and keys cannot contain the NUL character")
         return conn.execute(self._sql(sql), tuple(params))
 
     @contextmanager
@@ -764,7 +765,7 @@ class SQLStore(SecurityStoreMixin):
 
     def cluster_id(self) -> str:
         with self.read() as q:
-            return q("SELECT value FROM meta WHERE key = 'cluster_id'")[0][0]
+            return str(q("SELECT value FROM meta WHERE key = 'cluster_id'")[0][0])
 
     # -- K/V --------------------------------------------------------------------------------
 
