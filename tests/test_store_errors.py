@@ -8,13 +8,19 @@
 
 from __future__ import annotations
 
+import base64
 import inspect
+import secrets
+import threading
 from typing import Any
 
 import pytest
 
 from tests.api_fixtures import assert_error, make_client, put_json  # noqa: F401 - fixtures
-from trellis.api.errors import TrellisError
+from trellis.api.app import create_app
+from trellis.api.errors import StoreUnavailable, TrellisError
+from trellis.api.settings import Settings, validate
+from trellis.api.store import open_store
 from trellis.api.store.base import Store
 from trellis.api.store.errors import (
     NotFoundInStore,
@@ -146,3 +152,101 @@ def test_store_errors_become_http_errors_once_at_the_boundary(make_client) -> No
         {"SourceName": "web", "DestinationName": "db", "Action": "deny"},
     )
     assert_error(r, 404, "not_found", rid)
+
+
+# -- ensure_builtins: a lost race is harmless, an outage is not swallowed ----------------------
+
+
+class _WritesDown:
+    """The real store with its ACL writes failing as a store outage does (reads still work:
+    a PostgreSQL primary gone read-only, a SQLite write lock held past the timeout)."""
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def acl_policy_put(self, *args: Any, **kw: Any) -> Any:
+        raise StoreUnavailable(
+            "the store is unavailable: cannot execute in a read-only transaction"
+        )
+
+    acl_token_put = acl_policy_put
+
+
+class _StaleReads:
+    """The real store, whose ACL reads answer as if made just before another worker created
+    the built-in objects: the race ``ensure_builtins`` must lose quietly."""
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def acl_policy(self, **kw: Any) -> None:
+        return None
+
+    def acl_token(self, **kw: Any) -> None:
+        return None
+
+
+def _acl_settings(tmp_path, store_url: str) -> Settings:
+    return validate(
+        Settings(
+            data_dir=str(tmp_path),
+            node_name="n1",
+            store=store_url,
+            acl_enabled=True,
+            acl_default_policy="deny",
+            ca_seal_key=base64.b64encode(secrets.token_bytes(32)).decode(),
+        )
+    )
+
+
+def test_a_store_outage_while_ensuring_acl_builtins_surfaces(tmp_path, store: Store) -> None:
+    settings = _acl_settings(tmp_path, "sqlite:///unused")
+    # It used to be swallowed by `except Exception: pass`: the server started without the
+    # global-management policy and the anonymous token, and said nothing.
+    with pytest.raises(StoreUnavailable, match="read-only"):
+        create_app(settings, store=_WritesDown(store), background=False)  # type: ignore[arg-type]
+    assert store.acl_policies() == [] and store.acl_tokens() == []
+
+
+def test_losing_the_race_to_create_acl_builtins_is_harmless(tmp_path, store: Store) -> None:
+    settings = _acl_settings(tmp_path, "sqlite:///unused")
+    first = create_app(settings, store=store, background=False)
+    # Another worker starts, reads "missing" (stale), writes, and meets StoreConflict.
+    second = create_app(settings, store=_StaleReads(store), background=False)  # type: ignore[arg-type]
+    assert [p.name for p in store.acl_policies()] == ["global-management"]
+    assert [t.description for t in store.acl_tokens()] == ["Anonymous Token"]
+    assert first and second
+
+
+def test_workers_starting_together_all_ensure_acl_builtins(tmp_path, store_url: str) -> None:
+    """Real concurrency: eight "workers", each its own store on one database, at once."""
+    settings = _acl_settings(tmp_path, store_url)
+    stores = [open_store(store_url) for _ in range(8)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(stores))
+
+    def start(s: Store) -> None:
+        try:
+            barrier.wait()
+            create_app(settings, store=s, background=False)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in stores]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert [p.name for p in stores[0].acl_policies()] == ["global-management"]
+        assert [t.description for t in stores[0].acl_tokens()] == ["Anonymous Token"]
+    finally:
+        for s in stores:
+            s.close()
