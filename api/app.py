@@ -228,6 +228,10 @@ def _error_handlers(app: Flask) -> None:
 
     @app.errorhandler(TrellisError)
     def _trellis(e: TrellisError):
+        if e.status == 500:
+            # Ours, not the client's (a CA seal key that does not fit): the operator reads
+            # the log, so it says what the client was told. No traceback: the message is it.
+            log.error("%s %s: %s", request.method, request.path, e.message)
         return render(e.status, e.message, e.code, e.headers)
 
     @app.errorhandler(StoreError)

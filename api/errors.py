@@ -76,5 +76,16 @@ class StoreUnavailable(TrellisError):
     code = "store_unavailable"
 
 
+class SealError(TrellisError):
+    """A sealed secret of the CA (a private key, the Vault token) does not open with this
+    server's CA seal key. The operator is at fault, not the client: the key is not the one the
+    CA was set up with, or servers sharing one store were given different keys (or the stored
+    value was damaged). The message names the secret and where this server's key came from;
+    a 500 that the server logs, with that message."""
+
+    status = 500
+    code = "ca_seal_key_mismatch"
+
+
 class ConfigError(Exception):
     """The operator's configuration is wrong; raised at start-up, never to an HTTP client."""
