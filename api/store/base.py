@@ -8,7 +8,7 @@ real databases.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -102,6 +102,23 @@ class Registration:
     keep_existing_node: bool = False
 
 
+class NodeView(Protocol):
+    """One node's catalog as a registration's own write transaction reads it (see
+    ``Store.register``'s ``prepare``): nothing another writer commits can come in between
+    these reads and the write."""
+
+    def node(self) -> Node | None: ...
+    def service(self, service_id: str) -> Service | None: ...
+    def check(self, check_id: str) -> Check | None: ...
+    def ports_in_use(self, low: int, high: int, *, except_ids: Iterable[str] = ()) -> set[int]:
+        """The ports in ``low..high`` of the node's services, but those with these IDs."""
+        ...
+
+
+#: ``prepare(view, registration)`` of ``Store.register``: the registration to write.
+Prepare = Callable[[NodeView, Registration], Registration]
+
+
 class Store(Protocol):
     """What the control plane needs from its database. Every write bumps the global index.
 
@@ -132,7 +149,19 @@ class Store(Protocol):
     def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool: ...
 
     # catalog
-    def register(self, reg: Registration) -> int: ...
+    def register(self, reg: Registration, *, prepare: Prepare | None = None) -> int:
+        """Write a registration; the index of the write (or the current one if it changed
+        nothing).
+
+        ``prepare``, if given, runs inside the write's transaction, with the write lock held,
+        before anything is written: it reads the node through the ``NodeView`` and returns
+        the registration to write (the same node), filling in what depends on the stored
+        state (a free sidecar port), or raises to write nothing (an ACL refusal of what the
+        registration would overwrite). So no other write can land between what it read and
+        the write. It must be quick and must not use the store otherwise.
+        """
+        ...
+
     def deregister_service(self, node: str, service_id: str) -> bool: ...
     def deregister_check(self, node: str, check_id: str) -> bool: ...
     def deregister_node(self, node: str) -> bool: ...
