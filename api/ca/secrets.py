@@ -16,6 +16,7 @@ import secrets
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from trellis.api.datadir import private_file
 from trellis.api.errors import ConfigError, SealError
 
 __all__ = ["SealError", "Sealer", "load_sealer"]
@@ -87,6 +88,10 @@ def _key_file(path: str) -> Sealer:
     """The sealer of an existing key file; ConfigError (the operator's) if it holds no key."""
     with open(path, "rb") as f:
         text = f.read().strip()
+    try:
+        private_file(path, create=False)  # one made readable by others: no longer
+    except OSError as e:
+        raise ConfigError(f"cannot make {path} private: {e.strerror}") from None
     try:
         return Sealer(base64.b64decode(text, validate=True), path)
     except ValueError:
