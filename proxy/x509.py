@@ -295,12 +295,17 @@ def build_leaf(
     end = min(_now(now) + ttl, issuer.not_valid_after_utc)
     if end <= _now(now):
         raise PolicyError("the signing certificate has expired or is about to")
+    # digitalSignature alone, for EC and RSA keys alike. TLS 1.3 (and TLS 1.2's ECDHE suites)
+    # uses a leaf's key only to sign the handshake: the key exchange is ephemeral. Only TLS
+    # 1.2's static exchanges use the certificate's key otherwise: keyAgreement for static
+    # ECDH, keyEncipherment for RSA key transport, neither with forward secrecy, and the mesh
+    # offers neither. X509-SVID: digitalSignature MUST, the other two MAY.
     ku = x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
-        key_encipherment=info.key_type == "rsa",
+        key_encipherment=False,
         data_encipherment=False,
-        key_agreement=info.key_type == "ec",
+        key_agreement=False,
         key_cert_sign=False,
         crl_sign=False,
         encipher_only=False,
