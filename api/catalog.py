@@ -81,6 +81,16 @@ def to_pascal(value: Any, parent: str = "") -> Any:
 
 _META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
+# Size limits of a registration, each refused with a 400 that names it. Meta: Consul's own
+# (metaMaxKeyPairs, metaKeyMaxLength, metaValueMaxLength). Tags and checks: Consul bounds them
+# only by the body size, so a service with 50,000 tags went into the store, and into every
+# catalog read and DNS answer built from it. Trellis's bounds leave room for tag-driven
+# routers (dozens of tags) and are documented in the README.
+MAX_META_KEYS, MAX_META_KEY_LENGTH, MAX_META_VALUE_LENGTH = 64, 128, 512
+MAX_TAGS, MAX_TAG_LENGTH = 128, 256
+#: Checks of one service (``Check`` and ``Checks``), or of one catalog registration.
+MAX_CHECKS = 32
+
 
 def valid_name(kind: str, name: str) -> str:
     """Service and node names must be DNS-safe: DNS is one of the ways they are looked up.
@@ -91,13 +101,31 @@ def valid_name(kind: str, name: str) -> str:
 
 
 def _check_meta(meta: Mapping[str, Any], what: str) -> None:
-    if len(meta) > 64:
-        raise ValidationError(f"{what} may hold at most 64 keys")
+    if len(meta) > MAX_META_KEYS:
+        raise ValidationError(f"{what} may hold at most {MAX_META_KEYS} keys, not {len(meta)}")
     for k, v in meta.items():
         if not _META_KEY.fullmatch(k):
-            raise ValidationError(f"{what} key {k!r} must be 1-128 letters, digits, '-' or '_'")
-        if not isinstance(v, str) or len(v) > 512:
-            raise ValidationError(f"{what} value of {k!r} must be a string of at most 512 chars")
+            raise ValidationError(
+                f"{what} key {k[: MAX_META_KEY_LENGTH + 1]!r} must be 1-{MAX_META_KEY_LENGTH}"
+                " letters, digits, '-' or '_'"
+            )
+        if not isinstance(v, str) or len(v) > MAX_META_VALUE_LENGTH:
+            raise ValidationError(
+                f"{what} value of {k!r} must be a string of at most {MAX_META_VALUE_LENGTH}"
+                " characters"
+            )
+
+
+def _check_count(data: dict, what: str) -> None:
+    """At most MAX_CHECKS checks in ``Check`` and ``Checks`` together."""
+    n = len(data.get("Checks") or []) + (1 if data.get("Check") else 0)
+    if n > MAX_CHECKS:
+        raise ValidationError(f"{what} may have at most {MAX_CHECKS} checks, not {n}", "Checks")
+
+
+def _at_most_tags(tags: list[str] | None) -> None:
+    if tags is not None and len(tags) > MAX_TAGS:
+        raise ValidationError(f"a service may have at most {MAX_TAGS} tags, not {len(tags)}")
 
 
 class _Strict(Schema):
@@ -200,7 +228,11 @@ class ServiceSchema(_Strict):
     ID = fields.String()
     Name = fields.String()
     Service = fields.String()  # catalog/register's spelling of Name
-    Tags = fields.List(fields.String(validate=validate.Length(max=256)), allow_none=True)
+    Tags = fields.List(
+        fields.String(validate=validate.Length(max=MAX_TAG_LENGTH)),
+        allow_none=True,
+        validate=_at_most_tags,
+    )
     Address = fields.String()
     TaggedAddresses = fields.Dict(keys=fields.String(), values=fields.Nested(TaggedAddressSchema))
     Meta = fields.Dict(keys=fields.String(), values=fields.Raw(), allow_none=True)
@@ -226,6 +258,7 @@ class ServiceSchema(_Strict):
     @validates_schema
     def _meta(self, data: dict, **kw: Any) -> None:
         _check_meta(data.get("Meta") or {}, "Meta")
+        _check_count(data, "a service")
 
 
 class ConnectSchema(_Strict):
@@ -251,6 +284,7 @@ class CatalogRegisterSchema(_Strict):
     @validates_schema
     def _meta(self, data: dict, **kw: Any) -> None:
         _check_meta(data.get("NodeMeta") or {}, "NodeMeta")
+        _check_count(data, "a registration")
 
 
 def load(schema: Schema, data: Any) -> dict:
