@@ -53,9 +53,9 @@ def test_both_stores_have_the_protocols_signatures(impl: type) -> None:
         assert got == want, f"{impl.__name__}.{name}{got} differs from Store.{name}{want}"
 
 
-def _intention(source: str, destination: str, rid: str = "") -> IntentionRecord:
+def _intention(source: str, destination: str, rid: str) -> IntentionRecord:
     return IntentionRecord(
-        id=rid or f"00000000-0000-0000-0000-{abs(hash((source, destination))) % 10**12:012d}",
+        id=rid,
         source=source,
         destination=destination,
         action="allow",
