@@ -107,3 +107,49 @@ def test_what_a_registration_overwrites_is_checked_inside_its_write(make_client,
         assert (check.service_name, check.name) == ("db", "db alive")
     else:
         assert [s.name for s in store.services(node=NODE) if s.id == "x"] == ["db"]
+
+
+def _web_1_becomes_db() -> Registration:
+    return Registration(node=_node(), services=(Service(NODE, "web-1", "db", port=5432),),
+                        keep_existing_node=True)  # fmt: skip
+
+
+CHECK_CASES: dict[str, tuple[str, dict]] = {
+    "agent check": (
+        "/v1/agent/check/register",
+        {"CheckID": "new", "Name": "web alive", "ServiceID": "web-1", "TTL": "10m"},
+    ),
+    "catalog check": (
+        "/v1/catalog/register",
+        {
+            "Node": NODE,
+            "Address": "127.0.0.1",
+            "SkipNodeUpdate": True,
+            "Check": {"CheckID": "new", "Name": "web alive", "ServiceID": "web-1"},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECK_CASES))
+def test_a_check_does_not_land_on_a_service_replaced_meanwhile(make_client, case) -> None:  # noqa: F811
+    """The check's service (``web-1``, web's) is read and vetted before the write; db's
+    registration then takes the ID. The check must not end up on db's instance."""
+    path, body = CHECK_CASES[case]
+    client = make_client(acl_enabled=True, acl_default_policy="deny")
+    mgmt = {"X-Consul-Token": client.put("/v1/acl/bootstrap").get_json()["SecretID"]}
+    r = client.put("/v1/acl/policy", json={"Name": "web-only", "Rules": WEB_ONLY}, headers=mgmt)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    r = client.put("/v1/acl/token", json={"Policies": [{"Name": "web-only"}]}, headers=mgmt)
+    web = {"X-Consul-Token": r.get_json()["SecretID"]}
+    r = client.put("/v1/agent/service/register", json={"ID": "web-1", "Name": "web"}, headers=web)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    svc = client.application.extensions["trellis"]
+    store = svc.store
+    svc.store = _LandsFirst(store, _web_1_becomes_db())
+
+    r = client.put(path, json=body, headers=web)
+
+    assert_error(r, 409, "conflict", "changed while its check 'new' was being registered")
+    assert store.checks(node=NODE, check_id="new") == []
+    assert [s.name for s in store.services(node=NODE) if s.id == "web-1"] == ["db"]

@@ -9,7 +9,7 @@ from flask import Blueprint
 from trellis.api import catalog as cat
 from trellis.api.acl import service as acl
 from trellis.api.acl.rules import Authorizer
-from trellis.api.errors import BadRequest
+from trellis.api.errors import BadRequest, Conflict
 from trellis.api.feed import Watch
 from trellis.api.http import blocking, json_body, json_response, services, str_arg
 from trellis.api.store.base import Check, Node, NodeView, Prepare, Registration, Service
@@ -67,10 +67,29 @@ def require_overwrite_write(
             acl.require(authz.node_write(c.node), f"node:write on {c.node!r}")
 
 
+def require_same_owners(view: NodeView, reg: Registration) -> None:
+    """A check for a service already on the node was vetted (``service:write`` on its name)
+    against that service as read before the write. If another registration replaced (or
+    removed) the service meanwhile, the check would land on another service's instance, under
+    a permission for the old one: Conflict instead, which the caller may retry. Run from a
+    registration's ``prepare``, like ``require_overwrite_write``."""
+    own = {s.id for s in reg.services}
+    for c in reg.checks:
+        if not c.service_id or c.service_id in own:
+            continue
+        current = view.service(c.service_id)
+        if current is None or current.name != c.service_name:
+            raise Conflict(
+                f"service ID {c.service_id!r} changed while its check {c.check_id!r} was"
+                " being registered; retry"
+            )
+
+
 def guard_overwrites(authz: Authorizer) -> Prepare:
-    """The ``prepare`` of a registration whose only in-transaction work is that check."""
+    """The ``prepare`` of a registration whose only in-transaction work is these checks."""
 
     def prepare(view: NodeView, reg: Registration) -> Registration:
+        require_same_owners(view, reg)
         require_overwrite_write(view, authz, reg.services, reg.checks)
         return reg
 
@@ -128,6 +147,7 @@ def register():
         # which needs node:write) and what the registration overwrites, as the write sees it.
         if skip_node and view.node() is None:
             acl.require(authz.node_write(node_name), f"node:write on {node_name!r}")
+        require_same_owners(view, reg)
         require_overwrite_write(view, authz, reg.services, reg.checks)
         return reg
 
