@@ -20,11 +20,12 @@ from werkzeug.exceptions import HTTPException
 from trellis.api import browsers, longpoll
 from trellis.api.ca.manager import CAManager
 from trellis.api.ca.secrets import load_sealer
-from trellis.api.errors import TrellisError
+from trellis.api.errors import BadRequest, Conflict, NotFound, TrellisError
 from trellis.api.feed import SharedReads
 from trellis.api.settings import Settings
 from trellis.api.store import SQLITE, open_store, store_kind
 from trellis.api.store.base import PASSING, Check, Node, Registration, Store
+from trellis.api.store.errors import NotFoundInStore, StoreConflict, StoreError, UnstorableValue
 
 if TYPE_CHECKING:
     from trellis.api.acl.service import AuthorizerCache
@@ -205,6 +206,22 @@ def _maintenance(svc: AppServices) -> None:
             log.warning("maintenance: %s", e)
 
 
+#: What each of the store's refusals means to an HTTP client.
+_STORE_TO_HTTP: dict[type[StoreError], type[TrellisError]] = {
+    StoreConflict: Conflict,
+    NotFoundInStore: NotFound,
+    UnstorableValue: BadRequest,
+}
+
+
+def http_error(e: StoreError) -> TrellisError:
+    """The HTTP error of a store refusal (a new kind of refusal without an entry is a 500)."""
+    for kind, error in _STORE_TO_HTTP.items():
+        if isinstance(e, kind):
+            return error(e.message)
+    return TrellisError(e.message)
+
+
 def _error_handlers(app: Flask) -> None:
     def render(status: int, message: str, code: str, headers: dict | None = None) -> Response:
         from trellis.api.http import json_response
@@ -215,7 +232,16 @@ def _error_handlers(app: Flask) -> None:
 
     @app.errorhandler(TrellisError)
     def _trellis(e: TrellisError):
+        if e.status == 500:
+            # Ours, not the client's (a CA seal key that does not fit): the operator reads
+            # the log, so it says what the client was told. No traceback: the message is it.
+            log.error("%s %s: %s", request.method, request.path, e.message)
         return render(e.status, e.message, e.code, e.headers)
+
+    @app.errorhandler(StoreError)
+    def _store(e: StoreError):
+        # The one place where the store's refusals become HTTP errors (trellis.api.store.errors).
+        return _trellis(http_error(e))
 
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException):

@@ -12,12 +12,12 @@ setting.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
 from trellis.api.errors import BadRequest
 from trellis.api.store.base import CRITICAL, Check, Node, Service
+from trellis.proxy import names
 from trellis.proxy.durations import parse_duration
 
 #: Keys whose values are free-form maps: their keys are kept exactly as sent.
@@ -76,16 +76,11 @@ def to_pascal(value: Any, parent: str = "") -> Any:
     return out
 
 
-_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?$")
-
-
 def valid_name(kind: str, name: str) -> str:
-    """Service and node names must be DNS-safe: DNS is one of the ways they are looked up."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise BadRequest(
-            f"{kind} {name!r} is not valid: use 1-128 letters, digits, '-', '_' or '.',"
-            " starting and ending with a letter or digit"
-        )
+    """Service and node names must be DNS-safe: DNS is one of the ways they are looked up.
+    One rule (``trellis.proxy.names``) for the catalog, intentions and certificates."""
+    if not names.is_service_name(name):
+        raise BadRequest(f"{kind} {name!r} is not valid: {names.RULE}")
     return name
 
 

@@ -7,6 +7,8 @@ says who is at fault: 4xx errors are the client's, 5xx errors are ours or a depe
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TrellisError(Exception):
     """Base of every error Trellis reports to a client."""
@@ -19,7 +21,7 @@ class TrellisError(Exception):
         self.message = message
         self.headers = headers or {}
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"error": self.message, "code": self.code, "status": self.status}
 
 
@@ -36,7 +38,7 @@ class PermissionDenied(TrellisError):
     status = 403
     code = "permission_denied"
 
-    def __init__(self, message: str = "Permission denied", **kw) -> None:
+    def __init__(self, message: str = "Permission denied", **kw: Any) -> None:
         if not message.startswith("Permission denied"):
             message = f"Permission denied: {message}"
         super().__init__(message, **kw)
@@ -87,6 +89,17 @@ class StoreUnavailable(TrellisError):
 
     status = 503
     code = "store_unavailable"
+
+
+class SealError(TrellisError):
+    """A sealed secret of the CA (a private key, the Vault token) does not open with this
+    server's CA seal key. The operator is at fault, not the client: the key is not the one the
+    CA was set up with, or servers sharing one store were given different keys (or the stored
+    value was damaged). The message names the secret and where this server's key came from;
+    a 500 that the server logs, with that message."""
+
+    status = 500
+    code = "ca_seal_key_mismatch"
 
 
 class ConfigError(Exception):

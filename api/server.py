@@ -143,6 +143,12 @@ def serve(settings: Settings) -> int:
             os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
         except OSError as e:
             return _fail(f"cannot create data dir {settings.data_dir}: {e.strerror}")
+        from trellis.api.datadir import check_dir
+
+        try:
+            check_dir(settings.data_dir)
+        except ConfigError as e:
+            return _fail(str(e))
     # Open the store once before any port is taken or worker forked: it runs the migrations
     # and proves the store is reachable. In a child process, see check_store.
     problem = check_store(settings.store_url)

@@ -49,17 +49,15 @@ from which the sidecar takes the peer's service name.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from trellis.proxy.names import is_service_name
+
 ALLOW, DENY = "allow", "deny"
 WILDCARD = "*"
 
-# The service-name rule (api/catalog.py): DNS-safe, 1-128 characters. Used with fullmatch
-# only: with match(), "$" also matches before a trailing newline, and "web\n" would pass.
-_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?")
 
 PRECEDENCE_EXACT_EXACT = 9
 PRECEDENCE_WILDCARD_EXACT = 8
@@ -89,7 +87,7 @@ def check_name(name: str) -> str:
             f"{name!r}: '*' matches any service only as the whole name; partial wildcards"
             " are not supported"
         )
-    if not _NAME.fullmatch(name):
+    if not is_service_name(name):  # the catalog's rule (trellis.proxy.names)
         raise IntentionError(
             f"service name {name!r} is not valid: use 1-128 letters, digits, '-', '_' or '.',"
             " starting and ending with a letter or digit, or '*' alone"

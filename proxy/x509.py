@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from trellis.proxy import spiffe
+from trellis.proxy import names, spiffe
 
 MAX_CSR_BYTES = 16 * 1024
 EC_CURVES = {"secp256r1": 256, "secp384r1": 384, "secp521r1": 521}
@@ -231,6 +231,9 @@ def check_csr(
         raise PolicyError(f"namespace {identity.namespace!r} is not served here")
     if datacenter is not None and identity.datacenter != datacenter:
         raise PolicyError(f"the URI SAN names datacenter {identity.datacenter!r}")
+    if not names.is_service_name(identity.service):
+        # The catalog's rule: SPIFFE allows "-" or "web." as a path segment, no service has it.
+        raise PolicyError(f"service name {identity.service!r} is not valid: {names.RULE}")
     if not may_sign(identity.service):
         raise PolicyError(f"this token may not obtain a certificate for {identity.service!r}")
     return CSRInfo(identity, key, key_type, key_bits)
@@ -292,12 +295,17 @@ def build_leaf(
     end = min(_now(now) + ttl, issuer.not_valid_after_utc)
     if end <= _now(now):
         raise PolicyError("the signing certificate has expired or is about to")
+    # digitalSignature alone, for EC and RSA keys alike. TLS 1.3 (and TLS 1.2's ECDHE suites)
+    # uses a leaf's key only to sign the handshake: the key exchange is ephemeral. Only TLS
+    # 1.2's static exchanges use the certificate's key otherwise: keyAgreement for static
+    # ECDH, keyEncipherment for RSA key transport, neither with forward secrecy, and the mesh
+    # offers neither. X509-SVID: digitalSignature MUST, the other two MAY.
     ku = x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
-        key_encipherment=info.key_type == "rsa",
+        key_encipherment=False,
         data_encipherment=False,
-        key_agreement=info.key_type == "ec",
+        key_agreement=False,
         key_cert_sign=False,
         crl_sign=False,
         encipher_only=False,

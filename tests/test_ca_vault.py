@@ -291,6 +291,8 @@ def test_signed_leaf_verifies_and_has_the_svid_profile(openbao, vault_paths, tmp
     ku = leaf.extensions.get_extension_for_class(x509.KeyUsage)
     assert ku.critical and ku.value.digital_signature
     assert not ku.value.key_cert_sign and not ku.value.crl_sign
+    # The built-in provider's profile: digitalSignature only.
+    assert not ku.value.key_agreement and not ku.value.key_encipherment
     # Vault back-dates by 30 s: the lifetime is the TTL plus that.
     lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
     assert abs(lifetime - (LEAF_TTL + dt.timedelta(seconds=30))) <= dt.timedelta(seconds=2)
@@ -308,6 +310,8 @@ def test_rsa_options_and_rsa_csrs(openbao, vault_paths):
     csr_pem, info = checked_csr("db", key=px.generate_key("rsa", 2048))
     leaf, chain = p.sign_leaf(csr_pem, info, LEAF_TTL)
     assert px.verify_peer([leaf, *chain], {TD: [material.cert]}).service == "db"
+    ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature and not ku.key_encipherment and not ku.key_agreement
 
 
 @pytest.mark.parametrize(

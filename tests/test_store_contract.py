@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trellis.api.errors import BadRequest, ConfigError, StoreUnavailable
+from trellis.api.errors import ConfigError, StoreUnavailable
 from trellis.api.feed import Watch
 from trellis.api.store import open_store
 from trellis.api.store.base import (
@@ -33,6 +33,7 @@ from trellis.api.store.base import (
     Service,
     Store,
 )
+from trellis.api.store.errors import UnstorableValue
 from trellis.api.store.sql import migrations
 
 U64_MAX = 2**64 - 1
@@ -1216,8 +1217,9 @@ def test_follower_stops_when_the_store_closes(store_url: str) -> None:
 
 
 def test_nul_in_names_is_the_clients_fault_on_both(store: Store) -> None:
-    """PostgreSQL text cannot hold NUL, SQLite can; both stores refuse it the same way (400),
-    instead of one storing it and the other leaking a driver error (500)."""
+    """PostgreSQL text cannot hold NUL, SQLite can; both stores refuse it the same way
+    (UnstorableValue, a 400 at the HTTP boundary), instead of one storing it and the other
+    leaking a driver error (500)."""
     store.kv_put("a", b"\x00 in a value is fine")
     for op in [
         lambda: store.kv_put("a\x00b", b""),
@@ -1227,7 +1229,7 @@ def test_nul_in_names_is_the_clients_fault_on_both(store: Store) -> None:
         lambda: store.register(Registration(node("n\x00"))),
         lambda: store.register(Registration(node(), services=(svc("w", "we\x00b"),))),
     ]:
-        with pytest.raises(BadRequest, match="NUL"):
+        with pytest.raises(UnstorableValue, match="NUL"):
             op()
     assert store.current_index() == 1
     assert store.nodes() == []

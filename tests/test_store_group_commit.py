@@ -19,7 +19,7 @@ PRELUDE = textwrap.dedent(
     """
     from gevent import monkey; monkey.patch_all()
     import json, sys, gevent
-    from trellis.api.errors import BadRequest
+    from trellis.api.store.errors import UnstorableValue
     from trellis.api.store.postgres import PostgresStore
     from trellis.api.store import SQLITE, store_kind
     from trellis.api.store.sqlite import SQLiteStore
@@ -81,7 +81,7 @@ def test_a_failing_write_fails_alone(store_url, bad):
             try:
                 store.kv_put(key, b"v")
                 return "ok"
-            except BadRequest as e:
+            except UnstorableValue as e:
                 return "bad: " + e.message
 
         gs = [gevent.spawn(put, i) for i in range(10)]

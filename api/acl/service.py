@@ -20,6 +20,7 @@ from flask import g, request
 from trellis.api.acl.rules import Authorizer, RulesError, parse_rules
 from trellis.api.errors import PermissionDenied
 from trellis.api.http import services
+from trellis.api.store.errors import StoreConflict
 from trellis.api.store.security import ACLPolicy, ACLToken
 
 MANAGEMENT_POLICY_ID = "00000000-0000-0000-0000-000000000001"
@@ -145,7 +146,13 @@ def current_token() -> ACLToken | None:
 
 
 def ensure_builtins() -> None:
-    """The global-management policy and the anonymous token exist once ACLs are on."""
+    """The global-management policy and the anonymous token exist once ACLs are on.
+
+    Every worker (and replica) runs this at start, so another may create them between the
+    read and the write here: that StoreConflict is harmless and ignored. Anything else (the
+    store is down: StoreUnavailable, a 503) is the caller's to report; it used to be
+    swallowed, and a server then ran without the objects it had just claimed to ensure.
+    """
     store = services().store
     if store.acl_policy(policy_id=MANAGEMENT_POLICY_ID) is None:
         try:
@@ -158,8 +165,8 @@ def ensure_builtins() -> None:
                 ),
                 create=True,
             )
-        except Exception:  # noqa: S110 - another worker made it first
-            pass
+        except StoreConflict:
+            pass  # another worker made it first
     if store.acl_token(accessor_id=ANONYMOUS_ACCESSOR) is None:
         try:
             store.acl_token_put(
@@ -170,8 +177,8 @@ def ensure_builtins() -> None:
                 ),
                 create=True,
             )
-        except Exception:  # noqa: S110 - another worker made it first
-            pass
+        except StoreConflict:
+            pass  # another worker made it first
 
 
 def bootstrap(secret: str) -> ACLToken | None:

@@ -777,7 +777,8 @@ class VaultProvider:
                     "use_csr_sans": True,
                     # Any key Vault can sign; check_csr has already applied our key policy.
                     "key_type": "any",
-                    "key_usage": ["DigitalSignature", "KeyAgreement", "KeyEncipherment"],
+                    # The built-in provider's profile (trellis.proxy.x509.build_leaf says why).
+                    "key_usage": ["DigitalSignature"],
                     "ext_key_usage": [],
                     "server_flag": True,
                     "client_flag": True,

@@ -20,15 +20,44 @@ from trellis.proxy.durations import DurationError, parse_duration
 
 _META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
+# Size limits of a registration, each refused with a 400 that names it. Meta: Consul's own
+# (metaMaxKeyPairs, metaKeyMaxLength, metaValueMaxLength). Tags and checks: Consul bounds them
+# only by the body size, so a service with 50,000 tags went into the store, and into every
+# catalog read and DNS answer built from it. Trellis's bounds leave room for tag-driven
+# routers (dozens of tags) and are documented in the README.
+MAX_META_KEYS, MAX_META_KEY_LENGTH, MAX_META_VALUE_LENGTH = 64, 128, 512
+MAX_TAGS, MAX_TAG_LENGTH = 128, 256
+#: Checks of one service (``Check`` and ``Checks``), or of one catalog registration.
+MAX_CHECKS = 32
+
 
 def _check_meta(meta: Mapping[str, Any], what: str) -> None:
-    if len(meta) > 64:
-        raise ValidationError("may hold at most 64 keys", what)
+    if len(meta) > MAX_META_KEYS:
+        raise ValidationError(f"may hold at most {MAX_META_KEYS} keys, not {len(meta)}", what)
     for k, v in meta.items():
         if not _META_KEY.fullmatch(k):
-            raise ValidationError(f"key {k!r} must be 1-128 letters, digits, '-' or '_'", what)
-        if not isinstance(v, str) or len(v) > 512:
-            raise ValidationError(f"value of {k!r} must be a string of at most 512 chars", what)
+            raise ValidationError(
+                f"key {k[: MAX_META_KEY_LENGTH + 1]!r} must be 1-{MAX_META_KEY_LENGTH}"
+                " letters, digits, '-' or '_'",
+                what,
+            )
+        if not isinstance(v, str) or len(v) > MAX_META_VALUE_LENGTH:
+            raise ValidationError(
+                f"value of {k!r} must be a string of at most {MAX_META_VALUE_LENGTH} characters",
+                what,
+            )
+
+
+def _check_count(data: dict, what: str) -> None:
+    """At most MAX_CHECKS checks in ``Check`` and ``Checks`` together."""
+    n = len(data.get("Checks") or []) + (1 if data.get("Check") else 0)
+    if n > MAX_CHECKS:
+        raise ValidationError(f"{what} may have at most {MAX_CHECKS} checks, not {n}", "Checks")
+
+
+def _at_most_tags(tags: list[str] | None) -> None:
+    if tags is not None and len(tags) > MAX_TAGS:
+        raise ValidationError(f"a service may have at most {MAX_TAGS} tags, not {len(tags)}")
 
 
 class WeightsSchema(Strict):
@@ -124,7 +153,11 @@ class ServiceSchema(Strict):
     ID = fields.String()
     Name = fields.String()
     Service = fields.String()  # catalog/register's spelling of Name
-    Tags = fields.List(fields.String(validate=validate.Length(max=256)), allow_none=True)
+    Tags = fields.List(
+        fields.String(validate=validate.Length(max=MAX_TAG_LENGTH)),
+        allow_none=True,
+        validate=_at_most_tags,
+    )
     Address = fields.String()
     TaggedAddresses = fields.Dict(keys=fields.String(), values=fields.Nested(TaggedAddressSchema))
     Meta = fields.Dict(keys=fields.String(), values=fields.Raw(), allow_none=True)
@@ -150,6 +183,7 @@ class ServiceSchema(Strict):
     @validates_schema
     def _meta(self, data: dict, **kw: Any) -> None:
         _check_meta(data.get("Meta") or {}, "Meta")
+        _check_count(data, "a service")
 
 
 class ConnectSchema(Strict):
@@ -175,6 +209,7 @@ class CatalogRegisterSchema(Strict):
     @validates_schema
     def _meta(self, data: dict, **kw: Any) -> None:
         _check_meta(data.get("NodeMeta") or {}, "NodeMeta")
+        _check_count(data, "a registration")
 
 
 class CatalogDeregisterSchema(Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 from trellis.api.errors import ConfigError
@@ -32,7 +33,7 @@ def store_kind(url: str) -> str:
     )
 
 
-def open_store(url: str, **kw) -> Store:
+def open_store(url: str, **kw: Any) -> Store:
     if store_kind(url) == SQLITE:
         from trellis.api.store.sqlite import SQLiteStore
 

@@ -8,11 +8,12 @@ real databases.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from trellis.api.feed import ChangeFeed
+from trellis.api.store.security import ACLPolicy, ACLToken, IntentionRecord
 
 PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
 CHECK_STATES = (PASSING, WARNING, CRITICAL)
@@ -101,8 +102,33 @@ class Registration:
     keep_existing_node: bool = False
 
 
+class NodeView(Protocol):
+    """One node's catalog as a registration's own write transaction reads it (see
+    ``Store.register``'s ``prepare``): nothing another writer commits can come in between
+    these reads and the write."""
+
+    def node(self) -> Node | None: ...
+    def service(self, service_id: str) -> Service | None: ...
+    def check(self, check_id: str) -> Check | None: ...
+    def ports_in_use(self, low: int, high: int, *, except_ids: Iterable[str] = ()) -> set[int]:
+        """The ports in ``low..high`` of the node's services, but those with these IDs."""
+        ...
+
+
+#: ``prepare(view, registration)`` of ``Store.register``: the registration to write.
+Prepare = Callable[[NodeView, Registration], Registration]
+
+
 class Store(Protocol):
-    """What the control plane needs from its database. Every write bumps the global index."""
+    """What the control plane needs from its database. Every write bumps the global index.
+
+    Reads return value objects (never driver rows), and ``None`` (or an empty list) for what
+    does not exist. Errors, all from ``trellis.api.store.errors``: ``StoreUnavailable`` from
+    any method when the database cannot be reached or refuses the work; ``UnstorableValue``
+    for text holding NUL; ``StoreConflict`` and ``NotFoundInStore`` only from the writes whose
+    docstrings say so. Both implementations satisfy this Protocol (tests/test_store_contract.py
+    checks their signatures against it).
+    """
 
     feed: ChangeFeed
 
@@ -123,7 +149,19 @@ class Store(Protocol):
     def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool: ...
 
     # catalog
-    def register(self, reg: Registration) -> int: ...
+    def register(self, reg: Registration, *, prepare: Prepare | None = None) -> int:
+        """Write a registration; the index of the write (or the current one if it changed
+        nothing).
+
+        ``prepare``, if given, runs inside the write's transaction, with the write lock held,
+        before anything is written: it reads the node through the ``NodeView`` and returns
+        the registration to write (the same node), filling in what depends on the stored
+        state (a free sidecar port), or raises to write nothing (an ACL refusal of what the
+        registration would overwrite). So no other write can land between what it read and
+        the write. It must be quick and must not use the store otherwise.
+        """
+        ...
+
     def deregister_service(self, node: str, service_id: str) -> bool: ...
     def deregister_check(self, node: str, check_id: str) -> bool: ...
     def deregister_node(self, node: str) -> bool: ...
@@ -151,6 +189,44 @@ class Store(Protocol):
     def system_write(
         self, puts: dict[str, Any], expect: dict[str, int] | None = None
     ) -> int | None: ...
+
+    # intentions
+    def intentions(self) -> list[IntentionRecord]: ...
+    def intention(self, intention_id: str) -> IntentionRecord | None: ...
+    def intention_exact(self, source: str, destination: str) -> IntentionRecord | None: ...
+    def intention_put(
+        self, rec: IntentionRecord, *, create_only: bool = False, expect_id: str | None = None
+    ) -> IntentionRecord:
+        """Create or replace the intention of ``(rec.source, rec.destination)``.
+
+        StoreConflict: ``create_only`` and the pair exists, or (with ``expect_id``) the pair
+        belongs to another intention. NotFoundInStore: no intention ``expect_id``.
+        """
+        ...
+
+    def intention_delete(self, intention_id: str) -> bool: ...
+
+    # ACL tokens and policies
+    def acl_tokens(self) -> list[ACLToken]: ...
+    def acl_token(
+        self, *, accessor_id: str | None = None, secret_hash: str | None = None
+    ) -> ACLToken | None: ...
+    def acl_token_put(self, t: ACLToken, *, create: bool) -> ACLToken | None:
+        """Create (StoreConflict if the accessor ID or the secret exists) or update (None if
+        there is no such token)."""
+        ...
+
+    def acl_token_delete(self, accessor_id: str) -> bool: ...
+    def acl_policies(self) -> list[ACLPolicy]: ...
+    def acl_policy(
+        self, *, policy_id: str | None = None, name: str | None = None
+    ) -> ACLPolicy | None: ...
+    def acl_policy_put(self, p: ACLPolicy, *, create: bool) -> ACLPolicy | None:
+        """Create (StoreConflict if the ID exists) or update (None if there is no such
+        policy); StoreConflict if another policy has the name."""
+        ...
+
+    def acl_policy_delete(self, policy_id: str) -> bool: ...
 
 
 def changed_catalog_keys(services: Iterable[Service], node: str | None = None) -> set[str]:

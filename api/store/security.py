@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from trellis.api.errors import Conflict
+from trellis.api.store.errors import NotFoundInStore, StoreConflict
 
 INTENTION_COLS = (
     "id, source, destination, action, description, meta, created_at, updated_at,"
@@ -147,8 +147,8 @@ class SecurityStoreMixin:
     ) -> IntentionRecord:
         """Create or replace the intention for ``(rec.source, rec.destination)``.
 
-        ``create_only``: Conflict if that pair has an intention already. ``expect_id``: update
-        the intention with this ID (NotFound-like None return if it is gone); Conflict if the
+        ``create_only``: StoreConflict if that pair has an intention already. ``expect_id``:
+        update the intention with this ID (NotFoundInStore if it is gone); StoreConflict if the
         new pair belongs to another intention. Timestamps are the caller's.
         """
         with self.write() as tx:  # type: ignore[attr-defined]
@@ -165,13 +165,17 @@ class SecurityStoreMixin:
                     (expect_id,),
                 )
                 if cur is None:
-                    raise KeyError(expect_id)
+                    raise NotFoundInStore(f"intention {expect_id} not found")
                 if pair is not None and pair[0] != expect_id:
-                    raise Conflict(f"an intention {rec.source} => {rec.destination} already exists")
+                    raise StoreConflict(
+                        f"an intention {rec.source} => {rec.destination} already exists"
+                    )
                 rid, created_at, create_index, old_dest = cur[0], cur[1], int(cur[2]), cur[3]
             elif pair is not None:
                 if create_only:
-                    raise Conflict(f"an intention {rec.source} => {rec.destination} already exists")
+                    raise StoreConflict(
+                        f"an intention {rec.source} => {rec.destination} already exists"
+                    )
                 rid, created_at, create_index = pair[0], pair[1], int(pair[2])
             idx = tx.index
             create_index = create_index or idx
@@ -229,7 +233,8 @@ class SecurityStoreMixin:
         return _token(rows[0]) if rows else None
 
     def acl_token_put(self, t: ACLToken, *, create: bool) -> ACLToken | None:
-        """Create (Conflict if the accessor or secret exists) or update (None if missing)."""
+        """Create (StoreConflict if the accessor or secret exists) or update (None if
+        missing)."""
         with self.write() as tx:  # type: ignore[attr-defined]
             cur = tx.one(
                 "SELECT create_index, secret_hash, create_time FROM acl_tokens"
@@ -238,11 +243,11 @@ class SecurityStoreMixin:
             )
             if create:
                 if cur is not None:
-                    raise Conflict("a token with this AccessorID exists")
+                    raise StoreConflict("a token with this AccessorID exists")
                 if tx.one(
                     "SELECT accessor_id FROM acl_tokens WHERE secret_hash = ?", (t.secret_hash,)
                 ):
-                    raise Conflict("a token with this SecretID exists")
+                    raise StoreConflict("a token with this SecretID exists")
             elif cur is None:
                 return None
             idx = tx.index
@@ -292,15 +297,17 @@ class SecurityStoreMixin:
         return _policy(rows[0]) if rows else None
 
     def acl_policy_put(self, p: ACLPolicy, *, create: bool) -> ACLPolicy | None:
+        """Create (StoreConflict if the ID exists) or update (None if missing); StoreConflict
+        if another policy has the name."""
         with self.write() as tx:  # type: ignore[attr-defined]
             cur = tx.one("SELECT create_index FROM acl_policies WHERE id = ?", (p.id,))
             if create and cur is not None:
-                raise Conflict("a policy with this ID exists")
+                raise StoreConflict("a policy with this ID exists")
             if not create and cur is None:
                 return None
             other = tx.one("SELECT id FROM acl_policies WHERE name = ?", (p.name,))
             if other is not None and other[0] != p.id:
-                raise Conflict(f"a policy named {p.name!r} exists")
+                raise StoreConflict(f"a policy named {p.name!r} exists")
             idx = tx.index
             create_index = idx if cur is None else int(cur[0])
             tx.execute("DELETE FROM acl_policies WHERE id = ?", (p.id,))

@@ -28,21 +28,23 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from trellis.api.errors import BadRequest, StoreUnavailable
+from trellis.api.errors import StoreUnavailable
 from trellis.api.feed import ANY, Change, ChangeFeed
 from trellis.api.store.base import (
     CRITICAL,
     Check,
     KVEntry,
     Node,
+    Prepare,
     Registration,
     Service,
     changed_catalog_keys,
 )
+from trellis.api.store.errors import UnstorableValue
 from trellis.api.store.security import MIGRATION as SECURITY_MIGRATION
 from trellis.api.store.security import SecurityStoreMixin
 
@@ -426,6 +428,76 @@ def _check(row: Sequence[Any]) -> Check:
     )
 
 
+class _NodeRows:
+    """One node's rows as a registration's write transaction reads them, each read once: what
+    ``prepare`` sees through the ``NodeView`` methods is what the write then compares against
+    (no second query for the same row). The write forgets a row it has just written."""
+
+    _MISSING = object()
+
+    def __init__(self, tx: Tx, node: str) -> None:
+        self._tx = tx
+        self._node = node
+        self._node_row: Any = self._MISSING
+        self._services: dict[str, Any] = {}
+        self._checks: dict[str, Any] = {}
+
+    # -- rows, for the write
+
+    def node_row(self) -> Any:
+        if self._node_row is self._MISSING:
+            self._node_row = self._tx.one(
+                f"SELECT {NODE_COLS} FROM nodes WHERE name = ?",  # noqa: S608
+                (self._node,),
+            )
+        return self._node_row
+
+    def service_row(self, service_id: str) -> Any:
+        if service_id not in self._services:
+            self._services[service_id] = self._tx.one(
+                f"SELECT {SVC_COLS} FROM services WHERE node = ? AND id = ?",  # noqa: S608
+                (self._node, service_id),
+            )
+        return self._services[service_id]
+
+    def check_row(self, check_id: str) -> Any:
+        if check_id not in self._checks:
+            self._checks[check_id] = self._tx.one(
+                f"SELECT {CHECK_COLS} FROM checks WHERE node = ? AND check_id = ?",  # noqa: S608
+                (self._node, check_id),
+            )
+        return self._checks[check_id]
+
+    def forget_service(self, service_id: str) -> None:
+        """The write is about to change this row: a later read must see the change."""
+        self._services.pop(service_id, None)
+
+    def forget_check(self, check_id: str) -> None:
+        self._checks.pop(check_id, None)
+
+    # -- NodeView, for ``prepare``
+
+    def node(self) -> Node | None:
+        row = self.node_row()
+        return _node(row) if row is not None else None
+
+    def service(self, service_id: str) -> Service | None:
+        row = self.service_row(service_id)
+        return _svc(row) if row is not None else None
+
+    def check(self, check_id: str) -> Check | None:
+        row = self.check_row(check_id)
+        return _check(row) if row is not None else None
+
+    def ports_in_use(self, low: int, high: int, *, except_ids: Iterable[str] = ()) -> set[int]:
+        skip = set(except_ids)
+        rows = self._tx.execute(
+            "SELECT id, port FROM services WHERE node = ? AND port >= ? AND port <= ?",
+            (self._node, low, high),
+        ).fetchall()
+        return {int(r[1]) for r in rows if r[0] not in skip}
+
+
 class SQLStore(SecurityStoreMixin):
     """The shared body of both stores. Subclasses provide the dialect hooks below."""
 
@@ -493,7 +565,7 @@ class SQLStore(SecurityStoreMixin):
         # refuse it on both, as the client's fault, so the two stores keep one contract.
         for p in params:
             if isinstance(p, str) and "\x00" in p:
-                raise BadRequest("names and keys cannot contain the NUL character")
+                raise UnstorableValue("names and keys cannot contain the NUL character")
         return conn.execute(self._sql(sql), tuple(params))
 
     @contextmanager
@@ -764,7 +836,7 @@ class SQLStore(SecurityStoreMixin):
 
     def cluster_id(self) -> str:
         with self.read() as q:
-            return q("SELECT value FROM meta WHERE key = 'cluster_id'")[0][0]
+            return str(q("SELECT value FROM meta WHERE key = 'cluster_id'")[0][0])
 
     # -- K/V --------------------------------------------------------------------------------
 
@@ -854,14 +926,21 @@ class SQLStore(SecurityStoreMixin):
 
     # -- catalog -----------------------------------------------------------------------------
 
-    def register(self, reg: Registration) -> int:
-        n = reg.node
+    def register(self, reg: Registration, *, prepare: Prepare | None = None) -> int:
+        """See ``Store.register``."""
         with self.write() as tx:
+            rows = _NodeRows(tx, reg.node.name)
+            if prepare is not None:
+                prepared = prepare(rows, reg)
+                if prepared.node.name != reg.node.name:
+                    raise ValueError("prepare() must keep the registration's node")
+                reg = prepared
+            n = reg.node
             # The index is taken (bumped) only by the first statement that changes something:
             # re-registering an existing node with nothing new (keep_existing_node, or the same
             # node again) must neither bump the index nor leave a gap in ``changes``, which
             # followers would read as lost history and wake every waiter.
-            row = tx.one(f"SELECT {NODE_COLS} FROM nodes WHERE name = ?", (n.name,))  # noqa: S608
+            row = rows.node_row()
             touched: set[str] = set()
             if row is None:
                 tx.execute(
@@ -912,10 +991,9 @@ class SQLStore(SecurityStoreMixin):
                         for r in tx.execute("SELECT name FROM services WHERE node = ?", (n.name,))
                     }
             for s in reg.services:
-                old_row = tx.one(
-                    f"SELECT {SVC_COLS} FROM services WHERE node = ? AND id = ?",  # noqa: S608
-                    (n.name, s.id),
-                )
+                # Read once, by prepare() or here; forgotten once written (an ID given twice).
+                old_row = rows.service_row(s.id)
+                rows.forget_service(s.id)
                 content = _svc_content(s)
                 if old_row is not None and _svc_row_content(old_row) == content:
                     # The same service again (an agent re-syncing, a client retrying): Consul
@@ -951,7 +1029,9 @@ class SQLStore(SecurityStoreMixin):
                         )
                         touched.add(f"svc/{r[1]}")
             for c in reg.checks:
-                if not self._upsert_check(tx, n.name, c):
+                old_check = rows.check_row(c.check_id)
+                rows.forget_check(c.check_id)
+                if not self._upsert_check(tx, n.name, c, old_check):
                     continue  # the same check again: nothing changed
                 touched.add(f"svc/{c.service_name}" if c.service_name else f"node/{n.name}")
                 if not c.service_name:
@@ -965,12 +1045,9 @@ class SQLStore(SecurityStoreMixin):
                 return tx.index
             return int(tx.one("SELECT idx FROM indexes WHERE name = 'global'")[0])
 
-    def _upsert_check(self, tx: Tx, node: str, c: Check) -> bool:
-        """Write the check unless it is stored exactly so already; whether it wrote."""
-        old = tx.one(
-            f"SELECT {CHECK_COLS} FROM checks WHERE node = ? AND check_id = ?",  # noqa: S608
-            (node, c.check_id),
-        )
+    def _upsert_check(self, tx: Tx, node: str, c: Check, old: Any) -> bool:
+        """Write the check unless it is stored exactly so (``old``, its row) already; whether
+        it wrote."""
         if old is not None and _check_row_content(old) == _check_content(c):
             return False
         idx = tx.index

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from trellis.api.datadir import private_file
 from trellis.api.errors import StoreUnavailable
 from trellis.api.store.sql import SQLStore
 
@@ -37,6 +38,14 @@ class SQLiteStore(SQLStore):
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise StoreUnavailable(f"the data directory {parent} does not exist")
+        # SQLite makes a new database 0644 whatever the umask, and its -wal and -shm files
+        # take the database's mode: made 0600 here first, none of them is readable by other
+        # local users (trellis.api.datadir).
+        try:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                private_file(path + suffix, create=suffix == "")
+        except OSError as e:
+            raise StoreUnavailable(f"cannot make {path} private: {e.strerror}") from None
         self._follower: threading.Thread | None = None
         super().__init__(pool_size=pool_size)
 

@@ -6,6 +6,7 @@ here land in the catalog on that node, and ``/v1/agent/services`` lists that nod
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 
@@ -19,8 +20,17 @@ from trellis.api.feed import Watch
 from trellis.api.http import flag, hash_blocking, json_body, json_response, services, str_arg
 from trellis.api.schemas import load
 from trellis.api.schemas.catalog import CheckSchema, CheckUpdateSchema, ServiceSchema
-from trellis.api.store.base import CRITICAL, PASSING, WARNING, Node, Registration, Service
-from trellis.api.views.catalog import require_overwrite_write
+from trellis.api.store.base import (
+    CRITICAL,
+    PASSING,
+    WARNING,
+    Check,
+    Node,
+    NodeView,
+    Registration,
+    Service,
+)
+from trellis.api.views.catalog import guard_overwrites, require_overwrite_write
 
 bp = Blueprint("agent", __name__)
 
@@ -41,44 +51,65 @@ def register_service_body(body: dict, *, replace_checks: bool) -> Service:
     """Register one service (and its sidecar) on this node from an agent registration body."""
     store = services().store
     settings = services().settings
+    node = settings.node_name
     d = load(ServiceSchema(), cat.to_pascal(cat.unwrap_service_body(body)))
-    svc = cat.build_service(settings.node_name, d)
+    svc = cat.build_service(node, d)
     defs = list(d.get("Checks") or [])
     if d.get("Check"):
         defs.insert(0, d["Check"])
-    svcs = [svc]
-    checks = cat.build_checks(settings.node_name, svc, defs)
+    own_checks = cat.build_checks(node, svc, defs)
     sidecar_spec = (d.get("Connect") or {}).get("SidecarService")
+    sidecar: tuple[Service, list[Check]] | None = None
     if sidecar_spec is not None:
         # As in Consul: a sidecar has no sidecar of its own. It used to be accepted and the
         # nested one silently dropped.
         if (sidecar_spec.get("Connect") or {}).get("SidecarService") is not None:
             raise BadRequest("SidecarService cannot have a nested SidecarService")
-        existing = store.services(node=settings.node_name)
-        taken = {s.port for s in existing if s.id != f"{svc.id}-sidecar-proxy"}
-        sc_body = cat.sidecar_for(svc, dict(sidecar_spec), taken)
-        sc_d = load(ServiceSchema(), sc_body)
-        sidecar = cat.build_service(settings.node_name, sc_d)
-        svcs.append(sidecar)
-        checks += cat.build_checks(settings.node_name, sidecar, list(sc_d.get("Checks") or []))
+        # Built here with no port taken, so that a bad sidecar body is a 400 and its name is
+        # vetted before the write; the port is chosen in the write (prepare, below).
+        sidecar = _build_sidecar(node, svc, sidecar_spec, set())
+    authz = acl.current()
     # The sidecar is derived from its parent's registration: write on the parent covers it.
     acl.require_registration(svc.name, svc.destination)
-    if len(svcs) > 1 and svcs[1].name != f"{svc.name}-sidecar-proxy":
+    if sidecar is not None and sidecar[0].name != f"{svc.name}-sidecar-proxy":
         # Fix: only the default sidecar name is the parent's; SidecarService.Name could name
         # any service (``db``), and registered an instance of it with write on ``web`` alone.
-        acl.require_service_write(svcs[1].name)
-    # Fix: nor may a registration replace another service's instance or check by its ID.
-    require_overwrite_write(settings.node_name, svcs, checks)
-    store.register(
-        Registration(
-            node=local_node(),
+        acl.require_service_write(sidecar[0].name)
+
+    def prepare(view: NodeView, reg: Registration) -> Registration:
+        svcs, checks = [svc], list(own_checks)
+        if sidecar is not None:
+            sc, sc_checks = sidecar
+            if not sidecar_spec.get("Port"):
+                # Fix: the free port was read in one transaction and the sidecar written in
+                # another, so registrations running together got the same port. Here no
+                # other write can come in between. The parent's own port counts as taken.
+                taken = view.ports_in_use(
+                    cat.SIDECAR_MIN_PORT, cat.SIDECAR_MAX_PORT, except_ids=(svc.id, sc.id)
+                )
+                sc, sc_checks = _build_sidecar(node, svc, sidecar_spec, taken | {svc.port})
+            svcs.append(sc)
+            checks += sc_checks
+        # Fix: nor may a registration replace another service's instance or check by its ID.
+        require_overwrite_write(view, authz, svcs, checks)
+        return dataclasses.replace(
+            reg,
             services=tuple(svcs),
             checks=tuple(checks),
             replace_checks_for=tuple(s.id for s in svcs) if replace_checks else (),
-            keep_existing_node=True,
         )
-    )
+
+    store.register(Registration(node=local_node(), keep_existing_node=True), prepare=prepare)
     return svc
+
+
+def _build_sidecar(
+    node: str, parent: Service, spec: dict, taken_ports: set[int]
+) -> tuple[Service, list[Check]]:
+    """The sidecar service of ``connect.sidecar_service`` and its checks."""
+    sc_d = load(ServiceSchema(), cat.sidecar_for(parent, dict(spec), taken_ports))
+    sidecar = cat.build_service(node, sc_d)
+    return sidecar, cat.build_checks(node, sidecar, list(sc_d.get("Checks") or []))
 
 
 @bp.put("/v1/agent/service/register")
@@ -171,9 +202,12 @@ def check_register():
     else:
         acl.require_node_write(s.settings.node_name)
     checks = cat.build_checks(s.settings.node_name, owner, [d])
-    # Fix: a check that reuses another service's (or the node's) check ID replaces it.
-    require_overwrite_write(s.settings.node_name, (), checks)
-    s.store.register(Registration(node=local_node(), checks=tuple(checks), keep_existing_node=True))
+    # Fix: a check that reuses another service's (or the node's) check ID replaces it;
+    # checked inside the write (guard_overwrites), as what it replaces is there.
+    s.store.register(
+        Registration(node=local_node(), checks=tuple(checks), keep_existing_node=True),
+        prepare=guard_overwrites(acl.current()),
+    )
     return json_response(None)
 
 

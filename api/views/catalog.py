@@ -8,12 +8,13 @@ from flask import Blueprint
 
 from trellis.api import catalog as cat
 from trellis.api.acl import service as acl
-from trellis.api.errors import BadRequest
+from trellis.api.acl.rules import Authorizer
+from trellis.api.errors import BadRequest, Conflict
 from trellis.api.feed import Watch
 from trellis.api.http import blocking, json_body, json_response, services, str_arg
 from trellis.api.schemas import load
 from trellis.api.schemas.catalog import CatalogDeregisterSchema, CatalogRegisterSchema
-from trellis.api.store.base import Check, Node, Registration, Service
+from trellis.api.store.base import Check, Node, NodeView, Prepare, Registration, Service
 
 bp = Blueprint("catalog", __name__)
 
@@ -36,29 +37,65 @@ def tags_arg() -> tuple[str, ...]:
     return tuple(t for t in request.args.getlist("tag") if t)
 
 
-def require_overwrite_write(node: str, svcs: Iterable[Service], checks: Iterable[Check]) -> None:
-    """A registration replaces the service or check that has its ID on ``node``: that needs
+def require_overwrite_write(
+    view: NodeView, authz: Authorizer, svcs: Iterable[Service], checks: Iterable[Check]
+) -> None:
+    """A registration replaces the service or check that has its ID on the node: that needs
     write on what it replaces too, or ``service:write`` on ``web`` would let a token overwrite
     (take over, or silence the checks of) ``db``'s instance by reusing its ID. Consul vets the
     same (``vetRegisterWithACL``, ``vetServiceRegisterWithAuthorizer``: "Vet any service that
     might be getting overwritten", and the same for checks on the agent).
 
-    Fix: registrations checked only the names they wrote, never what they overwrote.
+    Run from a registration's ``prepare`` (``Store.register``), so ``view`` is the node as the
+    write's own transaction sees it. ``authz`` is resolved before the write: nothing here
+    reads the store or blocks.
+
+    Fix: registrations checked only the names they wrote, never what they overwrote; then
+    they checked what they overwrote in a read before the write, and a registration that
+    landed in between was overwritten without write on it.
     """
-    store = services().store
-    existing = {s.id: s for s in store.services(node=node)}
     for s in svcs:
-        old = existing.get(s.id)
+        old = view.service(s.id)
         if old is not None and old.name != s.name:
-            acl.require_service_write(old.name)
+            acl.require(authz.service_write(old.name), f"service:write on {old.name!r}")
     for c in checks:
-        old_check = next(iter(store.checks(node=node, check_id=c.check_id)), None)
+        old_check = view.check(c.check_id)
         if old_check is None or old_check.service_name == c.service_name:
             continue
         if old_check.service_name:
-            acl.require_service_write(old_check.service_name)
+            name = old_check.service_name
+            acl.require(authz.service_write(name), f"service:write on {name!r}")
         else:
-            acl.require_node_write(node)
+            acl.require(authz.node_write(c.node), f"node:write on {c.node!r}")
+
+
+def require_same_owners(view: NodeView, reg: Registration) -> None:
+    """A check for a service already on the node was vetted (``service:write`` on its name)
+    against that service as read before the write. If another registration replaced (or
+    removed) the service meanwhile, the check would land on another service's instance, under
+    a permission for the old one: Conflict instead, which the caller may retry. Run from a
+    registration's ``prepare``, like ``require_overwrite_write``."""
+    own = {s.id for s in reg.services}
+    for c in reg.checks:
+        if not c.service_id or c.service_id in own:
+            continue
+        current = view.service(c.service_id)
+        if current is None or current.name != c.service_name:
+            raise Conflict(
+                f"service ID {c.service_id!r} changed while its check {c.check_id!r} was"
+                " being registered; retry"
+            )
+
+
+def guard_overwrites(authz: Authorizer) -> Prepare:
+    """The ``prepare`` of a registration whose only in-transaction work is these checks."""
+
+    def prepare(view: NodeView, reg: Registration) -> Registration:
+        require_same_owners(view, reg)
+        require_overwrite_write(view, authz, reg.services, reg.checks)
+        return reg
+
+    return prepare
 
 
 @bp.put("/v1/catalog/register")
@@ -95,7 +132,9 @@ def register():
             if owner is None:
                 raise BadRequest(f"check refers to unknown service ID {sid!r}")
         checks += cat.build_checks(node_name, owner, [d])
-    if not body.get("SkipNodeUpdate") or services().store.node(node_name) is None:
+    skip_node = bool(body.get("SkipNodeUpdate"))
+    authz = acl.current()
+    if not skip_node:
         acl.require_node_write(node_name)
     for s in svcs:
         acl.require_registration(s.name, s.destination)
@@ -104,14 +143,24 @@ def register():
             acl.require_service_write(c.service_name)
         else:
             acl.require_node_write(node_name)
-    require_overwrite_write(node_name, svcs, checks)
+
+    def prepare(view: NodeView, reg: Registration) -> Registration:
+        # Inside the write: whether the node exists (SkipNodeUpdate creates a missing one,
+        # which needs node:write) and what the registration overwrites, as the write sees it.
+        if skip_node and view.node() is None:
+            acl.require(authz.node_write(node_name), f"node:write on {node_name!r}")
+        require_same_owners(view, reg)
+        require_overwrite_write(view, authz, reg.services, reg.checks)
+        return reg
+
     services().store.register(
         Registration(
             node=node,
             services=tuple(svcs),
             checks=tuple(checks),
-            keep_existing_node=bool(body.get("SkipNodeUpdate")),
-        )
+            keep_existing_node=skip_node,
+        ),
+        prepare=prepare,
     )
     return json_response(True)
 
