@@ -19,7 +19,7 @@ from trellis.api.errors import BadRequest, NotFound
 from trellis.api.feed import Watch
 from trellis.api.http import blocking, json_body, json_response, services, str_arg
 from trellis.api.store.security import IntentionRecord
-from trellis.proxy import authz, spiffe
+from trellis.proxy import authz
 
 bp = Blueprint("intentions", __name__)
 
@@ -359,26 +359,12 @@ def authorize():
     if not isinstance(serial, str):
         raise BadRequest("ClientCertSerial must be a string")
     check_service_write(target)
-    try:
-        peer = spiffe.parse_service(uri)
-    except spiffe.SpiffeIDError as e:
-        return json_response(
-            {"Authorized": False, "Reason": f"Client certificate URI is invalid: {e}"}
-        )
-    trust_domain = services().ca.trust_domain
-    if peer.trust_domain != trust_domain:
-        return json_response(
-            {
-                "Authorized": False,
-                "Reason": f"Client certificate is from another trust domain ({peer.trust_domain})",
-            }
-        )
-    if peer.datacenter != services().settings.datacenter or peer.namespace != "default":
-        return json_response(
-            {
-                "Authorized": False,
-                "Reason": "Client certificate names another datacenter or namespace",
-            }
-        )
-    decision = _intentions().decide(peer.service, target, default_allow=default_allow())
+    decision = authz.authorize(
+        uri,
+        target,
+        trust_domain=services().ca.trust_domain,
+        datacenter=services().settings.datacenter,
+        intentions=_intentions(),
+        default_allow=default_allow(),
+    )
     return json_response({"Authorized": decision.allowed, "Reason": decision.reason})
