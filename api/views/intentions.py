@@ -315,13 +315,12 @@ def match():
         if by == "destination":
             check_intention_read(n)
     store = services().store
-    cache: domain.IntentionCache = services().intentions
 
     def compute():
         # One read of the records, for every name: the compiled set gives the order, the
         # records give the full shape (timestamps, indexes). An intention deleted between
         # the two is left out; the change that deleted it wakes the next round.
-        iset = cache.get()
+        iset = _intentions()
         records = {r.id: r for r in store.intentions()}
         out = {
             n: [intention_json(records[i.id]) for i in iset.match(by=by, name=n) if i.id in records]
