@@ -146,8 +146,10 @@ class ChangeFeed:
     def topic_changed_since(self, topic: str, after: int) -> bool:
         """Whether anything of ``topic`` was published after position ``after``.
 
-        O(1), for per-process caches of a whole topic (intentions, ACLs, the CA) that ask on
-        every request; ``wait(..., 0)`` would scan every change published since.
+        O(1), for per-process caches of a whole topic (the CA's state) that ask on every
+        request; ``wait(..., 0)`` would scan every change published since. A cache that must
+        never answer from a state older than the request (ACLs, intentions) cannot rely on
+        this: the feed learns of another process's writes a little late (see FreshReads).
         """
         return max(self._topic_seq.get(topic, 0), self._any_seq) > after
 
