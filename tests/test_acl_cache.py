@@ -64,6 +64,13 @@ def may_write(cache: AuthorizerCache, secret: str | None = SECRET) -> bool:
     return cache.resolve(secret)[1].key_write("app/x")
 
 
+INTENTION_ID = "44444444-4444-4444-4444-444444444444"
+
+
+def intention(store, action: str) -> None:
+    store.intention_put(IntentionRecord(INTENTION_ID, "web", "db", action))
+
+
 class Held:
     """The store, except that ``acl_resolve`` and ``intentions_at`` can be made to hold their
     answer (already read) until released: a request whose read yielded to others."""
@@ -98,6 +105,54 @@ class InThread(threading.Thread):
             self.result = self.fn()
         except BaseException as e:
             self.error = e
+
+
+# -- the store reads the caches rely on --------------------------------------------------------
+
+
+def test_topic_indexes_reads_each_topic_and_zero_for_one_never_written(store):
+    assert store.topic_indexes("acl", "intentions") == {"acl": 0, "intentions": 0}
+    assert store.topic_indexes() == {}
+    put_policy(store, KV_WRITE, create=True)
+    intention(store, "allow")
+    got = store.topic_indexes("acl", "intentions", "nothing")
+    assert got == {
+        "acl": store.topic_index("acl"),
+        "intentions": store.topic_index("intentions"),
+        "nothing": 0,
+    }
+    assert 0 < got["acl"] < got["intentions"]
+
+
+def test_acl_resolve_reads_the_token_its_policies_and_the_acl_index_together(store):
+    assert store.acl_resolve(hash_secret(SECRET)) == (None, [], 0)
+    put_policy(store, KV_WRITE, create=True)
+    other = "55555555-5555-5555-5555-555555555555"
+    store.acl_policy_put(ACLPolicy(id=other, name="other", rules=KV_DENY), create=True)
+    store.acl_token_put(
+        ACLToken(
+            accessor_id=ACCESSOR,
+            secret_hash=hash_secret(SECRET),
+            policies=(other, POLICY_ID, "66666666-6666-6666-6666-666666666666"),
+        ),
+        create=True,
+    )
+    token, policies, index = store.acl_resolve(hash_secret(SECRET))
+    assert token is not None and token.accessor_id == ACCESSOR
+    assert [p.id for p in policies] == [
+        other,
+        POLICY_ID,
+    ]  # the token's order; a missing one left out
+    assert index == store.topic_index("acl")
+    assert store.acl_resolve(hash_secret("nobody")) == (None, [], index)
+
+
+def test_intentions_at_reads_the_intentions_and_their_index_together(store):
+    assert store.intentions_at() == ([], 0)
+    intention(store, "deny")
+    records, index = store.intentions_at()
+    assert [(r.source, r.destination, r.action) for r in records] == [("web", "db", "deny")]
+    assert index == store.topic_index("intentions") > 0
 
 
 # -- tokens and policies ----------------------------------------------------------------------
@@ -193,13 +248,6 @@ def test_dns_answers_under_the_anonymous_token_as_of_each_query(two):
 
 
 # -- intentions -------------------------------------------------------------------------------
-
-
-INTENTION_ID = "44444444-4444-4444-4444-444444444444"
-
-
-def intention(store, action: str) -> None:
-    store.intention_put(IntentionRecord(INTENTION_ID, "web", "db", action))
 
 
 def allowed(cache: IntentionCache) -> bool:
