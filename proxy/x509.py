@@ -10,9 +10,9 @@ rules or a lesson of another mesh's CVE (see SECURITY.md):
   the identity is taken from there and nowhere else, and the CA signs only once the caller's
   ACLs allow that identity, a decision the caller makes on what ``check_csr`` returns); it may
   not ask to be a CA; its key is an allowed type and size; its signature verifies. The CA
-  then *forces* the profile: whatever the CSR asks for,
-  a leaf gets KU digitalSignature (critical), EKU serverAuth+clientAuth, cA=false, the one URI
-  SAN (critical, since the subject is empty), and the CA's TTL.
+  then *forces* the profile: whatever the CSR asks for, a leaf gets KU digitalSignature
+  (critical), EKU serverAuth+clientAuth, cA=false, the one URI SAN (critical, since the
+  subject is empty), and the CA's TTL.
 * a peer's certificate chains to a root of *its own* trust domain (the bundle is chosen by the
   trust domain of the peer's SPIFFE ID), is a leaf (cA=false, no keyCertSign/cRLSign), has
   exactly one URI SAN that parses as a service identity; names are matched only against URI
