@@ -18,19 +18,19 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from trellis.api import browsers, longpoll
+from trellis.api.acl.cache import ACL_TOPIC, AuthorizerCache
 from trellis.api.ca.manager import CAManager
 from trellis.api.ca.secrets import load_sealer
 from trellis.api.errors import BadRequest, Conflict, NotFound, TrellisError
-from trellis.api.feed import SharedReads
+from trellis.api.feed import FreshReads, SharedReads
+from trellis.api.intentions import INTENTIONS_TOPIC, IntentionCache
 from trellis.api.settings import Settings
 from trellis.api.store import SQLITE, open_store, store_kind
 from trellis.api.store.base import PASSING, Check, Node, Registration, Store
 from trellis.api.store.errors import NotFoundInStore, StoreConflict, StoreError, UnstorableValue
 
 if TYPE_CHECKING:
-    from trellis.api.acl.service import AuthorizerCache
     from trellis.api.views.connect_ca import LeafCache
-    from trellis.api.views.intentions import IntentionCache
 
 log = logging.getLogger("trellis.api")
 
@@ -46,28 +46,29 @@ class AppServices:
     leaves: LeafCache = field(default_factory=lambda: _leaf_cache())
     #: Results of blocking reads, shared by the queries one write wakes (see api.http).
     shared_reads: SharedReads = field(default_factory=SharedReads)
-    intentions: IntentionCache = field(default_factory=lambda: _intention_cache())
-    acls: AuthorizerCache = field(default_factory=lambda: _authorizer_cache())
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
+    #: The store's ACL and intention indexes, from a read begun after the caller asked
+    #: (shared by the requests that ask together); what keeps the two caches below fresh.
+    fresh: FreshReads[dict[str, int]] = field(init=False)
+    intentions: IntentionCache = field(init=False)
+    acls: AuthorizerCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        store = self.store
+        self.fresh = FreshReads(lambda: store.topic_indexes(ACL_TOPIC, INTENTIONS_TOPIC))
+        self.intentions = IntentionCache(store, fresh=self.fresh.get)
+        self.acls = AuthorizerCache(
+            store,
+            default_allow=self.settings.acl_default_policy == "allow",
+            fresh=self.fresh.get,
+        )
 
     def close(self) -> None:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=5)
         self.store.close()
-
-
-def _authorizer_cache():
-    from trellis.api.acl.service import AuthorizerCache
-
-    return AuthorizerCache()
-
-
-def _intention_cache():
-    from trellis.api.views.intentions import IntentionCache
-
-    return IntentionCache()
 
 
 def _leaf_cache():

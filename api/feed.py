@@ -34,7 +34,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -146,8 +146,10 @@ class ChangeFeed:
     def topic_changed_since(self, topic: str, after: int) -> bool:
         """Whether anything of ``topic`` was published after position ``after``.
 
-        O(1), for per-process caches of a whole topic (intentions, ACLs, the CA) that ask on
-        every request; ``wait(..., 0)`` would scan every change published since.
+        O(1), for per-process caches of a whole topic (the CA's state) that ask on every
+        request; ``wait(..., 0)`` would scan every change published since. A cache that must
+        never answer from a state older than the request (ACLs, intentions) cannot rely on
+        this: the feed learns of another process's writes a little late (see FreshReads).
         """
         return max(self._topic_seq.get(topic, 0), self._any_seq) > after
 
@@ -294,3 +296,79 @@ class SharedReads:
             if self._flights.get(key) is flight:
                 del self._flights[key]
         flight.done.set()
+
+
+class _Pending:
+    __slots__ = ("callers", "done", "ok", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+        self.value: object = None
+        self.callers = 1
+
+
+class FreshReads(Generic[T]):
+    """Reads that begin after their caller asked, shared by the callers that ask together.
+
+    ``get()`` returns the result of a call of ``read`` that *started* after ``get()`` was
+    called, so it reflects every write committed (and so acknowledged) before that: what a
+    per-process cache needs to know at the start of a request, on any worker or replica,
+    because its change feed learns of another process's write only a little later.
+
+    A read already under way when a caller arrives may have started before that caller's
+    request (before a write the caller's client saw acknowledged), so the caller does not
+    take its result: it waits for it to end and joins the next read, which starts then, for
+    everyone who arrived meanwhile. So however many requests arrive together, at most one
+    read is under way and one pending, and a caller waits for two reads at most (the one
+    under way, then its own). If the shared read fails, each caller that joined it reads for
+    itself (and meets the failure, a store outage, on its own).
+    """
+
+    def __init__(self, read: Callable[[], T]) -> None:
+        self._read = read
+        self._lock = threading.Lock()
+        self._running: _Pending | None = None
+        self._next: _Pending | None = None
+
+    def waiting(self) -> int:
+        """How many callers wait for a read that has not started yet (for tests)."""
+        with self._lock:
+            return 0 if self._next is None else self._next.callers
+
+    def get(self) -> T:
+        before: _Pending | None = None
+        with self._lock:
+            if self._next is not None:
+                mine, lead = self._next, False
+                mine.callers += 1
+            elif self._running is None:
+                mine, lead = _Pending(), True
+                self._running = mine
+            else:
+                mine, lead, before = _Pending(), True, self._running
+                self._next = mine
+        if not lead:
+            mine.done.wait()
+            if mine.ok:
+                return cast(T, mine.value)
+            return self._read()
+        try:
+            if before is not None:
+                before.done.wait()
+                with self._lock:
+                    # From here on nobody joins this read: it starts now.
+                    self._next = None
+                    self._running = mine
+            value = self._read()
+            mine.value, mine.ok = value, True
+            return value
+        finally:
+            # Also when interrupted while waiting (a greenlet killed at shutdown): whoever
+            # joined must not wait for a read that will never run.
+            with self._lock:
+                if self._next is mine:
+                    self._next = None
+                if self._running is mine:
+                    self._running = None
+            mine.done.set()

@@ -383,11 +383,12 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
     def _post_worker_init(self, worker) -> None:
         if self.dns_socks is None:
             return
-        from trellis.api.acl.service import dns_authorizer
+        from trellis.api.acl.cache import dns_authorizer
         from trellis.api.dns import DNSServer
 
         app = worker.wsgi
-        store = app.extensions["trellis"].store
+        svc = app.extensions["trellis"]
+        store = svc.store
         # The sockets were made in the master, before the gevent worker monkey-patched this
         # process: a plain socket's blocking recvfrom()/accept() would stall the whole gevent
         # hub (every HTTP request). Re-wrap the inherited fds in the (now patched) socket class,
@@ -395,7 +396,8 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
         udp, tcp = (
             socket.socket(s.family, s.type, s.proto, fileno=s.detach()) for s in self.dns_socks
         )
-        server = DNSServer(store, self.settings, udp, tcp, authorizer=dns_authorizer(app))
+        authorizer = dns_authorizer(svc.settings.acl_enabled, svc.acls)
+        server = DNSServer(store, self.settings, udp, tcp, authorizer=authorizer)
         app.extensions["trellis-dns"] = server
         threading.Thread(target=server.serve_forever, name="trellis-dns", daemon=True).start()
 

@@ -45,14 +45,22 @@ model-checks this exhaustively over a small universe and with hypothesis over la
 
 Names are compared exactly, case included (``Web`` is not ``web``), like SPIFFE path segments,
 from which the sidecar takes the peer's service name.
+
+``authorize`` is the whole decision for a connection whose peer presented a certificate: the
+peer's identity is checked first (a URI that is not a service identity, another trust domain,
+another datacenter or namespace: each a refusal with its own ``Outcome`` and reason, whatever
+the intentions and the default say), and only a local identity reaches the intentions. The
+server's ``/v1/agent/connect/authorize``, the sidecar and the SDK call it and nothing else.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from trellis.proxy import spiffe
 from trellis.proxy.names import is_service_name
 
 ALLOW, DENY = "allow", "deny"
@@ -149,11 +157,37 @@ class Intention:
         return f"{self.source} => {self.destination} ({self.action})"
 
 
+class Outcome(enum.Enum):
+    """What decided: an intention, the default policy, or the peer's identity (a refusal)."""
+
+    INTENTION = "intention"
+    DEFAULT = "default"
+    #: The peer's certificate URI is not a service identity (or not a SPIFFE ID at all).
+    INVALID_PEER = "invalid-peer"
+    #: The peer's identity is from another trust domain (another cluster's CA).
+    FOREIGN_TRUST_DOMAIN = "foreign-trust-domain"
+    #: The peer's identity names another datacenter (federation is not served).
+    OTHER_DATACENTER = "other-datacenter"
+    #: The peer's identity names a namespace other than ``default`` (not served).
+    OTHER_NAMESPACE = "other-namespace"
+
+
+#: The outcomes decided by the peer's identity alone: always a denial.
+REFUSALS = frozenset(
+    {
+        Outcome.INVALID_PEER,
+        Outcome.FOREIGN_TRUST_DOMAIN,
+        Outcome.OTHER_DATACENTER,
+        Outcome.OTHER_NAMESPACE,
+    }
+)
+
+
 @dataclass(frozen=True)
 class Decision:
     """The answer to "may source connect to destination?", with the reason, for logs, metrics
-    and ``/agent/connect/authorize``. ``intention`` is the deciding intention, or None when no
-    intention matched and the default policy decided.
+    and ``/agent/connect/authorize``. ``intention`` is the deciding intention, or None when the
+    default policy decided or the peer's identity was refused; ``outcome`` says which.
 
     A Decision has no truth value: ``if decision:`` raises TypeError (a dataclass instance is
     always truthy, so that test would allow everything); test ``decision.allowed``.
@@ -162,23 +196,41 @@ class Decision:
     allowed: bool
     reason: str
     intention: Intention | None
+    outcome: Outcome = Outcome.DEFAULT
 
     def __post_init__(self) -> None:
-        # A programming error, not the client's: a decision that contradicts its intention.
-        if self.intention is not None and self.allowed != self.intention.allows:
-            raise ValueError(f"{self.intention.label()} cannot yield allowed={self.allowed}")
+        # Programming errors, not the client's: a decision that contradicts itself.
+        if self.intention is not None:
+            if self.outcome is not Outcome.INTENTION:
+                raise ValueError(f"a decision by {self.intention.label()} has outcome INTENTION")
+            if self.allowed != self.intention.allows:
+                raise ValueError(f"{self.intention.label()} cannot yield allowed={self.allowed}")
+        elif self.outcome is Outcome.INTENTION:
+            raise ValueError("a decision with outcome INTENTION names its intention")
+        if self.outcome in REFUSALS and self.allowed is not False:
+            raise ValueError(f"a peer refused ({self.outcome.value}) is never allowed")
 
     @property
     def default(self) -> bool:
         """True when no intention matched and the default policy decided."""
-        return self.intention is None
+        return self.outcome is Outcome.DEFAULT
 
     def __bool__(self) -> bool:
         raise TypeError("a Decision has no truth value; use decision.allowed")
 
     @classmethod
     def matched(cls, intention: Intention) -> Decision:
-        return cls(intention.allows, f"Matched intention: {intention.label()}", intention)
+        return cls(
+            intention.allows,
+            f"Matched intention: {intention.label()}",
+            intention,
+            Outcome.INTENTION,
+        )
+
+    @classmethod
+    def refused(cls, outcome: Outcome, reason: str) -> Decision:
+        """A denial decided by the peer's identity (``outcome`` is one of ``REFUSALS``)."""
+        return cls(False, reason, None, outcome)
 
 
 DEFAULT_ALLOW = Decision(True, "Default behavior configured by ACLs (allow)", None)
@@ -301,3 +353,52 @@ class IntentionSet:
 
     def __repr__(self) -> str:
         return f"<IntentionSet of {len(self._ordered)} intentions>"
+
+
+def authorize(
+    peer: str | spiffe.ServiceID,
+    target: str,
+    *,
+    trust_domain: str,
+    datacenter: str,
+    intentions: IntentionSet,
+    default_allow: bool,
+) -> Decision:
+    """May the peer open a connection to service ``target`` of this datacenter?
+
+    ``peer`` is the URI of the peer's client certificate (its URI SAN), or the identity already
+    parsed from it; ``trust_domain`` and ``datacenter`` are the local ones. The identity is
+    checked first, and each way it can fail is a denial with its own ``Outcome``, whatever the
+    intentions and the default say: a URI that is not a service identity (``INVALID_PEER``, the
+    parser's reason), another trust domain, another datacenter, another namespace (Trellis
+    serves only ``default``). A local identity is decided by ``intentions``, then the default.
+
+    A ``ServiceID`` is checked as its URI would be (one built by hand cannot smuggle in a name
+    the parser refuses, such as ``*``). IntentionError if ``target`` is not a service name
+    (``*`` included), TypeError if ``default_allow`` is not a bool: the caller's bugs, since
+    the caller names its own target.
+    """
+    if default_allow is not True and default_allow is not False:
+        raise TypeError(f"default_allow must be a bool, not {type(default_allow).__name__}")
+    if check_name(target) == WILDCARD:
+        raise IntentionError("the target must be a service name, not '*'")
+    try:
+        identity = spiffe.parse_service(peer.uri if isinstance(peer, spiffe.ServiceID) else peer)
+    except spiffe.SpiffeIDError as e:
+        return Decision.refused(Outcome.INVALID_PEER, f"Client certificate URI is invalid: {e}")
+    # The wording of the three refusals below is what Consul clients have seen from Trellis's
+    # /v1/agent/connect/authorize; it is kept (datacenter and namespace share one sentence).
+    if identity.trust_domain != trust_domain.lower():
+        return Decision.refused(
+            Outcome.FOREIGN_TRUST_DOMAIN,
+            f"Client certificate is from another trust domain ({identity.trust_domain})",
+        )
+    if identity.datacenter != datacenter:
+        return Decision.refused(
+            Outcome.OTHER_DATACENTER, "Client certificate names another datacenter or namespace"
+        )
+    if identity.namespace != spiffe.DEFAULT_NAMESPACE:
+        return Decision.refused(
+            Outcome.OTHER_NAMESPACE, "Client certificate names another datacenter or namespace"
+        )
+    return intentions.decide(identity.service, target, default_allow=default_allow)

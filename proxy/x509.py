@@ -6,11 +6,13 @@ signed, and the built-in one builds certificates with ``build_leaf``/``build_ca`
 and the native SDK judge peers with ``verify_peer``. Each rule is one of SPIFFE's X509-SVID
 rules or a lesson of another mesh's CVE (see SECURITY.md):
 
-* a CSR names exactly one URI SAN, a service identity in our trust domain, of a service the
-  caller may write (CVE-2022-40716); it may not ask to be a CA; its key is an allowed type and
-  size; its signature verifies. The CA then *forces* the profile: whatever the CSR asks for,
-  a leaf gets KU digitalSignature (critical), EKU serverAuth+clientAuth, cA=false, the one URI
-  SAN (critical, since the subject is empty), and the CA's TTL.
+* a CSR names exactly one URI SAN, a service identity in our trust domain (CVE-2022-40716:
+  the identity is taken from there and nowhere else, and the CA signs only once the caller's
+  ACLs allow that identity, a decision the caller makes on what ``check_csr`` returns); it may
+  not ask to be a CA; its key is an allowed type and size; its signature verifies. The CA
+  then *forces* the profile: whatever the CSR asks for, a leaf gets KU digitalSignature
+  (critical), EKU serverAuth+clientAuth, cA=false, the one URI SAN (critical, since the
+  subject is empty), and the CA's TTL.
 * a peer's certificate chains to a root of *its own* trust domain (the bundle is chosen by the
   trust domain of the peer's SPIFFE ID), is a leaf (cA=false, no keyCertSign/cRLSign), has
   exactly one URI SAN that parses as a service identity; names are matched only against URI
@@ -22,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -181,13 +183,14 @@ def check_csr(
     *,
     trust_domain: str,
     datacenter: str | None = None,
-    may_sign: Callable[[str], bool] = lambda _service: True,
     allowed_key_types: Iterable[str] = ("ec", "rsa"),
 ) -> CSRInfo:
-    """Check a CSR against the mesh's policy; return what the CA may use from it.
-
-    ``may_sign(service)`` says whether the caller may obtain a certificate for ``service``
-    (the ACL check: ``service:write``). Raise ``PolicyError`` with the reason otherwise.
+    """Check a CSR against the mesh's policy; return what the CA may use from it, the identity
+    first. ``PolicyError`` with the reason if the CSR may not be signed at all (the sender's
+    fault). Whether this caller may obtain ``identity`` (the ACL check, ``service:write``) is
+    not decided here: the caller decides on the returned identity before anything is signed
+    (``CAManager.sign_csr``), so this check takes no callback and raises nothing but its own
+    error.
     """
     try:
         signature_ok = csr.is_signature_valid
@@ -234,8 +237,6 @@ def check_csr(
     if not names.is_service_name(identity.service):
         # The catalog's rule: SPIFFE allows "-" or "web." as a path segment, no service has it.
         raise PolicyError(f"service name {identity.service!r} is not valid: {names.RULE}")
-    if not may_sign(identity.service):
-        raise PolicyError(f"this token may not obtain a certificate for {identity.service!r}")
     return CSRInfo(identity, key, key_type, key_bits)
 
 

@@ -11,17 +11,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trellis.proxy import authz
+from trellis.proxy import authz, spiffe
 from trellis.proxy.authz import (
     ALLOW,
     DEFAULT_ALLOW,
     DEFAULT_DENY,
     DENY,
+    REFUSALS,
     WILDCARD,
     Decision,
     Intention,
     IntentionError,
     IntentionSet,
+    Outcome,
+    authorize,
     check_name,
     precedence,
 )
@@ -75,12 +78,15 @@ def assert_fail_closed(
 ) -> None:
     """CVE-2021-36213: nothing is allowed unless an allow intention is the most precise match,
     or no intention matches and the default is allow. Also: the decision is self-consistent."""
+    assert d.outcome not in REFUSALS, "decide() judges names, never identities"
     matching = [i for i in intentions if ref_matches(i, source, destination)]
     if d.intention is None:
+        assert d.outcome is Outcome.DEFAULT and d.default
         assert not matching, (source, destination, d)
         assert d.allowed is default_allow
         assert d.reason.startswith("Default behavior configured by ACLs")
         return
+    assert d.outcome is Outcome.INTENTION and not d.default
     assert d.intention in matching, (source, destination, d)
     assert d.reason == f"Matched intention: {d.intention.label()}"
     assert d.allowed is (d.intention.action == "allow")
@@ -321,6 +327,25 @@ def test_a_decision_cannot_contradict_its_intention() -> None:
         Decision(True, "Matched intention: web => db (deny)", ixn("web => db deny"))
     with pytest.raises(ValueError):
         Decision(False, "Matched intention: web => db (allow)", ixn("web => db allow"))
+
+
+def test_a_decision_cannot_contradict_its_outcome() -> None:
+    """An intention's decision says so; a refusal of the peer is never an allow."""
+    allow = ixn("web => db allow")
+    with pytest.raises(ValueError):
+        Decision(True, "Matched intention: web => db (allow)", allow, Outcome.DEFAULT)
+    with pytest.raises(ValueError):
+        Decision(True, "no intention", None, Outcome.INTENTION)
+    for outcome in REFUSALS:
+        with pytest.raises(ValueError):
+            Decision(True, "refused, yet allowed", None, outcome)
+        with pytest.raises(ValueError):
+            Decision(False, "refused, with an intention", ixn("web => db deny"), outcome)
+        d = Decision.refused(outcome, "why")
+        assert (d.allowed, d.reason, d.intention, d.outcome) == (False, "why", None, outcome)
+        assert not d.default
+    assert Decision.matched(allow).outcome is Outcome.INTENTION
+    assert DEFAULT_ALLOW.outcome is DEFAULT_DENY.outcome is Outcome.DEFAULT
 
 
 def test_deny_wins_ties_in_the_slot() -> None:
@@ -650,3 +675,223 @@ def test_decide_costs_the_same_with_100k_intentions(
 
 def test_wildcard_constant_is_the_star() -> None:
     assert WILDCARD == "*" and ALLOW == "allow" and DENY == "deny"
+
+
+# -- authorize(): the peer's identity first, then the intentions --------------------------------
+
+TD = "7f3c0f7e-1a2b-4c5d-8e9f-000000000001.trellis"
+DC = "dc1"
+
+
+def peer(service: str = "web", *, td: str = TD, dc: str = DC, ns: str = "default") -> str:
+    return f"spiffe://{td}/ns/{ns}/dc/{dc}/svc/{service}"
+
+
+OTHER_PLACE = "Client certificate names another datacenter or namespace"
+# (peer, outcome, reason or reason prefix): every way a peer can be refused, and the wording
+# /v1/agent/connect/authorize has given Consul clients for each.
+REFUSED_PEERS: list[tuple[object, Outcome, str]] = [
+    (
+        peer(td="0a0a0a0a-0000-4000-8000-000000000000.trellis"),
+        Outcome.FOREIGN_TRUST_DOMAIN,
+        "Client certificate is from another trust domain"
+        " (0a0a0a0a-0000-4000-8000-000000000000.trellis)",
+    ),
+    (
+        peer(td="evil.example"),
+        Outcome.FOREIGN_TRUST_DOMAIN,
+        "Client certificate is from another trust domain (evil.example)",
+    ),
+    (peer(dc="dc2"), Outcome.OTHER_DATACENTER, OTHER_PLACE),
+    (peer(dc="DC1"), Outcome.OTHER_DATACENTER, OTHER_PLACE),  # path segments are exact
+    (peer(ns="team-a"), Outcome.OTHER_NAMESPACE, OTHER_PLACE),
+    (
+        peer(td="evil.example", dc="dc2", ns="x"),
+        Outcome.FOREIGN_TRUST_DOMAIN,
+        "Client certificate is from another trust domain (evil.example)",
+    ),  # checked first
+    (peer(dc="dc2", ns="x"), Outcome.OTHER_DATACENTER, OTHER_PLACE),
+    *[
+        (bad, Outcome.INVALID_PEER, "Client certificate URI is invalid: ")
+        for bad in [
+            "",
+            "not a uri",
+            "https://example.com/ns/default/dc/dc1/svc/web",
+            f"spiffe://{TD}",  # the CA's own identity
+            f"spiffe://{TD}/svc/web",  # not a service identity
+            f"spiffe://{TD}/ns/default/dc/dc1/svc/web/extra",
+            f"spiffe://{TD}/ns/default/dc/dc1/svc/../db",
+            f"spiffe://{TD}/ns/default/dc/dc1/svc/*",  # a peer is never the wildcard
+            f"spiffe://{TD}/ns/default/dc/dc1/svc/web\n",
+            peer() + "\n",
+            peer() + "?x=1",
+            f"spiffe://user@{TD}/ns/default/dc/dc1/svc/web",
+            None,
+            5,
+            b"spiffe://x/ns/default/dc/dc1/svc/web",
+            spiffe.ServiceID(TD, "default", DC, "*"),  # built by hand: checked as its URI
+            spiffe.ServiceID(TD, "default", DC, "we b"),
+        ]
+    ],
+]
+
+
+def _authorize(p: object, intentions: IntentionSet, default_allow: bool, target: str = "db"):
+    return authorize(
+        p,  # type: ignore[arg-type]
+        target,
+        trust_domain=TD,
+        datacenter=DC,
+        intentions=intentions,
+        default_allow=default_allow,
+    )
+
+
+@pytest.mark.parametrize(("p", "outcome", "reason"), REFUSED_PEERS)
+@pytest.mark.parametrize("default_allow", [True, False])
+def test_authorize_refuses_peers_from_elsewhere_whatever_allows_them(
+    p: object, outcome: Outcome, reason: str, default_allow: bool
+) -> None:
+    """Fail closed: no intention, not even ``* => *`` allow, and no default lets in a peer
+    whose identity is not a local service's."""
+    for intentions in (iset(), iset("* => * allow"), iset("* => db allow", "web => db allow")):
+        d = _authorize(p, intentions, default_allow)
+        assert d.allowed is False and d.outcome is outcome and d.intention is None, (p, d)
+        assert not d.default
+        if outcome is Outcome.INVALID_PEER:
+            assert d.reason.startswith(reason) and len(d.reason) > len(reason), d.reason
+        else:
+            assert d.reason == reason
+
+
+AUTHORIZE_CASES = [
+    # (peer, intentions, default_allow, allowed, reason)
+    (peer(), (), True, True, "Default behavior configured by ACLs (allow)"),
+    (peer(), (), False, False, "Default behavior configured by ACLs (deny)"),
+    (peer(), ("web => db allow",), False, True, "Matched intention: web => db (allow)"),
+    (peer(), ("* => db deny",), True, False, "Matched intention: * => db (deny)"),
+    (
+        peer("api"),
+        ("* => db deny", "web => db allow"),
+        True,
+        False,
+        "Matched intention: * => db (deny)",
+    ),
+    # The trust domain is compared as SPIFFE IDs are: case-insensitively.
+    (
+        peer(td=TD.upper()),
+        ("web => db allow",),
+        False,
+        True,
+        "Matched intention: web => db (allow)",
+    ),
+    (
+        spiffe.ServiceID(TD, "default", DC, "web"),
+        ("web => db allow",),
+        False,
+        True,
+        "Matched intention: web => db (allow)",
+    ),
+    (
+        spiffe.parse_service(peer("api")),
+        ("web => db allow",),
+        False,
+        False,
+        "Default behavior configured by ACLs (deny)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("p", "specs", "default_allow", "allowed", "reason"), AUTHORIZE_CASES)
+def test_authorize_decides_a_local_peer_by_the_intentions(
+    p: object, specs: tuple[str, ...], default_allow: bool, allowed: bool, reason: str
+) -> None:
+    s = iset(*specs)
+    d = _authorize(p, s, default_allow)
+    assert (d.allowed, d.reason) == (allowed, reason)
+    service = p.service if isinstance(p, spiffe.ServiceID) else spiffe.parse_service(p).service
+    assert d == s.decide(service, "db", default_allow=default_allow)
+
+
+def test_authorize_takes_the_local_trust_domain_in_any_case() -> None:
+    d = authorize(
+        peer(),
+        "db",
+        trust_domain=TD.upper(),
+        datacenter=DC,
+        intentions=iset("web => db allow"),
+        default_allow=False,
+    )
+    assert d.allowed is True
+
+
+@pytest.mark.parametrize("target", ["*", "db*", "", "-db", "d b", None, 5])
+def test_authorize_refuses_a_target_that_is_not_a_service_name(target: object) -> None:
+    """The caller names its own target: a bad one is its bug, not a denial to report."""
+    with pytest.raises(IntentionError):
+        _authorize(peer(), iset("* => * allow"), True, target)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("default_allow", ["deny", "allow", "", 0, 1, None])
+def test_authorize_default_must_be_a_bool(default_allow: object) -> None:
+    """Checked before the peer, so that a refused peer cannot hide the caller's bug."""
+    for p in (peer(), peer(dc="dc2"), "garbage"):
+        with pytest.raises(TypeError, match="bool"):
+            _authorize(p, iset(), default_allow)  # type: ignore[arg-type]
+
+
+def test_authorize_fail_closed_exhaustively_over_a_tiny_universe() -> None:
+    """Every set of intentions over services {a} and "*" (3^4 = 81 sets), every peer (local a,
+    local b, and each way of being from elsewhere), both targets and both defaults: a local
+    peer is decided exactly as the reference evaluator says, any other peer is denied."""
+    names = ["a", "*"]
+    pairs = list(itertools.product(names, names))
+    choices = {p: (None, Intention(*p, ALLOW), Intention(*p, DENY)) for p in pairs}
+    peers: list[tuple[object, str | None]] = [
+        (peer("a"), "a"),
+        (peer("b"), "b"),
+        (spiffe.parse_service(peer("a")), "a"),
+        *[(p, None) for p, _, _ in REFUSED_PEERS],
+    ]
+    checked = 0
+    for combo in itertools.product(range(3), repeat=len(pairs)):
+        intentions = [choices[p][c] for p, c in zip(pairs, combo, strict=True) if c]
+        s = IntentionSet(intentions)  # type: ignore[arg-type]
+        for p, service in peers:
+            for target in ("a", "b"):
+                for default_allow in (False, True):
+                    d = _authorize(p, s, default_allow, target)
+                    if service is None:
+                        assert d.allowed is False and d.outcome in REFUSALS, (p, d)
+                        continue
+                    ok, decider = reference(intentions, service, target, default_allow)  # type: ignore[arg-type]
+                    assert d.allowed is ok and d.intention is decider, (intentions, p, d)
+                    assert_fail_closed(intentions, service, target, default_allow, d)  # type: ignore[arg-type]
+                    checked += 1
+    assert checked == 3**4 * 3 * 2 * 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.one_of(
+        st.text(max_size=80),
+        st.builds(
+            lambda td, ns, dc, svc: f"spiffe://{td}/ns/{ns}/dc/{dc}/svc/{svc}",
+            st.sampled_from([TD, TD.upper(), "other.trellis", "", "a:1"]),
+            st.sampled_from(["default", "Default", "team", ""]),
+            st.sampled_from([DC, "dc2", "", "DC1"]),
+            st.one_of(st.sampled_from(["web", "*", "a b", "..", ""]), st.text(max_size=10)),
+        ),
+    ),
+    default_allow=st.booleans(),
+)
+def test_authorize_allows_only_local_identities(text: str, default_allow: bool) -> None:
+    """Whatever the URI, an allow needs a parseable identity of the local trust domain,
+    datacenter and namespace, and then an allow from the intentions (here ``* => *``)."""
+    d = _authorize(text, iset("* => * allow"), default_allow)
+    if d.allowed:
+        ident = spiffe.parse_service(text)
+        assert (ident.trust_domain, ident.datacenter, ident.namespace) == (TD, DC, "default")
+        assert d.outcome is Outcome.INTENTION
+    else:
+        assert d.outcome in REFUSALS

@@ -39,7 +39,7 @@ from tests.ca_support import (
 )
 from trellis.api.ca.manager import CAManager
 from trellis.api.ca.secrets import Sealer
-from trellis.api.errors import TooManyRequests
+from trellis.api.errors import BadRequest, PermissionDenied, TooManyRequests
 from trellis.api.store import open_store
 from trellis.proxy import spiffe
 from trellis.proxy import x509 as px
@@ -795,6 +795,45 @@ def test_csr_max_concurrent(tmp_path):
             assert manager.sign_csr(service_csr(td, service), lambda s: True)
     finally:
         gate.set()
+        store.close()
+
+
+def test_the_acl_decision_is_made_on_the_checked_identity_before_signing(tmp_path):
+    """``may_sign`` is the caller's ACL decision on the identity a CSR asks for (what its token
+    may sign). The pure CSR policy (``px.check_csr``) neither calls it nor raises the API's
+    errors: the manager asks it once the CSR has passed, before anything is signed. A CSR the
+    policy refuses is a 400 whatever the caller may sign (and it is not asked); a good CSR for
+    a service the caller may not sign is Consul's 403, as the ACL check words it everywhere."""
+    store = open_store(f"sqlite:///{tmp_path / 'ca.db'}")
+    try:
+        manager = CAManager(store, datacenter=DC, sealer=Sealer(os.urandom(32)))
+        manager.ensure_initialized()
+        td = manager.trust_domain
+        asked: list[str] = []
+
+        def may_sign(service: str) -> bool:
+            asked.append(service)
+            return service == "web"
+
+        assert manager.sign_csr(service_csr(td, "web"), may_sign).identity.service == "web"
+        with pytest.raises(PermissionDenied) as denied:
+            manager.sign_csr(service_csr(td, "db"), may_sign)
+        assert denied.value.status == 403
+        assert denied.value.message == (
+            "Permission denied: token lacks permission 'service:write on 'db''"
+        )
+        assert asked == ["web", "db"]
+        with pytest.raises(BadRequest, match="CSR refused: the URI SAN is in trust domain"):
+            manager.sign_csr(service_csr("other.trellis", "db"), may_sign)
+        assert asked == ["web", "db"], "asked about a CSR the policy refused"
+
+        # An unknown token is refused by the caller's own check: it passes through unchanged.
+        def unknown_token(service: str) -> bool:
+            raise PermissionDenied("ACL not found")
+
+        with pytest.raises(PermissionDenied, match="ACL not found"):
+            manager.sign_csr(service_csr(td, "web"), unknown_token)
+    finally:
         store.close()
 
 

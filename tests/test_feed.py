@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.support import wait_until
-from trellis.api.feed import ANY, Change, ChangeFeed, SharedReads, Watch
+from trellis.api.feed import ANY, Change, ChangeFeed, FreshReads, SharedReads, Watch
 
 #: Generous upper bound for "returns promptly" on a loaded 2-core CI machine.
 PROMPT = 5.0
@@ -501,3 +501,130 @@ def test_drain_wakes_every_waiter_and_parks_no_one_after():
     t0 = time.monotonic()
     assert feed.wait(Watch("kv", exact=("other",)), feed.position(), PROMPT) is True
     assert time.monotonic() - t0 < SHORT
+
+
+# -- FreshReads: a read that began after the caller asked, shared by those who ask together --
+
+
+class Reads:
+    """A read function whose calls each block until released; call ``n`` returns ``n``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started: list[threading.Event] = []
+        self.release: list[threading.Event] = []
+        self.fail: set[int] = set()
+
+    def __call__(self) -> int:
+        with self.lock:
+            n = len(self.started) + 1
+            self.started.append(threading.Event())
+            self.release.append(threading.Event())
+        self.started[n - 1].set()
+        assert self.release[n - 1].wait(PROMPT)
+        if n in self.fail:
+            raise RuntimeError("the store went away")
+        return n
+
+    @property
+    def calls(self) -> int:
+        return len(self.started)
+
+
+class Getter(threading.Thread):
+    def __init__(self, fresh: FreshReads[int]) -> None:
+        super().__init__(daemon=True)
+        self.fresh = fresh
+        self.result: int | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fresh.get()
+        except BaseException as e:
+            self.error = e
+
+    def go(self) -> Getter:
+        self.start()
+        return self
+
+
+def test_a_lone_caller_reads_at_once() -> None:
+    reads = Reads()
+    fresh = FreshReads(reads)
+    alone = Getter(fresh).go()
+    wait_until(lambda: reads.calls == 1, timeout=PROMPT, interval=0.001)
+    assert fresh.waiting() == 0
+    reads.release[0].set()
+    alone.join(PROMPT)
+    assert alone.result == 1
+
+
+def test_a_caller_never_takes_a_read_that_began_before_it() -> None:
+    """The read under way when a caller arrives may predate a write the caller's client saw
+    acknowledged: the caller waits for the next read, which starts after it arrived."""
+    reads = Reads()
+    fresh = FreshReads(reads)
+    early = Getter(fresh).go()
+    wait_until(lambda: reads.calls == 1, timeout=PROMPT, interval=0.001)
+    late = [Getter(fresh).go() for _ in range(2)]
+    wait_until(lambda: fresh.waiting() == 2, timeout=PROMPT, interval=0.001)
+    assert reads.calls == 1, "nobody may start a second read while the first is under way"
+    reads.release[0].set()
+    early.join(PROMPT)
+    assert early.result == 1
+    wait_until(
+        lambda: reads.calls == 2, timeout=PROMPT, interval=0.001
+    )  # the next read starts once the first has ended
+    assert all(g.result is None for g in late), "the late callers took the early read"
+    reads.release[1].set()
+    for g in late:
+        g.join(PROMPT)
+    assert [g.result for g in late] == [2, 2]
+    assert reads.calls == 2
+
+
+def test_callers_that_arrive_together_cost_at_most_two_reads() -> None:
+    reads = Reads()
+    fresh = FreshReads(reads)
+    first = Getter(fresh).go()
+    wait_until(lambda: reads.calls == 1, timeout=PROMPT, interval=0.001)
+    crowd = [Getter(fresh).go() for _ in range(30)]
+    wait_until(lambda: fresh.waiting() == 30, timeout=PROMPT, interval=0.001)
+    reads.release[0].set()
+    wait_until(lambda: reads.calls == 2, timeout=PROMPT, interval=0.001)
+    reads.release[1].set()
+    for g in [first, *crowd]:
+        g.join(PROMPT)
+    assert first.result == 1 and {g.result for g in crowd} == {2}
+    assert reads.calls == 2
+    # And with nothing under way, the next caller reads at once, for itself.
+    alone = Getter(fresh).go()
+    wait_until(lambda: reads.calls == 3, timeout=PROMPT, interval=0.001)
+    reads.release[2].set()
+    alone.join(PROMPT)
+    assert alone.result == 3
+
+
+def test_when_the_shared_read_fails_each_caller_that_joined_it_reads_for_itself() -> None:
+    reads = Reads()
+    reads.fail = {2}
+    fresh = FreshReads(reads)
+    first = Getter(fresh).go()
+    wait_until(lambda: reads.calls == 1, timeout=PROMPT, interval=0.001)
+    leader = Getter(fresh).go()
+    wait_until(lambda: fresh.waiting() == 1, timeout=PROMPT, interval=0.001)
+    joiner = Getter(fresh).go()
+    wait_until(lambda: fresh.waiting() == 2, timeout=PROMPT, interval=0.001)
+    reads.release[0].set()
+    wait_until(lambda: reads.calls == 2, timeout=PROMPT, interval=0.001)
+    reads.release[1].set()  # the shared read (the leader's) fails
+    leader.join(PROMPT)
+    assert isinstance(leader.error, RuntimeError)
+    wait_until(
+        lambda: reads.calls == 3, timeout=PROMPT, interval=0.001
+    )  # the joiner reads for itself
+    reads.release[2].set()
+    joiner.join(PROMPT)
+    first.join(PROMPT)
+    assert (first.result, joiner.result, joiner.error) == (1, 3, None)

@@ -2,39 +2,33 @@
 
 The token comes from ``X-Consul-Token`` or ``Authorization: Bearer``; no token means the
 anonymous token. Secrets are compared by SHA-256 (they are random UUIDs, so a plain hash is
-enough) and never logged. Authorizers are cached per token in each process and dropped when
-any ACL object changes (the change feed says so).
+enough) and never logged. Authorizers come from the per-process ``AuthorizerCache``
+(``trellis.api.acl.cache``), which never answers from a state older than the request: each
+request reads the store's ACL and intention indexes once, when it first needs them
+(``fresh_indexes``), and the caches compare their contents with that.
 
 With ACLs off (``trellis dev``), every request gets ``Authorizer.allow_all()``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Mapping
 
 from flask import g, request
 
-from trellis.api.acl.rules import Authorizer, RulesError, parse_rules
+from trellis.api.acl.cache import ANONYMOUS_SECRET, MANAGEMENT_POLICY_ID, hash_secret
+from trellis.api.acl.rules import Authorizer
 from trellis.api.errors import PermissionDenied
 from trellis.api.http import services
 from trellis.api.store.errors import StoreConflict
 from trellis.api.store.security import ACLPolicy, ACLToken
 
-MANAGEMENT_POLICY_ID = "00000000-0000-0000-0000-000000000001"
 MANAGEMENT_POLICY_NAME = "global-management"
 ANONYMOUS_ACCESSOR = "00000000-0000-0000-0000-000000000002"
-ANONYMOUS_SECRET = "anonymous"  # noqa: S105 - Consul's well-known anonymous token, not a secret
 BOOTSTRAP_DOC = "acl/bootstrap"
 #: ACLs off: one immutable allow-all Authorizer for every request (it used to be built per
 #: request, which showed in profiles of a thousand woken blocking queries).
 _ALLOW_ALL = Authorizer.allow_all()
-
-
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def request_secret() -> str | None:
@@ -54,77 +48,13 @@ def require(allowed: bool, permission: str) -> None:
         raise PermissionDenied(f"Permission denied: token lacks permission '{permission}'")
 
 
-class AuthorizerCache:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pos = -1
-        self._by_hash: dict[str, tuple[ACLToken | None, Authorizer]] = {}
-
-    def resolve(self, secret: str | None) -> tuple[ACLToken | None, Authorizer]:
-        svc = services()
-        feed = svc.store.feed
-        if self._pos < 0 or feed.topic_changed_since("acl", self._pos):
-            with self._lock:
-                self._by_hash = {}
-                self._pos = feed.position()
-        h = hash_secret(secret if secret is not None else ANONYMOUS_SECRET)
-        hit = self._by_hash.get(h)
-        if hit is not None:
-            return hit
-        store = svc.store
-        token = store.acl_token(secret_hash=h)
-        if token is None:
-            if secret is None:
-                # No anonymous token yet (ACLs just enabled): the default policy alone.
-                result: tuple[ACLToken | None, Authorizer] = (
-                    None,
-                    Authorizer((), default_allow=_default_allow()),
-                )
-                self._by_hash[h] = result
-                return result
-            raise PermissionDenied("ACL not found")
-        if MANAGEMENT_POLICY_ID in token.policies:
-            result = (token, Authorizer.management())
-        else:
-            rules = []
-            broken = False
-            for pid in token.policies:
-                p = store.acl_policy(policy_id=pid)
-                if p is None:
-                    continue  # a deleted policy grants nothing
-                try:
-                    rules.append(parse_rules(p.rules))
-                except RulesError:
-                    # Rules are checked on write, so this is a damaged store. Skipping the
-                    # policy would drop its denies and grant more; deny everything instead.
-                    broken = True
-            if broken:
-                result = (token, Authorizer((), default_allow=False))
-            else:
-                result = (token, Authorizer(rules, default_allow=_default_allow()))
-        if len(self._by_hash) > 10_000:
-            self._by_hash = {}
-        self._by_hash[h] = result
-        return result
-
-
-def dns_authorizer(app: Any) -> Callable[[], Authorizer | None] | None:
-    """The rules DNS answers under, for ``trellis.api.dns``: None with ACLs off; otherwise those of
-    the anonymous token (DNS carries no token; Consul's DNS uses the agent's default token, which
-    is the anonymous one unless set). Resolved per query through the per-process cache, so a
-    policy change reaches DNS as soon as the change feed has it."""
-    if not app.extensions["trellis"].settings.acl_enabled:
-        return None
-
-    def authorizer() -> Authorizer:
-        with app.app_context():
-            return app.extensions["trellis"].acls.resolve(None)[1]
-
-    return authorizer
-
-
-def _default_allow() -> bool:
-    return services().settings.acl_default_policy == "allow"
+def fresh_indexes() -> Mapping[str, int]:
+    """The store's ACL and intention indexes, read once per request, when first needed: a read
+    that began after the request did, so the caches it is given to answer from a state that
+    includes every write acknowledged before the request."""
+    if "trellis_fresh" not in g:
+        g.trellis_fresh = services().fresh.get()
+    return g.trellis_fresh
 
 
 def _resolve() -> tuple[ACLToken | None, Authorizer]:
@@ -132,7 +62,7 @@ def _resolve() -> tuple[ACLToken | None, Authorizer]:
         if not services().settings.acl_enabled:
             g.trellis_acl = (None, _ALLOW_ALL)
         else:
-            g.trellis_acl = services().acls.resolve(request_secret())
+            g.trellis_acl = services().acls.resolve(request_secret(), indexes=fresh_indexes())
     return g.trellis_acl
 
 

@@ -13,9 +13,11 @@ so that replicas sharing a PostgreSQL store agree on one history:
 * ``ca/keys/<id>``: the built-in provider's sealed private keys.
 
 Signing a CSR: the pure policy (``trellis.proxy.x509.check_csr``) decides whether the CSR may be
-signed at all; the active root's provider signs; the leaf goes out with the active root's
-``IntermediateCerts`` (the provider's signing chain, then the cross-signed certificate of the
-new root by the previous one), so peers that still trust only the old root can verify it.
+signed at all and returns the identity it asks for; the caller's ACL decision on that identity
+(``may_sign``) comes next, outside the pure check; the active root's provider signs; the leaf
+goes out with the active root's ``IntermediateCerts`` (the provider's signing chain, then the
+cross-signed certificate of the new root by the previous one), so peers that still trust only
+the old root can verify it.
 
 Rotation (``rotate``, a configuration change that touches the root key, or a provider switch):
 pre-flight (can the current provider cross-sign? if not, refuse unless
@@ -49,7 +51,14 @@ from cryptography import x509
 from trellis.api.ca.builtin import BuiltinProvider
 from trellis.api.ca.provider import CAOptions, Provider, ProviderError, RootMaterial
 from trellis.api.ca.secrets import Sealer
-from trellis.api.errors import BadRequest, Conflict, StoreUnavailable, TooManyRequests, TrellisError
+from trellis.api.errors import (
+    BadRequest,
+    Conflict,
+    PermissionDenied,
+    StoreUnavailable,
+    TooManyRequests,
+    TrellisError,
+)
 from trellis.api.feed import Watch
 from trellis.api.schemas import load
 from trellis.api.schemas.ca import ALIASES, PROVIDERS, CAConfigurationSchema, validate_config
@@ -388,23 +397,29 @@ class CAManager:
         return p, active
 
     def sign_csr(self, csr_pem: str, may_sign: Callable[[str], bool]) -> SignedLeaf:
-        """Sign a CSR for a service the caller may write. BadRequest for a CSR the policy
-        refuses, TooManyRequests over the configured rate, CAUnavailable if the provider is
-        down."""
+        """Sign a CSR for a service the caller may write.
+
+        ``may_sign(service)``: the caller's ACL decision, whether its token may obtain a
+        certificate for ``service`` (``service:write``); asked only about a CSR the policy
+        accepted, with the service its URI SAN names, before anything is signed. Errors, in
+        the order they are checked: TooManyRequests over the configured rate; BadRequest for a
+        CSR the policy refuses (the sender's fault); PermissionDenied (403, Consul's wording)
+        when ``may_sign`` says no, or whatever ``may_sign`` raises itself (an unknown token);
+        CAUnavailable if the provider is down."""
         roots, _, config, cidx = self._state(fresh=False)
         cfg = config["Config"]
         self._limiter.acquire(float(cfg["CSRMaxPerSecond"]), int(cfg["CSRMaxConcurrent"]))
         try:
             try:
                 csr = px.load_csr(csr_pem)
-                info = px.check_csr(
-                    csr,
-                    trust_domain=self.trust_domain,
-                    datacenter=self.datacenter,
-                    may_sign=may_sign,
-                )
+                info = px.check_csr(csr, trust_domain=self.trust_domain, datacenter=self.datacenter)
             except px.PolicyError as e:
                 raise BadRequest(f"CSR refused: {e}") from None
+            service = info.identity.service
+            if not may_sign(service):
+                # A permission failure, not a malformed request: 403, worded as every other
+                # ACL refusal is (trellis.api.acl.service.require).
+                raise PermissionDenied(f"token lacks permission 'service:write on {service!r}'")
             provider, active = self._active_provider(roots, config, cidx)
             try:
                 leaf, chain = provider.sign_leaf(csr_pem, info, _ttl(cfg, "LeafCertTTL"))

@@ -129,6 +129,14 @@ class SecurityStoreMixin:
             rows = q(f"SELECT {INTENTION_COLS} FROM intentions ORDER BY source, destination")  # noqa: S608
         return [_intention(r) for r in rows]
 
+    def intentions_at(self) -> tuple[list[IntentionRecord], int]:
+        """Every intention and the ``intentions`` topic index, read from one snapshot: the
+        index is that of the newest intention write the list reflects."""
+        with self.read() as q:  # type: ignore[attr-defined]
+            rows = q(f"SELECT {INTENTION_COLS} FROM intentions ORDER BY source, destination")  # noqa: S608
+            idx = q("SELECT idx FROM indexes WHERE name = 'intentions'")
+        return [_intention(r) for r in rows], int(idx[0][0]) if idx else 0
+
     def intention(self, intention_id: str) -> IntentionRecord | None:
         with self.read() as q:  # type: ignore[attr-defined]
             rows = q(f"SELECT {INTENTION_COLS} FROM intentions WHERE id = ?", (intention_id,))  # noqa: S608
@@ -231,6 +239,24 @@ class SecurityStoreMixin:
         with self.read() as q:  # type: ignore[attr-defined]
             rows = q(f"SELECT {TOKEN_COLS} FROM acl_tokens WHERE {col} = ?", (val,))  # noqa: S608
         return _token(rows[0]) if rows else None
+
+    def acl_resolve(self, secret_hash: str) -> tuple[ACLToken | None, list[ACLPolicy], int]:
+        """The token with this secret hash (None if there is none), its policies (in the
+        token's order; a deleted one is left out) and the ``acl`` topic index, all read from
+        one snapshot: the index is that of the newest ACL write the answer reflects."""
+        with self.read() as q:  # type: ignore[attr-defined]
+            idx = q("SELECT idx FROM indexes WHERE name = 'acl'")
+            index = int(idx[0][0]) if idx else 0
+            rows = q(f"SELECT {TOKEN_COLS} FROM acl_tokens WHERE secret_hash = ?", (secret_hash,))  # noqa: S608
+            if not rows:
+                return None, [], index
+            token = _token(rows[0])
+            if not token.policies:
+                return token, [], index
+            marks = ",".join("?" * len(token.policies))
+            sql = f"SELECT {POLICY_COLS} FROM acl_policies WHERE id IN ({marks})"  # noqa: S608 - only placeholders
+            found = {p.id: p for p in map(_policy, q(sql, token.policies))}
+        return token, [found[pid] for pid in token.policies if pid in found], index
 
     def acl_token_put(self, t: ACLToken, *, create: bool) -> ACLToken | None:
         """Create (StoreConflict if the accessor or secret exists) or update (None if

@@ -83,16 +83,11 @@ def rotate():
 
 
 def may_sign(service: str) -> bool:
-    """Whether the request's token may obtain a certificate for ``service``.
-
-    ``service:write`` on it (with ACLs off, as in Consul, any caller may). A token without it
-    gets 403 Permission denied, as in Consul (ConnectCA.Sign).
-
-    Fix: this returned False, and the CSR policy turned that into a 400 "CSR refused", so a
-    permission failure looked like a malformed request.
-    """
-    acl.require_service_write(service)
-    return True
+    """Whether the request's token may obtain a certificate for ``service``: ``service:write``
+    on it (with ACLs off, as in Consul, any caller may). ``CAManager.sign_csr`` asks it about
+    the identity a CSR names once the CSR has passed the policy, and answers False with 403
+    Permission denied, as Consul does (ConnectCA.Sign); an unknown token is a 403 from here."""
+    return acl.current().service_write(service)
 
 
 def leaf_json(leaf: SignedLeaf, index: int, key_pem: str = "") -> dict:

@@ -1,19 +1,19 @@
 """Intentions (``/v1/connect/intentions*``) and ``POST /v1/agent/connect/authorize``.
 
-Decisions come from an in-memory ``trellis.proxy.authz.IntentionSet`` per server process, rebuilt
-only when an intention changed (the change feed says so), so ``authorize`` and ``check`` cost a
-few dictionary lookups, not a query.
+Decisions come from the per-process ``trellis.api.intentions.IntentionCache`` (a compiled
+``trellis.proxy.authz.IntentionSet``, never older than the request), so ``authorize`` and
+``check`` cost a few dictionary lookups, not a query.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import uuid
 from typing import Any
 
 from flask import Blueprint, request
 
+from trellis.api import intentions as domain
 from trellis.api.acl import service as acl
 from trellis.api.errors import BadRequest, NotFound
 from trellis.api.feed import Watch
@@ -21,50 +21,20 @@ from trellis.api.http import blocking, json_body, json_response, services, str_a
 from trellis.api.schemas import load
 from trellis.api.schemas.intentions import AuthorizeSchema, IntentionExactSchema, IntentionSchema
 from trellis.api.store.security import IntentionRecord
-from trellis.proxy import authz, spiffe
+from trellis.proxy import authz
 
 bp = Blueprint("intentions", __name__)
 
 ALL = Watch("intentions", prefixes=("",))
 
 
-class IntentionCache:
-    """This process's compiled intentions, rebuilt when the feed reports a change."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pos = -1
-        self._set = authz.IntentionSet(())
-
-    def get(self) -> authz.IntentionSet:
-        svc = services()
-        feed = svc.store.feed
-        if self._pos >= 0 and not feed.topic_changed_since("intentions", self._pos):
-            return self._set
-        with self._lock:
-            pos = feed.position()
-            records = svc.store.intentions()
-            self._set = authz.IntentionSet(_to_authz(r) for r in records)
-            self._pos = pos
-            return self._set
-
-
-def _to_authz(r: IntentionRecord) -> authz.Intention:
-    return authz.Intention(
-        source=r.source,
-        destination=r.destination,
-        action=r.action,
-        id=r.id,
-        description=r.description,
-        meta=dict(r.meta),
-    )
-
-
 def default_allow() -> bool:
-    """With ACLs off every connection is allowed by default (as in Consul and ``trellis dev``);
-    with ACLs on, the ACL default policy decides."""
-    s = services().settings
-    return not s.acl_enabled or s.acl_default_policy == "allow"
+    return domain.default_allow(services().settings)
+
+
+def _intentions() -> authz.IntentionSet:
+    """The intentions as of this request (the indexes the request's ACL check read too)."""
+    return services().intentions.get(indexes=acl.fresh_indexes())
 
 
 def intention_json(r: IntentionRecord) -> dict[str, Any]:
@@ -297,13 +267,12 @@ def match():
         if by == "destination":
             check_intention_read(n)
     store = services().store
-    cache: IntentionCache = services().intentions
 
     def compute():
         # One read of the records, for every name: the compiled set gives the order, the
         # records give the full shape (timestamps, indexes). An intention deleted between
         # the two is left out; the change that deleted it wakes the next round.
-        iset = cache.get()
+        iset = _intentions()
         records = {r.id: r for r in store.intentions()}
         out = {
             n: [intention_json(records[i.id]) for i in iset.match(by=by, name=n) if i.id in records]
@@ -321,9 +290,7 @@ def match():
 def check():
     source, destination = _pair()
     check_intention_read(destination)
-    decision = (
-        services().intentions.get().decide(source, destination, default_allow=default_allow())
-    )
+    decision = _intentions().decide(source, destination, default_allow=default_allow())
     return json_response({"Allowed": decision.allowed})
 
 
@@ -332,28 +299,12 @@ def authorize():
     body = load(AuthorizeSchema(), json_body())
     target, uri = body["target"], body["uri"]
     check_service_write(target)
-    try:
-        peer = spiffe.parse_service(uri)
-    except spiffe.SpiffeIDError as e:
-        return json_response(
-            {"Authorized": False, "Reason": f"Client certificate URI is invalid: {e}"}
-        )
-    trust_domain = services().ca.trust_domain
-    if peer.trust_domain != trust_domain:
-        return json_response(
-            {
-                "Authorized": False,
-                "Reason": f"Client certificate is from another trust domain ({peer.trust_domain})",
-            }
-        )
-    if peer.datacenter != services().settings.datacenter or peer.namespace != "default":
-        return json_response(
-            {
-                "Authorized": False,
-                "Reason": "Client certificate names another datacenter or namespace",
-            }
-        )
-    decision = (
-        services().intentions.get().decide(peer.service, target, default_allow=default_allow())
+    decision = authz.authorize(
+        uri,
+        target,
+        trust_domain=services().ca.trust_domain,
+        datacenter=services().settings.datacenter,
+        intentions=_intentions(),
+        default_allow=default_allow(),
     )
     return json_response({"Authorized": decision.allowed, "Reason": decision.reason})

@@ -1,0 +1,150 @@
+"""The Authorizer of each token, cached per process, never older than the request it serves.
+
+No Flask: the HTTP boundary (``trellis.api.acl.service``), DNS and tests use it alike, with its
+dependencies given explicitly (the store, the default policy, a fresh read of the ACL index).
+
+Theory of operation
+-------------------
+Resolving a token takes store reads (the token, then its policies) and compiling their rules,
+so each process keeps the result per secret hash. The rule the cache must hold: once an ACL
+write is acknowledged, no request that starts later, on any worker or replica, is decided by
+the state before it. Trusting the change feed broke it twice over:
+
+* a process's feed learns of another process's write a little after it was acknowledged
+  (PostgreSQL NOTIFY, SQLite polling), so every other worker and replica answered from the old
+  state for a few milliseconds after the ack;
+* a request that missed the cache read the token over store reads that yield (gevent), then
+  stored what it had read after another request had emptied the cache for a newer write: a
+  stale entry that lasted until the next ACL write, minutes later.
+
+So the cache is versioned by the store's ACL index (the ``acl`` row of ``indexes``, which every
+ACL write raises inside its own transaction):
+
+1. A request first learns the ACL index *now*, from a read of the store that began after the
+   request did (``fresh``; see ``trellis.api.feed.FreshReads``), so it counts every write
+   acknowledged before the request. Entries computed at a lower index are dropped.
+2. An entry is used only while it was computed at an index at least that high.
+3. A miss reads the token, its policies and the ACL index from one snapshot, and files the
+   result under that index only if it is the cache's (or moves the cache forward to it): a
+   result read before a write can never be filed beside the results read after it.
+
+The index read is one statement (one round trip on PostgreSQL), shared by the requests that
+start together and, through ``indexes=``, by the intention cache within one request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from trellis.api.acl.rules import Authorizer, RulesError, parse_rules
+from trellis.api.errors import PermissionDenied
+from trellis.api.store.security import ACLPolicy, ACLToken
+
+MANAGEMENT_POLICY_ID = "00000000-0000-0000-0000-000000000001"
+ANONYMOUS_SECRET = "anonymous"  # noqa: S105 - Consul's well-known anonymous token, not a secret
+#: The store topic every ACL write touches; its index versions the cache.
+ACL_TOPIC = "acl"
+#: Past this many tokens the cache starts over (tokens are many only under attack or churn).
+MAX_ENTRIES = 10_000
+
+Resolved = tuple[ACLToken | None, Authorizer]
+
+
+class ACLReader(Protocol):
+    """What the cache needs from the store."""
+
+    def acl_resolve(self, secret_hash: str) -> tuple[ACLToken | None, list[ACLPolicy], int]: ...
+
+
+def hash_secret(secret: str) -> str:
+    """Secrets are random UUIDs, so a plain SHA-256 is enough to keep them out of the store."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class AuthorizerCache:
+    """Per-process cache of resolved tokens; see the module docstring for why it is fresh.
+
+    ``fresh()`` returns the store's topic indexes (at least ``"acl"``) from a read that began
+    after it was called; ``default_allow`` is the ACL default policy.
+    """
+
+    def __init__(
+        self,
+        store: ACLReader,
+        *,
+        default_allow: bool,
+        fresh: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self._store = store
+        self._default_allow = default_allow
+        self._fresh = fresh
+        self._lock = threading.Lock()
+        self._index = -1  # the ACL index every entry was computed at
+        self._entries: dict[str, Resolved] = {}
+
+    def resolve(self, secret: str | None, *, indexes: Mapping[str, int] | None = None) -> Resolved:
+        """The token (None for the anonymous one before it exists) and its Authorizer.
+
+        ``indexes``: the store's indexes read after the caller's request started (the HTTP
+        boundary reads them once per request); without them the cache reads them itself.
+        PermissionDenied "ACL not found" for a secret that names no token: the client's fault.
+        """
+        now = (self._fresh() if indexes is None else indexes)[ACL_TOPIC]
+        h = hash_secret(secret if secret is not None else ANONYMOUS_SECRET)
+        with self._lock:
+            if now > self._index:
+                self._entries = {}
+                self._index = now
+            hit = self._entries.get(h)
+        if hit is not None:
+            return hit
+        token, policies, at = self._store.acl_resolve(h)
+        if token is None and secret is not None:
+            raise PermissionDenied("ACL not found")
+        result = (token, self._authorizer(token, policies))
+        with self._lock:
+            if at > self._index:
+                self._entries = {}
+                self._index = at
+            if at == self._index:
+                if len(self._entries) >= MAX_ENTRIES:
+                    self._entries = {}
+                self._entries[h] = result
+        # Read after ``now`` was, so at least as new: right for this request even if a newer
+        # write kept it out of the cache.
+        return result
+
+    def _authorizer(self, token: ACLToken | None, policies: Sequence[ACLPolicy]) -> Authorizer:
+        if token is None:
+            # No anonymous token yet (ACLs just enabled): the default policy alone.
+            return Authorizer((), default_allow=self._default_allow)
+        if MANAGEMENT_POLICY_ID in token.policies:
+            return Authorizer.management()
+        rules = []
+        for p in policies:  # a deleted policy is not among them: it grants nothing
+            try:
+                rules.append(parse_rules(p.rules))
+            except RulesError:
+                # Rules are checked on write, so this is a damaged store. Skipping the policy
+                # would drop its denies and grant more; deny everything instead.
+                return Authorizer((), default_allow=False)
+        return Authorizer(rules, default_allow=self._default_allow)
+
+
+def dns_authorizer(
+    acl_enabled: bool, acls: AuthorizerCache
+) -> Callable[[], Authorizer | None] | None:
+    """The rules DNS answers under, for ``trellis.api.dns``: None with ACLs off; otherwise those
+    of the anonymous token (DNS carries no token; Consul's DNS uses the agent's default token,
+    which is the anonymous one unless set), resolved per query, so that a policy change
+    acknowledged before a query reaches it, on every worker."""
+    if not acl_enabled:
+        return None
+
+    def authorizer() -> Authorizer:
+        return acls.resolve(None)[1]
+
+    return authorizer
