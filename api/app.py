@@ -22,6 +22,7 @@ from trellis.api.ca.manager import CAManager
 from trellis.api.ca.secrets import load_sealer
 from trellis.api.errors import TrellisError
 from trellis.api.feed import SharedReads
+from trellis.api.longpoll import ParkedClients
 from trellis.api.settings import Settings
 from trellis.api.store import open_store
 from trellis.api.store.base import PASSING, Check, Node, Registration, Store
@@ -42,6 +43,8 @@ class AppServices:
     store: Store
     store_kind: str
     ca: CAManager
+    #: Parked blocking queries per client address, capped (see api.longpoll).
+    parked_clients: ParkedClients
     leaves: LeafCache = field(default_factory=lambda: _leaf_cache())
     #: Results of blocking reads, shared by the queries one write wakes (see api.http).
     shared_reads: SharedReads = field(default_factory=SharedReads)
@@ -92,7 +95,13 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         sealer=sealer,
         bootstrap=(settings.ca_provider, settings.ca_config),
     )
-    svc = AppServices(settings=settings, store=store, store_kind=kind, ca=ca)
+    svc = AppServices(
+        settings=settings,
+        store=store,
+        store_kind=kind,
+        ca=ca,
+        parked_clients=ParkedClients(settings.blocking_max_per_client),
+    )
     app.extensions["trellis"] = svc
 
     from trellis.api.views import (

@@ -14,7 +14,7 @@ The config file uses Consul's snake_case layout::
       "store": "postgresql://trellis@db/trellis",
       "server": {"workers": 2, "worker_class": "gevent", "worker_connections": 4096},
       "limits": {"kv_max_value_size": 524288, "http_max_body": 1048576},
-      "blocking": {"default_wait": "5m", "max_wait": "10m"}
+      "blocking": {"default_wait": "5m", "max_wait": "10m", "max_per_client": 1024}
     }
 """
 
@@ -58,6 +58,9 @@ class Settings:
     http_max_body: int = 1024 * 1024
     default_wait: float = 300.0
     max_wait: float = 600.0
+    #: Parked blocking queries one client address may hold per server process; past it, a new
+    #: one answers at once with what it has (see trellis.api.longpoll).
+    blocking_max_per_client: int = 1024
     #: How often a process looks for other processes' SQLite commits (seconds).
     sqlite_poll_interval: float = 0.01
     #: PostgreSQL: the follower's fallback poll when no NOTIFY arrives (seconds).
@@ -157,6 +160,7 @@ _NESTED = {
     ("limits", "http_max_body"): "http_max_body",
     ("blocking", "default_wait"): "default_wait",
     ("blocking", "max_wait"): "max_wait",
+    ("blocking", "max_per_client"): "blocking_max_per_client",
     ("acl", "enabled"): "acl_enabled",
     ("acl", "default_policy"): "acl_default_policy",
     ("acl", "enable_key_list_policy"): "acl_enable_key_list_policy",
@@ -236,7 +240,14 @@ def validate(s: Settings) -> Settings:
         c[name] = _duration(f"blocking.{name}", getattr(s, name))
     if c["default_wait"] <= 0 or c["max_wait"] <= 0 or c["default_wait"] > c["max_wait"]:
         raise ConfigError("blocking: need 0 < default_wait <= max_wait")
-    for name in ("workers", "worker_connections", "threads", "kv_max_value_size", "http_max_body"):
+    for name in (
+        "workers",
+        "worker_connections",
+        "threads",
+        "kv_max_value_size",
+        "http_max_body",
+        "blocking_max_per_client",
+    ):
         v = getattr(s, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name}: must be a positive whole number, not {v!r}")
