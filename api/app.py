@@ -18,6 +18,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from trellis.api import longpoll
+from trellis.api.ca.leaves import AgentLeaves
 from trellis.api.ca.manager import CAManager
 from trellis.api.ca.secrets import load_sealer
 from trellis.api.errors import TrellisError
@@ -29,7 +30,6 @@ from trellis.api.store.base import PASSING, Check, Node, Registration, Store
 
 if TYPE_CHECKING:
     from trellis.api.acl.service import AuthorizerCache
-    from trellis.api.views.connect_ca import LeafCache
     from trellis.api.views.intentions import IntentionCache
 
 log = logging.getLogger("trellis.api")
@@ -43,9 +43,10 @@ class AppServices:
     store: Store
     store_kind: str
     ca: CAManager
+    #: The agent endpoint's leaves, one per service in the cluster (api/ca/leaves.py).
+    leaves: AgentLeaves
     #: Parked blocking queries per client address, capped (see api.longpoll).
     parked_clients: ParkedClients
-    leaves: LeafCache = field(default_factory=lambda: _leaf_cache())
     #: Results of blocking reads, shared by the queries one write wakes (see api.http).
     shared_reads: SharedReads = field(default_factory=SharedReads)
     intentions: IntentionCache = field(default_factory=lambda: _intention_cache())
@@ -72,12 +73,6 @@ def _intention_cache():
     return IntentionCache()
 
 
-def _leaf_cache():
-    from trellis.api.views.connect_ca import LeafCache
-
-    return LeafCache()
-
-
 def create_app(settings: Settings, *, store: Store | None = None, background: bool = True) -> Flask:
     # instance_path given: Flask would look for it from the top package, and "trellis" is a
     # namespace package, which Flask cannot place under an editable install. Trellis keeps
@@ -100,6 +95,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         store=store,
         store_kind=kind,
         ca=ca,
+        leaves=AgentLeaves(store, ca, sealer),
         parked_clients=ParkedClients(settings.blocking_max_per_client),
     )
     app.extensions["trellis"] = svc

@@ -9,6 +9,7 @@ sends.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 
@@ -169,4 +170,65 @@ def test_a_graceful_stop_answers_parked_queries_and_closes_idle_connections(serv
         assert s.recv(1) == b""
     for s in idle:
         assert s.recv(1) == b""
+    assert "graceful timeout" not in server.output().lower()
+
+
+# -- the agent leaf endpoint parks the same way ------------------------------------------------
+
+LEAF_QUERIES = 200
+
+
+def leaf_index(url: str, service: str) -> int:
+    r = httpx.get(f"{url}/v1/agent/connect/ca/leaf/{service}", timeout=30)
+    assert r.status_code == 200, r.text
+    return int(r.headers["X-Consul-Index"])
+
+
+def test_parked_leaf_queries_of_clients_that_closed_are_ended(server, connect):
+    """Issue 9, item 3: 200 clients that close leave no parked leaf query behind."""
+    url = server.url
+    index = leaf_index(url, "web")
+    socks = [connect(url) for _ in range(LEAF_QUERIES)]
+    for s in socks:
+        s.sendall(request(f"/v1/agent/connect/ca/leaf/web?index={index}&wait=10m"))
+    wait_until(lambda: parked(url) == LEAF_QUERIES, timeout=30)
+    for s in socks[10:]:
+        s.close()
+    wait_until(lambda: parked(url) == 10, timeout=10)
+    # The ten still connected are still parked, and a rotation answers them all with the
+    # leaf of the new root.
+    roots = httpx.post(f"{url}/v1/connect/ca/rotate", timeout=30).json()
+    for s in socks[:10]:
+        status, headers, body = read_full_response(s)
+        assert status == 200 and int(headers["x-consul-index"]) > index
+        assert json.loads(body)["RootID"] == roots["ActiveRootID"]
+        s.close()
+    wait_until(lambda: parked(url) == 0, timeout=10)
+    out = server.output()
+    assert "[ERROR]" not in out and "Traceback" not in out, out
+
+
+def test_a_graceful_stop_answers_parked_leaf_and_hash_queries(server, connect):
+    """SIGTERM: parked leaf and ``?hash=`` queries answer at once with what they have."""
+    url = server.url
+    index = leaf_index(url, "web")
+    leaf = httpx.get(f"{url}/v1/agent/connect/ca/leaf/web").json()
+    h = httpx.get(f"{url}/v1/agent/services").headers["X-Consul-ContentHash"]
+    leaves = [connect(url) for _ in range(5)]
+    for s in leaves:
+        s.sendall(request(f"/v1/agent/connect/ca/leaf/web?index={index}&wait=10m"))
+    hashes = [connect(url) for _ in range(5)]
+    for s in hashes:
+        s.sendall(request(f"/v1/agent/services?hash={h}&wait=10m"))
+    wait_until(lambda: parked(url) == 10, timeout=20)
+    assert server.stop(signal.SIGTERM, timeout=30) == 0
+    for s in leaves:
+        status, headers, body = read_full_response(s)
+        assert status == 200 and int(headers["x-consul-index"]) == index
+        assert json.loads(body)["SerialNumber"] == leaf["SerialNumber"]
+        assert headers.get("connection", "").lower() == "close"
+    for s in hashes:
+        status, headers, _ = read_full_response(s)
+        assert status == 200 and headers["x-consul-contenthash"] == h
+        assert headers.get("connection", "").lower() == "close"
     assert "graceful timeout" not in server.output().lower()

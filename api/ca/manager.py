@@ -426,6 +426,12 @@ class CAManager:
             "ModifyIndex": idx,
         }, idx
 
+    def leaf_key_spec(self) -> tuple[str, int]:
+        """The key type and size of the configuration, for keys the server makes (agent
+        leaves), from this process's cached view."""
+        _, _, config, _ = self._state(fresh=False)
+        return config["Config"]["PrivateKeyType"], config["Config"]["PrivateKeyBits"]
+
     def leaf_ttl(self) -> dt.timedelta:
         _, _, config, _ = self._state()
         return _ttl(config["Config"], "LeafCertTTL")
