@@ -24,6 +24,7 @@ from trellis.api.ca.secrets import load_sealer
 from trellis.api.errors import TrellisError
 from trellis.api.feed import SharedReads
 from trellis.api.longpoll import ParkedClients
+from trellis.api.members import Membership
 from trellis.api.settings import Settings
 from trellis.api.store import open_store
 from trellis.api.store.base import PASSING, Check, Node, Registration, Store
@@ -45,6 +46,8 @@ class AppServices:
     ca: CAManager
     #: The agent endpoint's leaves, one per service in the cluster (api/ca/leaves.py).
     leaves: AgentLeaves
+    #: This process among the server processes sharing the store (splits the CSR limits).
+    members: Membership
     #: Parked blocking queries per client address, capped (see api.longpoll).
     parked_clients: ParkedClients
     #: Results of blocking reads, shared by the queries one write wakes (see api.http).
@@ -58,6 +61,7 @@ class AppServices:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=5)
+        self.members.leave()
         self.store.close()
 
 
@@ -84,11 +88,15 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         store = open_store(settings.store_url, **_store_options(settings))
     kind = "postgresql" if settings.store_url.startswith("postgres") else "sqlite"
     sealer = load_sealer(settings.ca_seal_key, settings.data_dir, shared_store=kind != "sqlite")
+    members = Membership(store)
+    # Before the first request: from it on, this process enforces its share of the limits.
+    members.beat(force=True)
     ca = CAManager(
         store,
         datacenter=settings.datacenter,
         sealer=sealer,
         bootstrap=(settings.ca_provider, settings.ca_config),
+        members=members.share,
     )
     svc = AppServices(
         settings=settings,
@@ -96,6 +104,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         store_kind=kind,
         ca=ca,
         leaves=AgentLeaves(store, ca, sealer),
+        members=members,
         parked_clients=ParkedClients(settings.blocking_max_per_client),
     )
     app.extensions["trellis"] = svc
@@ -190,8 +199,9 @@ def _init_ca(ca: CAManager) -> bool:
 
 
 def _maintenance(svc: AppServices) -> None:
-    """Background chores, about once a ``ttl_check_interval``: turn TTL checks that were not
-    refreshed critical; set up the CA if its provider was down at start; prune old roots."""
+    """Background chores, about once a ``ttl_check_interval``: tell the other server
+    processes this one is alive (every few seconds, see api.members); turn TTL checks that were
+    not refreshed critical; set up the CA if its provider was down at start; prune old roots."""
     ca_ready = svc.ca.initialized()
     last_prune = 0.0
     while not svc.stop.wait(svc.settings.ttl_check_interval):
@@ -202,6 +212,7 @@ def _maintenance(svc: AppServices) -> None:
             if time.monotonic() - last_prune > 60:
                 last_prune = time.monotonic()
                 svc.ca.prune()
+            svc.members.beat()
         except Exception as e:  # keep going: the store may be back on the next round
             log.warning("maintenance: %s", e)
 
