@@ -232,3 +232,41 @@ def test_a_graceful_stop_answers_parked_leaf_and_hash_queries(server, connect):
         assert status == 200 and headers["x-consul-contenthash"] == h
         assert headers.get("connection", "").lower() == "close"
     assert "graceful timeout" not in server.output().lower()
+
+
+def test_parked_queries_per_client_are_capped_and_released_on_disconnect(tmp_path, connect):
+    """``blocking.max_per_client``: past it a query answers at once; a client that closes
+    gives its places back."""
+    config = tmp_path / "capped.json"
+    config.write_text(json.dumps({"blocking": {"max_per_client": 5}}))
+    p = TrellisProcess(
+        [*server_args(tmp_path / "data", workers=1, node="n1"), "-config", str(config)]
+    )
+    p.start()
+    try:
+        url = p.url
+        httpx.put(f"{url}/v1/kv/capped", content=b"v0")
+        index = index_of(url, "capped")
+        held = [connect(url) for _ in range(5)]
+        for s in held:
+            s.sendall(request(f"/v1/kv/capped?index={index}&wait=10m"))
+        wait_until(lambda: parked(url) == 5, timeout=20)
+        extra = connect(url)
+        extra.sendall(request(f"/v1/kv/capped?index={index}&wait=10m"))
+        extra.settimeout(5)  # answered now, not in ten minutes
+        status, headers, body = read_full_response(extra)
+        assert status == 200 and int(headers["x-consul-index"]) == index
+        assert b'"Value":"djA="' in body
+        assert parked(url) == 5
+        for s in held:
+            s.close()
+        wait_until(lambda: parked(url) == 0, timeout=10)
+        again = [connect(url) for _ in range(5)]
+        for s in again:
+            s.sendall(request(f"/v1/kv/capped?index={index}&wait=10m"))
+        wait_until(lambda: parked(url) == 5, timeout=20)
+        httpx.put(f"{url}/v1/kv/capped", content=b"v1")
+        for s in again:
+            assert read_response(s)[0] == 200
+    finally:
+        p.stop()
