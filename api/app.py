@@ -12,25 +12,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from trellis.api import browsers, longpoll
 from trellis.api.acl.cache import ACL_TOPIC, AuthorizerCache
+from trellis.api.ca.leaves import AgentLeaves
 from trellis.api.ca.manager import CAManager
 from trellis.api.ca.secrets import load_sealer
 from trellis.api.errors import BadRequest, Conflict, NotFound, TrellisError
 from trellis.api.feed import FreshReads, SharedReads
 from trellis.api.intentions import INTENTIONS_TOPIC, IntentionCache
+from trellis.api.longpoll import ParkedClients
+from trellis.api.members import Membership
 from trellis.api.settings import Settings
 from trellis.api.store import SQLITE, open_store, store_kind
 from trellis.api.store.base import PASSING, Check, Node, Registration, Store
 from trellis.api.store.errors import NotFoundInStore, StoreConflict, StoreError, UnstorableValue
-
-if TYPE_CHECKING:
-    from trellis.api.views.connect_ca import LeafCache
 
 log = logging.getLogger("trellis.api")
 
@@ -43,7 +42,12 @@ class AppServices:
     store: Store
     store_kind: str
     ca: CAManager
-    leaves: LeafCache = field(default_factory=lambda: _leaf_cache())
+    #: The agent endpoint's leaves, one per service in the cluster (api/ca/leaves.py).
+    leaves: AgentLeaves
+    #: This process among the server processes sharing the store (splits the CSR limits).
+    members: Membership
+    #: Parked blocking queries per client address, capped (see api.longpoll).
+    parked_clients: ParkedClients
     #: Results of blocking reads, shared by the queries one write wakes (see api.http).
     shared_reads: SharedReads = field(default_factory=SharedReads)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -68,13 +72,8 @@ class AppServices:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=5)
+        self.members.leave()
         self.store.close()
-
-
-def _leaf_cache():
-    from trellis.api.views.connect_ca import LeafCache
-
-    return LeafCache()
 
 
 def create_app(settings: Settings, *, store: Store | None = None, background: bool = True) -> Flask:
@@ -88,13 +87,25 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         store = open_store(settings.store_url, **_store_options(settings))
     kind = store_kind(settings.store_url)
     sealer = load_sealer(settings.ca_seal_key, settings.data_dir, shared_store=kind != SQLITE)
+    members = Membership(store)
+    # Before the first request: from it on, this process enforces its share of the limits.
+    members.beat(force=True)
     ca = CAManager(
         store,
         datacenter=settings.datacenter,
         sealer=sealer,
         bootstrap=(settings.ca_provider, settings.ca_config),
+        members=members.share,
     )
-    svc = AppServices(settings=settings, store=store, store_kind=kind, ca=ca)
+    svc = AppServices(
+        settings=settings,
+        store=store,
+        store_kind=kind,
+        ca=ca,
+        leaves=AgentLeaves(store, ca, sealer),
+        members=members,
+        parked_clients=ParkedClients(settings.blocking_max_per_client),
+    )
     app.extensions["trellis"] = svc
 
     from trellis.api.views import (
@@ -191,8 +202,9 @@ def _init_ca(ca: CAManager) -> bool:
 
 
 def _maintenance(svc: AppServices) -> None:
-    """Background chores, about once a ``ttl_check_interval``: turn TTL checks that were not
-    refreshed critical; set up the CA if its provider was down at start; prune old roots."""
+    """Background chores, about once a ``ttl_check_interval``: tell the other server
+    processes this one is alive (every few seconds, see api.members); turn TTL checks that were
+    not refreshed critical; set up the CA if its provider was down at start; prune old roots."""
     ca_ready = svc.ca.initialized()
     last_prune = 0.0
     while not svc.stop.wait(svc.settings.ttl_check_interval):
@@ -203,6 +215,7 @@ def _maintenance(svc: AppServices) -> None:
             if time.monotonic() - last_prune > 60:
                 last_prune = time.monotonic()
                 svc.ca.prune()
+            svc.members.beat()
         except Exception as e:  # keep going: the store may be back on the next round
             log.warning("maintenance: %s", e)
 

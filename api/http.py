@@ -13,13 +13,13 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Response, current_app, request
 
 from trellis.api.errors import BadRequest, PayloadTooLarge
 from trellis.api.feed import Watch
-from trellis.api.longpoll import RERUN, Park, Parked, client_socket, wait_for_change
+from trellis.api.longpoll import RERUN, Park, Parked, Since, client_address
 from trellis.proxy.durations import DurationError, parse_duration
 
 U64_MAX = (1 << 64) - 1
@@ -27,6 +27,9 @@ U64_MAX = (1 << 64) - 1
 #: the recursive code that walks a body (to_pascal, marshmallow, json.dumps) far from Python's
 #: recursion limit, which a 1 MiB body of ``[[[[...`` would otherwise reach (a 500).
 MAX_JSON_DEPTH = 64
+
+T = TypeVar("T")
+V = TypeVar("V")
 
 
 def services():
@@ -209,8 +212,13 @@ def wait_arg() -> float:
     return min(w, settings.max_wait)
 
 
-def blocking(watch: Watch, compute: Callable[[], tuple[Any, int]]) -> tuple[Any, int]:
-    """Run a read as a Consul blocking query.
+def blocking(
+    watch: Watch,
+    compute: Callable[[], tuple[T, int]],
+    *,
+    due_in: Callable[[tuple[T, int]], float] | None = None,
+) -> tuple[T, int]:
+    """Run a read as a Consul blocking query (``?index=&wait=``).
 
     ``compute()`` returns ``(result, index)``. Without ``?index`` (or with 0) it runs once.
     Otherwise it returns as soon as the result's index is above the client's, or when ``wait``
@@ -218,58 +226,93 @@ def blocking(watch: Watch, compute: Callable[[], tuple[Any, int]]) -> tuple[Any,
     with the latest result either way. Until then the query is parked: this raises
     ``Parked``, and ``trellis.api.longpoll`` waits on the change feed outside the view, then runs
     the view again. See ``trellis.api.feed`` for why no wake-up can be lost.
+
+    ``due_in(value)``, for a result that goes stale with time as well as with writes (an agent
+    leaf falls due for renewal): the seconds after which the view must run again anyway.
     """
     min_index = uint_arg("index")
     wait = wait_arg()
     if not min_index:
         return compute()
-    svc = services()
-    key = _read_key()
-    pos = svc.store.feed.position()
-    park = request.environ.get(RERUN)
-    if park is None:
-        deadline = time.monotonic() + wait + random.uniform(0, wait / 16)  # noqa: S311 - jitter
-        # A fresh request always reads the store itself, so that a client reads its own writes
-        # even when another process served the write.
-        result, index = compute()
-        svc.shared_reads.remember(key, pos, (result, index))
-    else:
-        # A re-run after a wake-up: the queries woken by the same change share one read.
-        deadline = park.deadline
-        result, index = svc.shared_reads.read(key, pos, compute)
-    if index > min_index or time.monotonic() >= deadline or svc.store.feed.draining:
-        return result, index
-    raise Parked(Park(watch, pos, deadline, key, min_index, index))
 
+    def versioned() -> tuple[tuple[T, int], str]:
+        value = compute()
+        return value, str(value[1])
 
-def _read_key() -> tuple:
-    """What identifies a blocking read: the path, the arguments that shape the result, and
-    whoever asks (results may later be filtered by token)."""
-    args = tuple(
-        sorted((k, v) for k, v in request.args.items(multi=True) if k not in ("index", "wait"))
-    )
-    who = (request.headers.get("X-Consul-Token", ""), request.headers.get("Authorization", ""))
-    return (request.method, request.path, args, who)
+    return _block(watch, Since.index(min_index), versioned, wait, due_in)
 
 
 def content_hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def hash_blocking(watch: Watch, compute: Callable[[], Any]) -> tuple[Any, str]:
-    """Agent-local blocking by content hash (``?hash=&wait=``), as Consul's agent endpoints do."""
+def hash_blocking(watch: Watch, compute: Callable[[], T]) -> tuple[T, str]:
+    """Agent-local blocking by content hash (``?hash=&wait=``), as Consul's agent endpoints do:
+    the same parked path as ``blocking``, with a result's content hash for its index."""
     want = str_arg("hash")
     wait = wait_arg()
-    feed = services().store.feed
-    deadline = time.monotonic() + wait
-    client = client_socket(request.environ)
-    while True:
-        pos = feed.position()
+
+    def versioned() -> tuple[tuple[T, str], str]:
         result = compute()
         h = content_hash(result)
-        if not want or h != want:
-            return result, h
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or feed.draining:
-            return result, h
-        client = wait_for_change(feed, watch, pos, remaining, client)
+        return (result, h), h
+
+    if not want:
+        return versioned()[0]
+    return _block(watch, Since.hash(want), versioned, wait, None)
+
+
+def _block(
+    watch: Watch,
+    since: Since,
+    compute: Callable[[], tuple[V, str]],
+    wait: float,
+    due_in: Callable[[V], float] | None,
+) -> V:
+    """Return ``compute()``'s value if its version is news to the client (or the wait is
+    over); otherwise park the query (raise ``Parked``). ``compute`` returns the value and its
+    version (an index or a content hash, as ``since`` compares them)."""
+    svc = services()
+    key = _read_key()
+    feed = svc.store.feed
+    pos = feed.position()
+    park = request.environ.get(RERUN)
+    if park is None or park.timed:
+        # A fresh request always reads the store itself, so that a client reads its own writes
+        # even when another process served the write; so does a re-run at a recheck time,
+        # since the shared reads only know about writes.
+        if park is None:
+            deadline = time.monotonic() + wait + random.uniform(0, wait / 16)  # noqa: S311
+        else:
+            deadline = park.deadline
+        value, version = compute()
+        svc.shared_reads.remember(key, pos, (value, version))
+    else:
+        # A re-run after a wake-up: the queries woken by the same change share one read.
+        deadline = park.deadline
+        value, version = svc.shared_reads.read(key, pos, compute)
+    now = time.monotonic()
+    if since.is_new(version) or now >= deadline or feed.draining:
+        return value
+    if park is None and svc.parked_clients.full(client_address(request.environ)):
+        # This client already holds its share of parked queries in this process: answer now
+        # with what there is, as at the deadline (a client re-polls; it is not refused).
+        return value
+    recheck = math.inf
+    if due_in is not None:
+        # Not sooner than 50 ms: a result that claims to be due already must not spin.
+        recheck = now + max(0.05, due_in(value))
+    raise Parked(Park(watch, pos, deadline, key, since, version, recheck))
+
+
+def _read_key() -> tuple:
+    """What identifies a blocking read: the path, the arguments that shape the result, and
+    whoever asks (results may later be filtered by token). Not what the client holds (its
+    index or hash): queries holding different versions of one read share its result."""
+    args = tuple(
+        sorted(
+            (k, v) for k, v in request.args.items(multi=True) if k not in ("index", "wait", "hash")
+        )
+    )
+    who = (request.headers.get("X-Consul-Token", ""), request.headers.get("Authorization", ""))
+    return (request.method, request.path, args, who)

@@ -17,7 +17,7 @@ The config file uses Consul's snake_case layout::
       "limits": {"kv_max_value_size": 524288, "http_max_body": 1048576,
                  "http_max_conns_per_client": 200, "http_header_timeout": "20s",
                  "http_body_timeout": "30s", "http_idle_timeout": "75s"},
-      "blocking": {"default_wait": "5m", "max_wait": "10m"}
+      "blocking": {"default_wait": "5m", "max_wait": "10m", "max_per_client": 1024}
     }
 """
 
@@ -85,6 +85,9 @@ class Settings:
     http_idle_timeout: float = 75.0
     default_wait: float = 300.0
     max_wait: float = 600.0
+    #: Parked blocking queries one client address may hold per server process; past it, a new
+    #: one answers at once with what it has (see trellis.api.longpoll).
+    blocking_max_per_client: int = 1024
     #: How often a process looks for other processes' SQLite commits (seconds).
     sqlite_poll_interval: float = 0.01
     #: PostgreSQL: the follower's fallback poll when no NOTIFY arrives (seconds).
@@ -194,6 +197,7 @@ _NESTED = {
     ("limits", "http_idle_timeout"): "http_idle_timeout",
     ("blocking", "default_wait"): "default_wait",
     ("blocking", "max_wait"): "max_wait",
+    ("blocking", "max_per_client"): "blocking_max_per_client",
     ("acl", "enabled"): "acl_enabled",
     ("acl", "default_policy"): "acl_default_policy",
     ("acl", "enable_key_list_policy"): "acl_enable_key_list_policy",
@@ -300,7 +304,14 @@ def validate(s: Settings) -> Settings:
         raise ConfigError(
             f"dns_config.enable_truncate must be true or false, not {s.dns_enable_truncate!r}"
         )
-    for name in ("workers", "worker_connections", "threads", "kv_max_value_size", "http_max_body"):
+    for name in (
+        "workers",
+        "worker_connections",
+        "threads",
+        "kv_max_value_size",
+        "http_max_body",
+        "blocking_max_per_client",
+    ):
         v = getattr(s, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name}: must be a positive whole number, not {v!r}")

@@ -49,6 +49,7 @@ from typing import Any
 from cryptography import x509
 
 from trellis.api.ca.builtin import BuiltinProvider
+from trellis.api.ca.limits import Share, process_share
 from trellis.api.ca.provider import CAOptions, Provider, ProviderError, RootMaterial
 from trellis.api.ca.secrets import Sealer
 from trellis.api.errors import (
@@ -115,7 +116,8 @@ def _rfc3339(t: dt.datetime) -> str:
 
 
 class _Limiter:
-    """CSRMaxPerSecond (token bucket) and CSRMaxConcurrent, per server process, as Consul."""
+    """CSRMaxPerSecond (token bucket) and CSRMaxConcurrent, for this process's share of them
+    (``trellis.api.ca.limits``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -125,20 +127,19 @@ class _Limiter:
         self._last = time.monotonic()
         self._inflight = 0
 
-    def acquire(self, rate: float, concurrent: int) -> None:
+    def acquire(self, share: Share) -> None:
         with self._lock:
-            if concurrent > 0:
-                if self._inflight >= concurrent:
+            if share.concurrent > 0:
+                if self._inflight >= share.concurrent:
                     raise TooManyRequests(
                         "rate limit reached, try again later", headers={"Retry-After": "1"}
                     )
-            elif rate > 0:
+            elif share.rate > 0:
                 now = time.monotonic()
-                # Fix: room for at least one token, or a rate below 1/s (0.5) never signs.
-                self._tokens = min(max(rate, 1.0), self._tokens + (now - self._last) * rate)
+                self._tokens = min(share.burst, self._tokens + (now - self._last) * share.rate)
                 self._last = now
                 if self._tokens < 1:
-                    wait = max(1, int((1 - self._tokens) / rate + 0.999))
+                    wait = max(1, int((1 - self._tokens) / share.rate + 0.999))
                     raise TooManyRequests(
                         "rate limit reached, try again later",
                         headers={"Retry-After": str(wait)},
@@ -160,14 +161,19 @@ class CAManager:
         sealer: Sealer,
         bootstrap: tuple[str, Mapping[str, Any]] = ("builtin", {}),
         provider_factory: Callable[[str], Provider] | None = None,
+        members: Callable[[], tuple[int, int]] = lambda: (0, 1),
     ) -> None:
+        """``members()``: this process's rank among the live server processes and their
+        number (``trellis.api.members.Membership.share``), which split the CSR limits."""
         self.store = store
+        self._members = members
         self.datacenter = datacenter
         self.sealer = sealer
         self.bootstrap = bootstrap
         self._factory = provider_factory or self._default_factory
         self._lock = threading.RLock()
         self._limiter = _Limiter()
+        self._share_cache: tuple[tuple, Share] | None = None
         self._cache: tuple[int, dict, int, dict, int] | None = None  # pos, roots, ri, cfg, ci
         self._providers: dict[tuple[str, int], Provider] = {}
         self._chain_cache: dict[tuple, tuple[x509.Certificate, ...]] = {}
@@ -373,6 +379,12 @@ class CAManager:
             "ModifyIndex": idx,
         }, idx
 
+    def leaf_key_spec(self) -> tuple[str, int]:
+        """The key type and size of the configuration, for keys the server makes (agent
+        leaves), from this process's cached view."""
+        _, _, config, _ = self._state(fresh=False)
+        return config["Config"]["PrivateKeyType"], config["Config"]["PrivateKeyBits"]
+
     def leaf_ttl(self) -> dt.timedelta:
         _, _, config, _ = self._state()
         return _ttl(config["Config"], "LeafCertTTL")
@@ -408,7 +420,7 @@ class CAManager:
         CAUnavailable if the provider is down."""
         roots, _, config, cidx = self._state(fresh=False)
         cfg = config["Config"]
-        self._limiter.acquire(float(cfg["CSRMaxPerSecond"]), int(cfg["CSRMaxConcurrent"]))
+        self._limiter.acquire(self._share(cfg))
         try:
             try:
                 csr = px.load_csr(csr_pem)
@@ -440,6 +452,19 @@ class CAManager:
             )
         finally:
             self._limiter.release()
+
+    def _share(self, cfg: Mapping[str, Any]) -> Share:
+        """This process's share of the configured limits; recomputed only when the limits or
+        the membership change (this is on every signing)."""
+        key = (cfg["CSRMaxPerSecond"], cfg["CSRMaxConcurrent"], self._members())
+        cached = self._share_cache
+        if cached is None or cached[0] != key:
+            rate, concurrent, (rank, count) = key
+            cached = self._share_cache = (
+                key,
+                process_share(float(rate), int(concurrent), rank, count),
+            )
+        return cached[1]
 
     def _extra_chain(
         self, active: dict, chain: tuple[x509.Certificate, ...]

@@ -137,6 +137,15 @@ def migrations(blob: str) -> list[tuple[int, list[str]]]:
         ),
         # Intentions and ACL tokens and policies (api/store/security.py).
         (3, list(SECURITY_MIGRATION)),
+        (
+            4,
+            [
+                # The server processes sharing this store and when each was last seen
+                # (epoch seconds), so that cluster-wide limits can be split among them
+                # (api/members.py). Written without an index: nothing watches it.
+                "CREATE TABLE members (id TEXT PRIMARY KEY, seen DOUBLE PRECISION NOT NULL)",
+            ],
+        ),
     ]
 
 
@@ -1259,6 +1268,30 @@ class SQLStore(SecurityStoreMixin):
             if c is not None:
                 n += 1
         return n
+
+    # -- members (server processes sharing the store) --------------------------------------------
+
+    def member_beat(self, member_id: str, now: float, dead_before: float) -> list[str]:
+        """Record that ``member_id`` is alive at ``now``, forget the members last seen before
+        ``dead_before``, and return the IDs of the members left, sorted.
+
+        Takes no index and records no change: no blocking query wakes, no ``X-Consul-Index``
+        moves, however often processes beat.
+        """
+        with self.write() as tx:
+            tx.execute("DELETE FROM members WHERE seen < ?", (dead_before,))
+            tx.execute(
+                "INSERT INTO members (id, seen) VALUES (?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET seen = excluded.seen",
+                (member_id, now),
+            )
+            rows = tx.execute("SELECT id FROM members").fetchall()
+        return sorted(r[0] for r in rows)
+
+    def member_leave(self, member_id: str) -> None:
+        """``member_id`` stops (a graceful stop): the others take over its share at once."""
+        with self.write() as tx:
+            tx.execute("DELETE FROM members WHERE id = ?", (member_id,))
 
     # -- system documents ----------------------------------------------------------------------
 

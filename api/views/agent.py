@@ -295,6 +295,8 @@ def self_():
         "agent": {"checks": str(len(_local_checks())), "services": str(len(_local_services()))},
         "store": {"backend": s.store_kind, "index": str(s.store.current_index())},
         "blocking": {"waiting": str(s.store.feed.waiting())},
+        # The live server processes sharing the store, which split the CSR limits.
+        "cluster": {"server_processes": str(s.members.share()[1])},
         "runtime": {"hostname": socket.gethostname()},
     }
     return json_response(

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Response
 
 from trellis.api.acl import service as acl
-from trellis.api.ca.manager import ROOTS_WATCH, WATCH, CAManager, SignedLeaf, _rfc3339
+from trellis.api.ca.leaves import AgentLeaf, AgentLeaves, leaf_watch
+from trellis.api.ca.manager import ROOTS_DOC, ROOTS_WATCH, WATCH, CAManager, SignedLeaf, _rfc3339
 from trellis.api.catalog import valid_name
 from trellis.api.http import (
     add_index_headers,
@@ -19,13 +17,9 @@ from trellis.api.http import (
     json_body,
     json_response,
     services,
-    uint_arg,
-    wait_arg,
 )
 from trellis.api.schemas import load
 from trellis.api.schemas.ca import RotateSchema, SignSchema
-from trellis.proxy import renewal, spiffe
-from trellis.proxy import x509 as px
 
 bp = Blueprint("connect_ca", __name__)
 
@@ -119,68 +113,22 @@ def sign():
 # -- agent leaves (Consul's /v1/agent/connect/ca/leaf/<service>) --------------------------------
 
 
-@dataclass
-class _Leaf:
-    signed: SignedLeaf
-    key_pem: str
-    index: int
-    renew_at: float
-
-
-class LeafCache:
-    """Leaves this server process issued through the agent endpoint, one per service.
-
-    The agent endpoint makes the key on the server (as Consul's agent does on its node) for
-    Consul clients; sidecars and native apps use ``/v1/connect/ca/sign`` and keep their keys.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._leaves: dict[str, _Leaf] = {}
-        self._index = 0
-
-    def get(self, service: str, manager: CAManager, key_type: str, key_bits: int) -> _Leaf:
-        roots, _ = manager.roots_view()
-        with self._lock:
-            cur = self._leaves.get(service)
-        now = time.time()
-        if cur is not None and cur.signed.root_id == roots["ActiveRootID"]:
-            nb = cur.signed.cert.not_valid_before_utc.timestamp()
-            na = cur.signed.cert.not_valid_after_utc.timestamp()
-            if not renewal.due(now, nb, na, cur.renew_at):
-                return cur
-        key = px.generate_key(key_type, key_bits)
-        ident = spiffe.service_id(manager.trust_domain, manager.datacenter, service)
-        csr = px.build_csr(key, ident)
-        csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-        signed = manager.sign_csr(csr_pem, may_sign)
-        nb = signed.cert.not_valid_before_utc.timestamp()
-        na = signed.cert.not_valid_after_utc.timestamp()
-        with self._lock:
-            self._index = max(self._index + 1, services().store.current_index())
-            leaf = _Leaf(signed, px.key_pem(key), self._index, renewal.plan(nb, na))
-            self._leaves[service] = leaf
-        return leaf
-
-
 @bp.get("/v1/agent/connect/ca/leaf/<service>")
 def agent_leaf(service: str):
+    """The service's leaf and key, one per service for the cluster (``trellis.api.ca.leaves``).
+    Blocking with ``?index=``: answers when the leaf changes (renewed, or re-issued under a new
+    root), which a parked query also checks at the leaf's renewal time."""
     valid_name("service name", service)
     acl.require_service_write(service)
-    manager = ca()
-    _, _, config, _ = manager._state()
-    cfg = config["Config"]
-    cache: LeafCache = services().leaves
-    min_index = uint_arg("index") or 0
-    wait = wait_arg()
-    feed = services().store.feed
-    deadline = time.monotonic() + wait
-    while True:
-        pos = feed.position()
-        leaf = cache.get(service, manager, cfg["PrivateKeyType"], cfg["PrivateKeyBits"])
-        remaining = deadline - time.monotonic()
-        if not min_index or leaf.index > min_index or remaining <= 0:
-            return json_response(leaf_json(leaf.signed, leaf.index, leaf.key_pem), index=leaf.index)
-        until_renewal = max(0.0, leaf.renew_at - time.time())
-        # Wake for a root change, or when the leaf falls due for renewal.
-        feed.wait(ROOTS_WATCH, pos, min(remaining, until_renewal + 0.01))
+    leaves: AgentLeaves = services().leaves
+
+    def compute() -> tuple[AgentLeaf, int]:
+        leaf = leaves.get(service, may_sign)
+        return leaf, leaf.index
+
+    leaf, index = blocking(
+        leaf_watch(service, ROOTS_DOC),
+        compute,
+        due_in=lambda got: got[0].renew_in(time.time()),
+    )
+    return json_response(leaf_json(leaf.signed, index, leaf.key_pem), index=index)
