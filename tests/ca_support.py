@@ -118,3 +118,21 @@ def openssl_ok(
     # Both ways of failing must agree: a zero status always says "OK", a failure never does.
     assert ok == r.stdout.strip().endswith(": OK"), (r.returncode, r.stdout, r.stderr)
     return ok
+
+
+class GatedProvider:
+    """A CA provider whose ``sign_leaf`` calls ``on_enter`` and then waits at ``gate``: a slow
+    CA, injected, so a test can hold signings in flight (the rest goes to ``inner``)."""
+
+    def __init__(self, inner, on_enter, gate) -> None:
+        self._inner = inner
+        self._on_enter = on_enter
+        self._gate = gate
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def sign_leaf(self, csr_pem, info, ttl):
+        self._on_enter()
+        assert self._gate.wait(10), "the test never opened the gate"
+        return self._inner.sign_leaf(csr_pem, info, ttl)

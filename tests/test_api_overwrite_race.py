@@ -82,9 +82,9 @@ CASES: dict[str, tuple[Callable[[], Registration], str, dict]] = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_what_a_registration_overwrites_is_checked_inside_its_write(make_client, case) -> None:  # noqa: F811
-    other, path, body = CASES[case]
+def _web_only(make_client):  # noqa: F811
+    """An app with ACLs on (default deny), a token that may write only ``web``, and web's
+    instance ``web-1`` registered with it: (client, the token's headers, services, store)."""
     client = make_client(acl_enabled=True, acl_default_policy="deny")
     mgmt = {"X-Consul-Token": client.put("/v1/acl/bootstrap").get_json()["SecretID"]}
     r = client.put("/v1/acl/policy", json={"Name": "web-only", "Rules": WEB_ONLY}, headers=mgmt)
@@ -95,6 +95,13 @@ def test_what_a_registration_overwrites_is_checked_inside_its_write(make_client,
     assert r.status_code == 200, r.get_data(as_text=True)
     svc = client.application.extensions["trellis"]
     store = svc.store
+    return client, web, svc, store
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_what_a_registration_overwrites_is_checked_inside_its_write(make_client, case) -> None:  # noqa: F811
+    other, path, body = CASES[case]
+    client, web, svc, store = _web_only(make_client)
     svc.store = _LandsFirst(store, other())
 
     r = client.put(path, json=body, headers=web)
@@ -136,16 +143,7 @@ def test_a_check_does_not_land_on_a_service_replaced_meanwhile(make_client, case
     """The check's service (``web-1``, web's) is read and vetted before the write; db's
     registration then takes the ID. The check must not end up on db's instance."""
     path, body = CHECK_CASES[case]
-    client = make_client(acl_enabled=True, acl_default_policy="deny")
-    mgmt = {"X-Consul-Token": client.put("/v1/acl/bootstrap").get_json()["SecretID"]}
-    r = client.put("/v1/acl/policy", json={"Name": "web-only", "Rules": WEB_ONLY}, headers=mgmt)
-    assert r.status_code == 200, r.get_data(as_text=True)
-    r = client.put("/v1/acl/token", json={"Policies": [{"Name": "web-only"}]}, headers=mgmt)
-    web = {"X-Consul-Token": r.get_json()["SecretID"]}
-    r = client.put("/v1/agent/service/register", json={"ID": "web-1", "Name": "web"}, headers=web)
-    assert r.status_code == 200, r.get_data(as_text=True)
-    svc = client.application.extensions["trellis"]
-    store = svc.store
+    client, web, svc, store = _web_only(make_client)
     svc.store = _LandsFirst(store, _web_1_becomes_db())
 
     r = client.put(path, json=body, headers=web)

@@ -29,6 +29,7 @@ from tests.ca_support import (
     COLON_HEX,
     DC,
     RFC3339,
+    GatedProvider,
     certs,
     custom_csr,
     leaf_and_chain,
@@ -746,23 +747,6 @@ def test_random_ca_configurations_never_500(app_client, body):
     ok(put_config(app_client, {"CSRMaxPerSecond": 0}))
 
 
-class _GatedProvider:
-    """The built-in provider, but ``sign_leaf`` waits at a gate: a slow CA, injected."""
-
-    def __init__(self, inner, entered: threading.Event, gate: threading.Event) -> None:
-        self._inner = inner
-        self._entered = entered
-        self._gate = gate
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def sign_leaf(self, csr_pem, info, ttl):
-        self._entered.set()
-        assert self._gate.wait(10), "the test never opened the gate"
-        return self._inner.sign_leaf(csr_pem, info, ttl)
-
-
 def test_csr_max_concurrent(tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'ca.db'}")
     entered, gate = threading.Event(), threading.Event()
@@ -771,8 +755,8 @@ def test_csr_max_concurrent(tmp_path):
         store,
         datacenter=DC,
         sealer=Sealer(os.urandom(32)),
-        provider_factory=lambda name: _GatedProvider(
-            holder[0]._default_factory(name), entered, gate
+        provider_factory=lambda name: GatedProvider(
+            holder[0]._default_factory(name), entered.set, gate
         ),
     )
     holder.append(manager)

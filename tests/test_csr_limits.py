@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from tests.api_fixtures import InThread
-from tests.ca_support import service_csr
+from tests.ca_support import GatedProvider, service_csr
 from trellis.api.ca.limits import Share, process_share
 from trellis.api.ca.manager import CAManager
 from trellis.api.ca.secrets import Sealer
@@ -137,23 +137,6 @@ def test_beats_move_no_index_and_wake_nobody(store_url):
 # -- two server processes' CA managers on one store --------------------------------------------
 
 
-class _GatedProvider:
-    """The built-in provider, but ``sign_leaf`` waits at a gate: a slow CA, injected."""
-
-    def __init__(self, inner, entered: threading.Semaphore, gate: threading.Event) -> None:
-        self._inner = inner
-        self._entered = entered
-        self._gate = gate
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def sign_leaf(self, csr_pem, info, ttl):
-        self._entered.release()
-        assert self._gate.wait(10), "the test never opened the gate"
-        return self._inner.sign_leaf(csr_pem, info, ttl)
-
-
 @pytest.fixture
 def two_processes(store_url):
     """Two CA managers on one store, each with its own store object and membership, as two
@@ -172,8 +155,8 @@ def two_processes(store_url):
                 datacenter=DC,
                 sealer=sealer,
                 members=members.share,
-                provider_factory=lambda n, h=holder: _GatedProvider(
-                    h[0]._default_factory(n), entered, gate
+                provider_factory=lambda n, h=holder: GatedProvider(
+                    h[0]._default_factory(n), entered.release, gate
                 ),
             )
             holder.append(manager)

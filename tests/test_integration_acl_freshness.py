@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import wait_until
+from tests.support import child_pids, wait_until
 from tests.test_integration_replicas import (
     Conn,
-    children,
     pinned_connections,
     seal_config,
     start_server,
@@ -101,7 +100,7 @@ def _connections(url: str, n: int) -> list[Conn]:
 
 
 def _workers_sides(url: str, pid: int) -> list[Side]:
-    workers = wait_until(lambda: w if len(w := children(pid)) == 2 else None)
+    workers = wait_until(lambda: w if len(w := child_pids(pid)) == 2 else None)
     pools = pinned_connections(url, workers, PER_WORKER)
     return [Side(f"worker-{i}", pools[w]) for i, w in enumerate(workers)]
 

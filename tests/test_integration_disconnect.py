@@ -23,7 +23,14 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def server(tmp_path):
-    p = TrellisProcess(server_args(tmp_path / "data", workers=1, node="n1")).start()
+    # Every connection here comes from 127.0.0.1: the 200 parked leaf queries and the probes
+    # beside them must not meet the per-client connection cap (its own tests are in
+    # test_integration_http_limits.py), so it is raised above what these tests open.
+    config = tmp_path / "server.json"
+    config.write_text(json.dumps({"limits": {"http_max_conns_per_client": 2000}}))
+    p = TrellisProcess(
+        [*server_args(tmp_path / "data", workers=1, node="n1"), "-config", str(config)]
+    ).start()
     yield p
     p.stop()
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from tests.ca_support import service_csr
-from tests.support import wait_until
-from tests.test_integration_replicas import Conn, children, pinned_connections, start_server
+from tests.support import child_pids, wait_until
+from tests.test_integration_replicas import Conn, pinned_connections, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def two_workers(tmp_path):
     try:
 
         def both() -> list[int] | None:
-            w = children(server.pid)
+            w = child_pids(server.pid)
             return w if len(w) == 2 else None
 
         workers = wait_until(both)
