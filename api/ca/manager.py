@@ -490,7 +490,7 @@ class CAManager:
 
     def set_config(self, body: Mapping[str, Any]) -> None:
         """``PUT /v1/connect/ca/configuration``: rotate if the change needs a new root."""
-        request = load(CAConfigurationSchema(), body)
+        request = load(CAConfigurationSchema, body)
         name, raw, force = request["provider"], request["config"], request["force"]
         with self._lock:
             self.ensure_initialized()

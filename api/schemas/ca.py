@@ -151,7 +151,7 @@ def validate_config(
     in and the durations written canonically (``72h0m0s``). BadRequest (the client's fault,
     or the operator's for a config file: ``path`` and ``what`` say where) naming every bad
     field."""
-    return load(CONFIG_SCHEMAS[provider](), config, path=path, what=what)
+    return load(CONFIG_SCHEMAS[provider], config, path=path, what=what)
 
 
 class ProviderName(fields.String):

@@ -121,7 +121,7 @@ def _policy(body: dict[str, Any], policy_id: str) -> ACLPolicy:
 @bp.put("/v1/acl/policy")
 @needs("write")
 def policy_create():
-    body = load(PolicySchema(), json_body())
+    body = load(PolicySchema, json_body())
     if body["ID"]:
         raise BadRequest("ID is assigned by the server on create")
     p = services().store.acl_policy_put(_policy(body, str(uuid.uuid4())), create=True)
@@ -152,7 +152,7 @@ def policy_update(policy_id: str):
     pid = _uuid(policy_id, "policy ID")
     if pid == acl.MANAGEMENT_POLICY_ID:
         raise BadRequest("the global-management policy cannot be changed")
-    body = load(PolicySchema(), json_body())
+    body = load(PolicySchema, json_body())
     if body["ID"] and body["ID"] != pid:
         raise BadRequest("ID in the body does not match the URL")
     p = services().store.acl_policy_put(_policy(body, pid), create=False)
@@ -205,7 +205,7 @@ def _policy_ids(links: list[dict[str, Any]]) -> tuple[str, ...]:
 @bp.put("/v1/acl/token")
 @needs("write")
 def token_create():
-    body = load(TokenSchema(), json_body())
+    body = load(TokenSchema, json_body())
     secret = body["SecretID"] or str(uuid.uuid4())
     t = services().store.acl_token_put(
         ACLToken(
@@ -244,7 +244,7 @@ def token_read(accessor_id: str):
 @needs("write")
 def token_update(accessor_id: str):
     aid = _uuid(accessor_id, "AccessorID")
-    body = load(TokenSchema(), json_body())
+    body = load(TokenSchema, json_body())
     if body["AccessorID"] and body["AccessorID"] != aid:
         raise BadRequest("AccessorID in the body does not match the URL")
     if body["SecretID"]:

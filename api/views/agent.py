@@ -52,7 +52,7 @@ def register_service_body(body: dict, *, replace_checks: bool) -> Service:
     store = services().store
     settings = services().settings
     node = settings.node_name
-    d = load(ServiceSchema(), cat.to_pascal(cat.unwrap_service_body(body)))
+    d = load(ServiceSchema, cat.to_pascal(cat.unwrap_service_body(body)))
     svc = cat.build_service(node, d)
     defs = list(d.get("Checks") or [])
     if d.get("Check"):
@@ -107,7 +107,7 @@ def _build_sidecar(
     node: str, parent: Service, spec: dict, taken_ports: set[int]
 ) -> tuple[Service, list[Check]]:
     """The sidecar service of ``connect.sidecar_service`` and its checks."""
-    sc_d = load(ServiceSchema(), cat.sidecar_for(parent, dict(spec), taken_ports))
+    sc_d = load(ServiceSchema, cat.sidecar_for(parent, dict(spec), taken_ports))
     sidecar = cat.build_service(node, sc_d)
     return sidecar, cat.build_checks(node, sidecar, list(sc_d.get("Checks") or []))
 
@@ -185,7 +185,7 @@ def list_checks():
 @bp.put("/v1/agent/check/register")
 def check_register():
     s = services()
-    d = load(CheckSchema(), cat.to_pascal(json_body()))
+    d = load(CheckSchema, cat.to_pascal(json_body()))
     owner = None
     if d.get("ServiceID"):
         owner = next(
@@ -264,7 +264,7 @@ def check_fail(check_id: str):
 
 @bp.put("/v1/agent/check/update/<check_id>")
 def check_update(check_id: str):
-    body = load(CheckUpdateSchema(), cat.to_pascal(json_body(required=False) or {}))
+    body = load(CheckUpdateSchema, cat.to_pascal(json_body(required=False) or {}))
     return _update(check_id, body["Status"], body["Output"])
 
 

@@ -101,7 +101,7 @@ def guard_overwrites(authz: Authorizer) -> Prepare:
 @bp.put("/v1/catalog/register")
 def register():
     check_dc()
-    body = load(CatalogRegisterSchema(), cat.to_pascal(json_body()))
+    body = load(CatalogRegisterSchema, cat.to_pascal(json_body()))
     settings = services().settings
     if body.get("Datacenter") and body["Datacenter"] != settings.datacenter:
         raise BadRequest(f"No path to datacenter {body['Datacenter']!r}")
@@ -168,7 +168,7 @@ def register():
 @bp.put("/v1/catalog/deregister")
 def deregister():
     check_dc()
-    body = load(CatalogDeregisterSchema(), cat.to_pascal(json_body()))
+    body = load(CatalogDeregisterSchema, cat.to_pascal(json_body()))
     node = body["Node"]
     store = services().store
     if body.get("ServiceID"):

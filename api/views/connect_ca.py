@@ -70,7 +70,7 @@ def put_configuration():
 @bp.post("/v1/connect/ca/rotate")
 def rotate():
     acl.require_operator(write=True)
-    body = load(RotateSchema(), json_body(required=False) or {})
+    body = load(RotateSchema, json_body(required=False) or {})
     ca().rotate(force=body["force"])
     data, index = ca().roots_view()
     return json_response(data, index=index)
@@ -103,7 +103,7 @@ def leaf_json(leaf: SignedLeaf, index: int, key_pem: str = "") -> dict:
 @bp.post("/v1/connect/ca/sign")
 def sign():
     """Sign a CSR: the path for sidecars and native apps, whose keys never leave them."""
-    body = load(SignSchema(), json_body())
+    body = load(SignSchema, json_body())
     leaf = ca().sign_csr(body["CSR"], may_sign)
     # The index of the roots the leaf was signed under: no extra store read per signing.
     _, index = ca().roots_index()

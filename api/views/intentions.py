@@ -113,7 +113,7 @@ def _readable(destination: str) -> bool:
 
 @bp.post("/v1/connect/intentions")
 def create():
-    body = load(IntentionSchema(), json_body())
+    body = load(IntentionSchema, json_body())
     check_intention_write(body["destination"])
     now = _now()
     rec = services().store.intention_put(
@@ -153,7 +153,7 @@ def get(intention_id: str):
 @bp.put("/v1/connect/intentions/<intention_id>")
 def update(intention_id: str):
     rec = _by_id(intention_id)
-    body = load(IntentionSchema(), json_body())
+    body = load(IntentionSchema, json_body())
     check_intention_write(rec.destination)
     check_intention_write(body["destination"])
     # Deleted meanwhile: the store's NotFoundInStore, a 404 at the boundary (api/app.py).
@@ -222,7 +222,7 @@ def get_exact():
 @bp.put("/v1/connect/intentions/exact")
 def put_exact():
     source, destination = _pair()
-    body = load(IntentionExactSchema(), json_body())
+    body = load(IntentionExactSchema, json_body())
     check_intention_write(destination)
     store = services().store
     existing = store.intention_exact(source, destination)
@@ -296,7 +296,7 @@ def check():
 
 @bp.post("/v1/agent/connect/authorize")
 def authorize():
-    body = load(AuthorizeSchema(), json_body())
+    body = load(AuthorizeSchema, json_body())
     target, uri = body["target"], body["uri"]
     check_service_write(target)
     decision = authz.authorize(
