@@ -121,13 +121,19 @@ def refusal(
 def install(app: Flask, settings: Settings) -> None:
     """Refuse, before any view runs, what ``refusal`` refuses (a 403)."""
 
+    dev = settings.dev
+
     @app.before_request
     def _browsers() -> None:
+        method = request.method
+        changes = method in STATE_CHANGING
+        if not changes and not dev:
+            return  # a read, outside dev mode: nothing to refuse (on every request: be quick)
         why = refusal(
-            request.method,
+            method,
             request.headers,
-            request.mimetype,
-            dev=settings.dev,
+            request.mimetype if changes else "",
+            dev=dev,
             listen_host=settings.http_host,
         )
         if why is not None:

@@ -59,6 +59,11 @@ def refuse_filter() -> None:
     so it gets a 400 that says so. An empty ``?filter=`` filters nothing, in Consul too, and is
     accepted. A path that routes nowhere keeps its 404 or 405.
     """
+    # Every request passes here: look at the raw query string before parsing the arguments
+    # (a percent-encoded name, "%66ilter", still reaches the parsed check).
+    raw = request.query_string
+    if b"filter" not in raw and b"%" not in raw:
+        return
     if request.url_rule is None or not any(v.strip() for v in request.args.getlist("filter")):
         return
     raise BadRequest(

@@ -73,3 +73,9 @@ def test_an_empty_filter_filters_nothing_and_is_accepted(client):
 def test_a_filter_on_an_unknown_route_is_still_404(client):
     assert_error(client.get("/v1/nothing/here?filter=a%3D%3Db"), 404, "not_found")
     assert_error(client.post("/v1/status/leader?filter=a%3D%3Db"), 405, "method_not_allowed")
+
+
+def test_a_percent_encoded_filter_is_refused_too(client):
+    # The hook looks at the raw query string first, for speed; "%66ilter" is "filter".
+    r = client.get("/v1/catalog/services?%66ilter=" + quote('Service == "web"'))
+    assert_error(r, 400, "bad_request", "query parameter 'filter' is not supported")
