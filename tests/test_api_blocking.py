@@ -213,6 +213,24 @@ def test_health_connect_woken_by_a_new_proxy(client):
     assert [e["Service"]["ID"] for e in r.get_json()] == ["web-1-sidecar-proxy"]
 
 
+def test_health_connect_passing_woken_by_the_proxys_check(client):
+    # What a sidecar watches for its upstream: its destination's Connect instances that pass.
+    # A check of the proxy changing state must wake it (it used to touch only the proxy's own
+    # name, so the upstream stayed empty until the watch's wait ran out).
+    register(client, {"ID": "web-1", "Name": "web", "Port": 8080})
+    register(
+        client,
+        {"name": "web", "id": "web-1", "port": 8080, "connect": {"sidecar_service": {
+            "checks": [{"check_id": "up", "name": "up", "ttl": "1h"}]}}},
+    )  # fmt: skip
+
+    def pass_check():
+        assert client.put("/v1/agent/check/pass/up").status_code == 200
+
+    r = assert_woken(client, "/v1/health/connect/web?passing", pass_check)
+    assert [e["Service"]["ID"] for e in r.get_json()] == ["web-1-sidecar-proxy"]
+
+
 # -- the parameters ----------------------------------------------------------------------------
 
 

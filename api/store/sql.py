@@ -1240,6 +1240,14 @@ class SQLStore(SecurityStoreMixin):
         )
         if c.service_name:
             tx.touch("catalog", f"svc/{c.service_name}")
+            # A proxy's health is its destination's Connect health: /v1/health/connect/<dest>
+            # (what sidecars watch for their upstreams) must wake when it changes.
+            proxied = tx.one(
+                "SELECT destination FROM services WHERE node = ? AND id = ?",
+                (node, c.service_id),
+            )
+            if proxied is not None and proxied[0]:
+                tx.touch("catalog", f"svc/{proxied[0]}")
         else:
             self._touch_node(tx, node)
         return _check(
