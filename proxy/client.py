@@ -366,6 +366,15 @@ class Client:
     def agent_services(self) -> dict[str, Any]:
         return _expect(self.request("GET", "/v1/agent/services"), dict)
 
+    def agent_services_blocking(
+        self, *, hash: str | None = None, wait: float | str | None = None
+    ) -> tuple[dict[str, Any], str | None]:
+        """``/v1/agent/services`` as a hash-blocking read: returns the services and the
+        content hash to pass back (the answer comes when it differs, or after ``wait``)."""
+        params = {"hash": hash} if hash else None
+        r = self.request("GET", "/v1/agent/services", params=params, wait=wait if hash else None)
+        return _expect(r, dict), r.headers.get("x-consul-contenthash")
+
     def agent_self(self) -> dict[str, Any]:
         return _expect(self.request("GET", "/v1/agent/self"), dict)
 
@@ -429,6 +438,37 @@ class Client:
             wait=wait,
         )
         return Indexed(_expect(r, list), r.index)
+
+    def health_connect(
+        self,
+        name: str,
+        passing: bool = False,
+        *,
+        datacenter: str | None = None,
+        index: int | None = None,
+        wait: float | str | None = None,
+    ) -> Indexed[list[dict[str, Any]]]:
+        """The Connect-capable instances of ``name`` (its proxies, or itself if native), in
+        ``/v1/health/service`` form: what a proxy dials for an upstream."""
+        r = self.request(
+            "GET",
+            "/v1/health/connect/" + _path(name),
+            params={"passing": passing, "dc": datacenter},
+            index=index,
+            wait=wait,
+        )
+        return Indexed(_expect(r, list), r.index)
+
+    def datacenters(self) -> list[str]:
+        """The known datacenters, this one first."""
+        return [str(d) for d in _expect(self.request("GET", "/v1/catalog/datacenters"), list)]
+
+    def datacenter(self) -> str:
+        """This cluster's datacenter."""
+        dcs = self.datacenters()
+        if not dcs:
+            raise APIError(None, "the server reports no datacenter")
+        return dcs[0]
 
     # -- Connect CA ----------------------------------------------------------------------------
 
@@ -592,6 +632,30 @@ class Client:
             wait=wait,
         )
         return Indexed(_expect(r, dict), r.index)
+
+    def intention_match_with_default(
+        self,
+        by: str,
+        names: str | list[str] | tuple[str, ...],
+        *,
+        index: int | None = None,
+        wait: float | str | None = None,
+    ) -> Indexed[tuple[dict[str, list[dict[str, Any]]], bool]]:
+        """``intention_match``, with the decision the server takes when no intention matches
+        (``X-Trellis-Intention-Default``: allow or deny), which a proxy must apply the same way.
+        APIError if the server does not say (an older server, or not Trellis)."""
+        names = [names] if isinstance(names, str) else list(names)
+        r = self.request(
+            "GET",
+            "/v1/connect/intentions/match",
+            params={"by": by, "name": names},
+            index=index,
+            wait=wait,
+        )
+        default = r.headers.get("x-trellis-intention-default")
+        if default not in ("allow", "deny"):
+            raise APIError(r.status, "the server did not say its default intention decision")
+        return Indexed((_expect(r, dict), default == "allow"), r.index)
 
     def intention_check(self, source: str, destination: str) -> bool:
         """Would a connection from ``source`` to ``destination`` be allowed?"""

@@ -283,7 +283,10 @@ def match():
     data, index = blocking(ALL, compute)
     if by == "source":
         data = {n: [i for i in v if _readable(i["DestinationName"])] for n, v in data.items()}
-    return json_response(data, index=index)
+    # What the server decides when no intention matches, so that a proxy deciding from these
+    # intentions applies the same default (Consul's agents know it from their own config).
+    default = "allow" if default_allow() else "deny"
+    return json_response(data, index=index, headers={"X-Trellis-Intention-Default": default})
 
 
 @bp.get("/v1/connect/intentions/check")
