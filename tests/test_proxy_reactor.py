@@ -1,0 +1,284 @@
+"""The byte path on real loopback sockets: relaying, half-close, backpressure, end of stream
+arriving with the last bytes, timeouts, and an upstream that refuses after its handshake.
+
+The reactor runs as a trio task (``Reactor.run``); the peers are plain blocking sockets in
+threads, so each case controls exactly what arrives when.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+import threading
+import time
+
+import trio
+
+from tests.mesh_support import MeshCA, snapshot
+from trellis.proxy import reactor as rx
+from trellis.proxy.snapshot import PeerVerdict
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair (outer, inner); ``inner`` goes into the reactor."""
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+        outer = socket.create_connection(ls.getsockname())
+        inner, _ = ls.accept()
+    inner.setblocking(False)
+    return outer, inner
+
+
+def _run_with_reactor(body) -> None:
+    """Run ``body(reactor)`` (a sync function, in a thread) while the reactor serves."""
+
+    async def main():
+        r = rx.Reactor()
+        async with trio.open_nursery() as n:
+            n.start_soon(r.run)
+            await trio.to_thread.run_sync(body, r)
+            r.close()
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def _pipe(r: rx.Reactor, a: socket.socket, b: socket.socket, ended: list) -> rx.Pipe:
+    """A plain-to-plain pipe registered in ``r`` (from another thread: the registration is
+    made through trio's thread API so the reactor's state is touched in its own thread)."""
+    ea, eb = rx.End(a), rx.End(b)
+    holder: list = []
+
+    def close(reason: str) -> None:  # what a connection does (Inbound.close): once
+        if not ended:
+            ended.append(reason)
+            for end in (ea, eb):
+                r.remove(end.sock)
+                end.close()
+
+    def make():
+        p = rx.Pipe(r, ea, eb, "inbound", close)
+        r.add(a, p)
+        r.add(b, p)
+        p.start()
+        holder.append(p)
+
+    trio.from_thread.run_sync(make)
+    return holder[0]
+
+
+def test_relay_carries_bytes_and_half_close_both_ways():
+    def body(r):
+        c_out, c_in = _pair()
+        s_out, s_in = _pair()
+        ended: list = []
+        _pipe(r, c_in, s_in, ended)
+        c_out.sendall(b"request")
+        c_out.shutdown(socket.SHUT_WR)  # the client is done sending...
+        got = b""
+        s_out.settimeout(5)
+        while chunk := s_out.recv(100):  # ...so the server sees the end after the bytes
+            got += chunk
+        assert got == b"request"
+        s_out.sendall(b"response")  # ...and can still answer
+        s_out.close()
+        c_out.settimeout(5)
+        assert c_out.recv(100) == b"response"
+        assert c_out.recv(100) == b""
+        deadline = time.monotonic() + 5
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ended == ["closed"]
+        c_out.close()
+
+    _run_with_reactor(body)
+
+
+def test_a_slow_reader_gets_every_byte_and_the_relay_buffers_little():
+    payload = bytes(range(256)) * (40 * 1024)  # 10 MiB
+
+    def body(r):
+        c_out, c_in = _pair()
+        s_out, s_in = _pair()
+        pipe = _pipe(r, c_in, s_in, [])
+        sender = threading.Thread(target=c_out.sendall, args=(payload,))
+        sender.start()
+        digest = hashlib.sha256()
+        received = 0
+        most_pending = 0
+        s_out.settimeout(10)
+        while received < len(payload):
+            chunk = s_out.recv(4096)
+            assert chunk
+            digest.update(chunk)
+            received += len(chunk)
+            if received % (1 << 20) < 4096:
+                time.sleep(0.02)  # a slow app: the relay must wait, not buffer everything
+            most_pending = max(most_pending, len(pipe.b.pending))
+        sender.join(10)
+        assert digest.digest() == hashlib.sha256(payload).digest()
+        # At most one read's worth waits in the relay; the rest stays in the kernel, where
+        # TCP flow control pushes back on the sender.
+        assert most_pending <= rx.BUFFER
+        c_out.close()
+        s_out.close()
+
+    _run_with_reactor(body)
+
+
+def test_the_end_of_stream_that_arrives_with_the_last_bytes_is_not_lost():
+    # Data and FIN in one edge: a short read must not be taken for "empty until the next
+    # event", or the FIN is never seen and the other side hangs (found with TLS tickets).
+    def body(r):
+        for _ in range(30):
+            c_out, c_in = _pair()
+            s_out, s_in = _pair()
+            s_out.sendall(b"bye")
+            s_out.shutdown(socket.SHUT_WR)
+            time.sleep(0.002)  # both are in the kernel before the reactor looks
+            _pipe(r, c_in, s_in, [])
+            c_out.settimeout(3)
+            assert c_out.recv(10) == b"bye"
+            assert c_out.recv(10) == b""
+            c_out.close()
+            s_out.close()
+
+    _run_with_reactor(body)
+
+
+def test_an_upstream_that_closes_after_its_handshake_ends_the_local_connection():
+    # The server side of a denied connection: it completes the handshake, then closes
+    # (TLS 1.3 session tickets and the FIN arrive together). The local client must see the
+    # connection end, every time (it hung one time in six before the fix).
+    ca = MeshCA()
+    server_snap = snapshot(ca, "db", default_allow=True)
+    client_snap = snapshot(ca, "web")
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(64)
+    port = ls.getsockname()[1]
+    stop = threading.Event()
+
+    def refusing_server():
+        ls.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = ls.accept()
+            except TimeoutError:
+                continue
+            try:
+                t = server_snap.tls.server.wrap_socket(c, server_side=True)
+                t.close()
+            except (ssl.SSLError, OSError):
+                c.close()
+
+    threading.Thread(target=refusing_server, daemon=True).start()
+
+    def body(r):
+        ended: list = []
+        try:
+            for _ in range(40):
+                local_out, local_in = _pair()
+
+                def start(local_in=local_in):
+                    rx.Outbound(
+                        r,
+                        local_in,
+                        client_snap.tls.client,
+                        client_snap.tls.peers,
+                        [("127.0.0.1", port)],
+                        lambda v: client_snap.check_upstream(v, "db"),
+                        rx.Timeouts(connect=5),
+                        lambda conn, reason: ended.append(reason),
+                    )
+
+                local_out.sendall(b"hello")
+                trio.from_thread.run_sync(start)
+                local_out.settimeout(3)
+                try:
+                    assert local_out.recv(10) == b""
+                except ConnectionResetError:
+                    pass  # closed with our bytes unread: closed all the same
+                local_out.close()
+        finally:
+            stop.set()
+        deadline = time.monotonic() + 3
+        while len(ended) < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the last close reports right after it closed the socket
+        assert len(ended) == 40
+
+    _run_with_reactor(body)
+    ls.close()
+
+
+def test_handshakes_that_never_finish_are_cut_by_the_sweep():
+    ca = MeshCA()
+    snap = snapshot(ca, "db", default_allow=True)
+
+    def body(r):
+        ended: list = []
+        c_out, c_in = _pair()
+
+        def start():
+            rx.Inbound(
+                r,
+                c_in,
+                snap.tls.server,
+                snap.tls.peers,
+                lambda conn, v: rx.Route(True, "", ("127.0.0.1", 1)),
+                rx.Timeouts(handshake=0.2),
+                lambda conn, reason: ended.append(reason),
+            )
+
+        trio.from_thread.run_sync(start)
+        time.sleep(0.3)
+        trio.from_thread.run_sync(lambda: r.sweep(time.monotonic()))
+        assert ended == ["handshake timed out"]
+        c_out.settimeout(3)
+        assert c_out.recv(10) == b""
+        c_out.close()
+
+    _run_with_reactor(body)
+
+
+def test_a_peer_verdict_without_identity_is_refused_before_any_app_connection():
+    ca = MeshCA()
+    snap = snapshot(ca, "db", default_allow=True)
+    routes: list[PeerVerdict] = []
+
+    def body(r):
+        ended: list = []
+        c_out, c_in = _pair()
+
+        def refuse(conn, verdict):
+            routes.append(verdict)
+            return rx.Route(False, "no")
+
+        def start():
+            rx.Inbound(
+                r,
+                c_in,
+                snap.tls.server,
+                snap.tls.peers,
+                refuse,
+                rx.Timeouts(),
+                lambda conn, reason: ended.append(reason),
+            )
+
+        trio.from_thread.run_sync(start)
+        client = snapshot(ca, "web").tls.client.wrap_socket(c_out, server_side=False)
+        client.settimeout(3)
+        try:
+            assert client.recv(10) == b""
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        client.close()
+        deadline = time.monotonic() + 3
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ended == ["no"]
+        assert routes and routes[0].identity is not None and routes[0].identity.service == "web"
+
+    _run_with_reactor(body)
