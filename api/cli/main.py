@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO
 
 from trellis.api import __version__
-from trellis.api.cli import acl, ca, catalog, intention, kv, serve, services
+from trellis.api.cli import acl, ca, catalog, connect, intention, kv, serve, services
 from trellis.api.cli.base import (
     Command,
     CommandError,
@@ -44,6 +44,7 @@ def build_registry() -> Registry:
     services.register(r)
     catalog.register(r)
     serve.register(r)
+    connect.register(r)
     r.add(
         Command(
             ("version",),

@@ -1,0 +1,242 @@
+"""Sidecars for real: ``trellis dev``, apps, and ``trellis connect proxy`` processes on free
+ports, bytes through mutual TLS, and intentions enforced on new and open connections."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.proxy_support import EchoApp, ProxyProcess, exchange, free_port
+from tests.support import TRELLIS, TrellisProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+PASSING = [{"Name": "listening", "TTL": "1h", "Status": "passing"}]
+
+
+@pytest.fixture
+def dev(tmp_path):
+    p = TrellisProcess(
+        [
+            "dev",
+            "-http-port",
+            "0",
+            "-dns-port",
+            "-1",
+            "-node",
+            "test-node",
+            "-data-dir",
+            str(tmp_path / "data"),
+        ]
+    ).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def procs():
+    started: list[ProxyProcess] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+def apps():
+    made: list[EchoApp] = []
+    yield made
+    for a in made:
+        a.close()
+
+
+def register(url: str, body: dict, token: str | None = None) -> None:
+    headers = {"X-Consul-Token": token} if token else {}
+    r = httpx.put(url + "/v1/agent/service/register", json=body, headers=headers, timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def cli(url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [TRELLIS, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"TRELLIS_HTTP_ADDR": url, "PATH": "/usr/bin:/bin"},
+    )
+
+
+def sidecar_service(name: str, app_port: int, public: int, upstreams=()) -> dict:
+    proxy = {"Upstreams": [{"DestinationName": d, "LocalBindPort": p} for d, p in upstreams]}
+    return {
+        "Name": name,
+        "Port": app_port,
+        "Address": "127.0.0.1",
+        "Connect": {"SidecarService": {"Port": public, "Checks": PASSING, "Proxy": proxy}},
+    }
+
+
+def test_sidecars_relay_bytes_and_a_deny_cuts_open_connections(dev, procs, apps):
+    db_app = EchoApp(upper=True)
+    apps.append(db_app)
+    up_port = free_port()
+    register(dev.url, sidecar_service("db", db_app.port, free_port()))
+    register(dev.url, sidecar_service("web", free_port(), free_port(), [("db", up_port)]))
+    db = ProxyProcess(["-sidecar-for", "db", "-http-addr", dev.url]).start()
+    procs.append(db)
+    web = ProxyProcess(["-sidecar-for", "web", "-http-addr", dev.url]).start()
+    procs.append(web)
+    assert web.listening["db"] == ("127.0.0.1", up_port)
+    assert "    Configuration mode: Agent API" in web.lines
+
+    opened: list[socket.socket] = []
+
+    def connect() -> socket.socket:
+        c = socket.create_connection(("127.0.0.1", up_port), timeout=5)
+        opened.append(c)
+        return c
+
+    def echoes(text: bytes) -> socket.socket | None:
+        c = connect()
+        return c if exchange(c, text) == text.upper() else None
+
+    # Bytes both ways through web's sidecar, mutual TLS, db's sidecar, the app.
+    s = wait_until(lambda: echoes(b"hello"))
+    payload = bytes(range(256)) * 4096  # 1 MiB, both ways
+    assert exchange(s, payload) == payload.upper()
+
+    # A deny closes the open connection (within a second) and refuses new ones.
+    t0 = time.monotonic()
+    r = cli(dev.url, "intention", "create", "-deny", "web", "db")
+    assert r.stdout.strip() == "Created: web => db (deny)", r.stderr
+    s.settimeout(5)
+    assert s.recv(10) == b""
+    assert time.monotonic() - t0 < 1.0 + 0.5  # the CLI's own start-up is part of it
+    s.close()
+    fresh = connect()
+    assert exchange(fresh, b"again") == b""
+    db.wait_for_line(r"refused spiffe://\S+/svc/web: Matched intention: web => db \(deny\)")
+
+    # Deleting it restores the default (allow with ACLs off).
+    assert cli(dev.url, "intention", "delete", "web", "db").returncode == 0
+    wait_until(lambda: echoes(b"back"))
+    for c in opened:
+        c.close()
+
+
+def test_upstream_with_no_healthy_instance_closes_the_local_connection(dev, procs):
+    up_port = free_port()
+    register(dev.url, sidecar_service("web", free_port(), free_port(), [("nothing", up_port)]))
+    web = ProxyProcess(["-sidecar-for", "web", "-http-addr", dev.url]).start()
+    procs.append(web)
+    with socket.create_connection(("127.0.0.1", up_port), timeout=5) as c:
+        t0 = time.monotonic()
+        assert exchange(c, b"x") == b""
+        assert time.monotonic() - t0 < 1.0  # closed at once, not held open
+    web.wait_for_line(r"upstream nothing: no healthy instance")
+
+
+def test_cold_start_without_a_control_plane_listens_on_nothing(procs):
+    dead = f"http://127.0.0.1:{free_port()}"
+    up_port = free_port()
+    p = ProxyProcess(["-service", "alice", "-upstream", f"db:{up_port}", "-http-addr", dead]).start(
+        wait=False
+    )
+    procs.append(p)
+    p.wait_for_line("listening on nothing yet: the control plane is unreachable")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", up_port), timeout=2)
+    assert p.stop() == 0  # SIGTERM while waiting: a clean exit
+
+
+def test_a_token_that_may_not_act_as_the_service_is_refused_at_start(tmp_path, procs):
+    cfg = tmp_path / "acl.json"
+    cfg.write_text(json.dumps({"acl": {"enabled": True, "default_policy": "deny"}}))
+    server = TrellisProcess(
+        [
+            "server",
+            "-config",
+            str(cfg),
+            "-data-dir",
+            str(tmp_path / "d"),
+            "-http-port",
+            "0",
+            "-dns-port",
+            "-1",
+            "-workers",
+            "1",
+            "-node",
+            "n1",
+        ]
+    ).start()
+    try:
+        boot = httpx.put(server.url + "/v1/acl/bootstrap", timeout=10).json()["SecretID"]
+        h = {"X-Consul-Token": boot}
+        pol = httpx.put(
+            server.url + "/v1/acl/policy",
+            headers=h,
+            timeout=10,
+            json={"Name": "read-only", "Rules": 'service_prefix "" { policy = "read" }'},
+        ).json()
+        tok = httpx.put(
+            server.url + "/v1/acl/token",
+            headers=h,
+            timeout=10,
+            json={"Policies": [{"ID": pol["ID"]}]},
+        ).json()["SecretID"]
+        p = ProxyProcess(
+            [
+                "-service",
+                "alice",
+                "-upstream",
+                f"db:{free_port()}",
+                "-http-addr",
+                server.url,
+                "-token",
+                tok,
+            ]
+        ).start(wait=False)
+        procs.append(p)
+        assert p.wait(30) == 1
+        errors = [line for line in p.lines if line.startswith("Error:")]
+        assert len(errors) == 1, p.output()
+        assert "may not act as service 'alice'" in errors[0]
+        assert "Permission denied" in errors[0]
+    finally:
+        server.stop()
+
+
+def test_metrics_endpoint_counts_connections_and_decisions(dev, procs, apps):
+    app = EchoApp()
+    apps.append(app)
+    public = free_port()
+    register(dev.url, sidecar_service("db", app.port, public))
+    mport = free_port()
+    db = ProxyProcess(
+        ["-sidecar-for", "db", "-http-addr", dev.url, "-metrics-addr", f"127.0.0.1:{mport}"]
+    ).start()
+    procs.append(db)
+    up = free_port()
+    alice = ProxyProcess(
+        ["-service", "alice", "-upstream", f"db:{up}", "-http-addr", dev.url]
+    ).start()
+    procs.append(alice)
+    opened: list[socket.socket] = []
+
+    def echoes() -> socket.socket | None:
+        s = socket.create_connection(("127.0.0.1", up))
+        opened.append(s)
+        return s if exchange(s, b"m") == b"m" else None
+
+    wait_until(echoes)
+    text = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=5).text
+    assert 'trellis_proxy_connections_open{direction="inbound"} 1.0' in text
+    assert 'trellis_proxy_authorizations_total{result="allow",source="alice"}' in text
+    assert "trellis_proxy_control_plane_connected 1.0" in text
+    assert 'trellis_proxy_leaf_expiry_seconds{service="db"}' in text
+    for s in opened:
+        s.close()
