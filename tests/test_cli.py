@@ -48,6 +48,7 @@ Available commands are:
     acl          Interact with Trellis's ACLs
     ca           Interact with the Connect certificate authority (CA)
     catalog      Interact with the catalog
+    connect      Interact with Trellis Connect
     dev          Run a throw-away server on this machine, for development
     info         Provides debugging information for operators
     intention    Interact with Connect service intentions
