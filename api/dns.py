@@ -73,6 +73,7 @@ import ipaddress
 import logging
 import queue
 import random
+import re
 import socket
 import struct
 import threading
@@ -460,14 +461,19 @@ def _labels(qname: DNSLabel, zone: _Zone) -> list[str] | None:
     return [x.decode("utf-8", "replace") for x in raw]
 
 
+#: Control characters: legal in a DNS label on the wire, in no name Trellis holds.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _resolve(store: Store, zone: _Zone, q: DNSQuestion, authz: Authorizer | None) -> _Result:
     qname, qtype = q.qname, q.qtype
     labels = _labels(qname, zone)
     if labels is None:
         return _Result(RCODE.REFUSED, authoritative=False)
-    if any("." in x or "\ufffd" in x for x in labels):
+    if any("." in x or "\ufffd" in x or _CONTROL.search(x) for x in labels):
         # A label with a dot in it (legal on the wire) would alias a dotted name, and one
-        # that is not UTF-8 matches nothing we hold: the name does not exist.
+        # that is not UTF-8, or holds a control character (a NUL, which no store can even
+        # look up), matches nothing we hold: the name does not exist.
         return zone.nxdomain()
     if not labels:
         return _apex(zone, qname, qtype)

@@ -139,6 +139,23 @@ def test_names_over_the_length_limits_are_formerr_without_a_traceback(db, settin
     assert len([r for r in caplog.records if r.levelno >= logging.INFO]) <= 2
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [[b"we\x00b", b"service", b"trellis"], [b"v1", b"w\x01b", b"service", b"trellis"],
+     [b"n\x7f1", b"node", b"trellis"], [b"we\x00b", b"connect", b"trellis"]],
+    ids=["nul in a service", "control in a tagged service", "del in a node", "nul in connect"],
+)  # fmt: skip
+def test_control_characters_in_a_name_are_nxdomain_without_a_traceback(
+    db, settings, labels, caplog
+):
+    # Legal on the wire, in no name the catalog holds: a NUL reached the store, which cannot
+    # even look it up, and came back as SERVFAIL with a traceback.
+    caplog.set_level(logging.DEBUG, logger="trellis.dns")
+    reply = answer(db, settings, raw_query(labels))
+    assert reply[:2] == b"\x12\x34" and reply[3] & 0x0F == RCODE.NXDOMAIN
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
 def test_a_server_answers_formerr_to_over_long_names(serve, web):
     running = serve()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
