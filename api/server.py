@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 import shutil
 import socket
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 from trellis.api import __version__
 from trellis.api.errors import ConfigError, StoreUnavailable
 from trellis.api.settings import Settings, build, from_env, load_file
+from trellis.proxy.rlimits import raise_open_files
 
 log = logging.getLogger("trellis.server")
 
@@ -118,21 +118,17 @@ def raise_open_files_limit(settings: Settings) -> None:
     (EMFILE), and new connections wait in the backlog whatever the per-client cap. Workers
     inherit the limit from the master.
     """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # Client connections, DNS over TCP, store connections, log files and the like.
     need = settings.worker_connections + 1024
-    if soft != resource.RLIM_INFINITY and soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
-        if target > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < need:
-            log.warning(
-                "the open files limit (%d) is below what %d connections per worker need (%d):"
-                " raise it (ulimit -n) or lower server.worker_connections",
-                target,
-                settings.worker_connections,
-                need,
-            )
+    got = raise_open_files(need)
+    if got < need:
+        log.warning(
+            "the open files limit (%d) is below what %d connections per worker need (%d):"
+            " raise it (ulimit -n) or lower server.worker_connections",
+            got,
+            settings.worker_connections,
+            need,
+        )
 
 
 def serve(settings: Settings) -> int:

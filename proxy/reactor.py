@@ -394,17 +394,43 @@ class End:
 
 
 class Connection:
-    """What the owner's connection table and the sweep need from a connection."""
+    """What the owner's connection table and the sweep need from a connection: its deadline
+    (handshake, connect) or idle time checked by the sweep, and one close that unregisters and
+    closes both of its ends, then reports once."""
 
     id: int
     direction: str
     closed: bool
+    reactor: Reactor
+    deadline: float
+    pipe: Pipe | None
+    timeouts: Timeouts
+    on_end: Callable[[Connection, str], None]
 
-    def close(self, reason: str) -> None:
+    def ends(self) -> tuple[End | None, ...]:
+        raise NotImplementedError
+
+    def timed_out(self) -> str:
+        """Why the deadline ended the connection (for the log)."""
         raise NotImplementedError
 
     def check_time(self, now: float) -> None:
-        raise NotImplementedError
+        if self.deadline and now > self.deadline:
+            self.close(self.timed_out())
+        elif self.pipe is not None and now - self.pipe.last > self.timeouts.idle:
+            self.close("idle timeout")
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        r = self.reactor
+        r.connections.pop(self.id, None)
+        for end in self.ends():
+            if end is not None:
+                r.remove(end.sock)
+                end.close()
+        self.on_end(self, reason)
 
 
 @dataclass(frozen=True)
@@ -696,23 +722,11 @@ class Inbound(Connection):
         c.fail(c.upstream_connect_failures, "local_app")
         self.close(f"cannot reach the local app: {e.strerror or e}")
 
-    def check_time(self, now: float) -> None:
-        if self.deadline and now > self.deadline:
-            self.close(f"{self.state} timed out")
-        elif self.pipe is not None and now - self.pipe.last > self.timeouts.idle:
-            self.close("idle timeout")
+    def ends(self) -> tuple[End | None, ...]:
+        return (self.down, self.app)
 
-    def close(self, reason: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        r = self.reactor
-        r.connections.pop(self.id, None)
-        for end in (self.down, self.app):
-            if end is not None:
-                r.remove(end.sock)
-                end.close()
-        self.on_end(self, reason)
+    def timed_out(self) -> str:
+        return f"{self.state} timed out"
 
 
 class Outbound(Connection):
@@ -861,23 +875,11 @@ class Outbound(Connection):
         self.pipe = Pipe(self.reactor, self.local, remote, "outbound", self.close)
         self.pipe.start()
 
-    def check_time(self, now: float) -> None:
-        if self.deadline and now > self.deadline:
-            self.close("timed out reaching the upstream: " + "; ".join(self.tried or ["no answer"]))
-        elif self.pipe is not None and now - self.pipe.last > self.timeouts.idle:
-            self.close("idle timeout")
+    def ends(self) -> tuple[End | None, ...]:
+        return (self.local, self.remote)
 
-    def close(self, reason: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        r = self.reactor
-        r.connections.pop(self.id, None)
-        for end in (self.local, self.remote):
-            if end is not None:
-                r.remove(end.sock)
-                end.close()
-        self.on_end(self, reason)
+    def timed_out(self) -> str:
+        return "timed out reaching the upstream: " + "; ".join(self.tried or ["no answer"])
 
 
 def _short(e: BaseException) -> str:

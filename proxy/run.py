@@ -23,6 +23,7 @@ from trellis.proxy import config as pconfig
 from trellis.proxy import metrics as pmetrics
 from trellis.proxy.follower import Follower, FollowerError
 from trellis.proxy.reactor import Reactor
+from trellis.proxy.rlimits import raise_open_files
 from trellis.proxy.sidecar import Limits, Sidecar, StartError
 
 log = logging.getLogger("trellis.proxy")
@@ -146,30 +147,23 @@ def registration(cfg: pconfig.ProxyConfig) -> dict[str, Any]:
     }
 
 
-def raise_open_files_limit(want: int) -> None:
-    """Each relayed connection holds two descriptors: raise the soft limit towards what
-    ``want`` connections need, up to the hard limit (as Go programs do at start)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * want + 256
-    if soft != resource.RLIM_INFINITY and soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
-        if target > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < need:
-            log.warning(
-                "the open files limit (%d) is below what %d connections need (%d):"
-                " raise it (ulimit -n) or lower -max-connections",
-                target,
-                want,
-                need,
-            )
+def _raise_open_files_limit(connections: int) -> None:
+    """Each relayed connection holds two descriptors."""
+    need = 2 * connections + 256
+    got = raise_open_files(need)
+    if got < need:
+        log.warning(
+            "the open files limit (%d) is below what %d connections need (%d):"
+            " raise it (ulimit -n) or lower -max-connections",
+            got,
+            connections,
+            need,
+        )
 
 
 def main(opts: Options, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> int:
     configure_logging(opts.log_level, opts.log_json, err)
-    raise_open_files_limit(opts.limits.max_connections)
+    _raise_open_files_limit(opts.limits.max_connections)
     try:
         client = api.Client(opts.http_addr, token=opts.token, verify=opts.ca_file or True)
     except api.ConnectionFailed as e:
