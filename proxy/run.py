@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import signal
 import sys
 import time
@@ -59,17 +60,46 @@ class _JSONFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class _HeldUntilBanner(logging.handlers.MemoryHandler):
+    """Holds log lines until the banner is out (``open_gate``), so that they follow it, as
+    "Log data will now stream in" promises, instead of cutting through it. Warnings and
+    errors go out at once: a proxy that cannot get to its banner (no control plane, a bad
+    token) must say why while it waits."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__(capacity=10_000, flushLevel=logging.WARNING, target=target)
+        self.released = False
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        return self.released or super().shouldFlush(record)
+
+    def open_gate(self) -> None:
+        # Not "release": logging.Handler.release() is its lock's, and flush() calls it.
+        self.released = True
+        self.flush()
+
+
+_held: _HeldUntilBanner | None = None
+
+
 def configure_logging(level: str, as_json: bool, stream: IO[str]) -> None:
+    global _held
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         _JSONFormatter()
         if as_json
         else logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s")
     )
+    _held = _HeldUntilBanner(handler)
     root = logging.getLogger("trellis")
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_held]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     root.propagate = False
+
+
+def _release_log() -> None:
+    if _held is not None:
+        _held.open_gate()
 
 
 def sidecar_locator(service_id: str) -> Callable[[dict[str, Any]], pconfig.ProxyConfig]:
@@ -214,6 +244,7 @@ def _banner(out: IO[str], lines: Sequence[tuple[str, str]], metrics: str | None)
         out.write(f"    {'Metrics':>{width}}: http://{metrics}/metrics\n")
     out.write("\n==> Log data will now stream in as it occurs:\n\n")
     out.flush()
+    _release_log()
 
 
 async def _serve(

@@ -51,7 +51,7 @@ SWEEP = 0.25
 class Limits:
     handshake_timeout: float = 10.0
     idle_timeout: float = 3600.0
-    max_connections: int = 10000
+    max_connections: int = 8192
     drain: float = 10.0
 
 

@@ -108,9 +108,9 @@ def _flags(p: FlagParser) -> None:
     p.flag(
         "max-connections",
         type=_positive,
-        default=10000,
+        default=8192,
         metavar="n",
-        help="Refuse new connections while this many are open (default 10000).",
+        help="Refuse new connections while this many are open (default 8192).",
     )
     p.flag(
         "drain-timeout",
