@@ -34,6 +34,7 @@ that cannot be served.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import time
@@ -59,6 +60,13 @@ BACKOFF_MIN = 0.2
 BACKOFF_MAX = 15.0
 #: Header the server sets on /v1/connect/intentions/match: what it decides with no match.
 DEFAULT_HEADER = "x-trellis-intention-default"
+
+#: Per task: its last query failed, so its next one reads now instead of blocking on an index
+#: (a restarted or restored server may have a lower index: blocking on the old one would wait
+#: a whole ``WAIT`` before the follower saw what changed while it was away).
+_after_failure: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "trellis_follower_after_failure", default=False
+)
 
 
 class FollowerError(Exception):
@@ -170,6 +178,7 @@ class Follower:
         on_snapshot: Callable[[Snapshot], None] = lambda s: None,
         rng: random.Random | None = None,
         wait: float = WAIT,
+        backoff: tuple[float, float] = (BACKOFF_MIN, BACKOFF_MAX),
     ) -> None:
         if (config is None) == (locate is None):
             raise ValueError("give either a fixed config or a locate function")
@@ -180,6 +189,7 @@ class Follower:
         self._service = service or (config.service if config else None)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._wait = wait
+        self._backoff = backoff
         self._key = px.generate_key("ec", 256)
         self._key_pem = px.key_pem(self._key)
         self._tls: TLSMaterial | None = None
@@ -187,6 +197,9 @@ class Follower:
         self._version = 0
         self.snapshot: Snapshot | None = None
         self.connected = True
+        # Set (and replaced) when the control plane answers again after a loss: every task
+        # waiting out its backoff retries at once, so the proxy catches up in one round.
+        self._back = trio.Event()
         self._leaf_due = trio.Event()
         self._config_changed = trio.Event()
         self.datacenter = ""
@@ -196,6 +209,10 @@ class Follower:
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """One client call in a worker thread, with the connection state bookkeeping."""
+        if _after_failure.get():
+            for blocking in ("index", "hash"):
+                if blocking in kw:
+                    kw[blocking] = None
         try:
             result = await trio.to_thread.run_sync(lambda: fn(*args, **kw), abandon_on_cancel=True)
         except api.APIError as e:
@@ -209,6 +226,8 @@ class Follower:
         if not self.connected:
             self.connected = True
             log.warning("control plane reachable again at %s", self.client.address)
+            self._back.set()
+            self._back = trio.Event()
         return result
 
     def _lost(self, why: str) -> None:
@@ -222,13 +241,15 @@ class Follower:
     async def _retrying(self, name: str, step: Callable[[], Any], *, once: bool = False) -> None:
         """Run ``step`` forever (or until it succeeds ``once``); on a transient failure wait
         (capped, jittered backoff) and try again."""
-        delay = BACKOFF_MIN
+        low, high = self._backoff
+        delay = low
         while True:
             try:
                 await step()
+                _after_failure.set(False)
                 if once:
                     return
-                delay = BACKOFF_MIN
+                delay = low
             except FollowerError:
                 raise
             except (api.APIError, ValueError, KeyError, TypeError) as e:
@@ -238,8 +259,10 @@ class Follower:
                     log.warning("%s: %s", name, e)
                 else:
                     log.debug("%s: %s", name, e)
-                await trio.sleep(delay * (0.5 + self._rng.random()))
-                delay = min(delay * 2, BACKOFF_MAX)
+                _after_failure.set(True)
+                with trio.move_on_after(delay * (0.5 + self._rng.random())):
+                    await self._back.wait()
+                delay = min(delay * 2, high)
 
     # -- the tasks -------------------------------------------------------------------------
 

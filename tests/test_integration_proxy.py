@@ -311,7 +311,8 @@ def test_the_data_plane_outlives_the_control_plane(tmp_path, procs, apps):
         apps.append(app)
         up = free_port()
         register(server.url, sidecar_service("db", app.port, free_port()))
-        procs.append(ProxyProcess(["-sidecar-for", "db", "-http-addr", server.url]).start())
+        sidecar = ProxyProcess(["-sidecar-for", "db", "-http-addr", server.url]).start()
+        procs.append(sidecar)
         client = ProxyProcess(["-service", "web", "-upstream", f"db:{up}", "-http-addr",
                                server.url]).start()  # fmt: skip
         procs.append(client)
@@ -328,7 +329,9 @@ def test_the_data_plane_outlives_the_control_plane(tmp_path, procs, apps):
                 time.sleep(0.5)
             assert len(results) > served_before  # kept serving all along
             server = TrellisProcess(args).start()
+            # Each proxy retries on its own capped, jittered backoff (at most 22.5 s apart).
             client.wait_for_line("control plane reachable again", timeout=60)
+            sidecar.wait_for_line("control plane reachable again", timeout=60)
         finally:
             stop.set()
             t.join(30)
