@@ -357,11 +357,15 @@ class End:
                 try:
                     n = tls.read(BUFFER, reactor.buffer)
                 except ssl.SSLWantReadError:
-                    n = 0  # a partial record: more ciphertext is needed
-                except ssl.SSLZeroReturnError:  # the peer's close_notify
+                    n = -1  # a partial record (OpenSSL keeps it): more ciphertext is needed
+                except ssl.SSLZeroReturnError:
+                    n = 0
+                if n == 0:
+                    # The peer's close_notify: Python reads it as 0 bytes (or raises, once
+                    # ours was sent). A peer may send it without a FIN (a half-close).
                     self.eof_read = True
                     return reactor.view[:0]
-                if n:
+                if n > 0:
                     self.dry = self.drained and not inc.pending and not tls.pending()
                     return reactor.view[:n]
             if inc.eof:

@@ -7,15 +7,19 @@ threads, so each case controls exactly what arrives when.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import socket
 import ssl
+import struct
+import termios
 import threading
 import time
 
 import trio
 
 from tests.mesh_support import MeshCA, snapshot
+from tests.support import wait_until
 from trellis.proxy import reactor as rx
 from trellis.proxy.snapshot import PeerVerdict
 
@@ -283,5 +287,154 @@ def test_a_peer_verdict_without_identity_is_refused_before_any_app_connection():
             time.sleep(0.01)
         assert ended == ["no"]
         assert routes and routes[0].identity is not None and routes[0].identity.service == "web"
+
+    _run_with_reactor(body)
+
+
+class _TLSClient:
+    """A mesh client over a raw socket, driving its TLS by hand (memory BIOs), so a test
+    decides exactly which ciphertext reaches the sidecar in which ``send``."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.inc, self.out, server_side=False)
+        sock.settimeout(5)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.out.read())
+                self.inc.write(self.sock.recv(65536))
+        self.sock.sendall(self.out.read())
+
+    def records(self, data: bytes) -> bytes:
+        """The ciphertext of ``data``, not sent."""
+        self.tls.write(data)
+        return self.out.read()
+
+    def close_notify(self) -> bytes:
+        """The ciphertext of a close_notify alert, not sent."""
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        return self.out.read()
+
+
+def _inbound_to_app(r, server_snap, client_snap):
+    """An inbound connection through the reactor to a plain app socket: (client, app, conn)."""
+    app_listener = socket.socket()
+    app_listener.bind(("127.0.0.1", 0))
+    app_listener.listen(1)
+    c_out, c_in = _pair()
+    held: list = []
+
+    def start():
+        held.append(
+            rx.Inbound(
+                r,
+                c_in,
+                server_snap.tls.server,
+                server_snap.tls.peers,
+                lambda conn, v: rx.Route(True, "", app_listener.getsockname()),
+                rx.Timeouts(),
+                lambda conn, reason: None,
+            )
+        )
+
+    trio.from_thread.run_sync(start)
+    client = _TLSClient(c_out, client_snap.tls.client)
+    app_listener.settimeout(5)
+    app, _ = app_listener.accept()
+    app_listener.close()
+    app.settimeout(5)
+    return client, app, held[0]
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in the kernel for ``sock`` (FIONREAD; reads nothing)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, f"end of stream after {len(got)} of {n} bytes"
+        got += chunk
+    return got
+
+
+def test_tls_records_split_across_reads_and_many_records_per_read_arrive_whole():
+    # The relay's one-read path takes one record per event; a record cut in two (the rest
+    # in a later edge) and a read holding many records must both reach the app whole.
+    ca = MeshCA()
+    server_snap, client_snap = snapshot(ca, "db", default_allow=True), snapshot(ca, "web")
+
+    def body(r):
+        client, app, conn = _inbound_to_app(r, server_snap, client_snap)
+        try:
+            for size in (1, 100, 5000):
+                data = bytes(range(256)) * (size // 256 + 1)
+                wire = client.records(data[:size])
+                client.sock.sendall(wire[:7])  # not even a whole record header
+                wait_until(lambda: _unread(conn.down.sock) == 0)  # the reactor took them
+                client.sock.sendall(wire[7:])
+                assert _recv_exactly(app, size) == data[:size]
+            big = hashlib.sha256(b"seed").digest() * (300_000 // 32)  # ~19 records
+            client.sock.sendall(client.records(big))
+            assert _recv_exactly(app, len(big)) == big
+            app.sendall(b"still there")
+            client.inc.write(client.sock.recv(65536))
+            assert client.tls.read(100) == b"still there"
+        finally:
+            client.sock.close()
+            app.close()
+
+    _run_with_reactor(body)
+
+
+def test_data_and_close_notify_in_one_read_deliver_the_data_then_the_end():
+    ca = MeshCA()
+    server_snap, client_snap = snapshot(ca, "db", default_allow=True), snapshot(ca, "web")
+
+    def body(r):
+        client, app, _ = _inbound_to_app(r, server_snap, client_snap)
+        try:
+            client.sock.sendall(client.records(b"last words") + client.close_notify())
+            assert _recv_exactly(app, 10) == b"last words"
+            assert app.recv(10) == b""  # the end of stream, though no FIN came
+        finally:
+            client.sock.close()
+            app.close()
+
+    _run_with_reactor(body)
+
+
+def test_a_close_notify_alone_ends_the_apps_stream_and_the_answer_still_flows():
+    ca = MeshCA()
+    server_snap, client_snap = snapshot(ca, "db", default_allow=True), snapshot(ca, "web")
+
+    def body(r):
+        client, app, _ = _inbound_to_app(r, server_snap, client_snap)
+        try:
+            client.sock.sendall(client.records(b"question"))
+            assert _recv_exactly(app, 8) == b"question"
+            client.sock.sendall(client.close_notify())  # its own edge, no FIN
+            assert app.recv(10) == b""
+            app.sendall(b"answer")  # a half-closed connection still carries the answer
+            answer = b""
+            while len(answer) < 6:
+                client.inc.write(client.sock.recv(65536))
+                try:
+                    answer += client.tls.read(100)
+                except ssl.SSLWantReadError:
+                    pass
+            assert answer == b"answer"
+        finally:
+            client.sock.close()
+            app.close()
 
     _run_with_reactor(body)
