@@ -24,7 +24,9 @@ A relayed connection (``Pipe``) joins two ``End`` objects: a plain socket (the l
 local client) and a TLS socket (the mesh side). Reads decrypt into one buffer shared by the
 whole reactor, and a write consumes what it was given before the next read (copying only the
 part the kernel did not take), so the steady state allocates nothing but the ciphertext that
-``MemoryBIO.read`` returns.
+``MemoryBIO.read`` returns. Once relaying, the pipe itself is each socket's handler, and the
+steady state's edge (readable, writable, not shut, nothing owed either way) takes a straight
+path, ``Pipe._relay_once``: one read, one write; anything else goes through ``pump``.
 
 The reactor knows nothing of intentions or certificates. What to do when a handshake
 completes (``admit``), where to connect, and what a connection is allowed to do are decided
@@ -63,10 +65,15 @@ EPOLLHUP = select.EPOLLHUP
 _READ_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP
 _WATCH = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 _SHUT = EPOLLRDHUP | EPOLLHUP | EPOLLERR
+#: The steady state's edge: bytes arrived on a socket that is writable and not shut.
+_READABLE = EPOLLIN | EPOLLOUT
 
 #: One read's worth: a TLS record holds at most 16 KiB of plaintext; 64 KiB lets a bulk
-#: transfer move four records per system call.
+#: transfer move four records per system call. A TLS read asks for the whole buffer, so it
+#: always takes a whole record and OpenSSL keeps no decrypted bytes between reads
+#: (``SSLObject.pending()`` is 0): only ciphertext left in the incoming BIO means "more".
 BUFFER = 65536
+assert BUFFER >= 16384
 #: Events taken from epoll per call.
 MAX_EVENTS = 1024
 
@@ -116,6 +123,10 @@ class Reactor:
         fd = sock.fileno()
         self._handlers[fd] = handler
         self._ep.register(fd, events)
+
+    def rebind(self, fd: int, handler: Handler) -> None:
+        """Hand a registered descriptor's events to another handler (no system call)."""
+        self._handlers[fd] = handler
 
     def remove(self, sock: socket.socket) -> None:
         fd = sock.fileno()
@@ -353,7 +364,7 @@ class End:
         inc = self.inc
         assert inc is not None
         while True:
-            if inc.pending or tls.pending():
+            if inc.pending:
                 try:
                     n = tls.read(BUFFER, reactor.buffer)
                 except ssl.SSLWantReadError:
@@ -366,7 +377,7 @@ class End:
                     self.eof_read = True
                     return reactor.view[:0]
                 if n > 0:
-                    self.dry = self.drained and not inc.pending and not tls.pending()
+                    self.dry = self.drained and not inc.pending
                     return reactor.view[:n]
             if inc.eof:
                 self.eof_read = True
@@ -476,6 +487,13 @@ class Pipe:
     def on_event(self, fd: int, events: int) -> None:
         a, b = self.a, self.b
         src, dst = (a, b) if fd == a.fd else (b, a)
+        if events == _READABLE and not (src.pending or dst.pending or src.eof_read or src.final):
+            try:
+                if self._relay_once(src, dst):
+                    return
+            except (OSError, ssl.SSLError) as e:
+                self.on_close(_reason(e))
+                return
         if events & _SHUT:
             src.final = True
         try:
@@ -490,6 +508,71 @@ class Pipe:
             return
         if a.eof_read and b.eof_read and not a.pending and not b.pending:
             self.on_close("closed")
+
+    def _relay_once(self, src: End, dst: End) -> bool:
+        """The steady state in one straight line: one read, one write, no end of stream.
+
+        A request or a response is one edge, one read that empties the socket and one write
+        that the kernel takes whole. ``pump`` does the same through ``End.read`` and
+        ``End.write`` with every case handled, and more Python per event (measured through
+        one pipe: 7.4 -> 6.8 us of CPU per 1 KiB request and response, of which about 5.4
+        are the system calls and OpenSSL). Returns True when the event is
+        fully handled; False hands it on to ``pump``, with whatever was read here already
+        written: nothing is read twice or lost. OSError, ssl.SSLError: the connection is
+        broken.
+        """
+        reactor = self.reactor
+        tls = src.tls
+        if tls is None:
+            try:
+                n = src.sock.recv_into(reactor.buffer)
+            except BlockingIOError:
+                return True
+            if not n:
+                return False  # end of stream: pump reads it again (a FIN reads as 0 again)
+            more = n == BUFFER  # the socket may hold more: pump reads on
+        else:
+            inc = src.inc
+            assert inc is not None
+            if inc.pending:
+                return False  # ciphertext left by an event whose destination was full
+            try:
+                got = src.sock.recv_into(reactor.raw)
+            except BlockingIOError:
+                return True
+            if not got:
+                return False  # end of stream: pump reads it again
+            inc.write(reactor.raw_view[:got])
+            try:
+                n = tls.read(BUFFER, reactor.buffer)
+            except ssl.SSLWantReadError:
+                # Only part of a record (OpenSSL keeps it): the rest comes with the next
+                # edge, unless this read filled the buffer (then pump reads on); or only a
+                # post-handshake message came, which may want an answer.
+                out = src.out
+                if out is not None and out.pending:
+                    src.flush_tls()
+                return got < BUFFER
+            except ssl.SSLZeroReturnError:
+                n = 0
+            if not n:
+                src.eof_read = True  # the peer's close_notify (see End.read)
+                dst.shutdown_write()
+                return False  # pump's end-of-stream path (the close check)
+            more = got == BUFFER or inc.pending > 0
+            out = src.out
+            if out is not None and out.pending:
+                src.flush_tls()  # a post-handshake message (a key update's answer)
+        if dst.tls is None:
+            sent = dst._send(reactor.view[:n])
+        else:
+            sent = dst.write(reactor.view[:n])
+        self.last = time.monotonic()
+        if dst is self.b:
+            reactor.counters.bytes_in[self.direction] += sent
+        else:
+            reactor.counters.bytes_out[self.direction] += sent
+        return not more or bool(dst.pending)
 
     def _count_out(self, end: End, n: int) -> None:
         c = self.reactor.counters
@@ -719,6 +802,8 @@ class Inbound(Connection):
         self.state = "relay"
         self.deadline = 0.0
         self.pipe = Pipe(self.reactor, self.down, self.app, "inbound", self.close)
+        self.reactor.rebind(self.down.fd, self.pipe)
+        self.reactor.rebind(self.app.fd, self.pipe)
         self.pipe.start()
 
     def _app_failed(self, e: OSError) -> None:
@@ -877,6 +962,8 @@ class Outbound(Connection):
         self.deadline = 0.0
         log.debug("conn %d: upstream %s:%d reached", self.id, *self.current)
         self.pipe = Pipe(self.reactor, self.local, remote, "outbound", self.close)
+        self.reactor.rebind(self.local.fd, self.pipe)
+        self.reactor.rebind(remote.fd, self.pipe)
         self.pipe.start()
 
     def ends(self) -> tuple[End | None, ...]:
