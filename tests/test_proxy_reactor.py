@@ -409,6 +409,16 @@ def test_data_and_close_notify_in_one_read_deliver_the_data_then_the_end():
         finally:
             client.sock.close()
             app.close()
+        # The same with several records before the alert (decrypted together, one write).
+        client, app, _ = _inbound_to_app(r, server_snap, client_snap)
+        try:
+            data = bytes(range(256)) * 160  # 40 KiB: three records
+            client.sock.sendall(client.records(data) + client.close_notify())
+            assert _recv_exactly(app, len(data)) == data
+            assert app.recv(10) == b""
+        finally:
+            client.sock.close()
+            app.close()
 
     _run_with_reactor(body)
 
