@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 
@@ -33,6 +34,7 @@ import pytest
 from tests import vault_fixtures
 from tests.proxy_support import EchoApp, ProxyProcess, exchange, free_port
 from tests.support import TrellisProcess, server_args, wait_until
+from trellis.proxy import x509 as px
 
 openbao = vault_fixtures.openbao
 vault_paths = vault_fixtures.vault_paths
@@ -95,6 +97,21 @@ def sidecar_service(name: str, app_port: int, upstreams=()) -> dict:
 def leaves(p: ProxyProcess) -> list[tuple[str, str]]:
     """(serial, root ID) of every leaf the proxy got, in order."""
     return [(m.group(1), m.group(3)) for line in list(p.lines) if (m := LEAF_LINE.search(line))]
+
+
+def served_serial(port: int) -> str:
+    """The serial of the leaf a public listener presents to a new connection. A TLS 1.3
+    client's handshake is over once it has sent its Finished, before the proxy finds that it
+    sent no certificate and closes; the certificate is read, nothing else is asked."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # only looking: the proxies check each other for real
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw) as t:
+            der = t.getpeercert(binary_form=True)
+    assert der is not None
+    return px.serial_hex(px.load_certs(ssl.DER_cert_to_PEM_cert(der))[0].serial_number)
 
 
 def active_root(url: str) -> str:
@@ -186,10 +203,14 @@ class Traffic:
 
 
 def moved_to(sidecars: list[ProxyProcess], root: str, timeout: float = 20.0) -> None:
-    """Wait until every sidecar's newest leaf is signed under ``root``."""
+    """Wait until every sidecar's newest leaf is signed under ``root`` and the server side's
+    public listener (never restarted) presents it to new connections."""
+    public = sidecars[0].listening["public"][1]
 
     def on_root() -> bool:
-        return all((got := leaves(p)) and got[-1][1] == root for p in sidecars)
+        if not all((got := leaves(p)) and got[-1][1] == root for p in sidecars):
+            return False
+        return served_serial(public) == leaves(sidecars[0])[-1][0]
 
     try:
         wait_until(on_root, timeout=timeout, interval=0.05)
@@ -223,6 +244,8 @@ def test_renewal_rotation_and_a_switch_to_vault_and_back_fail_no_request(
     first_root = active_root(server.url)
     first = {p.args[-3]: leaves(p) for p in sidecars}
     assert all(len(v) == 1 and v[0][1] == first_root for v in first.values()), first
+    db_public = sidecars[0].listening["public"][1]
+    assert served_serial(db_public) == first["db"][0][0]
 
     with Traffic(up) as traffic:
         traffic.flowing()
@@ -235,6 +258,7 @@ def test_renewal_rotation_and_a_switch_to_vault_and_back_fail_no_request(
         for p in sidecars:
             (s1, r1), (s2, r2) = leaves(p)[:2]
             assert s1 != s2 and r1 == r2 == first_root, leaves(p)
+        wait_until(lambda: served_serial(db_public) == leaves(sidecars[0])[-1][0])
         traffic.flowing()
 
         # 2. Root rotation: a new key type means a new root, cross-signed by the old one.
