@@ -358,6 +358,16 @@ class Follower:
             issued.get("RootID") or "unknown",
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(leaf.not_after)),
         )
+        root_id = issued.get("RootID")
+        if root_id and roots.active_id and root_id != roots.active_id:
+            # Signed under a root that is no longer the active one we know: the server
+            # process that signed had not heard of the rotation yet (its signing path reads
+            # cached CA state, a few milliseconds behind another process's write). Ask again
+            # as after a root change, or the leaf would stay on the old root until its plan.
+            life = leaf.not_after - self._leaf_start
+            self._renew_at = min(
+                self._renew_at, renewal.after_root_change(time.time(), self._rng, life)
+            )
         self._publish()
 
     async def _datacenter(self) -> None:

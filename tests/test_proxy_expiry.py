@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import socket
 import time
 from typing import Any
@@ -23,6 +24,8 @@ from trellis.proxy.sidecar import Sidecar
 
 from .mesh_support import MeshCA
 from .test_proxy_follower import ControlPlane
+
+ROOT_IN_LOG = re.compile(r"leaf certificate \S+ for \S+ \(root (\S+)\)")
 
 
 class ShortLeaves(ControlPlane):
@@ -157,3 +160,35 @@ def test_past_its_leaf_expiry_with_no_control_plane_the_proxy_refuses_new_connec
         "this proxy's certificate has expired and cannot be renewed (the control plane is"
         " unreachable): refusing new connections"
     ]
+
+
+class LateToTheRotation(ShortLeaves):
+    """A server process that signs the first CSR after a rotation with the root it had
+    before (it hears of another process's rotation a few milliseconds late: the CA's
+    signing path reads its cached state), then with the active one."""
+
+    def ca_sign(self, csr_pem: str) -> dict[str, Any]:
+        issued = super().ca_sign(csr_pem)
+        return {**issued, "RootID": "root-old" if len(self.signed) == 1 else "root-0"}
+
+
+def test_a_leaf_signed_under_a_root_that_is_no_longer_active_is_signed_again_soon(caplog):
+    # Before the fix the follower kept it until its planned renewal (36-54 min into a 1h
+    # leaf, 43-65 h into a 72h one), while its roots said another root was active.
+    caplog.set_level(logging.INFO, logger="trellis.proxy")
+    cp = LateToTheRotation(MeshCA(), ttl=3600)
+
+    async def main() -> None:
+        f = Follower(cp, config=ProxyConfig(service="web"), wait=5, rng=Earliest())  # type: ignore[arg-type]
+        async with trio.open_nursery() as n:
+            await n.start(f.run)
+            with trio.fail_after(5):
+                while len(cp.signed) < 2:
+                    await trio.sleep(0.01)
+                while f.snapshot is None or f.snapshot.leaf is None:
+                    await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    roots = [m.group(1) for r in caplog.records if (m := ROOT_IN_LOG.search(r.getMessage()))]
+    assert roots == ["root-old", "root-0"]
