@@ -48,8 +48,9 @@ LEAF_LINE = re.compile(r"leaf certificate (\S+) for (\S+) \(root (\S+)\)")
 
 @pytest.fixture
 def server(tmp_path):
-    """A real ``trellis server`` (one worker, so each read sees the last write) whose CA signs
-    30 s leaves."""
+    """A real ``trellis server`` whose CA signs 30 s leaves, with two workers (the default):
+    each caches the CA's state for signing and hears of the other's rotation a few
+    milliseconds late, as replicas do."""
     cfg = tmp_path / "server.json"
     cfg.write_text(
         json.dumps(
@@ -57,7 +58,7 @@ def server(tmp_path):
         )
     )
     p = TrellisProcess(
-        [*server_args(tmp_path / "data", workers=1, node="rotation"), "-config", str(cfg)]
+        [*server_args(tmp_path / "data", workers=2, node="rotation"), "-config", str(cfg)]
     ).start()
     yield p
     p.stop()
