@@ -14,7 +14,7 @@ runs one trio task per thing it follows, each a loop of blocking queries over th
 * ``roots``: ``/v1/connect/ca/roots``;
 * ``leaf``: signs a CSR through ``/v1/connect/ca/sign`` when there is no leaf, at the renewal
   point the pure policy chose (``trellis.proxy.renewal``), and within 30 s after the active
-  root changed;
+  root changed (or after a leaf came back signed under a root that is no longer active);
 * ``intentions``: ``/v1/connect/intentions/match?by=destination`` for its service, and the
   default decision the server applies when no intention matches;
 * ``config`` (sidecars only): the proxy's registration, via ``/v1/agent/services``, so that an
