@@ -96,6 +96,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         sealer=sealer,
         bootstrap=(settings.ca_provider, settings.ca_config),
         members=members.share,
+        min_leaf_ttl=settings.ca_min_leaf_ttl,
     )
     svc = AppServices(
         settings=settings,

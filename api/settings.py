@@ -106,6 +106,9 @@ class Settings:
     #: through the API, as in Consul). PascalCase keys, as the API takes them.
     ca_provider: str = "builtin"
     ca_config: Mapping[str, Any] = field(default_factory=dict)
+    #: The shortest LeafCertTTL the CA accepts, in seconds: Consul's 1h by default. Lower it
+    #: (to 1s at the least) only to watch renewal happen, in a test or a demo.
+    ca_min_leaf_ttl: float = 3600.0
     #: Base64 of 32 bytes: seals CA private keys and the Vault token in the store.
     ca_seal_key: str = ""
 
@@ -203,6 +206,7 @@ _NESTED = {
     ("acl", "enable_key_list_policy"): "acl_enable_key_list_policy",
     ("connect", "ca_provider"): "ca_provider",
     ("connect", "ca_config"): "ca_config",
+    ("connect", "min_leaf_cert_ttl"): "ca_min_leaf_ttl",
     ("connect", "ca_seal_key"): "ca_seal_key",
 }
 
@@ -322,6 +326,9 @@ def validate(s: Settings) -> Settings:
     if not isinstance(s.ca_config, Mapping):
         raise ConfigError("connect.ca_config must be an object")
     c["ca_config"] = {CA_CONFIG_KEYS.get(k, k): v for k, v in s.ca_config.items()}
+    c["ca_min_leaf_ttl"] = _duration("connect.min_leaf_cert_ttl", s.ca_min_leaf_ttl)
+    if not 1 <= c["ca_min_leaf_ttl"] <= 3600:
+        raise ConfigError("connect.min_leaf_cert_ttl: must be between 1s and 1h")
     if s.acl_default_policy not in ("allow", "deny"):
         raise ConfigError("acl.default_policy must be allow or deny")
     for name, v in (

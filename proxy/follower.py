@@ -14,7 +14,7 @@ runs one trio task per thing it follows, each a loop of blocking queries over th
 * ``roots``: ``/v1/connect/ca/roots``;
 * ``leaf``: signs a CSR through ``/v1/connect/ca/sign`` when there is no leaf, at the renewal
   point the pure policy chose (``trellis.proxy.renewal``), and within 30 s after the active
-  root changed;
+  root changed (or after a leaf came back signed under a root that is no longer active);
 * ``intentions``: ``/v1/connect/intentions/match?by=destination`` for its service, and the
   default decision the server applies when no intention matches;
 * ``config`` (sidecars only): the proxy's registration, via ``/v1/agent/services``, so that an
@@ -317,11 +317,16 @@ class Follower:
         if old is not None and old.active_id != roots.active_id:
             # A new active root: re-sign soon (jittered within 30 s, renewal policy), so
             # that leaves move to the new root before the old one is pruned.
-            self._renew_at = min(self._renew_at, renewal.after_root_change(time.time()))
+            leaf = self._state.leaf
+            life = None if leaf is None else leaf.not_after - self._leaf_start
+            self._renew_at = min(
+                self._renew_at, renewal.after_root_change(time.time(), self._rng, life)
+            )
             self._leaf_due.set()
         self._publish()
 
     _renew_at: float = 0.0
+    _leaf_start: float = 0.0
 
     async def _leaf_step(self) -> None:
         now = time.time()
@@ -344,13 +349,25 @@ class Follower:
         issued = await self._call(self.client.ca_sign, csr_pem)
         leaf = leaf_from_json(issued)
         self._state.leaf = leaf
-        self._renew_at = renewal.plan(leaf.not_before, leaf.not_after, self._rng)
+        self._leaf_start = renewal.lifetime_start(leaf.not_before, leaf.not_after, time.time())
+        self._renew_at = renewal.plan(self._leaf_start, leaf.not_after, self._rng)
         log.info(
-            "leaf certificate %s for %s, valid until %s",
+            "leaf certificate %s for %s (root %s), valid until %s",
             leaf.serial,
             ident.uri,
+            issued.get("RootID") or "unknown",
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(leaf.not_after)),
         )
+        root_id = issued.get("RootID")
+        if root_id and roots.active_id and root_id != roots.active_id:
+            # Signed under a root that is no longer the active one we know: the server
+            # process that signed had not heard of the rotation yet (its signing path reads
+            # cached CA state, a few milliseconds behind another process's write). Ask again
+            # as after a root change, or the leaf would stay on the old root until its plan.
+            life = leaf.not_after - self._leaf_start
+            self._renew_at = min(
+                self._renew_at, renewal.after_root_change(time.time(), self._rng, life)
+            )
         self._publish()
 
     async def _datacenter(self) -> None:

@@ -4,6 +4,13 @@
   fleet whose leaves were issued together does not renew together.
 * Past 90% of the lifetime, renew now (the plan was missed: the process slept, the CA was down).
 * After a root change, renew within a random 30 s window: soon, but not every sidecar at once.
+  A leaf that lives less than 300 s (a short LeafCertTTL, which a server allows only when told
+  to: tests, demos) gets a tenth of its lifetime instead, so that the move to the new root is
+  not slower than the plan would renew it anyway.
+* The lifetime runs from when the leaf was received, not from its ``notBefore``: CAs backdate
+  leaves (one minute for the built-in CA, 30 s for Vault) to absorb clock skew, and for a leaf
+  of a few minutes that backdating would put 60% of the lifetime in the past, and the follower
+  would re-sign at once, again and again (``lifetime_start``).
 """
 
 from __future__ import annotations
@@ -28,9 +35,20 @@ def due(now: float, not_before: float, not_after: float, planned: float) -> bool
     return now >= planned or now >= not_before + URGENT * life
 
 
-def after_root_change(now: float, rng: random.Random | None = None) -> float:
-    """When to renew after the trusted roots changed: within the next 30 s."""
-    return now + (rng or random.SystemRandom()).uniform(0.0, ROOT_CHANGE_WINDOW)
+def lifetime_start(not_before: float, not_after: float, received: float) -> float:
+    """Where a leaf's lifetime starts for ``plan``: when it was ``received``, within its
+    validity (so a backdated ``notBefore`` does not count, and a skewed clock cannot move the
+    start out of the validity window)."""
+    return max(not_before, min(received, not_after))
+
+
+def after_root_change(
+    now: float, rng: random.Random | None = None, lifetime: float | None = None
+) -> float:
+    """When to renew after the trusted roots changed: within the next 30 s, or within a tenth
+    of the leaf's ``lifetime`` if that is shorter."""
+    window = ROOT_CHANGE_WINDOW if lifetime is None else min(ROOT_CHANGE_WINDOW, lifetime / 10)
+    return now + (rng or random.SystemRandom()).uniform(0.0, max(0.0, window))
 
 
 def next_renewal(

@@ -110,3 +110,16 @@ def test_a_rotation_through_one_process_answers_leaf_queries_parked_on_another(m
     assert new["RootID"] == rotated["ActiveRootID"] != first.get_json()["RootID"]
     assert index_of(r) > index_of(first)
     assert ok(a.get(LEAF + "web")).get_json() == new
+
+
+def test_a_short_leaf_is_not_due_the_moment_it_is_minted(make_client):
+    # A 3 s leaf backdated by a minute: counted from its notBefore, 60-90% (and the 90%
+    # "renew at once" point) of its "63 s" lie before it was minted, so every read minted
+    # another. Counted from when it was minted, it is due 1.8-2.7 s later. Only a server
+    # told to accept leaves under an hour (connect.min_leaf_cert_ttl) can get there.
+    c = make_client(ca_min_leaf_ttl="1s")
+    ok(c.put("/v1/connect/ca/configuration", json={"Provider": "consul",
+                                                   "Config": {"LeafCertTTL": "3s"}}))  # fmt: skip
+    first = ok(c.get(LEAF + "web")).get_json()
+    again = ok(c.get(LEAF + "web")).get_json()
+    assert again["SerialNumber"] == first["SerialNumber"]

@@ -40,7 +40,8 @@ from tests.ca_support import (
 )
 from trellis.api.ca.manager import CAManager
 from trellis.api.ca.secrets import Sealer
-from trellis.api.errors import BadRequest, PermissionDenied, TooManyRequests
+from trellis.api.errors import BadRequest, ConfigError, PermissionDenied, TooManyRequests
+from trellis.api.settings import Settings, validate
 from trellis.api.store import open_store
 from trellis.proxy import spiffe
 from trellis.proxy import x509 as px
@@ -929,3 +930,20 @@ def test_csr_helpers_build_what_they_claim():
     good = px.load_csr(service_csr(td, "web"))
     assert px.check_csr(good, trust_domain=td, datacenter=DC).identity.service == "web"
     assert to_pem(good).startswith("-----BEGIN CERTIFICATE REQUEST-----")
+
+
+def test_a_server_told_to_may_sign_leaves_shorter_than_an_hour(make_client):
+    # connect.min_leaf_cert_ttl: the server setting that lets a test watch leaves renew
+    # (tests/test_integration_proxy_rotation.py); by default the floor stays Consul's 1h.
+    default = make_client()
+    assert_error(put_config(default, {"LeafCertTTL": "30s"}), 400, "bad_request", "between 1h")
+    short = make_client(ca_min_leaf_ttl="10s")
+    assert_error(put_config(short, {"LeafCertTTL": "5s"}), 400, "bad_request", "between 10s")
+    ok(put_config(short, {"LeafCertTTL": "30s"}))
+    assert config_of(short)["Config"]["LeafCertTTL"] == "30s"
+    leaf, _chain = leaf_and_chain(sign(short))
+    life = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert life == px.BACKDATE + dt.timedelta(seconds=30)
+    for bad in ("0s", "2h", "soon"):
+        with pytest.raises(ConfigError, match=r"connect\.min_leaf_cert_ttl"):
+            validate(Settings(data_dir="x", node_name="n", ca_min_leaf_ttl=bad))

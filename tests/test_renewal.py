@@ -200,3 +200,27 @@ def test_property_renewal_is_never_later_than_any_trigger(
         assert renewal.due(now + wait + 1e-3, NB, na, planned)
     # Never past the 90 % mark, so a renewal always precedes expiry.
     assert now + wait <= max(now, NB + 0.9 * life) + 1e-3
+
+
+def test_a_short_leafs_root_change_window_is_a_tenth_of_its_life() -> None:
+    now = NB + 10.0
+    for lifetime, window in ((30.0, 3.0), (120.0, 12.0), (300.0, 30.0), (72 * 3600.0, 30.0)):
+        delays = [
+            renewal.after_root_change(now, random.Random(seed), lifetime) - now
+            for seed in range(200)
+        ]
+        assert all(0.0 <= d <= window for d in delays), lifetime
+        assert max(delays) > 0.9 * window, lifetime
+
+
+def test_the_lifetime_starts_when_the_leaf_arrived_not_at_its_backdated_not_before() -> None:
+    # A 30 s leaf backdated by a minute, received at its issue time: 60% of "90 s" from
+    # notBefore lies 6 s in the past; from arrival, the plan is 18-27 s ahead.
+    nb, issued, na = 1000.0, 1060.0, 1090.0
+    start = renewal.lifetime_start(nb, na, issued)
+    assert start == issued
+    plans = [renewal.plan(start, na, random.Random(seed)) - issued for seed in range(200)]
+    assert all(18.0 <= p <= 27.0 for p in plans)
+    # A clock that is off cannot move the start out of the validity window.
+    assert renewal.lifetime_start(nb, na, 0.0) == nb
+    assert renewal.lifetime_start(nb, na, 5000.0) == na

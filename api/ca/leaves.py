@@ -64,15 +64,17 @@ class AgentLeaf:
     key_pem: str
     index: int  # the modify index of its document
     renew_at: float  # planned renewal, epoch seconds
+    #: When it was minted (epoch seconds): its lifetime for renewal starts there, not at its
+    #: backdated notBefore (``renewal.lifetime_start``). 0: unknown (a document written
+    #: before it was recorded), taken as notBefore.
+    issued_at: float = 0.0
 
     def renew_in(self, now: float) -> float:
         """Seconds from ``now`` until this leaf is due for renewal (0 when it is)."""
-        return renewal.next_renewal(
-            now,
-            self.signed.cert.not_valid_before_utc.timestamp(),
-            self.signed.cert.not_valid_after_utc.timestamp(),
-            self.renew_at,
-        )
+        not_before = self.signed.cert.not_valid_before_utc.timestamp()
+        not_after = self.signed.cert.not_valid_after_utc.timestamp()
+        start = renewal.lifetime_start(not_before, not_after, self.issued_at or not_before)
+        return renewal.next_renewal(now, start, not_after, self.renew_at)
 
 
 class AgentLeaves:
@@ -150,11 +152,12 @@ class AgentLeaves:
             root_id=doc["RootID"],
         )
         key_pem = self._sealer.open(name, doc["PrivateKey"]["Sealed"])
-        return self._remember(name, index, AgentLeaf(signed, key_pem, index, doc["RenewAt"]))
+        leaf = AgentLeaf(signed, key_pem, index, doc["RenewAt"], doc.get("IssuedAt", 0.0))
+        return self._remember(name, index, leaf)
 
     def _remember(self, name: str, index: int, leaf: AgentLeaf) -> AgentLeaf:
         if leaf.index != index:
-            leaf = AgentLeaf(leaf.signed, leaf.key_pem, index, leaf.renew_at)
+            leaf = AgentLeaf(leaf.signed, leaf.key_pem, index, leaf.renew_at, leaf.issued_at)
         if len(self._parsed) > 4096:
             self._parsed.clear()
         self._parsed[(name, index)] = leaf
@@ -171,15 +174,17 @@ class AgentLeaves:
         csr_pem = px.build_csr(key, ident).public_bytes(serialization.Encoding.PEM).decode()
         signed = self._ca.sign_csr(csr_pem, may_sign)
         key_pem = px.key_pem(key)
-        renew_at = renewal.plan(
-            signed.cert.not_valid_before_utc.timestamp(),
-            signed.cert.not_valid_after_utc.timestamp(),
+        not_after = signed.cert.not_valid_after_utc.timestamp()
+        issued_at = renewal.lifetime_start(
+            signed.cert.not_valid_before_utc.timestamp(), not_after, self._clock()
         )
+        renew_at = renewal.plan(issued_at, not_after)
         doc = {
             "Service": service,
             "CertPEM": signed.cert_pem,
             "RootID": signed.root_id,
             "RenewAt": renew_at,
+            "IssuedAt": issued_at,
             "PrivateKey": {"Sealed": self._sealer.seal(doc_name(service), key_pem)},
         }
-        return doc, AgentLeaf(signed, key_pem, 0, renew_at)
+        return doc, AgentLeaf(signed, key_pem, 0, renew_at, issued_at)

@@ -62,7 +62,13 @@ from trellis.api.errors import (
 )
 from trellis.api.feed import Watch
 from trellis.api.schemas import load
-from trellis.api.schemas.ca import ALIASES, PROVIDERS, CAConfigurationSchema, validate_config
+from trellis.api.schemas.ca import (
+    ALIASES,
+    MIN_LEAF_TTL,
+    PROVIDERS,
+    CAConfigurationSchema,
+    validate_config,
+)
 from trellis.api.store.base import Store
 from trellis.proxy import spiffe
 from trellis.proxy import x509 as px
@@ -162,10 +168,14 @@ class CAManager:
         bootstrap: tuple[str, Mapping[str, Any]] = ("builtin", {}),
         provider_factory: Callable[[str], Provider] | None = None,
         members: Callable[[], tuple[int, int]] = lambda: (0, 1),
+        min_leaf_ttl: float = MIN_LEAF_TTL,
     ) -> None:
         """``members()``: this process's rank among the live server processes and their
-        number (``trellis.api.members.Membership.share``), which split the CSR limits."""
+        number (``trellis.api.members.Membership.share``), which split the CSR limits.
+        ``min_leaf_ttl``: the shortest LeafCertTTL a configuration may ask for (the server's
+        ``connect.min_leaf_cert_ttl``)."""
         self.store = store
+        self.min_leaf_ttl = min_leaf_ttl
         self._members = members
         self.datacenter = datacenter
         self.sealer = sealer
@@ -266,7 +276,9 @@ class CAManager:
             name = ALIASES.get(name, name)
             if name not in PROVIDERS:
                 raise BadRequest(f"unknown CA provider {name!r}")
-            config = validate_config(name, raw, path="", what="connect.ca_config")
+            config = validate_config(
+                name, raw, path="", what="connect.ca_config", min_leaf_ttl=self.min_leaf_ttl
+            )
             provider = self._new_provider(name, config)
             material = self._generate(provider)
             record = self._record(name, material, config, cross=None)
@@ -499,7 +511,7 @@ class CAManager:
             old_cfg = self._unseal(config["Config"])
             if name == old_name and name == "vault" and "Token" not in raw:
                 raw = {**raw, "Token": old_cfg.get("Token")}  # keep the token if not resent
-            new_cfg = validate_config(name, raw)
+            new_cfg = validate_config(name, raw, min_leaf_ttl=self.min_leaf_ttl)
             rotate = name != old_name or any(
                 new_cfg.get(f) != old_cfg.get(f) for f in ROOT_FIELDS[name]
             )

@@ -58,6 +58,9 @@ class CommonConfigSchema(Strict):
     """The options every provider takes, each with its default."""
 
     error_messages = {"type": "must be an object"}
+    #: The shortest LeafCertTTL accepted: Consul's 1h, unless the server's
+    #: ``connect.min_leaf_cert_ttl`` lowers it (``validate_config``'s ``min_leaf_ttl``).
+    min_leaf_ttl = MIN_LEAF_TTL
 
     LeafCertTTL = Duration(load_default=72 * 3600.0)
     IntermediateCertTTL = Duration(load_default=8760 * 3600.0)
@@ -80,8 +83,9 @@ class CommonConfigSchema(Strict):
     def _together(self, data: dict[str, Any], **kwargs: Any) -> None:
         errors: dict[str, str] = {}
         leaf = data["LeafCertTTL"]
-        if not MIN_LEAF_TTL <= leaf <= MAX_LEAF_TTL:
-            errors["LeafCertTTL"] = "must be between 1h and 8760h (one year)"
+        if not self.min_leaf_ttl <= leaf <= MAX_LEAF_TTL:
+            lowest = format_duration(self.min_leaf_ttl) if self.min_leaf_ttl != 3600 else "1h"
+            errors["LeafCertTTL"] = f"must be between {lowest} and 8760h (one year)"
         elif data["IntermediateCertTTL"] < 3 * leaf:
             errors["IntermediateCertTTL"] = "must be at least 3 x LeafCertTTL"
         if data["RootCertTTL"] < data["IntermediateCertTTL"]:
@@ -144,14 +148,34 @@ CONFIG_SCHEMAS: dict[str, type[CommonConfigSchema]] = {
 }
 
 
+_FLOORED: dict[tuple[str, float], type[CommonConfigSchema]] = {}
+
+
+def _schema(provider: str, min_leaf_ttl: float) -> type[CommonConfigSchema]:
+    """The provider's schema with ``min_leaf_ttl`` as the LeafCertTTL floor (one class per
+    floor, so that ``load`` keeps reusing one instance of it)."""
+    base = CONFIG_SCHEMAS[provider]
+    if min_leaf_ttl == base.min_leaf_ttl:
+        return base
+    key = (provider, min_leaf_ttl)
+    if key not in _FLOORED:
+        _FLOORED[key] = type(base.__name__, (base,), {"min_leaf_ttl": min_leaf_ttl})
+    return _FLOORED[key]
+
+
 def validate_config(
-    provider: str, config: Mapping[str, Any], *, path: str = "Config", what: str = ""
+    provider: str,
+    config: Mapping[str, Any],
+    *,
+    path: str = "Config",
+    what: str = "",
+    min_leaf_ttl: float = MIN_LEAF_TTL,
 ) -> dict[str, Any]:
     """``config`` checked for ``provider`` (``builtin`` or ``vault``), with the defaults filled
     in and the durations written canonically (``72h0m0s``). BadRequest (the client's fault,
     or the operator's for a config file: ``path`` and ``what`` say where) naming every bad
-    field."""
-    return load(CONFIG_SCHEMAS[provider], config, path=path, what=what)
+    field. ``min_leaf_ttl``: the server's floor for LeafCertTTL (1h unless configured)."""
+    return load(_schema(provider, min_leaf_ttl), config, path=path, what=what)
 
 
 class ProviderName(fields.String):
