@@ -85,6 +85,10 @@ def server_context(
 ) -> ssl.SSLContext:
     """The context of a public listener: present the leaf, require and verify the client's."""
     ctx = _base(ssl.PROTOCOL_TLS_SERVER, roots_pem)
+    # No TLS 1.3 session tickets: Trellis never resumes a session (a connection always proves
+    # the current leaf), and OpenSSL's default two tickets cost two encryptions per handshake
+    # here and some 17 KB per open connection in the client that keeps them (issue 10).
+    ctx.num_tickets = 0
     _load_chain(ctx, cert_pem, chain_pem, key_pem)
     return ctx
 
