@@ -64,9 +64,12 @@ _READ_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP
 _WATCH = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 _SHUT = EPOLLRDHUP | EPOLLHUP | EPOLLERR
 
-#: One read's worth: a TLS record holds at most 16 KiB of plaintext; 64 KiB lets a bulk
-#: transfer move four records per system call.
-BUFFER = 65536
+#: One read's worth, and one TLS record's plaintext (16 KiB at most). Not more: OpenSSL's
+#: memory BIOs keep the room their largest write needed for as long as the connection lives,
+#: so 64 KiB reads (four records per system call) left about 130 KB in every connection that
+#: had once carried a burst; at 16 KiB it is about 20 KB, and bulk throughput measured the
+#: same (tests/test_proxy_reactor_buffers.py, issue 10).
+BUFFER = 16384
 #: Events taken from epoll per call.
 MAX_EVENTS = 1024
 
