@@ -1,14 +1,20 @@
 """A typed client for Trellis's Consul-compatible HTTP API.
 
 Shared by the CLI, the node agent and sidecar, and the Terraform provider, so it imports neither
-Flask nor trio: it is a thin, synchronous layer over one ``httpx.Client``.
+Flask nor trio: it is a thin, synchronous layer over keep-alive HTTP/1.1 connections of the
+standard library (``http.client``). A sidecar holds this client for its whole life: an HTTP
+library would cost every sidecar some 4 MB of imports for the few requests it makes (measured,
+issue 10), so the standard library it loads anyway does the work.
 
 Theory of operation:
 
-* Every call goes through :meth:`Client.request`, the only place that touches httpx. httpx's
-  exceptions are translated there, at the boundary, into :class:`ConnectionFailed` (the server
-  could not be reached or did not answer in time) and :class:`APIError` (it answered with an
-  error status); nothing httpx-specific escapes this module.
+* Every call goes through :meth:`Client.request`, which hands the request to its transport, the
+  only code that does I/O: :class:`_Pool` (``http.client`` connections, reused across requests
+  and threads), or an ``httpx`` transport a caller passes in (a test over the WSGI app; httpx is
+  imported only then). Their exceptions are translated there, at the boundary, into
+  :class:`ConnectionFailed` (the server could not be reached or did not answer in time) and
+  :class:`APIError` (it answered with an error status); nothing transport-specific escapes
+  this module.
 * A response is a small frozen :class:`Response` (status, body bytes, headers, the
   ``X-Consul-Index``), so callers never hold an open connection.
 * Blocking (long-poll) reads send ``?index=N&wait=D``. The server may hold such a request for
@@ -21,15 +27,20 @@ Theory of operation:
 from __future__ import annotations
 
 import base64
+import http.client
 import json as jsonlib
+import select
+import ssl
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
-from urllib.parse import quote, urlsplit
-
-import httpx
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from urllib.parse import quote, urlencode, urlsplit
 
 from trellis.proxy.durations import format_duration, parse_duration
+
+if TYPE_CHECKING:
+    import httpx
 
 T = TypeVar("T")
 
@@ -194,11 +205,166 @@ def _error_message(status: int, body: bytes) -> str:
     return text or f"Unexpected response code: {status}"
 
 
+#: What a transport returns: status, headers (names in lower case), the whole body.
+Answer = tuple[int, dict[str, str], bytes]
+
+
+class _Transport(Protocol):
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        read_timeout: float,
+    ) -> Answer:
+        """One request; OSError, TimeoutError or http.client.HTTPException when there is no
+        answer (the boundary in ``Client.request`` turns them into ConnectionFailed)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _tls_context(verify: Any) -> ssl.SSLContext:
+    """``verify`` as httpx took it: True (the system's CAs), a CA file's path, an SSLContext,
+    or False (no verification; for a test server only)."""
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    if verify is False:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    if verify is True:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=str(verify))
+
+
+class _Pool:
+    """Keep-alive HTTP/1.1 connections to one server, shared by threads (the sidecar's
+    follower runs several blocking reads at once, each in its own thread): a request takes an
+    idle connection, or opens one, and gives it back once its answer is read to the end."""
+
+    def __init__(self, scheme: str, host: str, port: int | None, timeout: float, verify: Any):
+        self._scheme = scheme
+        self._host = host
+        self._port = port
+        self._timeout = timeout
+        self._tls = _tls_context(verify) if scheme == "https" else None
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _take(self) -> http.client.HTTPConnection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if _still_open(conn):
+                    return conn
+                conn.close()
+        if self._tls is not None:
+            return http.client.HTTPSConnection(
+                self._host, self._port, timeout=self._timeout, context=self._tls
+            )
+        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+
+    def _give(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        read_timeout: float,
+    ) -> Answer:
+        conn = self._take()
+        try:
+            if conn.sock is None:
+                conn.connect()  # bounded by the ordinary timeout
+            assert conn.sock is not None
+            conn.sock.settimeout(read_timeout)  # a blocking read may wait much longer
+            conn.request(method, target, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except BaseException:
+            conn.close()
+            raise
+        answer = (resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+        if resp.will_close:
+            conn.close()
+        else:
+            self._give(conn)
+        return answer
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """An idle keep-alive connection is reusable unless the server closed it meanwhile (it
+    then reads as ready: end of stream). Checked before each reuse, so that a request is
+    not sent into a connection the server has already given up."""
+    sock = conn.sock
+    if sock is None:
+        return True  # never connected: connects on use
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+class _Httpx:
+    """An ``httpx`` transport (``httpx.WSGITransport`` over the real app, in tests) behind the
+    same interface; httpx is imported only for it."""
+
+    def __init__(self, base_url: str, timeout: float, transport: httpx.BaseTransport) -> None:
+        import httpx
+
+        self._httpx = httpx
+        self._timeout = timeout
+        self._http = httpx.Client(base_url=base_url, transport=transport, follow_redirects=False)
+
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        read_timeout: float,
+    ) -> Answer:
+        hx = self._httpx
+        timeout = hx.Timeout(self._timeout, read=read_timeout)
+        try:
+            r = self._http.request(method, target, headers=headers, content=body, timeout=timeout)
+            data = r.read()
+        except hx.TimeoutException as e:
+            raise TimeoutError(type(e).__name__) from None
+        except (hx.TransportError, hx.InvalidURL, hx.StreamError) as e:
+            raise OSError(str(e) or type(e).__name__) from None
+        return r.status_code, {k.lower(): v for k, v in r.headers.items()}, data
+
+    def close(self) -> None:
+        self._http.close()
+
+
 class Client:
     """A connection pool to one Trellis server. Use it as a context manager, or ``close()`` it.
 
-    ``timeout`` bounds connecting and each non-blocking request; ``transport`` lets a caller
-    swap httpx's network transport (for example ``httpx.WSGITransport`` over the real app).
+    ``timeout`` bounds connecting and each non-blocking request; ``verify`` is for an HTTPS
+    address (True: the system's CAs; a CA file's path; an ``ssl.SSLContext``); ``transport``
+    lets a caller replace the network with an httpx transport (for example
+    ``httpx.WSGITransport`` over the real app).
     """
 
     def __init__(
@@ -215,25 +381,26 @@ class Client:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConnectionFailed(address, "the address must look like http://HOST:PORT")
         try:
-            parts.port  # noqa: B018 - raises ValueError for a malformed port
+            port = parts.port
         except ValueError as e:
             raise ConnectionFailed(address, str(e)) from None
         self.token = token or None
         self.timeout = timeout
-        headers = {"User-Agent": "trellis-client"}
+        self._prefix = parts.path.rstrip("/")
+        self._headers = {"User-Agent": "trellis-client", "Accept": "*/*"}
         if self.token:
-            headers["X-Consul-Token"] = self.token
-        self._http = httpx.Client(
-            base_url=self.address,
-            headers=headers,
-            timeout=httpx.Timeout(timeout),
-            verify=verify,
-            transport=transport,
-            follow_redirects=False,
-        )
+            self._headers["X-Consul-Token"] = self.token
+        self._transport: _Transport
+        if transport is not None:
+            self._transport = _Httpx(self.address, timeout, transport)
+        else:
+            try:
+                self._transport = _Pool(parts.scheme, parts.hostname, port, timeout, verify)
+            except OSError as e:  # an unreadable CA file (ssl.SSLError is an OSError)
+                raise ConnectionFailed(address, f"TLS settings: {e}") from None
 
     def close(self) -> None:
-        self._http.close()
+        self._transport.close()
 
     def __enter__(self) -> Client:
         return self
@@ -264,7 +431,7 @@ class Client:
             if v is None or v is False:
                 continue
             q[k] = "true" if v is True else v
-        timeout = httpx.Timeout(self.timeout)
+        read = self.timeout
         wait_s = _wait_seconds(wait)
         if index is not None:
             q["index"] = int(index)
@@ -273,25 +440,28 @@ class Client:
         if index is not None or wait_s is not None:
             blocking = SERVER_DEFAULT_WAIT if wait_s is None else wait_s
             read = max(self.timeout, blocking + blocking / 16 + BLOCKING_MARGIN)
-            timeout = httpx.Timeout(self.timeout, read=read)
+        target = self._prefix + path
+        if q:
+            target += "?" + urlencode(q, doseq=True, quote_via=quote)
+        headers = dict(self._headers)
+        body = content
+        if json is not None:
+            body = jsonlib.dumps(json).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        elif body is None and method in ("PUT", "POST", "PATCH"):
+            body = b""  # a Content-Length: 0, as servers expect of a write without a body
         try:
-            r = self._http.request(
-                method, path, params=q, json=json, content=content, timeout=timeout
-            )
-            body = r.read()
-        except httpx.TimeoutException as e:
+            status, rheaders, body = self._transport.send(method, target, headers, body, read)
+        except TimeoutError as e:
             raise ConnectionFailed(self.address, f"timed out ({type(e).__name__})") from None
-        except (httpx.TransportError, httpx.InvalidURL) as e:
+        except (OSError, http.client.HTTPException) as e:
             raise ConnectionFailed(self.address, str(e) or type(e).__name__) from None
-        except httpx.StreamError as e:
-            raise ConnectionFailed(self.address, str(e) or type(e).__name__) from None
-        raw_index = r.headers.get("X-Consul-Index")
+        raw_index = rheaders.get("x-consul-index")
         try:
             idx = int(raw_index) if raw_index is not None else None
         except ValueError:
             idx = None
-        headers = {k.lower(): v for k, v in r.headers.items()}
-        resp = Response(status=r.status_code, body=body, headers=headers, index=idx)
+        resp = Response(status=status, body=body, headers=rheaders, index=idx)
         if resp.status >= 400 and resp.status not in allow:
             raise APIError(resp.status, _error_message(resp.status, body))
         return resp

@@ -21,7 +21,6 @@ import trio
 
 from trellis.proxy import client as api
 from trellis.proxy import config as pconfig
-from trellis.proxy import metrics as pmetrics
 from trellis.proxy.follower import Follower, FollowerError
 from trellis.proxy.reactor import Reactor
 from trellis.proxy.rlimits import raise_open_files
@@ -300,6 +299,10 @@ async def _start_metrics(nursery: trio.Nursery, addr: str, sidecar: Sidecar) -> 
     except (OSError, ValueError) as e:
         raise StartError(f"-metrics-addr {addr}: {e}") from None
     sockname = listeners[0].socket.getsockname()
+    # Imported only here: prometheus_client costs every proxy some 2.5 MB (measured, issue
+    # 10), and most run without -metrics-addr.
+    from trellis.proxy import metrics as pmetrics
+
     nursery.start_soon(pmetrics.serve, listeners[0], pmetrics.registry_for(sidecar))
     return f"{sockname[0]}:{sockname[1]}"
 

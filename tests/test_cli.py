@@ -22,6 +22,7 @@ import pytest
 from tests.cli_support import Result, run_cli
 from tests.http_stub import Reply
 from trellis.api import __version__
+from trellis.api.cli import main as cli_main
 from trellis.api.cli.base import UsageError
 from trellis.api.cli.main import main, run
 from trellis.api.cli.serve import parse_server_args
@@ -900,3 +901,22 @@ def test_server_answer_of_the_wrong_shape(cli, stub):
     assert (
         r.err == "Error listing services: the server sent an array where an object was expected\n"
     )
+
+
+def test_each_first_word_names_the_module_that_registers_it():
+    # ``trellis connect proxy`` (and every command) imports only the module its first word
+    # names: a word missing from the table, or naming the wrong module, would be an unknown
+    # command.
+    seen: dict[str, str] = {}
+    for module in cli_main.MODULES:
+        r = cli_main.build_registry((module,))
+        for path in [*r.commands, *r.groups]:
+            if path != ("version",):
+                seen[path[0]] = module
+    assert seen == cli_main.FIRST_WORDS
+    full = cli_main.build_registry()
+    for word, module in cli_main.FIRST_WORDS.items():
+        mine = cli_main.registry_for([word, "x"])
+        assert {p for p in full.commands if p[0] == word} == {
+            p for p in mine.commands if p[0] == word
+        }, module

@@ -348,3 +348,75 @@ def test_real_server_errors_are_api_errors(api):
         api.agent_service_register({"port": 1})  # no name
     assert ei.value.status == 400
     assert ei.value.message
+
+
+def _https_stub(tmp_path):
+    """A stub over HTTPS with a self-signed certificate for 127.0.0.1, and its PEM file."""
+    import datetime as dt
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tests.http_stub import StubServer
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trellis test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pem = tmp_path / "server.pem"
+    pem.write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pem)
+    return StubServer(tls=ctx), str(pem)
+
+
+def test_https_with_a_ca_file_and_without(tmp_path):
+    # The proxy's -ca-file: the server's certificate is checked against that file, and a
+    # certificate no trusted CA signed is a connection failure, not an answer.
+    server, ca_file = _https_stub(tmp_path)
+    try:
+        server.route = lambda req: server.json(200, "127.0.0.1:8300")
+        with Client(server.url, verify=ca_file) as c:
+            assert c.status_leader() == "127.0.0.1:8300"
+            assert c.status_leader() == "127.0.0.1:8300"  # again, on the kept connection
+        with Client(server.url) as c, pytest.raises(ConnectionFailed) as ei:
+            c.status_leader()
+        assert "CERTIFICATE_VERIFY_FAILED" in ei.value.message
+        assert len(server.seen) == 2
+    finally:
+        server.close()
+
+
+def test_a_kept_connection_the_server_closed_is_not_reused(stub):
+    # The stub answers "Connection: close" once: the client must open a new connection for
+    # the next request instead of writing into the closed one.
+    replies = iter([Reply(200, b'"a"', {"Connection": "close"}), Reply(200, b'"b"')])
+    stub.route = lambda req: next(replies)
+    with Client(stub.url) as c:
+        assert c.status_leader() == "a"
+        assert c.status_leader() == "b"

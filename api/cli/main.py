@@ -11,13 +11,14 @@ traceback.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import IO
 
 from trellis.api import __version__
-from trellis.api.cli import acl, ca, catalog, connect, intention, kv, serve, services
 from trellis.api.cli.base import (
     Command,
     CommandError,
@@ -35,16 +36,33 @@ def _version(ctx: Context, ns: object) -> int:
     return 0
 
 
-def build_registry() -> Registry:
+#: The modules of trellis.api.cli that register commands, in registration order.
+MODULES = ("kv", "acl", "ca", "intention", "services", "catalog", "serve", "connect")
+#: Which of them registers the commands under each first word. ``run`` imports only the module
+#: that the command line names: ``trellis connect proxy`` is a long-lived process beside every
+#: service, and must not carry the other commands' imports (the server's settings among them).
+#: Help and unknown words load every module. tests/test_cli.py checks this table against what
+#: the modules register.
+FIRST_WORDS = {
+    "acl": "acl",
+    "ca": "ca",
+    "catalog": "catalog",
+    "connect": "connect",
+    "dev": "serve",
+    "info": "catalog",
+    "intention": "intention",
+    "kv": "kv",
+    "members": "catalog",
+    "server": "serve",
+    "services": "services",
+}
+
+
+@functools.cache
+def build_registry(modules: tuple[str, ...] = MODULES) -> Registry:
     r = Registry()
-    kv.register(r)
-    acl.register(r)
-    ca.register(r)
-    intention.register(r)
-    services.register(r)
-    catalog.register(r)
-    serve.register(r)
-    connect.register(r)
+    for name in modules:
+        importlib.import_module(f"trellis.api.cli.{name}").register(r)
     r.add(
         Command(
             ("version",),
@@ -57,7 +75,10 @@ def build_registry() -> Registry:
     return r
 
 
-REGISTRY = build_registry()
+def registry_for(argv: Sequence[str]) -> Registry:
+    """The commands that ``argv`` may name: one module's when its first word is known."""
+    module = FIRST_WORDS.get(argv[0]) if argv else None
+    return build_registry((module,) if module else MODULES)
 
 
 def _find(registry: Registry, argv: Sequence[str]) -> tuple[tuple[str, ...], Command | None]:
@@ -81,7 +102,7 @@ def run(
     stdin: IO[str],
     stdout: IO[str],
     stderr: IO[str],
-    registry: Registry = REGISTRY,
+    registry: Registry | None = None,
 ) -> int:
     ctx = Context(
         stdin=stdin,
@@ -93,6 +114,8 @@ def run(
     argv = list(argv)
     if argv and argv[0] in ("-v", "-version", "--version"):
         return _version(ctx, None)
+    if registry is None:
+        registry = registry_for(argv)
     path, cmd = _find(registry, argv)
     if cmd is None:
         rest = argv[len(path) :]
