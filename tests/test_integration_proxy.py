@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import threading
@@ -356,3 +357,72 @@ def test_the_data_plane_outlives_the_control_plane(tmp_path, procs, apps):
         wait_until(lambda: not _echoes(up, b"b"), timeout=10)
     finally:
         server.stop()
+
+
+def test_limits_and_a_draining_shutdown(dev, procs, apps):
+    # Item 7: above -max-connections a new connection is refused at once (not queued); an
+    # idle connection is closed after -idle-timeout; SIGTERM stops accepting, lets open
+    # connections finish for -drain-timeout, then closes them and exits 0.
+    app = EchoApp(upper=True)
+    apps.append(app)
+    register(dev.url, sidecar_service("db", app.port, free_port()))
+    procs.append(ProxyProcess(["-sidecar-for", "db", "-http-addr", dev.url]).start())
+    up = free_port()
+    client = ProxyProcess(
+        ["-service", "web", "-upstream", f"db:{up}", "-http-addr", dev.url,
+         "-max-connections", "2", "-idle-timeout", "2s", "-drain-timeout", "3s"]
+    ).start()  # fmt: skip
+    procs.append(client)
+    wait_until(lambda: _echoes(up, b"a"))
+
+    mine: list[socket.socket] = []
+
+    def opened() -> socket.socket:
+        c = socket.create_connection(("127.0.0.1", up), timeout=5)
+        mine.append(c)
+        assert exchange(c, b"hi") == b"HI"
+        return c
+
+    first, second = opened(), opened()
+    try:
+        # The third is closed at once, with no byte through; one of the two freeing its slot
+        # lets a new one in.
+        with socket.create_connection(("127.0.0.1", up), timeout=5) as third:
+            assert exchange(third, b"no") == b""
+        client.wait_for_line("refusing connections: 2 open, the maximum")
+        second.close()
+        wait_until(lambda: _echoes(up, b"b"))
+
+        # Idle for longer than -idle-timeout: closed by the proxy (the sweep runs each second).
+        t0 = time.monotonic()
+        first.settimeout(10)
+        assert first.recv(10) == b""
+        assert 1.5 < time.monotonic() - t0 < 5
+
+        # SIGTERM with one connection open and busy: new connections are refused at once,
+        # the open one keeps working during the drain, and is closed when it ends.
+        busy = opened()
+        t0 = time.monotonic()
+        client.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: not _accepts(up), timeout=5)
+        # Busy until the drain ends (so the idle timeout never fires): every exchange is
+        # answered until the proxy closes the connection, at the end of the drain.
+        answered = 0
+        while (reply := exchange(busy, b"still")) == b"STILL":
+            answered += 1
+            time.sleep(0.2)
+        assert reply == b"" and answered >= 5
+        assert 2.5 <= time.monotonic() - t0 < 8
+        assert client.wait(timeout=15) == 0
+        client.wait_for_line("closing 1 connections still open after the drain")
+    finally:
+        for c in mine:
+            c.close()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
