@@ -22,8 +22,9 @@ Trellis/direct.
 
 A second part (``--fanout N``) measures how long an intention change takes to reach N
 sidecars: N apps with sidecars, one client proxy with an upstream to each, one connection open
-to each; then ``bench-client => *`` is denied, and for each sidecar the time until its open
-connection is closed and until a new one is refused is recorded (p50/p99).
+to each; then ``fan-client => *`` is denied, and for each sidecar the time until its open
+connection is closed and until a new one is refused is recorded (p50/p99). ``--only fanout``
+runs this part alone (``--only pair`` the first part alone).
 
 Every process is started here, binds 127.0.0.1, and is stopped by PID at the end (also on
 an error or Ctrl-C). Loads are bounded in time. A benchmark, not a test: it asserts nothing.
@@ -35,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -173,21 +175,37 @@ class Bench:
             with contextlib.suppress(Exception):
                 p.stop()
 
-    def start(self) -> None:
+    def _workers(self) -> int:
+        """trellis dev's gunicorn workers: one, unless the fan-out runs.
+
+        Every proxy holds one connection to the server per blocking query (roots, intentions,
+        its registration, one per upstream: 3-4 for a sidecar, 51 for the fan-out's client),
+        all from 127.0.0.1, and a worker caps one client address at
+        ``limits.http_max_conns_per_client`` (200) connections. 50 sidecars and the client
+        hold about 250, so one worker refuses some with 429 (the intention write too); two
+        workers, which the kernel feeds evenly (SO_REUSEPORT), hold them. The node agent
+        (issue 11) is meant to fold a host's sidecars into one client of the server.
+        """
+        if self.args.workers:
+            return int(self.args.workers)
+        return 2 if self.args.fanout and self.args.only != "pair" else 1
+
+    def start(self, pairs: bool = True) -> None:
         echo = self.proc("echo", [self.tcpload, "echo", "0"], r"^(\d+)$")
         assert echo.match is not None
         self.ports["direct"] = int(echo.match.group(1))
         dev = self.proc(
             "trellis dev",
             [str(BIN / "trellis"), "dev", "-http-port", "0", "-dns-port", "-1",
-             "-data-dir", os.path.join(self.tmp, "dev")],
+             "-data-dir", os.path.join(self.tmp, "dev"), "-workers", str(self._workers())],
             r"HTTP API: (http://\S+)",
         )  # fmt: skip
         assert dev.match is not None
         self.url = dev.match.group(1)
         wait_for(lambda: _ok(self.url + "/v1/status/leader"), 30, "trellis dev")
-        self._trellis_pair()
-        self._haproxy_pair()
+        if pairs:
+            self._trellis_pair()
+            self._haproxy_pair()
 
     def _trellis_pair(self) -> None:
         public = free_port()
@@ -318,6 +336,29 @@ def _ok(url: str) -> bool:
 # -- the intention fan-out -----------------------------------------------------------------------
 
 
+def listen_port() -> int:
+    """A free port below the kernel's ephemeral range, for a listener that binds it later.
+
+    ``free_port()`` returns a port from the ephemeral range: while 50 sidecars start, their
+    own outgoing connections (four blocking queries each) may take it before the proxy that
+    was told to listen on it does. A port below the range is never handed to a ``connect``.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(10001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
+
+
 def fanout(b: Bench, n: int) -> dict[str, Any]:
     """Time from one intention write to each of ``n`` sidecars closing the open connection
     and refusing a new one."""
@@ -327,7 +368,7 @@ def fanout(b: Bench, n: int) -> dict[str, Any]:
         name = f"fan-{i}"
         api(b.url, "PUT", "/v1/agent/service/register", {
             "Name": name, "Address": "127.0.0.1", "Port": b.ports["direct"],
-            "Connect": {"SidecarService": {"Port": free_port(), "Checks": PASSING}},
+            "Connect": {"SidecarService": {"Port": listen_port(), "Checks": PASSING}},
         })  # fmt: skip
         b.proc(
             f"sidecar {name}",
@@ -335,7 +376,7 @@ def fanout(b: Bench, n: int) -> dict[str, Any]:
              "-http-addr", b.url, "-log-level", "error"],
             "Log data will now stream", timeout=120,
         )  # fmt: skip
-        ups.append((name, free_port()))
+        ups.append((name, listen_port()))
     b.proc(
         "fan-out client",
         [str(BIN / "trellis"), "connect", "proxy", "-service", "fan-client",
@@ -357,11 +398,17 @@ def fanout(b: Bench, n: int) -> dict[str, Any]:
     t0 = time.monotonic()
     stop = t0 + 10
 
+    # A close is an end of stream or a reset; a timeout is neither (the change never came).
     def watch_closed(i: int, s: socket.socket) -> None:
         s.settimeout(max(0.1, stop - time.monotonic()))
-        with contextlib.suppress(OSError):
-            if s.recv(1) == b"":
-                closed[i] = time.monotonic() - t0
+        try:
+            got = s.recv(1)
+        except TimeoutError:
+            return
+        except OSError:
+            got = b""
+        if got == b"":
+            closed[i] = time.monotonic() - t0
 
     def watch_refused(i: int, port: int) -> None:
         while time.monotonic() < stop:
@@ -369,10 +416,12 @@ def fanout(b: Bench, n: int) -> dict[str, Any]:
                 with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
                     c.sendall(b"y")
                     c.settimeout(2)
-                    if c.recv(1) == b"":
-                        refused[i] = time.monotonic() - t0
-                        return
+                    got = c.recv(1)
+            except TimeoutError:
+                continue
             except OSError:
+                got = b""
+            if got == b"":
                 refused[i] = time.monotonic() - t0
                 return
             time.sleep(0.01)
@@ -403,7 +452,12 @@ def fanout(b: Bench, n: int) -> dict[str, Any]:
             "max_ms": done[-1] * 1000,
         }
 
-    return {"sidecars": n, "existing_closed": pcts(closed), "new_refused": pcts(refused)}
+    return {
+        "sidecars": n,
+        "existing_closed": pcts(closed),
+        "new_refused": pcts(refused),
+        "loadavg_1m": os.getloadavg()[0],
+    }
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -423,19 +477,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="trellis-bench-proxy-")
     b = Bench(tmp, args)
     try:
-        b.start()
-        raw: dict[str, dict[str, list[dict[str, Any]]]] = {
-            t: {m: [] for m in MEASURES} for t in TARGETS
-        }
-        for rnd in range(args.rounds):
-            for target in TARGETS:
-                for what in MEASURES:
-                    r = b.measure(target, what)
-                    raw[target][what].append(r)
-                    log(f"round {rnd + 1} {target} {what}: {r}")
-        res["raw"] = raw
-        res["rss"] = {t: b.rss(t) for t in ("trellis", "haproxy")}
-        if args.fanout:
+        b.start(pairs=args.only != "fanout")
+        if args.only != "fanout":
+            raw: dict[str, dict[str, list[dict[str, Any]]]] = {
+                t: {m: [] for m in MEASURES} for t in TARGETS
+            }
+            for rnd in range(args.rounds):
+                for target in TARGETS:
+                    for what in MEASURES:
+                        r = b.measure(target, what)
+                        raw[target][what].append(r)
+                        log(f"round {rnd + 1} {target} {what}: {r}")
+            res["raw"] = raw
+            res["rss"] = {t: b.rss(t) for t in ("trellis", "haproxy")}
+        if args.fanout and args.only != "pair":
             res["fanout"] = fanout(b, args.fanout)
     finally:
         b.stop()
@@ -448,15 +503,36 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def report(res: dict[str, Any]) -> str:
-    raw = res["raw"]
     out = [
         "Trellis data-plane benchmark: a sidecar pair against a HAProxy mTLS pair",
         f"  date: {res['date']}   command: {res['command']}",
         "  machine: {nproc} CPUs ({cpu}), {memory}, Python {python}, {os}".format(**res["machine"]),
+        f"  CPU used by other processes just before the run: {res['background_cpu_pct']:.1f}%",
+    ]
+    if "raw" in res:
+        out += _pair_report(res)
+    if "fanout" in res:
+        f = res["fanout"]
+        out.append("")
+        out.append(
+            f"Intention change on {f['sidecars']} sidecars (ms from the write;"
+            f" load average {f.get('loadavg_1m', 0):.2f} after it):"
+        )
+        for k in ("existing_closed", "new_refused"):
+            v = f[k]
+            out.append(
+                f"  {k.replace('_', ' ')}: {v.get('reached', 0)}/{f['sidecars']} reached,"
+                f" p50 {fmt(v.get('p50_ms'))} p99 {fmt(v.get('p99_ms'))} max {fmt(v.get('max_ms'))}"
+            )
+    return "\n".join(out)
+
+
+def _pair_report(res: dict[str, Any]) -> list[str]:
+    raw = res["raw"]
+    out = [
         f"  medians of {res['config']['rounds']} interleaved rounds; 1 KiB request/response;"
         " new connections: connect, 1 KiB each way, close (a full mTLS handshake each,"
         " no resumption)",
-        f"  CPU used by other processes just before the run: {res['background_cpu_pct']:.1f}%",
         "",
     ]
     rows = []
@@ -497,17 +573,7 @@ def report(res: dict[str, Any]) -> str:
     ]  # fmt: skip
     out.append(table(rss_rows, ["RSS MB (client/server proxy)", "idle",
                                 f"{res['config']['open']} open", "peak"]))  # fmt: skip
-    if "fanout" in res:
-        f = res["fanout"]
-        out.append("")
-        out.append(f"Intention change on {f['sidecars']} sidecars (ms from the write):")
-        for k in ("existing_closed", "new_refused"):
-            v = f[k]
-            out.append(
-                f"  {k.replace('_', ' ')}: {v.get('reached', 0)}/{f['sidecars']} reached,"
-                f" p50 {fmt(v.get('p50_ms'))} p99 {fmt(v.get('p99_ms'))} max {fmt(v.get('max_ms'))}"
-            )
-    return "\n".join(out)
+    return out
 
 
 def main() -> int:
@@ -519,6 +585,14 @@ def main() -> int:
     p.add_argument("--conn-conc", type=int, default=8, help="concurrent connectors (8)")
     p.add_argument("--open", type=int, default=1000, help="connections held for RSS (1000)")
     p.add_argument("--fanout", type=int, default=50, help="sidecars for the intention part")
+    p.add_argument(
+        "--workers", type=int, default=0,
+        help="trellis dev's workers (default 1, or 2 with the fan-out: see Bench._workers)",
+    )  # fmt: skip
+    p.add_argument(
+        "--only", choices=("pair", "fanout"), default=None,
+        help="run only the pair measures, or only the intention fan-out",
+    )  # fmt: skip
     p.add_argument("--wait-quiet", type=float, default=0.0, help="wait for a quiet machine")
     p.add_argument("--json", nargs="?", const="-", default=None, help="JSON to PATH (or stdout)")
     args = p.parse_args()
