@@ -51,7 +51,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from procs import Proc, background_before_run, cpu_by_pid, free_port
+from procs import (
+    Proc,
+    background_before_run,
+    cpu_by_pid,
+    cpu_seconds,
+    free_port,
+    process_tree,
+    system_busy,
+)
 from report import fmt, table, write_output
 from report import machine as describe_machine
 
@@ -164,6 +172,7 @@ class Bench:
         self.ports: dict[str, int] = {}
         self.proxy_pids: dict[str, list[int]] = {}
         self.url = ""
+        self.dev_pid = 0
 
     def proc(self, name: str, args: list[str], want: str, **kw: Any) -> Line:
         p = Line(name)
@@ -202,6 +211,7 @@ class Bench:
         )  # fmt: skip
         assert dev.match is not None
         self.url = dev.match.group(1)
+        self.dev_pid = dev.pid
         wait_for(lambda: _ok(self.url + "/v1/status/leader"), 30, "trellis dev")
         if pairs:
             self._trellis_pair()
@@ -336,6 +346,10 @@ def _ok(url: str) -> bool:
 # -- the intention fan-out -----------------------------------------------------------------------
 
 
+#: Ports ``listen_port`` handed out in this run: a second listener must not get one of them.
+_given: set[int] = set()
+
+
 def listen_port() -> int:
     """A free port below the kernel's ephemeral range, for a listener that binds it later.
 
@@ -350,32 +364,73 @@ def listen_port() -> int:
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(10000, max(10001, low))
+        if port in _given:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        _given.add(port)
         return port
     return free_port()
 
 
+FAN_DENY = "/v1/connect/intentions/exact?source=fan-client&destination=*"
+
+
+def _pcts(xs: list[float | None]) -> dict[str, Any]:
+    done = sorted(x for x in xs if x is not None)
+    if not done:
+        return {"reached": 0}
+    return {
+        "reached": len(done),
+        "min_ms": done[0] * 1000,
+        "p50_ms": done[len(done) // 2] * 1000,
+        "p99_ms": done[min(len(done) - 1, int(len(done) * 0.99))] * 1000,
+        "max_ms": done[-1] * 1000,
+    }
+
+
+def _probe(port: int) -> bool | None:
+    """One new connection through the client proxy: True if it echoes, False if the proxy
+    closes or resets it (the sidecar refused it), None if it timed out (neither)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+            c.sendall(b"y")
+            c.settimeout(2)
+            return c.recv(1) == b"y"
+    except TimeoutError:
+        return None
+    except OSError:
+        return False
+
+
 def fanout(b: Bench, n: int) -> dict[str, Any]:
     """Time from one intention write to each of ``n`` sidecars closing the open connection
-    and refusing a new one."""
+    (phase 1), and refusing new ones (phase 2).
+
+    The phases are apart because a probe for "refused" is a full mTLS handshake through the
+    one client proxy: 50 of them in a loop take most of the two cores, and would slow the
+    closes that phase 1 measures. Phase 2 probes before the write too, so the probes'
+    own duration (the resolution of that figure) is reported beside it.
+    """
     log(f"fan-out: starting {n} apps' sidecars")
     ups = []
+    sidecars: list[int] = []
     for i in range(n):
         name = f"fan-{i}"
         api(b.url, "PUT", "/v1/agent/service/register", {
             "Name": name, "Address": "127.0.0.1", "Port": b.ports["direct"],
             "Connect": {"SidecarService": {"Port": listen_port(), "Checks": PASSING}},
         })  # fmt: skip
-        b.proc(
+        sidecar = b.proc(
             f"sidecar {name}",
             [str(BIN / "trellis"), "connect", "proxy", "-sidecar-for", name,
              "-http-addr", b.url, "-log-level", "error"],
             "Log data will now stream", timeout=120,
         )  # fmt: skip
+        sidecars.append(sidecar.pid)
         ups.append((name, listen_port()))
     b.proc(
         "fan-out client",
@@ -386,21 +441,21 @@ def fanout(b: Bench, n: int) -> dict[str, Any]:
     )  # fmt: skip
     for _, port in ups:
         wait_for(lambda port=port: echoes(port), 60, f"upstream {port}")
+
+    # Phase 1: one open connection through each sidecar; nothing else runs.
     held = []
     for _, port in ups:
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         s.sendall(b"x")
         s.settimeout(5)
         s.recv(1)
+        s.settimeout(10)
         held.append(s)
     closed: list[float | None] = [None] * n
-    refused: list[float | None] = [None] * n
-    t0 = time.monotonic()
-    stop = t0 + 10
+    t0 = [0.0]
 
     # A close is an end of stream or a reset; a timeout is neither (the change never came).
     def watch_closed(i: int, s: socket.socket) -> None:
-        s.settimeout(max(0.1, stop - time.monotonic()))
         try:
             got = s.recv(1)
         except TimeoutError:
@@ -408,55 +463,72 @@ def fanout(b: Bench, n: int) -> dict[str, Any]:
         except OSError:
             got = b""
         if got == b"":
-            closed[i] = time.monotonic() - t0
+            closed[i] = time.monotonic() - t0[0]
+
+    threads = [threading.Thread(target=watch_closed, args=(i, s)) for i, s in enumerate(held)]
+    for t in threads:
+        t.start()  # each parks in recv before the write
+    server = process_tree(b.dev_pid)
+    cpu0 = (cpu_seconds(sidecars), cpu_seconds(server), system_busy())
+    t0[0] = time.monotonic()
+    api(b.url, "PUT", FAN_DENY, {"Action": "deny"})
+    write_s = time.monotonic() - t0[0]
+    for t in threads:
+        t.join(15)
+    spent = time.monotonic() - t0[0]
+    cpu1 = (cpu_seconds(sidecars), cpu_seconds(server), system_busy())
+    for s in held:
+        s.close()
+    load_1 = os.getloadavg()[0]
+
+    # Phase 2: lift the deny, let every upstream echo again, then probe each in a loop
+    # across a second write of the deny.
+    api(b.url, "DELETE", FAN_DENY)
+    for _, port in ups:
+        wait_for(lambda port=port: _probe(port), 30, f"upstream {port} allowed again")
+    refused: list[float | None] = [None] * n
+    probe_s: list[float | None] = []
+    written = threading.Event()
+    stop = time.monotonic() + 20
 
     def watch_refused(i: int, port: int) -> None:
         while time.monotonic() < stop:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
-                    c.sendall(b"y")
-                    c.settimeout(2)
-                    got = c.recv(1)
-            except TimeoutError:
-                continue
-            except OSError:
-                got = b""
-            if got == b"":
-                refused[i] = time.monotonic() - t0
+            started = time.monotonic()
+            got = _probe(port)
+            if got is False and written.is_set():
+                refused[i] = time.monotonic() - t0[0]
                 return
+            if got and not written.is_set():
+                probe_s.append(time.monotonic() - started)
             time.sleep(0.01)
 
-    threads = [threading.Thread(target=watch_closed, args=(i, s)) for i, s in enumerate(held)]
-    threads += [
-        threading.Thread(target=watch_refused, args=(i, port)) for i, (_, port) in enumerate(ups)
-    ]
-    t0 = time.monotonic()
-    stop = t0 + 10
-    api(b.url, "PUT", "/v1/connect/intentions/exact?source=fan-client&destination=*",
-        {"Action": "deny"})  # fmt: skip
+    threads = [threading.Thread(target=watch_refused, args=(i, p)) for i, (_, p) in enumerate(ups)]
     for t in threads:
         t.start()
+    time.sleep(1.0)  # a benchmark, not a test: let the probes reach their steady pace
+    t0[0] = time.monotonic()
+    written.set()
+    api(b.url, "PUT", FAN_DENY, {"Action": "deny"})
     for t in threads:
-        t.join(15)
-    for s in held:
-        s.close()
-
-    def pcts(xs: list[float | None]) -> dict[str, Any]:
-        done = sorted(x for x in xs if x is not None)
-        if not done:
-            return {"reached": 0}
-        return {
-            "reached": len(done),
-            "p50_ms": done[len(done) // 2] * 1000,
-            "p99_ms": done[min(len(done) - 1, int(len(done) * 0.99))] * 1000,
-            "max_ms": done[-1] * 1000,
-        }
+        t.join(25)
 
     return {
         "sidecars": n,
-        "existing_closed": pcts(closed),
-        "new_refused": pcts(refused),
-        "loadavg_1m": os.getloadavg()[0],
+        "write_ms": write_s * 1000,
+        "existing_closed": _pcts(closed),
+        "new_refused": _pcts(refused),
+        "probe": _pcts(probe_s),
+        "loadavg_1m": load_1,
+        # CPU seconds from the write until every close was seen (10 ms ticks): all the
+        # sidecars together, the server, and the whole machine (2 cores: at most 2 x wall).
+        "phase1_wall_s": round(spent, 3),
+        "phase1_cpu_s": {
+            "sidecars": round(cpu1[0] - cpu0[0], 2),
+            "server": round(cpu1[1] - cpu0[1], 2),
+            "machine": round(cpu1[2] - cpu0[2], 2),
+        },
+        "closed_ms": [None if x is None else round(x * 1000, 1) for x in closed],
+        "refused_ms": [None if x is None else round(x * 1000, 1) for x in refused],
     }
 
 
@@ -515,15 +587,28 @@ def report(res: dict[str, Any]) -> str:
         f = res["fanout"]
         out.append("")
         out.append(
-            f"Intention change on {f['sidecars']} sidecars (ms from the write;"
-            f" load average {f.get('loadavg_1m', 0):.2f} after it):"
+            f"Intention change on {f['sidecars']} sidecars (ms from the write, which took"
+            f" {fmt(f.get('write_ms'))}; load average {f.get('loadavg_1m', 0):.2f} after it):"
         )
         for k in ("existing_closed", "new_refused"):
             v = f[k]
             out.append(
                 f"  {k.replace('_', ' ')}: {v.get('reached', 0)}/{f['sidecars']} reached,"
-                f" p50 {fmt(v.get('p50_ms'))} p99 {fmt(v.get('p99_ms'))} max {fmt(v.get('max_ms'))}"
+                f" min {fmt(v.get('min_ms'))} p50 {fmt(v.get('p50_ms'))}"
+                f" p99 {fmt(v.get('p99_ms'))} max {fmt(v.get('max_ms'))}"
             )
+        c = f.get("phase1_cpu_s")
+        if c:
+            out.append(
+                f"  CPU seconds while the closes came ({f['phase1_wall_s']} s wall): sidecars"
+                f" {c['sidecars']}, server {c['server']}, whole machine {c['machine']}"
+            )
+        v = f.get("probe") or {}
+        out.append(
+            f'  (a probe for "new refused" is a new mTLS connection through the client proxy;'
+            f" with {f['sidecars']} probing, one took p50 {fmt(v.get('p50_ms'))}"
+            f" max {fmt(v.get('max_ms'))} before the change)"
+        )
     return "\n".join(out)
 
 
