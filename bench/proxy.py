@@ -22,8 +22,9 @@ Trellis/direct.
 
 A second part (``--fanout N``) measures how long an intention change takes to reach N
 sidecars: N apps with sidecars, one client proxy with an upstream to each, one connection open
-to each; then ``bench-client => *`` is denied, and for each sidecar the time until its open
-connection is closed and until a new one is refused is recorded (p50/p99).
+to each; then ``fan-client => *`` is denied, and for each sidecar the time until its open
+connection is closed and until a new one is refused is recorded (p50/p99). ``--only fanout``
+runs this part alone (``--only pair`` the first part alone).
 
 Every process is started here, binds 127.0.0.1, and is stopped by PID at the end (also on
 an error or Ctrl-C). Loads are bounded in time. A benchmark, not a test: it asserts nothing.
@@ -35,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -49,7 +51,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from procs import Proc, background_before_run, cpu_by_pid, free_port
+from procs import (
+    Proc,
+    background_before_run,
+    cpu_by_pid,
+    cpu_seconds,
+    free_port,
+    process_tree,
+    system_busy,
+)
 from report import fmt, table, write_output
 from report import machine as describe_machine
 
@@ -162,6 +172,7 @@ class Bench:
         self.ports: dict[str, int] = {}
         self.proxy_pids: dict[str, list[int]] = {}
         self.url = ""
+        self.dev_pid = 0
 
     def proc(self, name: str, args: list[str], want: str, **kw: Any) -> Line:
         p = Line(name)
@@ -173,21 +184,38 @@ class Bench:
             with contextlib.suppress(Exception):
                 p.stop()
 
-    def start(self) -> None:
+    def _workers(self) -> int:
+        """trellis dev's gunicorn workers: one, unless the fan-out runs.
+
+        Every proxy holds one connection to the server per blocking query (roots, intentions,
+        its registration, one per upstream: 3-4 for a sidecar, 51 for the fan-out's client),
+        all from 127.0.0.1, and a worker caps one client address at
+        ``limits.http_max_conns_per_client`` (200) connections. 50 sidecars and the client
+        hold about 250, so one worker refuses some with 429 (the intention write too); two
+        workers, which the kernel feeds evenly (SO_REUSEPORT), hold them. The node agent
+        (issue 11) is meant to fold a host's sidecars into one client of the server.
+        """
+        if self.args.workers:
+            return int(self.args.workers)
+        return 2 if self.args.fanout and self.args.only != "pair" else 1
+
+    def start(self, pairs: bool = True) -> None:
         echo = self.proc("echo", [self.tcpload, "echo", "0"], r"^(\d+)$")
         assert echo.match is not None
         self.ports["direct"] = int(echo.match.group(1))
         dev = self.proc(
             "trellis dev",
             [str(BIN / "trellis"), "dev", "-http-port", "0", "-dns-port", "-1",
-             "-data-dir", os.path.join(self.tmp, "dev")],
+             "-data-dir", os.path.join(self.tmp, "dev"), "-workers", str(self._workers())],
             r"HTTP API: (http://\S+)",
         )  # fmt: skip
         assert dev.match is not None
         self.url = dev.match.group(1)
+        self.dev_pid = dev.pid
         wait_for(lambda: _ok(self.url + "/v1/status/leader"), 30, "trellis dev")
-        self._trellis_pair()
-        self._haproxy_pair()
+        if pairs:
+            self._trellis_pair()
+            self._haproxy_pair()
 
     def _trellis_pair(self) -> None:
         public = free_port()
@@ -318,24 +346,92 @@ def _ok(url: str) -> bool:
 # -- the intention fan-out -----------------------------------------------------------------------
 
 
+#: Ports ``listen_port`` handed out in this run: a second listener must not get one of them.
+_given: set[int] = set()
+
+
+def listen_port() -> int:
+    """A free port below the kernel's ephemeral range, for a listener that binds it later.
+
+    ``free_port()`` returns a port from the ephemeral range: while 50 sidecars start, their
+    own outgoing connections (four blocking queries each) may take it before the proxy that
+    was told to listen on it does. A port below the range is never handed to a ``connect``.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(10001, low))
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    return free_port()
+
+
+FAN_DENY = "/v1/connect/intentions/exact?source=fan-client&destination=*"
+
+
+def _pcts(xs: list[float | None]) -> dict[str, Any]:
+    done = sorted(x for x in xs if x is not None)
+    if not done:
+        return {"reached": 0}
+    return {
+        "reached": len(done),
+        "min_ms": done[0] * 1000,
+        "p50_ms": done[len(done) // 2] * 1000,
+        "p99_ms": done[min(len(done) - 1, int(len(done) * 0.99))] * 1000,
+        "max_ms": done[-1] * 1000,
+    }
+
+
+def _probe(port: int) -> bool | None:
+    """One new connection through the client proxy: True if it echoes, False if the proxy
+    closes or resets it (the sidecar refused it), None if it timed out (neither)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+            c.sendall(b"y")
+            c.settimeout(2)
+            return c.recv(1) == b"y"
+    except TimeoutError:
+        return None
+    except OSError:
+        return False
+
+
 def fanout(b: Bench, n: int) -> dict[str, Any]:
     """Time from one intention write to each of ``n`` sidecars closing the open connection
-    and refusing a new one."""
+    (phase 1), and refusing new ones (phase 2).
+
+    The phases are apart because a probe for "refused" is a full mTLS handshake through the
+    one client proxy: 50 of them in a loop take most of the two cores, and would slow the
+    closes that phase 1 measures. Phase 2 probes before the write too, so the probes'
+    own duration (the resolution of that figure) is reported beside it.
+    """
     log(f"fan-out: starting {n} apps' sidecars")
     ups = []
+    sidecars: list[int] = []
     for i in range(n):
         name = f"fan-{i}"
         api(b.url, "PUT", "/v1/agent/service/register", {
             "Name": name, "Address": "127.0.0.1", "Port": b.ports["direct"],
-            "Connect": {"SidecarService": {"Port": free_port(), "Checks": PASSING}},
+            "Connect": {"SidecarService": {"Port": listen_port(), "Checks": PASSING}},
         })  # fmt: skip
-        b.proc(
+        sidecar = b.proc(
             f"sidecar {name}",
             [str(BIN / "trellis"), "connect", "proxy", "-sidecar-for", name,
              "-http-addr", b.url, "-log-level", "error"],
             "Log data will now stream", timeout=120,
         )  # fmt: skip
-        ups.append((name, free_port()))
+        sidecars.append(sidecar.pid)
+        ups.append((name, listen_port()))
     b.proc(
         "fan-out client",
         [str(BIN / "trellis"), "connect", "proxy", "-service", "fan-client",
@@ -345,65 +441,110 @@ def fanout(b: Bench, n: int) -> dict[str, Any]:
     )  # fmt: skip
     for _, port in ups:
         wait_for(lambda port=port: echoes(port), 60, f"upstream {port}")
+
+    # Phase 1: one open connection through each sidecar; nothing else runs.
     held = []
     for _, port in ups:
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         s.sendall(b"x")
         s.settimeout(5)
         s.recv(1)
+        s.settimeout(10)
         held.append(s)
     closed: list[float | None] = [None] * n
-    refused: list[float | None] = [None] * n
-    t0 = time.monotonic()
-    stop = t0 + 10
+    t0 = [0.0]
 
+    # A close is an end of stream or a reset; a timeout is neither (the change never came).
     def watch_closed(i: int, s: socket.socket) -> None:
-        s.settimeout(max(0.1, stop - time.monotonic()))
-        with contextlib.suppress(OSError):
-            if s.recv(1) == b"":
-                closed[i] = time.monotonic() - t0
+        try:
+            got = s.recv(1)
+        except TimeoutError:
+            return
+        except OSError:
+            got = b""
+        if got == b"":
+            closed[i] = time.monotonic() - t0[0]
+
+    threads = [threading.Thread(target=watch_closed, args=(i, s)) for i, s in enumerate(held)]
+    for t in threads:
+        t.start()  # each parks in recv before the write
+    server = process_tree(b.dev_pid)
+    cpu0 = (cpu_seconds(sidecars), cpu_seconds(server), system_busy())
+    t0[0] = time.monotonic()
+    api(b.url, "PUT", FAN_DENY, {"Action": "deny"})
+    write_s = time.monotonic() - t0[0]
+    for t in threads:
+        t.join(15)
+    spent = time.monotonic() - t0[0]
+    cpu1 = (cpu_seconds(sidecars), cpu_seconds(server), system_busy())
+    for s in held:
+        s.close()
+    load_1 = os.getloadavg()[0]
+
+    # Phase 2: lift the deny, let every upstream echo again, then probe each in a loop
+    # across a second write of the deny.
+    # The follower's blocking queries wait 60 s: a sidecar that misses the lift would show
+    # here as one that takes up to that long, so wait longer than that and report it.
+    lifted = time.monotonic()
+    api(b.url, "DELETE", FAN_DENY)
+    pending = dict(enumerate(port for _, port in ups))
+    allowed_again: list[float | None] = [None] * n
+    while pending and time.monotonic() < lifted + 90:
+        for i, port in list(pending.items()):
+            if _probe(port):
+                allowed_again[i] = time.monotonic() - lifted
+                del pending[i]
+        time.sleep(0.05)
+    if pending:
+        raise RuntimeError(f"fan-out: {sorted(pending)} not allowed again 90 s after the lift")
+    late = {f"fan-{i}": round(x, 1) for i, x in enumerate(allowed_again) if x and x > 5}
+    if late:
+        log(f"fan-out: the lift of the deny reached these sidecars late (s): {late}")
+    refused: list[float | None] = [None] * n
+    probe_s: list[float | None] = []
+    written = threading.Event()
+    stop = time.monotonic() + 20
 
     def watch_refused(i: int, port: int) -> None:
         while time.monotonic() < stop:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
-                    c.sendall(b"y")
-                    c.settimeout(2)
-                    if c.recv(1) == b"":
-                        refused[i] = time.monotonic() - t0
-                        return
-            except OSError:
-                refused[i] = time.monotonic() - t0
+            started = time.monotonic()
+            got = _probe(port)
+            if got is False and written.is_set():
+                refused[i] = time.monotonic() - t0[0]
                 return
+            if got and not written.is_set():
+                probe_s.append(time.monotonic() - started)
             time.sleep(0.01)
 
-    threads = [threading.Thread(target=watch_closed, args=(i, s)) for i, s in enumerate(held)]
-    threads += [
-        threading.Thread(target=watch_refused, args=(i, port)) for i, (_, port) in enumerate(ups)
-    ]
-    t0 = time.monotonic()
-    stop = t0 + 10
-    api(b.url, "PUT", "/v1/connect/intentions/exact?source=fan-client&destination=*",
-        {"Action": "deny"})  # fmt: skip
+    threads = [threading.Thread(target=watch_refused, args=(i, p)) for i, (_, p) in enumerate(ups)]
     for t in threads:
         t.start()
+    time.sleep(1.0)  # a benchmark, not a test: let the probes reach their steady pace
+    t0[0] = time.monotonic()
+    written.set()
+    api(b.url, "PUT", FAN_DENY, {"Action": "deny"})
     for t in threads:
-        t.join(15)
-    for s in held:
-        s.close()
+        t.join(25)
 
-    def pcts(xs: list[float | None]) -> dict[str, Any]:
-        done = sorted(x for x in xs if x is not None)
-        if not done:
-            return {"reached": 0}
-        return {
-            "reached": len(done),
-            "p50_ms": done[len(done) // 2] * 1000,
-            "p99_ms": done[min(len(done) - 1, int(len(done) * 0.99))] * 1000,
-            "max_ms": done[-1] * 1000,
-        }
-
-    return {"sidecars": n, "existing_closed": pcts(closed), "new_refused": pcts(refused)}
+    return {
+        "sidecars": n,
+        "write_ms": write_s * 1000,
+        "existing_closed": _pcts(closed),
+        "new_refused": _pcts(refused),
+        "probe": _pcts(probe_s),
+        "lift_allowed_again": _pcts(allowed_again),
+        "loadavg_1m": load_1,
+        # CPU seconds from the write until every close was seen (10 ms ticks): all the
+        # sidecars together, the server, and the whole machine (2 cores: at most 2 x wall).
+        "phase1_wall_s": round(spent, 3),
+        "phase1_cpu_s": {
+            "sidecars": round(cpu1[0] - cpu0[0], 2),
+            "server": round(cpu1[1] - cpu0[1], 2),
+            "machine": round(cpu1[2] - cpu0[2], 2),
+        },
+        "closed_ms": [None if x is None else round(x * 1000, 1) for x in closed],
+        "refused_ms": [None if x is None else round(x * 1000, 1) for x in refused],
+    }
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -423,19 +564,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="trellis-bench-proxy-")
     b = Bench(tmp, args)
     try:
-        b.start()
-        raw: dict[str, dict[str, list[dict[str, Any]]]] = {
-            t: {m: [] for m in MEASURES} for t in TARGETS
-        }
-        for rnd in range(args.rounds):
-            for target in TARGETS:
-                for what in MEASURES:
-                    r = b.measure(target, what)
-                    raw[target][what].append(r)
-                    log(f"round {rnd + 1} {target} {what}: {r}")
-        res["raw"] = raw
-        res["rss"] = {t: b.rss(t) for t in ("trellis", "haproxy")}
-        if args.fanout:
+        b.start(pairs=args.only != "fanout")
+        if args.only != "fanout":
+            raw: dict[str, dict[str, list[dict[str, Any]]]] = {
+                t: {m: [] for m in MEASURES} for t in TARGETS
+            }
+            for rnd in range(args.rounds):
+                for target in TARGETS:
+                    for what in MEASURES:
+                        r = b.measure(target, what)
+                        raw[target][what].append(r)
+                        log(f"round {rnd + 1} {target} {what}: {r}")
+            res["raw"] = raw
+            res["rss"] = {t: b.rss(t) for t in ("trellis", "haproxy")}
+        if args.fanout and args.only != "pair":
             res["fanout"] = fanout(b, args.fanout)
     finally:
         b.stop()
@@ -448,15 +590,54 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def report(res: dict[str, Any]) -> str:
-    raw = res["raw"]
     out = [
         "Trellis data-plane benchmark: a sidecar pair against a HAProxy mTLS pair",
         f"  date: {res['date']}   command: {res['command']}",
         "  machine: {nproc} CPUs ({cpu}), {memory}, Python {python}, {os}".format(**res["machine"]),
+        f"  CPU used by other processes just before the run: {res['background_cpu_pct']:.1f}%",
+    ]
+    if "raw" in res:
+        out += _pair_report(res)
+    if "fanout" in res:
+        f = res["fanout"]
+        out.append("")
+        out.append(
+            f"Intention change on {f['sidecars']} sidecars (ms from the write, which took"
+            f" {fmt(f.get('write_ms'))}; load average {f.get('loadavg_1m', 0):.2f} after it):"
+        )
+        for k in ("existing_closed", "new_refused"):
+            v = f[k]
+            out.append(
+                f"  {k.replace('_', ' ')}: {v.get('reached', 0)}/{f['sidecars']} reached,"
+                f" min {fmt(v.get('min_ms'))} p50 {fmt(v.get('p50_ms'))}"
+                f" p99 {fmt(v.get('p99_ms'))} max {fmt(v.get('max_ms'))}"
+            )
+        v = f.get("lift_allowed_again") or {}
+        out.append(
+            f"  between the phases, the deny lifted: every sidecar allowed again after"
+            f" max {fmt(v.get('max_ms'))} ms (probed one after another)"
+        )
+        c = f.get("phase1_cpu_s")
+        if c:
+            out.append(
+                f"  CPU seconds while the closes came ({f['phase1_wall_s']} s wall): sidecars"
+                f" {c['sidecars']}, server {c['server']}, whole machine {c['machine']}"
+            )
+        v = f.get("probe") or {}
+        out.append(
+            f'  (a probe for "new refused" is a new mTLS connection through the client proxy;'
+            f" with {f['sidecars']} probing, one took p50 {fmt(v.get('p50_ms'))}"
+            f" max {fmt(v.get('max_ms'))} before the change)"
+        )
+    return "\n".join(out)
+
+
+def _pair_report(res: dict[str, Any]) -> list[str]:
+    raw = res["raw"]
+    out = [
         f"  medians of {res['config']['rounds']} interleaved rounds; 1 KiB request/response;"
         " new connections: connect, 1 KiB each way, close (a full mTLS handshake each,"
         " no resumption)",
-        f"  CPU used by other processes just before the run: {res['background_cpu_pct']:.1f}%",
         "",
     ]
     rows = []
@@ -497,17 +678,7 @@ def report(res: dict[str, Any]) -> str:
     ]  # fmt: skip
     out.append(table(rss_rows, ["RSS MB (client/server proxy)", "idle",
                                 f"{res['config']['open']} open", "peak"]))  # fmt: skip
-    if "fanout" in res:
-        f = res["fanout"]
-        out.append("")
-        out.append(f"Intention change on {f['sidecars']} sidecars (ms from the write):")
-        for k in ("existing_closed", "new_refused"):
-            v = f[k]
-            out.append(
-                f"  {k.replace('_', ' ')}: {v.get('reached', 0)}/{f['sidecars']} reached,"
-                f" p50 {fmt(v.get('p50_ms'))} p99 {fmt(v.get('p99_ms'))} max {fmt(v.get('max_ms'))}"
-            )
-    return "\n".join(out)
+    return out
 
 
 def main() -> int:
@@ -519,6 +690,14 @@ def main() -> int:
     p.add_argument("--conn-conc", type=int, default=8, help="concurrent connectors (8)")
     p.add_argument("--open", type=int, default=1000, help="connections held for RSS (1000)")
     p.add_argument("--fanout", type=int, default=50, help="sidecars for the intention part")
+    p.add_argument(
+        "--workers", type=int, default=0,
+        help="trellis dev's workers (default 1, or 2 with the fan-out: see Bench._workers)",
+    )  # fmt: skip
+    p.add_argument(
+        "--only", choices=("pair", "fanout"), default=None,
+        help="run only the pair measures, or only the intention fan-out",
+    )  # fmt: skip
     p.add_argument("--wait-quiet", type=float, default=0.0, help="wait for a quiet machine")
     p.add_argument("--json", nargs="?", const="-", default=None, help="JSON to PATH (or stdout)")
     args = p.parse_args()

@@ -6,6 +6,9 @@ proxy -service alice -upstream postgresql:PORT`` and points the real ``psql`` at
 ``* => postgresql`` deny in place, ``psql`` fails until ``trellis intention create -allow
 alice postgresql``; then it succeeds; an open ``psql`` session is cut within a second of
 ``trellis intention create -replace -deny alice postgresql``.
+
+These are the commands of the README's "The mesh on one machine, step by step" (its ``alice``
+part), on free ports: change the two together.
 """
 
 from __future__ import annotations
