@@ -120,8 +120,9 @@ def test_dev_help_says_what_dev_starts(cli):
         "  Starts a server with everything on one machine: the HTTP API on 127.0.0.1:8500,\n"
         "  DNS on 127.0.0.1:8600, SQLite in a temporary data directory (deleted when it\n"
         "  stops), the built-in CA, and this host registered as a node. Nothing else is\n"
-        "  needed. It starts no node agent and no proxies (Trellis has neither yet):\n"
-        "  register services through the HTTP API or 'trellis services register'.\n\n"
+        "  needed. It starts no node agent (Trellis has none yet) and no proxies: register\n"
+        "  services through the HTTP API or 'trellis services register', and start their\n"
+        "  sidecars with 'trellis connect proxy'.\n\n"
         "Command Options:\n"
     )
     server = cli("server", "-h").out

@@ -167,8 +167,9 @@ DEV = Command(
     Starts a server with everything on one machine: the HTTP API on 127.0.0.1:8500,
     DNS on 127.0.0.1:8600, SQLite in a temporary data directory (deleted when it
     stops), the built-in CA, and this host registered as a node. Nothing else is
-    needed. It starts no node agent and no proxies (Trellis has neither yet):
-    register services through the HTTP API or 'trellis services register'.
+    needed. It starts no node agent (Trellis has none yet) and no proxies: register
+    services through the HTTP API or 'trellis services register', and start their
+    sidecars with 'trellis connect proxy'.
     """,
     http=False,
 )
