@@ -13,7 +13,10 @@ reconnect, because a NOTIFY sent while a listener is disconnected is lost for go
 A blocking query:
 
 1. takes ``pos = feed.position()``;
-2. reads its result from the store (which sees every commit made before step 1);
+2. reads its result from the store (which sees every commit made before step 1), and the
+   result's index no later than the result itself (``trellis.api.http.blocking``): an index
+   read after the result may already count a write the result missed, and the client, sent
+   that index, would then be parked past the very write it has not seen;
 3. if the result's index is not above the client's, calls ``feed.wait(watch, pos, timeout)``,
    which returns at once if a matching change was published after ``pos`` and otherwise parks on
    an event until one is;

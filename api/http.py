@@ -225,7 +225,13 @@ def blocking(
 ) -> tuple[T, int]:
     """Run a read as a Consul blocking query (``?index=&wait=``).
 
-    ``compute()`` returns ``(result, index)``. Without ``?index`` (or with 0) it runs once.
+    ``compute()`` returns ``(result, index)``, and must never return an index newer than its
+    result: read the index first (or in the same snapshot as the result), then the result. A
+    write that commits between two separate reads then makes the result newer than the index,
+    which costs the client one more query; the other way round, the answer would carry the
+    write's index with the state before it, and the client's next query (at that index) would
+    find nothing new and wait out its whole ``wait`` (the lost intention updates of the sidecar
+    fan-out; tests/test_api_blocking_snapshot.py). Without ``?index`` (or with 0) it runs once.
     Otherwise it returns as soon as the result's index is above the client's, or when ``wait``
     (plus up to wait/16 of jitter, so that many clients do not return together) has passed,
     with the latest result either way. Until then the query is parked: this raises

@@ -202,11 +202,12 @@ def list_services():
     store = services().store
 
     def compute():
+        index = store.topic_index("catalog")  # first: see blocking
         out: dict[str, list[str]] = {}
         for s in store.services():
             tags = out.setdefault(s.name, [])
             tags.extend(t for t in s.tags if t not in tags)
-        return out, store.topic_index("catalog")
+        return out, index
 
     data, index = blocking(ALL, compute)
     authz = acl.current()
@@ -220,7 +221,8 @@ def list_nodes():
     store = services().store
 
     def compute():
-        return [cat.node_json(n) for n in store.nodes()], store.topic_index("catalog")
+        index = store.topic_index("catalog")  # first: see blocking
+        return [cat.node_json(n) for n in store.nodes()], index
 
     data, index = blocking(ALL, compute)
     authz = acl.current()
@@ -250,6 +252,7 @@ def _instances(name: str, *, connect: bool):
     tags = tags_arg()
 
     def compute():
+        index = _service_index(name)  # first: see blocking
         if connect:
             svcs = store.services(destination=name) + [
                 s for s in store.services(name=name) if (s.connect or {}).get("Native")
@@ -259,7 +262,7 @@ def _instances(name: str, *, connect: bool):
         svcs = [s for s in svcs if set(tags) <= set(s.tags)]
         nodes = {n.name: n for n in (store.node(x) for x in {s.node for s in svcs}) if n}
         out = [cat.catalog_service_json(nodes[s.node], s) for s in svcs if s.node in nodes]
-        return out, _service_index(name)
+        return out, index
 
     data, index = blocking(svc_watch(name), compute)
     authz = acl.current()
@@ -280,8 +283,8 @@ def node(node: str):
     store = services().store
 
     def compute():
+        idx = store.topic_index(f"catalog/node/{node}") or store.topic_index("catalog")  # first
         n = store.node(node)
-        idx = store.topic_index(f"catalog/node/{node}") or store.topic_index("catalog")
         if n is None:
             return None, idx
         svcs = {s.id: cat.service_json(s) for s in store.services(node=node)}

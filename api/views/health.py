@@ -22,6 +22,7 @@ def _entries(name: str, *, connect: bool):
     passing, tags = flag("passing"), tags_arg()
 
     def compute():
+        index = _service_index(name)  # first: see blocking
         out = []
         for inst in service_instances(
             store, name, connect=connect, tags=tags, passing_only=passing
@@ -36,7 +37,7 @@ def _entries(name: str, *, connect: bool):
                     ],
                 }
             )
-        return out, _service_index(name)
+        return out, index
 
     data, index = blocking(svc_watch(name), compute)
     authz = acl.current()
@@ -73,11 +74,12 @@ def checks(name: str):
     store = services().store
 
     def compute():
+        index = _service_index(name)  # first: see blocking
         tags = {s.id: s.tags for s in store.services(name=name)}
         data = [
             cat.check_json(c, tags.get(c.service_id, ())) for c in store.checks(service_name=name)
         ]
-        return data, _service_index(name)
+        return data, index
 
     data, index = blocking(svc_watch(name), compute)
     authz = acl.current()
@@ -91,7 +93,7 @@ def node(node: str):
     store = services().store
 
     def compute():
-        idx = store.topic_index(f"catalog/node/{node}") or store.topic_index("catalog")
+        idx = store.topic_index(f"catalog/node/{node}") or store.topic_index("catalog")  # first
         return [cat.check_json(c) for c in store.checks(node=node)], idx
 
     data, index = blocking(Watch("catalog", exact=(f"node/{node}",)), compute)
@@ -108,8 +110,9 @@ def state(state: str):
     store = services().store
 
     def compute():
+        index = store.topic_index("catalog")  # first: see blocking
         rows = store.checks(state=None if state == "any" else state)
-        return [cat.check_json(c) for c in rows], store.topic_index("catalog")
+        return [cat.check_json(c) for c in rows], index
 
     data, index = blocking(ALL, compute)
     authz = acl.current()

@@ -96,9 +96,10 @@ def list_intentions():
     def compute():
         # Consul's order (its state store sorts by IntentionPrecedenceSorter): precedence
         # descending, then source and destination names; ``consul intention list`` prints it.
-        rows = [intention_json(r) for r in store.intentions()]
+        records, index = store.intentions_at()  # one snapshot: see blocking
+        rows = [intention_json(r) for r in records]
         rows.sort(key=lambda d: (-d["Precedence"], d["SourceName"], d["DestinationName"]))
-        return rows, store.topic_index("intentions")
+        return rows, index
 
     data, index = blocking(ALL, compute)
     data = [d for d in data if _readable(d["DestinationName"])]
@@ -197,10 +198,9 @@ def get_exact():
     store = services().store
 
     def compute():
-        rec = store.intention_exact(source, destination)
-        return rec, store.topic_index(f"intentions/{destination}") or store.topic_index(
-            "intentions"
-        )
+        # The index first: see blocking.
+        index = store.topic_index(f"intentions/{destination}") or store.topic_index("intentions")
+        return store.intention_exact(source, destination), index
 
     rec, index = blocking(Watch("intentions", exact=(destination,)), compute)
     if rec is None:
@@ -269,16 +269,22 @@ def match():
     store = services().store
 
     def compute():
-        # One read of the records, for every name: the compiled set gives the order, the
-        # records give the full shape (timestamps, indexes). An intention deleted between
-        # the two is left out; the change that deleted it wakes the next round.
-        iset = _intentions()
-        records = {r.id: r for r in store.intentions()}
+        # One read of the records and their index, for every name: the records give the full
+        # shape (timestamps, indexes), the compiled set the order. The set is asked to be at
+        # least as new as the records (a set older than the index would answer a new deny's
+        # index without it, and the sidecar would wait a whole ``wait`` for it: see blocking).
+        # If the set is newer, an intention it no longer has is left out and one the records
+        # do not have yet too: the answer is then newer than its index, which costs the client
+        # one more query, never a lost change.
+        rows, index = store.intentions_at()
+        # (The index was read after the request began, so the set is fresh enough for it.)
+        iset = services().intentions.get(indexes={domain.INTENTIONS_TOPIC: index})
+        records = {r.id: r for r in rows}
         out = {
             n: [intention_json(records[i.id]) for i in iset.match(by=by, name=n) if i.id in records]
             for n in names
         }
-        return out, store.topic_index("intentions")
+        return out, index
 
     data, index = blocking(ALL, compute)
     if by == "source":

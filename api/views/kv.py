@@ -125,13 +125,22 @@ def get(key: str):
         watch = Watch("kv", prefixes=(key,))
 
         def compute():
-            return store.kv_list(key), store.kv_index(key, exact=False)
+            index = store.kv_index(key, exact=False)  # first: see blocking
+            return store.kv_list(key), index
     else:
         watch = Watch("kv", exact=(key,))
 
         def compute():
             e = store.kv_get(key)
-            return ([e] if e else []), (e.modify_index if e else store.kv_index(key, exact=True))
+            if e is None:
+                # A missing key reports the index of its last delete (or of the table), read
+                # before a second look: a put between the two looks is then never hidden
+                # behind its own index with "no such key" (see blocking).
+                index = store.kv_index(key, exact=True)
+                e = store.kv_get(key)
+                if e is None:
+                    return [], index
+            return [e], e.modify_index
 
     entries, index = blocking(watch, compute)
     filtered = False
