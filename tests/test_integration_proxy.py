@@ -43,22 +43,6 @@ def dev(tmp_path):
     p.stop()
 
 
-@pytest.fixture
-def procs():
-    started: list[ProxyProcess] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
-@pytest.fixture
-def apps():
-    made: list[EchoApp] = []
-    yield made
-    for a in made:
-        a.close()
-
-
 def register(url: str, body: dict, token: str | None = None) -> None:
     headers = {"X-Consul-Token": token} if token else {}
     r = httpx.put(url + "/v1/agent/service/register", json=body, headers=headers, timeout=10)

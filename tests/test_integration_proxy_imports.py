@@ -55,14 +55,6 @@ def dev(tmp_path):
     p.stop()
 
 
-@pytest.fixture
-def procs():
-    started: list[ProxyProcess] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
 def test_a_proxy_imports_neither_the_server_nor_what_it_does_not_use(dev, procs):
     app = EchoApp(upper=True)
     try:

@@ -64,22 +64,6 @@ def server(tmp_path):
     p.stop()
 
 
-@pytest.fixture
-def procs():
-    started: list[ProxyProcess] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
-@pytest.fixture
-def apps():
-    made: list[EchoApp] = []
-    yield made
-    for a in made:
-        a.close()
-
-
 def register(url: str, body: dict) -> None:
     r = httpx.put(url + "/v1/agent/service/register", json=body, timeout=10)
     assert r.status_code == 200, r.text

@@ -24,14 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import test_integration_proxy
 from tests.proxy_support import ProxyProcess, free_port
 from tests.support import wait_until
 from tests.test_integration_proxy import cli, register, sidecar_service
 
 pytestmark = pytest.mark.integration
-
-procs = test_integration_proxy.procs
 
 
 def _pg_bin() -> Path:
