@@ -410,3 +410,83 @@ def _accepts(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_a_registration_change_adds_and_removes_upstreams_without_a_restart(dev, procs, apps):
+    # Item 1: the sidecar follows its registration: an upstream added gets a listener, one
+    # removed loses it, and the process is the same all along.
+    db_app, cache_app = EchoApp(upper=True), EchoApp(upper=True)
+    apps.extend([db_app, cache_app])
+    register(dev.url, sidecar_service("db", db_app.port, free_port()))
+    register(dev.url, sidecar_service("cache", cache_app.port, free_port()))
+    procs.append(ProxyProcess(["-sidecar-for", "db", "-http-addr", dev.url]).start())
+    procs.append(ProxyProcess(["-sidecar-for", "cache", "-http-addr", dev.url]).start())
+    web_port, web_public, db_up, cache_up = free_port(), free_port(), free_port(), free_port()
+    register(dev.url, sidecar_service("web", web_port, web_public, [("db", db_up)]))
+    web = ProxyProcess(["-sidecar-for", "web", "-http-addr", dev.url]).start()
+    procs.append(web)
+    wait_until(lambda: _echoes(db_up, b"db"))
+    assert not _accepts(cache_up)
+
+    # Added: cache's listener comes up; db's stays.
+    register(
+        dev.url, sidecar_service("web", web_port, web_public, [("db", db_up), ("cache", cache_up)])
+    )
+    wait_until(lambda: _accepts(cache_up) and _echoes(cache_up, b"cache"), timeout=10)
+    assert _echoes(db_up, b"db")
+    assert cache_app.accepted > 0
+
+    # Removed: db's listener goes; cache's stays.
+    register(dev.url, sidecar_service("web", web_port, web_public, [("cache", cache_up)]))
+    wait_until(lambda: not _accepts(db_up), timeout=10)
+    assert _echoes(cache_up, b"still")
+    assert web.proc.poll() is None  # never restarted
+    assert len([line for line in web.lines if "Trellis Connect proxy starting" in line]) == 1
+
+
+def test_a_developer_proxy_can_listen_register_itself_and_leave_the_catalog(dev, procs, apps):
+    # Item 1, -listen with -service-addr and -register: the developer proxy also accepts
+    # Connect connections for its service, is found in the catalog as that service's proxy,
+    # and takes itself out when it stops. -log-json: one JSON document per line, the
+    # refusal with its connection and the peer's identity, and no key anywhere.
+    app = EchoApp(upper=True)
+    apps.append(app)
+    listen = free_port()
+    api = ProxyProcess(
+        ["-service", "api", "-listen", f"127.0.0.1:{listen}", "-service-addr",
+         f"127.0.0.1:{app.port}", "-register", "-log-json", "-http-addr", dev.url]
+    ).start()  # fmt: skip
+    procs.append(api)
+    assert api.listening["public"] == ("127.0.0.1", listen)
+    entry = f"api-proxy-{listen}"
+
+    def catalog_ids() -> set[str]:
+        r = httpx.get(dev.url + "/v1/health/connect/api", params={"passing": "1"}, timeout=10)
+        return {e["Service"]["ID"] for e in r.json()}
+
+    wait_until(lambda: entry in catalog_ids())
+    up = free_port()
+    web = ProxyProcess(["-service", "web", "-upstream", f"api:{up}", "-http-addr", dev.url])
+    procs.append(web.start())
+    wait_until(lambda: _echoes(up, b"through"))
+
+    assert cli(dev.url, "intention", "create", "-deny", "web", "api").returncode == 0
+    wait_until(lambda: not _echoes(up, b"no"), timeout=10)
+    refusal = wait_until(
+        lambda: next(
+            (
+                doc
+                for line in api.lines
+                if line.startswith("{") and "refused" in (doc := json.loads(line))["@message"]
+            ),
+            None,
+        )
+    )
+    assert refusal["@level"] in ("info", "warning")
+    assert "/svc/web" in refusal["@message"] and "conn " in refusal["@message"]
+    logged = [line for line in api.lines if line.startswith("{")]
+    assert logged and all(json.loads(line)["@module"].startswith("trellis") for line in logged)
+    assert not any("PRIVATE KEY" in line for line in api.lines + web.lines)
+
+    assert api.stop() == 0
+    wait_until(lambda: entry not in catalog_ids())
