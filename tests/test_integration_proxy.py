@@ -490,3 +490,58 @@ def test_a_developer_proxy_can_listen_register_itself_and_leave_the_catalog(dev,
 
     assert api.stop() == 0
     wait_until(lambda: entry not in catalog_ids())
+
+
+def test_with_default_deny_acls_tokens_from_a_file_or_the_environment_and_intentions_decide(
+    tmp_path, procs, apps
+):
+    # ACLs on with default deny: each proxy acts with its service's token (-token-file, or
+    # TRELLIS_HTTP_TOKEN), and with no intention the connection is refused, as the ACL
+    # default says; an allow intention lets it through.
+    cfg = tmp_path / "acl.json"
+    cfg.write_text(json.dumps({"acl": {"enabled": True, "default_policy": "deny"}}))
+    server = TrellisProcess(
+        ["server", "-config", str(cfg), "-data-dir", str(tmp_path / "d"), "-http-port", "0",
+         "-dns-port", "-1", "-workers", "1", "-node", "n1"]
+    ).start()  # fmt: skip
+    try:
+        boot = httpx.put(server.url + "/v1/acl/bootstrap", timeout=10).json()["SecretID"]
+        h = {"X-Consul-Token": boot}
+
+        def token_for(service: str) -> str:
+            rules = (
+                f'service "{service}" {{ policy = "write" }}\n'
+                'service_prefix "" { policy = "read" }\nnode_prefix "" { policy = "read" }'
+            )
+            pol = httpx.put(server.url + "/v1/acl/policy", headers=h, timeout=10,
+                            json={"Name": f"{service}-proxy", "Rules": rules}).json()  # fmt: skip
+            r = httpx.put(server.url + "/v1/acl/token", headers=h, timeout=10,
+                          json={"Policies": [{"ID": pol["ID"]}]})  # fmt: skip
+            return r.json()["SecretID"]
+
+        db_token, alice_token = token_for("db"), token_for("alice")
+        app = EchoApp(upper=True)
+        apps.append(app)
+        register(server.url, sidecar_service("db", app.port, free_port()), token=db_token)
+        token_file = tmp_path / "db.token"
+        token_file.write_text(db_token + "\n")
+        token_file.chmod(0o600)
+        procs.append(
+            ProxyProcess(
+                ["-sidecar-for", "db", "-http-addr", server.url, "-token-file", str(token_file)]
+            ).start()
+        )
+        up = free_port()
+        alice = ProxyProcess(
+            ["-service", "alice", "-upstream", f"db:{up}", "-http-addr", server.url],
+            env={"TRELLIS_HTTP_TOKEN": alice_token},
+        ).start()
+        procs.append(alice)
+        wait_until(lambda: _accepts(up))
+        assert not _echoes(up, b"denied by default")
+        allow = {"SourceName": "alice", "DestinationName": "db", "Action": "allow"}
+        r = httpx.post(server.url + "/v1/connect/intentions", headers=h, json=allow, timeout=10)
+        assert r.status_code == 200, r.text
+        wait_until(lambda: _echoes(up, b"allowed"), timeout=10)
+    finally:
+        server.stop()
