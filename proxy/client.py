@@ -600,14 +600,7 @@ class Client:
         index: int | None = None,
         wait: float | str | None = None,
     ) -> Indexed[list[dict[str, Any]]]:
-        r = self.request(
-            "GET",
-            "/v1/health/service/" + _path(name),
-            params={"passing": passing, "tag": tag},
-            index=index,
-            wait=wait,
-        )
-        return Indexed(_expect(r, list), r.index)
+        return self._health("service", name, {"passing": passing, "tag": tag}, index, wait)
 
     def health_connect(
         self,
@@ -620,12 +613,18 @@ class Client:
     ) -> Indexed[list[dict[str, Any]]]:
         """The Connect-capable instances of ``name`` (its proxies, or itself if native), in
         ``/v1/health/service`` form: what a proxy dials for an upstream."""
+        return self._health("connect", name, {"passing": passing, "dc": datacenter}, index, wait)
+
+    def _health(
+        self,
+        kind: str,
+        name: str,
+        params: dict[str, Any],
+        index: int | None,
+        wait: float | str | None,
+    ) -> Indexed[list[dict[str, Any]]]:
         r = self.request(
-            "GET",
-            "/v1/health/connect/" + _path(name),
-            params={"passing": passing, "dc": datacenter},
-            index=index,
-            wait=wait,
+            "GET", f"/v1/health/{kind}/" + _path(name), params=params, index=index, wait=wait
         )
         return Indexed(_expect(r, list), r.index)
 

@@ -60,22 +60,18 @@ class SidecarCollector(Collector):
             tx.add_metric([d], c.bytes_out[d])
         yield rx
         yield tx
-        hs = CounterMetricFamily(
+        yield _counted(
             "trellis_proxy_handshake_failures",
             "Failed TLS handshakes, by reason",
-            labels=["reason"],
+            "reason",
+            c.handshake_failures,
         )
-        for reason, n in sorted(c.handshake_failures.items()):
-            hs.add_metric([reason], n)
-        yield hs
-        up = CounterMetricFamily(
+        yield _counted(
             "trellis_proxy_upstream_connect_failures",
             "Failed attempts to reach an upstream instance (or the local app), by stage",
-            labels=["stage"],
+            "stage",
+            c.upstream_connect_failures,
         )
-        for stage, n in sorted(c.upstream_connect_failures.items()):
-            up.add_metric([stage], n)
-        yield up
         authz = CounterMetricFamily(
             "trellis_proxy_authorizations",
             "Authorization decisions on inbound connections, by source service and result",
@@ -103,6 +99,14 @@ class SidecarCollector(Collector):
             "1 when the control plane answers, 0 while the proxy serves from what it holds",
             value=1 if sc.follower.connected else 0,
         )
+
+
+def _counted(name: str, doc: str, label: str, table: dict[str, int]) -> CounterMetricFamily:
+    """A counter family from a table of counts by one label's value."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, n in sorted(table.items()):
+        family.add_metric([value], n)
+    return family
 
 
 def registry_for(sidecar: Sidecar) -> CollectorRegistry:

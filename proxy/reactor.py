@@ -737,11 +737,10 @@ class Inbound(Connection):
         reactor.add(sock, self)
 
     def on_event(self, fd: int, events: int) -> None:
+        # Once relaying, the pipe is its sockets' handler (``Reactor.rebind``): the events
+        # that reach this handler are those of the handshake and the app connection.
         try:
-            if self.state == "relay":
-                assert self.pipe is not None
-                self.pipe.on_event(fd, events)
-            elif self.state == "handshake":
+            if self.state == "handshake":
                 self._on_handshake_event(events)
             elif self.state == "connect":
                 if fd == self.down.fd:
@@ -917,10 +916,7 @@ class Outbound(Connection):
         self.tried.append(f"{host}:{port} {stage}: {why}")
 
     def on_event(self, fd: int, events: int) -> None:
-        if self.state == "relay":
-            assert self.pipe is not None
-            self.pipe.on_event(fd, events)
-            return
+        # Once relaying, the pipe is its sockets' handler (``Reactor.rebind``).
         if fd == self.local.fd:
             if events & _SHUT:
                 self.local.final = True  # its bytes and its end wait for the relay's start

@@ -7,15 +7,11 @@ fixture stops by PID, also when the test fails.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
-import subprocess
 import threading
-import time
 
-from tests.support import TRELLIS
+from tests.support import OutputProcess
 
 
 def free_port() -> int:
@@ -71,30 +67,17 @@ class EchoApp:
                 pass
 
 
-class ProxyProcess:
+class ProxyProcess(OutputProcess):
     """A real ``trellis connect proxy`` subprocess. ``start`` waits for its banner (or its
     exit) and reads where it listens from it."""
 
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
-        self.args = [TRELLIS, "connect", "proxy", *args]
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []
+        super().__init__(["connect", "proxy", *args], env=env)
         self.listening: dict[str, tuple[str, int]] = {}
-        self._ready = threading.Event()
-        self._reader: threading.Thread | None = None
 
     def start(self, *, wait: bool = True, timeout: float = 30.0) -> ProxyProcess:
-        self.proc = subprocess.Popen(
-            self.args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=self.env,
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._spawn()
+        assert self.proc is not None
         if wait and not self._ready.wait(timeout):
             self.stop()
             raise AssertionError("the proxy did not start:\n" + self.output())
@@ -102,58 +85,15 @@ class ProxyProcess:
             raise AssertionError("the proxy exited:\n" + self.output())
         return self
 
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            m = re.match(r"\s+Upstream: (\S+) => (\S*):(\d+)$", line)
-            if m:
-                self.listening[m.group(1)] = (m.group(2) or "127.0.0.1", int(m.group(3)))
-            m = re.match(r"\s+Public listener: (\S+):(\d+) =>", line)
-            if m:
-                self.listening["public"] = (m.group(1), int(m.group(2)))
-            if "Log data will now stream" in line:
-                self._ready.set()
-        self._ready.set()
-
-    def wait_for_line(self, pattern: str, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if rx.search(line):
-                    return line
-            time.sleep(0.02)
-        raise AssertionError(f"no line matching {pattern!r}:\n" + self.output())
-
-    def output(self) -> str:
-        return "\n".join(self.lines[-80:])
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def wait(self, timeout: float = 15.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self._reader is not None:
-            self._reader.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
+    def _line(self, line: str) -> None:
+        m = re.match(r"\s+Upstream: (\S+) => (\S*):(\d+)$", line)
+        if m:
+            self.listening[m.group(1)] = (m.group(2) or "127.0.0.1", int(m.group(3)))
+        m = re.match(r"\s+Public listener: (\S+):(\d+) =>", line)
+        if m:
+            self.listening["public"] = (m.group(1), int(m.group(2)))
+        if "Log data will now stream" in line:
+            self._ready.set()
 
 
 def exchange(sock: socket.socket, data: bytes, timeout: float = 5.0) -> bytes:

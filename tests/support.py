@@ -46,24 +46,21 @@ def server_args(data_dir: Path, *, workers: int, node: str) -> list[str]:
     ]
 
 
-class TrellisProcess:
-    """A real ``trellis dev`` or ``trellis server`` subprocess on free ports.
-
-    It reads the banner the server prints to learn the HTTP URL and the DNS port, waits until
-    ``/v1/status/leader`` answers, and keeps the output for failure messages.
-    """
+class OutputProcess:
+    """A real ``trellis`` subprocess in its own session, with its output (stdout and stderr)
+    kept line by line by a reader thread, for assertions and failure messages. Subclasses read
+    what they need from each line (``_line``) and say when the process is up (``_ready``).
+    ``stop`` ends the whole process group, so nothing it started outlives the test."""
 
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
         self.args = [TRELLIS, *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
-        self.url = ""
-        self.dns_port: int | None = None
         self.lines: list[str] = []
         self._reader: threading.Thread | None = None
         self._ready = threading.Event()
 
-    def start(self, timeout: float = 30.0) -> TrellisProcess:
+    def _spawn(self) -> None:
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,
@@ -74,35 +71,27 @@ class TrellisProcess:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        deadline = time.monotonic() + timeout
-        if not self._ready.wait(timeout):
-            self.stop()
-            raise AssertionError("trellis did not print its address:\n" + self.output())
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("trellis exited early:\n" + self.output())
-            try:
-                if httpx.get(self.url + "/v1/status/leader", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError("trellis did not become ready:\n" + self.output())
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            m = re.search(r"HTTP API: (http://\S+)", line)
-            if m:
-                self.url = m.group(1)
-            m = re.search(r"DNS: \S+:(\d+) ", line)
-            if m:
-                self.dns_port = int(m.group(1))
-            if "Log data will now stream" in line or ("DNS:" in line and self.url):
-                self._ready.set()
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            self._line(line)
         self._ready.set()
+
+    def _line(self, line: str) -> None:
+        """One line of output, as it arrives (in the reader thread)."""
+
+    def wait_for_line(self, pattern: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if rx.search(line):
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"no line matching {pattern!r}:\n" + self.output())
 
     def output(self) -> str:
         return "\n".join(self.lines[-80:])
@@ -111,6 +100,10 @@ class TrellisProcess:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def wait(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
 
     def kill(self) -> None:
         """SIGKILL the whole process group (master and workers): a crash, not a shutdown."""
@@ -142,6 +135,48 @@ class TrellisProcess:
             self._reader.join(5)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+class TrellisProcess(OutputProcess):
+    """A real ``trellis dev`` or ``trellis server`` subprocess on free ports.
+
+    It reads the banner the server prints to learn the HTTP URL and the DNS port, waits until
+    ``/v1/status/leader`` answers, and keeps the output for failure messages.
+    """
+
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
+        super().__init__(args, env=env)
+        self.url = ""
+        self.dns_port: int | None = None
+
+    def start(self, timeout: float = 30.0) -> TrellisProcess:
+        self._spawn()
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise AssertionError("trellis did not print its address:\n" + self.output())
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("trellis exited early:\n" + self.output())
+            try:
+                if httpx.get(self.url + "/v1/status/leader", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError("trellis did not become ready:\n" + self.output())
+
+    def _line(self, line: str) -> None:
+        m = re.search(r"HTTP API: (http://\S+)", line)
+        if m:
+            self.url = m.group(1)
+        m = re.search(r"DNS: \S+:(\d+) ", line)
+        if m:
+            self.dns_port = int(m.group(1))
+        if "Log data will now stream" in line or ("DNS:" in line and self.url):
+            self._ready.set()
 
 
 def child_pids(pid: int) -> list[int]:

@@ -25,22 +25,9 @@ OUTAGE = 60.0
 
 
 @pytest.fixture
-def dev(tmp_path):
-    p = TrellisProcess(
-        [
-            "dev",
-            "-http-port",
-            "0",
-            "-dns-port",
-            "-1",
-            "-node",
-            "test-node",
-            "-data-dir",
-            str(tmp_path / "data"),
-        ]
-    ).start()
-    yield p
-    p.stop()
+def dev(trellis_server):
+    """``trellis dev`` on free ports (conftest's ``trellis_server``)."""
+    return trellis_server
 
 
 def register(url: str, body: dict, token: str | None = None) -> None:

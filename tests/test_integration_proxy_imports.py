@@ -21,7 +21,7 @@ import socket
 import pytest
 
 from tests.proxy_support import EchoApp, ProxyProcess, exchange, free_port
-from tests.support import TrellisProcess, wait_until
+from tests.support import wait_until
 from tests.test_integration_proxy import register, sidecar_service
 
 pytestmark = pytest.mark.integration
@@ -47,12 +47,8 @@ def top_levels(modules: set[str]) -> set[str]:
 
 
 @pytest.fixture
-def dev(tmp_path):
-    p = TrellisProcess(
-        ["dev", "-http-port", "0", "-dns-port", "-1", "-data-dir", str(tmp_path / "data")]
-    ).start()
-    yield p
-    p.stop()
+def dev(trellis_server):
+    return trellis_server
 
 
 def test_a_proxy_imports_neither_the_server_nor_what_it_does_not_use(dev, procs):

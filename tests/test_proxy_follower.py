@@ -125,6 +125,12 @@ async def _until(predicate: Any, timeout: float) -> None:
             await trio.sleep(0.01)
 
 
+def _serving(f: Follower) -> bool:
+    """It has a leaf, roots, intentions, and the upstream's instances."""
+    snap = f.snapshot
+    return snap is not None and snap.ready_to_serve and "cache" in snap.endpoints
+
+
 @pytest.fixture
 def ca() -> MeshCA:
     return MeshCA()
@@ -141,14 +147,7 @@ def test_it_publishes_leaf_roots_intentions_and_upstreams_then_follows_changes(c
         f = Follower(cp, config=CONFIG, on_snapshot=snaps.append, wait=5)  # type: ignore[arg-type]
         async with trio.open_nursery() as n:
             await n.start(f.run)
-            await _until(
-                lambda: (
-                    f.snapshot is not None
-                    and f.snapshot.ready_to_serve
-                    and "cache" in f.snapshot.endpoints
-                ),
-                5,
-            )
+            await _until(lambda: _serving(f), 5)
             snap = f.snapshot
             assert snap is not None and snap.leaf is not None
             assert snap.identity == spiffe.service_id(ca.trust_domain, DC, "db")
@@ -204,14 +203,7 @@ def test_after_an_outage_every_watch_catches_up_as_soon_as_one_gets_through(ca):
         )
         async with trio.open_nursery() as n:
             await n.start(f.run)
-            await _until(
-                lambda: (
-                    f.snapshot is not None
-                    and f.snapshot.ready_to_serve
-                    and "cache" in f.snapshot.endpoints
-                ),
-                5,
-            )
+            await _until(lambda: _serving(f), 5)
             cp.go_down()
             await _until(lambda: not f.connected, 5)
             await trio.sleep(0.5)
