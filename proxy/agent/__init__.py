@@ -1,0 +1,1 @@
+"""The node agent (``trellis agent``): local API, health checks, managed sidecars, anti-entropy."""
