@@ -565,7 +565,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     b = Bench(tmp, args)
     try:
         b.start(pairs=args.only != "fanout")
-        if args.only != "fanout":
+        if args.only == "rss":
+            # Fresh proxies, no load before: what a sidecar costs idle and holding --open
+            # connections, without the allocator's high-water mark from the load steps.
+            res["rss"] = {t: b.rss(t) for t in ("trellis", "haproxy")}
+        elif args.only != "fanout":
             raw: dict[str, dict[str, list[dict[str, Any]]]] = {
                 t: {m: [] for m in MEASURES} for t in TARGETS
             }
@@ -577,7 +581,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         log(f"round {rnd + 1} {target} {what}: {r}")
             res["raw"] = raw
             res["rss"] = {t: b.rss(t) for t in ("trellis", "haproxy")}
-        if args.fanout and args.only != "pair":
+        if args.fanout and args.only not in ("pair", "rss"):
             res["fanout"] = fanout(b, args.fanout)
     finally:
         b.stop()
@@ -598,6 +602,8 @@ def report(res: dict[str, Any]) -> str:
     ]
     if "raw" in res:
         out += _pair_report(res)
+    elif "rss" in res:
+        out += _rss_report(res)
     if "fanout" in res:
         f = res["fanout"]
         out.append("")
@@ -669,6 +675,10 @@ def _pair_report(res: dict[str, Any]) -> list[str]:
     out.append(table(ratio_rows, ["measure", "trellis/haproxy", "trellis/direct",
                                   "haproxy/direct"]))  # fmt: skip
     out.append("")
+    return out + _rss_report(res)
+
+
+def _rss_report(res: dict[str, Any]) -> list[str]:
     rss = res["rss"]
     rss_rows = [
         [t, "/".join(str(k // 1024) for k in rss[t]["idle_kb"]),
@@ -676,9 +686,9 @@ def _pair_report(res: dict[str, Any]) -> list[str]:
          "/".join(str(k // 1024) for k in rss[t]["peak_kb"])]
         for t in ("trellis", "haproxy")
     ]  # fmt: skip
-    out.append(table(rss_rows, ["RSS MB (client/server proxy)", "idle",
-                                f"{res['config']['open']} open", "peak"]))  # fmt: skip
-    return out
+    fresh = " (fresh proxies, no load before)" if res["config"]["only"] == "rss" else ""
+    return [table(rss_rows, [f"RSS MB (client/server proxy){fresh}", "idle",
+                             f"{res['config']['open']} open", "peak"])]  # fmt: skip
 
 
 def main() -> int:
@@ -695,8 +705,9 @@ def main() -> int:
         help="trellis dev's workers (default 1, or 2 with the fan-out: see Bench._workers)",
     )  # fmt: skip
     p.add_argument(
-        "--only", choices=("pair", "fanout"), default=None,
-        help="run only the pair measures, or only the intention fan-out",
+        "--only", choices=("pair", "fanout", "rss"), default=None,
+        help="run only the pair measures, only the intention fan-out, or only the RSS of"
+        " fresh proxies (idle, then holding --open connections)",
     )  # fmt: skip
     p.add_argument("--wait-quiet", type=float, default=0.0, help="wait for a quiet machine")
     p.add_argument("--json", nargs="?", const="-", default=None, help="JSON to PATH (or stdout)")
