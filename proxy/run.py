@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import signal
 import sys
 import time
@@ -59,21 +58,38 @@ class _JSONFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-class _HeldUntilBanner(logging.handlers.MemoryHandler):
+class _HeldUntilBanner(logging.Handler):
     """Holds log lines until the banner is out (``open_gate``), so that they follow it, as
     "Log data will now stream in" promises, instead of cutting through it. Warnings and
-    errors go out at once: a proxy that cannot get to its banner (no control plane, a bad
-    token) must say why while it waits."""
+    errors go out at once, with what was held before them: a proxy that cannot get to its
+    banner (no control plane, a bad token) must say why while it waits.
+
+    Not ``logging.handlers.MemoryHandler``, which does the same: importing that module (and
+    the pickle it pulls in) costs every sidecar half a megabyte (issue 10's memory floor)."""
+
+    CAPACITY = 10_000
 
     def __init__(self, target: logging.Handler) -> None:
-        super().__init__(capacity=10_000, flushLevel=logging.WARNING, target=target)
+        super().__init__()
+        self.target = target
+        self.held: list[logging.LogRecord] = []
         self.released = False
 
-    def shouldFlush(self, record: logging.LogRecord) -> bool:
-        return self.released or super().shouldFlush(record)
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.released:
+            self.target.handle(record)
+            return
+        self.held.append(record)
+        if record.levelno >= logging.WARNING or len(self.held) >= self.CAPACITY:
+            self.flush()
+
+    def flush(self) -> None:
+        held, self.held = self.held, []
+        for record in held:
+            self.target.handle(record)
 
     def open_gate(self) -> None:
-        # Not "release": logging.Handler.release() is its lock's, and flush() calls it.
+        # Not "release": logging.Handler.release() is its lock's.
         self.released = True
         self.flush()
 
