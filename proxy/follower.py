@@ -7,9 +7,10 @@ connection's path.
 
 Theory of operation
 -------------------
-A follower makes its service's P-256 key once, in memory (never sent, logged or written), and
-runs one trio task per thing it follows, each a loop of blocking queries over the typed client
-(``trellis.proxy.client``, run in a worker thread, since it is synchronous):
+A follower makes its service's P-256 key once, in memory (never sent, logged or written),
+reads certificates with ``trellis.proxy.der``, and runs one trio task per thing it follows,
+each a loop of blocking queries over the typed client (``trellis.proxy.client``, run in a
+worker thread, since it is synchronous):
 
 * ``roots``: ``/v1/connect/ca/roots``;
 * ``leaf``: signs a CSR through ``/v1/connect/ca/sign`` when there is no leaf, at the renewal
@@ -43,10 +44,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
-from cryptography import x509 as cx509
 from cryptography.hazmat.primitives import serialization
 
-from trellis.proxy import authz, renewal, spiffe, tls
+from trellis.proxy import authz, der, renewal, spiffe, tls
 from trellis.proxy import client as api
 from trellis.proxy import config as pconfig
 from trellis.proxy import x509 as px
@@ -99,7 +99,8 @@ def _hex(b: bytes) -> str:
 
 
 def roots_from_json(doc: dict[str, Any], index: int) -> Roots:
-    """``/v1/connect/ca/roots`` as a ``Roots`` value (FollowerError if it is unusable)."""
+    """``/v1/connect/ca/roots`` as a ``Roots`` value (FollowerError if it is unusable;
+    ``der.DERError`` if a certificate does not parse)."""
     td = doc.get("TrustDomain")
     if not isinstance(td, str) or not td:
         raise FollowerError("the CA has no trust domain yet")
@@ -110,12 +111,10 @@ def roots_from_json(doc: dict[str, Any], index: int) -> Roots:
         for pem in certs:
             if not pem:
                 continue
-            for cert in px.load_certs(pem):
-                try:
-                    ski = cert.extensions.get_extension_for_class(cx509.SubjectKeyIdentifier)
-                    key_ids.add(_hex(ski.value.digest))
-                except cx509.ExtensionNotFound:
-                    pass
+            for cert_der in der.pem_certificates(pem):
+                ski = der.certificate(cert_der).extensions.get(der.OID_SUBJECT_KEY_IDENTIFIER)
+                if ski is not None:
+                    key_ids.add(_hex(der.subject_key_id(ski.value)))
         pems.append(r.get("RootCert", ""))
     if not pems:
         raise FollowerError("the CA lists no roots")
@@ -129,20 +128,21 @@ def roots_from_json(doc: dict[str, Any], index: int) -> Roots:
 
 
 def leaf_from_json(issued: dict[str, Any]) -> Leaf:
-    certs = px.load_certs(issued["CertPEM"])
-    leaf = certs[0]
-    try:
-        aki = leaf.extensions.get_extension_for_class(cx509.AuthorityKeyIdentifier)
-        issuer = _hex(aki.value.key_identifier or b"")
-    except cx509.ExtensionNotFound:
-        issuer = ""
+    """``/v1/connect/ca/sign``'s answer as a ``Leaf`` (``der.DERError`` if it does not
+    parse)."""
+    certs = der.pem_certificates(issued["CertPEM"])
+    leaf = der.certificate(certs[0])
+    if leaf.serial <= 0:
+        raise der.DERError("the leaf's serial number is not positive")
+    aki = leaf.extensions.get(der.OID_AUTHORITY_KEY_IDENTIFIER)
+    issuer = der.authority_key_id(aki.value) if aki is not None else None
     return Leaf(
-        cert_pem=px.cert_pem(leaf),
-        chain_pem=tuple(px.cert_pem(c) for c in certs[1:]),
-        not_before=leaf.not_valid_before_utc.timestamp(),
-        not_after=leaf.not_valid_after_utc.timestamp(),
-        serial=px.serial_hex(leaf.serial_number),
-        issuer_key_id=issuer,
+        cert_pem=der.pem(certs[0]),
+        chain_pem=tuple(der.pem(c) for c in certs[1:]),
+        not_before=leaf.not_before.timestamp(),
+        not_after=leaf.not_after.timestamp(),
+        serial=der.serial_hex(leaf.serial),
+        issuer_key_id=_hex(issuer or b""),
     )
 
 
