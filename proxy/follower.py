@@ -7,10 +7,14 @@ connection's path.
 
 Theory of operation
 -------------------
-A follower makes its service's P-256 key once, in memory (never sent, logged or written),
-reads certificates with ``trellis.proxy.der``, and runs one trio task per thing it follows,
-each a loop of blocking queries over the typed client (``trellis.proxy.client``, run in a
-worker thread, since it is synchronous):
+A follower has its service's P-256 key made once, in memory (never sent, logged or written),
+by an injected ``keygen.KeySource``: in this process (the SDK, the tests), or in a short-lived
+child process for ``trellis connect proxy``, which thus never imports ``cryptography`` (it
+reads certificates with ``trellis.proxy.der``). The CSR is made with the key when the leaf is
+first signed and again only when the identity changes (a new trust domain); a renewal sends
+the same CSR. The follower runs one trio task per thing it follows, each a loop of blocking
+queries over the typed client (``trellis.proxy.client``, run in a worker thread, since it is
+synchronous):
 
 * ``roots``: ``/v1/connect/ca/roots``;
 * ``leaf``: signs a CSR through ``/v1/connect/ca/sign`` when there is no leaf, at the renewal
@@ -44,12 +48,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
-from cryptography.hazmat.primitives import serialization
 
-from trellis.proxy import authz, der, renewal, spiffe, tls
+from trellis.proxy import authz, der, keygen, renewal, spiffe, tls
 from trellis.proxy import client as api
 from trellis.proxy import config as pconfig
-from trellis.proxy import x509 as px
 from trellis.proxy.snapshot import Endpoint, Leaf, Roots, Snapshot
 
 log = logging.getLogger("trellis.proxy.follower")
@@ -179,6 +181,7 @@ class Follower:
         rng: random.Random | None = None,
         wait: float = WAIT,
         backoff: tuple[float, float] = (BACKOFF_MIN, BACKOFF_MAX),
+        keys: keygen.KeySource | None = None,
     ) -> None:
         if (config is None) == (locate is None):
             raise ValueError("give either a fixed config or a locate function")
@@ -190,8 +193,9 @@ class Follower:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._wait = wait
         self._backoff = backoff
-        self._key = px.generate_key("ec", 256)
-        self._key_pem = px.key_pem(self._key)
+        self._keys: keygen.KeySource = keys or keygen.InProcessKeys()
+        self._key_pem: str | None = None
+        self._csr: tuple[spiffe.ServiceID, str] | None = None
         self._tls: TLSMaterial | None = None
         self._tls_for: tuple[Any, Any] = (None, None)
         self._version = 0
@@ -344,9 +348,14 @@ class Follower:
         assert roots is not None and self._service is not None
         dc = self.datacenter
         ident = spiffe.service_id(roots.trust_domain, dc, self._service)
-        csr = px.build_csr(self._key, ident)
-        csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-        issued = await self._call(self.client.ca_sign, csr_pem)
+        if self._csr is None or self._csr[0] != ident:
+            try:
+                made = await self._keys.key_and_csr(ident.uri, self._key_pem)
+            except keygen.KeygenError as e:
+                raise FollowerError(str(e)) from None
+            self._key_pem = made.key_pem
+            self._csr = (ident, made.csr_pem)
+        issued = await self._call(self.client.ca_sign, self._csr[1])
         leaf = leaf_from_json(issued)
         self._state.leaf = leaf
         self._leaf_start = renewal.lifetime_start(leaf.not_before, leaf.not_after, time.time())
@@ -461,6 +470,7 @@ class Follower:
             self._signal()
             return
         if st.leaf is not None and (st.leaf, st.roots) != self._tls_for:
+            assert self._key_pem is not None  # made before the leaf was signed
             try:
                 kwargs = dict(
                     cert_pem=st.leaf.cert_pem,
