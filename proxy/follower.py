@@ -7,9 +7,14 @@ connection's path.
 
 Theory of operation
 -------------------
-A follower makes its service's P-256 key once, in memory (never sent, logged or written), and
-runs one trio task per thing it follows, each a loop of blocking queries over the typed client
-(``trellis.proxy.client``, run in a worker thread, since it is synchronous):
+A follower has its service's P-256 key made once, in memory (never sent, logged or written),
+by an injected ``keygen.KeySource``: in this process (the SDK, the tests), or in a short-lived
+child process for ``trellis connect proxy``, which thus never imports ``cryptography`` (it
+reads certificates with ``trellis.proxy.der``). The CSR is made with the key when the leaf is
+first signed and again only when the identity changes (a new trust domain); a renewal sends
+the same CSR. The follower runs one trio task per thing it follows, each a loop of blocking
+queries over the typed client (``trellis.proxy.client``, run in a worker thread, since it is
+synchronous):
 
 * ``roots``: ``/v1/connect/ca/roots``;
 * ``leaf``: signs a CSR through ``/v1/connect/ca/sign`` when there is no leaf, at the renewal
@@ -43,13 +48,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
-from cryptography import x509 as cx509
-from cryptography.hazmat.primitives import serialization
 
-from trellis.proxy import authz, renewal, spiffe, tls
+from trellis.proxy import authz, der, keygen, renewal, spiffe, tls
 from trellis.proxy import client as api
 from trellis.proxy import config as pconfig
-from trellis.proxy import x509 as px
 from trellis.proxy.snapshot import Endpoint, Leaf, Roots, Snapshot
 
 log = logging.getLogger("trellis.proxy.follower")
@@ -99,7 +101,8 @@ def _hex(b: bytes) -> str:
 
 
 def roots_from_json(doc: dict[str, Any], index: int) -> Roots:
-    """``/v1/connect/ca/roots`` as a ``Roots`` value (FollowerError if it is unusable)."""
+    """``/v1/connect/ca/roots`` as a ``Roots`` value (FollowerError if it is unusable;
+    ``der.DERError`` if a certificate does not parse)."""
     td = doc.get("TrustDomain")
     if not isinstance(td, str) or not td:
         raise FollowerError("the CA has no trust domain yet")
@@ -110,12 +113,10 @@ def roots_from_json(doc: dict[str, Any], index: int) -> Roots:
         for pem in certs:
             if not pem:
                 continue
-            for cert in px.load_certs(pem):
-                try:
-                    ski = cert.extensions.get_extension_for_class(cx509.SubjectKeyIdentifier)
-                    key_ids.add(_hex(ski.value.digest))
-                except cx509.ExtensionNotFound:
-                    pass
+            for cert_der in der.pem_certificates(pem):
+                ski = der.certificate(cert_der).extensions.get(der.OID_SUBJECT_KEY_IDENTIFIER)
+                if ski is not None:
+                    key_ids.add(_hex(der.subject_key_id(ski.value)))
         pems.append(r.get("RootCert", ""))
     if not pems:
         raise FollowerError("the CA lists no roots")
@@ -129,20 +130,21 @@ def roots_from_json(doc: dict[str, Any], index: int) -> Roots:
 
 
 def leaf_from_json(issued: dict[str, Any]) -> Leaf:
-    certs = px.load_certs(issued["CertPEM"])
-    leaf = certs[0]
-    try:
-        aki = leaf.extensions.get_extension_for_class(cx509.AuthorityKeyIdentifier)
-        issuer = _hex(aki.value.key_identifier or b"")
-    except cx509.ExtensionNotFound:
-        issuer = ""
+    """``/v1/connect/ca/sign``'s answer as a ``Leaf`` (``der.DERError`` if it does not
+    parse)."""
+    certs = der.pem_certificates(issued["CertPEM"])
+    leaf = der.certificate(certs[0])
+    if leaf.serial <= 0:
+        raise der.DERError("the leaf's serial number is not positive")
+    aki = leaf.extensions.get(der.OID_AUTHORITY_KEY_IDENTIFIER)
+    issuer = der.authority_key_id(aki.value) if aki is not None else None
     return Leaf(
-        cert_pem=px.cert_pem(leaf),
-        chain_pem=tuple(px.cert_pem(c) for c in certs[1:]),
-        not_before=leaf.not_valid_before_utc.timestamp(),
-        not_after=leaf.not_valid_after_utc.timestamp(),
-        serial=px.serial_hex(leaf.serial_number),
-        issuer_key_id=issuer,
+        cert_pem=der.pem(certs[0]),
+        chain_pem=tuple(der.pem(c) for c in certs[1:]),
+        not_before=leaf.not_before.timestamp(),
+        not_after=leaf.not_after.timestamp(),
+        serial=der.serial_hex(leaf.serial),
+        issuer_key_id=_hex(issuer or b""),
     )
 
 
@@ -179,6 +181,7 @@ class Follower:
         rng: random.Random | None = None,
         wait: float = WAIT,
         backoff: tuple[float, float] = (BACKOFF_MIN, BACKOFF_MAX),
+        keys: keygen.KeySource | None = None,
     ) -> None:
         if (config is None) == (locate is None):
             raise ValueError("give either a fixed config or a locate function")
@@ -190,8 +193,9 @@ class Follower:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._wait = wait
         self._backoff = backoff
-        self._key = px.generate_key("ec", 256)
-        self._key_pem = px.key_pem(self._key)
+        self._keys: keygen.KeySource = keys or keygen.InProcessKeys()
+        self._key_pem: str | None = None
+        self._csr: tuple[spiffe.ServiceID, str] | None = None
         self._tls: TLSMaterial | None = None
         self._tls_for: tuple[Any, Any] = (None, None)
         self._version = 0
@@ -344,9 +348,14 @@ class Follower:
         assert roots is not None and self._service is not None
         dc = self.datacenter
         ident = spiffe.service_id(roots.trust_domain, dc, self._service)
-        csr = px.build_csr(self._key, ident)
-        csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-        issued = await self._call(self.client.ca_sign, csr_pem)
+        if self._csr is None or self._csr[0] != ident:
+            try:
+                made = await self._keys.key_and_csr(ident.uri, self._key_pem)
+            except keygen.KeygenError as e:
+                raise FollowerError(str(e)) from None
+            self._key_pem = made.key_pem
+            self._csr = (ident, made.csr_pem)
+        issued = await self._call(self.client.ca_sign, self._csr[1])
         leaf = leaf_from_json(issued)
         self._state.leaf = leaf
         self._leaf_start = renewal.lifetime_start(leaf.not_before, leaf.not_after, time.time())
@@ -461,6 +470,7 @@ class Follower:
             self._signal()
             return
         if st.leaf is not None and (st.leaf, st.roots) != self._tls_for:
+            assert self._key_pem is not None  # made before the leaf was signed
             try:
                 kwargs = dict(
                     cert_pem=st.leaf.cert_pem,

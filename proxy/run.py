@@ -20,6 +20,7 @@ import trio
 
 from trellis.proxy import client as api
 from trellis.proxy import config as pconfig
+from trellis.proxy import keygen
 from trellis.proxy.follower import Follower, FollowerError
 from trellis.proxy.reactor import Reactor
 from trellis.proxy.rlimits import raise_open_files
@@ -161,16 +162,19 @@ def proxy_locator(proxy_id: str) -> Callable[[dict[str, Any]], pconfig.ProxyConf
 
 
 def build(opts: Options, client: api.Client) -> tuple[Follower, str]:
-    """The follower for these options, and the configuration mode for the banner."""
+    """The follower for these options, and the configuration mode for the banner. The key and
+    CSR are made by a child process, so that this long-running one never imports
+    ``cryptography`` (``trellis.proxy.keygen``)."""
+    keys = keygen.ChildKeys()
     if opts.sidecar_for:
-        return Follower(client, locate=sidecar_locator(opts.sidecar_for)), "Agent API"
+        return Follower(client, locate=sidecar_locator(opts.sidecar_for), keys=keys), "Agent API"
     if opts.proxy_id:
-        return Follower(client, locate=proxy_locator(opts.proxy_id)), "Agent API"
+        return Follower(client, locate=proxy_locator(opts.proxy_id), keys=keys), "Agent API"
     assert opts.service is not None
     cfg = pconfig.from_flags(
         opts.service, opts.upstreams, listen=opts.listen, service_addr=opts.service_addr
     )
-    return Follower(client, config=cfg), "Flags"
+    return Follower(client, config=cfg, keys=keys), "Flags"
 
 
 def registration(cfg: pconfig.ProxyConfig) -> dict[str, Any]:

@@ -33,7 +33,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from trellis.proxy import names, spiffe
+from trellis.proxy import der, names, spiffe
+from trellis.proxy.der import colon_hex as colon_hex  # re-exported: the server's callers
+from trellis.proxy.der import serial_hex as serial_hex
+from trellis.proxy.profile import PeerRejected as PeerRejected
+from trellis.proxy.profile import leaf_profile
 
 MAX_CSR_BYTES = 16 * 1024
 EC_CURVES = {"secp256r1": 256, "secp384r1": 384, "secp521r1": 521}
@@ -45,10 +49,6 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 class PolicyError(ValueError):
     """A CSR or certificate breaks the mesh's X.509 policy; the sender is at fault."""
-
-
-class PeerRejected(ValueError):
-    """A peer's certificate is not acceptable; the connection must be refused."""
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -94,15 +94,6 @@ def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
 def key_id(public_key: PublicKey) -> bytes:
     """The subject key identifier (RFC 5280 method 1: SHA-1 of the public key bits)."""
     return x509.SubjectKeyIdentifier.from_public_key(public_key).digest
-
-
-def colon_hex(data: bytes) -> str:
-    """``ab:cd:...``: how Consul prints key IDs and serial numbers."""
-    return ":".join(f"{b:02x}" for b in data)
-
-
-def serial_hex(serial: int) -> str:
-    return colon_hex(serial.to_bytes((serial.bit_length() + 7) // 8 or 1, "big"))
 
 
 def new_serial() -> int:
@@ -455,26 +446,25 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 
 def leaf_identity(cert: x509.Certificate) -> spiffe.ServiceID:
-    """The service identity of a leaf, checking the leaf profile; PeerRejected otherwise."""
+    """The service identity of a leaf, checking the leaf profile
+    (``trellis.proxy.profile.leaf_profile``, the one place its rules live); PeerRejected
+    otherwise."""
     try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        if bc.ca:
-            raise PeerRejected("the peer presented a CA certificate, not a leaf")
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
-        pass
+        is_ca = False
     try:
         ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        usage: frozenset[str] | None = frozenset(
+            # encipher_only and decipher_only raise unless key_agreement is set; the profile
+            # does not look at them.
+            name
+            for name in der.KEY_USAGE_BITS[:7]
+            if getattr(ku, name)
+        )
     except x509.ExtensionNotFound:
-        raise PeerRejected("the peer's certificate has no key usage") from None
-    if ku.key_cert_sign or ku.crl_sign or not ku.digital_signature:
-        raise PeerRejected("the peer's certificate has a CA's key usage")
-    uris = _uri_sans(cert.extensions)
-    if len(uris) != 1:
-        raise PeerRejected(f"the peer's certificate has {len(uris)} URI SANs, not exactly 1")
-    try:
-        return spiffe.parse_service(uris[0])
-    except spiffe.SpiffeIDError as e:
-        raise PeerRejected(f"the peer's URI SAN is not a service identity: {e}") from None
+        usage = None
+    return leaf_profile(is_ca=is_ca, key_usage=usage, uris=_uri_sans(cert.extensions))
 
 
 def verify_peer(

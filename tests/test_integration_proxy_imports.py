@@ -29,8 +29,12 @@ pytestmark = pytest.mark.integration
 #: Never in a proxy: the control plane's stack, and libraries it has no use for.
 SERVER_SIDE = {"flask", "werkzeug", "jinja2", "gunicorn", "gevent", "marshmallow", "psycopg"}
 SERVER_SIDE |= {"hvac", "dnslib", "yaml", "hcl2", "lark"}
-#: Not needed by the proxy: the control-plane client speaks HTTP with the standard library.
+#: Not needed by the proxy: the control-plane client speaks HTTP with the standard library,
+#: OpenSSL (``ssl``) verifies chains, ``trellis.proxy.der`` reads certificates and a child
+#: process makes the key and CSR (``trellis.proxy.keygen``): ``cryptography`` alone would cost
+#: every sidecar some 9 MB (issue 10).
 UNNEEDED = {"httpx", "httpcore", "h11", "h2", "anyio", "click", "rich", "pygments"}
+UNNEEDED |= {"cryptography", "_cffi_backend", "cffi"}
 #: The only control-plane modules the ``trellis`` console script may load to dispatch.
 DISPATCH = {"trellis.api", "trellis.api.cli", "trellis.api.cli.main", "trellis.api.cli.base"}
 DISPATCH |= {"trellis.api.cli.connect"}
@@ -74,7 +78,10 @@ def test_a_proxy_imports_neither_the_server_nor_what_it_does_not_use(dev, procs)
             # The report is read at all: the proxy's own machinery is in it.
             assert {"trio", "trellis.proxy.reactor", "trellis.proxy.follower"} <= modules
             assert top_levels(modules) & SERVER_SIDE == set(), proxy.output()
-            assert top_levels(modules) & UNNEEDED == set()
+            assert top_levels(modules) & UNNEEDED == set(), sorted(top_levels(modules) & UNNEEDED)
+            # A leaf was signed and the roots read (the pair exchanged bytes over mTLS), by
+            # the DER reader and the profile rules.
+            assert {"trellis.proxy.der", "trellis.proxy.profile"} <= modules
             assert "prometheus_client" not in top_levels(modules)  # no -metrics-addr
             control_plane = {m for m in modules if m.startswith("trellis.api")}
             assert control_plane <= DISPATCH, sorted(control_plane - DISPATCH)
