@@ -174,7 +174,7 @@ def test_a_bind_port_in_the_config_is_the_public_port():
         ),
         (
             {"name": "web", "port": 80, "address": "web.local", "connect": {"proxy": {}}},
-            "bind_address must be an IP address",
+            "the address its sidecar listens on .* must be an IP address, not 'web.local'",
         ),
         (
             {

@@ -331,3 +331,33 @@ def test_a_child_outlives_trios_idle_worker_threads():
         trio.run(main)
     finally:
         log.removeHandler(out)
+
+
+def test_a_sidecar_gets_its_own_token_and_never_the_agents():
+    """The agent may run with its own token in the environment; a sidecar gets only the one
+    its spec gives (or none), and its output comes back under its proxy ID."""
+    out = Lines()
+    log = logging.getLogger("tests.supervisor.env")
+    log.addHandler(out)
+    log.setLevel(logging.INFO)
+    show = (
+        "import os; e = os.environ; print(e.get('TRELLIS_HTTP_TOKEN'),"
+        " e.get('TRELLIS_HTTP_TOKEN_FILE'), e.get('KEEP'), sep='|')"
+    )
+    agent_env = {"TRELLIS_HTTP_TOKEN": "agent", "TRELLIS_HTTP_TOKEN_FILE": "/agent", "KEEP": "1"}
+    launcher = ProcessLauncher([sys.executable, "-c", show], base_env=agent_env, log=log)
+
+    async def main() -> list[int]:
+        with trio.fail_after(30):
+            own = launcher.start("web-sidecar-proxy", [], {"TRELLIS_HTTP_TOKEN": "sidecar"})
+            none = launcher.start("db-sidecar-proxy", [], {})
+            return [await own.wait(), await none.wait()]
+
+    try:
+        assert trio.run(main) == [0, 0]
+    finally:
+        log.removeHandler(out)
+    assert sorted(out.lines) == [
+        "[db-sidecar-proxy] None|None|1",
+        "[web-sidecar-proxy] sidecar|None|1",
+    ]

@@ -96,7 +96,11 @@ def bind_address(app: Mapping[str, Any]) -> str:
     """The address the sidecar's public listener binds: ``config.bind_address``, else the
     app's address, else every address (``0.0.0.0``, as ``from_proxy_service`` reads it)."""
     addr = _config(app).get("bind_address") or _get(app, "Address", "address") or "0.0.0.0"  # noqa: S104
-    return _ip(addr, f"service {app_id(app)!r}: bind_address")
+    return _ip(
+        addr,
+        f"service {app_id(app)!r}: the address its sidecar listens on"
+        " (connect.proxy.config.bind_address, else the service's address)",
+    )
 
 
 def registration(app: Mapping[str, Any], port: int) -> dict[str, Any]:

@@ -282,12 +282,20 @@ class ProcessLauncher:
     its sidecars in order), with its output forwarded line by line to ``log`` under a
     ``[proxy-id]`` prefix."""
 
-    def __init__(self, argv: Sequence[str] | None = None, *, log: logging.Logger = _log) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str] | None = None,
+        *,
+        base_env: Mapping[str, str] | None = None,
+        log: logging.Logger = _log,
+    ) -> None:
         self._argv = list(argv) if argv is not None else trellis_argv()
+        self._base_env = base_env  # None: this process's environment, when a child starts
         self._log = log
 
     def start(self, proxy_id: str, args: Sequence[str], env: Mapping[str, str]) -> Child:
-        full_env = {k: v for k, v in os.environ.items() if k not in _TOKEN_ENV}
+        base = os.environ if self._base_env is None else self._base_env
+        full_env = {k: v for k, v in base.items() if k not in _TOKEN_ENV}
         full_env.update(env)
         read_end, write_end = os.pipe()
         try:
