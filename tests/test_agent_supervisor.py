@@ -50,6 +50,7 @@ class FakeLauncher:
         self.stubborn = False
         self.fail = False
         self._next_pid = 1000
+        self.attempts: list[float] = []
         self._started = trio.Event()
 
     async def starts(self, n: int) -> None:
@@ -57,8 +58,16 @@ class FakeLauncher:
         while len(self.started) < n:
             await self._started.wait()
 
+    async def attempted(self, n: int) -> None:
+        """Wait until ``start`` has been called ``n`` times in all (failed calls too)."""
+        while len(self.attempts) < n:
+            await self._started.wait()
+
     def start(self, proxy_id: str, args: Sequence[str], env: Mapping[str, str]) -> FakeChild:
+        self.attempts.append(trio.current_time())
         if self.fail:
+            self._started.set()
+            self._started = trio.Event()
             raise OSError("no such file")
         self._next_pid += 1
         child = FakeChild(self._next_pid, args, env, stubborn=self.stubborn)
@@ -281,5 +290,17 @@ def test_a_child_that_cannot_start_is_retried_with_backoff():
         t0 = trio.current_time()
         await launcher.starts(1)
         assert round(trio.current_time() - t0, 2) == 1.0
+
+    run(test)
+
+
+def test_a_child_that_keeps_failing_to_start_backs_off_like_a_crash_loop():
+    async def test(sup: Supervisor, launcher: FakeLauncher) -> None:
+        launcher.fail = True
+        sup.update({"web-sidecar-proxy": spec()})
+        await launcher.attempted(7)
+        gaps = [round(b - a, 2) for a, b in zip(launcher.attempts, launcher.attempts[1:])]
+        assert gaps == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+        assert sup.status()["web-sidecar-proxy"].restarts == 7
 
     run(test)

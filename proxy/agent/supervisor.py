@@ -162,6 +162,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             for slot in children:
                 assert slot.child is not None
+                slot.stopping = True
                 nursery.start_soon(self._terminate, slot, slot.child)
         self._slots.clear()
         self._wake.set()
@@ -181,6 +182,7 @@ class Supervisor:
             want = self._desired.get(proxy_id)
             if slot.child is not None:
                 if not slot.stopping and want != slot.spec:
+                    slot.stopping = True  # now, so that the next pass does not stop it again
                     self._nursery.start_soon(self._terminate, slot, slot.child)
                 continue
             if want is None:
@@ -198,6 +200,7 @@ class Supervisor:
     def _start(self, slot: _Slot, now: float) -> None:
         assert self._nursery is not None
         spec = slot.spec
+        slot.started_at = now  # a start that fails counts as a quick exit
         args = (*spec.args, "-parent-pid", str(os.getpid()))
         try:
             child = self._launcher.start(spec.proxy_id, args, spec.env)
@@ -205,7 +208,7 @@ class Supervisor:
             self._log.error("[%s] cannot start: %s", spec.proxy_id, e)
             self._exited(slot, now, None)
             return
-        slot.child, slot.started_at = child, now
+        slot.child = child
         self._log.info("[%s] started (pid %d)", spec.proxy_id, child.pid)
         self._nursery.start_soon(self._watch, slot, child)
 
