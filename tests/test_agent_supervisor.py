@@ -4,6 +4,7 @@ stop_all's escalation to SIGKILL."""
 
 from __future__ import annotations
 
+import itertools
 import signal
 from collections.abc import Mapping, Sequence
 
@@ -299,7 +300,7 @@ def test_a_child_that_keeps_failing_to_start_backs_off_like_a_crash_loop():
         launcher.fail = True
         sup.update({"web-sidecar-proxy": spec()})
         await launcher.attempted(7)
-        gaps = [round(b - a, 2) for a, b in zip(launcher.attempts, launcher.attempts[1:])]
+        gaps = [round(b - a, 2) for a, b in itertools.pairwise(launcher.attempts)]
         assert gaps == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
         assert sup.status()["web-sidecar-proxy"].restarts == 7
 
