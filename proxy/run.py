@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -45,6 +46,8 @@ class Options:
     log_level: str = "info"
     log_json: bool = False
     limits: Limits = field(default_factory=Limits)
+    #: ``-parent-pid``: the node agent that runs this sidecar; stop when it is gone.
+    parent_pid: int | None = None
 
 
 class _JSONFormatter(logging.Formatter):
@@ -210,8 +213,39 @@ def _raise_open_files_limit(connections: int) -> None:
         )
 
 
+#: How often a sidecar with ``-parent-pid`` checks that its parent is still there (the
+#: portable fallback for PR_SET_PDEATHSIG; one getppid() a second, off the byte path).
+PARENT_CHECK_EVERY = 1.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the parent goes, even by SIGKILL. The signal comes through
+    the same handler as an operator's SIGTERM, so the sidecar drains and exits. Elsewhere, or
+    if prctl is refused, the periodic check in ``_watch_parent`` is all there is.
+
+    Linux sends it when the parent *thread* that forked this process exits, not the parent
+    process: the supervisor forks from the thread it runs in, which lives as long as it."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d)", ctypes.get_errno())
+    except (OSError, AttributeError) as e:
+        log.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", e)
+
+
 def main(opts: Options, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> int:
     configure_logging(opts.log_level, opts.log_json, err)
+    if opts.parent_pid is not None:
+        _die_with_parent()
+        # The parent may have died before prctl took effect: then no signal will come.
+        if os.getppid() != opts.parent_pid:
+            err.write(f"Error: the parent process {opts.parent_pid} (-parent-pid) is gone\n")
+            return 1
     _raise_open_files_limit(opts.limits.max_connections)
     try:
         client = api.Client(opts.http_addr, token=opts.token, verify=opts.ca_file or True)
@@ -273,19 +307,22 @@ async def _serve(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
+            def stop(why: str) -> None:
+                if stopping.is_set():
+                    return
+                log.info("%s: stopping (draining for up to %gs)", why, opts.limits.drain)
+                stopping.set()
+                if sidecar.snapshot is None or not sidecar.bound:
+                    nursery.cancel_scope.cancel()  # nothing serves yet: just go
+
             async def on_signal() -> None:
                 async for sig in signals:
-                    log.info(
-                        "%s: stopping (draining for up to %gs)",
-                        signal.Signals(sig).name,
-                        opts.limits.drain,
-                    )
-                    stopping.set()
-                    if sidecar.snapshot is None or not sidecar.bound:
-                        nursery.cancel_scope.cancel()  # nothing serves yet: just go
+                    stop(signal.Signals(sig).name)
                     return
 
             nursery.start_soon(on_signal)
+            if opts.parent_pid is not None:
+                nursery.start_soon(_watch_parent, opts.parent_pid, stop)
             metrics_at = None
             if opts.metrics_addr:
                 metrics_at = await _start_metrics(nursery, opts.metrics_addr, sidecar)
@@ -310,6 +347,14 @@ async def _serve(
                 await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
     return 0
+
+
+async def _watch_parent(parent_pid: int, stop: Callable[[str], None]) -> None:
+    """The portable fallback for PR_SET_PDEATHSIG: once the parent is gone, this process has
+    been handed to another (init, or a subreaper), and getppid() says so."""
+    while os.getppid() == parent_pid:
+        await trio.sleep(PARENT_CHECK_EVERY)
+    stop(f"the parent process {parent_pid} is gone")
 
 
 async def _start_metrics(nursery: trio.Nursery, addr: str, sidecar: Sidecar) -> str:

@@ -89,6 +89,13 @@ def _flags(p: FlagParser) -> None:
         metavar="addr:port",
         help="Serve Prometheus metrics at http://addr:port/metrics.",
     )
+    p.flag(
+        "parent-pid",
+        type=_positive,
+        metavar="pid",
+        help="Stop (drain and exit, as on SIGTERM) when the process with this PID, which "
+        "must be this proxy's parent, is gone. The node agent sets it on the sidecars it runs.",
+    )
     p.flag("log-level", default="info", metavar="level", help="debug, info, warn or error.")
     p.flag("log-json", action="store_true", help="Log one JSON object a line.")
     p.flag(
@@ -163,6 +170,7 @@ def proxy(ctx: Context, ns: argparse.Namespace) -> int:
         metrics_addr=ns.metrics_addr,
         log_level={"warn": "warning"}.get(ns.log_level.lower(), ns.log_level.lower()),
         log_json=ns.log_json,
+        parent_pid=ns.parent_pid,
         limits=Limits(
             handshake_timeout=ns.handshake_timeout,
             idle_timeout=ns.idle_timeout,
