@@ -1084,6 +1084,19 @@ class SQLStore(SecurityStoreMixin):
         it wrote."""
         if old is not None and _check_row_content(old) == _check_content(c):
             return False
+        if (
+            old is not None
+            and c.expires_at is not None
+            and _check_row_content(old)[:-1] == _check_content(c)[:-1]
+        ):
+            # The same TTL check registered again (a node agent refreshing its serfHealth):
+            # only its deadline moves, as a TTL pass does (_update_check); no index, so no
+            # blocking query wakes for a heartbeat.
+            tx.execute(
+                "UPDATE checks SET expires_at = ? WHERE node = ? AND check_id = ?",
+                (c.expires_at, node, c.check_id),
+            )
+            return False
         idx = tx.index
         create = int(old[12]) if old else idx
         tx.execute(
