@@ -101,6 +101,11 @@ def _agent_flags(p: FlagParser) -> None:
     )
     p.flag("http-fd", type=_fd, help="(internal) a listening socket to serve the API on.")
     p.flag(
+        "exit-with-parent",
+        action="store_true",
+        help="(internal) stop when the process that started the agent is gone (trellis dev).",
+    )
+    p.flag(
         "node-ttl",
         type=_duration,
         default=30.0,
@@ -172,6 +177,7 @@ def agent_cmd(ctx: Context, ns: argparse.Namespace) -> int:
         sync_interval=ns.sync_interval,
         leave_on_terminate=not ns.no_leave_on_terminate,
         enable_script_checks=ns.enable_script_checks,
+        parent_pid=os.getppid() if ns.exit_with_parent else None,
     )
     return main(opts, ns.log_level)
 

@@ -62,6 +62,8 @@ class Options:
     sync_interval: float = 60.0
     leave_on_terminate: bool = True
     enable_script_checks: bool = False
+    #: Stop when this process is no longer the agent's parent (``trellis dev`` died).
+    parent_pid: int | None = None
 
 
 class WriteRefused(Exception):

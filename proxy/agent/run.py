@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import socket
 import sys
@@ -89,18 +90,36 @@ async def run_agent(opts: Options) -> int:
                     stop.set()
                     return
 
+    async def loops(
+        task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        # Anti-entropy runs in its own scope, ended before a leave: a sync running alongside
+        # the leave would register again what the leave takes out.
+        async with trio.open_nursery() as inner:
+            task_status.started(inner.cancel_scope)
+            inner.start_soon(agent._datacenter)
+            inner.start_soon(agent._heartbeat_loop)
+            inner.start_soon(agent._sync_loop)
+            inner.start_soon(agent._push_loop)
+            inner.start_soon(agent._watch_loop)
+
+    async def orphaned() -> None:
+        while os.getppid() == opts.parent_pid:
+            await trio.sleep(0.5)
+        log.warning("the process that started this agent is gone: stopping")
+        stop.set()
+
     async with trio.open_nursery() as nursery:
+        if opts.parent_pid is not None:
+            nursery.start_soon(orphaned)
         await nursery.start(signals)
         await nursery.start(agent.runner.run)
         await nursery.start(agent.supervisor.run)
         agent.changed()
         nursery.start_soon(functools.partial(serve, listener, api.handle, max_body=MAX_BODY))
-        nursery.start_soon(agent._datacenter)
-        nursery.start_soon(agent._heartbeat_loop)
-        nursery.start_soon(agent._sync_loop)
-        nursery.start_soon(agent._push_loop)
-        nursery.start_soon(agent._watch_loop)
+        sync_scope = await nursery.start(loops)
         await stop.wait()
+        sync_scope.cancel()
         if leave["graceful"]:
             log.info("leaving: deregistering this node's services")
             await agent.leave()
