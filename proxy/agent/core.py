@@ -181,6 +181,10 @@ class Agent:
     # -- writes to the servers ------------------------------------------------------------
 
     def _token(self, token: str) -> str:
+        """The token of a cleanup the agent does on its own (deregistering what it
+        registered): the given one, else the agent's. Registrations use their own token as
+        it is (an empty one is the anonymous token), so a caller without a token never
+        writes with the agent's."""
         return token or self.opts.token
 
     def _node_fields(self) -> dict[str, Any]:
@@ -196,26 +200,26 @@ class Agent:
     ) -> None:
         """Raises WriteRefused (the server's 4xx) or Unreachable."""
         doc = {**self._node_fields(), "Service": dict(body), "Checks": [dict(c) for c in checks]}
-        await self._write("/v1/catalog/register", doc, self._token(token))
+        await self._write("/v1/catalog/register", doc, token)
         self.state.synced_services.add(sid)
         self.state.synced_checks.update(str(c["CheckID"]) for c in checks)
         self.state.save_synced()
 
-    async def deregister_service(self, sid: str, token: str) -> None:
+    async def deregister_service(self, sid: str, token: str, *, fallback: bool = True) -> None:
         doc = {"Node": self.opts.node, "ServiceID": sid}
-        await self._write("/v1/catalog/deregister", doc, self._token(token))
+        await self._write("/v1/catalog/deregister", doc, self._token(token) if fallback else token)
         self.state.synced_services.discard(sid)
         self.state.save_synced()
 
     async def register_check(self, cid: str, check: Mapping[str, Any], token: str) -> None:
         doc = {**self._node_fields(), "Check": dict(check)}
-        await self._write("/v1/catalog/register", doc, self._token(token))
+        await self._write("/v1/catalog/register", doc, token)
         self.state.synced_checks.add(cid)
         self.state.save_synced()
 
-    async def deregister_check(self, cid: str, token: str) -> None:
+    async def deregister_check(self, cid: str, token: str, *, fallback: bool = True) -> None:
         doc = {"Node": self.opts.node, "CheckID": cid}
-        await self._write("/v1/catalog/deregister", doc, self._token(token))
+        await self._write("/v1/catalog/deregister", doc, self._token(token) if fallback else token)
         self.state.synced_checks.discard(cid)
         self.state.save_synced()
 
@@ -453,7 +457,7 @@ class Agent:
             return False
         if sid in self.state.synced_services:
             try:
-                await self.deregister_service(sid, token)
+                await self.deregister_service(sid, token, fallback=False)
             except Unreachable:
                 pass  # removed locally; the next full sync deregisters it
         self.state.remove_service(sid)

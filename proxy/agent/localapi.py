@@ -36,6 +36,9 @@ from trellis.proxy.agent.definitions import (
     node_check,
     service_def,
 )
+from trellis.proxy.agent.definitions import (
+    check_kind as check_kind_of,
+)
 from trellis.proxy.agent.httpd import Request, Response, json_response
 from trellis.proxy.agent.ports import CRITICAL, PASSING, WARNING
 from trellis.proxy.agent.upstream import HOP_BY_HOP, Unreachable
@@ -320,7 +323,7 @@ class LocalAPI:
             raise NotFound(f"Unknown check ID {cid!r}")
         if cid in st.synced_checks:
             try:
-                await self.agent.deregister_check(cid, req.token())
+                await self.agent.deregister_check(cid, req.token(), fallback=False)
             except WriteRefused as e:
                 raise _refused(e) from None
             except Unreachable:
@@ -332,23 +335,40 @@ class LocalAPI:
         self.agent.changed()
         return json_response(None)
 
-    def _ttl(self, cid: str, status: str, output: str) -> Response:
+    async def _ttl(self, req: Request, cid: str, status: str, output: str) -> Response:
+        """A TTL update. Written through to the catalog with the caller's token first when
+        the check is there, so that the servers' ACLs decide who may set it (service:write
+        on its service, node:write for a node check); no server: applied locally."""
         if len(output) > MAX_OUTPUT:
             output = output[:MAX_OUTPUT] + " ... (Output exceeded 4096 bytes)"
-        if cid not in self.agent.state.checks():
+        st = self.agent.state
+        entry = st.checks().get(cid)
+        if entry is None:
             raise NotFound(f"Unknown check ID {cid!r}")
+        body, _ = entry
+        if check_kind_of(body) != "ttl":
+            raise BadRequest(f"check {cid!r} is not a TTL check")
+        if cid in st.synced_checks:
+            try:
+                await self.agent.register_check(
+                    cid, catalog_check(body, status, output), req.token()
+                )
+            except WriteRefused as e:
+                raise _refused(e) from None
+            except Unreachable:
+                pass
         if not self.agent.runner.ttl_update(cid, status, output):
             raise BadRequest(f"check {cid!r} is not a TTL check")
         return json_response(None)
 
     async def check_pass(self, req: Request, cid: str) -> Response:
-        return self._ttl(cid, PASSING, req.arg("note") or "")
+        return await self._ttl(req, cid, PASSING, req.arg("note") or "")
 
     async def check_warn(self, req: Request, cid: str) -> Response:
-        return self._ttl(cid, WARNING, req.arg("note") or "")
+        return await self._ttl(req, cid, WARNING, req.arg("note") or "")
 
     async def check_fail(self, req: Request, cid: str) -> Response:
-        return self._ttl(cid, CRITICAL, req.arg("note") or "")
+        return await self._ttl(req, cid, CRITICAL, req.arg("note") or "")
 
     async def check_update(self, req: Request, cid: str) -> Response:
         body = req.json() if req.body.strip() else {}
@@ -360,7 +380,7 @@ class LocalAPI:
             raise BadRequest("Status must be passing, warning or critical")
         if not isinstance(output, str):
             raise BadRequest("Output must be a string")
-        return self._ttl(cid, status, output)
+        return await self._ttl(req, cid, status, output)
 
     # -- the agent itself -----------------------------------------------------------------
 
