@@ -143,6 +143,34 @@ def test_py_consul_against_an_agent_registers_and_reads_the_catalog(server, agen
         c.http.session.close()
 
 
+def test_trellis_services_register_and_deregister_against_the_agent(tmp_path, server, agent):
+    a = agent("node-a", server.url)
+    f = tmp_path / "cache.hcl"
+    f.write_text('service {\n  name = "cache"\n  port = 6379\n}\n')
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [TRELLIS, "services", *args, "-http-addr", a.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    r = cli("register", str(f))
+    assert (r.returncode, r.stdout) == (0, "Registered service: cache\n"), r.stderr
+    r = cli("register", "-name", "queue", "-port", "5672", "-tag", "amqp")
+    assert r.returncode == 0, r.stderr
+    got = wait_services(server.url, "node-a", {"cache", "queue"})
+    assert got["queue"]["Tags"] == ["amqp"]
+    r = cli("deregister", str(f))
+    assert (r.returncode, r.stdout) == (0, "Deregistered service: cache\n"), r.stderr
+    r = cli("deregister", "-id", "queue")
+    assert r.returncode == 0, r.stderr
+    assert node_services(server.url, "node-a") == {}
+    r = cli("deregister", "-id", "queue")
+    assert r.returncode == 1 and "Unknown service ID" in r.stderr
+
+
 def test_a_blocking_kv_read_through_the_agent_blocks_and_wakes(server, agent):
     a = agent("node-a", server.url)
     r = httpx.put(f"{a.url}/v1/kv/k", content=b"one")

@@ -240,8 +240,8 @@ class LocalState:
         out: dict[str, tuple[Mapping[str, Any], str]] = {}
         svcs = self.services()
         for s in svcs.values():
-            for c in s.checks:
-                out[str(c["CheckID"])] = (c, s.token)
+            for body in s.checks:
+                out[str(body["CheckID"])] = (body, s.token)
         for c in (*self.file_checks.values(), *self.api_checks.values()):
             sid = c.body.get("ServiceID")
             if sid and sid not in svcs:

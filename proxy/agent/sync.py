@@ -148,14 +148,14 @@ def plan(
         sid = str(dc.body.get("ServiceID") or "")
         if sid and sid not in services:
             continue  # a check for a service the agent does not have: nothing to hang it on
-        have = catalog_checks.get(cid)
-        want = dc.catalog()
-        if have is None or check_view(want) != check_view(have):
-            ops.append(RegisterCheck(cid, want, dc.token))
-    for cid, have in sorted(catalog_checks.items()):
+        have_check = catalog_checks.get(cid)
+        want_check = dc.catalog()
+        if have_check is None or check_view(want_check) != check_view(have_check):
+            ops.append(RegisterCheck(cid, want_check, dc.token))
+    for cid, stale in sorted(catalog_checks.items()):
         if cid in checks or cid == SERF_CHECK:
             continue
-        sid = str(have.get("ServiceID") or "")
+        sid = str(stale.get("ServiceID") or "")
         if sid in services:
             # A check of a service the agent has, that its definition no longer holds.
             ops.append(DeregisterCheck(cid, services[sid].token))
