@@ -391,6 +391,16 @@ def test_bad_requests_are_4xx_with_the_error_shape(server, agent):
     big = b'{"Name": "x", "Meta": {"k": "' + b"v" * (5 * 1024 * 1024) + b'"}}'
     r = httpx.put(f"{a.url}/v1/agent/service/register", content=big)
     assert r.status_code == 413
+    # Not HTTP at all: a 400 with the error shape, and the agent keeps serving.
+    with socket.create_connection(("127.0.0.1", urlsplit(a.url).port)) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), reply
+    assert set(json.loads(body)) == {"error", "code", "status"}
+    assert httpx.get(f"{a.url}/v1/agent/services").status_code == 200
 
 
 def test_trellis_dev_config_dir_starts_an_agent_for_its_node(tmp_path):

@@ -307,6 +307,12 @@ class Agent:
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 self._sync_wanted.set()
+            except Exception:
+                # An answer of an unexpected shape, a full disk under the data dir: keep the
+                # agent (and its API) up and try again later.
+                log.exception("anti-entropy failed unexpectedly; retrying in 10s")
+                await trio.sleep(10.0)
+                self._sync_wanted.set()
 
     async def _push_loop(self) -> None:
         while True:
@@ -328,6 +334,9 @@ class Agent:
                     log.error("check %s refused (HTTP %d): %s", cid, e.status, e.message)
                     self.request_sync()
                 except Unreachable:
+                    self.request_sync()
+                except Exception:
+                    log.exception("pushing check %s failed unexpectedly", cid)
                     self.request_sync()
 
     def serf_check(
@@ -356,6 +365,8 @@ class Agent:
                 await self.heartbeat()
             except (Unreachable, WriteRefused) as e:
                 log.warning("node heartbeat failed: %s", e)
+            except Exception:
+                log.exception("node heartbeat failed unexpectedly")
             if not started:
                 started = True
                 task_status.started()
@@ -374,6 +385,10 @@ class Agent:
                 )
             except Unreachable:
                 await trio.sleep(1.0)
+                continue
+            except Exception:
+                log.exception("watching the node's catalog failed unexpectedly")
+                await trio.sleep(5.0)
                 continue
             if status >= 300 or ex is None:
                 await trio.sleep(5.0)

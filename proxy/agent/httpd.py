@@ -133,7 +133,11 @@ async def serve_connection(
                 conn.start_next_cycle()
             except h11.ProtocolError:
                 return
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError):
+        return  # the client or the server went away mid-answer: close this connection
+    except Exception:
+        # A bug of ours: this connection ends, the agent keeps serving the others.
+        log.exception("the agent's HTTP connection failed")
         return
     finally:
         with trio.CancelScope(shield=True):
