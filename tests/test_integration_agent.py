@@ -17,6 +17,7 @@ import consul
 import httpx
 import pytest
 
+from tests.http_stub import Reply, Seen, StubServer
 from tests.support import TRELLIS, TrellisProcess, server_args, wait_until
 
 pytestmark = pytest.mark.integration
@@ -437,3 +438,44 @@ def _agent_pid(parent: int) -> int | None:
         if b"agent" in cmd:
             return pid
     return None
+
+
+def _stub_route(stub: StubServer, *, drop_writes: bool):
+    """A server stand-in that answers what an agent asks of it; with ``drop_writes``, it reads
+    a K/V write and then hangs up without answering (a server dying mid-request)."""
+
+    def route(req: Seen) -> Reply:
+        if req.method == "PUT" and req.path.startswith("/v1/kv/"):
+            if drop_writes:
+                raise ConnectionAbortedError("the stub hangs up after reading the write")
+            return stub.json(200, True)
+        if req.path == "/v1/catalog/datacenters":
+            return stub.json(200, ["dc1"])
+        if req.path.startswith("/v1/catalog/node/"):
+            return stub.json(200, None, **{"X-Consul-Index": "1"})
+        if req.path.startswith("/v1/health/node/"):
+            return stub.json(200, [])
+        if req.path == "/v1/status/leader":
+            return stub.json(200, "127.0.0.1:8300")
+        return stub.json(200, True)
+
+    return route
+
+
+def test_a_forwarded_write_that_went_out_is_not_sent_again_to_the_next_server(agent):
+    first, second = StubServer(), StubServer()
+    try:
+        first.route = _stub_route(first, drop_writes=True)
+        second.route = _stub_route(second, drop_writes=False)
+        a = agent("node-a", first.url, second.url)
+        r = httpx.put(f"{a.url}/v1/kv/once", content=b"1", timeout=30)
+        assert r.status_code == 503, r.text
+        assert set(r.json()) == {"error", "code", "status"}
+        assert [x for x in first.seen if x.path == "/v1/kv/once"]
+        # Applied by the first server perhaps, but never sent to the second.
+        assert not [x for x in second.seen if x.path == "/v1/kv/once"]
+        # A read that fails the same way is safe to try again elsewhere.
+        assert httpx.get(f"{a.url}/v1/status/leader").status_code == 200
+    finally:
+        first.close()
+        second.close()

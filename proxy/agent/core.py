@@ -376,6 +376,7 @@ class Agent:
         node = quote(self.opts.node, safe="")
         index = 0
         while True:
+            began = trio.current_time()
             try:
                 status, _, ex = await self.servers.call(
                     "GET",
@@ -404,6 +405,10 @@ class Agent:
             elif new != index:
                 if index:
                     self.request_sync()
+            elif trio.current_time() - began < 1.0:
+                # Answered at once with nothing new: a server that does not block. Pace the
+                # watch rather than spin on it.
+                await trio.sleep(1.0)
             index = new
             self.last_index = index
 

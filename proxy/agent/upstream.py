@@ -6,8 +6,10 @@ cannot reach it (connection refused, a timeout before the answer starts) or that
 with a 5xx moves ``current`` to the next address and is tried there, once per address; the
 agent's own writes are idempotent (catalog registrations), and a forwarded request is
 retried on a 5xx only when it is a read, so a client's write is never applied twice.
-``on_recovered`` is called when a request succeeds after one failed: the server may have come
-back empty, so the caller runs a full anti-entropy sync.
+A forwarded write that went out and then failed is not sent again (the server may have
+applied it): the client gets a 503 and decides. ``on_recovered`` is called when a request
+succeeds after one failed: the server may have come back empty, so the caller runs a full
+anti-entropy sync.
 
 Responses are streamed (``Exchange.body``): a forwarded blocking query hands the server's
 bytes to the client as they come, and cancelling the caller's scope closes the connection to
@@ -52,6 +54,13 @@ MAX_RESPONSE_HEAD = 64 * 1024
 
 class Unreachable(Exception):
     """No server answered (every address refused, timed out or failed with a 5xx)."""
+
+
+class _AfterSend(Exception):
+    """The request went out, then the answer failed: the server may have applied it."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
 
 
 @dataclass
@@ -164,6 +173,11 @@ class Servers:
             data += conn.send(h11.Data(data=body)) if body else b""
             data += conn.send(h11.EndOfMessage())
             await stream.send_all(data)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        try:
             with trio.fail_after(head_timeout):
                 while True:
                     event = conn.next_event()
@@ -178,6 +192,10 @@ class Servers:
                             event.status_code, list(event.headers), address, stream, conn
                         )
                     raise h11.RemoteProtocolError("the server closed the connection")
+        except (OSError, trio.TooSlowError, h11.ProtocolError, trio.BrokenResourceError) as e:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise _AfterSend(e) from None
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -203,6 +221,14 @@ class Servers:
             except (OSError, trio.TooSlowError, h11.ProtocolError, trio.BrokenResourceError) as e:
                 last = f"{address}: {type(e).__name__}: {e}"
                 self._failed(address, last)
+                continue
+            except _AfterSend as e:
+                last = f"{address}: {e}"
+                self._failed(address, last)
+                if not retry_5xx:
+                    # A client's write that reached the server: sending it again elsewhere
+                    # could apply it twice. The client decides whether to retry.
+                    raise Unreachable(last) from None
                 continue
             if ex.status >= 500 and retry_5xx and len(self.addresses) > 1:
                 await ex.close()
