@@ -95,11 +95,17 @@ def test_check_fields_become_a_checkdef():
         ({"name": "x"}, "needs one of"),
         ({"name": "x", "ttl": "5s", "status": "fine"}, "Status"),
         ({"name": "x", "args": ["/bin/true"], "interval": "5s"}, "script checks"),
+        ({"name": "x", "ttl": "5s", "intervall": "5s"}, "unknown check field 'Intervall'"),
     ],
 )
 def test_bad_checks_are_refused_with_the_reason(body, words):
     with pytest.raises(DefinitionError, match=words):
         node_check(body)
+
+
+def test_a_misspelled_service_field_is_refused():
+    with pytest.raises(DefinitionError, match="unknown service field 'Prot'"):
+        service_def({"name": "web", "prot": 80})
 
 
 def test_script_checks_only_when_enabled():

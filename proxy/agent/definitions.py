@@ -43,6 +43,62 @@ CATALOG_CHECK_FIELDS = (
     "AliasService",
     "AliasNode",
 )
+#: The fields of a service and of a check (the server's ServiceSchema and CheckSchema, plus a
+#: script check's ScriptArgs): any other is a typo, refused with the file's path rather than
+#: by the server at every sync.
+SERVICE_FIELDS = frozenset(
+    {
+        "ID",
+        "Name",
+        "Service",
+        "Tags",
+        "Address",
+        "TaggedAddresses",
+        "Meta",
+        "Port",
+        "Kind",
+        "Proxy",
+        "Connect",
+        "Check",
+        "Checks",
+        "EnableTagOverride",
+        "Weights",
+        "Namespace",
+        "Partition",
+        "Locality",
+        "SocketPath",
+    }
+)
+CHECK_FIELDS = frozenset(
+    {
+        "CheckID",
+        "ID",
+        "Name",
+        "Notes",
+        "Status",
+        "ServiceID",
+        "Output",
+        "TTL",
+        "HTTP",
+        "Method",
+        "Header",
+        "Body",
+        "TCP",
+        "Interval",
+        "Timeout",
+        "TLSSkipVerify",
+        "TLSServerName",
+        "DeregisterCriticalServiceAfter",
+        "SuccessBeforePassing",
+        "FailuresBeforeCritical",
+        "AliasService",
+        "AliasNode",
+        "Type",
+        "Definition",
+        "Namespace",
+        "ScriptArgs",
+    }
+)
 CONFIG_SUFFIXES = (".json", ".hcl")
 MAX_FILE_BYTES = 4 * 1024 * 1024
 
@@ -233,6 +289,12 @@ def _pascal(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _known(d: Mapping[str, Any], fields: frozenset[str], what: str) -> None:
+    unknown = sorted(k for k in d if k not in fields)
+    if unknown:
+        raise DefinitionError(f"unknown {what} field {unknown[0]!r}")
+
+
 def _str(d: Mapping[str, Any], key: str, what: str = "") -> str:
     v = d.get(key, "")
     if v is None:
@@ -255,6 +317,7 @@ def service_def(
         if k in ("service", "Service") and isinstance(v, dict):
             raw = v
     d = _pascal(raw)
+    _known(d, SERVICE_FIELDS, "service")
     name = _str(d, "Name") or _str(d, "Service")
     if not name:
         raise DefinitionError("Name: a service needs a name")
@@ -433,6 +496,7 @@ def check_body(raw: Mapping[str, Any], *, enable_script_checks: bool = False) ->
     """A check definition in PascalCase with its fields checked (``check_def`` must accept
     it); raises DefinitionError."""
     d = _pascal(raw)
+    _known(d, CHECK_FIELDS, "check")
     if "ID" in d and "CheckID" not in d:
         d["CheckID"] = d.pop("ID")
     kind = check_kind(d)

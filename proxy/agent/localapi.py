@@ -13,6 +13,7 @@ hangs up cancels its forwarded request.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -232,7 +233,7 @@ class LocalAPI:
                 mine = {str(c["CheckID"]) for c in svc.checks}
                 kept = tuple(c for c in old.checks if str(c["CheckID"]) not in mine)
                 if kept:
-                    svc = type(svc)(**{**svc.__dict__, "checks": svc.checks + kept})
+                    svc = dataclasses.replace(svc, checks=svc.checks + kept)
         try:
             await self.agent.api_register(svc)
         except WriteRefused as e:
