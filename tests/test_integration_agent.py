@@ -303,7 +303,7 @@ def test_the_agent_restarted_keeps_its_api_registrations(tmp_path, server, agent
 
 
 def test_a_killed_agent_shows_as_failed_after_its_node_ttl(server, agent):
-    p = agent("node-a", server.url, extra=("-node-ttl", "2s"))
+    p = agent("node-a", server.url, extra=("-node-ttl", "3s"))
 
     def status() -> str | None:
         r = subprocess.run(
@@ -319,7 +319,7 @@ def test_a_killed_agent_shows_as_failed_after_its_node_ttl(server, agent):
     wait_until(lambda: status() == "alive")
     # Alive, read after read, for longer than the TTL while the agent runs: its heartbeat
     # keeps it so.
-    until = time.monotonic() + 3
+    until = time.monotonic() + 4
     while time.monotonic() < until:
         assert status() == "alive"
     p.kill()
