@@ -18,62 +18,18 @@ from typing import Any
 from trellis.api.errors import BadRequest
 from trellis.api.store.base import CRITICAL, Check, Node, Service
 from trellis.proxy import names
+from trellis.proxy.agent.spelling import FREE_KEYS, OPAQUE, SpellingError  # noqa: F401
+from trellis.proxy.agent.spelling import to_pascal as _to_pascal
 from trellis.proxy.durations import parse_duration
-
-#: Keys whose values are free-form maps: their keys are kept exactly as sent.
-OPAQUE = {"Meta", "NodeMeta", "Config", "Header", "ServiceMeta", "EnvoyExtensions"}
-#: Keys whose values are maps with free-form keys but structured values.
-FREE_KEYS = {"TaggedAddresses"}
-
-_SPECIAL = {
-    "id": "ID",
-    "ttl": "TTL",
-    "http": "HTTP",
-    "tcp": "TCP",
-    "udp": "UDP",
-    "grpc": "GRPC",
-    "grpc_use_tls": "GRPCUseTLS",
-    "tls_skip_verify": "TLSSkipVerify",
-    "tls_server_name": "TLSServerName",
-    "check_id": "CheckID",
-    "service_id": "ServiceID",
-    "node_id": "NodeID",
-    "destination_service_id": "DestinationServiceID",
-    "args": "ScriptArgs",
-    "script_args": "ScriptArgs",
-    "docker_container_id": "DockerContainerID",
-    "h2ping": "H2PING",
-    "alias_node": "AliasNode",
-    "alias_service": "AliasService",
-}
-
-
-def _pascal(key: str) -> str:
-    if key in _SPECIAL:
-        return _SPECIAL[key]
-    if not key or key[0].isupper():
-        return key
-    parts = key.split("_")
-    return "".join(p[:1].upper() + p[1:] for p in parts)
 
 
 def to_pascal(value: Any, parent: str = "") -> Any:
-    """Rewrite config-file (snake_case) keys into API (PascalCase) keys, recursively."""
-    if isinstance(value, list):
-        return [to_pascal(v, parent) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if parent in OPAQUE:
-        return value
-    out: dict[str, Any] = {}
-    for k, v in value.items():
-        if not isinstance(k, str):
-            raise BadRequest("object keys must be strings")
-        nk = k if parent in FREE_KEYS else _pascal(k)
-        if nk in out:
-            raise BadRequest(f"field {nk!r} is given twice (as {k!r} and another spelling)")
-        out[nk] = to_pascal(v, nk)
-    return out
+    """Rewrite config-file (snake_case) keys into API (PascalCase) keys, recursively (the
+    table is ``trellis.proxy.agent.spelling``'s, shared with the node agent)."""
+    try:
+        return _to_pascal(value, parent)
+    except SpellingError as e:
+        raise BadRequest(str(e)) from None
 
 
 def valid_name(kind: str, name: str) -> str:

@@ -68,8 +68,9 @@ def main_server(values: dict[str, Any], config_file: str | None) -> int:
     return serve(settings)
 
 
-def main_dev(values: dict[str, Any]) -> int:
-    """``trellis dev``: everything in one process tree, on a throw-away data dir."""
+def main_dev(values: dict[str, Any], agent_config_dirs: tuple[str, ...] = ()) -> int:
+    """``trellis dev``: everything in one process tree, on a throw-away data dir; with
+    ``agent_config_dirs``, a node agent for the server's own node loads them."""
     own_dir = None
     merged: dict[str, Any] = {"workers": 1, "dev": True}
     merged.update(values)
@@ -81,7 +82,7 @@ def main_dev(values: dict[str, Any]) -> int:
     except ConfigError as e:
         return _fail(f"invalid configuration: {e}")
     try:
-        return serve(settings)
+        return serve(settings, agent_config_dirs=agent_config_dirs)
     finally:
         if own_dir:
             shutil.rmtree(own_dir, ignore_errors=True)
@@ -131,7 +132,7 @@ def raise_open_files_limit(settings: Settings) -> None:
         )
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, *, agent_config_dirs: tuple[str, ...] = ()) -> int:
     configure_logging(settings.log_level)
     raise_open_files_limit(settings)
     if settings.data_dir:
@@ -185,6 +186,13 @@ def serve(settings: Settings) -> int:
             s.set_inheritable(True)
 
     http_url = f"http://{_addr(http)}"
+    agent = None
+    if agent_config_dirs:
+        try:
+            agent = DevAgent(settings, http_url, agent_config_dirs)
+        except OSError as e:
+            http.close()
+            return _fail(f"cannot start the node agent: {e}")
     lines = [
         "==> Trellis " + ("dev mode" if settings.dev else "server") + " running",
         f"         Version: {__version__}",
@@ -192,6 +200,7 @@ def serve(settings: Settings) -> int:
         f"      Datacenter: {settings.datacenter}",
         f"           Store: {_redact(settings.store_url)}",
         f"        HTTP API: {http_url}",
+        *([f"       Agent API: {agent.url}"] if agent else []),
         "             DNS: "
         + (
             f"{_addr(dns_socks[0])} (UDP and TCP), domain {settings.domain_fqdn}"
@@ -221,7 +230,57 @@ def serve(settings: Settings) -> int:
         # gunicorn raises this past run() when a second worker fails while it is already
         # halting for the first (e.g. every worker failed to boot); its log says why.
         return _fail(f"the server stopped: {e.reason}")
+    finally:
+        if agent is not None:
+            agent.stop()
     return 0
+
+
+class DevAgent:
+    """The ``trellis agent`` child of ``trellis dev -config-dir``: the server's own node,
+    its API on a socket bound here (so the banner can print it before the child runs), ended
+    with the dev command. It also exits by itself if the dev command dies (-exit-with-parent).
+    """
+
+    def __init__(self, settings: Settings, server_url: str, config_dirs: tuple[str, ...]):
+        import subprocess
+
+        family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.bind((settings.http_host, 0))
+            sock.listen(512)
+        except OSError:
+            sock.close()
+            raise
+        self.url = f"http://{_addr(sock)}"
+        args = [
+            sys.executable,
+            "-c",
+            "import sys; from trellis.api.cli.main import main; sys.exit(main())",
+            "agent",
+            *("-server", server_url, "-node", settings.node_name),
+            *("-bind", settings.http_host, "-http-fd", str(sock.fileno())),
+            "-exit-with-parent",
+            *(a for d in config_dirs for a in ("-config-dir", d)),
+        ]
+        if settings.data_dir:
+            args += ["-data-dir", os.path.join(settings.data_dir, "agent")]
+        try:
+            self.proc = subprocess.Popen(args, pass_fds=(sock.fileno(),))
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 def _redact(url: str) -> str:

@@ -47,6 +47,7 @@ Usage: trellis [--version] [--help] <command> [<args>]
 
 Available commands are:
     acl          Interact with Trellis's ACLs
+    agent        Runs the node agent
     ca           Interact with the Connect certificate authority (CA)
     catalog      Interact with the catalog
     connect      Interact with Trellis Connect
@@ -54,7 +55,9 @@ Available commands are:
     info         Provides debugging information for operators
     intention    Interact with Connect service intentions
     kv           Interact with the key-value store
+    leave        Gracefully leaves the cluster and shuts down the agent
     members      Lists the members of a Trellis cluster
+    reload       Triggers the agent to reload its configuration files
     server       Run the control plane (HTTP API and DNS)
     services     Interact with services
     version      Prints the Trellis version
@@ -112,7 +115,7 @@ def test_command_help_goes_to_stdout(cli):
 
 
 def test_dev_help_says_what_dev_starts(cli):
-    """Only what ``trellis dev`` really starts: there is no node agent (nor UI) to promise."""
+    """Only what ``trellis dev`` really starts: a node agent only with -config-dir (no UI)."""
     r = cli("dev", "-h")
     assert r.code == 0 and r.err == ""
     assert r.out.startswith(
@@ -120,9 +123,10 @@ def test_dev_help_says_what_dev_starts(cli):
         "  Starts a server with everything on one machine: the HTTP API on 127.0.0.1:8500,\n"
         "  DNS on 127.0.0.1:8600, SQLite in a temporary data directory (deleted when it\n"
         "  stops), the built-in CA, and this host registered as a node. Nothing else is\n"
-        "  needed. It starts no node agent (Trellis has none yet) and no proxies: register\n"
-        "  services through the HTTP API or 'trellis services register', and start their\n"
-        "  sidecars with 'trellis connect proxy'.\n\n"
+        "  needed. With -config-dir, it also starts a node agent for this node, on its own\n"
+        '  port (printed as "Agent API"), that registers the services defined there.\n'
+        "  Otherwise register services through the HTTP API or 'trellis services register',\n"
+        "  and start their sidecars with 'trellis connect proxy'.\n\n"
         "Command Options:\n"
     )
     server = cli("server", "-h").out

@@ -9,6 +9,7 @@ reopen; and a follower that lets several processes on one database see each othe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 import uuid
@@ -963,6 +964,26 @@ def test_ttl_checks_expire(store: Store) -> None:
     assert store.expire_ttl_checks(2051.0) == 1
     assert store.current_index() == 4
     assert store.topic_index("catalog/svc/web") == 4
+
+
+def test_registering_a_ttl_check_again_moves_only_its_deadline(store: Store) -> None:
+    """A node agent refreshes its serfHealth TTL check by registering it again, every few
+    seconds: that must move the deadline without taking an index, or every heartbeat of every
+    node would wake the blocking queries on the catalog."""
+    serf = chk("serfHealth", type="ttl", ttl=30.0, expires_at=1030.0, output="alive")
+    store.register(Registration(node(), checks=(serf,)))
+    assert store.current_index() == 1
+    again = dataclasses.replace(serf, expires_at=1040.0)
+    assert store.register(Registration(node(), checks=(again,), keep_existing_node=True)) == 1
+    assert store.current_index() == 1
+    [c] = store.checks(check_id="serfHealth")
+    assert (c.expires_at, c.modify_index) == (1040.0, 1)
+    assert store.expire_ttl_checks(1035.0) == 0  # the old deadline no longer applies
+    assert store.expire_ttl_checks(1041.0) == 1
+    assert store.current_index() == 2
+    # A registration that changes what is visible still takes an index.
+    back = dataclasses.replace(serf, expires_at=1100.0, output="back")
+    assert store.register(Registration(node(), checks=(back,), keep_existing_node=True)) == 3
 
 
 # -- durability and reopen -----------------------------------------------------------------

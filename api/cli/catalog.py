@@ -122,9 +122,26 @@ def catalog_service(ctx: Context, ns: argparse.Namespace) -> int:
 # -- members and info --------------------------------------------------------------------------
 
 
-def _members(self_info: dict[str, Any], nodes: list[dict[str, Any]]) -> list[dict[str, str]]:
+def node_status(check: dict[str, Any] | None) -> str:
+    """A node's member status from its ``serfHealth`` check: alive (passing, or no check:
+    a node registered without an agent), left (its agent left gracefully) or failed (the
+    server turned the check critical when the agent stopped talking for its -node-ttl)."""
+    if check is None or check.get("Status") == "passing":
+        return "alive"
+    if "left" in str(check.get("Output") or ""):
+        return "left"
+    return "failed"
+
+
+def _members(
+    self_info: dict[str, Any],
+    nodes: list[dict[str, Any]],
+    health: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, str]]:
     """One row per catalog node. The node this server runs as is its "server" member; the
-    others are nodes whose agents registered them ("client")."""
+    others are nodes whose agents registered them ("client"). ``health``: each node's
+    serfHealth check, for its status."""
+    health = health or {}
     config = self_info.get("Config") or {}
     member = self_info.get("Member") or {}
     tags = member.get("Tags") or {}
@@ -140,7 +157,7 @@ def _members(self_info: dict[str, Any], nodes: list[dict[str, Any]]) -> list[dic
         row = {
             "Node": name,
             "Address": str(n.get("Address", "")),
-            "Status": "alive",
+            "Status": node_status(health.get(name)),
             "Type": "client",
             "Build": str(meta.get("trellis-version") or ""),
             "Protocol": str(meta.get("trellis-protocol") or ""),
@@ -177,7 +194,16 @@ def members(ctx: Context, ns: argparse.Namespace) -> int:
     exactly(ns.args, 0, "")
     with ctx.client(ns) as c:
         try:
-            rows = _members(c.agent_self(), c.catalog_nodes().value)
+            self_info = c.agent_self()
+            nodes = c.catalog_nodes().value
+            r = c.request("GET", "/v1/health/state/any", allow=(404,))
+            checks = r.json() if r.status == 200 else []
+            health = {
+                str(x.get("Node")): x
+                for x in checks or []
+                if isinstance(x, dict) and x.get("CheckID") == "serfHealth"
+            }
+            rows = _members(self_info, nodes, health)
         except APIError as e:
             raise CommandError(f"Error retrieving members: {e.message}") from None
     if ns.format == "json":

@@ -37,7 +37,7 @@ def _version(ctx: Context, ns: object) -> int:
 
 
 #: The modules of trellis.api.cli that register commands, in registration order.
-MODULES = ("kv", "acl", "ca", "intention", "services", "catalog", "serve", "connect")
+MODULES = ("kv", "acl", "ca", "intention", "services", "catalog", "serve", "connect", "agent")
 #: Which of them registers the commands under each first word. ``run`` imports only the module
 #: that the command line names: ``trellis connect proxy`` is a long-lived process beside every
 #: service, and must not carry the other commands' imports (the server's settings among them).
@@ -45,6 +45,7 @@ MODULES = ("kv", "acl", "ca", "intention", "services", "catalog", "serve", "conn
 #: the modules register.
 FIRST_WORDS = {
     "acl": "acl",
+    "agent": "agent",
     "ca": "ca",
     "catalog": "catalog",
     "connect": "connect",
@@ -52,7 +53,9 @@ FIRST_WORDS = {
     "info": "catalog",
     "intention": "intention",
     "kv": "kv",
+    "leave": "agent",
     "members": "catalog",
+    "reload": "agent",
     "server": "serve",
     "services": "services",
 }

@@ -135,7 +135,8 @@ def _run_dev(ctx: Context, ns: argparse.Namespace) -> int:
         from trellis.api.server import main_dev
     except ImportError as e:
         raise CommandError(f"Error! The Trellis server is not available: {e}") from None
-    return _call(lambda: main_dev(settings_values(ns)))
+    dirs = tuple(getattr(ns, "config_dir", ()) or ())
+    return _call(lambda: main_dev(settings_values(ns), dirs))
 
 
 def _run_server(ctx: Context, ns: argparse.Namespace) -> int:
@@ -157,19 +158,32 @@ def _call(fn: Any) -> int:
     return int(rc or 0)
 
 
+def _dev_flags(p: FlagParser) -> None:
+    _common_flags(p)
+    p.flag(
+        "config-dir",
+        action="append",
+        default=_S,
+        metavar="path",
+        help="Start a node agent for this node (trellis agent) that loads the service and "
+        "check definitions in this directory. Repeatable. Its API is printed in the banner.",
+    )
+
+
 DEV = Command(
     ("dev",),
     "Run a throw-away server on this machine, for development",
     "trellis dev [options]",
     _run_dev,
-    _common_flags,
+    _dev_flags,
     description="""
     Starts a server with everything on one machine: the HTTP API on 127.0.0.1:8500,
     DNS on 127.0.0.1:8600, SQLite in a temporary data directory (deleted when it
     stops), the built-in CA, and this host registered as a node. Nothing else is
-    needed. It starts no node agent (Trellis has none yet) and no proxies: register
-    services through the HTTP API or 'trellis services register', and start their
-    sidecars with 'trellis connect proxy'.
+    needed. With -config-dir, it also starts a node agent for this node, on its own
+    port (printed as "Agent API"), that registers the services defined there.
+    Otherwise register services through the HTTP API or 'trellis services register',
+    and start their sidecars with 'trellis connect proxy'.
     """,
     http=False,
 )

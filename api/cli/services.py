@@ -8,46 +8,35 @@ server accepts the snake_case form), so that nothing here has to know every fiel
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
-from trellis.api import hcl
 from trellis.api.cli.base import Command, CommandError, Context, FlagParser, Registry, UsageError
+from trellis.proxy.agent.definitions import DefinitionError, parse_document, split_document
 from trellis.proxy.client import APIError
 
 
 def services_from_file(path: str) -> list[dict[str, Any]]:
-    """The service definitions in a JSON or HCL file; a bad file is the user's fault."""
+    """The service definitions in a JSON or HCL file; a bad file is the user's fault. The
+    document is read as the node agent reads its config files
+    (``trellis.proxy.agent.definitions``), but only services may be in it."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise CommandError(f"Error: Error reading {path}: {e.strerror}") from None
     try:
-        if path.endswith(".hcl"):
-            doc = hcl.loads(text)
-        else:
-            doc = json.loads(text)
-    except Exception as e:  # hcl2 raises lark's exceptions, json ValueError
+        doc = parse_document(text, path)
+    except DefinitionError as e:
         raise CommandError(f"Error: Error decoding {path}: {e}") from None
-    if not isinstance(doc, dict):
-        raise CommandError(f"Error: {path} must hold an object")
-    out: list[dict[str, Any]] = []
-    for k, v in doc.items():
-        if k in ("service", "Service"):
-            out.extend(v if isinstance(v, list) else [v])
-        elif k in ("services", "Services"):
-            if not isinstance(v, list):
-                raise CommandError(f"Error: {path}: 'services' must be a list")
-            out.extend(v)
-        else:
-            raise CommandError(f"Error: {path}: unexpected key {k!r} (want service or services)")
+    try:
+        out, checks = split_document(doc)
+    except DefinitionError as e:
+        raise CommandError(f"Error: {path}: {e}") from None
+    if checks:
+        raise CommandError(f"Error: {path}: checks are registered by the agent's config files")
     if not out:
         raise CommandError(f"Error: {path} defines no service")
-    for s in out:
-        if not isinstance(s, dict):
-            raise CommandError(f"Error: {path}: a service definition must be an object")
     return out
 
 

@@ -1082,7 +1082,21 @@ class SQLStore(SecurityStoreMixin):
     def _upsert_check(self, tx: Tx, node: str, c: Check, old: Any) -> bool:
         """Write the check unless it is stored exactly so (``old``, its row) already; whether
         it wrote."""
-        if old is not None and _check_row_content(old) == _check_content(c):
+        content = _check_content(c)
+        if old is not None and _check_row_content(old) == content:
+            return False
+        if (
+            old is not None
+            and c.expires_at is not None
+            and _check_row_content(old)[:-1] == content[:-1]
+        ):
+            # The same TTL check registered again (a node agent refreshing its serfHealth):
+            # only its deadline moves, as a TTL pass does (_update_check); no index, so no
+            # blocking query wakes for a heartbeat.
+            tx.execute(
+                "UPDATE checks SET expires_at = ? WHERE node = ? AND check_id = ?",
+                (c.expires_at, node, c.check_id),
+            )
             return False
         idx = tx.index
         create = int(old[12]) if old else idx
@@ -1094,7 +1108,7 @@ class SQLStore(SecurityStoreMixin):
             " service_id = excluded.service_id, service_name = excluded.service_name,"
             " type = excluded.type, definition = excluded.definition, ttl = excluded.ttl,"
             " expires_at = excluded.expires_at, modify_index = excluded.modify_index",
-            (node, c.check_id, *_check_content(c), create, idx),
+            (node, c.check_id, *content, create, idx),
         )
         return True
 

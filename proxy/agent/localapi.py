@@ -1,0 +1,510 @@
+"""The agent's HTTP API on its node: ``/v1/agent/...`` answered from local state, the rest
+forwarded to a server.
+
+Answered here: service and check registration (written through to the catalog with the
+caller's token first, so the servers' ACLs decide; a 403 there is the caller's 403), the
+local reads (``agent/services`` with hash-based blocking, ``agent/service/{id}``,
+``agent/checks``, ``agent/self``, ``agent/members``), TTL check updates, ``reload`` and
+``leave``. Forwarded: everything else under ``/v1/`` (K/V, catalog, health, the Connect CA
+and ``agent/connect/*``), with the caller's headers and token, the server's status, headers
+and body passed back as they come; a blocking query blocks the same way, and a client that
+hangs up cancels its forwarded request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from trellis.api import __version__
+from trellis.api.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PermissionDenied,
+    TrellisError,
+)
+from trellis.proxy.agent.core import Agent, WriteRefused
+from trellis.proxy.agent.definitions import (
+    DefinitionError,
+    catalog_check,
+    node_check,
+    service_def,
+)
+from trellis.proxy.agent.definitions import (
+    check_kind as check_kind_of,
+)
+from trellis.proxy.agent.httpd import Request, Response, json_response
+from trellis.proxy.agent.ports import CRITICAL, PASSING, WARNING
+from trellis.proxy.agent.upstream import HOP_BY_HOP, Unreachable
+from trellis.proxy.durations import DurationError, parse_duration
+
+log = logging.getLogger("trellis.agent")
+
+DEFAULT_WAIT, MAX_WAIT = 300.0, 600.0
+MAX_OUTPUT = 4096
+
+
+class NoServer(TrellisError):
+    status = 503
+    code = "no_server"
+
+
+class Refused(TrellisError):
+    """A server's refusal of a write-through, passed on with its status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = {400: "bad_request", 403: "permission_denied", 404: "not_found"}.get(
+            status, "refused"
+        )
+
+
+def content_hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def wait_arg(req: Request) -> float:
+    v = req.arg("wait")
+    if v is None or not v.strip():
+        return DEFAULT_WAIT
+    try:
+        return min(parse_duration(v), MAX_WAIT)
+    except DurationError as e:
+        raise BadRequest(f"query parameter 'wait': {e}") from None
+
+
+def _refused(e: WriteRefused) -> TrellisError:
+    if e.status == 403:
+        return PermissionDenied(e.message)
+    return Refused(e.status, e.message)
+
+
+Route = Callable[[Request, str], Awaitable[Response]]
+
+
+class LocalAPI:
+    def __init__(self, agent: Agent, *, on_leave: Callable[[], None]) -> None:
+        self.agent = agent
+        self.on_leave = on_leave
+        exact: dict[tuple[str, str], Route] = {
+            ("PUT", "/v1/agent/service/register"): self.service_register,
+            ("GET", "/v1/agent/services"): self.services,
+            ("GET", "/v1/agent/checks"): self.checks,
+            ("PUT", "/v1/agent/check/register"): self.check_register,
+            ("GET", "/v1/agent/self"): self.self_,
+            ("PUT", "/v1/agent/reload"): self.reload,
+            ("PUT", "/v1/agent/leave"): self.leave,
+            ("GET", "/v1/agent/members"): self.members,
+        }
+        self.exact = exact
+        self.prefixed: list[tuple[str, str, Route]] = [
+            ("PUT", "/v1/agent/service/deregister/", self.service_deregister),
+            ("GET", "/v1/agent/service/", self.service),
+            ("PUT", "/v1/agent/check/deregister/", self.check_deregister),
+            ("PUT", "/v1/agent/check/pass/", self.check_pass),
+            ("PUT", "/v1/agent/check/warn/", self.check_warn),
+            ("PUT", "/v1/agent/check/fail/", self.check_fail),
+            ("PUT", "/v1/agent/check/update/", self.check_update),
+        ]
+
+    async def handle(self, req: Request) -> Response:
+        route = self.exact.get((req.method, req.path))
+        if route is not None:
+            return await route(req, "")
+        for method, prefix, r in self.prefixed:
+            if req.path.startswith(prefix) and len(req.path) > len(prefix):
+                if req.method != method:
+                    raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}")
+                return await r(req, req.path[len(prefix) :])
+        if any(req.path == p for _, p in self.exact):
+            raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}")
+        if req.path.startswith("/v1/agent/") and not req.path.startswith("/v1/agent/connect/"):
+            raise NotFound(f"{req.path} is not served by the node agent")
+        if not req.path.startswith("/v1/") and req.path not in ("/", "/ui"):
+            raise NotFound(f"unknown path {req.path}")
+        return await self.forward(req)
+
+    # -- forwarding -----------------------------------------------------------------------
+
+    async def forward(self, req: Request) -> Response:
+        head_timeout = 60.0
+        if req.arg("index") or req.arg("hash"):
+            head_timeout = wait_arg(req) * 1.1 + 30.0
+        headers = [(k, v) for k, v in req.headers if k not in HOP_BY_HOP]
+        try:
+            ex = await self.agent.servers.open(
+                req.method,
+                req.target,
+                headers=headers,
+                body=req.body,
+                head_timeout=head_timeout,
+                retry_5xx=req.method in ("GET", "HEAD"),
+            )
+        except Unreachable as e:
+            raise NoServer(f"no server answered: {e}") from None
+        out = [(k, v) for k, v in ex.headers if k.lower() not in HOP_BY_HOP]
+        return Response(ex.status, out, stream=ex.body(), close=ex.close)
+
+    # -- services -------------------------------------------------------------------------
+
+    def _service_json(self, sid: str) -> dict[str, Any] | None:
+        s = self.agent.state.services().get(sid)
+        if s is None:
+            return None
+        b = s.body
+        weights = b.get("Weights") or {"Passing": 1, "Warning": 1}
+        out: dict[str, Any] = {
+            "ID": s.id,
+            "Service": s.name,
+            "Tags": list(b.get("Tags") or []),
+            "Meta": dict(b.get("Meta") or {}),
+            "Port": b.get("Port") or 0,
+            "Address": b.get("Address") or "",
+            "TaggedAddresses": dict(b.get("TaggedAddresses") or {}),
+            "Weights": weights,
+            "EnableTagOverride": bool(b.get("EnableTagOverride", False)),
+            "Datacenter": self.agent.datacenter,
+            "Kind": b.get("Kind") or "",
+        }
+        if b.get("Proxy"):
+            out["Proxy"] = b["Proxy"]
+        if b.get("Connect") is not None:
+            out["Connect"] = b["Connect"]
+        return out
+
+    def _services_json(self) -> dict[str, Any]:
+        out = {}
+        for sid in sorted(self.agent.state.services()):
+            d = self._service_json(sid)
+            if d is not None:
+                out[sid] = d
+        return out
+
+    async def _hash_blocking(self, req: Request, compute: Callable[[], Any]) -> tuple[Any, str]:
+        value = compute()
+        h = content_hash(value)
+        want = req.arg("hash")
+        if want:
+            deadline = trio.current_time() + wait_arg(req)
+            while h == want and trio.current_time() < deadline:
+                await self.agent.wait_changed(deadline - trio.current_time())
+                value = compute()
+                h = content_hash(value)
+        return value, h
+
+    async def services(self, req: Request, _: str) -> Response:
+        value, h = await self._hash_blocking(req, self._services_json)
+        flt = req.arg("filter")
+        if flt:
+            value = _filter(value, flt)
+        return json_response(value, headers=[(b"x-consul-contenthash", h.encode())])
+
+    async def service(self, req: Request, sid: str) -> Response:
+        value, h = await self._hash_blocking(req, lambda: self._service_json(sid))
+        if value is None:
+            raise NotFound(f"unknown service ID: {sid}")
+        value["ContentHash"] = h
+        return json_response(value, headers=[(b"x-consul-contenthash", h.encode())])
+
+    async def service_register(self, req: Request, _: str) -> Response:
+        body = req.json()
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        token = req.token()
+        try:
+            svc = service_def(
+                body, token=token, enable_script_checks=self.agent.opts.enable_script_checks
+            )
+        except DefinitionError as e:
+            raise BadRequest(str(e)) from None
+        if not req.has("replace-existing-checks"):
+            # Consul keeps the checks of an earlier registration of the ID that this one
+            # does not name; ?replace-existing-checks drops them.
+            old = self.agent.state.api_services.get(svc.id)
+            if old is not None and old.checks:
+                mine = {str(c["CheckID"]) for c in svc.checks}
+                kept = tuple(c for c in old.checks if str(c["CheckID"]) not in mine)
+                if kept:
+                    svc = dataclasses.replace(svc, checks=svc.checks + kept)
+        try:
+            await self.agent.api_register(svc)
+        except WriteRefused as e:
+            raise _refused(e) from None
+        except OSError as e:
+            raise NoServer(f"cannot persist the registration: {e}") from None
+        return json_response(None)
+
+    async def service_deregister(self, req: Request, sid: str) -> Response:
+        try:
+            found = await self.agent.api_deregister(sid, req.token())
+        except WriteRefused as e:
+            raise _refused(e) from None
+        if not found:
+            raise NotFound(f"Unknown service ID {sid!r}")
+        return json_response(None)
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _checks_json(self) -> dict[str, Any]:
+        st = self.agent.state
+        svcs = st.services()
+        out = {}
+        for cid, (body, _) in sorted(st.checks().items()):
+            r = st.result(cid, body)
+            c = catalog_check(body, r.status, r.output)
+            sid = str(body.get("ServiceID") or "")
+            s = svcs.get(sid)
+            out[cid] = {
+                "Node": self.agent.opts.node,
+                "CheckID": cid,
+                "Name": c.get("Name", cid),
+                "Status": r.status,
+                "Notes": c.get("Notes", ""),
+                "Output": r.output,
+                "ServiceID": sid,
+                "ServiceName": s.name if s else "",
+                "ServiceTags": list(s.body.get("Tags") or []) if s else [],
+                "Type": c["Type"],
+                "Definition": {k: v for k, v in body.items() if k not in ("CheckID", "Name")},
+                "CreateIndex": 0,
+                "ModifyIndex": 0,
+            }
+        return out
+
+    async def checks(self, req: Request, _: str) -> Response:
+        value = self._checks_json()
+        flt = req.arg("filter")
+        if flt:
+            value = _filter(value, flt)
+        return json_response(value)
+
+    async def check_register(self, req: Request, _: str) -> Response:
+        body = req.json()
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        token = req.token()
+        try:
+            c = node_check(
+                body, token=token, enable_script_checks=self.agent.opts.enable_script_checks
+            )
+        except DefinitionError as e:
+            raise BadRequest(str(e)) from None
+        sid = str(c.body.get("ServiceID") or "")
+        svcs = self.agent.state.services()
+        if sid and sid not in svcs:
+            raise NotFound(f"ServiceID {sid!r} does not exist")
+        result = self.agent.state.result(c.id, c.body)
+        if sid in self.agent.state.synced_services or not sid:
+            try:
+                await self.agent.register_check(
+                    c.id, catalog_check(c.body, result.status, result.output), token
+                )
+            except WriteRefused as e:
+                raise _refused(e) from None
+            except Unreachable:
+                pass
+        try:
+            self.agent.state.add_check(c)
+        except OSError as e:
+            raise NoServer(f"cannot persist the registration: {e}") from None
+        self.agent.changed()
+        return json_response(None)
+
+    async def check_deregister(self, req: Request, cid: str) -> Response:
+        st = self.agent.state
+        if cid not in st.checks():
+            raise NotFound(f"Unknown check ID {cid!r}")
+        if cid in st.synced_checks:
+            try:
+                await self.agent.deregister_check(cid, req.token(), fallback=False)
+            except WriteRefused as e:
+                raise _refused(e) from None
+            except Unreachable:
+                pass
+        if not st.remove_check(cid):
+            raise BadRequest(
+                f"check {cid!r} belongs to a service definition: change the service instead"
+            )
+        self.agent.changed()
+        return json_response(None)
+
+    async def _ttl(self, req: Request, cid: str, status: str, output: str) -> Response:
+        """A TTL update. Written through to the catalog with the caller's token first when
+        the check is there, so that the servers' ACLs decide who may set it (service:write
+        on its service, node:write for a node check); no server: applied locally."""
+        if len(output) > MAX_OUTPUT:
+            output = output[:MAX_OUTPUT] + " ... (Output exceeded 4096 bytes)"
+        st = self.agent.state
+        entry = st.checks().get(cid)
+        if entry is None:
+            raise NotFound(f"Unknown check ID {cid!r}")
+        body, _ = entry
+        if check_kind_of(body) != "ttl":
+            raise BadRequest(f"check {cid!r} is not a TTL check")
+        if cid in st.synced_checks:
+            try:
+                await self.agent.register_check(
+                    cid, catalog_check(body, status, output), req.token()
+                )
+            except WriteRefused as e:
+                raise _refused(e) from None
+            except Unreachable:
+                pass
+        if not self.agent.runner.ttl_update(cid, status, output):
+            raise BadRequest(f"check {cid!r} is not a TTL check")
+        return json_response(None)
+
+    async def check_pass(self, req: Request, cid: str) -> Response:
+        return await self._ttl(req, cid, PASSING, req.arg("note") or "")
+
+    async def check_warn(self, req: Request, cid: str) -> Response:
+        return await self._ttl(req, cid, WARNING, req.arg("note") or "")
+
+    async def check_fail(self, req: Request, cid: str) -> Response:
+        return await self._ttl(req, cid, CRITICAL, req.arg("note") or "")
+
+    async def check_update(self, req: Request, cid: str) -> Response:
+        body = req.json() if req.body.strip() else {}
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        status = body.get("Status") or body.get("status")
+        output = body.get("Output") or body.get("output") or ""
+        if status not in (PASSING, WARNING, CRITICAL):
+            raise BadRequest("Status must be passing, warning or critical")
+        if not isinstance(output, str):
+            raise BadRequest("Output must be a string")
+        return await self._ttl(req, cid, status, output)
+
+    # -- the agent itself -----------------------------------------------------------------
+
+    async def self_(self, req: Request, _: str) -> Response:
+        a = self.agent
+        return json_response(
+            {
+                "Config": {
+                    "Datacenter": a.datacenter,
+                    "NodeName": a.opts.node,
+                    "NodeID": "",
+                    "Server": False,
+                    "Revision": "",
+                    "Version": __version__,
+                    "PrimaryDatacenter": a.datacenter,
+                },
+                "Member": {
+                    "Name": a.opts.node,
+                    "Addr": a.opts.address,
+                    "Port": 8301,
+                    "Tags": {"role": "node", "dc": a.datacenter, "build": __version__},
+                    "Status": 1,
+                },
+                "Meta": {},
+                "Stats": {
+                    "agent": {
+                        "services": str(len(a.state.services())),
+                        "checks": str(len(a.state.checks())),
+                        "server": a.servers.address,
+                        "syncs": str(a.syncs),
+                    }
+                },
+                "xDS": None,
+            }
+        )
+
+    async def reload(self, req: Request, _: str) -> Response:
+        errors = await self.agent.reload()
+        if errors:
+            # The other files were applied; the caller learns which were refused and why.
+            raise BadRequest("refused: " + "; ".join(errors))
+        return json_response(None)
+
+    async def leave(self, req: Request, _: str) -> Response:
+        self.on_leave()
+        return json_response(None)
+
+    async def members(self, req: Request, _: str) -> Response:
+        try:
+            status, nodes, _ = await self.agent.servers.call(
+                "GET", "/v1/catalog/nodes", token=req.token()
+            )
+            _, checks, _ = await self.agent.servers.call(
+                "GET", "/v1/health/state/any", token=req.token()
+            )
+        except Unreachable as e:
+            raise NoServer(f"no server answered: {e}") from None
+        if status != 200 or not isinstance(nodes, list):
+            raise Refused(status, str(nodes))
+        health = {
+            c["Node"]: c
+            for c in (checks or [])
+            if isinstance(c, dict) and c.get("CheckID") == "serfHealth"
+        }
+        out = []
+        for n in nodes:
+            st = member_status(health.get(n["Node"]))
+            out.append(
+                {
+                    "Name": n["Node"],
+                    "Addr": n.get("Address", ""),
+                    "Port": 8301,
+                    "Tags": {"dc": n.get("Datacenter", ""), "role": "node"},
+                    "Status": {"alive": 1, "left": 3, "failed": 4}[st],
+                }
+            )
+        return json_response(out)
+
+
+def member_status(check: dict[str, Any] | None) -> str:
+    """alive, left or failed, from a node's serfHealth check (none: alive)."""
+    if check is None or check.get("Status") == PASSING:
+        return "alive"
+    if "left" in str(check.get("Output") or ""):
+        return "left"
+    return "failed"
+
+
+def _filter(value: dict[str, Any], expr: str) -> dict[str, Any]:
+    """A small subset of Consul's filter language: ``Field == "v"``, ``Field != "v"`` and
+    ``"v" in Field``, joined by ``and``."""
+    clauses = [c.strip() for c in expr.split(" and ")]
+    tests = []
+    for c in clauses:
+        if " == " in c or " != " in c:
+            op = "==" if " == " in c else "!="
+            field, _, lit = c.partition(f" {op} ")
+            want = _literal(lit)
+            tests.append((field.strip(), op, want))
+        elif " in " in c:
+            lit, _, field = c.partition(" in ")
+            tests.append((field.strip(), "in", _literal(lit)))
+        else:
+            raise BadRequest(f"filter: cannot read {c!r}")
+
+    def ok(item: dict[str, Any]) -> bool:
+        for field, op, want in tests:
+            v: Any = item
+            for part in field.split("."):
+                v = v.get(part) if isinstance(v, dict) else None
+            if op == "==" and str(v) != want:
+                return False
+            if op == "!=" and str(v) == want:
+                return False
+            if op == "in" and (not isinstance(v, list | dict) or want not in v):
+                return False
+        return True
+
+    return {k: v for k, v in value.items() if ok(v)}
+
+
+def _literal(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
+        return text[1:-1]
+    raise BadRequest(f"filter: {text!r} is not a quoted value")
