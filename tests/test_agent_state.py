@@ -121,6 +121,38 @@ def test_one_line_connect_proxy_marks_a_managed_sidecar():
     assert s.body["Connect"] == {"Proxy": {}}
 
 
+def test_a_managed_sidecar_is_registered_once_it_has_a_port_and_keeps_it(tmp_path):
+    app = service_def(
+        {
+            "service": {
+                "name": "web",
+                "port": 8080,
+                "connect": {
+                    "proxy": {
+                        "config": {
+                            "upstreams": [{"destination_name": "db", "local_bind_port": 9191}]
+                        }
+                    }
+                },
+            }
+        },
+        token="web-token",
+    )
+    state = LocalState(str(tmp_path))
+    state.add_service(app)
+    assert "web-sidecar-proxy" not in state.services()  # no port yet: not registered
+    state.set_proxy_ports({"web-sidecar-proxy": 20007})
+    proxy = state.services()["web-sidecar-proxy"]
+    assert proxy.body["Kind"] == "connect-proxy" and proxy.body["Port"] == 20007
+    assert proxy.body["Proxy"]["DestinationServiceID"] == "web"
+    assert proxy.body["Proxy"]["Upstreams"][0]["LocalBindPort"] == 9191
+    assert proxy.token == "web-token" and proxy.source == "managed:web"
+    again = LocalState(str(tmp_path))  # the agent restarted
+    assert again.load() == []
+    assert again.proxy_ports == {"web-sidecar-proxy": 20007}
+    assert again.services()["web-sidecar-proxy"].body["Port"] == 20007
+
+
 def _write(p: Path, doc: object) -> Path:
     p.write_text(doc if isinstance(doc, str) else json.dumps(doc))
     return p

@@ -30,16 +30,16 @@ from urllib.parse import quote
 
 import trio
 
-from trellis.proxy.agent import sync
+from trellis.proxy.agent import managed, sync
 from trellis.proxy.agent.definitions import (
     DefinitionError,
     ServiceDef,
     load_config,
-    managed_sidecar,
 )
 from trellis.proxy.agent.ports import CheckResult, CheckRunner, SidecarSpec, SidecarSupervisor
-from trellis.proxy.agent.state import LocalState
+from trellis.proxy.agent.state import MANAGED, LocalState
 from trellis.proxy.agent.upstream import Servers, Unreachable
+from trellis.proxy.config import ConfigError
 from trellis.proxy.durations import format_duration
 
 log = logging.getLogger("trellis.agent")
@@ -64,6 +64,9 @@ class Options:
     enable_script_checks: bool = False
     #: Stop when this process is no longer the agent's parent (``trellis dev`` died).
     parent_pid: int | None = None
+    #: Managed sidecars' public ports (Consul's ``ports.proxy_min_port``..``proxy_max_port``).
+    proxy_min_port: int = managed.PROXY_MIN_PORT
+    proxy_max_port: int = managed.PROXY_MAX_PORT
 
 
 class WriteRefused(Exception):
@@ -100,6 +103,8 @@ class Agent:
             enable_script_checks=opts.enable_script_checks,
         )
         self.supervisor = make_supervisor()
+        self.ports: managed.PortAllocator | None = None  # made once the data dir is read
+        self._port_errors: dict[str, str] = {}
         self.url = ""  # the local API's URL, once it listens
         self.datacenter = "dc1"
         self._sync_wanted = trio.Event()
@@ -115,17 +120,55 @@ class Agent:
     def changed(self) -> None:
         """The services or checks changed: hand the runner and the supervisor their sets,
         wake the blocking local reads, and ask for a full sync."""
+        self._assign_ports()
         self.runner.update(self.state.check_defs())
         self.supervisor.update(self.sidecars())
         self._changed.set()
         self._changed = trio.Event()
         self.request_sync()
 
+    def _assign_ports(self) -> None:
+        """Give every managed sidecar (the one-line ``connect.proxy`` form) its public port,
+        keeping the ones they had (``LocalState.proxy_ports``, from the data dir); a sidecar
+        that cannot have one is said once, with the reason, and its app runs without it."""
+        if self.ports is None:
+            self.ports = managed.PortAllocator(
+                self.opts.proxy_min_port,
+                self.opts.proxy_max_port,
+                previous=self.state.proxy_ports,
+            )
+        apps = [
+            s
+            for s in {**self.state.file_services, **self.state.api_services}.values()
+            if s.managed_proxy
+        ]
+        wanted = []
+        for app in sorted(apps, key=lambda s: s.id):
+            pid = managed.proxy_id(app.body)
+            try:
+                port = managed.fixed_port(app.body)
+                if port is None:
+                    port = self.ports.assign(pid, managed.bind_address(app.body))
+                    wanted.append(pid)
+                managed.registration(app.body, port)  # what the sidecar would refuse
+                self._port_errors.pop(pid, None)
+            except ConfigError as e:
+                if self._port_errors.get(pid) != str(e):
+                    self._port_errors[pid] = str(e)
+                    log.error("no managed sidecar for %s: %s", app.id, e)
+        self.ports.retain(wanted)
+        try:
+            self.state.set_proxy_ports(self.ports.assigned())
+        except OSError as e:
+            log.error("cannot keep the sidecars' ports in the data dir: %s", e)
+
     def sidecars(self) -> dict[str, SidecarSpec]:
+        """The managed sidecars to run: one per connect-proxy registration made for a
+        one-line ``connect.proxy`` app, reading its configuration from this agent."""
         out = {}
         for s in self.state.services().values():
-            if s.managed_proxy:
-                spec = managed_sidecar(s, self.url)
+            if s.source.startswith(MANAGED):
+                spec = managed.sidecar_spec(s.body, http_addr=self.url, token=s.token or None)
                 out[spec.proxy_id] = spec
         return out
 

@@ -4,7 +4,8 @@ Pure: text and dicts in, values out; nothing here opens a socket.
 A definition arrives in either spelling (``name``/``Name``, see ``spelling``) and leaves as a
 ``ServiceDef``: the PascalCase service body the catalog takes, its checks as PascalCase
 bodies with their IDs settled, and what the agent must run for it (``CheckDef``s for the
-check runner, a ``SidecarSpec`` for the one-line ``connect.proxy`` form). A definition the
+check runner; ``managed_proxy`` for the one-line ``connect.proxy`` form, whose connect-proxy
+registration ``trellis.proxy.agent.managed`` builds once the agent gave it a port). A definition the
 agent cannot use raises ``DefinitionError`` naming the field; in a file, the error names the
 file too, and only that file is refused.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trellis.proxy import names
-from trellis.proxy.agent.ports import CRITICAL, PASSING, WARNING, CheckDef, SidecarSpec
+from trellis.proxy.agent.ports import CRITICAL, PASSING, WARNING, CheckDef
 from trellis.proxy.agent.spelling import SpellingError, to_pascal
 from trellis.proxy.durations import DurationError, parse_duration
 
@@ -433,22 +434,6 @@ def sidecar_service(parent: ServiceDef, taken_ports: Iterable[int]) -> ServiceDe
             {"Name": f"Connect Sidecar Aliasing {parent.id}", "AliasService": parent.id},
         ]
     return service_def(body, token=parent.token, source=parent.source)
-
-
-def managed_sidecar(svc: ServiceDef, agent_url: str) -> SidecarSpec:
-    """The managed sidecar of a service with the one-line ``connect.proxy`` form: ``trellis
-    connect proxy -sidecar-for ID`` against this agent, with the service's token.
-
-    SEAM (h14): ``trellis.proxy.agent.managed`` builds the connect-proxy registration of this
-    sidecar and allocates its public port; the spine registers what it returns. Until then the
-    sidecar reads its configuration from the service's ``connect.proxy`` block itself."""
-    env = {"TRELLIS_HTTP_TOKEN": svc.token} if svc.token else {}
-    return SidecarSpec(
-        proxy_id=f"{svc.id}-sidecar-proxy",
-        service_id=svc.id,
-        args=("connect", "proxy", "-sidecar-for", svc.id, "-http-addr", agent_url),
-        env=env,
-    )
 
 
 # -- checks -----------------------------------------------------------------------------------

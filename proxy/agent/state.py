@@ -8,6 +8,11 @@ every reload and replace the previous file definitions as a whole. The local API
 a restart of the agent. An API registration with the ID of a file's service wins over it, as
 the later registration does in Consul.
 
+``<data-dir>/proxy-ports.json`` keeps the public port of each managed sidecar (the one-line
+``connect.proxy`` form), so a sidecar keeps its port across reloads and agent restarts; the
+agent assigns them (``trellis.proxy.agent.managed.PortAllocator``) and ``services`` adds each
+managed sidecar's connect-proxy registration once it has a port.
+
 ``<data-dir>/synced.json`` is the anti-entropy loop's memory: the IDs of the services and
 checks the agent has registered in the catalog. Only those are ever deregistered, so what
 someone else put on the node (a server's own ``/v1/agent`` endpoints, another tool) is left
@@ -25,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from trellis.proxy.agent import managed
 from trellis.proxy.agent.definitions import (
     DefinitionError,
     NodeCheck,
@@ -35,9 +41,13 @@ from trellis.proxy.agent.definitions import (
     sidecar_service,
 )
 from trellis.proxy.agent.ports import CheckDef, CheckResult
+from trellis.proxy.config import ConfigError
 
 LOCAL_FILE = "local.json"
 SYNCED_FILE = "synced.json"
+PORTS_FILE = "proxy-ports.json"
+#: The source of a managed sidecar's connect-proxy registration: ``managed:<app's ID>``.
+MANAGED = "managed:"
 
 
 def write_atomically(path: str, value: Any) -> None:
@@ -69,6 +79,8 @@ class LocalState:
     results: dict[str, CheckResult] = field(default_factory=dict)
     synced_services: set[str] = field(default_factory=set)
     synced_checks: set[str] = field(default_factory=set)
+    #: Managed sidecars' public ports, by proxy ID.
+    proxy_ports: dict[str, int] = field(default_factory=dict)
     #: Bumped on every change to the services and checks (the local API's blocking reads).
     version: int = 0
 
@@ -108,6 +120,16 @@ class LocalState:
                     self.api_checks[c.id] = c
                 except (DefinitionError, KeyError, TypeError) as e:
                     problems.append(f"{path}: a check: {e}")
+        ppath = self._path(PORTS_FILE)
+        if ppath and os.path.exists(ppath):
+            try:
+                with open(ppath, encoding="utf-8") as f:
+                    doc = json.load(f)
+                self.proxy_ports = {
+                    str(k): int(v) for k, v in doc.items() if isinstance(v, int) and v > 0
+                }
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                problems.append(f"{ppath}: {e}")
         spath = self._path(SYNCED_FILE)
         if spath and os.path.exists(spath):
             try:
@@ -136,6 +158,16 @@ class LocalState:
                 ],
             },
         )
+
+    def set_proxy_ports(self, ports: Mapping[str, int]) -> None:
+        """The managed sidecars' ports, persisted when they changed."""
+        if dict(ports) == self.proxy_ports:
+            return
+        self.proxy_ports = dict(ports)
+        path = self._path(PORTS_FILE)
+        if path:
+            write_atomically(path, self.proxy_ports)
+        self.version += 1
 
     def save_synced(self) -> None:
         path = self._path(SYNCED_FILE)
@@ -219,9 +251,14 @@ class LocalState:
     # -- views ----------------------------------------------------------------------------
 
     def services(self) -> dict[str, ServiceDef]:
-        """Every service of the node: the files', the API's (which win on an ID clash), and
-        the connect-proxy services their ``connect.sidecar_service`` blocks define."""
+        """Every service of the node: the files', the API's (which win on an ID clash), the
+        connect-proxy services their ``connect.sidecar_service`` blocks define, and those of
+        their managed sidecars (the one-line ``connect.proxy`` form) that have a port."""
         out = {**self.file_services, **self.api_services}
+        for app in sorted((s for s in out.values() if s.managed_proxy), key=lambda s: s.id):
+            reg = self.managed_registration(app)
+            if reg is not None and reg.id not in out:
+                out[reg.id] = reg
         parents = [s for s in out.values() if s.sidecar is not None]
         taken = {int(s.body.get("Port") or 0) for s in out.values()}
         for p in sorted(parents, key=lambda s: s.id):
@@ -233,6 +270,20 @@ class LocalState:
                 out[sc.id] = sc
                 taken.add(int(sc.body.get("Port") or 0))
         return out
+
+    def managed_registration(self, app: ServiceDef) -> ServiceDef | None:
+        """The connect-proxy service of ``app``'s managed sidecar, or None while it has no
+        port (or its ``connect.proxy`` block cannot be served: the agent says why when it
+        assigns the port)."""
+        pid = managed.proxy_id(app.body)
+        try:
+            port = managed.fixed_port(app.body) or self.proxy_ports.get(pid)
+            if not port:
+                return None
+            body = managed.registration(app.body, port)
+            return service_def(body, token=app.token, source=MANAGED + app.id)
+        except (ConfigError, DefinitionError):
+            return None
 
     def checks(self) -> dict[str, tuple[Mapping[str, Any], str]]:
         """Every check of the node: ``check ID -> (body, token)``, the services' checks and the

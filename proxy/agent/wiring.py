@@ -1,10 +1,9 @@
 """Which check runner and sidecar supervisor the agent uses: the one place to switch them.
 
 The real ones are ``trellis.proxy.agent.checks.Runner`` and
-``trellis.proxy.agent.supervisor.Supervisor``, built in parallel with the spine. Until they are
-merged, ``make_runner`` and ``make_supervisor`` fall back to the small stand-ins below, which
-run nothing: TTL checks still work (their results come through the local API), every other
-check keeps its initial status, and no sidecar is started.
+``trellis.proxy.agent.supervisor.Supervisor``. Until the check runner is merged,
+``make_runner`` falls back to the stand-in below, which runs nothing: TTL checks still work
+(their results come through the local API), every other check keeps its initial status.
 """
 
 from __future__ import annotations
@@ -18,9 +17,9 @@ from trellis.proxy.agent.ports import (
     CheckDef,
     CheckResult,
     CheckRunner,
-    SidecarSpec,
     SidecarSupervisor,
 )
+from trellis.proxy.agent.supervisor import Supervisor
 
 OnChange = Callable[[str, CheckResult], None]
 OnDeregister = Callable[[str], None]
@@ -61,23 +60,6 @@ class TTLOnlyRunner:
         await trio.sleep_forever()
 
 
-class NoSidecars:
-    """A ``SidecarSupervisor`` that starts nothing and remembers what it was asked for."""
-
-    def __init__(self) -> None:
-        self.wanted: dict[str, SidecarSpec] = {}
-
-    def update(self, sidecars: Mapping[str, SidecarSpec]) -> None:
-        self.wanted = dict(sidecars)
-
-    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.sleep_forever()
-
-    async def stop_all(self) -> None:
-        self.wanted = {}
-
-
 def make_runner(
     on_change: OnChange, on_deregister: OnDeregister, *, enable_script_checks: bool
 ) -> CheckRunner:
@@ -94,9 +76,5 @@ def make_runner(
 
 
 def make_supervisor() -> SidecarSupervisor:
-    try:
-        from trellis.proxy.agent.supervisor import Supervisor  # type: ignore[import-not-found]
-    except ImportError:
-        return NoSidecars()
     supervisor: SidecarSupervisor = Supervisor()
     return supervisor
