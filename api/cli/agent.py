@@ -130,6 +130,20 @@ def _agent_flags(p: FlagParser) -> None:
         action="store_true",
         help="Allow checks that run a program (args); refused otherwise.",
     )
+    p.flag(
+        "proxy-min-port",
+        type=int,
+        default=20000,
+        metavar="port",
+        help="Lowest public port of a managed sidecar (Consul's ports.proxy_min_port; 20000).",
+    )
+    p.flag(
+        "proxy-max-port",
+        type=int,
+        default=20255,
+        metavar="port",
+        help="Highest public port of a managed sidecar (ports.proxy_max_port; 20255).",
+    )
     p.flag("log-level", default="info", metavar="level", help="debug, info, warn or error.")
 
 
@@ -158,6 +172,11 @@ def agent_cmd(ctx: Context, ns: argparse.Namespace) -> int:
             raise CommandError(
                 f"Error! Cannot create data dir {ns.data_dir}: {e.strerror}"
             ) from None
+    if not 1 <= ns.proxy_min_port <= ns.proxy_max_port <= 65535:
+        raise CommandError(
+            "Error! -proxy-min-port and -proxy-max-port must be ports, the first not above"
+            " the second"
+        )
     for d in ns.config_dir:
         if not os.path.isdir(d):
             raise CommandError(f"Error! Config directory {d} does not exist")
@@ -178,6 +197,8 @@ def agent_cmd(ctx: Context, ns: argparse.Namespace) -> int:
         leave_on_terminate=not ns.no_leave_on_terminate,
         enable_script_checks=ns.enable_script_checks,
         parent_pid=os.getppid() if ns.exit_with_parent else None,
+        proxy_min_port=ns.proxy_min_port,
+        proxy_max_port=ns.proxy_max_port,
     )
     return main(opts, ns.log_level)
 
