@@ -39,8 +39,9 @@ def truncate(data: bytes | str, limit: int = OUTPUT_LIMIT) -> str:
 
 
 def worst(statuses: Iterable[str]) -> str:
-    """critical > warning > passing; no status at all is passing."""
-    return max(statuses, key=lambda s: _SEVERITY.get(s, 2), default=PASSING)
+    """critical > warning > passing; no status at all is passing; an unknown one critical."""
+    severity = max((_SEVERITY.get(s, 2) for s in statuses), default=0)
+    return STATUSES[severity]
 
 
 # -- validation -------------------------------------------------------------------------------
