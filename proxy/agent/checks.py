@@ -48,8 +48,9 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import h11
 import trio
 
 from trellis.proxy.agent import checkrules as rules
@@ -190,7 +191,7 @@ class Runner:
         self._on_deregister = on_deregister
         self._scripts_enabled = enable_script_checks
         self._clock = clock
-        self._http: HTTPProber = http or HttpxProber()
+        self._http: HTTPProber = http or H11Prober()
         self._tcp: TCPProber = tcp or SocketProber()
         self._alias = alias
         self._scripts: ScriptRunner = scripts or ProcessRunner()
@@ -362,8 +363,9 @@ class Runner:
                 nxt = min(nxt, entry.ttl_deadline)
             if entry.due is not None:
                 nxt = min(nxt, entry.due)
+            service_id = entry.check.service_id
             at = rules.deregister_at(entry.since, entry.check.deregister_critical_after)
-            if at is not None and entry.check.service_id not in self._reaped:
+            if at is not None and service_id and service_id not in self._reaped:
                 nxt = min(nxt, at)
         return nxt
 
@@ -472,15 +474,24 @@ class Runner:
 # -- the default probers: the only code here that does I/O --------------------------------------
 
 
-class HttpxProber:
-    """HTTP(S) probes with httpx (a dependency already): one fresh connection per probe (no
-    keep-alive, as Consul's checks), no proxy from the environment, the system's CAs; with
-    ``verify=False`` (the check's ``tls_skip_verify``) no certificate or hostname check.
-    Sends ``User-Agent: Trellis Health Check`` and ``Accept: text/plain, text/*, */*`` unless
-    the check's headers set them. Reads at most the first 4 KiB of the body."""
+class H11Prober:
+    """HTTP(S) probes over trio streams with h11 (a sans-I/O HTTP/1.1 parser): one fresh
+    connection per probe with ``Connection: close`` (no keep-alive, as Consul's checks), no
+    proxy, no redirect (the runner decides those). It reads the status line and at most the
+    first 4 KiB of the body, then hangs up: a large or endless body costs nothing more.
 
-    def __init__(self) -> None:
+    TLS: ``verify`` is the context of verified probes (the agent's CA file, say; by default the
+    system's CAs, with hostname checking). A probe with ``verify=False`` (the check's explicit
+    ``tls_skip_verify``) checks neither the chain nor the name.
+
+    Sends ``User-Agent: Trellis Health Check`` and ``Accept: text/plain, text/*, */*`` unless
+    the check's headers set them; the check's ``Host`` header, if any, replaces the URL's.
+    """
+
+    def __init__(self, verify: ssl.SSLContext | None = None) -> None:
         self._contexts: dict[bool, ssl.SSLContext] = {}
+        if verify is not None:
+            self._contexts[True] = verify
 
     def _context(self, verify: bool) -> ssl.SSLContext:
         ctx = self._contexts.get(verify)
@@ -496,45 +507,76 @@ class HttpxProber:
     async def request(
         self, method: str, url: str, headers: Sequence[tuple[str, str]], *, verify: bool
     ) -> HTTPAnswer:
-        import httpx  # only an agent with HTTP checks pays for it
-
-        # identity: a compressed body would be decoded chunk by chunk with no bound on the
-        # decoded size, and only 4 KiB of it is kept anyway.
-        defaults = {
-            "User-Agent": "Trellis Health Check",
-            "Accept": "text/plain, text/*, */*",
-            "Accept-Encoding": "identity",
-        }
+        parts = urlsplit(url)
+        tls = parts.scheme == "https"
         try:
-            async with (
-                httpx.AsyncClient(
-                    verify=self._context(verify),
-                    trust_env=False,
-                    follow_redirects=False,
-                    timeout=None,  # noqa: S113 - the runner cancels at the check timeout
-                    headers=defaults,
-                    limits=httpx.Limits(max_keepalive_connections=0),
-                ) as client,
-                client.stream(method, url, headers=list(headers)) as resp,
-            ):
-                body = bytearray()
-                async for chunk in resp.aiter_raw():
-                    body += chunk
-                    if len(body) >= rules.OUTPUT_LIMIT:
-                        break
-                return HTTPAnswer(
-                    resp.status_code,
-                    resp.reason_phrase,
-                    bytes(body[: rules.OUTPUT_LIMIT]),
-                    resp.headers.get("location"),
-                )
-        except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
+            port = parts.port or (443 if tls else 80)
+        except ValueError as e:
+            raise ProbeFailed(str(e)) from None
+        host = parts.hostname or ""
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        given = {k.lower() for k, _ in headers}
+        send = [(k, v) for k, v in headers]
+        for name, value in (
+            ("Host", parts.netloc.rpartition("@")[2]),
+            ("User-Agent", "Trellis Health Check"),
+            ("Accept", "text/plain, text/*, */*"),
+        ):
+            if name.lower() not in given:
+                send.insert(0, (name, value))
+        if method in ("POST", "PUT", "PATCH") and not given & {"content-length"}:
+            send.append(("Content-Length", "0"))
+        send.append(("Connection", "close"))
+        try:
+            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        except OSError as e:
             raise ProbeFailed(_reason(e)) from None
+        try:
+            if tls:
+                stream = trio.SSLStream(
+                    stream, self._context(verify), server_hostname=host, https_compatible=True
+                )
+                await stream.do_handshake()
+            return await self._exchange(stream, method, target, send)
+        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as e:
+            raise ProbeFailed(_reason(e)) from None
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    @staticmethod
+    async def _exchange(
+        stream: trio.abc.Stream, method: str, target: str, headers: list[tuple[str, str]]
+    ) -> HTTPAnswer:
+        conn = h11.Connection(h11.CLIENT)
+        request = h11.Request(method=method, target=target, headers=headers)
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        answer: h11.Response | None = None
+        body = bytearray()
+        while len(body) < rules.OUTPUT_LIMIT:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(65536)))
+            elif isinstance(event, h11.Response):
+                answer = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+            # h11.InformationalResponse (1xx): the final answer follows
+        if answer is None:
+            raise ProbeFailed("the connection closed before an answer")
+        location = next((v for k, v in answer.headers if k == b"location"), None)
+        return HTTPAnswer(
+            answer.status_code,
+            answer.reason.decode("latin-1"),
+            bytes(body[: rules.OUTPUT_LIMIT]),
+            location.decode("latin-1") if location is not None else None,
+        )
 
 
 def _reason(e: BaseException, depth: int = 0) -> str:
     """The socket-level reason under a connection error: trio reports "all attempts to connect
-    failed" with each attempt's error in an exception group as its cause, and httpx wraps that."""
+    failed" with each attempt's error in an exception group as its cause."""
     while depth < 8 and not isinstance(e, BaseExceptionGroup):
         inner = e.__cause__ or e.__context__
         if inner is None:
