@@ -263,12 +263,32 @@ def test_a_failing_on_change_is_logged_and_the_checks_go_on(caplog):
         r = Runner(on_change=on_change, on_deregister=print, http=fake, rng=Fixed(0.0))
         r.update({"a": http("a"), "b": http("b", interval=1.0)})
         fake.answers["http://app/b"] = lambda: HTTPAnswer(200, "OK", b"%g" % trio.current_time())
-        await running(r, 30)
+        await running(r, 29.5)
 
     mock_run(main)
     assert calls == ["a", "b"]  # their first results (then b's output waits 300 s)
     assert len(fake.times("http://app/b")) == 30  # probing went on
     assert "on_change failed" in caplog.text
+
+
+def test_a_prober_that_breaks_fails_its_check_and_not_the_others(caplog):
+    class Buggy:
+        async def connect(self, host, port):
+            raise KeyError("a bug")
+
+    seen = Seen()
+
+    async def main():
+        r = runner(seen, http=FakeHTTP(), tcp=Buggy())
+        r.update({"t": CheckDef("t", "t", kind="tcp", tcp="h:1"), "h": http("h")})
+        await running(r, 25)
+
+    mock_run(main)
+    assert seen.of("t") == [
+        (0.0, CheckResult(CRITICAL, "the agent could not run this check: 'a bug'"))
+    ]
+    assert [r.status for _, r in seen.of("h")] == [PASSING]
+    assert "the probe failed" in caplog.text
 
 
 # -- TTL ------------------------------------------------------------------------------------------
@@ -608,10 +628,21 @@ def test_http_checks_send_their_method_and_headers(stub):
     assert (req.method, req.path, req.query) == ("PUT", "/x", {"a": ["1"]})
     assert req.headers["x-probe"] == "one"
     assert req.headers["user-agent"] == "Trellis Health Check"
+    assert req.headers["content-length"] == "0"
     own = http("h", url=stub.url + "/", header={"User-Agent": ("mine",), "Host": ("app.test",)})
     probe(own)
     assert stub.seen[-1].headers["user-agent"] == "mine"
     assert stub.seen[-1].headers["host"] == "app.test"
+    # Credentials in the URL become basic authentication, as in a browser.
+    port = stub.url.rsplit(":", 1)[1]
+    probe(http("h", url=f"http://us%40er:p%3Ass@127.0.0.1:{port}/"))
+    assert stub.seen[-1].headers["authorization"] == "Basic dXNAZXI6cDpzcw=="  # us@er:p:ss
+    # A header that cannot be sent is the check's failure, not the agent's.
+    bad = probe(http("h", url=stub.url + "/", header={"X-Name": ("Zoë",)}))
+    assert bad.status == CRITICAL and "cannot send this request" in bad.output
+    injected = probe(http("h", url=stub.url + "/", header={"X-A": ("a\r\nX-B: b",)}))
+    assert injected.status == CRITICAL
+    assert all("x-b" not in seen.headers for seen in stub.seen)
 
 
 def test_an_http_check_with_no_answer_in_time_or_at_all_is_critical(stub, dead_url):

@@ -45,10 +45,11 @@ import random
 import signal
 import ssl
 import subprocess
+from base64 import b64encode
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import h11
 import trio
@@ -164,11 +165,13 @@ class _Entry:
 class Runner:
     """Runs the agent's checks; see the module docstring.
 
-    ``on_change(check_id, result)`` is called (from the runner's trio tasks) when a result is to
-    be sent to the catalog; ``on_deregister(service_id)`` once when a service's check has been
+    ``on_change(check_id, result)`` is called when a result is to be sent to the catalog: from
+    the runner's trio tasks, and synchronously from within :meth:`ttl_update` (the new state of
+    a TTL check) and :meth:`update` (a check whose kind changed starts over at its initial
+    status). ``on_deregister(service_id)`` is called once when a service's check has been
     critical for its ``deregister_critical_after``. Both must return promptly and not raise (an
-    exception is logged and ignored). ``clock`` must advance with trio's clock (its default is
-    trio's clock; a test's MockClock is trio's clock too).
+    exception is logged and ignored); to do I/O, hand the work to a task. ``clock`` must
+    advance with trio's clock (its default is trio's clock; a test's MockClock is trio's too).
     """
 
     def __init__(
@@ -387,7 +390,11 @@ class Runner:
         with entry.scope:
             await trio.sleep(rules.first_delay(interval, self._rng.random()))
             while True:
-                result = await self.probe(check)
+                try:
+                    result = await self.probe(check)
+                except Exception as e:  # a prober's bug must not stop every other check
+                    log.exception("check %s: the probe failed", check_id)
+                    result = CheckResult(CRITICAL, f"the agent could not run this check: {e}")
                 self._record(check_id, entry, result)
                 await trio.sleep(interval)
 
@@ -516,17 +523,18 @@ class H11Prober:
         host = parts.hostname or ""
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         given = {k.lower() for k, _ in headers}
-        send = [(k, v) for k, v in headers]
-        for name, value in (
+        implied = [
             ("Host", parts.netloc.rpartition("@")[2]),
             ("User-Agent", "Trellis Health Check"),
             ("Accept", "text/plain, text/*, */*"),
-        ):
-            if name.lower() not in given:
-                send.insert(0, (name, value))
-        if method in ("POST", "PUT", "PATCH") and not given & {"content-length"}:
-            send.append(("Content-Length", "0"))
-        send.append(("Connection", "close"))
+            ("Connection", "close"),
+        ]
+        if parts.username is not None:  # http://user:password@host/, as browsers and Go do
+            userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            implied.append(("Authorization", "Basic " + b64encode(userinfo.encode()).decode()))
+        if method in ("POST", "PUT", "PATCH"):
+            implied.append(("Content-Length", "0"))
+        send = [(k, v) for k, v in implied if k.lower() not in given] + list(headers)
         try:
             stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
         except OSError as e:
@@ -540,6 +548,8 @@ class H11Prober:
             return await self._exchange(stream, method, target, send)
         except (OSError, trio.BrokenResourceError, h11.ProtocolError) as e:
             raise ProbeFailed(_reason(e)) from None
+        except ValueError as e:  # a header h11 cannot send (not ASCII, say): the check's fault
+            raise ProbeFailed(f"cannot send this request: {e}") from None
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -631,9 +641,10 @@ class ProcessRunner:
                 pass
             drained.set()
 
-        pidfd = os.pidfd_open(proc.pid)
+        pidfd = -1
         timed_out = False
         try:
+            pidfd = os.pidfd_open(proc.pid)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read)
                 with trio.move_on_after(timeout) as waiting:
@@ -650,7 +661,8 @@ class ProcessRunner:
             with trio.CancelScope(shield=True):
                 await proc.wait()
                 await stdout.aclose()
-            os.close(pidfd)
+            if pidfd >= 0:
+                os.close(pidfd)
         return ScriptOutcome(None if timed_out else proc.returncode, bytes(buf), timed_out)
 
 
