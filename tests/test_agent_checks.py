@@ -235,6 +235,25 @@ def test_output_that_changes_on_every_probe_is_sent_at_most_once_per_output_inte
     assert [r.output.rsplit(" ", 1)[1] for _, r in sent] == ["t=0", "t=294", "t=595", "t=896"]
 
 
+def test_a_changed_definition_does_not_send_a_held_back_output_early():
+    fake = FakeHTTP()
+    fake.answers["http://app/"] = lambda: HTTPAnswer(200, "OK", b"t=%g" % trio.current_time())
+    seen = Seen()
+
+    async def main():
+        r = runner(seen, http=fake, output_every=300.0)
+        r.update({"web": http("web", url="http://app/", interval=7.0)})
+        async with trio.open_nursery() as nursery:
+            await nursery.start(r.run)
+            await trio.sleep(100)
+            r.update({"web": http("web", url="http://app/", interval=9.0)})
+            await trio.sleep(250)
+            nursery.cancel_scope.cancel()
+
+    mock_run(main)
+    assert [t for t, _ in seen.of("web")] == [0.0, 300.0]
+
+
 def test_a_status_change_inside_the_output_interval_goes_at_once():
     fake = FakeHTTP()
     fake.answers["http://app/"] = lambda: HTTPAnswer(

@@ -237,8 +237,8 @@ class Runner:
             if old is not None:
                 old.scope.cancel()
             self._entries[check_id] = entry
-            if entry.result != entry.sent:  # a kind changed: the check starts over
-                self._send(check_id, entry, now)
+            if old is not None and old.check.kind != check.kind and entry.result != entry.sent:
+                self._send(check_id, entry, now)  # it starts over at its initial status
         services = {e.check.service_id for e in self._entries.values()}
         self._reaped &= services
         self._wake.set()
