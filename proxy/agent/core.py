@@ -31,6 +31,7 @@ from urllib.parse import quote
 import trio
 
 from trellis.proxy.agent import managed, sync
+from trellis.proxy.agent.checks import CheckRefused
 from trellis.proxy.agent.definitions import (
     DefinitionError,
     ServiceDef,
@@ -39,6 +40,7 @@ from trellis.proxy.agent.definitions import (
 from trellis.proxy.agent.ports import CheckResult, CheckRunner, SidecarSpec, SidecarSupervisor
 from trellis.proxy.agent.state import MANAGED, LocalState
 from trellis.proxy.agent.upstream import Servers, Unreachable
+from trellis.proxy.agent.wiring import LocalAlias
 from trellis.proxy.config import ConfigError
 from trellis.proxy.durations import format_duration
 
@@ -101,6 +103,7 @@ class Agent:
             self._on_check_change,
             self._on_deregister,
             enable_script_checks=opts.enable_script_checks,
+            alias=LocalAlias(lambda: self.url, token=opts.token, node=opts.node),
         )
         self.supervisor = make_supervisor()
         self.ports: managed.PortAllocator | None = None  # made once the data dir is read
@@ -121,7 +124,13 @@ class Agent:
         """The services or checks changed: hand the runner and the supervisor their sets,
         wake the blocking local reads, and ask for a full sync."""
         self._assign_ports()
-        self.runner.update(self.state.check_defs())
+        try:
+            self.runner.update(self.state.check_defs())
+        except CheckRefused as e:
+            # The definitions were checked when they came in; what the runner still refuses
+            # does not run (the others do), and the operator hears why.
+            for check_id, reason in e.refused.items():
+                log.error("check %s does not run: %s", check_id, reason)
         self.supervisor.update(self.sidecars())
         self._changed.set()
         self._changed = trio.Event()

@@ -1,20 +1,18 @@
 """Which check runner and sidecar supervisor the agent uses: the one place to switch them.
 
-The real ones are ``trellis.proxy.agent.checks.Runner`` and
-``trellis.proxy.agent.supervisor.Supervisor``. Until the check runner is merged,
-``make_runner`` falls back to the stand-in below, which runs nothing: TTL checks still work
-(their results come through the local API), every other check keeps its initial status.
+``trellis.proxy.agent.checks.Runner`` runs the checks (alias checks read the servers' health
+through the agent's own API: ``LocalAlias``); ``trellis.proxy.agent.supervisor.Supervisor``
+runs the managed sidecars. Tests build an ``Agent`` with their own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Sequence
 
-import trio
-
+from trellis.proxy import client as api
+from trellis.proxy.agent.checkrules import AliasCheck
+from trellis.proxy.agent.checks import AliasSource, CatalogAliasSource, Runner
 from trellis.proxy.agent.ports import (
-    CheckDef,
     CheckResult,
     CheckRunner,
     SidecarSupervisor,
@@ -25,52 +23,38 @@ OnChange = Callable[[str, CheckResult], None]
 OnDeregister = Callable[[str], None]
 
 
-class TTLOnlyRunner:
-    """A ``CheckRunner`` that runs nothing but keeps TTL results (see the module docstring)."""
+class LocalAlias:
+    """Alias checks for the agent: the servers' health of the aliased service, read through
+    the agent's own local API (which forwards health reads) with the agent's token. Built
+    before the API listens, so the client is made on the first watch."""
 
-    def __init__(self, on_change: OnChange, on_deregister: OnDeregister) -> None:
-        self.on_change = on_change
-        self.on_deregister = on_deregister
-        self.checks: dict[str, CheckDef] = {}
-        self._results: dict[str, CheckResult] = {}
+    def __init__(self, url: Callable[[], str], *, token: str, node: str) -> None:
+        self._url = url
+        self._token = token
+        self._node = node
+        self._source: CatalogAliasSource | None = None
 
-    def update(self, checks: Mapping[str, CheckDef]) -> None:
-        self.checks = dict(checks)
-        for cid in list(self._results):
-            if cid not in self.checks:
-                del self._results[cid]
-        for cid, d in self.checks.items():
-            self._results.setdefault(cid, CheckResult(d.status))
-
-    def ttl_update(self, check_id: str, status: str, output: str) -> bool:
-        d = self.checks.get(check_id)
-        if d is None or d.kind != "ttl":
-            return False
-        r = CheckResult(status, output)
-        if self._results.get(check_id) != r:
-            self._results[check_id] = r
-            self.on_change(check_id, r)
-        return True
-
-    def results(self) -> Mapping[str, CheckResult]:
-        return dict(self._results)
-
-    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.sleep_forever()
+    async def watch(
+        self, node: str, service_id: str, index: int | None
+    ) -> tuple[Sequence[AliasCheck] | None, int | None]:
+        if self._source is None:
+            client = api.Client(self._url(), token=self._token or None)
+            self._source = CatalogAliasSource(client, node=self._node)
+        return await self._source.watch(node, service_id, index)
 
 
 def make_runner(
-    on_change: OnChange, on_deregister: OnDeregister, *, enable_script_checks: bool
+    on_change: OnChange,
+    on_deregister: OnDeregister,
+    *,
+    enable_script_checks: bool,
+    alias: AliasSource | None = None,
 ) -> CheckRunner:
-    try:
-        from trellis.proxy.agent.checks import Runner  # type: ignore[import-not-found]
-    except ImportError:
-        return TTLOnlyRunner(on_change, on_deregister)
     runner: CheckRunner = Runner(
         on_change=on_change,
         on_deregister=on_deregister,
         enable_script_checks=enable_script_checks,
+        alias=alias,
     )
     return runner
 
