@@ -231,6 +231,40 @@ def test_health_connect_passing_woken_by_the_proxys_check(client):
     assert [e["Service"]["ID"] for e in r.get_json()] == ["web-1-sidecar-proxy"]
 
 
+def test_health_connect_passing_woken_by_the_proxys_check_written_through_the_catalog(client):
+    # The same, when the check's new status comes with a catalog registration: how a node
+    # agent writes a check result (anti-entropy), and how Consul's agents do. The sidecar of
+    # another node watching its upstream used to wait out its whole wait.
+    proxy = {
+        "ID": "web-1-sidecar-proxy",
+        "Service": "web-sidecar-proxy",
+        "Kind": "connect-proxy",
+        "Port": 21000,
+        "Proxy": {"DestinationServiceName": "web", "DestinationServiceID": "web-1"},
+    }
+
+    def write(status: str):
+        r = client.put(
+            "/v1/catalog/register",
+            json={
+                "Node": "node-a",
+                "Address": "127.0.0.1",
+                "Service": proxy,
+                "Check": {
+                    "CheckID": "listening",
+                    "Name": "listening",
+                    "ServiceID": "web-1-sidecar-proxy",
+                    "Status": status,
+                },
+            },
+        )
+        assert r.status_code == 200, r.get_data(as_text=True)
+
+    write("critical")
+    r = assert_woken(client, "/v1/health/connect/web?passing", lambda: write("passing"))
+    assert [e["Service"]["ID"] for e in r.get_json()] == ["web-1-sidecar-proxy"]
+
+
 # -- the parameters ----------------------------------------------------------------------------
 
 

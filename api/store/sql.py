@@ -1062,12 +1062,15 @@ class SQLStore(SecurityStoreMixin):
                             "DELETE FROM checks WHERE node = ? AND check_id = ?", (n.name, r[0])
                         )
                         touched.add(f"svc/{r[1]}")
+                        touched |= self._proxied(tx, n.name, sid)
             for c in reg.checks:
                 old_check = rows.check_row(c.check_id)
                 rows.forget_check(c.check_id)
                 if not self._upsert_check(tx, n.name, c, old_check):
                     continue  # the same check again: nothing changed
                 touched.add(f"svc/{c.service_name}" if c.service_name else f"node/{n.name}")
+                if c.service_id:
+                    touched |= self._proxied(tx, n.name, c.service_id)
                 if not c.service_name:
                     touched |= {
                         f"svc/{r[0]}"
@@ -1127,16 +1130,30 @@ class SQLStore(SecurityStoreMixin):
                 tx.touch("catalog", key)
             return True
 
+    @staticmethod
+    def _proxied(tx: Tx, node: str, service_id: str) -> set[str]:
+        """The change key of the service that ``service_id`` proxies, if it is a proxy: a
+        proxy's health is its destination's Connect health, so /v1/health/connect/<dest>
+        (what sidecars watch for their upstreams) must wake when a check of it changes, by
+        whichever path (see also _update_check)."""
+        row = tx.one(
+            "SELECT destination FROM services WHERE node = ? AND id = ?", (node, service_id)
+        )
+        return {f"svc/{row[0]}"} if row is not None and row[0] else set()
+
     def deregister_check(self, node: str, check_id: str) -> bool:
         with self.write() as tx:
             row = tx.one(
-                "SELECT service_name FROM checks WHERE node = ? AND check_id = ?", (node, check_id)
+                "SELECT service_name, service_id FROM checks WHERE node = ? AND check_id = ?",
+                (node, check_id),
             )
             if row is None:
                 return False
             tx.execute("DELETE FROM checks WHERE node = ? AND check_id = ?", (node, check_id))
             if row[0]:
                 tx.touch("catalog", f"svc/{row[0]}")
+                for key in self._proxied(tx, node, row[1]) if row[1] else ():
+                    tx.touch("catalog", key)
             else:
                 self._touch_node(tx, node)
             return True
