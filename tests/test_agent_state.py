@@ -325,3 +325,33 @@ def test_plan_removes_only_what_the_agent_registered():
         sync.DeregisterCheck("service:web:stale", "tw"),
         sync.DeregisterService("old", ""),
     ]
+
+
+class _CountingState(LocalState):
+    """Counts how often the node's services are built (they are remembered between changes)."""
+
+    built = 0
+
+    def _compute_services(self):
+        self.built += 1
+        return super()._compute_services()
+
+
+def test_the_services_are_built_once_per_change_and_every_change_shows(tmp_path):
+    one_line = {"service": {"name": "web", "port": 8080, "connect": {"proxy": {}}}}
+    state = _CountingState(str(tmp_path))
+    state.add_service(service_def(one_line))
+    state.set_proxy_ports({"web-sidecar-proxy": 20001})
+    for _ in range(50):  # fifty sidecars' blocking reads, woken by one change
+        assert set(state.services()) == {"web", "web-sidecar-proxy"}
+    assert state.built == 1
+    state.set_result("service:web", CheckResult("passing"))  # a result is not a service change
+    state.services()
+    assert state.built == 1
+    state.add_service(service_def({"service": {"name": "db", "port": 5432}}))
+    assert set(state.services()) == {"web", "web-sidecar-proxy", "db"}
+    state.remove_service("web")
+    assert set(state.services()) == {"db"}
+    state.set_files([service_def({"service": {"name": "api", "port": 1}})], [])
+    assert set(state.services()) == {"db", "api"}
+    assert state.built == 4

@@ -83,6 +83,9 @@ class LocalState:
     proxy_ports: dict[str, int] = field(default_factory=dict)
     #: Bumped on every change to the services and checks (the local API's blocking reads).
     version: int = 0
+    #: Bumped on every change to what ``services`` returns; its last answer, by that count.
+    _services_gen: int = 0
+    _services_memo: tuple[int, dict[str, ServiceDef]] | None = None
 
     # -- the data dir ---------------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class LocalState:
         if path:
             write_atomically(path, self.proxy_ports)
         self.version += 1
+        self._services_gen += 1
 
     def save_synced(self) -> None:
         path = self._path(SYNCED_FILE)
@@ -183,6 +187,7 @@ class LocalState:
         self.file_services = {s.id: s for s in services}
         self.file_checks = {c.id: c for c in checks}
         self.version += 1
+        self._services_gen += 1
 
     def add_service(self, svc: ServiceDef) -> None:
         """An API registration, persisted before this returns (raises OSError if it cannot
@@ -198,6 +203,7 @@ class LocalState:
                 self.api_services[svc.id] = old
             raise
         self.version += 1
+        self._services_gen += 1
 
     def remove_service(self, service_id: str) -> bool:
         """Remove an API registration or hide a file's (until the files are re-read)."""
@@ -211,6 +217,7 @@ class LocalState:
             found = True
         if found:
             self.version += 1
+            self._services_gen += 1
         return found
 
     def add_check(self, check: NodeCheck) -> None:
@@ -253,7 +260,20 @@ class LocalState:
     def services(self) -> dict[str, ServiceDef]:
         """Every service of the node: the files', the API's (which win on an ID clash), the
         connect-proxy services their ``connect.sidecar_service`` blocks define, and those of
-        their managed sidecars (the one-line ``connect.proxy`` form) that have a port."""
+        their managed sidecars (the one-line ``connect.proxy`` form) that have a port.
+
+        Remembered until the services change: every blocking read of the local API (one per
+        sidecar on the node) computes it again when anything changes, and building the
+        sidecars' registrations is the costly part (a 50-sidecar node kept the agent at 100%
+        of a core while its sidecars started)."""
+        memo = self._services_memo
+        if memo is not None and memo[0] == self._services_gen:
+            return dict(memo[1])
+        out = self._compute_services()
+        self._services_memo = (self._services_gen, out)
+        return dict(out)
+
+    def _compute_services(self) -> dict[str, ServiceDef]:
         out = {**self.file_services, **self.api_services}
         for app in sorted((s for s in out.values() if s.managed_proxy), key=lambda s: s.id):
             reg = self.managed_registration(app)
