@@ -676,7 +676,9 @@ def main() -> int:
         return 1
     procs: list[Proc] = []
     closers: list[Any] = []
-    # SIGTERM ends the run as Ctrl-C does, through the same cleanup.
+    # SIGTERM ends the run as Ctrl-C does, through the same cleanup; SIGINT too when the
+    # shell that started this in the background had it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         res = run(args, procs, closers)
