@@ -42,6 +42,7 @@ import datetime
 import http.server
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -55,7 +56,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from procs import Proc, background_before_run, cpu_by_pid, free_port
+from procs import Proc, background_before_run, cpu_by_pid
 from report import fmt, machine, table, write_output
 
 REPO = Path(__file__).resolve().parent.parent
@@ -315,11 +316,11 @@ class App:
 
 def free_range(count: int) -> tuple[int, int]:
     """``count`` consecutive ports that are free on 127.0.0.1 and 0.0.0.0 now (a sidecar binds
-    0.0.0.0 by default)."""
-    for _ in range(50):
-        base = free_port()
-        if base + count > 65000:
-            continue
+    0.0.0.0 by default), below the kernel's ephemeral range (32768 and up here), where outgoing
+    connections would take ports out of a range under our feet."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(21000, 32000 - count)
         socks: list[socket.socket] = []
         try:
             for p in range(base, base + count):
@@ -665,6 +666,7 @@ def main() -> int:
     p.add_argument("--interval", default="10s", help="the checks' interval (default 10s)")
     p.add_argument("--seconds", type=float, default=60.0, help="each measuring window")
     p.add_argument("--sidecars", type=int, default=50, help="managed sidecars (0: none)")
+    p.add_argument("--agent-log", metavar="FILE", help="write the agent's output to FILE")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE")
     args = p.parse_args()
     args.services = max(1, min(args.services, 1000))
@@ -697,6 +699,8 @@ def main() -> int:
         for proc in reversed(procs):
             with contextlib.suppress(Exception):
                 proc.stop()
+        if args.agent_log and len(procs) > 1:
+            Path(args.agent_log).write_text("\n".join(procs[1].lines) + "\n")
         for close in reversed(closers):
             with contextlib.suppress(Exception):
                 close()
