@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
@@ -33,6 +33,7 @@ from trellis.api.errors import (
 from trellis.proxy.agent.core import Agent, WriteRefused
 from trellis.proxy.agent.definitions import (
     DefinitionError,
+    ServiceDef,
     catalog_check,
     node_check,
     service_def,
@@ -155,8 +156,13 @@ class LocalAPI:
 
     # -- services -------------------------------------------------------------------------
 
-    def _service_json(self, sid: str) -> dict[str, Any] | None:
-        s = self.agent.state.services().get(sid)
+    def _service_json(
+        self, sid: str, services: Mapping[str, ServiceDef] | None = None
+    ) -> dict[str, Any] | None:
+        # ``services`` is the node's services computed once by a caller that lists them all:
+        # computing them builds every managed sidecar's registration, so doing it per service
+        # made a listing quadratic, and 50 sidecars watching it kept the agent at 100% CPU.
+        s = (self.agent.state.services() if services is None else services).get(sid)
         if s is None:
             return None
         b = s.body
@@ -182,8 +188,9 @@ class LocalAPI:
 
     def _services_json(self) -> dict[str, Any]:
         out = {}
-        for sid in sorted(self.agent.state.services()):
-            d = self._service_json(sid)
+        services = self.agent.state.services()
+        for sid in sorted(services):
+            d = self._service_json(sid, services)
             if d is not None:
                 out[sid] = d
         return out
