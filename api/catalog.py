@@ -20,6 +20,12 @@ from trellis.api.store.base import CRITICAL, Check, Node, Service
 from trellis.proxy import names
 from trellis.proxy.agent.spelling import FREE_KEYS, OPAQUE, SpellingError  # noqa: F401
 from trellis.proxy.agent.spelling import to_pascal as _to_pascal
+from trellis.proxy.config import (  # noqa: F401
+    SIDECAR_MAX_PORT,
+    SIDECAR_MIN_PORT,
+    ConfigError,
+    sidecar_registration,
+)
 from trellis.proxy.durations import parse_duration
 
 
@@ -50,8 +56,6 @@ def unwrap_service_body(body: dict) -> dict:
 
 
 # -- building store values ------------------------------------------------------------------
-
-SIDECAR_MIN_PORT, SIDECAR_MAX_PORT = 21000, 21255
 
 
 def build_checks(
@@ -158,37 +162,21 @@ def build_service(node: str, d: dict) -> Service:
 
 
 def sidecar_for(parent: Service, spec: dict, taken_ports: set[int]) -> dict:
-    """The registration body of ``connect.sidecar_service``, with Consul's defaults."""
-    body = dict(spec)
-    body.setdefault("ID", f"{parent.id}-sidecar-proxy")
-    body.setdefault("Name", f"{parent.name}-sidecar-proxy")
-    body["Kind"] = "connect-proxy"
-    if not body.get("Port"):
-        free = [p for p in range(SIDECAR_MIN_PORT, SIDECAR_MAX_PORT + 1) if p not in taken_ports]
-        if not free:
-            raise BadRequest("no free sidecar port left in 21000-21255 on this node")
-        body["Port"] = free[0]
-    body.setdefault("Tags", list(parent.tags))
-    body.setdefault("Meta", dict(parent.meta))
-    if parent.address and "Address" not in body:
-        body["Address"] = parent.address
-    proxy = dict(body.get("Proxy") or {})
-    proxy["DestinationServiceName"] = parent.name
-    proxy["DestinationServiceID"] = parent.id
-    proxy.setdefault("LocalServiceAddress", "127.0.0.1")
-    proxy.setdefault("LocalServicePort", parent.port)
-    body["Proxy"] = proxy
-    if not body.get("Check") and not body.get("Checks"):
-        addr = body.get("Address") or "127.0.0.1"
-        body["Checks"] = [
-            {
-                "Name": "Connect Sidecar Listening",
-                "TCP": f"{addr}:{body['Port']}",
-                "Interval": "10s",
-            },
-            {"Name": "Connect Sidecar Aliasing " + parent.id, "AliasService": parent.id},
-        ]
-    return body
+    """The registration body of ``connect.sidecar_service``, with Consul's defaults
+    (``trellis.proxy.config.sidecar_registration``, shared with the node agent)."""
+    try:
+        return sidecar_registration(
+            spec,
+            parent_id=parent.id,
+            parent_name=parent.name,
+            parent_port=parent.port,
+            parent_address=parent.address,
+            tags=parent.tags,
+            meta=parent.meta,
+            taken_ports=taken_ports,
+        )
+    except ConfigError as e:
+        raise BadRequest(str(e)) from None
 
 
 # -- Consul response shapes -------------------------------------------------------------------

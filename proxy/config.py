@@ -245,6 +245,59 @@ def from_managed(svc: Mapping[str, Any]) -> ProxyConfig:
     )
 
 
+#: Consul's port range for ``connect.sidecar_service`` proxies registered without a port.
+SIDECAR_MIN_PORT, SIDECAR_MAX_PORT = 21000, 21255
+
+
+def sidecar_registration(
+    spec: Mapping[str, Any],
+    *,
+    parent_id: str,
+    parent_name: str,
+    parent_port: int,
+    parent_address: str = "",
+    tags: Sequence[str] = (),
+    meta: Mapping[str, str] | None = None,
+    taken_ports: Sequence[int] | set[int] = (),
+) -> dict[str, Any]:
+    """The connect-proxy registration of ``connect.sidecar_service`` (``spec``, PascalCase),
+    with Consul's defaults: ID ``<id>-sidecar-proxy``, the first port of 21000-21255 not in
+    ``taken_ports``, the parent's tags, meta and address, and a TCP check of the port plus an
+    alias of the parent. The one place both the server's agent endpoints and the node agent
+    take them from. ``ConfigError`` when no port is left."""
+    body = dict(spec)
+    body.setdefault("ID", f"{parent_id}-sidecar-proxy")
+    body.setdefault("Name", f"{parent_name}-sidecar-proxy")
+    body["Kind"] = "connect-proxy"
+    if not body.get("Port"):
+        taken = set(taken_ports)
+        free = [p for p in range(SIDECAR_MIN_PORT, SIDECAR_MAX_PORT + 1) if p not in taken]
+        if not free:
+            raise ConfigError("no free sidecar port left in 21000-21255 on this node")
+        body["Port"] = free[0]
+    body.setdefault("Tags", list(tags))
+    body.setdefault("Meta", dict(meta or {}))
+    if parent_address and "Address" not in body:
+        body["Address"] = parent_address
+    proxy = dict(body.get("Proxy") or {})
+    proxy["DestinationServiceName"] = parent_name
+    proxy["DestinationServiceID"] = parent_id
+    proxy.setdefault("LocalServiceAddress", "127.0.0.1")
+    proxy.setdefault("LocalServicePort", parent_port)
+    body["Proxy"] = proxy
+    if not body.get("Check") and not body.get("Checks"):
+        addr = body.get("Address") or "127.0.0.1"
+        body["Checks"] = [
+            {
+                "Name": "Connect Sidecar Listening",
+                "TCP": f"{addr}:{body['Port']}",
+                "Interval": "10s",
+            },
+            {"Name": f"Connect Sidecar Aliasing {parent_id}", "AliasService": parent_id},
+        ]
+    return body
+
+
 def parse_upstream_flag(text: str) -> Upstream:
     """``-upstream DEST:PORT`` or ``DEST:ADDR:PORT`` (the developer proxy)."""
     name, sep, rest = text.partition(":")

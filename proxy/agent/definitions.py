@@ -21,11 +21,10 @@ from typing import Any
 from trellis.proxy import names
 from trellis.proxy.agent.ports import CRITICAL, PASSING, WARNING, CheckDef
 from trellis.proxy.agent.spelling import SpellingError, to_pascal
+from trellis.proxy.config import ConfigError, sidecar_registration
 from trellis.proxy.durations import DurationError, parse_duration
 
 STATES = (PASSING, WARNING, CRITICAL)
-#: Consul's port range for ``connect.sidecar_service`` proxies without a port.
-SIDECAR_MIN_PORT, SIDECAR_MAX_PORT = 21000, 21255
 #: Check fields the catalog stores (its CheckSchema); the agent keeps the rest to itself.
 CATALOG_CHECK_FIELDS = (
     "CheckID",
@@ -398,41 +397,23 @@ def service_def(
 
 
 def sidecar_service(parent: ServiceDef, taken_ports: Iterable[int]) -> ServiceDef:
-    """The connect-proxy service of ``connect.sidecar_service``, with Consul's defaults: ID
-    ``<id>-sidecar-proxy``, the first free port of 21000-21255 on this node, the parent's tags
-    and meta, and a TCP check on the port plus an alias of the parent."""
+    """The connect-proxy service of ``connect.sidecar_service``, with the same defaults the
+    server applies (``trellis.proxy.config.sidecar_registration``)."""
     assert parent.sidecar is not None
-    body = _pascal(parent.sidecar)
-    body.setdefault("ID", f"{parent.id}-sidecar-proxy")
-    body.setdefault("Name", f"{parent.name}-sidecar-proxy")
-    body["Kind"] = "connect-proxy"
-    if not body.get("Port"):
-        taken = set(taken_ports)
-        free = [p for p in range(SIDECAR_MIN_PORT, SIDECAR_MAX_PORT + 1) if p not in taken]
-        if not free:
-            raise DefinitionError("no free sidecar port left in 21000-21255 on this node")
-        body["Port"] = free[0]
     pb = parent.body
-    body.setdefault("Tags", list(pb.get("Tags") or []))
-    body.setdefault("Meta", dict(pb.get("Meta") or {}))
-    if pb.get("Address") and "Address" not in body:
-        body["Address"] = pb["Address"]
-    proxy = dict(body.get("Proxy") or {})
-    proxy["DestinationServiceName"] = parent.name
-    proxy["DestinationServiceID"] = parent.id
-    proxy.setdefault("LocalServiceAddress", "127.0.0.1")
-    proxy.setdefault("LocalServicePort", pb.get("Port", 0))
-    body["Proxy"] = proxy
-    if not body.get("Check") and not body.get("Checks"):
-        addr = body.get("Address") or "127.0.0.1"
-        body["Checks"] = [
-            {
-                "Name": "Connect Sidecar Listening",
-                "TCP": f"{addr}:{body['Port']}",
-                "Interval": "10s",
-            },
-            {"Name": f"Connect Sidecar Aliasing {parent.id}", "AliasService": parent.id},
-        ]
+    try:
+        body = sidecar_registration(
+            _pascal(parent.sidecar),
+            parent_id=parent.id,
+            parent_name=parent.name,
+            parent_port=int(pb.get("Port") or 0),
+            parent_address=str(pb.get("Address") or ""),
+            tags=list(pb.get("Tags") or []),
+            meta=dict(pb.get("Meta") or {}),
+            taken_ports=set(taken_ports),
+        )
+    except ConfigError as e:
+        raise DefinitionError(str(e)) from None
     return service_def(body, token=parent.token, source=parent.source)
 
 
