@@ -17,18 +17,14 @@ from trellis.api.cli.base import (
     Context,
     FlagParser,
     Registry,
+    duration,
     exactly,
 )
 from trellis.proxy.client import APIError
 
 
 def _duration(text: str) -> float:
-    from trellis.proxy.durations import DurationError, parse_duration
-
-    try:
-        v = parse_duration(text)
-    except DurationError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    v = duration(text)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be more than zero")
     return v
@@ -132,14 +128,14 @@ def _agent_flags(p: FlagParser) -> None:
     )
     p.flag(
         "proxy-min-port",
-        type=int,
+        type=_port,
         default=20000,
         metavar="port",
         help="Lowest public port of a managed sidecar (Consul's ports.proxy_min_port; 20000).",
     )
     p.flag(
         "proxy-max-port",
-        type=int,
+        type=_port,
         default=20255,
         metavar="port",
         help="Highest public port of a managed sidecar (ports.proxy_max_port; 20255).",

@@ -190,6 +190,16 @@ def uint(text: str) -> int:
     return v
 
 
+def duration(text: str) -> float:
+    """A duration flag value ("10s", "1m30s", "250ms"), as Go's ``DurationVar`` reads it."""
+    from trellis.proxy.durations import DurationError, parse_duration
+
+    try:
+        return parse_duration(text)
+    except DurationError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def integer(text: str) -> int:
     try:
         return int(text, 10)

@@ -15,16 +15,8 @@ from trellis.api.cli.base import (
     FlagParser,
     Registry,
     add_http_flags,
+    duration,
 )
-
-
-def _duration(text: str) -> float:
-    from trellis.proxy.durations import DurationError, parse_duration
-
-    try:
-        return parse_duration(text)
-    except DurationError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive(text: str) -> int:
@@ -100,14 +92,14 @@ def _flags(p: FlagParser) -> None:
     p.flag("log-json", action="store_true", help="Log one JSON object a line.")
     p.flag(
         "handshake-timeout",
-        type=_duration,
+        type=duration,
         default=10.0,
         metavar="duration",
         help="How long a TLS handshake may take (default 10s).",
     )
     p.flag(
         "idle-timeout",
-        type=_duration,
+        type=duration,
         default=3600.0,
         metavar="duration",
         help="Close a connection with no bytes either way for this long (default 1h).",
@@ -121,7 +113,7 @@ def _flags(p: FlagParser) -> None:
     )
     p.flag(
         "drain-timeout",
-        type=_duration,
+        type=duration,
         default=10.0,
         metavar="duration",
         help="On SIGTERM or SIGINT, how long open connections may finish (default 10s).",
