@@ -29,20 +29,20 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from trellis.proxy.agent.ports import SidecarSpec
-from trellis.proxy.config import ConfigError, from_proxy_service, parse_upstream
+from trellis.proxy.config import (
+    ConfigError,
+    _get,
+    _port,
+    from_proxy_service,
+    parse_upstream,
+)
+from trellis.proxy.config import _address as _ip
 
 PROXY_MIN_PORT = 20000
 PROXY_MAX_PORT = 20255
 #: The keys of the one-line form's ``Config`` that become fields of the registration (the
 #: rest is passed through in ``Proxy.Config``, opaque).
 _LIFTED = ("upstreams", "bind_port", "local_service_address")
-
-
-def _get(d: Mapping[str, Any], *names: str) -> Any:
-    for n in names:
-        if n in d and d[n] is not None:
-            return d[n]
-    return None
 
 
 def _managed_block(app: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -209,23 +209,6 @@ def sidecar_spec(
         args=tuple(args),
         env={"TRELLIS_HTTP_TOKEN": token} if token else {},
     )
-
-
-def _port(value: Any, what: str) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ConfigError(f"{what} must be a port number from 1 to 65535, not {value!r}")
-    return value
-
-
-def _ip(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{what} must be an IP address, not {value!r}")
-    try:
-        return str(ipaddress.ip_address(value.strip("[]")))
-    except ValueError:
-        raise ConfigError(f"{what} must be an IP address, not {value!r}") from None
 
 
 # -- public ports ---------------------------------------------------------------------------
