@@ -1069,8 +1069,7 @@ class SQLStore(SecurityStoreMixin):
                 if not self._upsert_check(tx, n.name, c, old_check):
                     continue  # the same check again: nothing changed
                 touched.add(f"svc/{c.service_name}" if c.service_name else f"node/{n.name}")
-                if c.service_id:
-                    touched |= self._proxied(tx, n.name, c.service_id)
+                touched |= self._proxied(tx, n.name, c.service_id)
                 if not c.service_name:
                     touched |= {
                         f"svc/{r[0]}"
@@ -1135,7 +1134,9 @@ class SQLStore(SecurityStoreMixin):
         """The change key of the service that ``service_id`` proxies, if it is a proxy: a
         proxy's health is its destination's Connect health, so /v1/health/connect/<dest>
         (what sidecars watch for their upstreams) must wake when a check of it changes, by
-        whichever path (see also _update_check)."""
+        whichever path: a TTL update, a registration, a check's removal."""
+        if not service_id:
+            return set()
         row = tx.one(
             "SELECT destination FROM services WHERE node = ? AND id = ?", (node, service_id)
         )
@@ -1152,7 +1153,7 @@ class SQLStore(SecurityStoreMixin):
             tx.execute("DELETE FROM checks WHERE node = ? AND check_id = ?", (node, check_id))
             if row[0]:
                 tx.touch("catalog", f"svc/{row[0]}")
-                for key in self._proxied(tx, node, row[1]) if row[1] else ():
+                for key in self._proxied(tx, node, row[1]):
                     tx.touch("catalog", key)
             else:
                 self._touch_node(tx, node)
@@ -1271,14 +1272,8 @@ class SQLStore(SecurityStoreMixin):
         )
         if c.service_name:
             tx.touch("catalog", f"svc/{c.service_name}")
-            # A proxy's health is its destination's Connect health: /v1/health/connect/<dest>
-            # (what sidecars watch for their upstreams) must wake when it changes.
-            proxied = tx.one(
-                "SELECT destination FROM services WHERE node = ? AND id = ?",
-                (node, c.service_id),
-            )
-            if proxied is not None and proxied[0]:
-                tx.touch("catalog", f"svc/{proxied[0]}")
+            for key in self._proxied(tx, node, c.service_id):
+                tx.touch("catalog", key)
         else:
             self._touch_node(tx, node)
         return _check(
