@@ -367,12 +367,6 @@ class End:
         self.shut_write = False  # we sent our end-of-stream to this end
         self.shut_pending = False  # ...once ``pending`` is flushed
 
-    @classmethod
-    def tls_end(cls, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool) -> End:
-        end = cls(sock)
-        end.start_tls(ctx, server_side=server_side)
-        return end
-
     def start_tls(self, ctx: ssl.SSLContext, *, server_side: bool) -> None:
         """Make this end TLS: its handshake is about to start."""
         self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
