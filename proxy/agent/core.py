@@ -146,13 +146,8 @@ class Agent:
                 self.opts.proxy_max_port,
                 previous=self.state.proxy_ports,
             )
-        apps = [
-            s
-            for s in {**self.state.file_services, **self.state.api_services}.values()
-            if s.managed_proxy
-        ]
         wanted = []
-        for app in sorted(apps, key=lambda s: s.id):
+        for app in self.state.managed_apps():
             pid = managed.proxy_id(app.body)
             try:
                 port = managed.fixed_port(app.body)

@@ -273,9 +273,18 @@ class LocalState:
         self._services_memo = (self._services_gen, out)
         return dict(out)
 
+    def _own(self) -> dict[str, ServiceDef]:
+        """The services defined on this node: the files', and the API's, which win on an ID
+        clash."""
+        return {**self.file_services, **self.api_services}
+
+    def managed_apps(self) -> list[ServiceDef]:
+        """The services with the one-line ``connect.proxy`` form, by ID."""
+        return sorted((s for s in self._own().values() if s.managed_proxy), key=lambda s: s.id)
+
     def _compute_services(self) -> dict[str, ServiceDef]:
-        out = {**self.file_services, **self.api_services}
-        for app in sorted((s for s in out.values() if s.managed_proxy), key=lambda s: s.id):
+        out = self._own()
+        for app in self.managed_apps():
             reg = self.managed_registration(app)
             if reg is not None and reg.id not in out:
                 out[reg.id] = reg
