@@ -60,9 +60,10 @@ class OutputProcess:
         self._reader: threading.Thread | None = None
         self._ready = threading.Event()
 
-    def _spawn(self) -> None:
+    def _spawn(self, *, stdin: int | None = None) -> None:
         self.proc = subprocess.Popen(
             self.args,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -177,6 +178,26 @@ class TrellisProcess(OutputProcess):
             self.dns_port = int(m.group(1))
         if "Log data will now stream" in line or ("DNS:" in line and self.url):
             self._ready.set()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has: it only waits to be
+    reaped), from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # pid (comm) state ...: comm may hold spaces, so split after the last ")".
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def cmdline(pid: int) -> list[str]:
+    """The argv of ``pid`` ([] once it is gone), from /proc."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def child_pids(pid: int) -> list[int]:

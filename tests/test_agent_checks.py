@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 from trio.testing import MockClock
 
 from tests.http_stub import Reply, StubServer
-from tests.support import wait_until
+from tests.support import alive, wait_until
 from trellis.proxy.agent import checkrules as rules
 from trellis.proxy.agent.checks import (
     CatalogAliasSource,
@@ -809,11 +809,7 @@ def test_a_script_keeps_the_first_4_kib_of_its_output_and_a_missing_program_is_c
 
 
 def _dead(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state == "Z"  # killed; waits for its (new) parent to reap it
+    return not alive(pid)  # killed (a zombie waits for its new parent to reap it)
 
 
 def test_a_script_past_its_timeout_is_killed_with_everything_it_started(tmp_path):

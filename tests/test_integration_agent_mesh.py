@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,25 +20,9 @@ import pytest
 from dnslib import QTYPE, DNSRecord
 
 from tests.proxy_support import EchoApp, ProxyProcess, exchange, free_port
-from tests.support import TrellisProcess, child_pids, server_args, wait_until
+from tests.support import TrellisProcess, alive, child_pids, cmdline, server_args, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode() for part in raw.split(b"\0") if part]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 class Sidecars:
@@ -51,15 +34,15 @@ class Sidecars:
     def of(self, agent_pid: int, proxy_id: str | None = None) -> set[int]:
         out = set()
         for pid in child_pids(agent_pid):
-            cmd = _cmdline(pid)
-            if "connect" in cmd and "proxy" in cmd and _alive(pid):
+            cmd = cmdline(pid)
+            if "connect" in cmd and "proxy" in cmd and alive(pid):
                 if proxy_id is None or proxy_id in cmd:
                     out.add(pid)
         self.seen |= out
         return out
 
     def survivors(self) -> list[int]:
-        return sorted(p for p in self.seen if _alive(p))
+        return sorted(p for p in self.seen if alive(p))
 
 
 @pytest.fixture
@@ -145,7 +128,7 @@ def test_the_users_flow_2_one_line_and_a_sidecar_is_listening(tmp_path, started,
     started.append(dev)
     dev.start()
     agent_pid = wait_until(
-        lambda: next((p for p in child_pids(dev.pid) if "agent" in _cmdline(p)), None)
+        lambda: next((p for p in child_pids(dev.pid) if "agent" in cmdline(p)), None)
     )
     # A moment later the agent runs the sidecar, registered with a port of 20000-20255...
     wait_until(lambda: sidecars.of(agent_pid, "web-sidecar-proxy"), timeout=15)
@@ -207,16 +190,14 @@ def test_two_nodes_talk_through_managed_sidecars_that_come_back_and_go_away(
     # A managed sidecar killed with SIGKILL is back, and serving, within 5 s.
     (old,) = sidecars.of(a.pid, "web-sidecar-proxy")
     os.kill(old, signal.SIGKILL)
-    t0 = time.monotonic()
     (new,) = wait_until(lambda: sidecars.of(a.pid, "web-sidecar-proxy") - {old}, timeout=5)
     assert wait_until(lambda: _bytes_flow(up, b"after the kill"), timeout=10)
-    assert time.monotonic() - t0 < 5.0 + 10.0  # back within 5 s (above), serving soon after
 
     # Removing the file and a SIGHUP stop that sidecar and take it out of the catalog.
     (tmp_path / "node-b" / "conf" / "api.json").unlink()
     (b_sidecar,) = sidecars.of(b.pid, "api-sidecar-proxy")
     b.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: not _alive(b_sidecar), timeout=15)
+    wait_until(lambda: not alive(b_sidecar), timeout=15)
     wait_until(
         lambda: (
             "api-sidecar-proxy"
@@ -227,7 +208,7 @@ def test_two_nodes_talk_through_managed_sidecars_that_come_back_and_go_away(
         timeout=15,
     )
     assert not _bytes_flow(up, b"nobody listens")
-    assert _alive(new)
+    assert alive(new)
 
 
 def test_an_agent_killed_with_sigkill_leaves_no_sidecar(tmp_path, started, apps, sidecars):
@@ -245,7 +226,7 @@ def test_an_agent_killed_with_sigkill_leaves_no_sidecar(tmp_path, started, apps,
     os.kill(a.pid, signal.SIGKILL)
     a.proc.wait(10)
     # Each sidecar notices its parent is gone and drains (nothing is open: it exits at once).
-    wait_until(lambda: not any(_alive(p) for p in pids), timeout=15)
+    wait_until(lambda: not any(alive(p) for p in pids), timeout=15)
 
 
 def test_an_http_check_run_by_the_agent_takes_a_stopped_app_out_of_passing_and_dns(
@@ -261,7 +242,7 @@ def test_an_http_check_run_by_the_agent_takes_a_stopped_app_out_of_passing_and_d
     started.append(server)
     server.start()
     assert server.dns_port is not None
-    app = httpx_app = _HealthApp()
+    app = _HealthApp()
     try:
         _write(
             tmp_path / "node-a" / "conf" / "web.json",
@@ -286,13 +267,13 @@ def test_an_http_check_run_by_the_agent_takes_a_stopped_app_out_of_passing_and_d
 
         wait_until(passing, timeout=15)
         assert wait_until(dns_answers, timeout=10) == 1
-        httpx_app.close()  # the app stops: its HTTP check fails
+        app.close()  # the app stops: its HTTP check fails
         wait_until(lambda: not passing(), timeout=15)
         assert wait_until(lambda: dns_answers() == 0 or None, timeout=10)
         checks = httpx.get(f"{server.url}/v1/health/checks/web").json()
         assert [c["Status"] for c in checks] == ["critical"]
     finally:
-        httpx_app.close()
+        app.close()
 
 
 class _HealthApp:

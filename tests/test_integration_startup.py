@@ -22,7 +22,7 @@ import dnslib
 import httpx
 import pytest
 
-from tests.support import TRELLIS, TrellisProcess, child_pids, wait_until
+from tests.support import TRELLIS, TrellisProcess, alive, child_pids, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -202,11 +202,7 @@ def test_busy_dns_port(tmp_path, proto):
 
 
 def gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    return not alive(pid)
 
 
 def dns_query(port: int, name: str, *, tcp: bool, timeout: float = 5.0) -> list[str]:

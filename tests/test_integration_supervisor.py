@@ -26,7 +26,7 @@ import pytest
 import trio
 
 from tests.proxy_support import EchoApp, exchange, free_port
-from tests.support import OutputProcess, wait_until
+from tests.support import OutputProcess, alive, wait_until
 from trellis.proxy.agent import managed
 from trellis.proxy.agent.ports import SidecarSpec
 from trellis.proxy.agent.supervisor import ProcessLauncher
@@ -34,15 +34,6 @@ from trellis.proxy.agent.supervisor import ProcessLauncher
 pytestmark = pytest.mark.integration
 
 HARNESS = Path(__file__).with_name("supervisor_harness.py")
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a process that has not exited (a zombie has)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def sidecar_of(pid: int, parent: int) -> bool:
@@ -65,17 +56,7 @@ class Harness(OutputProcess):
         self._lock = threading.Lock()
 
     def start(self) -> Harness:
-        self.proc = subprocess.Popen(
-            self.args,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=self.env,
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._spawn(stdin=subprocess.PIPE)
         self.wait_for_line(r"^harness ready \d+$", timeout=30)
         return self
 
