@@ -35,13 +35,13 @@ $(CHROMIUM):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 test: $(STAMP) $(TYPECHECK) $(CHROMIUM)
-	$(BIN)/ruff check api proxy tests bench
+	$(BIN)/ruff check api proxy terraform tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check api proxy tests bench
-	$(BIN)/ruff format --check api proxy tests bench
+	$(BIN)/ruff check api proxy terraform tests bench
+	$(BIN)/ruff format --check api proxy terraform tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/control_plane.py
