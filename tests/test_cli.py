@@ -60,6 +60,7 @@ Available commands are:
     reload       Triggers the agent to reload its configuration files
     server       Run the control plane (HTTP API and DNS)
     services     Interact with services
+    terraform    Install the Terraform provider
     version      Prints the Trellis version
 """
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"api": "trellis/api", "proxy": "trellis/proxy"}
+FOLDERS = {"api": "trellis/api", "proxy": "trellis/proxy", "terraform": "trellis/terraform"}
 
 
 def _run(*cmd: str | Path, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -38,7 +38,7 @@ def wheel(tmp_path_factory) -> Path:
     egg-info), without build isolation: the suite downloads nothing."""
     src = tmp_path_factory.mktemp("src")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("api", "proxy"):
+    for name in FOLDERS:
         shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=ignore)
     for name in ("setup.cfg", "pyproject.toml", "README.md", "openapi.yaml"):
         shutil.copy2(ROOT / name, src / name)
@@ -108,6 +108,12 @@ def test_installed_package_imports_as_trellis_only(fresh_env: Path, tmp_path: Pa
     assert bare == "None None"  # no generic top-level api or proxy
     r = _run(fresh_env / "bin" / "trellis", "--version", cwd=tmp_path, env=env)
     assert r.stdout.startswith("Trellis v"), r.stdout
+    # The Terraform provider's executable is installed with the package.
+    r = _run(
+        py, "-c", "import trellis.terraform.provider as p; print(p.__file__)", cwd=tmp_path, env=env
+    )
+    assert r.stdout.startswith(str(fresh_env)), r.stdout
+    assert (fresh_env / "bin" / "terraform-provider-trellis").exists()
 
 
 def _bare_imports(path: Path) -> list[str]:
@@ -132,7 +138,7 @@ def test_no_code_imports_the_folders_by_their_bare_names():
     # root) and would load a second copy of a module beside trellis.api's; installed, it fails.
     bad = [
         hit
-        for folder in ("api", "proxy", "tests", "bench")
+        for folder in ("api", "proxy", "terraform", "tests", "bench")
         for path in sorted((ROOT / folder).rglob("*.py"))
         for hit in _bare_imports(path)
     ]
