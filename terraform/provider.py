@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from tf import schema, types
 from tf.iface import Config, DataSource, Provider, Resource
+from tf.types import Unknown
 from tf.utils import Diagnostics
 
 from trellis.api import __version__
@@ -153,6 +154,18 @@ class TrellisProvider(Provider):
         }
 
     def configure_provider(self, diags: Diagnostics, config: Config) -> None:
+        unknown = sorted(k for k, v in config.items() if v is Unknown)
+        if unknown:
+            # Falling back to the environment instead would plan against another server.
+            for name in unknown:
+                diags.add_error(
+                    f"The provider's {name} is not known until apply",
+                    f"{name} depends on a resource that is not created yet, and the provider "
+                    "needs it to plan. Give it a value known at plan time (a variable, or "
+                    "apply the resource it depends on first, with -target).",
+                    path=[name],
+                )
+            return
         s = self.settings(config)
         verify: Any = True
         if s["insecure_skip_verify"]:

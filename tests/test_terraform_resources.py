@@ -52,7 +52,11 @@ class Env:
 
 @pytest.fixture
 def env(make_client):  # noqa: F811 - the fixture imported above
-    return Env(make_client().raw.application)
+    e = Env(make_client().raw.application)
+    yield e
+    e.other.close()
+    assert e.provider.client is not None
+    e.provider.client.close()
 
 
 def ok(diags: Diagnostics) -> None:
@@ -358,12 +362,23 @@ def test_provider_settings_fall_back_to_the_environment(dead_url):
     diags = Diagnostics()
     p.validate_config(diags, {"ca_file": "/x.pem", "insecure_skip_verify": True})
     assert [e.path for e in diags.diagnostics] == [["insecure_skip_verify"]]
+    # An address known only at apply cannot be planned with (nor replaced by the environment).
+    diags = Diagnostics()
+    p.configure_provider(diags, {"address": Unknown, "token": None})
+    assert one_error(diags).path == ["address"] and p.client is None
     # A bad address is the provider block's fault, and resources say they cannot go on.
     diags = Diagnostics()
     p.configure_provider(diags, {"address": "ftp://x"})
     assert one_error(diags).path == ["address"]
     _, d = call("read", IntentionResource(p), intention(id="x"))
     assert "not configured" in one_error(d).summary
+    # The CA file (here from TRELLIS_CACERT) is what verifies an HTTPS server: one that
+    # cannot be read stops the provider before any request.
+    diags = Diagnostics()
+    TrellisProvider({"TRELLIS_CACERT": "/nonexistent/ca.pem"}).configure_provider(
+        diags, {"address": "https://127.0.0.1:1"}
+    )
+    assert "TLS settings" in one_error(diags).detail
     # No server at the address: the diagnostic says which address and what to check.
     p = TrellisProvider({"TRELLIS_HTTP_ADDR": dead_url})
     p.configure_provider(Diagnostics(), {})
