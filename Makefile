@@ -23,10 +23,14 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 dev: $(STAMP)
 	$(BIN)/trellis dev
 
+# Phony so that an existing build/typecheck gets links added since (terraform/): the recipe
+# is idempotent and instant.
+.PHONY: $(TYPECHECK)
 $(TYPECHECK):
 	mkdir -p $(TYPECHECK)
 	ln -sfn ../../../api $(TYPECHECK)/api
 	ln -sfn ../../../proxy $(TYPECHECK)/proxy
+	ln -sfn ../../../terraform $(TYPECHECK)/terraform
 
 # tests/test_browsers_chromium.py drives Debian's Chromium through Playwright (never
 # `playwright install`, which would download a browser of its own). Installing it needs root.
