@@ -55,8 +55,6 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn, TypeVar
 
-import re2  # google-re2: linear-time matching; see the module docstring
-
 MAX_LENGTH = 2048
 MAX_DEPTH = 32
 REGEX_MAX_MEM = 1 << 20
@@ -574,6 +572,10 @@ class _Parser:
         return raw
 
     def regex(self, pattern: str, at: int) -> Any:
+        # google-re2 (linear-time matching; see the module docstring), imported on first use:
+        # the node agent and the servers load its native library only if a client asks.
+        import re2
+
         options = re2.Options()
         options.log_errors = False  # the client's error goes back to the client, not the log
         options.max_mem = REGEX_MAX_MEM
