@@ -20,6 +20,8 @@ from flask import Response, current_app, request
 from trellis.api.errors import BadRequest, PayloadTooLarge
 from trellis.api.feed import Watch
 from trellis.api.longpoll import RERUN, Park, Parked, Since, client_address
+from trellis.proxy.bexpr import Filter, FilterError, Struct
+from trellis.proxy.bexpr import parse_optional as parse_filter
 from trellis.proxy.durations import DurationError, parse_duration
 
 U64_MAX = (1 << 64) - 1
@@ -49,15 +51,35 @@ def flag(name: str) -> bool:
     raise BadRequest(f"query parameter {name!r} must be true or false, not {v!r}")
 
 
-def refuse_filter() -> None:
-    """Refuse ``?filter=`` on every endpoint (a ``before_request`` hook, see ``create_app``).
+def accepts_filter(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a view that evaluates ``?filter=`` (with ``filter_arg``); see ``refuse_filter``."""
+    view.trellis_accepts_filter = True  # type: ignore[attr-defined]
+    return view
 
-    Consul's endpoints take a filter expression and return only the matching entries. Trellis
-    does not evaluate filter expressions yet; answering with the whole list would let a client
-    that filters (``consul catalog services -filter``, ``consul-template``, a script) act on
-    entries it meant to exclude. The client is at fault only in asking for what Trellis lacks,
-    so it gets a 400 that says so. An empty ``?filter=`` filters nothing, in Consul too, and is
-    accepted. A path that routes nowhere keeps its 404 or 405.
+
+def filter_arg(shape: Struct) -> Filter | None:
+    """The request's ``?filter=`` expression, checked against the endpoint's ``shape``.
+
+    ``None`` when there is none (an empty ``?filter=`` is no filter, in Consul too). A view
+    reads it before it blocks, so a bad expression is answered at once rather than after the
+    wait. The client wrote the expression: anything wrong with it is a 400 that says where.
+    """
+    try:
+        return parse_filter(request.args.getlist("filter"), shape)
+    except FilterError as e:
+        raise BadRequest(f"query parameter 'filter': {e}") from None
+
+
+def refuse_filter() -> None:
+    """Refuse ``?filter=`` on endpoints that do not evaluate it (a ``before_request`` hook).
+
+    The endpoints where Consul filters are marked with ``accepts_filter`` and evaluate the
+    expression. Elsewhere Consul ignores the parameter; Trellis refuses it instead, because a
+    client that sends one (a script, a tool that filters every call) would take the whole
+    answer for a filtered one and act on entries it meant to exclude, and for a write it
+    would not know that the filter changed nothing. The client is at fault only in asking for
+    what this endpoint does not do, so it gets a 400 that says so. An empty ``?filter=``
+    filters nothing and is accepted. A path that routes nowhere keeps its 404 or 405.
     """
     # Every request passes here: look at the raw query string before parsing the arguments
     # (a percent-encoded name, "%66ilter", still reaches the parsed check).
@@ -66,10 +88,13 @@ def refuse_filter() -> None:
         return
     if request.url_rule is None or not any(v.strip() for v in request.args.getlist("filter")):
         return
+    view = current_app.view_functions.get(request.endpoint or "")
+    if request.method in ("GET", "HEAD") and getattr(view, "trellis_accepts_filter", False):
+        return
     raise BadRequest(
-        "query parameter 'filter' is not supported: Trellis does not evaluate filter"
-        " expressions yet, and refuses the request rather than return unfiltered results;"
-        " leave out 'filter' and filter on the client"
+        "query parameter 'filter' is not supported on this endpoint (Consul does not filter"
+        " it either); Trellis refuses it rather than return results that look filtered and"
+        " are not: leave out 'filter'"
     )
 
 

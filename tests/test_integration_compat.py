@@ -267,3 +267,31 @@ def test_health_blocking_query_is_woken_by_a_check_passing(c):
     new_index, healthy = result["reply"]
     assert int(new_index) > int(index)
     assert [e["Service"]["ID"] for e in healthy] == ["db-1"]
+
+
+# -- ?filter= ---------------------------------------------------------------------------------
+
+
+def test_filter_expressions_through_py_consul(c):
+    """py-consul's ``filter_expr`` (its ``?filter=``) is evaluated, and a bad one raises."""
+    for i, env in enumerate(("prod", "qa"), start=1):
+        assert c.agent.service.register(
+            "api",
+            service_id=f"api-{i}",
+            port=9000 + i,
+            tags=[f"v{i}"],
+            meta={"env": env},
+            check=consul.Check.ttl("30s"),
+        )
+    assert c.agent.check.ttl_pass("service:api-1", "up")
+    assert set(c.agent.services(filter_expr='Meta.env == "qa"')) == {"api-2"}
+    checks = c.agent.checks(filter_expr='Status == "passing" and ServiceName == "api"')
+    assert set(checks) == {"service:api-1"}
+    _, services = c.catalog.services(filter_expr='"v1" in ServiceTags')
+    assert services == {"api": ["v1"]}
+    _, nodes = c.catalog.nodes(filter_expr='Node == "test-node"')
+    assert [n["Node"] for n in nodes] == ["test-node"]
+    _, entries = c.health.service("api", filter_expr='Checks.Status == "critical"')
+    assert [e["Service"]["ID"] for e in entries] == ["api-2"]
+    with pytest.raises(consul.ConsulException, match=r"unknown selector 'Nope'.*position 1"):
+        c.agent.services(filter_expr="Nope == 1")

@@ -17,7 +17,16 @@ from trellis.api import catalog as cat
 from trellis.api.acl import service as acl
 from trellis.api.errors import BadRequest, NotFound
 from trellis.api.feed import Watch
-from trellis.api.http import flag, hash_blocking, json_body, json_response, services, str_arg
+from trellis.api.http import (
+    accepts_filter,
+    filter_arg,
+    flag,
+    hash_blocking,
+    json_body,
+    json_response,
+    services,
+    str_arg,
+)
 from trellis.api.schemas import load
 from trellis.api.schemas.catalog import CheckSchema, CheckUpdateSchema, ServiceSchema
 from trellis.api.store.base import (
@@ -31,6 +40,7 @@ from trellis.api.store.base import (
     Service,
 )
 from trellis.api.views.catalog import guard_overwrites, require_overwrite_write
+from trellis.proxy import filtershapes as shapes
 
 bp = Blueprint("agent", __name__)
 
@@ -150,8 +160,14 @@ def _local_services() -> dict:
 
 
 @bp.get("/v1/agent/services")
+@accepts_filter
 def list_services():
+    flt = filter_arg(shapes.AGENT_SERVICE)
+    # The hash is the unfiltered list's, as an index is: a blocked client with a filter
+    # returns on any change to the node's services (Consul's blocking semantics too).
     data, h = hash_blocking(node_watch(), _local_services)
+    if flt is not None:
+        data = {k: v for k, v in data.items() if flt(v)}
     return json_response(data, headers={"X-Consul-ContentHash": h})
 
 
@@ -178,8 +194,13 @@ def _local_checks() -> dict:
 
 
 @bp.get("/v1/agent/checks")
+@accepts_filter
 def list_checks():
-    return json_response(_local_checks())
+    flt = filter_arg(shapes.HEALTH_CHECK)
+    data = _local_checks()
+    if flt is not None:
+        data = {k: v for k, v in data.items() if flt(v)}
+    return json_response(data)
 
 
 @bp.put("/v1/agent/check/register")
@@ -311,7 +332,9 @@ def self_():
 
 
 @bp.get("/v1/agent/members")
+@accepts_filter
 def members():
+    flt = filter_arg(shapes.AGENT_MEMBER)
     s = services()
     out = []
     authz = acl.current()
@@ -330,4 +353,6 @@ def members():
                 "Status": 1,
             }
         )
+    if flt is not None:
+        out = flt.select(out)
     return json_response(out)

@@ -11,10 +11,19 @@ from trellis.api.acl import service as acl
 from trellis.api.acl.rules import Authorizer
 from trellis.api.errors import BadRequest, Conflict
 from trellis.api.feed import Watch
-from trellis.api.http import blocking, json_body, json_response, services, str_arg
+from trellis.api.http import (
+    accepts_filter,
+    blocking,
+    filter_arg,
+    json_body,
+    json_response,
+    services,
+    str_arg,
+)
 from trellis.api.schemas import load
 from trellis.api.schemas.catalog import CatalogDeregisterSchema, CatalogRegisterSchema
 from trellis.api.store.base import Check, Node, NodeView, Prepare, Registration, Service
+from trellis.proxy import filtershapes as shapes
 
 bp = Blueprint("catalog", __name__)
 
@@ -197,14 +206,26 @@ def datacenters():
 
 
 @bp.get("/v1/catalog/services")
+@accepts_filter
 def list_services():
     check_dc()
     store = services().store
+    flt = filter_arg(shapes.SERVICE_NODE)
 
     def compute():
         index = store.topic_index("catalog")  # first: see blocking
         out: dict[str, list[str]] = {}
-        for s in store.services():
+        svcs = store.services()
+        if flt is not None:
+            # As Consul: the filter runs on each instance (the shape of catalog/service/{name}),
+            # and the names and tags are those of the instances it keeps.
+            nodes = {n.name: n for n in store.nodes()}
+            svcs = [
+                s
+                for s in svcs
+                if s.node in nodes and flt(cat.catalog_service_json(nodes[s.node], s))
+            ]
+        for s in svcs:
             tags = out.setdefault(s.name, [])
             tags.extend(t for t in s.tags if t not in tags)
         return out, index
@@ -216,9 +237,11 @@ def list_services():
 
 
 @bp.get("/v1/catalog/nodes")
+@accepts_filter
 def list_nodes():
     check_dc()
     store = services().store
+    flt = filter_arg(shapes.NODE)
 
     def compute():
         index = store.topic_index("catalog")  # first: see blocking
@@ -226,7 +249,7 @@ def list_nodes():
 
     data, index = blocking(ALL, compute)
     authz = acl.current()
-    data = [n for n in data if authz.node_read(n["Node"])]
+    data = [n for n in data if authz.node_read(n["Node"]) and (flt is None or flt(n))]
     return json_response(data, index=index)
 
 
@@ -236,12 +259,14 @@ def _service_index(name: str) -> int:
 
 
 @bp.get("/v1/catalog/service/<name>")
+@accepts_filter
 def service(name: str):
     check_dc()
     return _instances(name, connect=False)
 
 
 @bp.get("/v1/catalog/connect/<name>")
+@accepts_filter
 def connect(name: str):
     check_dc()
     return _instances(name, connect=True)
@@ -250,6 +275,7 @@ def connect(name: str):
 def _instances(name: str, *, connect: bool):
     store = services().store
     tags = tags_arg()
+    flt = filter_arg(shapes.SERVICE_NODE)
 
     def compute():
         index = _service_index(name)  # first: see blocking
@@ -273,14 +299,18 @@ def _instances(name: str, *, connect: bool):
         if authz.service_read(d["ServiceName"])
         and authz.service_read(name)
         and authz.node_read(d["Node"])
+        and (flt is None or flt(d))
     ]
     return json_response(data, index=index)
 
 
 @bp.get("/v1/catalog/node/<node>")
+@accepts_filter
 def node(node: str):
     check_dc()
     store = services().store
+    # As Consul: the filter runs on each of the node's services, not on the node.
+    flt = filter_arg(shapes.NODE_SERVICE)
 
     def compute():
         idx = store.topic_index(f"catalog/node/{node}") or store.topic_index("catalog")  # first
@@ -299,7 +329,9 @@ def node(node: str):
             data = {
                 **data,
                 "Services": {
-                    k: v for k, v in data["Services"].items() if authz.service_read(v["Service"])
+                    k: v
+                    for k, v in data["Services"].items()
+                    if authz.service_read(v["Service"]) and (flt is None or flt(v))
                 },
             }
     return json_response(data, index=index)

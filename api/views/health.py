@@ -9,9 +9,10 @@ from trellis.api.acl import service as acl
 from trellis.api.errors import BadRequest
 from trellis.api.feed import Watch
 from trellis.api.health import service_instances
-from trellis.api.http import blocking, flag, json_response, services
+from trellis.api.http import accepts_filter, blocking, filter_arg, flag, json_response, services
 from trellis.api.store.base import CHECK_STATES
 from trellis.api.views.catalog import ALL, _service_index, check_dc, svc_watch, tags_arg
+from trellis.proxy import filtershapes as shapes
 
 bp = Blueprint("health", __name__)
 
@@ -20,6 +21,7 @@ def _entries(name: str, *, connect: bool):
     check_dc()
     store = services().store
     passing, tags = flag("passing"), tags_arg()
+    flt = filter_arg(shapes.CHECK_SERVICE_NODE)
 
     def compute():
         index = _service_index(name)  # first: see blocking
@@ -47,6 +49,7 @@ def _entries(name: str, *, connect: bool):
         if authz.service_read(name)
         and authz.service_read(e["Service"]["Service"])
         and authz.node_read(e["Node"]["Node"])
+        and (flt is None or flt(e))
     ]
     return json_response(data, index=index)
 
@@ -59,19 +62,23 @@ def _visible(authz, check: dict) -> bool:
 
 
 @bp.get("/v1/health/service/<name>")
+@accepts_filter
 def service(name: str):
     return _entries(name, connect=False)
 
 
 @bp.get("/v1/health/connect/<name>")
+@accepts_filter
 def connect(name: str):
     return _entries(name, connect=True)
 
 
 @bp.get("/v1/health/checks/<name>")
+@accepts_filter
 def checks(name: str):
     check_dc()
     store = services().store
+    flt = filter_arg(shapes.HEALTH_CHECK)
 
     def compute():
         index = _service_index(name)  # first: see blocking
@@ -83,14 +90,16 @@ def checks(name: str):
 
     data, index = blocking(svc_watch(name), compute)
     authz = acl.current()
-    data = [c for c in data if _visible(authz, c)]
+    data = [c for c in data if _visible(authz, c) and (flt is None or flt(c))]
     return json_response(data, index=index)
 
 
 @bp.get("/v1/health/node/<node>")
+@accepts_filter
 def node(node: str):
     check_dc()
     store = services().store
+    flt = filter_arg(shapes.HEALTH_CHECK)
 
     def compute():
         idx = store.topic_index(f"catalog/node/{node}") or store.topic_index("catalog")  # first
@@ -98,16 +107,18 @@ def node(node: str):
 
     data, index = blocking(Watch("catalog", exact=(f"node/{node}",)), compute)
     authz = acl.current()
-    data = [c for c in data if _visible(authz, c)]
+    data = [c for c in data if _visible(authz, c) and (flt is None or flt(c))]
     return json_response(data, index=index)
 
 
 @bp.get("/v1/health/state/<state>")
+@accepts_filter
 def state(state: str):
     check_dc()
     if state != "any" and state not in CHECK_STATES:
         raise BadRequest(f"state must be any, passing, warning or critical, not {state!r}")
     store = services().store
+    flt = filter_arg(shapes.HEALTH_CHECK)
 
     def compute():
         index = store.topic_index("catalog")  # first: see blocking
@@ -116,5 +127,5 @@ def state(state: str):
 
     data, index = blocking(ALL, compute)
     authz = acl.current()
-    data = [c for c in data if _visible(authz, c)]
+    data = [c for c in data if _visible(authz, c) and (flt is None or flt(c))]
     return json_response(data, index=index)

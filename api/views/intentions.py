@@ -17,11 +17,20 @@ from trellis.api import intentions as domain
 from trellis.api.acl import service as acl
 from trellis.api.errors import BadRequest, NotFound
 from trellis.api.feed import Watch
-from trellis.api.http import blocking, json_body, json_response, services, str_arg
+from trellis.api.http import (
+    accepts_filter,
+    blocking,
+    filter_arg,
+    json_body,
+    json_response,
+    services,
+    str_arg,
+)
 from trellis.api.schemas import load
 from trellis.api.schemas.intentions import AuthorizeSchema, IntentionExactSchema, IntentionSchema
 from trellis.api.store.security import IntentionRecord
 from trellis.proxy import authz
+from trellis.proxy import filtershapes as shapes
 
 bp = Blueprint("intentions", __name__)
 
@@ -89,8 +98,10 @@ def check_service_write(name: str) -> None:
 
 
 @bp.get("/v1/connect/intentions")
+@accepts_filter
 def list_intentions():
     acl.current()  # an unknown token is a 403 even when there is nothing to filter
+    flt = filter_arg(shapes.INTENTION)
     store = services().store
 
     def compute():
@@ -102,7 +113,7 @@ def list_intentions():
         return rows, index
 
     data, index = blocking(ALL, compute)
-    data = [d for d in data if _readable(d["DestinationName"])]
+    data = [d for d in data if _readable(d["DestinationName"]) and (flt is None or flt(d))]
     return json_response(data, index=index)
 
 

@@ -44,7 +44,10 @@ from trellis.proxy.agent.definitions import (
 from trellis.proxy.agent.httpd import Request, Response, json_response
 from trellis.proxy.agent.ports import CRITICAL, PASSING, WARNING
 from trellis.proxy.agent.upstream import HOP_BY_HOP, Unreachable
+from trellis.proxy.bexpr import Filter, FilterError, Struct
+from trellis.proxy.bexpr import parse_optional as parse_filter
 from trellis.proxy.durations import DurationError, parse_duration
+from trellis.proxy.filtershapes import AGENT_MEMBER, AGENT_SERVICE, HEALTH_CHECK
 
 log = logging.getLogger("trellis.agent")
 
@@ -119,11 +122,14 @@ class LocalAPI:
     async def handle(self, req: Request) -> Response:
         route = self.exact.get((req.method, req.path))
         if route is not None:
+            if route not in (self.services, self.checks, self.members):
+                _refuse_filter(req)
             return await route(req, "")
         for method, prefix, r in self.prefixed:
             if req.path.startswith(prefix) and len(req.path) > len(prefix):
                 if req.method != method:
                     raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}")
+                _refuse_filter(req)
                 return await r(req, req.path[len(prefix) :])
         if any(req.path == p for _, p in self.exact):
             raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}")
@@ -208,10 +214,10 @@ class LocalAPI:
         return value, h
 
     async def services(self, req: Request, _: str) -> Response:
+        flt = _filter_arg(req, AGENT_SERVICE)  # before blocking: a bad one is a 400 at once
         value, h = await self._hash_blocking(req, self._services_json)
-        flt = req.arg("filter")
-        if flt:
-            value = _filter(value, flt)
+        if flt is not None:
+            value = {k: v for k, v in value.items() if flt(v)}
         return json_response(value, headers=[(b"x-consul-contenthash", h.encode())])
 
     async def service(self, req: Request, sid: str) -> Response:
@@ -287,10 +293,10 @@ class LocalAPI:
         return out
 
     async def checks(self, req: Request, _: str) -> Response:
+        flt = _filter_arg(req, HEALTH_CHECK)
         value = self._checks_json()
-        flt = req.arg("filter")
-        if flt:
-            value = _filter(value, flt)
+        if flt is not None:
+            value = {k: v for k, v in value.items() if flt(v)}
         return json_response(value)
 
     async def check_register(self, req: Request, _: str) -> Response:
@@ -437,6 +443,7 @@ class LocalAPI:
         return json_response(None)
 
     async def members(self, req: Request, _: str) -> Response:
+        flt = _filter_arg(req, AGENT_MEMBER)
         try:
             status, nodes, _ = await self.agent.servers.call(
                 "GET", "/v1/catalog/nodes", token=req.token()
@@ -465,6 +472,8 @@ class LocalAPI:
                     "Status": {"alive": 1, "left": 3, "failed": 4}[st],
                 }
             )
+        if flt is not None:
+            out = flt.select(out)
         return json_response(out)
 
 
@@ -477,41 +486,22 @@ def member_status(check: dict[str, Any] | None) -> str:
     return "failed"
 
 
-def _filter(value: dict[str, Any], expr: str) -> dict[str, Any]:
-    """A small subset of Consul's filter language: ``Field == "v"``, ``Field != "v"`` and
-    ``"v" in Field``, joined by ``and``."""
-    clauses = [c.strip() for c in expr.split(" and ")]
-    tests = []
-    for c in clauses:
-        if " == " in c or " != " in c:
-            op = "==" if " == " in c else "!="
-            field, _, lit = c.partition(f" {op} ")
-            want = _literal(lit)
-            tests.append((field.strip(), op, want))
-        elif " in " in c:
-            lit, _, field = c.partition(" in ")
-            tests.append((field.strip(), "in", _literal(lit)))
-        else:
-            raise BadRequest(f"filter: cannot read {c!r}")
-
-    def ok(item: dict[str, Any]) -> bool:
-        for field, op, want in tests:
-            v: Any = item
-            for part in field.split("."):
-                v = v.get(part) if isinstance(v, dict) else None
-            if op == "==" and str(v) != want:
-                return False
-            if op == "!=" and str(v) == want:
-                return False
-            if op == "in" and (not isinstance(v, list | dict) or want not in v):
-                return False
-        return True
-
-    return {k: v for k, v in value.items() if ok(v)}
+def _filter_arg(req: Request, shape: Struct) -> Filter | None:
+    """The request's ``?filter=`` (Consul's language, as the servers read it); the client
+    wrote it, so a bad one is a 400 that says where."""
+    try:
+        return parse_filter(req.query.get("filter", []), shape)
+    except FilterError as e:
+        raise BadRequest(f"query parameter 'filter': {e}") from None
 
 
-def _literal(text: str) -> str:
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
-        return text[1:-1]
-    raise BadRequest(f"filter: {text!r} is not a quoted value")
+def _refuse_filter(req: Request) -> None:
+    """``?filter=`` on a local endpoint that does not evaluate it is a 400, as on the servers
+    (trellis.api.http.refuse_filter): never results that look filtered and are not. Forwarded
+    requests are left to the server, which answers the same way."""
+    if any(v.strip() for v in req.query.get("filter", [])):
+        raise BadRequest(
+            "query parameter 'filter' is not supported on this endpoint (Consul does not"
+            " filter it either); Trellis refuses it rather than return results that look"
+            " filtered and are not: leave out 'filter'"
+        )
