@@ -125,11 +125,12 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         health,
         intentions,
         kv,
+        session,
         spec,
         status,
     )
 
-    for module in (kv, catalog, health, agent, status, connect_ca, intentions, acl, spec):
+    for module in (kv, catalog, health, agent, status, connect_ca, intentions, acl, spec, session):
         app.register_blueprint(module.bp)
 
     _error_handlers(app)
