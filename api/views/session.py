@@ -43,11 +43,11 @@ def create():
     return json_response({"ID": stored.id})
 
 
-@bp.put("/v1/session/destroy/<session_id>")
-def destroy(session_id: str):
+@bp.put("/v1/session/destroy/<session>")
+def destroy(session: str):
     check_dc()
     store = services().store
-    s = store.session_get(_session_id(session_id))
+    s = store.session_get(_session_id(session))
     if s is not None:
         acl.require(acl.current().session_write(s.node), f"session:write on node {s.node!r}")
         store.session_destroy(s.id, now=time.time())
@@ -55,17 +55,17 @@ def destroy(session_id: str):
     return json_response(True)
 
 
-@bp.put("/v1/session/renew/<session_id>")
-def renew(session_id: str):
+@bp.put("/v1/session/renew/<session>")
+def renew(session: str):
     check_dc()
     store = services().store
-    s = store.session_get(_session_id(session_id))
+    s = store.session_get(_session_id(session))
     if s is not None:
         acl.require(acl.current().session_write(s.node), f"session:write on node {s.node!r}")
         s = store.session_renew(s.id, now=time.time())
     if s is None:
-        raise NotFound(f"Session id '{session_id}' not found")
-    return json_response([session_json(s)])
+        raise NotFound(f"Session id '{session}' not found")
+    return json_response([session_json(s)], index=store.topic_index("session"))
 
 
 def _read(compute_sessions) -> object:
@@ -82,11 +82,11 @@ def _read(compute_sessions) -> object:
     return json_response([session_json(s) for s in visible], index=index, headers=extra)
 
 
-@bp.get("/v1/session/info/<session_id>")
-def info(session_id: str):
+@bp.get("/v1/session/info/<session>")
+def info(session: str):
     check_dc()
     store = services().store
-    sid = _session_id(session_id)
+    sid = _session_id(session)
 
     def one() -> list[Session]:
         s = store.session_get(sid)
