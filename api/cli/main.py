@@ -37,7 +37,18 @@ def _version(ctx: Context, ns: object) -> int:
 
 
 #: The modules of trellis.api.cli that register commands, in registration order.
-MODULES = ("kv", "acl", "ca", "intention", "services", "catalog", "serve", "connect", "agent")
+MODULES = (
+    "kv",
+    "acl",
+    "ca",
+    "intention",
+    "services",
+    "catalog",
+    "serve",
+    "connect",
+    "agent",
+    "lock",
+)
 #: Which of them registers the commands under each first word. ``run`` imports only the module
 #: that the command line names: ``trellis connect proxy`` is a long-lived process beside every
 #: service, and must not carry the other commands' imports (the server's settings among them).
@@ -54,6 +65,7 @@ FIRST_WORDS = {
     "intention": "intention",
     "kv": "kv",
     "leave": "agent",
+    "lock": "lock",
     "members": "catalog",
     "reload": "agent",
     "server": "serve",
