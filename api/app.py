@@ -214,7 +214,8 @@ def _init_ca(ca: CAManager) -> bool:
 def _maintenance(svc: AppServices) -> None:
     """Background chores, about once a ``ttl_check_interval``: tell the other server
     processes this one is alive (every few seconds, see api.members); turn TTL checks that were
-    not refreshed critical; set up the CA if its provider was down at start; prune old roots."""
+    not refreshed critical; expire sessions, in the one process that holds the reaper role;
+    set up the CA if its provider was down at start; prune old roots."""
     ca_ready = svc.ca.initialized()
     last_prune = 0.0
     while not svc.stop.wait(svc.settings.ttl_check_interval):
