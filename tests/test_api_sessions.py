@@ -93,7 +93,9 @@ def test_bad_create_bodies_are_400_and_store_nothing(client, subtests):
         ({"LockDelay": "soon"}, "LockDelay"),
         ({"Node": "nowhere"}, "Missing node"),
         ({"NodeChecks": ["nothing"]}, "Missing check"),
-        ({"Colour": "red"}, "unknown field"),
+        ({"Colour": "red"}, "Colour: Unknown field"),
+        ({"lockdelay": True}, "LockDelay"),
+        ({"NodeChecks": "serfHealth"}, "NodeChecks"),
         ({"Name": "a", "name": "b"}, "twice"),
         ({"ServiceChecks": [{"ID": ""}]}, "ID"),
     ]:
