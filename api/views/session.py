@@ -47,9 +47,10 @@ def create():
 def destroy(session: str):
     check_dc()
     store = services().store
+    authz = acl.current()  # first: an unknown token is refused whether the session exists
     s = store.session_get(_session_id(session))
     if s is not None:
-        acl.require(acl.current().session_write(s.node), f"session:write on node {s.node!r}")
+        acl.require(authz.session_write(s.node), f"session:write on node {s.node!r}")
         store.session_destroy(s.id, now=time.time())
     # Consul answers true for a session that is already gone: destroy is idempotent.
     return json_response(True)
@@ -59,9 +60,10 @@ def destroy(session: str):
 def renew(session: str):
     check_dc()
     store = services().store
+    authz = acl.current()  # first, as in destroy
     s = store.session_get(_session_id(session))
     if s is not None:
-        acl.require(acl.current().session_write(s.node), f"session:write on node {s.node!r}")
+        acl.require(authz.session_write(s.node), f"session:write on node {s.node!r}")
         s = store.session_renew(s.id, now=time.time())
     if s is None:
         raise NotFound(f"Session id '{session}' not found")
@@ -70,13 +72,13 @@ def renew(session: str):
 
 def _read(compute_sessions) -> object:
     store = services().store
+    authz = acl.current()  # before parking: an unknown token is refused at once
 
     def compute():
         index = store.topic_index("session")  # first: see blocking
         return compute_sessions(), index
 
     found, index = blocking(_WATCH, compute)
-    authz = acl.current()
     visible = [s for s in found if authz.session_read(s.node)]
     extra = {"X-Consul-Results-Filtered-By-ACLs": "true"} if len(visible) < len(found) else None
     return json_response([session_json(s) for s in visible], index=index, headers=extra)
