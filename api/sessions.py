@@ -59,14 +59,7 @@ def parse_create(body: Mapping[str, Any] | None, *, default_node: str, ttl_min: 
         raise BadRequest(f"Invalid Behavior setting '{behavior}'")
     lock_delay = _lock_delay(fields.get("LockDelay"))
     ttl, ttl_seconds = _ttl(fields.get("TTL"), ttl_min)
-    node_checks = fields.get("NodeChecks")
-    old_checks = fields.get("Checks")
-    service_checks = fields.get("ServiceChecks")
-    if node_checks is None and old_checks is None and service_checks is None:
-        # Consul's default: the node's serfHealth, unless the client named checks (an
-        # explicit empty list means "none", as Patroni sends it).
-        node_checks = [DEFAULT_CHECK]
-    merged = list(dict.fromkeys([*(node_checks or []), *(old_checks or [])]))
+    node_checks, service_checks = _node_checks(fields), fields.get("ServiceChecks") or ()
     return Session(
         id=str(uuid.uuid4()),
         node=node,
@@ -75,9 +68,25 @@ def parse_create(body: Mapping[str, Any] | None, *, default_node: str, ttl_min: 
         behavior=behavior,
         ttl=ttl,
         ttl_seconds=ttl_seconds,
-        node_checks=tuple(merged),
-        service_checks=tuple(dict.fromkeys(c["ID"] for c in service_checks or ())),
+        node_checks=node_checks,
+        service_checks=tuple(dict.fromkeys(c["ID"] for c in service_checks)),
     )
+
+
+def _node_checks(fields: Mapping[str, Any]) -> tuple[str, ...]:
+    """The node checks of a create body, as Consul settles ``NodeChecks`` against the older
+    ``Checks`` (agent/session_endpoint.go): both default to ``serfHealth``; an empty
+    ``Checks`` means no node checks at all (how clients before Consul 1.7, Patroni among
+    them, ask for none); ``Checks`` holding just ``serfHealth``, or an empty ``NodeChecks``,
+    leaves ``NodeChecks`` alone; otherwise the two lists are merged. ``ServiceChecks`` does not
+    drop the default."""
+    node = list(fields["NodeChecks"] or ()) if "NodeChecks" in fields else [DEFAULT_CHECK]
+    old = list(fields["Checks"] or ()) if "Checks" in fields else [DEFAULT_CHECK]
+    if not old:
+        node = []
+    elif old == [DEFAULT_CHECK] or not node:
+        old = []
+    return tuple(dict.fromkeys([*node, *old]))
 
 
 def session_json(s: Session) -> dict[str, Any]:

@@ -83,6 +83,28 @@ def test_field_names_in_any_case_as_python_consul_sends_them(client):
     assert info(client, create(client, {"LockDelay": 2 * 10**9}))[0]["LockDelay"] == 2 * 10**9
 
 
+def test_node_checks_settle_against_the_older_checks_field_as_in_consul(client, subtests):
+    assert (
+        client.put("/v1/agent/check/register", json={"Name": "hb", "TTL": "30s"}).status_code == 200
+    )
+    assert client.put("/v1/agent/check/pass/hb").status_code == 200
+    for body, want in [
+        ({}, ["serfHealth"]),
+        ({"Checks": []}, []),
+        ({"Checks": None}, []),
+        ({"NodeChecks": []}, []),
+        ({"Checks": ["serfHealth"], "NodeChecks": []}, []),
+        ({"Checks": []}, []),
+        ({"Checks": ["serfHealth"]}, ["serfHealth"]),
+        ({"Checks": ["serfHealth", "hb"]}, ["serfHealth", "hb"]),
+        ({"NodeChecks": ["hb"]}, ["hb"]),
+        ({"NodeChecks": ["hb"], "Checks": ["serfHealth"]}, ["hb"]),
+        ({"NodeChecks": ["hb"], "Checks": []}, []),
+    ]:
+        with subtests.test(body=body):
+            assert info(client, create(client, body))[0]["NodeChecks"] == want
+
+
 def test_bad_create_bodies_are_400_and_store_nothing(client, subtests):
     for body, words in [
         ({"TTL": "5s"}, "Invalid Session TTL"),
@@ -267,3 +289,17 @@ def test_session_acls_are_node_rules(make_client):
     assert_error(c.put(f"/v1/session/destroy/{sid}", headers=tok(reader)), 403)
     assert_error(c.put(f"/v1/session/renew/{sid}", headers=tok(reader)), 403)
     assert c.put(f"/v1/session/destroy/{sid}", headers=tok(writer)).get_json() is True
+
+
+def test_service_checks_bind_the_session_to_the_service(client):
+    body = {"Name": "web", "ID": "web-1", "Check": {"CheckID": "web-ttl", "TTL": "30s"}}
+    assert client.put("/v1/agent/service/register", json=body).status_code == 200
+    assert client.put("/v1/agent/check/pass/web-ttl").status_code == 200
+    sid = create(client, {"servicechecks": [{"id": "web-ttl", "namespace": ""}]})
+    [s] = info(client, sid)
+    assert s["ServiceChecks"] == [{"ID": "web-ttl", "Namespace": ""}]
+    assert s["NodeChecks"] == ["serfHealth"]  # still the default, as in Consul
+    assert acquire(client, "web/leader", sid)
+    assert client.put("/v1/agent/service/deregister/web-1").status_code == 200
+    assert info(client, sid) == []
+    assert entry(client, "web/leader")["Session"] is None
