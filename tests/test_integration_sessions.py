@@ -104,6 +104,18 @@ class History:
         return out
 
 
+def test_the_history_check_can_fail():
+    """The checker the race test relies on sees two holders, and a release by a non-holder."""
+    h = History()
+    for what, who in [("acquired", 1), ("acquired", 2), ("releasing", 2), ("releasing", 1)]:
+        h.add(what, who)
+    assert len(h.violations()) == 2
+    ok = History()
+    for what, who in [("acquired", 1), ("releasing", 1), ("acquired", 2), ("releasing", 2)]:
+        ok.add(what, who)
+    assert ok.violations() == []
+
+
 def test_twenty_clients_one_lock_two_replicas(replicas):
     a, b = replicas
     history = History()
