@@ -29,7 +29,13 @@ from trellis.api.members import Membership
 from trellis.api.settings import Settings
 from trellis.api.store import SQLITE, open_store, store_kind
 from trellis.api.store.base import PASSING, Check, Node, Registration, Store
-from trellis.api.store.errors import NotFoundInStore, StoreConflict, StoreError, UnstorableValue
+from trellis.api.store.errors import (
+    InvalidSession,
+    NotFoundInStore,
+    StoreConflict,
+    StoreError,
+    UnstorableValue,
+)
 
 log = logging.getLogger("trellis.api")
 
@@ -51,6 +57,8 @@ class AppServices:
     #: Results of blocking reads, shared by the queries one write wakes (see api.http).
     shared_reads: SharedReads = field(default_factory=SharedReads)
     stop: threading.Event = field(default_factory=threading.Event)
+    #: Whether this process expires sessions (api/store/sessions.py), as of the last round.
+    reaper: bool = False
     threads: list[threading.Thread] = field(default_factory=list)
     #: The store's ACL and intention indexes, from a read begun after the caller asked
     #: (shared by the requests that ask together); what keeps the two caches below fresh.
@@ -117,11 +125,12 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         health,
         intentions,
         kv,
+        session,
         spec,
         status,
     )
 
-    for module in (kv, catalog, health, agent, status, connect_ca, intentions, acl, spec):
+    for module in (kv, catalog, health, agent, status, connect_ca, intentions, acl, spec, session):
         app.register_blueprint(module.bp)
 
     _error_handlers(app)
@@ -205,12 +214,19 @@ def _init_ca(ca: CAManager) -> bool:
 def _maintenance(svc: AppServices) -> None:
     """Background chores, about once a ``ttl_check_interval``: tell the other server
     processes this one is alive (every few seconds, see api.members); turn TTL checks that were
-    not refreshed critical; set up the CA if its provider was down at start; prune old roots."""
+    not refreshed critical; expire sessions, in the one process that holds the reaper role;
+    set up the CA if its provider was down at start; prune old roots."""
     ca_ready = svc.ca.initialized()
     last_prune = 0.0
     while not svc.stop.wait(svc.settings.ttl_check_interval):
         try:
             svc.store.expire_ttl_checks(time.time())
+            # One process of all those sharing the store expires sessions (see
+            # Store.hold_reaper_role); a process that loses the store loses the role.
+            svc.reaper = False
+            svc.reaper = svc.store.hold_reaper_role()
+            if svc.reaper:
+                svc.store.expire_sessions(time.time())
             if not ca_ready:
                 ca_ready = _init_ca(svc.ca)
             if time.monotonic() - last_prune > 60:
@@ -226,6 +242,7 @@ _STORE_TO_HTTP: dict[type[StoreError], type[TrellisError]] = {
     StoreConflict: Conflict,
     NotFoundInStore: NotFound,
     UnstorableValue: BadRequest,
+    InvalidSession: BadRequest,
 }
 
 

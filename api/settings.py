@@ -111,6 +111,9 @@ class Settings:
     ca_min_leaf_ttl: float = 3600.0
     #: Base64 of 32 bytes: seals CA private keys and the Vault token in the store.
     ca_seal_key: str = ""
+    #: Consul's ``session_ttl_min``: the shortest session TTL accepted (seconds). Lower it
+    #: (to 1s at the least) only to watch sessions expire, in a test or a demo.
+    session_ttl_min: float = 10.0
 
     @property
     def store_url(self) -> str:
@@ -176,6 +179,7 @@ _TOP = {
     "store": "store",
     "domain": "domain",
     "log_level": "log_level",
+    "session_ttl_min": "session_ttl_min",
 }
 _NESTED = {
     ("addresses", "http"): "http_host",
@@ -329,6 +333,9 @@ def validate(s: Settings) -> Settings:
     c["ca_min_leaf_ttl"] = _duration("connect.min_leaf_cert_ttl", s.ca_min_leaf_ttl)
     if not 1 <= c["ca_min_leaf_ttl"] <= 3600:
         raise ConfigError("connect.min_leaf_cert_ttl: must be between 1s and 1h")
+    c["session_ttl_min"] = _duration("session_ttl_min", s.session_ttl_min)
+    if not 1 <= c["session_ttl_min"] <= 3600:
+        raise ConfigError("session_ttl_min: must be between 1s and 1h")
     if s.acl_default_policy not in ("allow", "deny"):
         raise ConfigError("acl.default_policy must be allow or deny")
     for name, v in (

@@ -556,6 +556,16 @@ ROWS: list[Row] = [
     R("GET", "/v1/agent/members",                200, 200, 200, 200, 200, 200, F,
       view=member_names, none=[], read=BOTH_NODES, web=[], app=[], op=[], mgmt=BOTH_NODES),
 
+    # ---- sessions: session:write on the session's node to create (the scoped tokens have no
+    # session rule), reads filtered by session:read; the token is resolved even when the
+    # session does not exist (a bogus token is refused, as everywhere)
+    R("PUT", "/v1/session/create",               F,   F,   F,   F,   F,   200, F, body={}),
+    R("GET", "/v1/session/list",                 200, 200, 200, 200, 200, 200, F),
+    R("GET", f"/v1/session/node/{NODE}",         200, 200, 200, 200, 200, 200, F),
+    R("GET", "/v1/session/info/no-such-session", 200, 200, 200, 200, 200, 200, F),
+    R("PUT", "/v1/session/renew/no-such-session", 404, 404, 404, 404, 404, 404, F),
+    R("PUT", "/v1/session/destroy/no-such-session", 200, 200, 200, 200, 200, 200, F),
+
     # ---- status and the spec: no ACL
     R("GET", "/v1/status/leader",                200, 200, 200, 200, 200, 200, 200),
     R("GET", "/v1/status/peers",                 200, 200, 200, 200, 200, 200, 200),

@@ -165,17 +165,13 @@ ERRORS = [
     (
         'agent_prefix "" { policy = "read" }',
         'unknown rule "agent_prefix" (Trellis knows acl, '
-        "key, key_prefix, node, node_prefix, operator, service, service_prefix)",
-    ),
-    (
-        '{"session": {"": {"policy": "read"}}}',
-        'unknown rule "session" (Trellis knows acl, key, '
-        "key_prefix, node, node_prefix, operator, service, service_prefix)",
+        "key, key_prefix, node, node_prefix, operator, service, service_prefix, session,"
+        " session_prefix)",
     ),
     (
         'keyring = "read"',
         'unknown rule "keyring" (Trellis knows acl, key, key_prefix, node, '
-        "node_prefix, operator, service, service_prefix)",
+        "node_prefix, operator, service, service_prefix, session, session_prefix)",
     ),
     # Bad policies.
     ('service "web" { policy = "admin" }', 'service "web": policy must be read, write or deny'),

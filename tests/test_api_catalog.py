@@ -758,6 +758,7 @@ def test_agent_self(client, store_kind):
         "Version": cfg["Version"],
         "Domain": "trellis.",
         "PrimaryDatacenter": "dc1",
+        "SessionTTLMin": 10 * 10**9,  # nanoseconds, as Consul (Patroni reads it)
     }
     assert cfg["Version"]
     assert body["Member"] == {

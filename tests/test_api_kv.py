@@ -380,14 +380,6 @@ def test_unusual_but_valid_keys(client):
     assert client.get("/v1/kv/?keys").get_json() == sorted(keys, key=str.encode)
 
 
-def test_sessions_are_400(client, subtests):
-    for query in ["acquire=abc-123", "release=abc-123", "acquire", "release"]:
-        with subtests.test(query=query):
-            r = put(client, "lock", b"v", query)
-            assert_error(r, 400, "bad_request", "acquire/release")
-    assert client.get("/v1/kv/lock").status_code == 404
-
-
 # -- other datacenters and bad flags -----------------------------------------------------------
 
 

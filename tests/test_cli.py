@@ -56,6 +56,7 @@ Available commands are:
     intention    Interact with Connect service intentions
     kv           Interact with the key-value store
     leave        Gracefully leaves the cluster and shuts down the agent
+    lock         Execute a command holding a lock
     members      Lists the members of a Trellis cluster
     reload       Triggers the agent to reload its configuration files
     server       Run the control plane (HTTP API and DNS)

@@ -512,6 +512,20 @@ def test_smoke_walk_every_endpoint(app_client):
     ok(c.get("/v1/agent/connect/ca/leaf/-web"), 400)
     ok(c.options("/v1/kv/k"))  # answered by Flask itself; not checked
 
+    # ---- sessions and locks
+    r = c.put("/v1/session/create", json={"Name": "walk", "TTL": "30s", "Behavior": "delete"})
+    ok(r)
+    sid = r.get_json()["ID"]
+    ok(c.put(f"/v1/kv/walk-lock?acquire={sid}", data=b"held"))
+    ok(c.get(f"/v1/session/info/{sid}"))
+    ok(c.get("/v1/session/node/test-node"))
+    ok(c.get("/v1/session/list"))
+    ok(c.put(f"/v1/session/renew/{sid}"))
+    ok(c.put(f"/v1/kv/walk-lock?release={sid}", data=b"free"))
+    ok(c.put(f"/v1/session/destroy/{sid}"))
+    ok(c.put(f"/v1/session/renew/{sid}"), 404)
+    ok(c.put("/v1/session/create", json={"TTL": "1s"}), 400)
+
     # ---- ACL endpoints: this app has ACLs off, so every one answers 401
     some = "00000000-0000-4000-8000-000000000000"
     for method, url in ACL_CALLS:

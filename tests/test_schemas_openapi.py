@@ -39,6 +39,7 @@ from trellis.api.schemas.catalog import (
     ServiceSchema,
 )
 from trellis.api.schemas.intentions import AuthorizeSchema, IntentionExactSchema, IntentionSchema
+from trellis.api.schemas.session import SessionCreateSchema
 
 #: (METHOD, path) -> (the openapi component that describes the body, the marshmallow schema).
 BODIES: dict[tuple[str, str], tuple[str, type[Schema]]] = {
@@ -54,6 +55,7 @@ BODIES: dict[tuple[str, str], tuple[str, type[Schema]]] = {
     ("PUT", "/v1/connect/intentions/{intention_id}"): ("IntentionCreateBody", IntentionSchema),
     ("PUT", "/v1/connect/intentions/exact"): ("IntentionExactBody", IntentionExactSchema),
     ("POST", "/v1/agent/connect/authorize"): ("AuthorizeBody", AuthorizeSchema),
+    ("PUT", "/v1/session/create"): ("SessionCreateBody", SessionCreateSchema),
     ("PUT", "/v1/acl/policy"): ("ACLPolicyBody", PolicySchema),
     ("PUT", "/v1/acl/policy/{policy_id}"): ("ACLPolicyBody", PolicySchema),
     ("PUT", "/v1/acl/token"): ("ACLTokenBody", TokenSchema),

@@ -11,11 +11,12 @@ Rules (Consul 1.4+ policy language, the subset Trellis enforces)::
     node_prefix ""      { policy = "read" }
     key_prefix "app/"   { policy = "list" }
     key "app/secret"    { policy = "deny" }
+    session_prefix ""   { policy = "write" }
     operator = "read"
     acl = "write"
 
 or the same as JSON: ``{"service": {"web": {"policy": "write", "intentions": "write"}}, ...}``.
-Anything else (other Consul resources such as ``agent`` or ``session``, unknown fields,
+Anything else (other Consul resources such as ``agent`` or ``keyring``, unknown fields,
 ``list`` outside key rules, ``intentions`` outside service rules, two rules for the same name,
 two values for one field) is refused: a rule Trellis would silently ignore is a hole.
 
@@ -64,6 +65,8 @@ BLOCKS: Mapping[str, tuple[str, bool]] = {
     "node_prefix": ("node", True),
     "key": ("key", False),
     "key_prefix": ("key", True),
+    "session": ("session", False),
+    "session_prefix": ("session", True),
 }
 #: Top-level attributes: ``operator = "read"``, ``acl = "write"``.
 SCALARS = ("operator", "acl")
@@ -72,6 +75,7 @@ _POLICIES: Mapping[str, tuple[str, ...]] = {
     "service": (READ, WRITE, DENY),
     "node": (READ, WRITE, DENY),
     "key": (READ, WRITE, LIST, DENY),
+    "session": (READ, WRITE, DENY),
 }
 _LEVELS = (READ, WRITE, DENY)  # operator, acl and intentions
 
@@ -514,6 +518,14 @@ class Authorizer:
                 if base is not None:
                     return base.policy == WRITE
         return self._default_allow
+
+    def session_read(self, node: str) -> bool:
+        """Read the sessions of ``node`` (Consul's session rules name nodes)."""
+        return self._check("session", node, READ)
+
+    def session_write(self, node: str) -> bool:
+        """Create, renew or destroy a session on ``node``."""
+        return self._check("session", node, WRITE)
 
     def operator_read(self) -> bool:
         return self._scalar(self._operator, READ, self._default_allow)

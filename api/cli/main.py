@@ -48,6 +48,7 @@ MODULES = (
     "connect",
     "agent",
     "terraform",
+    "lock",
 )
 #: Which of them registers the commands under each first word. ``run`` imports only the module
 #: that the command line names: ``trellis connect proxy`` is a long-lived process beside every
@@ -65,6 +66,7 @@ FIRST_WORDS = {
     "intention": "intention",
     "kv": "kv",
     "leave": "agent",
+    "lock": "lock",
     "members": "catalog",
     "reload": "agent",
     "server": "serve",

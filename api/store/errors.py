@@ -17,6 +17,7 @@ from __future__ import annotations
 from trellis.api.errors import StoreUnavailable
 
 __all__ = [
+    "InvalidSession",
     "NotFoundInStore",
     "StoreConflict",
     "StoreError",
@@ -50,3 +51,9 @@ class NotFoundInStore(StoreError):
 class UnstorableValue(StoreError):
     """A value that one of the two databases cannot hold (a NUL character in text). Refused on
     both, so that the stores keep one contract; the sender's fault (HTTP 400)."""
+
+
+class InvalidSession(StoreError):
+    """A session write or a lock names what does not allow it: an unknown session (acquire,
+    release), a node or check that is not registered, or a check that is critical (create).
+    Nothing was written. The caller's fault; the HTTP boundary answers 400."""

@@ -25,6 +25,8 @@ log = logging.getLogger("trellis.store.postgres")
 CHANNEL = "trellis_changes"
 #: The advisory lock every write transaction holds (see ``_begin_write``).
 WRITE_LOCK = 7426352
+#: The session-level advisory lock of the process that expires sessions (``hold_reaper_role``).
+REAPER_LOCK = 7426353
 _PLACEHOLDER = re.compile(r"\?")
 
 
@@ -61,6 +63,8 @@ class PostgresStore(SQLStore):
         self.connect_timeout = connect_timeout
         self._follower: threading.Thread | None = None
         self._sql_cache: dict[str, str] = {}
+        self._reaper: Any = None  # the connection that asks for (and holds) REAPER_LOCK
+        self._reaper_held = False
         super().__init__(pool_size=pool_size)
 
     def _connect(self) -> Any:
@@ -85,6 +89,53 @@ class PostgresStore(SQLStore):
 
     def _begin_read(self, conn: Any) -> None:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    def hold_reaper_role(self) -> bool:
+        """The reaper role is a session-level advisory lock on a connection of its own: the
+        database releases it when that connection ends, so a replica killed (or cut off:
+        TCP keepalives end a silent connection) hands the role to whichever replica asks
+        next. The connection is kept by those that lost too, so that asking again each
+        round costs a statement, not a connection. A connection that broke has lost the
+        role: the next call asks again on a new one."""
+        if self._closed.is_set():
+            return False
+        with self._translate():
+            try:
+                if self._reaper is None:
+                    self._reaper = psycopg.connect(
+                        self.url,
+                        autocommit=True,
+                        connect_timeout=self.connect_timeout,
+                        keepalives=1,
+                        keepalives_idle=5,
+                        keepalives_interval=2,
+                        keepalives_count=3,
+                    )
+                    self._reaper_held = False
+                if self._reaper_held:
+                    self._reaper.execute("SELECT 1")
+                else:
+                    row = self._reaper.execute(
+                        "SELECT pg_try_advisory_lock(%s)", (REAPER_LOCK,)
+                    ).fetchone()
+                    self._reaper_held = bool(row[0])
+                return self._reaper_held
+            except self.unavailable_errors:
+                self._drop_reaper()
+                raise
+
+    def _drop_reaper(self) -> None:
+        conn, self._reaper = self._reaper, None
+        self._reaper_held = False
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: S110 - broken already; the role is gone with it
+                pass
+
+    def close(self) -> None:
+        self._drop_reaper()
+        super().close()
 
     def _lock_migrations(self, tx: Tx) -> None:
         # Replicas starting together must not run the same migration twice.

@@ -47,6 +47,8 @@ from trellis.api.store.base import (
 from trellis.api.store.errors import UnstorableValue
 from trellis.api.store.security import MIGRATION as SECURITY_MIGRATION
 from trellis.api.store.security import SecurityStoreMixin
+from trellis.api.store.sessions import MIGRATION as SESSIONS_MIGRATION
+from trellis.api.store.sessions import SessionStoreMixin
 
 log = logging.getLogger("trellis.store")
 
@@ -146,6 +148,8 @@ def migrations(blob: str) -> list[tuple[int, list[str]]]:
                 "CREATE TABLE members (id TEXT PRIMARY KEY, seen DOUBLE PRECISION NOT NULL)",
             ],
         ),
+        # Sessions and K/V lock delays (api/store/sessions.py).
+        (5, list(SESSIONS_MIGRATION)),
     ]
 
 
@@ -507,7 +511,7 @@ class _NodeRows:
         return {int(r[1]) for r in rows if r[0] not in skip}
 
 
-class SQLStore(SecurityStoreMixin):
+class SQLStore(SecurityStoreMixin, SessionStoreMixin):
     """The shared body of both stores. Subclasses provide the dialect hooks below."""
 
     blob_type = "BLOB"
@@ -1061,6 +1065,7 @@ class SQLStore(SecurityStoreMixin):
                         tx.execute(
                             "DELETE FROM checks WHERE node = ? AND check_id = ?", (n.name, r[0])
                         )
+                        self._invalidate_check_sessions(tx, n.name, [r[0]])
                         touched.add(f"svc/{r[1]}")
                         touched |= self._proxied(tx, n.name, sid)
             for c in reg.checks:
@@ -1068,6 +1073,8 @@ class SQLStore(SecurityStoreMixin):
                 rows.forget_check(c.check_id)
                 if not self._upsert_check(tx, n.name, c, old_check):
                     continue  # the same check again: nothing changed
+                if c.status == CRITICAL:
+                    self._invalidate_check_sessions(tx, n.name, [c.check_id])
                 touched.add(f"svc/{c.service_name}" if c.service_name else f"node/{n.name}")
                 touched |= self._proxied(tx, n.name, c.service_id)
                 if not c.service_name:
@@ -1123,6 +1130,10 @@ class SQLStore(SecurityStoreMixin):
             if row is None:
                 return False
             s = _svc(row)
+            gone = tx.execute(
+                "SELECT check_id FROM checks WHERE node = ? AND service_id = ?", (node, service_id)
+            ).fetchall()
+            self._invalidate_check_sessions(tx, node, [r[0] for r in gone])
             tx.execute("DELETE FROM checks WHERE node = ? AND service_id = ?", (node, service_id))
             tx.execute("DELETE FROM services WHERE node = ? AND id = ?", (node, service_id))
             for key in sorted(changed_catalog_keys([s])):
@@ -1151,6 +1162,7 @@ class SQLStore(SecurityStoreMixin):
             if row is None:
                 return False
             tx.execute("DELETE FROM checks WHERE node = ? AND check_id = ?", (node, check_id))
+            self._invalidate_check_sessions(tx, node, [check_id])
             if row[0]:
                 tx.touch("catalog", f"svc/{row[0]}")
                 for key in self._proxied(tx, node, row[1]):
@@ -1170,6 +1182,7 @@ class SQLStore(SecurityStoreMixin):
             if tx.one("SELECT name FROM nodes WHERE name = ?", (node,)) is None:
                 return False
             self._touch_node(tx, node)
+            self._invalidate_node_sessions(tx, node)
             tx.execute("DELETE FROM checks WHERE node = ?", (node,))
             tx.execute("DELETE FROM services WHERE node = ?", (node,))
             tx.execute("DELETE FROM nodes WHERE name = ?", (node,))
@@ -1276,6 +1289,8 @@ class SQLStore(SecurityStoreMixin):
                 tx.touch("catalog", key)
         else:
             self._touch_node(tx, node)
+        if status == CRITICAL:
+            self._invalidate_check_sessions(tx, node, [check_id])
         return _check(
             tx.one(
                 f"SELECT {CHECK_COLS} FROM checks WHERE node = ? AND check_id = ?",  # noqa: S608

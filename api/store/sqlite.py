@@ -8,6 +8,7 @@ commits, and is a cheap read of the shared WAL index.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
@@ -47,6 +48,7 @@ class SQLiteStore(SQLStore):
         except OSError as e:
             raise StoreUnavailable(f"cannot make {path} private: {e.strerror}") from None
         self._follower: threading.Thread | None = None
+        self._reaper_fd: int | None = None
         super().__init__(pool_size=pool_size)
 
     def _connect(self) -> Any:
@@ -88,6 +90,27 @@ class SQLiteStore(SQLStore):
 
     def _begin_read(self, conn: Any) -> None:
         conn.execute("BEGIN")
+
+    def hold_reaper_role(self) -> bool:
+        """The reaper role is an exclusive ``flock`` on ``<database>.reaper``: one process of
+        those sharing the file (gunicorn workers) holds it, and the kernel releases it when
+        that process dies, however it dies."""
+        if self._reaper_fd is not None:
+            return True
+        fd = os.open(self.path + ".reaper", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._reaper_fd = fd
+        return True
+
+    def close(self) -> None:
+        fd, self._reaper_fd = self._reaper_fd, None
+        if fd is not None:
+            os.close(fd)
+        super().close()
 
     def start_follower(self) -> None:
         if self._follower is not None:

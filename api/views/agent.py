@@ -304,6 +304,9 @@ def self_():
         "Version": __version__,
         "Domain": s.settings.domain_fqdn,
         "PrimaryDatacenter": s.settings.datacenter,
+        # Nanoseconds (Go's Duration), as Consul reports it; clients (Patroni) read it to
+        # keep their session TTLs acceptable.
+        "SessionTTLMin": round(s.settings.session_ttl_min * 1_000_000_000),
     }
     member = {
         "Name": s.settings.node_name,
@@ -318,6 +321,8 @@ def self_():
         "blocking": {"waiting": str(s.store.feed.waiting())},
         # The live server processes sharing the store, which split the CSR limits.
         "cluster": {"server_processes": str(s.members.share()[1])},
+        # Whether this process is the one that expires sessions (api/store/sessions.py).
+        "sessions": {"reaper": str(s.reaper).lower()},
         "runtime": {"hostname": socket.gethostname()},
     }
     return json_response(

@@ -1,8 +1,10 @@
-"""``/v1/kv/<key>``: Consul's K/V API (get, recurse, keys, raw, put with cas/flags, delete)."""
+"""``/v1/kv/<key>``: Consul's K/V API (get, recurse, keys, raw, put with cas/flags or a lock's
+acquire/release, delete)."""
 
 from __future__ import annotations
 
 import base64
+import time
 from urllib.parse import unquote_to_bytes
 
 from flask import Blueprint, Response, request
@@ -174,8 +176,6 @@ def put(key: str):
     check_dc()
     check_key(key, allow_empty=False)
     settings = services().settings
-    if "acquire" in request.args or "release" in request.args:
-        raise BadRequest("sessions (acquire/release) are not supported by Trellis yet")
     flags = uint_arg("flags") or 0
     cas = uint_arg("cas")
     limit = settings.kv_max_value_size
@@ -185,8 +185,25 @@ def put(key: str):
     if len(value) > limit:
         raise PayloadTooLarge(f"Value exceeds {limit} byte limit")
     acl.require(acl.current().key_write(key), f"key:write on {key!r}")
-    ok = services().store.kv_put(key, value, flags=flags, cas=cas)
+    store = services().store
+    # As Consul: release wins over acquire, and either over cas (kvs_endpoint.go).
+    if "release" in request.args:
+        session = _session_arg("release")
+        return json_response(store.kv_release(key, value, session=session, flags=flags))
+    if "acquire" in request.args:
+        session = _session_arg("acquire")
+        ok = store.kv_acquire(key, value, session=session, flags=flags, now=time.time())
+        return json_response(ok)
+    ok = store.kv_put(key, value, flags=flags, cas=cas)
     return json_response(ok)
+
+
+def _session_arg(name: str) -> str:
+    """The session of ``?acquire=`` / ``?release=``; the client's fault if it names none."""
+    session = str_arg(name, max_len=128)
+    if not session:
+        raise BadRequest(f"query parameter {name!r} must name a session")
+    return session
 
 
 @bp.delete("/v1/kv/", defaults={"key": ""})
