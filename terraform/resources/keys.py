@@ -116,7 +116,9 @@ class KeysResource(Resource):
         values, flags = config.get("values"), config.get("flags")
         if validation.known(values):
             for rel in values:
-                full = prefix + rel if validation.known(prefix) else rel
+                # The whole path when the prefix is good (its own error is said once).
+                good = validation.known(prefix) and validation.key_prefix(prefix) is None
+                full = prefix + rel if good else rel
                 problem = validation.relative_key(rel) or validation.key_path(full)
                 if problem:
                     diags.add_error("Invalid key in values", problem, path=["values"])
