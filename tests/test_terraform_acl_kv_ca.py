@@ -190,7 +190,10 @@ def test_keys_plan_time_validation(env):
 
 # -- trellis_acl_policy -----------------------------------------------------------------------
 
-RULES = 'service "web" {\n  policy = "write"\n  intentions = "write"\n}\nkey_prefix "config/" { policy = "read" }\n'
+RULES = (
+    'service "web" {\n  policy = "write"\n  intentions = "write"\n}\n'
+    'key_prefix "config/" { policy = "read" }\n'
+)
 SAME_RULES_REFORMATTED = (
     'key_prefix "config/" {\n    policy = "read"\n}\n\n'
     'service "web" { intentions = "write"\n policy = "write" }\n'
@@ -255,7 +258,7 @@ def test_policy_plan_time_validation(acl_env):
     assert sorted(e.path for e in d.diagnostics) == [["name"], ["rules"]]
     assert (
         "policy must be read, write or deny"
-        in [e for e in d.diagnostics if e.path == ["rules"]][0].detail
+        in next(e for e in d.diagnostics if e.path == ["rules"]).detail
     )
     d = validate(r, {"name": "web", "rules": 'agent "" { policy = "read" }'})
     assert "unknown rule" in one_error(d).detail
@@ -333,7 +336,7 @@ def test_acl_403_names_the_permission(acl_env):
 
 def ca_state(**kw: Any) -> dict[str, Any]:
     state: dict[str, Any] = {a.name: None for a in CAConfigResource.get_schema().attributes}
-    return {**state, "id": Unknown, "root_id": Unknown, "provider": "consul", **kw}
+    return {**state, "id": Unknown, "root_id": Unknown, "connect_provider": "consul", **kw}
 
 
 def ca_config(state: dict[str, Any]) -> dict[str, Any]:
@@ -350,7 +353,9 @@ def test_ca_config_builtin_rotation_drift_import_destroy(env):
     assert env.other.ca_get_config()["Config"]["LeafCertTTL"] == "24h0m0s"
     assert call("read", r, created)[0] == created  # 24h == 24h0m0s, consul == builtin
     # The same meaning, spelt otherwise: no change.
-    planned, d = plan(r, created, {**created, "leaf_cert_ttl": "1440m", "provider": "builtin"})
+    planned, d = plan(
+        r, created, {**created, "leaf_cert_ttl": "1440m", "connect_provider": "builtin"}
+    )
     assert planned == created
     # Configured (plan time): a change of key type warns like a replacement, and the root's
     # ID becomes unknown in the plan.
@@ -376,7 +381,7 @@ def test_ca_config_builtin_rotation_drift_import_destroy(env):
     # Import adopts the cluster's configuration.
     imported, d = call("import_", r, "connect-ca")
     ok(d)
-    assert (imported["provider"], imported["private_key_type"]) == ("builtin", "rsa")
+    assert (imported["connect_provider"], imported["private_key_type"]) == ("builtin", "rsa")
     _, d = call("import_", r, "ca")
     assert "Invalid import ID" in one_error(d).summary
     # Destroy forgets it, says so, and leaves the CA alone.
@@ -389,13 +394,14 @@ def test_ca_config_builtin_rotation_drift_import_destroy(env):
 def test_ca_config_plan_time_validation(env):
     r = CAConfigResource(env.provider)
     for bad, where in (
-        ({"provider": "acme"}, "provider"),
+        ({"connect_provider": "acme"}, "connect_provider"),
         ({"leaf_cert_ttl": "3 days"}, "leaf_cert_ttl"),
         ({"private_key_type": "dsa"}, "private_key_type"),
         ({"vault_address": "https://v"}, "vault_address"),  # a vault setting on consul
-        ({"provider": "vault", "vault_address": "https://v"}, "vault_token_file"),  # no token
+        # No token source:
+        ({"connect_provider": "vault", "vault_address": "https://v"}, "vault_token_file"),
         (
-            {"provider": "vault", "vault_address": "https://v", "vault_token": "t",
+            {"connect_provider": "vault", "vault_address": "https://v", "vault_token": "t",
              "vault_token_env": "T"},
             "vault_token_env",
         ),
@@ -418,7 +424,7 @@ def test_ca_config_vault_token_from_file_or_env_never_in_state(
     token_file = tmp_path / "vault-token"
     token_file.write_text(openbao.token + "\n")
     vault = {
-        "provider": "vault",
+        "connect_provider": "vault",
         "vault_address": openbao.address,
         "vault_root_pki_path": vault_paths.root,
         "vault_intermediate_pki_path": vault_paths.intermediate,

@@ -1,4 +1,5 @@
-"""``trellis_ca_config``: the Connect CA's provider (built-in or Vault), its settings and TTLs.
+"""``trellis_ca_config``: the Connect CA's provider (``connect_provider``: built-in or Vault), its
+settings and TTLs. (``provider`` is a meta-argument of every Terraform resource, hence the name.)
 
 There is one CA configuration per cluster, and it always exists (the server makes the built-in
 one at its first start), so this resource does not make one: creating it writes the declared
@@ -22,7 +23,7 @@ token. The provider cannot see the token file change: to push a new token, run
 **Destroy** removes the resource from the state only, with a warning, and leaves the CA as
 it is: a cluster cannot be without a CA, and "back to the defaults" would rotate the root under
 every running sidecar, an outage a ``terraform destroy`` should not cause by surprise. To go
-back to the built-in CA, declare ``provider = "consul"`` and apply.
+back to the built-in CA, declare ``connect_provider = "consul"`` and apply.
 
 Values are compared by meaning: ``72h`` and the server's ``72h0m0s``, ``consul`` and
 ``builtin``; a setting left out of the configuration is the server's default, and a value
@@ -87,7 +88,7 @@ ROOT_ATTRIBUTES = (
 )
 TOKEN_SOURCES = ("vault_token", "vault_token_file", "vault_token_env")
 FIELDS = {api: attr for attr, (api, _, _) in SETTINGS.items()} | {
-    "Provider": "provider",
+    "Provider": "connect_provider",
     "Token": "vault_token",
 }
 
@@ -103,7 +104,7 @@ def _same(attr: str, a: Any, b: Any) -> bool:
             return parse_duration(str(a)) == parse_duration(str(b))
         except DurationError:
             return False
-    if attr == "provider":
+    if attr == "connect_provider":
         return PROVIDERS.get(a) == PROVIDERS.get(b) is not None
     if isinstance(a, int | float) and isinstance(b, int | float):
         return float(a) == float(b)
@@ -118,9 +119,9 @@ def effective(state: dict[str, Any], attr: str) -> Any:
 
 def root_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The attributes whose change from ``old`` to ``new`` makes the server rotate the root."""
-    if not _same("provider", old.get("provider"), new.get("provider")):
-        return ["provider"]
-    vault = PROVIDERS.get(new.get("provider") or "") == "vault"
+    if not _same("connect_provider", old.get("connect_provider"), new.get("connect_provider")):
+        return ["connect_provider"]
+    vault = PROVIDERS.get(new.get("connect_provider") or "") == "vault"
     return [
         a
         for a in ROOT_ATTRIBUTES
@@ -150,7 +151,7 @@ class CAConfigResource(Resource):
             attributes=[
                 schema.Attribute("id", types.String(), computed=True),
                 schema.Attribute(
-                    "provider",
+                    "connect_provider",
                     types.String(),
                     required=True,
                     description="`consul` (the built-in CA; alias `builtin`) or `vault`.",
@@ -206,12 +207,12 @@ class CAConfigResource(Resource):
 
     def validate(self, diags: Diagnostics, type_name: str, config: Config) -> None:
         super().validate(diags, type_name, config)
-        name = config.get("provider")
+        name = config.get("connect_provider")
         if validation.known(name) and name not in PROVIDERS:
             diags.add_error(
-                "Invalid provider",
-                f"provider must be consul (alias builtin) or vault, not {name!r}",
-                path=["provider"],
+                "Invalid connect_provider",
+                f"connect_provider must be consul (alias builtin) or vault, not {name!r}",
+                path=["connect_provider"],
             )
             return
         for attr in DURATIONS:
@@ -250,7 +251,8 @@ class CAConfigResource(Resource):
                 if config.get(attr) is not None:
                     diags.add_error(
                         f"{attr} is a setting of the vault provider",
-                        f'provider is {name}; remove {attr}, or set provider = "vault".',
+                        f"connect_provider is {name}; remove {attr}, or set "
+                        'connect_provider = "vault".',
                         path=[attr],
                     )
         self._warn_rotation(diags, type_name, config)
@@ -278,7 +280,7 @@ class CAConfigResource(Resource):
     def plan(self, ctx: PlanContext, current: State | None, planned: State) -> State | None:
         if current is None:
             return planned
-        for attr in ("provider", *SETTINGS):
+        for attr in ("connect_provider", *SETTINGS):
             if _same(attr, current.get(attr), planned.get(attr)):
                 planned[attr] = current.get(attr)  # the same meaning: keep the prior spelling
         if root_changes(current, planned):
@@ -310,7 +312,7 @@ class CAConfigResource(Resource):
             "The CA configuration stays as it is",
             "Destroying trellis_ca_config only removes it from the state: a cluster always "
             "has a CA, and resetting it would rotate the root under every sidecar. To go "
-            'back to the built-in CA, declare provider = "consul" and apply instead.',
+            'back to the built-in CA, declare connect_provider = "consul" and apply instead.',
         )
         return None
 
@@ -370,7 +372,7 @@ class CAConfigResource(Resource):
         api = self.provider.api(diags)
         if api is None:
             return None
-        name = PROVIDERS[planned["provider"]]
+        name = PROVIDERS[planned["connect_provider"]]
         config: dict[str, Any] = {}
         for attr, (field, _, providers) in SETTINGS.items():
             value = planned.get(attr)
@@ -391,7 +393,7 @@ class CAConfigResource(Resource):
             api.ca_set_config(body)
             root_id = api.ca_roots().value.get("ActiveRootID", "")
         except APIError as e:
-            api_error(diags, e, doing, attribute="provider", fields=FIELDS, hint=HINT)
+            api_error(diags, e, doing, attribute="connect_provider", fields=FIELDS, hint=HINT)
             return None
         # A root the plan knew stays (a rotation by someone else shows at the next refresh).
         known = planned.get("root_id") not in (None, Unknown)
@@ -407,8 +409,8 @@ class CAConfigResource(Resource):
         config = got.get("Config") or {}
         state: dict[str, Any] = {
             "id": IMPORT_ID,
-            "provider": current["provider"]
-            if _same("provider", current.get("provider"), name)
+            "connect_provider": current["connect_provider"]
+            if _same("connect_provider", current.get("connect_provider"), name)
             else name,
             "root_id": root_id,
         }
