@@ -90,6 +90,7 @@ TOKEN_SOURCES = ("vault_token", "vault_token_file", "vault_token_env")
 FIELDS = {api: attr for attr, (api, _, _) in SETTINGS.items()} | {
     "Provider": "connect_provider",
     "Token": "vault_token",
+    "ForceWithoutCrossSigning": "force_without_cross_signing",
 }
 
 
