@@ -35,7 +35,13 @@ vault_paths = vault_fixtures.vault_paths
 def env(make_client):  # noqa: F811
     e = Env(make_client().raw.application)
     yield e
+    close(e)
+
+
+def close(e: Env) -> None:
     e.other.close()
+    if e.provider.client is not None:
+        e.provider.client.close()
 
 
 @pytest.fixture
@@ -46,7 +52,7 @@ def acl_env(make_client):  # noqa: F811
         root = anonymous.acl_bootstrap()["SecretID"]
     e = Env(app, token=root)
     yield e
-    e.other.close()
+    close(e)
 
 
 def plan(resource: Any, current: Any, planned: Any) -> tuple[Any, Diagnostics]:
@@ -329,6 +335,16 @@ def test_acl_403_names_the_permission(acl_env):
     err = one_error(d)
     assert err.summary == "Cannot create ACL policy web: permission denied"
     assert 'acl = "write"' in err.detail
+    # The CA's configuration needs operator:write, even to read it.
+    _, d = call("read", CAConfigResource(p), ca_state(id="connect-ca"))
+    err = one_error(d)
+    assert err.summary == "Cannot read the CA configuration: permission denied"
+    assert "operator:write" in err.detail and 'operator = "write"' in err.detail
+    # The keys it may write: the resource works with it.
+    _, d = call("create", KeysResource(p), keys_state())
+    ok(d)
+    assert p.client is not None
+    p.client.close()
 
 
 # -- trellis_ca_config ------------------------------------------------------------------------
