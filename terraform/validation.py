@@ -12,6 +12,7 @@ view (key paths), so that a plan refuses what an apply would have been refused.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tf.types import Unknown
@@ -96,3 +97,37 @@ def flags(value: Any) -> str | None:
     if value != int(value) or not 0 <= value < 2**64:
         return f"flags must be a whole number from 0 to 2^64-1, not {value}"
     return None
+
+
+def key_prefix(value: Any) -> str | None:
+    """The prefix of ``trellis_keys``: a key path ending in ``/``. Without the ``/``,
+    ``config/web`` would also cover ``config/website/...``, keys of another owner."""
+    if not known(value):
+        return None
+    problem = key_path(value)
+    if problem:
+        return problem.replace("key path", "path_prefix", 1)
+    if not value.endswith("/"):
+        return f"path_prefix {value!r} must end with '/' (write {value + '/'!r})"
+    return None
+
+
+def relative_key(value: str) -> str | None:
+    """A key's path under a ``trellis_keys`` prefix (the full path is checked as well)."""
+    if value == "":
+        return 'a key under the prefix must have a name ("" is the prefix itself)'
+    if value.startswith("/"):
+        return f"key {value!r} must not start with '/' (the prefix ends with one)"
+    return None
+
+
+def policy_name(value: Any) -> str | None:
+    """An ACL policy's name, as the server checks it (api/schemas/acl.py)."""
+    if not known(value):
+        return None
+    if not _POLICY_NAME.match(value):
+        return f"policy name {value!r} must be 1-128 letters, digits, '-' or '_'"
+    return None
+
+
+_POLICY_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")

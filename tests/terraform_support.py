@@ -124,6 +124,18 @@ class Workdir:
         """``plan -detailed-exitcode``: 0 no change, 2 changes."""
         return self.run("plan", "-detailed-exitcode", "-no-color", *args, codes=(0, 2))
 
+    def shown(self) -> str:
+        """Everything Terraform shows of this directory's state (``show``, ``show -json``),
+        and the state file itself: where a secret must not be."""
+        state = self.path / "terraform.tfstate"
+        return "\n".join(
+            [
+                self.run("show", "-no-color").out,
+                self.run("show", "-json").out,
+                state.read_text() if state.exists() else "",
+            ]
+        )
+
     def state(self) -> dict:
         return json.loads((self.path / "terraform.tfstate").read_text())
 

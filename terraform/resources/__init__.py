@@ -6,7 +6,18 @@ A new resource is a module here with one :class:`tf.iface.Resource` subclass, ad
 at plan time (``validate``) what :mod:`trellis.terraform.validation` can check.
 """
 
+from trellis.terraform.resources.acl_policy import ACLPolicyResource
+from trellis.terraform.resources.acl_token import ACLTokenResource
+from trellis.terraform.resources.ca_config import CAConfigResource
 from trellis.terraform.resources.intention import IntentionResource
 from trellis.terraform.resources.key import KeyResource
+from trellis.terraform.resources.keys import KeysResource
 
-RESOURCES = (IntentionResource, KeyResource)
+RESOURCES = (
+    IntentionResource,
+    KeyResource,
+    KeysResource,
+    ACLPolicyResource,
+    ACLTokenResource,
+    CAConfigResource,
+)
