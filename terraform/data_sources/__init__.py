@@ -1,5 +1,7 @@
 """The provider's data sources, one module each (``data "trellis_<name>"``)."""
 
 from trellis.terraform.data_sources.intention_check import IntentionCheck
+from trellis.terraform.data_sources.service import ServiceData
+from trellis.terraform.data_sources.services import ServicesData
 
-DATA_SOURCES = (IntentionCheck,)
+DATA_SOURCES = (IntentionCheck, ServiceData, ServicesData)

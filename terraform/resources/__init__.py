@@ -8,5 +8,6 @@ at plan time (``validate``) what :mod:`trellis.terraform.validation` can check.
 
 from trellis.terraform.resources.intention import IntentionResource
 from trellis.terraform.resources.key import KeyResource
+from trellis.terraform.resources.service import ServiceResource
 
-RESOURCES = (IntentionResource, KeyResource)
+RESOURCES = (IntentionResource, KeyResource, ServiceResource)
