@@ -280,3 +280,47 @@ def test_service_data_source_validates_the_name(env, bad):  # noqa: F811
     diags = Diagnostics()
     ServiceData(env.provider).validate(diags, "trellis_service", {"name": bad, "tag": None})
     assert one_error(diags).path == ["name"]
+
+
+def test_service_with_a_token_scoped_to_the_service_and_its_sidecar(make_client):  # noqa: F811
+    # A team's token: write on its service and its sidecar, read on the node (which exists:
+    # an agent's). Creating, switching the sidecar off and deleting need nothing more.
+    app = make_client(acl_enabled=True, acl_default_policy="deny").raw.application
+    root = Client(ADDR, transport=httpx.WSGITransport(app=app)).acl_bootstrap()["SecretID"]
+    admin = Env(app, token=root).other
+    admin.catalog_register({"Node": "node-1", "Address": "10.0.0.5"})
+    admin.acl_policy_create(
+        "web", rules='service "web" { policy = "write" }\n'
+        'service "web-sidecar-proxy" { policy = "write" }\nnode "node-1" { policy = "read" }',
+    )  # fmt: skip
+    admin.acl_policy_create(
+        "web-only", rules='service "web" { policy = "write" }\nnode "node-1" { policy = "read" }'
+    )
+    admin.acl_policy_create("no-node-read", rules='service "web" { policy = "write" }')
+    team = Env(app, token=admin.acl_token_create(policy_names=["web"])["SecretID"])
+    r = ServiceResource(team.provider)
+    created, d = call("create", r, service(sidecar=True))
+    ok(d)
+    assert sorted(node_services(admin)) == ["web", "web-sidecar-proxy"]
+    off, d = call("update", r, created, {**created, "sidecar": False, "sidecar_port": None})
+    ok(d)
+    assert sorted(node_services(admin)) == ["web"]
+    _, d = call("delete", r, off)
+    ok(d)
+    assert node_services(admin) == {}
+    # Write on the service alone is not enough for its sidecar; the diagnostic says so.
+    narrow = Env(app, token=admin.acl_token_create(policy_names=["web-only"])["SecretID"])
+    state, d = call("create", ServiceResource(narrow.provider), service(sidecar=True))
+    assert state is None
+    err = one_error(d)
+    assert "lacks service:write on 'web-sidecar-proxy'" in err.detail, err.detail
+    assert 'service "web-sidecar-proxy" { policy = "write" }' in err.detail
+    # Without node:read the token cannot read what it registered: said at once, rather than
+    # planning to create the service again at every run.
+    blind = Env(app, token=admin.acl_token_create(policy_names=["no-node-read"])["SecretID"])
+    state, d = call("create", ServiceResource(blind.provider), service())
+    err = one_error(d)
+    assert (
+        "cannot read it back" in err.summary and 'node "node-1" { policy = "read" }' in err.detail
+    )
+    assert state is not None  # registered: in the state (tainted), so destroy can remove it

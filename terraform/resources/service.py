@@ -95,8 +95,13 @@ def sidecar_id(service_id: str) -> str:
     return f"{service_id}-sidecar-proxy"
 
 
-def _hint(name: Any) -> str:
-    return f'service "{name}" {{ policy = "write" }}'
+def _hint(name: Any, sidecar: bool = False) -> str:
+    # Registering a sidecar takes write on it as well as on its service (the server's rule
+    # against a token intercepting another service's traffic).
+    rule = f'service "{name}" {{ policy = "write" }}'
+    if sidecar:
+        rule += f'\n    service "{name}-sidecar-proxy" {{ policy = "write" }}'
+    return rule
 
 
 def _label(state: State) -> str:
@@ -275,16 +280,21 @@ class ServiceResource(Resource):
             return current
         node, sid = current["node"], current["service_id"]
         try:
-            # Gone already (deregistered outside Terraform, or its node removed) is not an
-            # error: a 404 from a missing node is taken as done.
-            for service_id in (sidecar_id(sid), sid):
-                try:
-                    api.catalog_deregister(node, service_id=service_id)
-                except APIError as e:
-                    if e.status != 404:
-                        raise
+            services = _services(api, node)
+            # Only what is there: gone already (deregistered outside Terraform) is not an
+            # error, and deregistering an ID the node does not have needs node:write, which a
+            # team's token scoped to its services lacks.
+            if _own_sidecar(services, sid) is not None:
+                api.catalog_deregister(node, service_id=sidecar_id(sid))
+            if sid in services:
+                api.catalog_deregister(node, service_id=sid)
         except APIError as e:
-            api_error(ctx.diagnostics, e, f"delete {_label(current)}", hint=_hint(current["name"]))
+            api_error(
+                ctx.diagnostics,
+                e,
+                f"delete {_label(current)}",
+                hint=_hint(current["name"], current.get("sidecar") is True),
+            )
             return current
         return None
 
@@ -323,9 +333,7 @@ class ServiceResource(Resource):
         label = f"{doing} {_label(planned)}"
         conflict = ""
         try:
-            existing = api.catalog_node(node).value
-            services = (existing or {}).get("Services") or {}
-            if current is None and sid in services:
+            if current is None and sid in _services(api, node):
                 conflict = (
                     f"Node {node!r} has a service with ID {sid!r} already, registered outside "
                     "this configuration. Import it (terraform import "
@@ -341,6 +349,17 @@ class ServiceResource(Resource):
                     "Checks": [_check_body(c, sid) for c in planned.get("check") or []],
                 }
             )
+            if sid not in _services(api, node):
+                # Registered, but invisible to this token: every later read would take the
+                # service for deleted and plan to create it again, forever.
+                diags.add_error(
+                    f"Cannot {label}: the provider's token cannot read it back",
+                    f"The service was registered, but the token lacks node:read on {node!r} "
+                    "(reading a node's services needs it, as in Consul). Add to its policy:"
+                    f'\n\n    node "{node}" {{ policy = "read" }}\n',
+                    path=["node"],
+                )
+                return {**planned, "id": f"{node}/{sid}", "sidecar_port": None}
             # Checks removed from the configuration (or added outside it) go: the catalog
             # keeps every check it is not told to remove.
             wanted = {c["check_id"] for c in planned.get("check") or []}
@@ -358,7 +377,7 @@ class ServiceResource(Resource):
                     label,
                     fields=FIELDS,
                     attribute="name",
-                    hint=_hint(planned["name"]),
+                    hint=_hint(planned["name"], planned.get("sidecar") is True),
                     conflict=conflict,
                 )
             return None
@@ -367,11 +386,8 @@ class ServiceResource(Resource):
     def _write_sidecar(self, api: Client, planned: State) -> int | None:
         node, sid = planned["node"], planned["service_id"]
         if planned.get("sidecar") is not True:
-            try:
+            if _own_sidecar(_services(api, node), sid) is not None:
                 api.catalog_deregister(node, service_id=sidecar_id(sid))
-            except APIError as e:
-                if e.status != 404:
-                    raise
             return None
         spec: dict[str, Any] = {
             "Proxy": {"Upstreams": [_upstream_body(u) for u in planned.get("upstream") or []]}
@@ -379,8 +395,8 @@ class ServiceResource(Resource):
         if planned.get("sidecar_port") not in (None, Unknown):
             spec["Port"] = int(planned["sidecar_port"])
         with _SIDECAR_PORTS:
-            services = (api.catalog_node(node).value or {}).get("Services") or {}
-            mine = services.get(sidecar_id(sid))
+            services = _services(api, node)
+            mine = _own_sidecar(services, sid)
             if "Port" not in spec and mine is not None:
                 spec["Port"] = mine["Port"]  # keep the port it has
             taken = {s["Port"] for k, s in services.items() if k != sidecar_id(sid)}
@@ -407,18 +423,12 @@ class ServiceResource(Resource):
 
     @staticmethod
     def _read(api: Client, node: str, sid: str, current: State | None) -> State | None:
-        found = api.catalog_node(node).value
-        services = (found or {}).get("Services") or {}
+        services = _services(api, node)
         svc = services.get(sid)
         if svc is None:
             return None
         cur = current or {}
-        sidecar = services.get(sidecar_id(sid))
-        if sidecar is not None and (
-            sidecar.get("Kind") != "connect-proxy"
-            or (sidecar.get("Proxy") or {}).get("DestinationServiceID") != sid
-        ):
-            sidecar = None  # an instance with that ID that is not this service's sidecar
+        sidecar = _own_sidecar(services, sid)
         checks = [c for c in api.health_node(node) if c.get("ServiceID") == sid]
         prior_checks = {c["check_id"]: c for c in cur.get("check") or []}
         upstreams = [
@@ -442,6 +452,21 @@ class ServiceResource(Resource):
             ),
             "upstream": same_or(cur.get("upstream"), upstreams, []),
         }
+
+
+def _services(api: Client, node: str) -> dict[str, Any]:
+    """The node's services by ID (none when there is no such node)."""
+    return dict((api.catalog_node(node).value or {}).get("Services") or {})
+
+
+def _own_sidecar(services: dict[str, Any], sid: str) -> dict[str, Any] | None:
+    """The sidecar of service ``sid``; not an instance that merely has its ID."""
+    sidecar = services.get(sidecar_id(sid))
+    if sidecar is None or sidecar.get("Kind") != "connect-proxy":
+        return None
+    if (sidecar.get("Proxy") or {}).get("DestinationServiceID") != sid:
+        return None
+    return dict(sidecar)
 
 
 # -- API bodies and state, both ways ------------------------------------------------------------
