@@ -134,6 +134,14 @@ resource "trellis_service" "db" {
   port         = %(db_app)d
   sidecar      = true
   sidecar_port = %(db_public)d
+
+  check {
+    check_id = "db-alive"
+    name     = "db accepts connections"
+    status   = "passing"
+    tcp      = "127.0.0.1:%(db_app)d"
+    interval = "10s"
+  }
 }
 
 resource "trellis_service" "web" {
@@ -195,6 +203,13 @@ def test_user_flow_a_deny_applied_refuses_new_connections_through_real_sidecars(
     assert web["tags"] == ["v1", "v2"] and web["meta"] == {}
     assert out["services"]["web"] == ["v1", "v2"] and "db-sidecar-proxy" in out["services"]
     assert wd.plan_exit().code == 0
+    # Imported (check block, sidecar, upstreams and all): the next plan has nothing to do.
+    for name in ("db", "web"):
+        wd.run("state", "rm", f"trellis_service.{name}")
+        r = wd.run("import", "-no-color", f"trellis_service.{name}", f"{node}/{name}")
+        assert "Import successful!" in r.out, r
+    r = wd.plan_exit()
+    assert r.code == 0, r
 
     # The sidecars, run as a developer would: flags, not the agent API, so that what routes
     # web's connections to db is what Terraform registered (db's sidecar, found through

@@ -445,12 +445,9 @@ class ServiceResource(Resource):
             "meta": same_or(cur.get("meta"), dict(svc.get("Meta") or {}), {}),
             "sidecar": same_or(cur.get("sidecar"), sidecar is not None, False),
             "sidecar_port": None if sidecar is None else sidecar.get("Port"),
-            "check": same_or(
-                cur.get("check"),
-                [_check_state(c, prior_checks.get(c["CheckID"])) for c in checks],
-                [],
-            ),
-            "upstream": same_or(cur.get("upstream"), upstreams, []),
+            # Blocks: never null in Terraform (no block is an empty set).
+            "check": [_check_state(c, prior_checks.get(c["CheckID"])) for c in checks],
+            "upstream": upstreams,
         }
 
 
