@@ -245,3 +245,103 @@ def test_user_flow_a_deny_applied_refuses_new_connections_through_real_sidecars(
     assert "Resources: 3 destroyed" in r.out, r
     assert catalog(api) == before  # the services and their sidecars are gone
     assert api.intentions_list().value == []
+
+
+@pytest.fixture
+def acl_server(tmp_path):
+    config = tmp_path / "server.json"
+    config.write_text(
+        json.dumps(
+            {"acl": {"enabled": True, "default_policy": "deny"}, "data_dir": str(tmp_path / "d")}
+        )
+    )
+    p = TrellisProcess(
+        ["server", "-config", str(config), "-http-port", "0", "-dns-port", "-1"]
+    ).start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def team_rules(services: list[str], node: str) -> str:
+    """The rules examples/multi-team/platform gives a team's policy (HCL, as it writes it)."""
+    rules = []
+    for s in services:
+        rules.append(f'service "{s}" {{\n  policy     = "write"\n  intentions = "write"\n}}')
+        rules.append(f'service "{s}-sidecar-proxy" {{\n  policy = "write"\n}}')
+    rules.append(f'node "{node}" {{\n  policy = "read"\n}}')
+    return "\n".join(rules)
+
+
+def test_multi_team_example_each_team_owns_its_services_and_intentions(
+    provider_mirror: Mirror,  # noqa: F811
+    acl_server,
+    tmp_path,
+):
+    # The teams' configurations with tokens scoped as platform/ scopes them. platform/ itself
+    # needs trellis_acl_policy and trellis_acl_token (issue 12, part 3): until they are merged
+    # its policies, tokens and default deny are made here through the API.
+    with Client(acl_server.url) as anonymous:
+        root = anonymous.acl_bootstrap()["SecretID"]
+    admin = Client(acl_server.url, token=root)
+    try:
+        node = admin.catalog_nodes().value[0]["Node"]
+        tokens = {}
+        for team in ("web", "db"):
+            admin.acl_policy_create(f"team-{team}", rules=team_rules([team], node))
+            tokens[team] = admin.acl_token_create(policy_names=[f"team-{team}"])["SecretID"]
+        admin.intention_create("*", "*", "deny")
+        shutil.copytree(MODULE, tmp_path / "mesh")
+        teams = {
+            team: Workdir(
+                tmp_path / "mesh" / "examples" / "multi-team" / f"team-{team}",
+                provider_mirror,
+                {"TRELLIS_HTTP_ADDR": acl_server.url, "TRELLIS_HTTP_TOKEN": tokens[team]},
+            )
+            for team in ("db", "web")
+        }
+        var = ("-var", f"node={node}")
+        for wd in teams.values():
+            wd.run("init", "-no-color", offline=True)
+            assert "Success!" in wd.run("validate", "-no-color").out
+            r = wd.apply(*var)
+            assert "Apply complete!" in r.out, r
+            assert wd.plan_exit(*var).code == 0
+        # db's team allowed web in; web's team owns web and its upstream.
+        assert admin.intention_check("web", "db") is True
+        assert admin.intention_check("db", "web") is False
+        got = admin.catalog_node(node).value["Services"]
+        assert {"web", "web-sidecar-proxy", "db", "db-sidecar-proxy"} <= set(got)
+        assert outputs(teams["db"])["intentions"] == {"web/db": intention_id(admin, "web", "db")}
+        # The web team cannot allow itself into db: a clear diagnostic, nothing written.
+        sneaky = Workdir(
+            tmp_path / "sneaky",
+            provider_mirror,
+            {"TRELLIS_HTTP_ADDR": acl_server.url, "TRELLIS_HTTP_TOKEN": tokens["web"]},
+        )
+        sneaky.write(
+            "terraform {\n  required_providers {\n    trellis = { source = "
+            '"trellis.invalid/trellis/trellis" }\n  }\n}\n'
+            'resource "trellis_intention" "x" {\n  source      = "web"\n'
+            '  destination = "db"\n  action      = "allow"\n}\n'
+        )
+        sneaky.run("init", "-no-color", offline=True)
+        r = sneaky.apply(codes=(1,))
+        assert "permission denied" in r.err and "intentions:write on 'db'" in r.err, r
+        # The tokens are in no state and no output.
+        for wd in teams.values():
+            state = (wd.path / "terraform.tfstate").read_text()
+            assert all(t not in state for t in tokens.values())
+        for wd in teams.values():
+            r = wd.run("destroy", "-auto-approve", "-no-color", *var)
+            assert "Destroy complete!" in r.out, r
+        left = admin.catalog_node(node).value["Services"]
+        assert not {"web", "web-sidecar-proxy", "db", "db-sidecar-proxy"} & set(left)
+        assert [i["SourceName"] for i in admin.intentions_list().value] == ["*"]
+    finally:
+        admin.close()
+
+
+def intention_id(api: Client, source: str, destination: str) -> str:
+    return api.intention_get_exact(source, destination).value["ID"]
