@@ -15,7 +15,7 @@ from typing import Any
 from tf.types import TfType, Unknown
 
 
-class Object(TfType):
+class Object:
     def __init__(self, attributes: Mapping[str, TfType]) -> None:
         self.attributes = dict(attributes)
 
