@@ -311,10 +311,15 @@ def test_service_with_a_token_scoped_to_the_service_and_its_sidecar(make_client)
     # Write on the service alone is not enough for its sidecar; the diagnostic says so.
     narrow = Env(app, token=admin.acl_token_create(policy_names=["web-only"])["SecretID"])
     state, d = call("create", ServiceResource(narrow.provider), service(sidecar=True))
-    assert state is None
     err = one_error(d)
     assert "lacks service:write on 'web-sidecar-proxy'" in err.detail, err.detail
     assert 'service "web-sidecar-proxy" { policy = "write" }' in err.detail
+    # The service itself was registered: it is returned (Terraform keeps it, tainted), so that
+    # destroy removes it rather than the next apply taking it for someone else's.
+    assert sorted(node_services(admin)) == ["web"] and state["id"] == "node-1/web"
+    _, d = call("delete", ServiceResource(narrow.provider), state)
+    ok(d)
+    assert node_services(admin) == {}
     # Without node:read the token cannot read what it registered: said at once, rather than
     # planning to create the service again at every run.
     blind = Env(app, token=admin.acl_token_create(policy_names=["no-node-read"])["SecretID"])

@@ -332,6 +332,8 @@ class ServiceResource(Resource):
         node, sid = planned["node"], planned["service_id"]
         label = f"{doing} {_label(planned)}"
         conflict = ""
+        registered = {**planned, "id": f"{node}/{sid}", "sidecar_port": None}
+        written = False
         try:
             if current is None and sid in _services(api, node):
                 conflict = (
@@ -349,6 +351,7 @@ class ServiceResource(Resource):
                     "Checks": [_check_body(c, sid) for c in planned.get("check") or []],
                 }
             )
+            written = True
             if sid not in _services(api, node):
                 # Registered, but invisible to this token: every later read would take the
                 # service for deleted and plan to create it again, forever.
@@ -359,7 +362,7 @@ class ServiceResource(Resource):
                     f'\n\n    node "{node}" {{ policy = "read" }}\n',
                     path=["node"],
                 )
-                return {**planned, "id": f"{node}/{sid}", "sidecar_port": None}
+                return registered
             # Checks removed from the configuration (or added outside it) go: the catalog
             # keeps every check it is not told to remove.
             wanted = {c["check_id"] for c in planned.get("check") or []}
@@ -380,8 +383,11 @@ class ServiceResource(Resource):
                     hint=_hint(planned["name"], planned.get("sidecar") is True),
                     conflict=conflict,
                 )
-            return None
-        return {**planned, "id": f"{node}/{sid}", "sidecar_port": port}
+            # A create that failed after the service was registered (its sidecar refused)
+            # returns it: Terraform keeps it in the state as tainted, so the next apply
+            # replaces it and destroy removes it, instead of taking it for someone else's.
+            return registered if written and current is None else None
+        return {**registered, "sidecar_port": port}
 
     def _write_sidecar(self, api: Client, planned: State) -> int | None:
         node, sid = planned["node"], planned["service_id"]
