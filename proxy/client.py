@@ -591,6 +591,26 @@ class Client:
             return Indexed(None, r.index)
         return Indexed(_expect(r, dict), r.index)
 
+    def catalog_register(self, body: Mapping[str, Any]) -> None:
+        """``PUT /v1/catalog/register``: a node and at most one service, with checks."""
+        self.request("PUT", "/v1/catalog/register", json=dict(body))
+
+    def catalog_deregister(
+        self, node: str, *, service_id: str | None = None, check_id: str | None = None
+    ) -> None:
+        """``PUT /v1/catalog/deregister``: one service or check of ``node`` (the node itself
+        when neither is given)."""
+        body: dict[str, Any] = {"Node": node}
+        if service_id is not None:
+            body["ServiceID"] = service_id
+        if check_id is not None:
+            body["CheckID"] = check_id
+        self.request("PUT", "/v1/catalog/deregister", json=body)
+
+    def health_node(self, name: str) -> list[dict[str, Any]]:
+        """The checks of node ``name`` (its own and its services')."""
+        return _expect(self.request("GET", "/v1/health/node/" + _path(name)), list)
+
     def health_service(
         self,
         name: str,

@@ -17,7 +17,8 @@ from typing import Any
 
 from tf.types import Unknown
 
-from trellis.proxy import authz
+from trellis.proxy import authz, names
+from trellis.proxy.durations import parse_duration
 
 #: The server's limit on a key's length (api/views/kv.py MAX_KEY_BYTES).
 MAX_KEY_BYTES = 1024
@@ -39,6 +40,34 @@ def service_name(value: Any) -> str | None:
         authz.check_name(value)
     except authz.IntentionError as e:
         return str(e)
+    return None
+
+
+def catalog_name(value: Any) -> str | None:
+    """A service, node or service ID name as the catalog takes it (DNS-safe; no ``*``)."""
+    if not known(value):
+        return None
+    if not names.is_service_name(value):
+        return f"{value!r} is not a valid name: {names.RULE}"
+    return None
+
+
+def port(value: Any) -> str | None:
+    if not known(value):
+        return None
+    if value != int(value) or not 0 <= value <= 65535:
+        return f"a port is a whole number from 0 to 65535, not {value}"
+    return None
+
+
+def duration(value: Any) -> str | None:
+    """A Go duration (``10s``, ``1m30s``), as the server parses it."""
+    if not known(value) or value == "":
+        return None
+    try:
+        parse_duration(value)
+    except ValueError as e:
+        return f"{value!r} is not a duration ({e}); write e.g. 10s or 1m30s"
     return None
 
 

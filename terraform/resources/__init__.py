@@ -12,11 +12,13 @@ from trellis.terraform.resources.ca_config import CAConfigResource
 from trellis.terraform.resources.intention import IntentionResource
 from trellis.terraform.resources.key import KeyResource
 from trellis.terraform.resources.keys import KeysResource
+from trellis.terraform.resources.service import ServiceResource
 
 RESOURCES = (
     IntentionResource,
     KeyResource,
     KeysResource,
+    ServiceResource,
     ACLPolicyResource,
     ACLTokenResource,
     CAConfigResource,
