@@ -17,6 +17,7 @@ import pytest
 from tests.proxy_support import EchoApp, ProxyProcess, exchange, free_port
 from tests.support import TrellisProcess, wait_until
 from tests.terraform_support import TERRAFORM, Mirror, Workdir, provider_mirror  # noqa: F401
+from trellis.api.acl.rules import parse_rules
 from trellis.proxy.client import Client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -279,23 +280,36 @@ def test_multi_team_example_each_team_owns_its_services_and_intentions(
     acl_server,
     tmp_path,
 ):
-    # The teams' configurations with tokens scoped as platform/ scopes them. platform/ itself
-    # needs trellis_acl_policy and trellis_acl_token (issue 12, part 3): until they are merged
-    # its policies, tokens and default deny are made here through the API.
+    # platform/ (run with the management token) makes the teams' policies, their tokens and
+    # the default deny; each team then applies its own configuration with its own token.
     with Client(acl_server.url) as anonymous:
         root = anonymous.acl_bootstrap()["SecretID"]
     admin = Client(acl_server.url, token=root)
     try:
         node = admin.catalog_nodes().value[0]["Node"]
-        tokens = {}
-        for team in ("web", "db"):
-            admin.acl_policy_create(f"team-{team}", rules=team_rules([team], node))
-            tokens[team] = admin.acl_token_create(policy_names=[f"team-{team}"])["SecretID"]
-        admin.intention_create("*", "*", "deny")
         shutil.copytree(MODULE, tmp_path / "mesh")
+        example = tmp_path / "mesh" / "examples" / "multi-team"
+        platform = Workdir(
+            example / "platform",
+            provider_mirror,
+            {"TRELLIS_HTTP_ADDR": acl_server.url, "TRELLIS_HTTP_TOKEN": root},
+        )
+        platform.run("init", "-no-color", offline=True)
+        assert "Success!" in platform.run("validate", "-no-color").out
+        r = platform.apply("-var", f"node={node}")
+        assert "Apply complete!" in r.out, r
+        assert platform.plan_exit("-var", f"node={node}").code == 0
+        out = outputs(platform)
+        tokens = {"web": out["team_web_token"], "db": out["team_db_token"]}
+        assert all(tokens.values()) and tokens["web"] != tokens["db"]
+        assert all(t not in r.out for t in tokens.values())  # sensitive outputs stay hidden
+        # The policies are the ones the test expects a team to get (by meaning, not text).
+        for team in ("web", "db"):
+            got = admin.acl_policy_read_by_name(f"team-{team}")["Rules"]
+            assert parse_rules(got) == parse_rules(team_rules([team], node)), got
         teams = {
             team: Workdir(
-                tmp_path / "mesh" / "examples" / "multi-team" / f"team-{team}",
+                example / f"team-{team}",
                 provider_mirror,
                 {"TRELLIS_HTTP_ADDR": acl_server.url, "TRELLIS_HTTP_TOKEN": tokens[team]},
             )
@@ -339,6 +353,10 @@ def test_multi_team_example_each_team_owns_its_services_and_intentions(
         left = admin.catalog_node(node).value["Services"]
         assert not {"web", "web-sidecar-proxy", "db", "db-sidecar-proxy"} & set(left)
         assert [i["SourceName"] for i in admin.intentions_list().value] == ["*"]
+        r = platform.run("destroy", "-auto-approve", "-no-color", "-var", f"node={node}")
+        assert "Destroy complete!" in r.out, r
+        assert admin.intentions_list().value == []
+        assert not {"team-web", "team-db"} & {p["Name"] for p in admin.acl_policy_list()}
     finally:
         admin.close()
 
