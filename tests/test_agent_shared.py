@@ -1,0 +1,262 @@
+"""The agent's shared blocking reads (trellis.proxy.agent.shared.SharedReads).
+
+A small fake server is injected as ``fetch``: it blocks a read with ``?index=`` as a Trellis
+server does (until its index moves past the client's, or the wait ends), filters what it
+answers by token, counts the reads it receives and those parked now, and can be taken down
+and brought back (with a lower index, as a server restarted on an empty store). Everything
+runs on trio's MockClock (``autojump_threshold=0``): minutes of waits take milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qs, urlsplit
+
+import trio
+from trio.testing import MockClock
+
+from trellis.proxy.agent.shared import Answer, SharedReads, Unreachable, key_of
+
+TARGET = "/v1/health/connect/web?passing=1"
+KEY = key_of("/v1/health/connect/web", {"passing": ["1"]}, "t1")
+TOKEN = ((b"x-consul-token", b"t1"),)
+
+
+class FakeServer:
+    def __init__(self) -> None:
+        self.index = 10
+        self.value = "v10"
+        self.up = True
+        self.reads = 0
+        self.parked = 0
+        self.tokens: list[str] = []
+        self.refuse: set[str] = set()
+        self._changed = trio.Event()
+
+    def set(self, index: int, value: str) -> None:
+        self.index, self.value = index, value
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def go_down(self) -> None:
+        self.up = False
+        self._changed.set()  # a parked read's connection breaks
+        self._changed = trio.Event()
+
+    async def fetch(self, target: str, headers: tuple, timeout: float) -> Answer:
+        self.reads += 1
+        token = dict(headers).get(b"x-consul-token", b"").decode()
+        self.tokens.append(token)
+        if not self.up:
+            raise Unreachable("connection refused")
+        if token in self.refuse:
+            return Answer(403, (), b'{"error":"Permission denied"}')
+        q = parse_qs(urlsplit(target).query)
+        if "index" in q:
+            held = int(q["index"][0])
+            wait = float(q["wait"][0].rstrip("s"))
+            self.parked += 1
+            try:
+                with trio.move_on_after(wait):
+                    while self.index <= held and self.up:
+                        await self._changed.wait()
+            finally:
+                self.parked -= 1
+            if not self.up:
+                raise Unreachable("connection reset")
+        body = json.dumps({"value": self.value, "token": token}).encode()
+        return Answer(
+            200,
+            ((b"content-type", b"application/json"), (b"x-consul-index", str(self.index).encode())),
+            body,
+        )
+
+
+def run(fn) -> None:
+    trio.run(fn, clock=MockClock(autojump_threshold=0))
+
+
+async def _settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+def test_identical_blocking_reads_share_one_parked_query_and_all_see_the_change():
+    async def main() -> None:
+        srv = FakeServer()
+        shared = SharedReads(srv.fetch)
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            first = await shared.read(KEY, TARGET, TOKEN, min_index=None, wait=300)
+            assert first.index == 10
+            got: list[Answer] = []
+
+            async def client() -> None:
+                got.append(await shared.read(KEY, TARGET, TOKEN, min_index=10, wait=300))
+
+            for _ in range(10):
+                n.start_soon(client)
+            await _settle()
+            assert srv.parked == 1 and not got
+            reads = srv.reads
+            srv.set(11, "v11")
+            await _settle()
+            assert len(got) == 10
+            assert {a.index for a in got} == {11}
+            assert all(json.loads(a.body)["value"] == "v11" for a in got)
+            # The change cost one answer and the watch's next parked read, not ten.
+            assert srv.reads == reads + 1 and srv.parked == 1
+            n.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_blocking_semantics_per_client_older_index_at_once_current_index_until_its_wait():
+    async def main() -> None:
+        srv = FakeServer()
+        shared = SharedReads(srv.fetch)
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            await shared.read(KEY, TARGET, TOKEN, min_index=None, wait=300)
+            t0 = trio.current_time()
+            old = await shared.read(KEY, TARGET, TOKEN, min_index=3, wait=300)
+            assert old.index == 10 and trio.current_time() == t0
+            same = await shared.read(KEY, TARGET, TOKEN, min_index=10, wait=7)
+            assert same.index == 10
+            assert trio.current_time() - t0 == 7  # its own wait, not the watch's
+            n.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_reads_with_different_tokens_do_not_share():
+    async def main() -> None:
+        srv = FakeServer()
+        shared = SharedReads(srv.fetch)
+        other = key_of("/v1/health/connect/web", {"passing": ["1"]}, "t2")
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            a = await shared.read(KEY, TARGET, TOKEN, min_index=None, wait=1)
+            b = await shared.read(
+                other, TARGET, ((b"x-consul-token", b"t2"),), min_index=None, wait=1
+            )
+            assert json.loads(a.body)["token"] == "t1"
+            assert json.loads(b.body)["token"] == "t2"
+            assert shared.watching() == 2
+            n.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_the_key_ignores_index_and_wait_and_keeps_the_rest_of_the_query():
+    q = {"passing": ["1"], "index": ["5"], "wait": ["30s"]}
+    assert key_of("/p", q, "t") == key_of("/p", {"passing": ["1"]}, "t")
+    assert key_of("/p", {"passing": ["1"]}, "t") != key_of("/p", {"near": ["x"]}, "t")
+    assert key_of("/p", {}, "t") != key_of("/p", {}, "u")
+
+
+def test_an_idle_watch_ends_and_its_parked_query_with_it():
+    async def main() -> None:
+        srv = FakeServer()
+        shared = SharedReads(srv.fetch, idle=60)
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            await shared.read(KEY, TARGET, TOKEN, min_index=None, wait=1)
+            await _settle()
+            assert srv.parked == 1
+            await trio.sleep(30)
+            assert shared.watching() == 1  # not idle long enough yet
+            await trio.sleep(60)
+            await _settle()
+            assert shared.watching() == 0 and srv.parked == 0
+            n.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_fail_static_the_held_answer_is_served_while_no_server_answers_then_resyncs():
+    async def main() -> None:
+        srv = FakeServer()
+        shared = SharedReads(srv.fetch)
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            await shared.read(KEY, TARGET, TOKEN, min_index=None, wait=1)
+            await _settle()
+            srv.go_down()
+            await trio.sleep(5)
+            # An older index: the held answer at once, marked as not from a server now.
+            t0 = trio.current_time()
+            a = await shared.read(KEY, TARGET, TOKEN, min_index=1, wait=300)
+            assert trio.current_time() == t0
+            assert a.status == 200 and a.index == 10
+            headers = dict(a.headers)
+            assert headers[b"x-consul-knownleader"] == b"false"
+            assert int(headers[b"x-consul-lastcontact"]) >= 5000
+            # The held index: blocks until its wait, then the held answer (no spinning).
+            a = await shared.read(KEY, TARGET, TOKEN, min_index=10, wait=20)
+            assert a.index == 10 and trio.current_time() - t0 == 20
+            # A non-blocking read that could not be forwarded gets the held answer too.
+            held = shared.held(KEY)
+            assert held is not None and held.index == 10
+            # The server comes back restarted: a lower index. The watch reads without an
+            # index, so a client waiting on the old one gets the new state, and the marks go.
+            got: list[Answer] = []
+
+            async def waiter() -> None:
+                got.append(await shared.read(KEY, TARGET, TOKEN, min_index=10, wait=300))
+
+            n.start_soon(waiter)
+            await _settle()
+            srv.up = True
+            srv.set(4, "after restart")
+            with trio.fail_after(30):
+                while not got:
+                    await trio.sleep(0.1)
+            assert got[0].index == 4
+            assert json.loads(got[0].body)["value"] == "after restart"
+            assert b"x-consul-knownleader" not in dict(got[0].headers)
+            n.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_first_read_no_server_answers_is_the_clients_failure_and_holds_nothing():
+    async def main() -> None:
+        srv = FakeServer()
+        srv.up = False
+        shared = SharedReads(srv.fetch)
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            try:
+                await shared.read(KEY, TARGET, TOKEN, min_index=5, wait=300)
+                raise AssertionError("no Unreachable")
+            except Unreachable:
+                pass
+            assert shared.watching() == 0 and shared.held(KEY) is None
+            n.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_refusal_ends_the_watch_and_reaches_every_waiting_client():
+    async def main() -> None:
+        srv = FakeServer()
+        shared = SharedReads(srv.fetch)
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            await shared.read(KEY, TARGET, TOKEN, min_index=None, wait=1)
+            got: list[Answer] = []
+
+            async def client() -> None:
+                got.append(await shared.read(KEY, TARGET, TOKEN, min_index=10, wait=300))
+
+            for _ in range(3):
+                n.start_soon(client)
+            await _settle()
+            srv.refuse.add("t1")  # the token is revoked: the next read of the watch is a 403
+            srv.set(11, "v11")
+            await _settle()
+            assert [a.status for a in got] == [403, 403, 403]
+            assert shared.watching() == 0 and shared.held(KEY) is None
+            n.cancel_scope.cancel()
+
+    run(main)
