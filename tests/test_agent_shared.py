@@ -10,12 +10,18 @@ runs on trio's MockClock (``autojump_threshold=0``): minutes of waits take milli
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import trio
 from trio.testing import MockClock
 
+from tests.http_stub import Reply, Seen
+from trellis.api.errors import BadRequest
+from trellis.proxy.agent.httpd import Request, Response, parse_target
+from trellis.proxy.agent.localapi import LocalAPI, server_fetch
 from trellis.proxy.agent.shared import Answer, SharedReads, Unreachable, key_of
+from trellis.proxy.agent.upstream import Servers
 
 TARGET = "/v1/health/connect/web?passing=1"
 KEY = key_of("/v1/health/connect/web", {"passing": ["1"]}, "t1")
@@ -260,3 +266,94 @@ def test_a_refusal_ends_the_watch_and_reaches_every_waiting_client():
             n.cancel_scope.cancel()
 
     run(main)
+
+
+# -- the local API's routes to the shared reads, against a scripted server -------------------
+
+
+def _request(path: str, query: str = "", token: str = "") -> Request:
+    target = path + ("?" + query if query else "")
+    p, q = parse_target(target)
+    headers = [(b"x-consul-token", token.encode())] if token else []
+    return Request("GET", target, p, q, headers)
+
+
+def test_the_local_api_answers_both_roots_paths_from_one_tokenless_watch(stub):
+    roots = {"ActiveRootID": "r1", "TrustDomain": "td", "Roots": []}
+
+    def route(req: Seen) -> Reply:
+        delay = 2.0 if "index" in req.query else 0.0  # a blocking read parks a while
+        r = stub.json(200, roots, **{"X-Consul-Index": "7", "X-Consul-KnownLeader": "true"})
+        r.delay = delay
+        return r
+
+    stub.route = route
+
+    async def main() -> None:
+        agent = SimpleNamespace(servers=Servers([stub.url]))
+        shared = SharedReads(server_fetch(agent))
+        api = LocalAPI(agent, on_leave=lambda: None, shared=shared)
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            a = await api.handle(_request("/v1/agent/connect/ca/roots", token="secret"))
+            b = await api.handle(_request("/v1/connect/ca/roots", "index=3&wait=1s"))
+            c = await api.handle(_request("/v1/connect/ca/roots", "pem=true"))
+            n.cancel_scope.cancel()
+        assert a.status == b.status == 200
+        assert json.loads(a.body) == json.loads(b.body) == roots
+        assert (b"x-consul-index", b"7") in a.headers
+        assert c.stream is not None and c.close is not None  # ?pem is forwarded as it comes
+        await c.close()
+
+    trio.run(main)
+    reads = [s for s in stub.seen if s.path == "/v1/connect/ca/roots" and "pem" not in s.query]
+    assert reads, "no read of the roots"
+    assert all("x-consul-token" not in s.headers for s in reads)
+    assert not [s for s in stub.seen if s.path == "/v1/agent/connect/ca/roots"]
+    # One first read, then the watch's blocking read: not one per client.
+    assert [("index" in s.query) for s in reads] == [False, True][: len(reads)]
+
+
+def test_the_local_api_shares_blocking_reads_per_token_and_refuses_a_bad_index(stub):
+    def route(req: Seen) -> Reply:
+        r = stub.json(
+            200, [{"who": req.headers.get("x-consul-token", "")}], **{"X-Consul-Index": "9"}
+        )
+        r.delay = 2.0 if "index" in req.query else 0.0
+        return r
+
+    stub.route = route
+
+    async def main() -> None:
+        agent = SimpleNamespace(servers=Servers([stub.url]))
+        shared = SharedReads(server_fetch(agent))
+        api = LocalAPI(agent, on_leave=lambda: None, shared=shared)
+        got: list[Response] = []
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+
+            async def client(token: str) -> None:
+                req = _request("/v1/health/connect/db", "passing=1&index=4&wait=5s", token)
+                got.append(await api.handle(req))
+
+            for token in ("t1", "t1", "t1", "t2"):
+                n.start_soon(client, token)
+            with trio.fail_after(10):
+                while len(got) < 4:
+                    await trio.sleep(0.01)
+            try:
+                await api.handle(_request("/v1/health/connect/db", "index=x1"))
+                raise AssertionError("no BadRequest")
+            except BadRequest:
+                pass
+            n.cancel_scope.cancel()
+        whos = sorted(json.loads(r.body)[0]["who"] for r in got)
+        assert whos == ["t1", "t1", "t1", "t2"]
+
+    trio.run(main)
+    first_reads = [
+        s for s in stub.seen if s.path == "/v1/health/connect/db" and "index" not in s.query
+    ]
+    # One first read per token, whatever the number of clients.
+    assert sorted(s.headers["x-consul-token"] for s in first_reads) == ["t1", "t2"]
+    assert all(s.query["passing"] == ["1"] for s in first_reads)

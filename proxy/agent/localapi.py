@@ -500,6 +500,8 @@ class LocalAPI:
                         "checks": str(len(a.state.checks())),
                         "server": a.servers.address,
                         "syncs": str(a.syncs),
+                        # One blocking query each on a server (the shared reads).
+                        "shared_watches": str(self.shared.watching() if self.shared else 0),
                     }
                 },
                 "xDS": None,
