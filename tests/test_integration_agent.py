@@ -199,23 +199,62 @@ def test_a_blocking_kv_read_through_the_agent_blocks_and_wakes(server, agent):
     assert got["took"] < 10
 
 
+def _parked(server_url: str) -> int:
+    r = httpx.get(f"{server_url}/v1/agent/self")
+    return int(r.json()["Stats"]["blocking"]["waiting"])
+
+
 def test_a_client_that_hangs_up_ends_its_forwarded_blocking_query(server, agent):
+    a = agent("node-a", server.url)
+    # A blocking read the agent forwards as it comes (not one of the shared reads).
+    path = "/v1/connect/ca/configuration"
+    index = int(httpx.get(f"{a.url}{path}").headers["X-Consul-Index"])
+
+    # The agent's own watch of its node is one blocking query on the server.
+    wait_until(lambda: _parked(server.url) == 1)
+    port = urlsplit(a.url).port
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"GET {path}?index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_until(lambda: _parked(server.url) == 2)
+    # The client hung up: the agent closed its request to the server, which stopped waiting.
+    wait_until(lambda: _parked(server.url) == 1, timeout=10)
+
+
+def test_identical_blocking_reads_of_local_clients_hold_one_query_on_the_server(server, agent):
+    """Issue 11 item 4: three clients of the node blocking on the same read (same path, query
+    and token) are one blocking query on the server, counted by the server; one write answers
+    all three with the new index."""
     a = agent("node-a", server.url)
     httpx.put(f"{a.url}/v1/kv/k", content=b"x")
     index = int(httpx.get(f"{a.url}/v1/kv/k").headers["X-Consul-Index"])
-
-    def parked() -> int:
-        r = httpx.get(f"{server.url}/v1/agent/self")
-        return int(r.json()["Stats"]["blocking"]["waiting"])
-
-    # The agent's own watch of its node is one blocking query on the server.
-    wait_until(lambda: parked() == 1)
+    wait_until(lambda: _parked(server.url) == 1)  # the agent's watch of its node
     port = urlsplit(a.url).port
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"GET /v1/kv/k?index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        wait_until(lambda: parked() == 2)
-    # The client hung up: the agent closed its request to the server, which stopped waiting.
-    wait_until(lambda: parked() == 1, timeout=10)
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.sendall(
+                f"GET /v1/kv/k?index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+
+        def shared() -> int:
+            stats = httpx.get(f"{a.url}/v1/agent/self").json()["Stats"]["agent"]
+            return int(stats["shared_watches"])
+
+        wait_until(lambda: shared() == 1 and _parked(server.url) == 2)
+        assert _parked(server.url) == 2  # not 4: one for the three clients
+        assert httpx.put(f"{server.url}/v1/kv/k", content=b"y").status_code == 200
+        for sock in socks:
+            sock.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(65536)
+                assert chunk, "the agent closed the connection"
+                head += chunk
+            got = int(head.split(b"x-consul-index: ", 1)[1].split(b"\r\n", 1)[0])
+            assert head.startswith(b"HTTP/1.1 200") and got > index
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def test_a_server_restarted_empty_gets_the_nodes_services_back(tmp_path, started, agent):
