@@ -268,6 +268,96 @@ def test_a_refusal_ends_the_watch_and_reaches_every_waiting_client():
     run(main)
 
 
+def test_a_missing_key_is_held_and_blocked_on_until_it_is_written():
+    """A K/V read of a key not written yet is a 404 with an index, on which Consul clients
+    block until the key appears: the watch holds it instead of ending (which would make every
+    client spin on 404s)."""
+
+    async def main() -> None:
+        srv = FakeServer()
+
+        async def fetch(target: str, headers: tuple, timeout: float) -> Answer:
+            a = await srv.fetch(target, headers, timeout)
+            if srv.value == "absent":
+                return Answer(404, a.headers, b"")
+            return a
+
+        srv.set(10, "absent")
+        shared = SharedReads(fetch)
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            first = await shared.read(KEY, TARGET, TOKEN, min_index=None, wait=1)
+            assert (first.status, first.index) == (404, 10)
+            got: list[Answer] = []
+
+            async def client() -> None:
+                got.append(await shared.read(KEY, TARGET, TOKEN, min_index=10, wait=300))
+
+            n.start_soon(client)
+            await _settle()
+            assert not got and shared.watching() == 1 and srv.parked == 1
+            srv.set(11, "written")
+            await _settle()
+            assert (got[0].status, got[0].index) == (200, 11)
+            n.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_blocking_read_that_does_not_block_is_not_sent_again_at_once():
+    """A server that answers a blocking read at once with the same index (draining, or
+    holding its limit of one client's parked queries): the watch backs off instead of
+    spinning on it."""
+
+    async def main() -> None:
+        srv = FakeServer()
+
+        async def at_once(target: str, headers: tuple, timeout: float) -> Answer:
+            srv.reads += 1
+            return Answer(200, ((b"x-consul-index", b"10"),), b"same")
+
+        shared = SharedReads(at_once, backoff=(0.2, 10.0))
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            await shared.read(KEY, TARGET, TOKEN, min_index=None, wait=1)
+
+            async def client() -> None:
+                await shared.read(KEY, TARGET, TOKEN, min_index=10, wait=60)
+
+            n.start_soon(client)
+            await trio.sleep(60)
+            # Capped at one read per 5-15 s once backed off: not thousands.
+            assert srv.reads < 20
+            n.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_bug_in_a_watch_is_its_clients_503_and_the_others_go_on():
+    async def main() -> None:
+        srv = FakeServer()
+
+        async def buggy(target: str, headers: tuple, timeout: float) -> Answer:
+            if "bad" in target:
+                raise ValueError("a bug")
+            return await srv.fetch(target, headers, timeout)
+
+        shared = SharedReads(buggy)
+        bad = key_of("/v1/health/connect/bad", {}, "t1")
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            try:
+                await shared.read(bad, "/v1/health/connect/bad", TOKEN, min_index=None, wait=1)
+                raise AssertionError("no Unreachable")
+            except Unreachable as e:
+                assert "ValueError" in str(e)
+            ok = await shared.read(KEY, TARGET, TOKEN, min_index=None, wait=1)
+            assert ok.status == 200
+            n.cancel_scope.cancel()
+
+    run(main)
+
+
 # -- the local API's routes to the shared reads, against a scripted server -------------------
 
 

@@ -17,10 +17,12 @@ the servers' ACL filtering stays per token: a client never sees an answer fetche
 token (the CA roots excepted, which need no ACL: see ``ROOTS_KEY``).
 
 Ending. A watch whose clients all went away for ``idle`` seconds is cancelled (its parked
-query on the server closes). A server's 4xx (a token that was revoked, a bad query) is handed
-to the waiting clients and ends the watch: nothing is served for that key until a server says
-otherwise again. So is a first read that fails: with nothing held, the clients get the
-failure (``Unreachable``) as a forwarded read would.
+query on the server closes). A server's 4xx other than a 404 with an index (a token that was
+revoked, a bad query) is handed to the waiting clients and ends the watch: nothing is served
+for that key until a server says otherwise again. So is a first read that fails: with nothing
+held, the clients get the failure (``Unreachable``) as a forwarded read would. A blocking read
+that comes back at once with the same index (a server draining) is retried after a backoff,
+not at once.
 
 Fail static. Once a watch holds an answer, a server that cannot be reached (or answers 5xx)
 does not end it: it retries with capped, jittered backoff, its next read without an index (a
@@ -47,6 +49,11 @@ WATCH_WAIT = 300.0
 #: A watch nobody asked for this long ends.
 IDLE = 60.0
 BACKOFF = (0.2, 10.0)
+#: A blocking read back sooner than this with the same index did not block.
+MIN_BLOCK = 1.0
+#: Answers a watch holds and blocks on: a result, and a K/V key that does not exist (yet), on
+#: which Consul's clients block until it is written. Any other status ends the watch.
+HOLDABLE = frozenset({200, 404})
 
 #: The node's one roots watch. ``/v1/connect/ca/roots`` (and its alias
 #: ``/v1/agent/connect/ca/roots``) needs no ACL: the server's view (api/views/connect_ca.py,
@@ -245,6 +252,16 @@ class SharedReads:
         )
 
     async def _follow(self, w: _Watch) -> None:
+        try:
+            await self._follow_loop(w)
+        except Exception as e:
+            # A bug of ours must not take the agent down with it: this key's clients get a
+            # 503 and the next one starts a new watch.
+            log.exception("shared read %s failed", w.target)
+            w.final = Unreachable(f"the agent's shared read failed: {type(e).__name__}")
+            self._drop(w)
+
+    async def _follow_loop(self, w: _Watch) -> None:
         low, high = self._backoff
         delay = low
         index: int | None = None
@@ -257,6 +274,7 @@ class SharedReads:
                     target += f"{sep}index={index}&wait={int(self._watch_wait)}s"
                     timeout = self._watch_wait * 1.1 + 30.0
                 self.fetches += 1
+                spin_at = trio.current_time() + MIN_BLOCK
                 try:
                     a: Answer | None = await self._fetch(target, w.headers, timeout)
                     assert a is not None
@@ -278,12 +296,14 @@ class SharedReads:
                     delay = min(delay * 2, high)
                     continue
                 assert a is not None
-                delay = low
-                if a.status != 200 or a.index is None:
+                if a.status not in HOLDABLE or a.index is None:
                     # A refusal (a revoked token, a bad query): nothing more to share.
                     w.final = a
                     self._drop(w)
                     return
+                # Back at once with nothing new (a server draining, or one that does not park
+                # this many queries of one client): wait before asking again.
+                spun = index is not None and a.index == index and trio.current_time() < spin_at
                 if w.stale_since is not None:
                     log.info("shared read %s: a server answers again", w.target)
                 w.stale_since = None
@@ -294,3 +314,8 @@ class SharedReads:
                     w.version += 1
                     w._wake()
                 index = a.index
+                if spun:
+                    await trio.sleep(delay * (0.5 + self._rng.random()))
+                    delay = min(delay * 2, high)
+                else:
+                    delay = low
