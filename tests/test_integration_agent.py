@@ -518,3 +518,48 @@ def test_a_forwarded_write_that_went_out_is_not_sent_again_to_the_next_server(ag
     finally:
         first.close()
         second.close()
+
+
+def test_shared_reads_stay_per_token_under_acls_and_roots_need_none(tmp_path, started, agent):
+    """Issue 11 item 4 under default-deny ACLs: two tokens blocking on the same health read
+    through the agent each get the server's answer filtered for them (the shared watches are
+    per token), and the CA roots, which the server gives to any caller, come to a caller
+    without a token as well."""
+    cfg = tmp_path / "server.json"
+    cfg.write_text(json.dumps({"acl": {"enabled": True, "default_policy": "deny"}}))
+    s = TrellisProcess(
+        [*server_args(tmp_path / "s", workers=1, node="srv"), "-config", str(cfg)]
+    ).start()
+    started.append(s)
+    root = httpx.put(f"{s.url}/v1/acl/bootstrap").json()["SecretID"]
+    auth = {"X-Consul-Token": root}
+    rules = 'service "web" { policy = "read" }\nnode_prefix "" { policy = "read" }\n'
+    r = httpx.put(f"{s.url}/v1/acl/policy", json={"Name": "web-read", "Rules": rules}, headers=auth)
+    assert r.status_code == 200, r.text
+    r = httpx.put(f"{s.url}/v1/acl/token", json={"Policies": [{"Name": "web-read"}]}, headers=auth)
+    reader = r.json()["SecretID"]
+    reg = {"Node": "n1", "Address": "10.0.0.1", "Service": {"Service": "web", "Port": 80}}
+    assert httpx.put(f"{s.url}/v1/catalog/register", json=reg, headers=auth).status_code == 200
+    a = agent("node-a", s.url, extra=("-token", root))
+
+    def read(token: str | None, index: int) -> httpx.Response:
+        headers = {"X-Consul-Token": token} if token else {}
+        return httpx.get(
+            f"{a.url}/v1/health/service/web",
+            params={"index": str(index), "wait": "2s"},
+            headers=headers,
+            timeout=10,
+        )
+
+    first = read(reader, 1)
+    assert first.status_code == 200 and [e["Service"]["Service"] for e in first.json()] == ["web"]
+    index = int(first.headers["x-consul-index"])
+    # The anonymous token may read nothing: its own watch, its own (filtered) answer, even
+    # with the reader's watch holding the entry under the same path and query.
+    anon = read(None, 1)
+    assert anon.status_code == 200 and anon.json() == []
+    again = read(reader, index - 1)
+    assert [e["Service"]["Service"] for e in again.json()] == ["web"]
+    # Roots: no token needed on the server, so none through the agent either.
+    roots = httpx.get(f"{a.url}/v1/agent/connect/ca/roots", timeout=5)
+    assert roots.status_code == 200 and roots.json()["Roots"]
