@@ -153,6 +153,38 @@ def test_reads_with_different_tokens_do_not_share():
     run(main)
 
 
+def test_news_for_a_client_that_did_not_wait_for_it_is_the_servers_answer_for_its_token():
+    """A token revoked while the data did not change: the watch still holds its last answer,
+    but a client asking with an older index (news for it) gets the server's 403, read for its
+    token then, not the held answer. The roots (verify=False) are answered from the watch."""
+
+    async def main() -> None:
+        srv = FakeServer()
+        shared = SharedReads(srv.fetch)
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            await shared.read(KEY, TARGET, TOKEN, min_index=None, wait=1)
+            await _settle()
+            reads = srv.reads
+            await trio.sleep(1)
+            a = await shared.read(KEY, TARGET, TOKEN, min_index=3, wait=300)
+            assert (a.status, a.index, srv.reads) == (200, 10, reads + 1)
+            srv.refuse.add("t1")
+            await trio.sleep(1)
+            a = await shared.read(KEY, TARGET, TOKEN, min_index=3, wait=300)
+            assert a.status == 403
+            roots_key = ("/v1/connect/ca/roots", (), "")
+            await shared.read(roots_key, "/r", (), min_index=None, wait=1, verify=False)
+            await _settle()
+            reads = srv.reads
+            await trio.sleep(1)
+            r = await shared.read(roots_key, "/r", (), min_index=3, wait=1, verify=False)
+            assert r.index == 10 and srv.reads == reads
+            n.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_the_key_ignores_index_and_wait_and_keeps_the_rest_of_the_query():
     q = {"passing": ["1"], "index": ["5"], "wait": ["30s"]}
     assert key_of("/p", q, "t") == key_of("/p", {"passing": ["1"]}, "t")

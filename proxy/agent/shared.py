@@ -9,12 +9,19 @@ Theory of operation. A read is keyed by ``(path, query without index/wait, token
 client of a key starts its ``_Watch``: a task that reads the key on a server once without an
 index, then loops on blocking queries (``?index=<last>&wait=WATCH_WAIT``), keeping the last
 answer (status, headers and body exactly as the server gave them) and bumping a version on
-every new one. A client's ``read(min_index, wait)`` is then answered from the watch with the
-server's semantics: at once when the held answer's index is above ``min_index`` (or when there
-is no ``min_index``); otherwise when a new answer arrives, or when its own ``wait`` ends (with
-the held answer, as a server answers a wait that ran out). The token is part of the key, so
-the servers' ACL filtering stays per token: a client never sees an answer fetched with another
-token (the CA roots excepted, which need no ACL: see ``ROOTS_KEY``).
+every new one. A client's ``read(min_index, wait)`` is then answered with the server's
+semantics: at once when the held answer's index is above ``min_index`` (or when there is no
+``min_index``); otherwise when a new answer arrives, or when its own ``wait`` ends (with the
+held answer, as a server answers a wait that ran out).
+
+ACLs. The token is part of the key, so the servers' ACL filtering stays per token: a client
+never sees an answer fetched with another token (the CA roots excepted, which need no ACL: see
+``ROOTS_KEY``). And an answer that tells a client something new (an index above its own) is
+one a server gave for its token after the client asked: the change its watch woke it with, or
+the watch's first read, or else a read of its own made at once (``verify``), so that a token
+revoked since the watch's last answer gets the server's 403, not the held answer. What a held
+answer still gives without a server's say: the answer at the index the client sent back, when
+its wait runs out (nothing it did not already have), and everything while no server answers.
 
 Ending. A watch whose clients all went away for ``idle`` seconds is cancelled (its parked
 query on the server closes). A server's 4xx other than a 404 with an index (a token that was
@@ -112,6 +119,8 @@ class _Watch:
     last_used: float = 0.0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     pinned: bool = False
+    #: News for a client that did not wait for it is read for its token (not for the roots).
+    verify: bool = True
 
     def _wake(self) -> None:
         self.changed.set()
@@ -190,14 +199,17 @@ class SharedReads:
         min_index: int | None,
         wait: float,
         pinned: bool = False,
+        verify: bool = True,
     ) -> Answer:
         """Answer a client's read of ``key`` from its watch (started if need be): ``target``
         is the path and query without index/wait, ``headers`` what the server needs (the
-        token). Raises Unreachable when no server answered and nothing is held."""
+        token). ``pinned``: the watch never ends for idleness; ``verify=False``: the answer
+        is the same for every token (the roots). Raises Unreachable when no server answered
+        and nothing is held."""
         w = self._watches.get(key)
         if w is None:
             assert self._nursery is not None, "SharedReads.run is not running"
-            w = _Watch(key, target, tuple(headers), pinned=pinned)
+            w = _Watch(key, target, tuple(headers), pinned=pinned, verify=verify)
             w.last_used = trio.current_time()
             self._watches[key] = w
             self._nursery.start_soon(self._follow, w)
@@ -209,7 +221,8 @@ class SharedReads:
             w.last_used = trio.current_time()
 
     async def _answer(self, w: _Watch, min_index: int | None, wait: float) -> Answer:
-        deadline = trio.current_time() + wait
+        arrived = trio.current_time()
+        deadline = arrived + wait
         seen = w.version if w.answer is not None else None
         while True:
             if w.final is not None:
@@ -228,6 +241,9 @@ class SharedReads:
                     or w.version != seen
                     or trio.current_time() >= deadline
                 ):
+                    news = not min_index or idx is None or idx > min_index
+                    if news and w.verify and w.stale_since is None and w.last_contact < arrived:
+                        return await self._own_read(w)
                     return self._marked(w, a)
                 with trio.move_on_at(deadline):
                     await w.changed.wait()
@@ -235,6 +251,20 @@ class SharedReads:
                 # Nothing held yet: the first read has its own timeout and ends in an answer,
                 # a final 4xx or Unreachable.
                 await w.changed.wait()
+
+    async def _own_read(self, w: _Watch) -> Answer:
+        """A read of ``w``'s key for one client, now, with its token: the server decides
+        (see ACLs in the module docstring). No server: the held answer, marked."""
+        self.fetches += 1
+        try:
+            a = await self._fetch(w.target, w.headers, 60.0)
+        except Unreachable:
+            a = None
+        if a is None or a.status >= 500:
+            if w.answer is None:
+                raise Unreachable("no server answered")
+            return self._marked(w, w.answer)
+        return a
 
     def _marked(self, w: _Watch, a: Answer) -> Answer:
         if w.stale_since is None:
