@@ -14,6 +14,14 @@ What it measures (every process fresh, bound to 127.0.0.1, started and ended by 
    config dir, then SIGHUP to the agent: the time until every sidecar's public port accepts a
    TCP connection, and until every one is passing in ``/v1/health/connect/<name>?passing``; the
    agent's and the sidecars' RSS and CPU (while starting, then idle).
+3. **A shared upstream** (``--shared K``, run on its own: fresh server, relay and agent). K
+   one-line services ``app-NN``, each with an upstream to ``db``, and ``db`` itself (one-line
+   too), all on the one agent. Once every sidecar listens and ``db`` is passing: the blocking
+   queries parked on the server right now (its ``/v1/agent/self`` ``Stats.blocking.waiting``,
+   1 worker: the whole server), sampled, and the server requests from the agent over
+   ``--seconds``. This is what the agent's shared reads (one roots watch per node, one watch
+   per identical blocking read) save the server: run it on a commit before them for the
+   comparison (docs/benchmarks.md says how).
 
 How server requests are counted: the agent is pointed (``-server``) at a TCP relay in this
 process, which forwards bytes both ways unchanged and parses the agent-to-server stream
@@ -29,6 +37,7 @@ Usage::
     .venv/bin/python bench/agent.py --seconds 20     # shorter windows
     .venv/bin/python bench/agent.py --json out.json  # also write the results as JSON
     .venv/bin/python bench/agent.py --json -         # print JSON instead of the tables
+    .venv/bin/python bench/agent.py --shared 10 --seconds 30   # only the shared upstream
 
 This is not a test: it asserts nothing.
 """
@@ -587,6 +596,124 @@ def sidecars(
     return out
 
 
+def server_parked(server: str) -> int:
+    """Blocking queries parked on the server now (its own count; 1 worker: all of them)."""
+    return int(get_json(f"{server}/v1/agent/self")["Stats"]["blocking"]["waiting"])
+
+
+def shared_upstream(args: argparse.Namespace, procs: list[Proc], closers: list[Any]) -> dict:
+    """``--shared K``: K managed sidecars on one agent sharing the upstream ``db``; what they
+    cost the server (parked queries, requests/s), from the server's side and the relay's."""
+    k = args.shared
+    res: dict[str, Any] = {
+        "machine": machine(),
+        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "load_average": os.getloadavg(),
+        "params": {"shared": k, "seconds": args.seconds},
+    }
+    base = Path(tempfile.mkdtemp(prefix="trellis-bench-agent-shared-"))
+    closers.append(lambda: shutil.rmtree(base, ignore_errors=True))
+    conf = base / "agent-conf"
+    conf.mkdir()
+    server = Banner("server")
+    procs.append(server)
+    server.start(
+        [
+            TRELLIS,
+            "server",
+            *("-data-dir", str(base / "server"), "-http-port", "0", "-dns-port", "-1"),
+            *("-workers", "1", "-node", "srv"),
+        ],
+        "/v1/status/leader",
+    )
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    relay = Relay((host, int(port))).start()
+    closers.append(relay.stop)
+    app = App()
+    closers.append(app.stop)
+    lo, hi = free_range(k + 1)
+    up_lo, _ = free_range(k)
+    svc = {"service": {"name": "db", "port": app.port, "connect": {"proxy": {}}}}
+    (conf / "db.json").write_text(json.dumps(svc))
+    for i in range(k):
+        ups = [{"destination_name": "db", "local_bind_port": up_lo + i}]
+        svc = {
+            "service": {
+                "name": f"app-{i:02d}",
+                "port": app.port,
+                "connect": {"proxy": {"config": {"upstreams": ups}}},
+            }
+        }
+        (conf / f"app-{i:02d}.json").write_text(json.dumps(svc))
+    parked_alone = server_parked(server.url)
+    agent = Banner("agent")
+    procs.append(agent)
+    t0 = time.monotonic()
+    agent.start(
+        [
+            TRELLIS,
+            "agent",
+            *("-server", f"127.0.0.1:{relay.port}", "-node", "bench-node", "-http-port", "0"),
+            *("-data-dir", str(base / "agent-data"), "-config-dir", str(conf)),
+            *("-proxy-min-port", str(lo), "-proxy-max-port", str(hi)),
+        ],
+        "/v1/agent/self",
+    )
+
+    def all_listening() -> bool:
+        agent.pids()  # remember the sidecars, so that stop() ends them by PID
+        for p in range(up_lo, up_lo + k):
+            try:
+                socket.create_connection(("127.0.0.1", p), timeout=0.5).close()
+            except OSError:
+                return False
+        return bool(get_json(f"{server.url}/v1/health/connect/db?passing"))
+
+    wait_for(f"{k} upstream listeners and db passing", all_listening, timeout=180, every=0.5)
+    res["ready_s"] = round(time.monotonic() - t0, 1)
+    log(f"{k} sidecars with the upstream db ready after {res['ready_s']}s")
+    time.sleep(10)  # every follower past its first reads, its watches parked
+    samples = []
+    for _ in range(5):
+        samples.append(server_parked(server.url))
+        time.sleep(1)
+    t1 = time.monotonic()
+    time.sleep(args.seconds)
+    t2 = time.monotonic()
+    counts = relay.window(t1, t2)
+    res.update(
+        {
+            "sidecars": len([p for p in agent.pids() if p != agent.pid]),
+            "server_parked_without_agent": parked_alone,
+            "server_parked": sorted(samples)[len(samples) // 2],
+            "server_parked_samples": samples,
+            "window_s": round(t2 - t1, 1),
+            "server_requests": sum(counts.values()),
+            "server_rps": round(sum(counts.values()) / (t2 - t1), 3),
+            "by_endpoint": dict(counts.most_common()),
+        }
+    )
+    log(f"shared upstream: {res}")
+    return res
+
+
+def report_shared(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    return "\n".join(
+        [
+            f"Node agent benchmark (shared upstream), {res['started']}",
+            f"machine: {m['nproc']} x {m['cpu']}, {m['memory']}, Python {m['python']}",
+            f"{res['params']['shared']} managed sidecars with the upstream db, and db's:"
+            f" {res['sidecars']} sidecar processes, ready after {res['ready_s']} s",
+            f"  blocking queries parked on the server: {res['server_parked']}"
+            f" (samples {res['server_parked_samples']}; {res['server_parked_without_agent']}"
+            " before the agent started)",
+            f"  server requests from the agent over {res['window_s']} s:"
+            f" {res['server_requests']} ({res['server_rps']}/s) {res['by_endpoint']}",
+        ]
+    )
+
+
 def parse_seconds(d: str) -> float:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", d.strip())
     if not m:
@@ -667,11 +794,19 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="each measuring window")
     p.add_argument("--sidecars", type=int, default=50, help="managed sidecars (0: none)")
     p.add_argument("--agent-log", metavar="FILE", help="write the agent's output to FILE")
+    p.add_argument(
+        "--shared",
+        type=int,
+        default=0,
+        metavar="K",
+        help="only the shared-upstream measurement, with K sidecars (see the docstring)",
+    )
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE")
     args = p.parse_args()
     args.services = max(1, min(args.services, 1000))
     args.sidecars = max(0, min(args.sidecars, 200))
     args.seconds = max(5.0, min(args.seconds, 600.0))
+    args.shared = max(0, min(args.shared, 100))
     parse_seconds(args.interval)
     if not Path(TRELLIS).exists():
         log(f"{TRELLIS} is missing: run make first")
@@ -683,7 +818,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        res = run(args, procs, closers)
+        res = shared_upstream(args, procs, closers) if args.shared else run(args, procs, closers)
     except KeyboardInterrupt:
         log("interrupted: stopping everything")
         return 130
@@ -704,7 +839,7 @@ def main() -> int:
         for close in reversed(closers):
             with contextlib.suppress(Exception):
                 close()
-    write_output(res, report, args.json, log)
+    write_output(res, report_shared if args.shared else report, args.json, log)
     return 0
 
 

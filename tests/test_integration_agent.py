@@ -199,23 +199,62 @@ def test_a_blocking_kv_read_through_the_agent_blocks_and_wakes(server, agent):
     assert got["took"] < 10
 
 
+def _parked(server_url: str) -> int:
+    r = httpx.get(f"{server_url}/v1/agent/self")
+    return int(r.json()["Stats"]["blocking"]["waiting"])
+
+
 def test_a_client_that_hangs_up_ends_its_forwarded_blocking_query(server, agent):
+    a = agent("node-a", server.url)
+    # A blocking read the agent forwards as it comes (not one of the shared reads).
+    path = "/v1/connect/ca/configuration"
+    index = int(httpx.get(f"{a.url}{path}").headers["X-Consul-Index"])
+
+    # The agent's own watch of its node is one blocking query on the server.
+    wait_until(lambda: _parked(server.url) == 1)
+    port = urlsplit(a.url).port
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"GET {path}?index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_until(lambda: _parked(server.url) == 2)
+    # The client hung up: the agent closed its request to the server, which stopped waiting.
+    wait_until(lambda: _parked(server.url) == 1, timeout=10)
+
+
+def test_identical_blocking_reads_of_local_clients_hold_one_query_on_the_server(server, agent):
+    """Issue 11 item 4: three clients of the node blocking on the same read (same path, query
+    and token) are one blocking query on the server, counted by the server; one write answers
+    all three with the new index."""
     a = agent("node-a", server.url)
     httpx.put(f"{a.url}/v1/kv/k", content=b"x")
     index = int(httpx.get(f"{a.url}/v1/kv/k").headers["X-Consul-Index"])
-
-    def parked() -> int:
-        r = httpx.get(f"{server.url}/v1/agent/self")
-        return int(r.json()["Stats"]["blocking"]["waiting"])
-
-    # The agent's own watch of its node is one blocking query on the server.
-    wait_until(lambda: parked() == 1)
+    wait_until(lambda: _parked(server.url) == 1)  # the agent's watch of its node
     port = urlsplit(a.url).port
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"GET /v1/kv/k?index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        wait_until(lambda: parked() == 2)
-    # The client hung up: the agent closed its request to the server, which stopped waiting.
-    wait_until(lambda: parked() == 1, timeout=10)
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.sendall(
+                f"GET /v1/kv/k?index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+
+        def shared() -> int:
+            stats = httpx.get(f"{a.url}/v1/agent/self").json()["Stats"]["agent"]
+            return int(stats["shared_watches"])
+
+        wait_until(lambda: shared() == 1 and _parked(server.url) == 2)
+        assert _parked(server.url) == 2  # not 4: one for the three clients
+        assert httpx.put(f"{server.url}/v1/kv/k", content=b"y").status_code == 200
+        for sock in socks:
+            sock.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(65536)
+                assert chunk, "the agent closed the connection"
+                head += chunk
+            got = int(head.split(b"x-consul-index: ", 1)[1].split(b"\r\n", 1)[0])
+            assert head.startswith(b"HTTP/1.1 200") and got > index
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def test_a_server_restarted_empty_gets_the_nodes_services_back(tmp_path, started, agent):
@@ -479,3 +518,48 @@ def test_a_forwarded_write_that_went_out_is_not_sent_again_to_the_next_server(ag
     finally:
         first.close()
         second.close()
+
+
+def test_shared_reads_stay_per_token_under_acls_and_roots_need_none(tmp_path, started, agent):
+    """Issue 11 item 4 under default-deny ACLs: two tokens blocking on the same health read
+    through the agent each get the server's answer filtered for them (the shared watches are
+    per token), and the CA roots, which the server gives to any caller, come to a caller
+    without a token as well."""
+    cfg = tmp_path / "server.json"
+    cfg.write_text(json.dumps({"acl": {"enabled": True, "default_policy": "deny"}}))
+    s = TrellisProcess(
+        [*server_args(tmp_path / "s", workers=1, node="srv"), "-config", str(cfg)]
+    ).start()
+    started.append(s)
+    root = httpx.put(f"{s.url}/v1/acl/bootstrap").json()["SecretID"]
+    auth = {"X-Consul-Token": root}
+    rules = 'service "web" { policy = "read" }\nnode_prefix "" { policy = "read" }\n'
+    r = httpx.put(f"{s.url}/v1/acl/policy", json={"Name": "web-read", "Rules": rules}, headers=auth)
+    assert r.status_code == 200, r.text
+    r = httpx.put(f"{s.url}/v1/acl/token", json={"Policies": [{"Name": "web-read"}]}, headers=auth)
+    reader = r.json()["SecretID"]
+    reg = {"Node": "n1", "Address": "10.0.0.1", "Service": {"Service": "web", "Port": 80}}
+    assert httpx.put(f"{s.url}/v1/catalog/register", json=reg, headers=auth).status_code == 200
+    a = agent("node-a", s.url, extra=("-token", root))
+
+    def read(token: str | None, index: int) -> httpx.Response:
+        headers = {"X-Consul-Token": token} if token else {}
+        return httpx.get(
+            f"{a.url}/v1/health/service/web",
+            params={"index": str(index), "wait": "2s"},
+            headers=headers,
+            timeout=10,
+        )
+
+    first = read(reader, 1)
+    assert first.status_code == 200 and [e["Service"]["Service"] for e in first.json()] == ["web"]
+    index = int(first.headers["x-consul-index"])
+    # The anonymous token may read nothing: its own watch, its own (filtered) answer, even
+    # with the reader's watch holding the entry under the same path and query.
+    anon = read(None, 1)
+    assert anon.status_code == 200 and anon.json() == []
+    again = read(reader, index - 1)
+    assert [e["Service"]["Service"] for e in again.json()] == ["web"]
+    # Roots: no token needed on the server, so none through the agent either.
+    roots = httpx.get(f"{a.url}/v1/agent/connect/ca/roots", timeout=5)
+    assert roots.status_code == 200 and roots.json()["Roots"]

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -304,3 +305,125 @@ class _HealthApp:
             self._closed = True
             self.httpd.shutdown()
             self.httpd.server_close()
+
+
+def test_the_mesh_fails_static_while_the_server_is_gone_and_the_agents_resync(
+    tmp_path, started, apps, sidecars
+):
+    """Issue 11 item 4: with the server stopped, the agents keep answering the CA roots and
+    the reads their sidecars share, the sidecars keep opening new connections with what they
+    hold; the server started again on its data dir, the agents and their watches resync."""
+    # The server must come back at the address the agents know: a port free a moment ago,
+    # given again to the restarted server (gunicorn binds with SO_REUSEADDR).
+    port = free_port()
+    args = [
+        "server",
+        *("-data-dir", str(tmp_path / "server"), "-http-port", str(port), "-dns-port", "-1"),
+        *("-workers", "1", "-node", "srv"),
+    ]
+    server = TrellisProcess(args)
+    started.append(server)
+    server.start()
+    web = EchoApp(upper=True)
+    apps.append(web)
+    up = free_port()
+    _write(
+        tmp_path / "node-a" / "conf" / "web.json",
+        {"service": {"name": "web", "port": web.port, "connect": {"proxy": {}}}},
+    )
+    _write(
+        tmp_path / "node-b" / "conf" / "api.json",
+        {
+            "service": {
+                "name": "api",
+                "port": free_port(),
+                "connect": {
+                    "proxy": {
+                        "config": {
+                            "upstreams": [{"destination_name": "web", "local_bind_port": up}]
+                        }
+                    }
+                },
+            }
+        },
+    )
+    a = _agent(tmp_path, "node-a", server.url, free_port(), started)
+    b = _agent(tmp_path, "node-b", server.url, free_port(), started)
+    wait_until(lambda: _connect_healthy(server.url, "web"), timeout=30)
+    assert wait_until(lambda: _bytes_flow(up, b"before"), timeout=20)
+
+    # The roots through an agent are the server's, body and index.
+    direct = httpx.get(f"{server.url}/v1/connect/ca/roots", timeout=5)
+    for path in ("/v1/connect/ca/roots", "/v1/agent/connect/ca/roots"):
+        via = httpx.get(f"{b.url}{path}", timeout=5)
+        assert via.status_code == 200
+        assert via.content == direct.content
+        assert via.headers["x-consul-index"] == direct.headers["x-consul-index"]
+    health = httpx.get(f"{b.url}/v1/health/connect/web", params={"passing": "1"}, timeout=5)
+    health_index = int(health.headers["x-consul-index"])
+    # A blocking read of it (as B's sidecar holds one): the agent's shared watch now has it.
+    blocked = httpx.get(
+        f"{b.url}/v1/health/connect/web",
+        params={"passing": "1", "index": str(health_index - 1), "wait": "1s"},
+        timeout=5,
+    )
+    assert blocked.status_code == 200 and blocked.json() == health.json()
+
+    server.stop()  # by PID (SIGTERM: its workers go with it)
+    assert not alive(server.pid)
+
+    def stale_roots(agent_url: str) -> httpx.Response | None:
+        r = httpx.get(f"{agent_url}/v1/agent/connect/ca/roots", timeout=5)
+        return r if r.headers.get("x-consul-knownleader") == "false" else None
+
+    for agent in (a, b):
+        r = wait_until(lambda agent=agent: stale_roots(agent.url), timeout=20)
+        assert r.status_code == 200 and r.content == direct.content
+    # A sidecar's re-read after a failure (no index) and a blocking re-read with an older
+    # index get what the agent holds instead of a 503.
+    for params in ({"passing": "1"}, {"passing": "1", "index": "1", "wait": "1s"}):
+        r = httpx.get(f"{b.url}/v1/health/connect/web", params=params, timeout=5)
+        assert r.status_code == 200 and r.json() == health.json()
+        assert r.headers["x-consul-knownleader"] == "false"
+    # The held index blocks its wait out, then the held answer (the sidecars do not spin).
+    r = httpx.get(
+        f"{b.url}/v1/health/connect/web",
+        params={"passing": "1", "index": str(health_index), "wait": "1s"},
+        timeout=10,
+    )
+    assert r.status_code == 200 and r.headers["x-consul-index"] == str(health_index)
+    # New connections B -> A go on working, for a while (each one new: its own TLS handshake
+    # and authorization, with the sidecars' held leaves, roots, intentions and instances).
+    t0, n = time.monotonic(), 0
+    while time.monotonic() - t0 < 3.0 or n < 5:
+        assert _bytes_flow(up, b"server gone %d" % n), f"connection {n} failed"
+        n += 1
+
+    restarted = TrellisProcess(args)
+    started.append(restarted)
+    restarted.start()
+    # The agents resync: their watches answer from a server again, their nodes are alive and
+    # their services passing, and bytes flow.
+    for agent in (a, b):
+        wait_until(
+            lambda agent=agent: (
+                httpx.get(f"{agent.url}/v1/agent/connect/ca/roots", timeout=5).headers.get(
+                    "x-consul-knownleader"
+                )
+                != "false"
+            ),
+            timeout=30,
+        )
+    wait_until(lambda: _connect_healthy(restarted.url, "web"), timeout=30)
+    wait_until(lambda: _connect_healthy(restarted.url, "api"), timeout=30)
+    wait_until(
+        lambda: (
+            not [
+                c
+                for c in httpx.get(f"{restarted.url}/v1/health/state/critical", timeout=5).json()
+                if c["CheckID"] == "serfHealth"
+            ]
+        ),
+        timeout=30,
+    )
+    assert _bytes_flow(up, b"after the restart")

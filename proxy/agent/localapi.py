@@ -9,6 +9,12 @@ local reads (``agent/services`` with hash-based blocking, ``agent/service/{id}``
 and ``agent/connect/*``), with the caller's headers and token, the server's status, headers
 and body passed back as they come; a blocking query blocks the same way, and a client that
 hangs up cancels its forwarded request.
+
+Shared (``trellis.proxy.agent.shared``): the CA roots, every read of them, come from the node's
+one roots watch; a blocking read (``?index=``) of the catalog, health, K/V or intentions
+shares one watch on the servers with the identical reads of other local clients (same path,
+query and token). A non-blocking read of those is forwarded, and answered from the shared
+watch when no server answers (fail static).
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
+import h11
 import trio
 
 from trellis.api import __version__
@@ -43,6 +51,15 @@ from trellis.proxy.agent.definitions import (
 )
 from trellis.proxy.agent.httpd import Request, Response, json_response
 from trellis.proxy.agent.ports import CRITICAL, PASSING, WARNING
+from trellis.proxy.agent.shared import (
+    ROOTS_KEY,
+    ROOTS_PATH,
+    Answer,
+    Headers,
+    SharedReads,
+    key_of,
+)
+from trellis.proxy.agent.shared import Unreachable as SharedUnreachable
 from trellis.proxy.agent.upstream import HOP_BY_HOP, Unreachable
 from trellis.proxy.bexpr import Filter, FilterError, Struct
 from trellis.proxy.bexpr import parse_optional as parse_filter
@@ -93,11 +110,25 @@ def _refused(e: WriteRefused) -> TrellisError:
 
 Route = Callable[[Request, str], Awaitable[Response]]
 
+#: Forwarded reads whose blocking form is shared between local clients: the reads a sidecar
+#: follows (health, intentions), and the other index-blocking reads that answer the same to
+#: the same token whoever asks.
+SHARED_PREFIXES = ("/v1/health/", "/v1/catalog/", "/v1/kv/", "/v1/connect/intentions")
+#: Query arguments a roots read may carry and still be the node's roots watch's answer.
+ROOTS_ARGS = frozenset({"index", "wait", "token", "stale", "consistent", "cached"})
+
 
 class LocalAPI:
-    def __init__(self, agent: Agent, *, on_leave: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        on_leave: Callable[[], None],
+        shared: SharedReads | None = None,
+    ) -> None:
         self.agent = agent
         self.on_leave = on_leave
+        self.shared = shared
         exact: dict[tuple[str, str], Route] = {
             ("PUT", "/v1/agent/service/register"): self.service_register,
             ("GET", "/v1/agent/services"): self.services,
@@ -137,6 +168,14 @@ class LocalAPI:
             raise NotFound(f"{req.path} is not served by the node agent")
         if not req.path.startswith("/v1/") and req.path not in ("/", "/ui"):
             raise NotFound(f"unknown path {req.path}")
+        if self.shared is not None and req.method == "GET":
+            if (
+                req.path in (ROOTS_PATH, "/v1/agent/connect/ca/roots")
+                and set(req.query) <= ROOTS_ARGS
+            ):
+                return await self.roots(req, self.shared)
+            if req.path.startswith(SHARED_PREFIXES):
+                return await self.shared_read(req, self.shared)
         return await self.forward(req)
 
     # -- forwarding -----------------------------------------------------------------------
@@ -159,6 +198,49 @@ class LocalAPI:
             raise NoServer(f"no server answered: {e}") from None
         out = [(k, v) for k, v in ex.headers if k.lower() not in HOP_BY_HOP]
         return Response(ex.status, out, stream=ex.body(), close=ex.close)
+
+    # -- shared reads ---------------------------------------------------------------------
+
+    async def roots(self, req: Request, shared: SharedReads) -> Response:
+        """The CA roots from the node's one roots watch, blocking or not (roots need no ACL:
+        see ``shared.ROOTS_KEY``)."""
+        try:
+            a = await shared.read(
+                ROOTS_KEY,
+                ROOTS_PATH,
+                (),
+                min_index=_index_arg(req),
+                wait=wait_arg(req),
+                pinned=True,
+                verify=False,
+            )
+        except SharedUnreachable as e:
+            raise NoServer(f"no server answered: {e}") from None
+        return _answer_response(a)
+
+    async def shared_read(self, req: Request, shared: SharedReads) -> Response:
+        """A blocking read shares its key's watch; a non-blocking one is forwarded, and
+        answered from the key's watch (marked stale) when no server answers."""
+        token = req.token()
+        key = key_of(req.path, req.query, token)
+        min_index = _index_arg(req)
+        if not min_index:
+            try:
+                return await self.forward(req)
+            except NoServer:
+                held = shared.held(key)
+                if held is None:
+                    raise
+                return _answer_response(held)
+        query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in key[1])
+        raw_path = req.target.split("?", 1)[0]
+        target = raw_path + ("?" + query if query else "")
+        headers = ((b"x-consul-token", token.encode()),) if token else ()
+        try:
+            a = await shared.read(key, target, headers, min_index=min_index, wait=wait_arg(req))
+        except SharedUnreachable as e:
+            raise NoServer(f"no server answered: {e}") from None
+        return _answer_response(a)
 
     # -- services -------------------------------------------------------------------------
 
@@ -425,6 +507,8 @@ class LocalAPI:
                         "checks": str(len(a.state.checks())),
                         "server": a.servers.address,
                         "syncs": str(a.syncs),
+                        # One blocking query each on a server (the shared reads).
+                        "shared_watches": str(self.shared.watching() if self.shared else 0),
                     }
                 },
                 "xDS": None,
@@ -475,6 +559,48 @@ class LocalAPI:
         if flt is not None:
             out = flt.select(out)
         return json_response(out)
+
+
+def _index_arg(req: Request) -> int | None:
+    """``?index=`` as the servers read it: ASCII digits, at most 2**64-1 (a 400 otherwise,
+    the caller's fault); None when absent."""
+    v = req.arg("index")
+    if v is None:
+        return None
+    v = v.strip()
+    if not (v.isascii() and v.isdigit()):
+        raise BadRequest(f"query parameter 'index' must be a whole number >= 0, not {v!r}")
+    digits = v.lstrip("0") or "0"
+    if len(digits) > 20 or int(digits) > 2**64 - 1:
+        raise BadRequest(f"query parameter 'index' must be at most {2**64 - 1}")
+    return int(digits)
+
+
+def server_fetch(agent: Agent) -> Callable[[str, Headers, float], Awaitable[Answer]]:
+    """The shared reads' way to the servers: one whole GET through ``agent.servers``
+    (failover included); the answer's hop-by-hop headers dropped. Raises shared.Unreachable."""
+
+    async def fetch(target: str, headers: Headers, head_timeout: float) -> Answer:
+        servers = agent.servers
+        try:
+            ex = await servers.open("GET", target, headers=list(headers), head_timeout=head_timeout)
+        except Unreachable as e:
+            raise SharedUnreachable(str(e)) from None
+        try:
+            with trio.fail_after(60.0):
+                body = await ex.read()
+        except (OSError, trio.TooSlowError, h11.ProtocolError, trio.BrokenResourceError) as e:
+            raise SharedUnreachable(f"{ex.server}: {type(e).__name__}: {e}") from None
+        finally:
+            await ex.close()
+        out = tuple((k, v) for k, v in ex.headers if k.lower() not in HOP_BY_HOP)
+        return Answer(ex.status, out, body)
+
+    return fetch
+
+
+def _answer_response(a: Answer) -> Response:
+    return Response(a.status, list(a.headers), a.body)
 
 
 def member_status(check: dict[str, Any] | None) -> str:

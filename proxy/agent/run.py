@@ -20,7 +20,8 @@ from trellis.api import __version__
 from trellis.proxy.agent import wiring
 from trellis.proxy.agent.core import Agent, Options
 from trellis.proxy.agent.httpd import serve
-from trellis.proxy.agent.localapi import LocalAPI
+from trellis.proxy.agent.localapi import LocalAPI, server_fetch
+from trellis.proxy.agent.shared import SharedReads
 
 log = logging.getLogger("trellis.agent")
 MAX_BODY = 4 * 1024 * 1024
@@ -77,7 +78,8 @@ async def run_agent(opts: Options) -> int:
 
     stop = trio.Event()
     leave = {"graceful": opts.leave_on_terminate}
-    api = LocalAPI(agent, on_leave=lambda: (leave.update(graceful=True), stop.set()))
+    shared = SharedReads(server_fetch(agent))
+    api = LocalAPI(agent, on_leave=lambda: (leave.update(graceful=True), stop.set()), shared=shared)
 
     async def signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as rx:
@@ -115,6 +117,7 @@ async def run_agent(opts: Options) -> int:
         await nursery.start(signals)
         await nursery.start(agent.runner.run)
         await nursery.start(agent.supervisor.run)
+        await nursery.start(shared.run)
         agent.changed()
         nursery.start_soon(functools.partial(serve, listener, api.handle, max_body=MAX_BODY))
         sync_scope = await nursery.start(loops)
