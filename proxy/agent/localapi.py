@@ -9,6 +9,11 @@ local reads (``agent/services`` with hash-based blocking, ``agent/service/{id}``
 and ``agent/connect/*``), with the caller's headers and token, the server's status, headers
 and body passed back as they come; a blocking query blocks the same way, and a client that
 hangs up cancels its forwarded request.
+
+The agent of ``trellis dev`` (``Options.dev``) owns the API address users know, in front of a
+server of its own node: it forwards the ``/v1/agent/`` paths it does not answer too, and
+refuses what dev's server refuses from web pages, which behind the agent sees only the
+agent's ``Host``.
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import trio
 
-from trellis.api import __version__
+from trellis.api import __version__, browsers
 from trellis.api.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -82,6 +87,29 @@ def wait_arg(req: Request) -> float:
         raise BadRequest(f"query parameter 'wait': {e}") from None
 
 
+class _Headers(Mapping[str, str]):
+    """A request's headers as ``trellis.api.browsers.refusal`` reads them (any case)."""
+
+    def __init__(self, req: Request) -> None:
+        self._req = req
+
+    def __getitem__(self, name: str) -> str:
+        v = self._req.header(name)
+        if v is None:
+            raise KeyError(name)
+        return v
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.decode("latin-1") for k, _ in self._req.headers)
+
+    def __len__(self) -> int:
+        return len(self._req.headers)
+
+
+def _mimetype(req: Request) -> str:
+    return (req.header("content-type") or "").split(";", 1)[0].strip().lower()
+
+
 def _refused(e: WriteRefused) -> TrellisError:
     if e.status == 403:
         return PermissionDenied(e.message)
@@ -117,6 +145,18 @@ class LocalAPI:
         ]
 
     async def handle(self, req: Request) -> Response:
+        if self.agent.opts.dev:
+            # dev's server sees only the agent's Host (an IP address): the agent is the one
+            # that can tell a rebound name, for the requests it forwards and those it answers.
+            why = browsers.refusal(
+                req.method,
+                _Headers(req),
+                _mimetype(req),
+                dev=True,
+                listen_host=self.agent.opts.bind,
+            )
+            if why is not None:
+                raise PermissionDenied(why)
         route = self.exact.get((req.method, req.path))
         if route is not None:
             return await route(req, "")
@@ -127,7 +167,11 @@ class LocalAPI:
                 return await r(req, req.path[len(prefix) :])
         if any(req.path == p for _, p in self.exact):
             raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}")
-        if req.path.startswith("/v1/agent/") and not req.path.startswith("/v1/agent/connect/"):
+        if (
+            req.path.startswith("/v1/agent/")
+            and not req.path.startswith("/v1/agent/connect/")
+            and not self.agent.opts.dev  # dev's server is on this node: it may answer
+        ):
             raise NotFound(f"{req.path} is not served by the node agent")
         if not req.path.startswith("/v1/") and req.path not in ("/", "/ui"):
             raise NotFound(f"unknown path {req.path}")
@@ -152,7 +196,14 @@ class LocalAPI:
         except Unreachable as e:
             raise NoServer(f"no server answered: {e}") from None
         out = [(k, v) for k, v in ex.headers if k.lower() not in HOP_BY_HOP]
-        return Response(ex.status, out, stream=ex.body(), close=ex.close)
+        length = ex.header(b"content-length")
+        return Response(
+            ex.status,
+            out,
+            stream=ex.body(),
+            close=ex.close,
+            length=int(length) if length and length.isdigit() else None,
+        )
 
     # -- services -------------------------------------------------------------------------
 
