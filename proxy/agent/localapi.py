@@ -445,13 +445,16 @@ class LocalAPI:
 
     async def self_(self, req: Request, _: str) -> Response:
         a = self.agent
+        # dev's agent fronts a server of its own node: that node is a server member, as a
+        # Consul agent in dev mode is (``trellis members`` reads this).
+        server = a.opts.dev
         return json_response(
             {
                 "Config": {
                     "Datacenter": a.datacenter,
                     "NodeName": a.opts.node,
                     "NodeID": "",
-                    "Server": False,
+                    "Server": server,
                     "Revision": "",
                     "Version": __version__,
                     "PrimaryDatacenter": a.datacenter,
@@ -460,7 +463,11 @@ class LocalAPI:
                     "Name": a.opts.node,
                     "Addr": a.opts.address,
                     "Port": 8301,
-                    "Tags": {"role": "node", "dc": a.datacenter, "build": __version__},
+                    "Tags": {
+                        "role": "consul" if server else "node",
+                        "dc": a.datacenter,
+                        "build": __version__,
+                    },
                     "Status": 1,
                 },
                 "Meta": {},
@@ -512,7 +519,13 @@ class LocalAPI:
                     "Name": n["Node"],
                     "Addr": n.get("Address", ""),
                     "Port": 8301,
-                    "Tags": {"dc": n.get("Datacenter", ""), "role": "node"},
+                    "Tags": {
+                        "dc": n.get("Datacenter", ""),
+                        # dev's own node runs the server (see self_).
+                        "role": "consul"
+                        if self.agent.opts.dev and n["Node"] == self.agent.opts.node
+                        else "node",
+                    },
                     "Status": {"alive": 1, "left": 3, "failed": 4}[st],
                 }
             )
