@@ -444,44 +444,59 @@ class LocalAPI:
     # -- the agent itself -----------------------------------------------------------------
 
     async def self_(self, req: Request, _: str) -> Response:
+        own = self._self_json()
+        if self.agent.opts.dev:
+            # dev's node is one agent and one server, as a Consul agent in dev mode is: the
+            # server's self (its config, store and blocking stats, under its ACL check) with
+            # this agent's own counts; the agent's alone only if the server does not answer.
+            try:
+                status, value, _ = await self.agent.servers.call(
+                    "GET", "/v1/agent/self", token=req.token()
+                )
+            except Unreachable:
+                return json_response(own)
+            if status == 200 and isinstance(value, dict) and isinstance(value.get("Stats"), dict):
+                value["Stats"]["agent"] = own["Stats"]["agent"]
+            return json_response(value, status)
+        return json_response(own)
+
+    def _self_json(self) -> dict[str, Any]:
         a = self.agent
         # dev's agent fronts a server of its own node: that node is a server member, as a
         # Consul agent in dev mode is (``trellis members`` reads this).
         server = a.opts.dev
-        return json_response(
-            {
-                "Config": {
-                    "Datacenter": a.datacenter,
-                    "NodeName": a.opts.node,
-                    "NodeID": "",
-                    "Server": server,
-                    "Revision": "",
-                    "Version": __version__,
-                    "PrimaryDatacenter": a.datacenter,
+        return {
+            "Config": {
+                "Datacenter": a.datacenter,
+                "NodeName": a.opts.node,
+                "NodeID": "",
+                "Server": server,
+                "Revision": "",
+                "Version": __version__,
+                "PrimaryDatacenter": a.datacenter,
+            },
+            "Member": {
+                "Name": a.opts.node,
+                "Addr": a.opts.address,
+                "Port": 8301,
+                "Tags": {
+                    "role": "consul" if server else "node",
+                    "dc": a.datacenter,
+                    "build": __version__,
                 },
-                "Member": {
-                    "Name": a.opts.node,
-                    "Addr": a.opts.address,
-                    "Port": 8301,
-                    "Tags": {
-                        "role": "consul" if server else "node",
-                        "dc": a.datacenter,
-                        "build": __version__,
-                    },
-                    "Status": 1,
-                },
-                "Meta": {},
-                "Stats": {
-                    "agent": {
-                        "services": str(len(a.state.services())),
-                        "checks": str(len(a.state.checks())),
-                        "server": a.servers.address,
-                        "syncs": str(a.syncs),
-                    }
-                },
-                "xDS": None,
-            }
-        )
+                "Status": 1,
+            },
+            "Meta": {},
+            "Stats": {
+                "agent": {
+                    "services": str(len(a.state.services())),
+                    "checks": str(len(a.state.checks())),
+                    "server": a.servers.address,
+                    "syncs": str(a.syncs),
+                }
+            },
+            "xDS": None,
+        }
 
     async def reload(self, req: Request, _: str) -> Response:
         errors = await self.agent.reload()
