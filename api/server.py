@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -266,6 +267,8 @@ def serve(settings: Settings, *, agent_config_dirs: tuple[str, ...] = ()) -> int
     try:
         app.run()
     except SystemExit as e:
+        if agent is not None and agent.died:
+            return _fail(agent.died)
         return int(e.code or 0)
     except HaltServer as e:
         # gunicorn raises this past run() when a second worker fails while it is already
@@ -316,6 +319,19 @@ class DevAgent:
         if settings.data_dir:
             args += ["-data-dir", os.path.join(settings.data_dir, "agent")]
         self.proc = subprocess.Popen(args, pass_fds=(sock.fileno(),), process_group=0)
+        #: Set when the agent exited while dev ran: dev's API is gone, so dev stops too.
+        self.died: str | None = None
+        threading.Thread(target=self._watch, name="trellis-dev-agent", daemon=True).start()
+
+    def _watch(self) -> None:
+        # Popen.wait returns also when gunicorn's arbiter reaped the agent first (waitpid(-1)
+        # claims every child; the status is then lost, and reads as 0).
+        code = self.proc.wait()
+        if self._stopped:
+            return
+        self.died = f"the node agent (dev's HTTP API) exited with status {code}"
+        log.error("%s: stopping", self.died)
+        os.kill(os.getpid(), signal.SIGTERM)  # the arbiter's own way to stop
 
     def stop(self) -> None:
         """Stop the agent (a graceful leave), once; waits for it."""
@@ -514,8 +530,6 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
         if self.agent is not None:
             # Ctrl-C reaches the whole foreground group: dev's workers keep serving until the
             # arbiter has stopped the agent (whose leave needs them) and then stops them.
-            import signal
-
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.dns_socks is None:
             return

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import httpx
 import pytest
 
 from tests.proxy_support import EchoApp, ProxyProcess, exchange, free_port
-from tests.support import TrellisProcess, alive, child_pids, cmdline, wait_until
+from tests.support import TRELLIS, TrellisProcess, alive, child_pids, cmdline, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -184,3 +185,30 @@ def test_sigkill_of_dev_leaves_no_child_behind(tmp_path, started, seen, web):
     os.kill(dev.pid, signal.SIGKILL)
     dev.proc.wait(10)
     wait_until(lambda: not any(alive(p) for p in everyone), timeout=30)
+
+
+def test_dev_stops_when_its_agent_dies(tmp_path, started, seen):
+    """The agent is dev's HTTP API: if it dies, dev says so and stops (status 1) rather
+    than run on with nothing on its API address."""
+    dev = _dev(tmp_path, started)
+    agent = _agent_pid(dev)
+    seen.add(agent, *child_pids(dev.pid))
+    os.kill(agent, signal.SIGKILL)
+    assert dev.wait(30) == 1, dev.output()
+    dev._close()
+    assert any("the node agent (dev's HTTP API) exited" in line for line in dev.lines), dev.output()
+    wait_until(lambda: not seen.survivors(), timeout=15)
+
+
+def test_dev_refuses_a_missing_config_dir(tmp_path):
+    """Refused before anything starts (the agent would refuse it, leaving dev without its
+    API)."""
+    missing = tmp_path / "nope"
+    r = subprocess.run(
+        [TRELLIS, "dev", "-http-port", "0", "-dns-port", "-1", "-config-dir", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 1, r
+    assert f"Error! Config directory {missing} does not exist" in r.stderr

@@ -9,6 +9,7 @@ inside the commands: the client commands must not pay for (or depend on) gunicor
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -136,6 +137,10 @@ def _run_dev(ctx: Context, ns: argparse.Namespace) -> int:
     except ImportError as e:
         raise CommandError(f"Error! The Trellis server is not available: {e}") from None
     dirs = tuple(getattr(ns, "config_dir", ()) or ())
+    for d in dirs:
+        # Here, not in the agent: an agent that refuses to start leaves dev without its API.
+        if not os.path.isdir(d):
+            raise CommandError(f"Error! Config directory {d} does not exist")
     return _call(lambda: main_dev(settings_values(ns), dirs))
 
 
