@@ -29,18 +29,23 @@ does not check ``Host``: it is reached through names and load balancers an opera
 and runs with ACLs for anything exposed.
 
 ``refusal`` is the whole decision, pure; ``install`` applies it to every request of an app.
+``trellis dev``'s node agent, which owns the API address in front of the server, applies the
+same ``refusal`` (``trellis.proxy.agent.localapi``): so Flask is imported only by ``install``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from flask import Flask, request
-
 from trellis.api.errors import PermissionDenied
-from trellis.api.settings import Settings
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from trellis.api.settings import Settings
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -120,6 +125,7 @@ def refusal(
 
 def install(app: Flask, settings: Settings) -> None:
     """Refuse, before any view runs, what ``refusal`` refuses (a 403)."""
+    from flask import request
 
     dev = settings.dev
 

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -69,8 +70,9 @@ def main_server(values: dict[str, Any], config_file: str | None) -> int:
 
 
 def main_dev(values: dict[str, Any], agent_config_dirs: tuple[str, ...] = ()) -> int:
-    """``trellis dev``: everything in one process tree, on a throw-away data dir; with
-    ``agent_config_dirs``, a node agent for the server's own node loads them."""
+    """``trellis dev``: everything in one process tree, on a throw-away data dir: the server,
+    and in front of it a node agent for the server's own node (``DevAgent``) that loads
+    ``agent_config_dirs``."""
     own_dir = None
     merged: dict[str, Any] = {"workers": 1, "dev": True}
     merged.update(values)
@@ -103,6 +105,25 @@ def bind_http(host: str, port: int) -> socket.socket:
         raise OSError(f"cannot listen for HTTP on {host}:{port}: {e.strerror}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def bind_agent(host: str, port: int) -> socket.socket:
+    """The listening socket of dev's node agent, on the address users know. Without
+    SO_REUSEPORT: a second ``trellis dev`` on the same port is a clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(512)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen for HTTP on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def _loopback(host: str) -> str:
+    return "::1" if ":" in host else "127.0.0.1"
 
 
 def _addr(sock: socket.socket) -> str:
@@ -166,9 +187,23 @@ def serve(settings: Settings, *, agent_config_dirs: tuple[str, ...] = ()) -> int
     except ConfigError as e:
         return _fail(f"invalid configuration: {e}")
 
+    # In dev the node agent owns the API address (DESIGN.md flow 1: what a user curls is a
+    # node's API, and a one-line registration there gets its sidecar); the server listens
+    # on a free loopback port that only the agent uses.
+    agent_sock = None
+    if settings.dev:
+        try:
+            agent_sock = bind_agent(settings.http_host, settings.http_port)
+        except OSError as e:
+            return _fail(str(e))
     try:
-        http = bind_http(settings.http_host, settings.http_port)
+        if agent_sock is not None:
+            http = bind_http(_loopback(settings.http_host), 0)
+        else:
+            http = bind_http(settings.http_host, settings.http_port)
     except OSError as e:
+        if agent_sock is not None:
+            agent_sock.close()
         return _fail(str(e))
     dns_socks = None
     if settings.dns_port >= 0:
@@ -178,6 +213,8 @@ def serve(settings: Settings, *, agent_config_dirs: tuple[str, ...] = ()) -> int
             dns_socks = bind_dns_sockets(settings.dns_host, settings.dns_port)
         except OSError as e:
             http.close()
+            if agent_sock is not None:
+                agent_sock.close()
             # bind_dns_sockets' message names the protocol, the address and the reason
             # ("DNS: cannot bind UDP 127.0.0.1:8600 (Address already in use)"); str(e) would
             # wrap it in "[Errno 98]" and repeat the address.
@@ -187,20 +224,25 @@ def serve(settings: Settings, *, agent_config_dirs: tuple[str, ...] = ()) -> int
 
     http_url = f"http://{_addr(http)}"
     agent = None
-    if agent_config_dirs:
+    if agent_sock is not None:
         try:
-            agent = DevAgent(settings, http_url, agent_config_dirs)
+            agent = DevAgent(settings, agent_sock, http_url, agent_config_dirs)
         except OSError as e:
             http.close()
             return _fail(f"cannot start the node agent: {e}")
+        finally:
+            agent_sock.close()  # the agent has its own copy
     lines = [
         "==> Trellis " + ("dev mode" if settings.dev else "server") + " running",
         f"         Version: {__version__}",
         f"       Node name: {settings.node_name}",
         f"      Datacenter: {settings.datacenter}",
         f"           Store: {_redact(settings.store_url)}",
-        f"        HTTP API: {http_url}",
-        *([f"       Agent API: {agent.url}"] if agent else []),
+        *(
+            [f"        HTTP API: {agent.url}", f"      Server API: {http_url}"]
+            if agent
+            else [f"        HTTP API: {http_url}"]
+        ),
         "             DNS: "
         + (
             f"{_addr(dns_socks[0])} (UDP and TCP), domain {settings.domain_fqdn}"
@@ -219,12 +261,14 @@ def serve(settings: Settings, *, agent_config_dirs: tuple[str, ...] = ()) -> int
     ]
     print("\n".join(lines), flush=True)
 
-    app = TrellisGunicorn(settings, http, dns_socks)
+    app = TrellisGunicorn(settings, http, dns_socks, agent=agent)
     from gunicorn.errors import HaltServer
 
     try:
         app.run()
     except SystemExit as e:
+        if agent is not None and agent.died:
+            return _fail(agent.died)
         return int(e.code or 0)
     except HaltServer as e:
         # gunicorn raises this past run() when a second worker fails while it is already
@@ -237,48 +281,71 @@ def serve(settings: Settings, *, agent_config_dirs: tuple[str, ...] = ()) -> int
 
 
 class DevAgent:
-    """The ``trellis agent`` child of ``trellis dev -config-dir``: the server's own node,
-    its API on a socket bound here (so the banner can print it before the child runs), ended
-    with the dev command. It also exits by itself if the dev command dies (-exit-with-parent).
+    """The ``trellis agent`` child of ``trellis dev``: the server's own node, serving the API
+    address users know on ``sock`` (bound here, so a busy port fails before anything starts
+    and the banner can print it before the child runs), forwarding to the server.
+
+    Stopping: the agent goes first (``stop``, called by the arbiter before it stops the
+    workers: ``TrellisGunicorn.run``), so that its leave, which deregisters the node's
+    services and stops their sidecars, still finds the server. It runs in its own process
+    group, so a Ctrl-C in the terminal reaches only the dev command, which then stops it in
+    that order (dev's workers ignore SIGINT for the same reason). If the dev command dies, the
+    agent stops by itself (-exit-with-parent) and its sidecars with it (-parent-pid).
     """
 
-    def __init__(self, settings: Settings, server_url: str, config_dirs: tuple[str, ...]):
+    def __init__(
+        self,
+        settings: Settings,
+        sock: socket.socket,
+        server_url: str,
+        config_dirs: tuple[str, ...],
+    ):
         import subprocess
 
-        family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.bind((settings.http_host, 0))
-            sock.listen(512)
-        except OSError:
-            sock.close()
-            raise
         self.url = f"http://{_addr(sock)}"
+        self._stopped = False
         args = [
             sys.executable,
             "-c",
             "import sys; from trellis.api.cli.main import main; sys.exit(main())",
             "agent",
+            "-dev",
             *("-server", server_url, "-node", settings.node_name),
             *("-bind", settings.http_host, "-http-fd", str(sock.fileno())),
             "-exit-with-parent",
+            *("-log-level", settings.log_level),
             *(a for d in config_dirs for a in ("-config-dir", d)),
         ]
         if settings.data_dir:
             args += ["-data-dir", os.path.join(settings.data_dir, "agent")]
-        try:
-            self.proc = subprocess.Popen(args, pass_fds=(sock.fileno(),))
-        finally:
-            sock.close()
+        self.proc = subprocess.Popen(args, pass_fds=(sock.fileno(),), process_group=0)
+        #: Set when the agent exited while dev ran: dev's API is gone, so dev stops too.
+        self.died: str | None = None
+        threading.Thread(target=self._watch, name="trellis-dev-agent", daemon=True).start()
+
+    def _watch(self) -> None:
+        # Popen.wait returns also when gunicorn's arbiter reaped the agent first (waitpid(-1)
+        # claims every child; the status is then lost, and reads as 0).
+        code = self.proc.wait()
+        if self._stopped:
+            return
+        self.died = f"the node agent (dev's HTTP API) exited with status {code}"
+        log.error("%s: stopping", self.died)
+        os.kill(os.getpid(), signal.SIGTERM)  # the arbiter's own way to stop
 
     def stop(self) -> None:
+        """Stop the agent (a graceful leave), once; waits for it."""
         import subprocess
 
+        if self._stopped:
+            return
+        self._stopped = True
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
+                log.warning("the node agent did not stop within 15s: killing it")
                 self.proc.kill()
                 self.proc.wait(5)
 
@@ -349,11 +416,35 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
         settings: Settings,
         http: socket.socket,
         dns_socks: tuple[socket.socket, socket.socket] | None,
+        *,
+        agent: DevAgent | None = None,
     ) -> None:
         self.settings = settings
         self.http = http
         self.dns_socks = dns_socks
+        self.agent = agent
         super().__init__()
+
+    def run(self) -> None:
+        """gunicorn's ``run``, with an arbiter that stops dev's node agent before the
+        workers (see ``DevAgent``): every way the arbiter stops goes through ``stop``."""
+        from gunicorn.arbiter import Arbiter
+
+        agent = self.agent
+        if agent is None:
+            super().run()
+            return
+
+        class DevArbiter(Arbiter):  # type: ignore[misc]
+            def stop(self, graceful: bool = True) -> None:
+                agent.stop()
+                super().stop(graceful)
+
+        try:
+            DevArbiter(self).run()
+        except RuntimeError as e:  # as BaseApplication.run reports it
+            print(f"\nError: {e}\n", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     def load_config(self) -> None:
         s = self.settings
@@ -436,6 +527,10 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
         worker.sockets = own
 
     def _post_worker_init(self, worker) -> None:
+        if self.agent is not None:
+            # Ctrl-C reaches the whole foreground group: dev's workers keep serving until the
+            # arbiter has stopped the agent (whose leave needs them) and then stops them.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.dns_socks is None:
             return
         from trellis.api.acl.cache import dns_authorizer

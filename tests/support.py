@@ -148,7 +148,14 @@ class TrellisProcess(OutputProcess):
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
         super().__init__(args, env=env)
         self.url = ""
+        self._server_url = ""
         self.dns_port: int | None = None
+
+    @property
+    def server_url(self) -> str:
+        """The server's own API: ``trellis dev``'s "Server API" (``url`` is its node agent's),
+        else ``url``. For tests that stand in for a node agent themselves."""
+        return self._server_url or self.url
 
     def start(self, timeout: float = 30.0) -> TrellisProcess:
         self._spawn()
@@ -173,6 +180,9 @@ class TrellisProcess(OutputProcess):
         m = re.search(r"HTTP API: (http://\S+)", line)
         if m:
             self.url = m.group(1)
+        m = re.search(r"Server API: (http://\S+)", line)
+        if m:
+            self._server_url = m.group(1)
         m = re.search(r"DNS: \S+:(\d+) ", line)
         if m:
             self.dns_port = int(m.group(1))
@@ -216,6 +226,12 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             out.append(int(entry))
     return out
+
+
+def worker_pids(pid: int) -> list[int]:
+    """A ``trellis server``'s or ``trellis dev``'s gunicorn workers: its children but for
+    dev's node agent (``trellis agent -dev``), which is a child of dev's master too."""
+    return [p for p in child_pids(pid) if "agent" not in cmdline(p)]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:

@@ -177,6 +177,31 @@ def test_a_rebound_host_name_gets_nothing(dev):
     assert raw(dev.url, ok) == (200, b"s3cret")
 
 
+def test_a_rebound_host_name_cannot_register_with_devs_node_agent(dev):
+    """dev's API address is its node agent's, which answers /v1/agent/service/register
+    itself (and would run a managed sidecar for it): a rebound page gets a 403 there too, and
+    nothing is registered. The server behind the agent sees only the agent's Host, so the
+    agent is the one that must refuse."""
+    port = dev.url.rsplit(":", 1)[1]
+    body = json.dumps({"Name": "evil", "Port": 1, "Connect": {"Proxy": {}}}).encode()
+    req = (
+        "PUT /v1/agent/service/register HTTP/1.1\r\n"
+        f"Host: rebind.evil.example:{port}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Origin: http://rebind.evil.example:" + port + "\r\n"
+        "Sec-Fetch-Site: same-origin\r\n"
+        "Sec-Fetch-Mode: cors\r\n"
+        "\r\n"
+    ).encode() + body
+    status, answer = raw(dev.url, req)
+    assert status == 403, answer
+    assert json.loads(answer)["code"] == "permission_denied"
+    assert "evil" not in httpx.get(dev.url + "/v1/agent/services").json()
+    assert httpx.get(dev.url + "/v1/catalog/service/evil").json() == []
+
+
 def test_curl_the_cli_and_consul_clients_still_work(dev):
     host = dev.url.removeprefix("http://")
     # curl -d @intention.json (form-urlencoded, no Origin)

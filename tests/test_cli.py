@@ -117,18 +117,24 @@ def test_command_help_goes_to_stdout(cli):
 
 
 def test_dev_help_says_what_dev_starts(cli):
-    """Only what ``trellis dev`` really starts: a node agent only with -config-dir (no UI)."""
+    """Only what ``trellis dev`` really starts (no UI): since issue 11 item 5, always a node
+    agent, on the API address, in front of the server."""
     r = cli("dev", "-h")
     assert r.code == 0 and r.err == ""
     assert r.out.startswith(
-        "Usage: trellis dev [options]\n\n"
-        "  Starts a server with everything on one machine: the HTTP API on 127.0.0.1:8500,\n"
-        "  DNS on 127.0.0.1:8600, SQLite in a temporary data directory (deleted when it\n"
-        "  stops), the built-in CA, and this host registered as a node. Nothing else is\n"
-        "  needed. With -config-dir, it also starts a node agent for this node, on its own\n"
-        '  port (printed as "Agent API"), that registers the services defined there.\n'
-        "  Otherwise register services through the HTTP API or 'trellis services register',\n"
-        "  and start their sidecars with 'trellis connect proxy'.\n\n"
+        "Usage: trellis dev [options]\n"
+        "\n"
+        "  Starts everything on one machine: a server (SQLite in a temporary data directory,\n"
+        "  deleted when it stops; the built-in CA; DNS on 127.0.0.1:8600) and in front of it\n"
+        "  the node agent of this host (trellis agent), which serves the HTTP API on\n"
+        "  127.0.0.1:8500 (-bind, -http-port): it answers the /v1/agent endpoints and\n"
+        "  forwards the rest to the server, which listens on a free 127.0.0.1 port of its\n"
+        '  own (printed as "Server API"). Nothing else is needed. A service registered with\n'
+        '  "connect": {"proxy": {}}, in a -config-dir file or through the API\n'
+        "  (PUT /v1/agent/service/register), gets a sidecar the agent runs. Ctrl-C stops\n"
+        "  the agent first (it deregisters its services and stops their sidecars), then\n"
+        "  the server.\n"
+        "\n"
         "Command Options:\n"
     )
     server = cli("server", "-h").out

@@ -456,10 +456,12 @@ def test_trellis_dev_config_dir_starts_an_agent_for_its_node(tmp_path):
     )
     try:
         dev.start()
-        line = dev.wait_for_line(r"Agent API: http://")
-        agent_url = line.split("Agent API: ")[1].strip()
-        wait_services(dev.url, "devnode", {"web"})
-        assert set(httpx.get(f"{agent_url}/v1/agent/services").json()) == {"web"}
+        # The agent owns dev's API address ("HTTP API"); the server has a port of its own.
+        line = dev.wait_for_line(r"Server API: http://")
+        server_url = line.split("Server API: ")[1].strip()
+        assert server_url != dev.url
+        wait_services(server_url, "devnode", {"web"})
+        assert set(httpx.get(f"{dev.url}/v1/agent/services").json()) == {"web"}
         agent_pid = wait_until(lambda: _agent_pid(dev.pid))
     finally:
         dev.stop()

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import TrellisProcess, child_pids, wait_until
+from tests.support import TrellisProcess, wait_until, worker_pids
 from tests.test_integration_replicas import Conn, pinned_connections
 
 pytestmark = pytest.mark.integration
@@ -104,9 +104,11 @@ def _index(conn: Conn) -> int:
 
 def test_every_follower_sees_every_intention_write_at_once_on_both_workers(dev):
     started = time.monotonic()
-    workers = wait_until(lambda: w if len(w := child_pids(dev.pid)) == 2 else None)
+    # The server's two workers and its own port: each connection is pinned to a worker, which
+    # dev's node agent in front (on dev.url, a child of dev too) would hide.
+    workers = wait_until(lambda: w if len(w := worker_pids(dev.pid)) == 2 else None)
     per_worker = FOLLOWERS // 2 + 1  # and one writer on each
-    pools = pinned_connections(dev.url, workers, per_worker)
+    pools = pinned_connections(dev.server_url, workers, per_worker)
     writers = [pools[w][0] for w in workers]
     conns = [c for w in workers for c in pools[w][1:]]
     stop = threading.Event()

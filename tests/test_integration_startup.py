@@ -233,6 +233,10 @@ def test_dev_prints_where_everything_listens_and_serves_there(dev_process):
     http = banner_value(p, "HTTP API")
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", http), http
     assert http == p.url
+    # dev's node agent owns the HTTP API address; the server has a loopback port of its own.
+    server = banner_value(p, "Server API")
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", server) and server != http, server
+    assert httpx.get(server + "/v1/status/leader").status_code == 200
     dns = banner_value(p, "DNS")
     m = re.fullmatch(r"127\.0\.0\.1:(\d+) \(UDP and TCP\), domain trellis\.", dns)
     assert m, dns

@@ -171,7 +171,7 @@ def echoes(port: int, text: bytes) -> bool:
 def test_supervised_sidecars_serve_come_back_after_sigkill_and_stop_when_removed(
     trellis_server, harnesses, apps
 ):
-    url = trellis_server.url
+    url = trellis_server.server_url
     db_app = EchoApp(upper=True)
     apps.append(db_app)
     up_port = free_port()
@@ -215,7 +215,7 @@ def test_supervised_sidecars_serve_come_back_after_sigkill_and_stop_when_removed
 
 
 def test_no_sidecar_outlives_its_parent_killed_with_sigkill(trellis_server, harnesses, apps):
-    url = trellis_server.url
+    url = trellis_server.server_url
     db_app = EchoApp(upper=True)
     apps.append(db_app)
     specs = managed_sidecars(url, two_apps(db_app.port, free_port()))
@@ -244,7 +244,7 @@ def test_a_proxy_whose_parent_is_not_the_given_pid_exits_at_once(trellis_server)
         [
             str(Path(sys.executable).with_name("trellis")),
             *("connect", "proxy", "-service", "alice", "-upstream", f"db:{free_port()}"),
-            *("-http-addr", trellis_server.url, "-parent-pid", "1"),
+            *("-http-addr", trellis_server.server_url, "-parent-pid", "1"),
         ],
         capture_output=True,
         text=True,

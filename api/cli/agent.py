@@ -102,6 +102,11 @@ def _agent_flags(p: FlagParser) -> None:
         help="(internal) stop when the process that started the agent is gone (trellis dev).",
     )
     p.flag(
+        "dev",
+        action="store_true",
+        help="(internal) the agent of trellis dev, in front of a server on the same node.",
+    )
+    p.flag(
         "node-ttl",
         type=_duration,
         default=30.0,
@@ -193,6 +198,7 @@ def agent_cmd(ctx: Context, ns: argparse.Namespace) -> int:
         leave_on_terminate=not ns.no_leave_on_terminate,
         enable_script_checks=ns.enable_script_checks,
         parent_pid=os.getppid() if ns.exit_with_parent else None,
+        dev=ns.dev,
         proxy_min_port=ns.proxy_min_port,
         proxy_max_port=ns.proxy_max_port,
     )

@@ -9,6 +9,7 @@ inside the commands: the client commands must not pay for (or depend on) gunicor
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -136,6 +137,10 @@ def _run_dev(ctx: Context, ns: argparse.Namespace) -> int:
     except ImportError as e:
         raise CommandError(f"Error! The Trellis server is not available: {e}") from None
     dirs = tuple(getattr(ns, "config_dir", ()) or ())
+    for d in dirs:
+        # Here, not in the agent: an agent that refuses to start leaves dev without its API.
+        if not os.path.isdir(d):
+            raise CommandError(f"Error! Config directory {d} does not exist")
     return _call(lambda: main_dev(settings_values(ns), dirs))
 
 
@@ -165,8 +170,8 @@ def _dev_flags(p: FlagParser) -> None:
         action="append",
         default=_S,
         metavar="path",
-        help="Start a node agent for this node (trellis agent) that loads the service and "
-        "check definitions in this directory. Repeatable. Its API is printed in the banner.",
+        help="Service and check definitions (*.json, *.hcl) for dev's node agent to load. "
+        "Repeatable.",
     )
 
 
@@ -177,13 +182,16 @@ DEV = Command(
     _run_dev,
     _dev_flags,
     description="""
-    Starts a server with everything on one machine: the HTTP API on 127.0.0.1:8500,
-    DNS on 127.0.0.1:8600, SQLite in a temporary data directory (deleted when it
-    stops), the built-in CA, and this host registered as a node. Nothing else is
-    needed. With -config-dir, it also starts a node agent for this node, on its own
-    port (printed as "Agent API"), that registers the services defined there.
-    Otherwise register services through the HTTP API or 'trellis services register',
-    and start their sidecars with 'trellis connect proxy'.
+    Starts everything on one machine: a server (SQLite in a temporary data directory,
+    deleted when it stops; the built-in CA; DNS on 127.0.0.1:8600) and in front of it
+    the node agent of this host (trellis agent), which serves the HTTP API on
+    127.0.0.1:8500 (-bind, -http-port): it answers the /v1/agent endpoints and
+    forwards the rest to the server, which listens on a free 127.0.0.1 port of its
+    own (printed as "Server API"). Nothing else is needed. A service registered with
+    "connect": {"proxy": {}}, in a -config-dir file or through the API
+    (PUT /v1/agent/service/register), gets a sidecar the agent runs. Ctrl-C stops
+    the agent first (it deregisters its services and stops their sidecars), then
+    the server.
     """,
     http=False,
 )

@@ -66,6 +66,10 @@ class Options:
     enable_script_checks: bool = False
     #: Stop when this process is no longer the agent's parent (``trellis dev`` died).
     parent_pid: int | None = None
+    #: The agent of ``trellis dev``: it owns the API address in front of a server of its own
+    #: node, so it forwards the server's other ``/v1/agent/`` endpoints (they describe this
+    #: node too) and refuses what dev's server refuses from web pages (``trellis.api.browsers``).
+    dev: bool = False
     #: Managed sidecars' public ports (Consul's ``ports.proxy_min_port``..``proxy_max_port``).
     proxy_min_port: int = managed.PROXY_MIN_PORT
     proxy_max_port: int = managed.PROXY_MAX_PORT

@@ -78,6 +78,9 @@ class Response:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
+    #: The length of ``stream`` when it is known (a forwarded answer's Content-Length): sent
+    #: as such, so a client sees the server's framing; else the stream is sent chunked.
+    length: int | None = None
     #: Called when the response is done or abandoned (closes a forwarded exchange).
     close: Callable[[], Awaitable[None]] | None = None
 
@@ -243,7 +246,10 @@ async def _send(stream: trio.SocketStream, conn: h11.Connection, resp: Response)
             data += conn.send(h11.EndOfMessage())
             await stream.send_all(data)
             return True
-        headers.append((b"transfer-encoding", b"chunked"))
+        if resp.length is not None:
+            headers.append((b"content-length", str(resp.length).encode()))
+        else:
+            headers.append((b"transfer-encoding", b"chunked"))
         await stream.send_all(conn.send(h11.Response(status_code=resp.status, headers=headers)))
         async for chunk in resp.stream:
             if chunk:

@@ -15,6 +15,11 @@ one roots watch; a blocking read (``?index=``) of the catalog, health, K/V or in
 shares one watch on the servers with the identical reads of other local clients (same path,
 query and token). A non-blocking read of those is forwarded, and answered from the shared
 watch when no server answers (fail static).
+
+The agent of ``trellis dev`` (``Options.dev``) owns the API address users know, in front of a
+server of its own node: it forwards the ``/v1/agent/`` paths it does not answer too, and
+refuses what dev's server refuses from web pages, which behind the agent sees only the
+agent's ``Host``.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
 import h11
 import trio
 
-from trellis.api import __version__
+from trellis.api import __version__, browsers
 from trellis.api.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -102,6 +107,29 @@ def wait_arg(req: Request) -> float:
         raise BadRequest(f"query parameter 'wait': {e}") from None
 
 
+class _Headers(Mapping[str, str]):
+    """A request's headers as ``trellis.api.browsers.refusal`` reads them (any case)."""
+
+    def __init__(self, req: Request) -> None:
+        self._req = req
+
+    def __getitem__(self, name: str) -> str:
+        v = self._req.header(name)
+        if v is None:
+            raise KeyError(name)
+        return v
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.decode("latin-1") for k, _ in self._req.headers)
+
+    def __len__(self) -> int:
+        return len(self._req.headers)
+
+
+def _mimetype(req: Request) -> str:
+    return (req.header("content-type") or "").split(";", 1)[0].strip().lower()
+
+
 def _refused(e: WriteRefused) -> TrellisError:
     if e.status == 403:
         return PermissionDenied(e.message)
@@ -151,6 +179,18 @@ class LocalAPI:
         ]
 
     async def handle(self, req: Request) -> Response:
+        if self.agent.opts.dev:
+            # dev's server sees only the agent's Host (an IP address): the agent is the one
+            # that can tell a rebound name, for the requests it forwards and those it answers.
+            why = browsers.refusal(
+                req.method,
+                _Headers(req),
+                _mimetype(req),
+                dev=True,
+                listen_host=self.agent.opts.bind,
+            )
+            if why is not None:
+                raise PermissionDenied(why)
         route = self.exact.get((req.method, req.path))
         if route is not None:
             if route not in (self.services, self.checks, self.members):
@@ -164,7 +204,11 @@ class LocalAPI:
                 return await r(req, req.path[len(prefix) :])
         if any(req.path == p for _, p in self.exact):
             raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}")
-        if req.path.startswith("/v1/agent/") and not req.path.startswith("/v1/agent/connect/"):
+        if (
+            req.path.startswith("/v1/agent/")
+            and not req.path.startswith("/v1/agent/connect/")
+            and not self.agent.opts.dev  # dev's server is on this node: it may answer
+        ):
             raise NotFound(f"{req.path} is not served by the node agent")
         if not req.path.startswith("/v1/") and req.path not in ("/", "/ui"):
             raise NotFound(f"unknown path {req.path}")
@@ -197,7 +241,14 @@ class LocalAPI:
         except Unreachable as e:
             raise NoServer(f"no server answered: {e}") from None
         out = [(k, v) for k, v in ex.headers if k.lower() not in HOP_BY_HOP]
-        return Response(ex.status, out, stream=ex.body(), close=ex.close)
+        length = ex.header(b"content-length")
+        return Response(
+            ex.status,
+            out,
+            stream=ex.body(),
+            close=ex.close,
+            length=int(length) if length and length.isdigit() else None,
+        )
 
     # -- shared reads ---------------------------------------------------------------------
 
@@ -481,39 +532,61 @@ class LocalAPI:
     # -- the agent itself -----------------------------------------------------------------
 
     async def self_(self, req: Request, _: str) -> Response:
+        own = self._self_json()
+        if self.agent.opts.dev:
+            # dev's node is one agent and one server, as a Consul agent in dev mode is: the
+            # server's self (its config, store and blocking stats, under its ACL check) with
+            # this agent's own counts; the agent's alone only if the server does not answer.
+            try:
+                status, value, _ = await self.agent.servers.call(
+                    "GET", "/v1/agent/self", token=req.token()
+                )
+            except Unreachable:
+                return json_response(own)
+            if status == 200 and isinstance(value, dict) and isinstance(value.get("Stats"), dict):
+                value["Stats"]["agent"] = own["Stats"]["agent"]
+            return json_response(value, status)
+        return json_response(own)
+
+    def _self_json(self) -> dict[str, Any]:
         a = self.agent
-        return json_response(
-            {
-                "Config": {
-                    "Datacenter": a.datacenter,
-                    "NodeName": a.opts.node,
-                    "NodeID": "",
-                    "Server": False,
-                    "Revision": "",
-                    "Version": __version__,
-                    "PrimaryDatacenter": a.datacenter,
+        # dev's agent fronts a server of its own node: that node is a server member, as a
+        # Consul agent in dev mode is (``trellis members`` reads this).
+        server = a.opts.dev
+        return {
+            "Config": {
+                "Datacenter": a.datacenter,
+                "NodeName": a.opts.node,
+                "NodeID": "",
+                "Server": server,
+                "Revision": "",
+                "Version": __version__,
+                "PrimaryDatacenter": a.datacenter,
+            },
+            "Member": {
+                "Name": a.opts.node,
+                "Addr": a.opts.address,
+                "Port": 8301,
+                "Tags": {
+                    "role": "consul" if server else "node",
+                    "dc": a.datacenter,
+                    "build": __version__,
                 },
-                "Member": {
-                    "Name": a.opts.node,
-                    "Addr": a.opts.address,
-                    "Port": 8301,
-                    "Tags": {"role": "node", "dc": a.datacenter, "build": __version__},
-                    "Status": 1,
-                },
-                "Meta": {},
-                "Stats": {
-                    "agent": {
-                        "services": str(len(a.state.services())),
-                        "checks": str(len(a.state.checks())),
-                        "server": a.servers.address,
-                        "syncs": str(a.syncs),
-                        # One blocking query each on a server (the shared reads).
-                        "shared_watches": str(self.shared.watching() if self.shared else 0),
-                    }
-                },
-                "xDS": None,
-            }
-        )
+                "Status": 1,
+            },
+            "Meta": {},
+            "Stats": {
+                "agent": {
+                    "services": str(len(a.state.services())),
+                    "checks": str(len(a.state.checks())),
+                    "server": a.servers.address,
+                    "syncs": str(a.syncs),
+                    # One blocking query each on a server (the shared reads).
+                    "shared_watches": str(self.shared.watching() if self.shared else 0),
+                }
+            },
+            "xDS": None,
+        }
 
     async def reload(self, req: Request, _: str) -> Response:
         errors = await self.agent.reload()
@@ -552,7 +625,13 @@ class LocalAPI:
                     "Name": n["Node"],
                     "Addr": n.get("Address", ""),
                     "Port": 8301,
-                    "Tags": {"dc": n.get("Datacenter", ""), "role": "node"},
+                    "Tags": {
+                        "dc": n.get("Datacenter", ""),
+                        # dev's own node runs the server (see self_).
+                        "role": "consul"
+                        if self.agent.opts.dev and n["Node"] == self.agent.opts.node
+                        else "node",
+                    },
                     "Status": {"alive": 1, "left": 3, "failed": 4}[st],
                 }
             )
