@@ -415,7 +415,7 @@ def test_the_local_api_answers_both_roots_paths_from_one_tokenless_watch(stub):
     stub.route = route
 
     async def main() -> None:
-        agent = SimpleNamespace(servers=Servers([stub.url]))
+        agent = SimpleNamespace(servers=Servers([stub.url]), opts=SimpleNamespace(dev=False))
         shared = SharedReads(server_fetch(agent))
         api = LocalAPI(agent, on_leave=lambda: None, shared=shared)
         async with trio.open_nursery() as n:
@@ -450,7 +450,7 @@ def test_the_local_api_shares_blocking_reads_per_token_and_refuses_a_bad_index(s
     stub.route = route
 
     async def main() -> None:
-        agent = SimpleNamespace(servers=Servers([stub.url]))
+        agent = SimpleNamespace(servers=Servers([stub.url]), opts=SimpleNamespace(dev=False))
         shared = SharedReads(server_fetch(agent))
         api = LocalAPI(agent, on_leave=lambda: None, shared=shared)
         got: list[Response] = []
