@@ -426,6 +426,7 @@ class Agent:
     async def _watch_loop(self) -> None:
         node = quote(self.opts.node, safe="")
         index = 0
+        lost = False  # no server answered the last read
         while True:
             began = trio.current_time()
             try:
@@ -436,12 +437,23 @@ class Agent:
                     timeout=80.0,
                 )
             except Unreachable:
+                # The next read must not block: a server restarted with an empty store may
+                # hold an index below ours, and would park the read for its whole wait while
+                # it lacks this node's services. A read that answers at once also tells
+                # ``Servers`` the server is back (``on_recovered``: a full sync).
+                index, lost = 0, True
                 await trio.sleep(1.0)
                 continue
             except Exception:
                 log.exception("watching the node's catalog failed unexpectedly")
                 await trio.sleep(5.0)
                 continue
+            if lost:
+                # Whatever it answers, the server may not be the one that went away, or may
+                # have lost what the agent wrote (a 404: not even the node): make the catalog
+                # match.
+                lost = False
+                self.request_sync()
             if status >= 300 or ex is None:
                 await trio.sleep(5.0)
                 continue
