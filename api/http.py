@@ -330,6 +330,13 @@ def _block(
     now = time.monotonic()
     if since.is_new(version) or now >= deadline or feed.draining:
         return value
+    if park is None and since.ahead_of(version) and int(since.held) > svc.store.current_index():
+        # An index this store never gave: the client holds one from a store that was replaced
+        # (a server restarted empty, a restore). Consul would park it for the whole wait and
+        # the client would learn only then that the index went back; answering now lets it
+        # reset at once (a node agent then re-registers its node: anti-entropy). One extra
+        # read, only for an index above the result's.
+        return value
     if park is None and svc.parked_clients.full(client_address(request.environ)):
         # This client already holds its share of parked queries in this process: answer now
         # with what there is, as at the deadline (a client re-polls; it is not refused).

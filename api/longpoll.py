@@ -86,6 +86,10 @@ class Since:
             return int(version or 0) > int(self.held)
         return version != self.held
 
+    def ahead_of(self, version: str) -> bool:
+        """The client's index is above the result's (it may come from another store)."""
+        return self.header == INDEX_HEADER and int(version or 0) < int(self.held)
+
 
 @dataclass(frozen=True)
 class Park:

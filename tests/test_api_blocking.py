@@ -286,6 +286,27 @@ def test_index_zero_no_index_and_an_old_index_answer_at_once(client):
             assert index_of(r) == idx
 
 
+def test_an_index_the_store_never_gave_answers_at_once(client):
+    # A client that held an index from a store since replaced (a server restarted empty) is
+    # answered at once with the lower index, so that it can reset, instead of being parked
+    # for its whole wait.
+    kv_put(client, "k")()
+    now = current_index(client)
+    for url in ("/v1/kv/k", "/v1/catalog/services", "/v1/health/service/web"):
+        t0 = time.monotonic()
+        r = client.get(f"{url}?index={now + 1000}&wait=5s")
+        assert time.monotonic() - t0 < PROMPT, url
+        assert r.status_code == 200, url
+        assert index_of(r) <= now, url
+    # An index the store did give, above this result's, still parks: that is Consul's
+    # blocking, and nothing changed for this key since.
+    kv_put(client, "other")()
+    idx = index_of(client.get("/v1/kv/k"))
+    assert current_index(client) > idx
+    q = block(client, f"/v1/kv/k?index={current_index(client)}&wait=1s")
+    assert index_of(q.result()) == idx
+
+
 def test_bad_wait_and_index_are_400(client, subtests):
     kv_put(client, "k")()
     for query, param in (

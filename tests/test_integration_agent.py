@@ -274,7 +274,10 @@ def test_a_server_restarted_empty_gets_the_nodes_services_back(tmp_path, started
     args[args.index("-http-port") + 1] = str(port)
     second = TrellisProcess(args).start()
     started.append(second)
-    wait_services(second.url, "node-a", {"web", "api"}, timeout=30)
+    try:
+        wait_services(second.url, "node-a", {"web", "api"}, timeout=30)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nagent:\n{a.output()}\nserver:\n{second.output()}") from None
 
 
 def test_failover_to_the_next_server(tmp_path, started, agent):
