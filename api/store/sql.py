@@ -49,6 +49,7 @@ from trellis.api.store.security import MIGRATION as SECURITY_MIGRATION
 from trellis.api.store.security import SecurityStoreMixin
 from trellis.api.store.sessions import MIGRATION as SESSIONS_MIGRATION
 from trellis.api.store.sessions import SessionStoreMixin
+from trellis.api.store.txn import TxnStoreMixin
 
 log = logging.getLogger("trellis.store")
 
@@ -511,7 +512,7 @@ class _NodeRows:
         return {int(r[1]) for r in rows if r[0] not in skip}
 
 
-class SQLStore(SecurityStoreMixin, SessionStoreMixin):
+class SQLStore(SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin):
     """The shared body of both stores. Subclasses provide the dialect hooks below."""
 
     blob_type = "BLOB"
@@ -531,6 +532,8 @@ class SQLStore(SecurityStoreMixin, SessionStoreMixin):
         self._batch_guard = threading.Lock()
         self._trimming = False
         self._closed = threading.Event()
+        # The transaction a ``txn`` runs in this thread (greenlet under gevent): see write().
+        self._local = threading.local()
         self._migrate()
 
     # -- dialect hooks -------------------------------------------------------------------
@@ -592,7 +595,15 @@ class SQLStore(SecurityStoreMixin, SessionStoreMixin):
 
     @contextmanager
     def write(self) -> Iterator[Tx]:
-        """A write transaction. Changes are published to the feed after COMMIT returns."""
+        """A write transaction. Changes are published to the feed after COMMIT returns.
+
+        Inside ``_joined`` (a ``txn`` running in this thread), the write joins that open
+        transaction instead: it commits, publishes or rolls back with it.
+        """
+        joined = getattr(self._local, "tx", None)
+        if joined is not None:
+            yield joined
+            return
         if self.group_commit:
             with self._group_write() as tx:
                 yield tx
@@ -624,6 +635,15 @@ class SQLStore(SecurityStoreMixin, SessionStoreMixin):
             self.feed.publish(tx.changes)
             if self._writes % 1000 == 0:
                 self._schedule_trim()
+
+    @contextmanager
+    def _joined(self, tx: Tx) -> Iterator[None]:
+        """Make every ``write()`` of this thread join ``tx`` (trellis.api.store.txn)."""
+        self._local.tx = tx
+        try:
+            yield
+        finally:
+            self._local.tx = None
 
     @contextmanager
     def read(self) -> Iterator[Any]:
