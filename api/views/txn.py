@@ -85,7 +85,15 @@ def parse_ops(body: Any, *, max_value: int) -> list[TxnOp]:
         raise BadRequest("request body must be a JSON list of operations")
     if len(body) > MAX_OPS:
         raise PayloadTooLarge(f"Transaction contains too many operations ({len(body)} > {MAX_OPS})")
-    return [_parse_op(i, op, max_value) for i, op in enumerate(body)]
+    ops = []
+    for i, op in enumerate(body):
+        try:
+            ops.append(_parse_op(i, op, max_value))
+        except BadRequest as e:
+            if not e.message.startswith("operation "):
+                raise BadRequest(f"operation {i}: {e.message}") from None
+            raise
+    return ops
 
 
 def _parse_op(i: int, raw: Any, max_value: int) -> TxnOp:
