@@ -170,6 +170,7 @@ def test_at_most_128_operations(client):
         ([{"KV": {"Verb": "frob", "Key": "k"}}], "unknown KV verb"),
         ([{"KV": {"Verb": "get", "Key": "k"}, "Node": {}}], "exactly one"),
         ([{"Session": {}}], "exactly one"),
+        ([{"KV": {"Verb": "get", "Key": "k", "Colour": 1}}], "unknown field 'Colour'"),
         (["set"], "must be a JSON object"),
         ([{"KV": {"Verb": "set", "Key": "k", "Value": "!!"}}], "base64"),
         ([{"KV": {"Verb": "set"}}], "Missing key name"),

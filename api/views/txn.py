@@ -42,6 +42,15 @@ bp = Blueprint("txn", __name__)
 MAX_OPS = 128
 
 
+#: The fields of each kind of operation (lower case: matched case-insensitively).
+_FIELDS = {
+    KV: {"verb", "key", "value", "flags", "index", "session"},
+    NODE: {"verb", "node"},
+    SERVICE: {"verb", "node", "service"},
+    CHECK: {"verb", "check"},
+}
+
+
 def _ci(d: dict, name: str) -> Any:
     """A field of a decoded body, its name matched case-insensitively (Consul's decoder)."""
     if name in d:
@@ -104,6 +113,11 @@ def _parse_op(i: int, raw: Any, max_value: int) -> TxnOp:
         raise BadRequest(f"{at} must hold exactly one of KV, Node, Service or Check")
     kind, d = kinds[0]
     d = _obj(d, f"{at}.{kind}")
+    unknown = sorted(str(k) for k in d if str(k).lower() not in _FIELDS[kind])
+    if unknown:
+        # Consul's own Namespace/Partition (Enterprise) are not known here either: refused
+        # rather than ignored, like every unknown field (README, "The HTTP API").
+        raise BadRequest(f"{at}.{kind}: unknown field {unknown[0]!r}")
     verb = _str(_ci(d, "Verb"), f"{at}.{kind}.Verb", required=True)
     if verb not in VERBS[kind]:
         raise BadRequest(f"{at}: unknown {kind} verb {verb!r}")
