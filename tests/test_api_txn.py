@@ -362,6 +362,17 @@ def test_acl_per_operation(make_client):
     assert [
         s["ServiceID"] for s in c.get("/v1/catalog/service/db", headers=tok(root)).get_json()
     ] == ["db"]
+    # A proxy for db (which the token may not write) would intercept db's traffic.
+    proxy = svc_op(
+        "set",
+        "n1",
+        ID="web-proxy",
+        Service="web",
+        Kind="connect-proxy",
+        Proxy={"DestinationServiceName": "db"},
+    )
+    out = txn(c, [proxy], 409, headers=tok(t))
+    assert out["Errors"] == [{"OpIndex": 0, "What": "Permission denied"}]
     out = txn(
         c, [kv("set", "app/y", b"1"), svc_op("set", "n1", ID="web", Service="web")], headers=tok(t)
     )

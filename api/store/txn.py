@@ -310,6 +310,10 @@ class TxnStoreMixin:
         names = {old.name} if old else set()
         if op.verb in ("set", "cas"):
             names.add(op.service.name)
+            # A proxy needs write on the service it proxies for too, or a token could
+            # intercept that service's traffic (CVE-2021-38698; require_registration).
+            if op.service.destination:
+                names.add(op.service.destination)
         if not all(may("service", n) for n in names):
             raise _OpFailed(DENIED)
         current = old.modify_index if old else 0
