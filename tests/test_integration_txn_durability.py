@@ -130,3 +130,56 @@ def test_acknowledged_transactions_are_whole_after_sigkill(store_flags):  # noqa
         assert pending == [f"pending/{n}/{last:05d}"], (n, pending, last)
     total = sum(w.acked + 1 for w in writers)
     print(f"{total} acknowledged transactions before SIGKILL, each whole after restart")
+
+
+def test_plain_writes_beside_failing_transactions_are_kept(store_flags):  # noqa: F811
+    """Requests of one gevent worker interleave while a transaction waits on the database:
+    a plain write served meanwhile must not join the transaction (and be rolled back with it
+    after its 200)."""
+    server = start_server(store_flags)
+    try:
+        url = server.url
+        stop = threading.Event()
+        acked: list[str] = []
+        errors: list[str] = []
+        failing = [
+            {"KV": {"Verb": "set", "Key": f"doomed/{i}", "Value": "eA=="}} for i in range(40)
+        ]
+        failing.append({"KV": {"Verb": "check-not-exists", "Key": "guard"}})
+
+        def doom() -> None:
+            with httpx.Client(base_url=url, timeout=10) as http:
+                while not stop.is_set():
+                    r = http.put("/v1/txn", json=failing)
+                    if r.status_code != 409:
+                        errors.append(f"txn: {r.status_code} {r.text}")
+
+        def plain(n: int) -> None:
+            with httpx.Client(base_url=url, timeout=10) as http:
+                for i in range(60):
+                    r = http.put(f"/v1/kv/plain/{n}/{i}", content=b"v")
+                    if r.status_code != 200 or r.json() is not True:
+                        errors.append(f"put: {r.status_code} {r.text}")
+                        return
+                    acked.append(f"plain/{n}/{i}")
+
+        assert httpx.put(url + "/v1/kv/guard", content=b"g").json() is True
+        doomers = [threading.Thread(target=doom, daemon=True) for _ in range(3)]
+        writers = [threading.Thread(target=plain, args=(n,), daemon=True) for n in range(3)]
+        for t in doomers + writers:
+            t.start()
+        for t in writers:
+            t.join(60)
+            assert not t.is_alive()
+        stop.set()
+        for t in doomers:
+            t.join(15)
+            assert not t.is_alive()
+        assert not errors, errors[:3]
+        r = httpx.get(url + "/v1/kv/plain/?keys", timeout=30)
+        stored = set(r.json()) if r.status_code == 200 else set()
+        lost = sorted(set(acked) - stored)
+        assert not lost, f"{len(lost)} acknowledged writes lost, e.g. {lost[:5]}"
+        assert httpx.get(url + "/v1/kv/doomed/?keys").status_code == 404
+    finally:
+        server.stop()

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from greenlet import getcurrent
+
 from trellis.api.errors import StoreUnavailable
 from trellis.api.feed import ANY, Change, ChangeFeed
 from trellis.api.store.base import (
@@ -512,6 +514,12 @@ class _NodeRows:
         return {int(r[1]) for r in rows if r[0] not in skip}
 
 
+def _running() -> Any:
+    """The greenlet running now (under gevent, one per request; in a plain thread, that
+    thread's main greenlet)."""
+    return getcurrent()
+
+
 class SQLStore(SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin):
     """The shared body of both stores. Subclasses provide the dialect hooks below."""
 
@@ -532,8 +540,8 @@ class SQLStore(SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin):
         self._batch_guard = threading.Lock()
         self._trimming = False
         self._closed = threading.Event()
-        # The transaction a ``txn`` runs in this thread (greenlet under gevent): see write().
-        self._local = threading.local()
+        # The transactions ``txn`` runs, by the greenlet (or thread) running each: see write().
+        self._joined_txs: dict[Any, Tx] = {}
         self._migrate()
 
     # -- dialect hooks -------------------------------------------------------------------
@@ -600,7 +608,7 @@ class SQLStore(SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin):
         Inside ``_joined`` (a ``txn`` running in this thread), the write joins that open
         transaction instead: it commits, publishes or rolls back with it.
         """
-        joined = getattr(self._local, "tx", None)
+        joined = self._joined_txs.get(_running()) if self._joined_txs else None
         if joined is not None:
             yield joined
             return
@@ -638,12 +646,19 @@ class SQLStore(SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin):
 
     @contextmanager
     def _joined(self, tx: Tx) -> Iterator[None]:
-        """Make every ``write()`` of this thread join ``tx`` (trellis.api.store.txn)."""
-        self._local.tx = tx
+        """Make every ``write()`` of this greenlet (thread) join ``tx`` (trellis.api.store.txn).
+
+        Keyed by the greenlet itself, not a ``threading.local``: a local made before gevent
+        patched ``threading`` would be shared by every request of the worker, and a plain
+        write of another request, run while the transaction waits on the database, would
+        join it and be rolled back with it after being acknowledged.
+        """
+        me = _running()
+        self._joined_txs[me] = tx
         try:
             yield
         finally:
-            self._local.tx = None
+            del self._joined_txs[me]
 
     @contextmanager
     def read(self) -> Iterator[Any]:
