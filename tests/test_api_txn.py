@@ -97,6 +97,14 @@ def test_cas_check_index_and_check_not_exists(client):
     assert out["Errors"] == [{"OpIndex": 0, "What": 'key "k" exists'}]
     out = txn(client, [kv("get", "nope")], 409)
     assert out["Errors"] == [{"OpIndex": 0, "What": 'key "nope" doesn\'t exist'}]
+    # get-or-empty: the entry, or one with only the key.
+    empty, full = txn(client, [kv("get-or-empty", "nope"), kv("get-or-empty", "k")])["Results"]
+    assert (empty["KV"]["Key"], empty["KV"]["Value"], empty["KV"]["ModifyIndex"]) == (
+        "nope",
+        None,
+        0,
+    )
+    assert full["KV"]["Value"] == b64(b"3")
 
 
 def test_deletes(client):
@@ -248,7 +256,12 @@ def test_catalog_verbs(client):
     out = txn(client, [check_op("set", "n1", "c", ServiceID="nope")], 409)
     assert "Missing service registration" in out["Errors"][0]["What"]
     [r] = txn(client, [node_op("get", "n1")])["Results"]
-    txn(client, [node_op("delete-cas", "n1", ModifyIndex=r["Node"]["ModifyIndex"])])
+    # A node's ID names it for get and delete, and takes precedence over the name.
+    by_id = {"Node": {"Verb": "get", "Node": {"ID": r["Node"]["ID"]}}}
+    assert txn(client, [by_id])["Results"] == [r]
+    by_id = {"Node": {"Verb": "delete-cas", "Node": {"ID": r["Node"]["ID"], "Node": "other"}}}
+    by_id["Node"]["Node"]["ModifyIndex"] = r["Node"]["ModifyIndex"]
+    txn(client, [by_id])
     assert client.get("/v1/catalog/node/n1").get_json() is None
 
 

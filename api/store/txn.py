@@ -43,7 +43,7 @@ KV, NODE, SERVICE, CHECK = "KV", "Node", "Service", "Check"
 #: Verbs that only read; a transaction of only these is a read (Consul answers it with
 #: X-Consul-Index and the other query headers).
 READ_VERBS = {
-    KV: {"get", "get-tree", "check-index", "check-session", "check-not-exists"},
+    KV: {"get", "get-or-empty", "get-tree", "check-index", "check-session", "check-not-exists"},
     NODE: {"get"},
     SERVICE: {"get"},
     CHECK: {"get"},
@@ -177,6 +177,11 @@ class TxnStoreMixin:
             if e is None:
                 raise _OpFailed(f"key {_q(key)} doesn't exist")
             return [e]
+        if verb == "get-or-empty":
+            # As Consul: the entry, or one with only the key when there is none.
+            return [
+                entry() or KVEntry(key=key, value=None, flags=0, create_index=0, modify_index=0)
+            ]
         if verb == "get-tree":
             where, params = self._prefix_where(key)  # type: ignore[attr-defined]
             rows = tx.execute(
@@ -279,6 +284,13 @@ class TxnStoreMixin:
     def _txn_node(self, tx: Tx, op: TxnOp, may: MayWrite) -> Node | None:
         assert op.node is not None
         name = op.node.name
+        if op.node.id and op.verb in ("get", "delete", "delete-cas"):
+            # Consul: a node's ID takes precedence over its name when both are given.
+            row = tx.one("SELECT name FROM nodes WHERE id = ?", (op.node.id,))
+            if row is not None:
+                name = row[0]
+            elif not name:
+                raise _OpFailed(f"node {_q(op.node.id)} doesn't exist")
         old = self._stored_node(tx, name)
         if op.verb == "get":
             if old is None:

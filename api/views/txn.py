@@ -148,11 +148,16 @@ def _parse_op(i: int, raw: Any, max_value: int) -> TxnOp:
         )
     if kind == NODE:
         n = _obj(_ci(d, "Node"), f"{at}.Node.Node")
-        name = valid_name("node name", _str(_ci(n, "Node"), f"{at}.Node.Node.Node", required=True))
+        node_id = _str(_ci(n, "ID"), f"{at}.Node.Node.ID")
+        # get and delete may name the node by its ID alone (Consul: the ID takes precedence).
+        by_id = bool(node_id) and verb in ("get", "delete", "delete-cas")
+        name = _str(_ci(n, "Node"), f"{at}.Node.Node.Node", required=not by_id)
+        if name:
+            valid_name("node name", name)
         index = index or _uint(_ci(n, "ModifyIndex"), f"{at}.Node.Node.ModifyIndex")
         node = Node(
             name=name,
-            id=_str(_ci(n, "ID"), f"{at}.Node.Node.ID"),
+            id=node_id,
             address=_str(_ci(n, "Address"), f"{at}.Node.Node.Address"),
             datacenter=services().settings.datacenter,
             tagged_addresses=_str_map(_ci(n, "TaggedAddresses"), f"{at}.Node.Node.TaggedAddresses"),
@@ -201,7 +206,7 @@ def kv_denied(authz: Authorizer, op: TxnOp) -> bool:
     """Consul's pre-check of a K/V operation: reads are filtered afterwards; check-index and
     check-session reveal the key, so need key:read; delete-tree every key under the prefix;
     every other verb key:write."""
-    if op.verb in ("get", "get-tree"):
+    if op.verb in ("get", "get-or-empty", "get-tree"):
         return False
     if op.verb in ("check-index", "check-session"):
         return not authz.key_read(op.key)
