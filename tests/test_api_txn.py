@@ -193,6 +193,25 @@ def test_at_most_128_operations(client):
             [{"Check": {"Verb": "set", "Check": {"Node": "n", "CheckID": "c", "Status": "ok"}}}],
             "Status",
         ),
+        (
+            [{"Service": {"Verb": "set", "Node": "n", "Service": {"Service": "s", "Port": "80"}}}],
+            "Port",
+        ),
+        (
+            [{"Service": {"Verb": "set", "Node": "n", "Service": {"Service": "s", "Tags": "a"}}}],
+            "Tags",
+        ),
+        ([{"Service": {"Verb": "set", "Node": "n", "Service": {"Service": "s", "X": 1}}}], "X"),
+        ([{"Node": {"Verb": "set", "Node": {"Node": "n", "Meta": {"k": 1}}}}], "Meta"),
+        ([{"Node": {"Verb": "set", "Node": {"Node": "n", "Meta": {"bad key": "v"}}}}], "Meta"),
+        (
+            [{"Check": {"Verb": "set", "Check": {"Node": "n", "CheckID": "c", "TTL": "zz"}}}],
+            "TTL",
+        ),
+        (
+            [{"Check": {"Verb": "set", "Check": {"Node": "n", "CheckID": "c", "Definition": []}}}],
+            "Definition",
+        ),
     ],
 )
 def test_malformed_is_a_400_and_writes_nothing(client, body, contains):

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from flask import Blueprint
+from marshmallow import ValidationError
 
 from trellis.api.acl import service as acl
 from trellis.api.acl.rules import Authorizer
@@ -27,10 +28,14 @@ from trellis.api.catalog import (
     check_json,
     node_json,
     service_json,
+    to_pascal,
     valid_name,
 )
 from trellis.api.errors import BadRequest, PayloadTooLarge
 from trellis.api.http import json_body, json_response, services
+from trellis.api.schemas import flatten, load
+from trellis.api.schemas.catalog import CheckSchema, ServiceSchema
+from trellis.api.schemas.catalog import _check_meta as check_meta
 from trellis.api.store.base import Node, Service
 from trellis.api.store.txn import CHECK, KV, NODE, SERVICE, VERBS, TxnOp
 from trellis.api.views.catalog import check_dc
@@ -161,7 +166,7 @@ def _parse_op(i: int, raw: Any, max_value: int) -> TxnOp:
             address=_str(_ci(n, "Address"), f"{at}.Node.Node.Address"),
             datacenter=services().settings.datacenter,
             tagged_addresses=_str_map(_ci(n, "TaggedAddresses"), f"{at}.Node.Node.TaggedAddresses"),
-            meta=_str_map(_ci(n, "Meta"), f"{at}.Node.Node.Meta"),
+            meta=_meta(_ci(n, "Meta"), f"{at}.Node.Node.Meta"),
         )
         return TxnOp(NODE, verb, index=index, node=node)
     if kind == SERVICE:
@@ -169,7 +174,10 @@ def _parse_op(i: int, raw: Any, max_value: int) -> TxnOp:
         s = _obj(_ci(d, "Service"), f"{at}.Service.Service")
         index = index or _uint(_ci(s, "ModifyIndex"), f"{at}.Service.Service.ModifyIndex")
         if verb in ("set", "cas"):
-            svc = build_service(node_name, s)
+            body = load(ServiceSchema, to_pascal(s), path=f"{at}.Service.Service")
+            if body.get("Check") or body.get("Checks"):
+                raise BadRequest(f"{at}: a service operation has no checks (use Check operations)")
+            svc = build_service(node_name, body)
         else:
             sid = _str(_ci(s, "ID"), f"{at}.Service.Service.ID", required=True)
             svc = Service(node=node_name, id=sid, name="")
@@ -177,21 +185,37 @@ def _parse_op(i: int, raw: Any, max_value: int) -> TxnOp:
     c = _obj(_ci(d, "Check"), f"{at}.Check.Check")
     node_name = _str(_ci(c, "Node"), f"{at}.Check.Check.Node", required=True)
     index = index or _uint(_ci(c, "ModifyIndex"), f"{at}.Check.Check.ModifyIndex")
-    check_id = _str(_ci(c, "CheckID"), f"{at}.Check.Check.CheckID", required=True)
-    definition = _ci(c, "Definition") or {}
-    spec = {
-        "CheckID": check_id,
-        "Name": _str(_ci(c, "Name"), f"{at}.Check.Check.Name"),
-        "Status": _str(_ci(c, "Status"), f"{at}.Check.Check.Status"),
-        "Notes": _str(_ci(c, "Notes"), f"{at}.Check.Check.Notes"),
-        "Output": _str(_ci(c, "Output"), f"{at}.Check.Check.Output"),
-        "ServiceID": _str(_ci(c, "ServiceID"), f"{at}.Check.Check.ServiceID"),
-        **_obj(definition, f"{at}.Check.Check.Definition"),
-    }
-    if spec["Status"] not in ("", "passing", "warning", "critical"):
-        raise BadRequest(f"{at}: Status must be passing, warning or critical")
+    _str(_ci(c, "CheckID"), f"{at}.Check.Check.CheckID", required=True)
+    # The check as a health endpoint shows it (what a client read and sends back): its
+    # read-only fields are dropped, its Definition (HTTP, Interval, ...) checked as a
+    # registration's.
+    definition = _ci(c, "Definition")
+    definition = {} if definition is None else _obj(definition, f"{at}.Check.Check.Definition")
+    spec = {k: v for k, v in to_pascal(c).items() if k not in _CHECK_READ_ONLY}
+    spec = load(CheckSchema, {**spec, **to_pascal(definition)}, path=f"{at}.Check.Check")
     (check,) = build_checks(node_name, None, [spec], now=time.time())
     return TxnOp(CHECK, verb, index=index, check=check)
+
+
+#: Fields of a check that a health endpoint reports and a write ignores (or takes elsewhere).
+_CHECK_READ_ONLY = {
+    "Node",
+    "ServiceName",
+    "ServiceTags",
+    "CreateIndex",
+    "ModifyIndex",
+    "Definition",
+}
+
+
+def _meta(v: Any, where: str) -> dict[str, str]:
+    meta = _str_map(v, where)
+    try:
+        check_meta(meta, where)
+    except ValidationError as e:
+        messages = e.messages if isinstance(e.messages, list) else [flatten(e.messages)]
+        raise BadRequest(f"{where}: {'; '.join(map(str, messages))}") from None
+    return meta
 
 
 def _str_map(v: Any, where: str) -> dict[str, str]:
