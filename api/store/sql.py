@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from greenlet import getcurrent
+from greenlet import getcurrent  # type: ignore[import-untyped]  # no stubs shipped
 
 from trellis.api.errors import StoreUnavailable
 from trellis.api.feed import ANY, Change, ChangeFeed
