@@ -128,9 +128,22 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         session,
         spec,
         status,
+        txn,
     )
 
-    for module in (kv, catalog, health, agent, status, connect_ca, intentions, acl, spec, session):
+    for module in (
+        kv,
+        catalog,
+        health,
+        agent,
+        status,
+        connect_ca,
+        intentions,
+        acl,
+        spec,
+        session,
+        txn,
+    ):
         app.register_blueprint(module.bp)
 
     _error_handlers(app)

@@ -469,6 +469,21 @@ ROWS: list[Row] = [
     R("PUT", "/v1/catalog/deregister",           F,   F,   F,   F,   F,   200, F, body={
         "Node": "ext-1"}),
 
+    # ---- transactions: each operation checked as its own endpoint would be; a denied one is
+    #      Consul's 409 with "Permission denied" for it (nothing written: tests/test_api_txn.py),
+    #      reads filtered
+    R("PUT", "/v1/txn",                          409, 409, 409, 200, 409, 200, F, body=[
+        {"KV": {"Verb": "set", "Key": "app/txn", "Value": "dA=="}}]),
+    R("PUT", "/v1/txn",                          409, 409, 200, 409, 409, 200, F, body=[
+        {"Service": {"Verb": "set", "Node": NODE,
+                     "Service": {"ID": "web-txn", "Service": "web"}}}]),
+    R("PUT", "/v1/txn",                          409, 409, 409, 409, 409, 200, F, body=[
+        {"KV": {"Verb": "set", "Key": "app/txn", "Value": "dA=="}},
+        {"Service": {"Verb": "set", "Node": NODE,
+                     "Service": {"ID": "web-txn", "Service": "web"}}}]),
+    R("PUT", "/v1/txn",                          200, 200, 200, 200, 200, 200, F, body=[
+        {"KV": {"Verb": "get-tree", "Key": ""}}]),
+
     # ---- catalog reads: no ACL for datacenters; the rest filtered (service:read + node:read)
     R("GET", "/v1/catalog/datacenters",          200, 200, 200, 200, 200, 200, 200),
     R("GET", "/v1/catalog/services",             200, 200, 200, 200, 200, 200, F, view=keys,

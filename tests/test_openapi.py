@@ -526,6 +526,13 @@ def test_smoke_walk_every_endpoint(app_client):
     ok(c.put(f"/v1/session/renew/{sid}"), 404)
     ok(c.put("/v1/session/create", json={"TTL": "1s"}), 400)
 
+    # ---- transactions: a write, a read (index headers), a failed check (409), too many (413)
+    kv_set = {"KV": {"Verb": "set", "Key": "walk-txn", "Value": "dHhu"}}
+    ok(c.put("/v1/txn", json=[kv_set, {"Node": {"Verb": "set", "Node": {"Node": "walk-n"}}}]))
+    ok(c.put("/v1/txn", json=[{"KV": {"Verb": "get-tree", "Key": "walk-"}}]))
+    ok(c.put("/v1/txn", json=[{"KV": {"Verb": "check-index", "Key": "walk-txn", "Index": 1}}]), 409)
+    ok(c.put("/v1/txn", json=[kv_set] * 129), 413)
+
     # ---- ACL endpoints: this app has ACLs off, so every one answers 401
     some = "00000000-0000-4000-8000-000000000000"
     for method, url in ACL_CALLS:

@@ -274,8 +274,17 @@ def json_bodies() -> dict[tuple[str, str], Any]:
 # -- the tests -------------------------------------------------------------------------------------
 
 
+#: JSON bodies checked by hand rather than by one schema, and why.
+HAND_CHECKED = {
+    # A list of operations of four kinds: trellis.api.views.txn.parse_ops checks each (its
+    # Service and Check objects through ServiceSchema and CheckSchema); its refusals are
+    # tests/test_api_txn.py::test_malformed_is_a_400_and_writes_nothing.
+    ("PUT", "/v1/txn"),
+}
+
+
 def test_every_json_body_in_openapi_has_a_schema():
-    assert set(json_bodies()) == set(BODIES)
+    assert set(json_bodies()) == set(BODIES) | HAND_CHECKED
 
 
 @pytest.mark.parametrize(("operation", "pair"), BODIES.items(), ids=lambda x: str(x))

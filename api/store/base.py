@@ -8,13 +8,16 @@ real databases.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from trellis.api.feed import ChangeFeed
 from trellis.api.store.security import ACLPolicy, ACLToken, IntentionRecord
 from trellis.api.store.sessions import Session
+
+if TYPE_CHECKING:
+    from trellis.api.store.txn import MayWrite, TxnOp, TxnOutcome
 
 PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
 CHECK_STATES = (PASSING, WARNING, CRITICAL)
@@ -167,6 +170,14 @@ class Store(Protocol):
         ...
 
     def kv_release(self, key: str, value: bytes, *, session: str, flags: int = 0) -> bool: ...
+    def txn(
+        self, ops: Sequence[TxnOp], *, now: float, may_write: MayWrite | None = None
+    ) -> TxnOutcome:
+        """Run a transaction's operations all-or-nothing in one write transaction
+        (``trellis.api.store.txn``); a failed operation is an error of the outcome, not an
+        exception."""
+        ...
+
     def hold_reaper_role(self) -> bool:
         """Whether this process is (now) the one that expires sessions: takes the role if no
         live process holds it. The role ends with the process (or its store connection)."""

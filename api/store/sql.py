@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from greenlet import getcurrent  # type: ignore[import-untyped]  # no stubs shipped
+
 from trellis.api.errors import StoreUnavailable
 from trellis.api.feed import ANY, Change, ChangeFeed
 from trellis.api.store.base import (
@@ -49,6 +51,7 @@ from trellis.api.store.security import MIGRATION as SECURITY_MIGRATION
 from trellis.api.store.security import SecurityStoreMixin
 from trellis.api.store.sessions import MIGRATION as SESSIONS_MIGRATION
 from trellis.api.store.sessions import SessionStoreMixin
+from trellis.api.store.txn import TxnStoreMixin
 
 log = logging.getLogger("trellis.store")
 
@@ -511,7 +514,13 @@ class _NodeRows:
         return {int(r[1]) for r in rows if r[0] not in skip}
 
 
-class SQLStore(SecurityStoreMixin, SessionStoreMixin):
+def _running() -> Any:
+    """The greenlet running now (under gevent, one per request; in a plain thread, that
+    thread's main greenlet)."""
+    return getcurrent()
+
+
+class SQLStore(SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin):
     """The shared body of both stores. Subclasses provide the dialect hooks below."""
 
     blob_type = "BLOB"
@@ -531,6 +540,8 @@ class SQLStore(SecurityStoreMixin, SessionStoreMixin):
         self._batch_guard = threading.Lock()
         self._trimming = False
         self._closed = threading.Event()
+        # The transactions ``txn`` runs, by the greenlet (or thread) running each: see write().
+        self._joined_txs: dict[Any, Tx] = {}
         self._migrate()
 
     # -- dialect hooks -------------------------------------------------------------------
@@ -592,7 +603,15 @@ class SQLStore(SecurityStoreMixin, SessionStoreMixin):
 
     @contextmanager
     def write(self) -> Iterator[Tx]:
-        """A write transaction. Changes are published to the feed after COMMIT returns."""
+        """A write transaction. Changes are published to the feed after COMMIT returns.
+
+        Inside ``_joined`` (a ``txn`` running in this thread), the write joins that open
+        transaction instead: it commits, publishes or rolls back with it.
+        """
+        joined = self._joined_txs.get(_running()) if self._joined_txs else None
+        if joined is not None:
+            yield joined
+            return
         if self.group_commit:
             with self._group_write() as tx:
                 yield tx
@@ -624,6 +643,22 @@ class SQLStore(SecurityStoreMixin, SessionStoreMixin):
             self.feed.publish(tx.changes)
             if self._writes % 1000 == 0:
                 self._schedule_trim()
+
+    @contextmanager
+    def _joined(self, tx: Tx) -> Iterator[None]:
+        """Make every ``write()`` of this greenlet (thread) join ``tx`` (trellis.api.store.txn).
+
+        Keyed by the greenlet itself, not a ``threading.local``: a local made before gevent
+        patched ``threading`` would be shared by every request of the worker, and a plain
+        write of another request, run while the transaction waits on the database, would
+        join it and be rolled back with it after being acknowledged.
+        """
+        me = _running()
+        self._joined_txs[me] = tx
+        try:
+            yield
+        finally:
+            del self._joined_txs[me]
 
     @contextmanager
     def read(self) -> Iterator[Any]:
