@@ -213,11 +213,13 @@ class Service:
             except OSError as e:
                 errors.append(f"{ep.address}:{ep.port}: {e}")
                 continue
+            sock: ssl.SSLSocket | None = None
             try:
-                sock: ssl.SSLSocket = snap.tls.client.wrap_socket(raw)
+                sock = snap.tls.client.wrap_socket(raw)
                 check_server(snap, sock, name)
             except (OSError, ConnectError) as e:
-                raw.close()
+                # wrap_socket took raw's descriptor: the SSLSocket is what holds it now.
+                (sock or raw).close()
                 errors.append(f"{ep.address}:{ep.port}: {e}")
                 continue
             sock.settimeout(None)

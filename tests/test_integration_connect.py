@@ -1,0 +1,198 @@
+"""The native SDK for real: ``trellis dev``, ``Service`` objects in this process, native
+servers on real sockets, and ``trellis connect proxy`` sidecars on the other side.
+
+Every process is a ``TrellisProcess`` or ``ProxyProcess`` ended by PID by its fixture; every
+``Service`` and native server is closed by the ``native`` fixture, also on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+import trio
+
+from tests.connect_support import NativeEcho
+from tests.proxy_support import EchoApp, ProxyProcess, exchange, free_port
+from tests.support import wait_until
+from tests.test_integration_proxy import cli, register, sidecar_service
+from trellis.connect import ConnectError, Service, open_service
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning"),
+]
+
+PASSING = {"TTL": "1h", "Status": "passing"}
+
+
+@pytest.fixture
+def native():
+    """Services and native servers a test makes; closed at the end, whatever happened."""
+    made: list = []
+    yield made
+    for thing in reversed(made):
+        thing.close()
+
+
+def service(native: list, name: str, url: str) -> Service:
+    svc = Service(name, address=url)
+    native.append(svc)
+    svc.ready(timeout=30)
+    return svc
+
+
+def native_server(native: list, svc: Service, url: str, *, instance: str = "") -> NativeEcho:
+    srv = NativeEcho(svc)
+    native.append(srv)
+    register(
+        url,
+        {
+            "Name": svc.name,
+            "ID": instance or svc.name,
+            "Address": "127.0.0.1",
+            "Port": srv.port,
+            "Connect": {"Native": True},
+            "Check": PASSING,
+        },
+    )
+    return srv
+
+
+def echoes(sock: socket.socket, text: bytes) -> bool:
+    try:
+        return exchange(sock, text) == text.upper()
+    finally:
+        sock.close()
+
+
+def test_native_client_to_native_server_allowed_then_denied(trellis_server, native):
+    url = trellis_server.url
+    db = service(native, "db", url)
+    srv = native_server(native, db, url)
+    web = service(native, "web", url)
+
+    assert echoes(web.connect("db"), b"hello native")
+
+    async def over_asyncio() -> bytes:
+        reader, writer = await web.connect_async("db")
+        writer.write(b"asyncio")
+        await writer.drain()
+        got = await reader.readexactly(7)
+        writer.close()
+        return got
+
+    assert asyncio.run(over_asyncio()) == b"ASYNCIO"
+
+    async def over_trio() -> bytes:
+        stream = await web.connect_trio("db")
+        async with stream:
+            await stream.send_all(b"trio")
+            got = b""
+            while len(got) < 4:
+                got += await stream.receive_some(10)
+            return got
+
+    assert trio.run(over_trio) == b"TRIO"
+
+    # A deny: db's next decision refuses web before reading a byte; the client sees the
+    # connection closed with nothing echoed.
+    r = cli(url, "intention", "create", "-deny", "web", "db")
+    assert r.stdout.strip() == "Created: web => db (deny)", r.stderr
+    wait_until(lambda: not echoes(web.connect("db"), b"after deny"), timeout=10)
+    assert "Matched intention: web => db (deny)" in srv.refused
+
+
+def test_connect_tries_the_next_healthy_instance(trellis_server, native):
+    url = trellis_server.url
+    db = service(native, "db", url)
+    native_server(native, db, url, instance="db-live")
+    # A second healthy instance whose port nobody listens on.
+    register(
+        url,
+        {
+            "Name": "db",
+            "ID": "db-dead",
+            "Address": "127.0.0.1",
+            "Port": free_port(),
+            "Connect": {"Native": True},
+            "Check": PASSING,
+        },
+    )
+    web = service(native, "web", url)
+    web.connect("db").close()  # follows db from here on
+    wait_until(lambda: len(web._current.endpoints("db")) == 2)
+    for i in range(4):  # round-robin starts on each instance in turn: none fails
+        assert echoes(web.connect("db"), b"try %d" % i)
+
+
+def test_connect_refuses_a_server_with_another_identity(trellis_server, native):
+    url = trellis_server.url
+    # "api"'s server registered under the name "db": its leaf says api, not db.
+    api = service(native, "api", url)
+    srv = NativeEcho(api)
+    native.append(srv)
+    register(
+        url,
+        {
+            "Name": "db",
+            "Address": "127.0.0.1",
+            "Port": srv.port,
+            "Connect": {"Native": True},
+            "Check": PASSING,
+        },
+    )
+    web = service(native, "web", url)
+    with pytest.raises(ConnectError, match=r"the server is spiffe://\S+/svc/api, expected"):
+        web.connect("db")
+
+
+def test_no_healthy_instance_is_a_connect_error(trellis_server, native):
+    web = service(native, "web", trellis_server.url)
+    with pytest.raises(ConnectError, match="nothing: no healthy instance"):
+        web.connect("nothing")
+
+
+def test_native_client_to_a_sidecar(trellis_server, native, procs, apps):
+    url = trellis_server.url
+    db_app = EchoApp(upper=True)
+    apps.append(db_app)
+    register(url, sidecar_service("db", db_app.port, free_port()))
+    procs.append(ProxyProcess(["-sidecar-for", "db", "-http-addr", url]).start())
+    web = service(native, "web", url)
+    sock = wait_until(lambda: web.connect("db", timeout=10), timeout=15)
+    assert echoes(sock, b"native to sidecar")
+
+
+def test_sidecar_to_a_native_server(trellis_server, native, procs):
+    url = trellis_server.url
+    db = service(native, "db", url)
+    native_server(native, db, url)
+    up_port = free_port()
+    register(url, sidecar_service("web", free_port(), free_port(), [("db", up_port)]))
+    procs.append(ProxyProcess(["-sidecar-for", "web", "-http-addr", url]).start())
+
+    def through_sidecar() -> bool:
+        return echoes(socket.create_connection(("127.0.0.1", up_port), timeout=5), b"to native")
+
+    wait_until(through_sidecar, timeout=15)
+
+
+def test_open_service_runs_the_follower_in_the_callers_trio_run(trellis_server, native):
+    url = trellis_server.url
+    db = service(native, "db", url)
+    native_server(native, db, url)
+
+    async def main() -> bytes:
+        async with open_service("web", address=url) as web:
+            stream = await web.connect_trio("db")
+            async with stream:
+                await stream.send_all(b"nursery")
+                got = b""
+                while len(got) < 7:
+                    got += await stream.receive_some(10)
+        with pytest.raises(ConnectError):
+            await web.connect_trio("db")
+        return got
+
+    assert trio.run(main) == b"NURSERY"
