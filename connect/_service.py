@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -47,6 +48,10 @@ from trellis.proxy.snapshot import Endpoint, Snapshot
 
 __all__ = ["ConnectError", "Service", "open_service"]
 
+log = logging.getLogger("trellis.connect")
+
+#: How long ``serve_connect`` waits for a client's handshake.
+HANDSHAKE_TIMEOUT = 10.0
 #: Default for ``ready`` and for a call's wait for its destination's first instances.
 DEFAULT_TIMEOUT = 30.0
 
@@ -125,10 +130,20 @@ class Service:
         except FollowerError as e:
             self._current.fail(str(e))
 
+    def _in_run(self) -> bool:
+        """Is the caller in the trio run that follows (``open_service``'s)?"""
+        try:
+            return trio.lowlevel.current_trio_token() is self._token
+        except RuntimeError:
+            return False
+
     def _watch(self, name: str) -> None:
         """Follow ``name``'s instances (from any thread but the follower's own)."""
         if self._token is None:
             raise ConnectError("the service is closed")
+        if self._in_run():
+            # The caller's bug: waiting here would block the very run that must answer.
+            raise RuntimeError("from trio code, call connect_trio (this call would block)")
         try:
             trio.from_thread.run_sync(self._follower.watch, name, trio_token=self._token)
         except trio.RunFinishedError:
@@ -149,8 +164,11 @@ class Service:
         self._current.close()
         token, scope = self._token, self._cancel
         if token is not None and scope is not None:
-            with contextlib.suppress(trio.RunFinishedError):
-                trio.from_thread.run_sync(scope.cancel, trio_token=token)
+            if self._in_run():
+                scope.cancel()
+            else:
+                with contextlib.suppress(trio.RunFinishedError):
+                    trio.from_thread.run_sync(scope.cancel, trio_token=token)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._client.close()
@@ -273,6 +291,46 @@ class Service:
                 continue
             return stream
         raise ConnectError(f"{name}: no instance answered: " + "; ".join(errors))
+
+    async def serve_connect(
+        self,
+        handler: Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[object]],
+        port: int,
+        *,
+        host: str = "127.0.0.1",
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve raw TCP over Connect, for trio: accept on ``host``:``port`` (port 0: any;
+        ``nursery.start`` returns the listeners), complete the mutual-TLS handshake with
+        ``server_ssl_context()``, ``authorize`` the peer, and run ``handler(stream)`` for an
+        allowed one, in its own task; a refused one is closed before any byte is read, and
+        logged once with the reason. Serves until cancelled. ``host`` defaults to the loopback:
+        pass the address other machines reach (the one registered in the catalog)."""
+        ctx = self.server_ssl_context()
+
+        async def one(tcp: trio.SocketStream) -> None:
+            stream = trio.SSLStream(tcp, ctx, server_side=True)
+            try:
+                with trio.fail_after(handshake_timeout):
+                    await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError) as e:
+                log.info("%s: handshake failed: %s", self.name, e.__cause__ or e)
+                await trio.aclose_forcefully(stream)
+                return
+            decision = self.authorize(stream)
+            if not decision.allowed:
+                log.info("%s: refused a peer: %s", self.name, decision.reason)
+                await trio.aclose_forcefully(stream)
+                return
+            async with stream:
+                try:
+                    await handler(stream)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    # The peer went away mid-conversation: its doing, not the server's end.
+                    log.debug("%s: a connection ended: %s", self.name, e)
+
+        await trio.serve_tcp(one, port, host=host, task_status=task_status)
 
 
 @contextlib.asynccontextmanager

@@ -196,3 +196,42 @@ def test_open_service_runs_the_follower_in_the_callers_trio_run(trellis_server, 
         return got
 
     assert trio.run(main) == b"NURSERY"
+
+
+def test_serve_connect_serves_allowed_peers_and_refuses_denied_ones(trellis_server, native):
+    url = trellis_server.url
+    web = service(native, "web", url)
+    served: list[bytes] = []
+
+    async def upper(stream: trio.SSLStream) -> None:
+        while data := await stream.receive_some(65536):
+            served.append(data)
+            await stream.send_all(data.upper())
+
+    async def main() -> None:
+        async with open_service("db", address=url) as db, trio.open_nursery() as nursery:
+            await trio.to_thread.run_sync(db.ready)
+            listeners = await nursery.start(db.serve_connect, upper, 0)
+            port = listeners[0].socket.getsockname()[1]
+            await trio.to_thread.run_sync(
+                register,
+                url,
+                {
+                    "Name": "db",
+                    "Address": "127.0.0.1",
+                    "Port": port,
+                    "Connect": {"Native": True},
+                    "Check": PASSING,
+                },
+            )
+            ok = await trio.to_thread.run_sync(lambda: echoes(web.connect("db"), b"served"))
+            assert ok
+            r = await trio.to_thread.run_sync(cli, url, "intention", "create", "-deny", "web", "db")
+            assert r.returncode == 0, r.stderr
+            await trio.to_thread.run_sync(
+                lambda: wait_until(lambda: not echoes(web.connect("db"), b"denied"))
+            )
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert served == [b"served"]
