@@ -35,6 +35,7 @@ import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -45,6 +46,9 @@ from trellis.proxy import client as api
 from trellis.proxy.config import ProxyConfig
 from trellis.proxy.follower import Follower, FollowerError
 from trellis.proxy.snapshot import Endpoint, Snapshot
+
+if TYPE_CHECKING:
+    from trellis.connect import _httpx
 
 __all__ = ["ConnectError", "Service", "open_service"]
 
@@ -331,6 +335,18 @@ class Service:
                     log.debug("%s: a connection ended: %s", self.name, e)
 
         await trio.serve_tcp(one, port, host=host, task_status=task_status)
+
+    def httpx_transport(self, *, max_connections: int = 10) -> _httpx.Transport:
+        """An httpx transport over Connect, for ``httpx.Client(transport=...)`` and
+        ``httpx.AsyncClient(transport=...)`` alike (asyncio or trio): a request to
+        ``http://db/path`` goes to a healthy instance of service ``db`` (the URL's port is
+        ignored) over ``connect``'s verified mutual TLS, keep-alive connections pooled per
+        service. ``https://`` is refused (``httpx.UnsupportedProtocol``: the mesh is the TLS);
+        no instance reachable is ``httpx.ConnectError``."""
+        # Imported here: httpx and httpcore cost an app that never calls this some 40 ms.
+        from trellis.connect._httpx import Transport
+
+        return Transport(self, max_connections=max_connections)
 
 
 @contextlib.asynccontextmanager

@@ -56,3 +56,65 @@ class NativeEcho:
             except OSError:
                 pass
         self._thread.join(5)
+
+
+class NativeHTTP:
+    """A native HTTP server (``http.server``, TLS by ``server_ssl_context()``): 403 for a
+    peer ``authorize`` denies, otherwise 200 with the method, path and body read back."""
+
+    def __init__(self, svc: Service) -> None:
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                decision = svc.authorize(self.request)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if decision.allowed:
+                    status, out = (
+                        200,
+                        b"%s %s %s" % (self.command.encode(), self.path.encode(), body),
+                    )
+                else:
+                    status, out = 403, decision.reason.encode()
+                outer.requests += 1
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def get_request(self):  # the handshake in the connection's own thread
+                sock, addr = self.socket.accept()
+                return ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+            def finish_request(self, request, client_address):
+                try:
+                    request.settimeout(10)
+                    request.do_handshake()
+                except (OSError, ssl.SSLError):
+                    return
+                super().finish_request(request, client_address)
+
+        ctx = svc.server_ssl_context()
+        self.requests = 0
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import httpx
 import pytest
 import trio
 
-from tests.connect_support import NativeEcho
+from tests.connect_support import NativeEcho, NativeHTTP
 from tests.proxy_support import EchoApp, ProxyProcess, exchange, free_port
 from tests.support import wait_until
 from tests.test_integration_proxy import cli, register, sidecar_service
@@ -235,3 +236,51 @@ def test_serve_connect_serves_allowed_peers_and_refuses_denied_ones(trellis_serv
 
     trio.run(main)
     assert served == [b"served"]
+
+
+def test_httpx_transport_sync_asyncio_and_trio_then_403(trellis_server, native):
+    url = trellis_server.url
+    db = service(native, "db", url)
+    srv = NativeHTTP(db)
+    native.append(srv)
+    register(
+        url,
+        {
+            "Name": "db",
+            "Address": "127.0.0.1",
+            "Port": srv.port,
+            "Connect": {"Native": True},
+            "Check": PASSING,
+        },
+    )
+    web = service(native, "web", url)
+    transport = web.httpx_transport()
+    native.append(transport)
+
+    with httpx.Client(transport=transport, timeout=10) as client:
+        r = client.get("http://db/hello?x=1")
+        assert (r.status_code, r.text) == (200, "GET /hello?x=1 ")
+        r = client.post("http://db:8080/form", content=b"payload")  # the port is ignored
+        assert (r.status_code, r.text) == (200, "POST /form payload")
+        with pytest.raises(httpx.UnsupportedProtocol):
+            client.get("https://db/")
+        with pytest.raises(httpx.ConnectError, match="nothing: no healthy instance"):
+            client.get("http://nothing/")
+
+    async def call() -> tuple[int, str]:
+        async with httpx.AsyncClient(transport=web.httpx_transport(), timeout=10) as client:
+            r = await client.get("http://db/async")
+            return r.status_code, r.text
+
+    assert asyncio.run(call()) == (200, "GET /async ")
+    assert trio.run(call) == (200, "GET /async ")
+
+    r = cli(url, "intention", "create", "-deny", "web", "db")
+    assert r.returncode == 0, r.stderr
+
+    def forbidden() -> bool:
+        with httpx.Client(transport=web.httpx_transport(), timeout=10) as client:
+            r = client.get("http://db/after")
+        return r.status_code == 403 and r.text == "Matched intention: web => db (deny)"
+
+    wait_until(forbidden)
