@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 
 import httpx
 import pytest
@@ -284,3 +285,44 @@ def test_httpx_transport_sync_asyncio_and_trio_then_403(trellis_server, native):
         return r.status_code == 403 and r.text == "Matched intention: web => db (deny)"
 
     wait_until(forbidden)
+
+
+@pytest.mark.slow
+def test_a_root_rotation_during_a_stream_of_calls_fails_none(trellis_server, native):
+    url = trellis_server.url
+    db = service(native, "db", url)
+    native_server(native, db, url)
+    web = service(native, "web", url)
+    results: list[bool | str] = []
+    stop = threading.Event()
+
+    def calls() -> None:  # a new connection (two handshakes) per call, until told to stop
+        while not stop.is_set():
+            try:
+                results.append(echoes(web.connect("db", timeout=10), b"call"))
+            except (ConnectError, OSError) as e:
+                results.append(str(e))
+
+    before = {s.name: s._current.snapshot.leaf.serial for s in (db, web)}
+    caller = threading.Thread(target=calls, daemon=True)
+    caller.start()
+    try:
+        wait_until(lambda: len(results) >= 20)
+        r = httpx.put(
+            url + "/v1/connect/ca/configuration",
+            json={"Provider": "builtin", "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": 384}},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        # Each side re-signs within 30 s of the new root (jittered), and serves it at once.
+        wait_until(
+            lambda: all(s._current.snapshot.leaf.serial != before[s.name] for s in (db, web)),
+            timeout=45,
+        )
+        done = len(results)
+        wait_until(lambda: len(results) >= done + 20)
+    finally:
+        stop.set()
+        caller.join(15)
+    failures = [r for r in results if r is not True]
+    assert failures == [], failures[:5]
