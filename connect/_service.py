@@ -124,6 +124,11 @@ class Service:
 
         try:
             trio.run(main)
+        except Exception as e:
+            # A bug, not a state of the control plane: say it to ready() and connect(), which
+            # would otherwise only learn that the service is closed.
+            log.exception("%s: the follower stopped", self.name)
+            self._current.fail(f"the follower stopped: {e!r}")
         finally:
             started.set()
             self._current.close()
@@ -131,8 +136,9 @@ class Service:
     async def _follow(self) -> None:
         try:
             await self._follower.run()
-        except FollowerError as e:
-            self._current.fail(str(e))
+        except* FollowerError as group:
+            # Raised in one of the follower's tasks, so it comes wrapped in its nursery's group.
+            self._current.fail(str(group.exceptions[0]))
 
     def _in_run(self) -> bool:
         """Is the caller in the trio run that follows (``open_service``'s)?"""

@@ -7,6 +7,7 @@ Every process is a ``TrellisProcess`` or ``ProxyProcess`` ended by PID by its fi
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 
@@ -16,7 +17,7 @@ import trio
 
 from tests.connect_support import NativeEcho, NativeHTTP
 from tests.proxy_support import EchoApp, ProxyProcess, exchange, free_port
-from tests.support import wait_until
+from tests.support import TrellisProcess, wait_until
 from tests.test_integration_proxy import cli, register, sidecar_service
 from trellis.connect import ConnectError, Service, open_service
 
@@ -326,3 +327,48 @@ def test_a_root_rotation_during_a_stream_of_calls_fails_none(trellis_server, nat
         caller.join(15)
     failures = [r for r in results if r is not True]
     assert failures == [], failures[:5]
+
+
+def test_a_token_that_may_not_act_as_the_service_is_a_connect_error(tmp_path, native):
+    cfg = tmp_path / "acl.json"
+    cfg.write_text(json.dumps({"acl": {"enabled": True, "default_policy": "deny"}}))
+    server = TrellisProcess(
+        ["server", "-config", str(cfg), "-data-dir", str(tmp_path / "d"), "-http-port", "0",
+         "-dns-port", "-1", "-workers", "1", "-node", "n1"]
+    ).start()  # fmt: skip
+    try:
+        boot = httpx.put(server.url + "/v1/acl/bootstrap", timeout=10).json()["SecretID"]
+        h = {"X-Consul-Token": boot}
+        pol = httpx.put(
+            server.url + "/v1/acl/policy",
+            headers=h,
+            timeout=10,
+            json={"Name": "read-only", "Rules": 'service_prefix "" { policy = "read" }'},
+        ).json()
+        tok = httpx.put(
+            server.url + "/v1/acl/token",
+            headers=h,
+            timeout=10,
+            json={"Policies": [{"ID": pol["ID"]}]},
+        ).json()["SecretID"]
+        svc = Service("alice", address=server.url, token=tok)
+        native.append(svc)
+        with pytest.raises(ConnectError, match="may not act as service 'alice'"):
+            svc.ready(timeout=30)
+        with pytest.raises(ConnectError, match="may not act"):
+            svc.connect("db")
+    finally:
+        server.stop()
+
+
+def test_no_control_plane_is_a_timeout_and_close_is_final(native):
+    svc = Service("web", address=f"http://127.0.0.1:{free_port()}")
+    native.append(svc)
+    with pytest.raises(TimeoutError, match=r"no leaf, roots and intentions within 0\.5 s"):
+        svc.ready(timeout=0.5)
+    svc.close()
+    with pytest.raises(ConnectError, match="the service is closed"):
+        svc.ready(timeout=5)
+    with pytest.raises(ConnectError, match="the service is closed"):
+        svc.connect("db", timeout=5)
+    svc.close()  # twice: nothing more to do
