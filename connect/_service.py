@@ -74,7 +74,11 @@ class Service:
     Made with ``Service(...)``, it starts following at once in a background thread (for sync
     and asyncio code; trio code uses ``open_service``); use it as a context manager, or call
     ``close()``. Registering the service in the catalog (``Connect: {"Native": true}``) stays
-    the operator's job, as for any Consul service.
+    the operator's job, as for any Consul service. A pre-forking server makes one per worker,
+    after the fork: a thread does not survive it.
+
+    ValueError if ``name`` is not a service name, ConnectError if ``address`` or ``ca_file``
+    is unusable: the caller's mistakes, said at once.
     """
 
     def __init__(
@@ -90,7 +94,10 @@ class Service:
             raise ValueError("a service is named, not '*'")
         self.name = name
         self._current = Current()
-        self._client = api.Client(address, token=token, verify=ca_file or True)
+        try:
+            self._client = api.Client(address, token=token, verify=ca_file or True)
+        except api.APIError as e:  # a malformed address, an unreadable CA file
+            raise ConnectError(str(e)) from None
         self._follower = Follower(
             self._client,
             config=ProxyConfig(service=name),

@@ -208,3 +208,21 @@ def test_importing_the_sdk_pulls_in_no_control_plane():
     assert pulled == []
     # Figures for the record (README "Native apps"): a generous bound, not a benchmark.
     assert got["rss_kb"] < 80_000, got["rss_kb"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"address": "ftp://127.0.0.1:1"}, "ConnectError", "must look like http://HOST:PORT"),
+        ({"address": "http://127.0.0.1:99999"}, "ConnectError", "out of range"),
+        ({"address": "https://127.0.0.1:1", "ca_file": "/nonexistent"}, "ConnectError", "TLS"),
+        ({"name": "*"}, "ValueError", "not '\\*'"),
+        ({"name": "we b"}, "ValueError", "is not valid"),
+    ],
+)
+def test_unusable_arguments_are_refused_at_once(kwargs, error, match):
+    import trellis.connect
+
+    name = kwargs.pop("name", "web")
+    with pytest.raises(getattr(trellis.connect, error, ValueError), match=match):
+        trellis.connect.Service(name, **kwargs)
