@@ -157,14 +157,15 @@ class Service:
     def _watch(self, name: str) -> None:
         """Follow ``name``'s instances (from any thread but the follower's own)."""
         if self._token is None:
-            raise ConnectError("the service is closed")
+            raise self._current.down()
         if self._in_run():
             # The caller's bug: waiting here would block the very run that must answer.
             raise RuntimeError("from trio code, call connect_trio (this call would block)")
         try:
             trio.from_thread.run_sync(self._follower.watch, name, trio_token=self._token)
         except trio.RunFinishedError:
-            raise ConnectError("the service is closed") from None
+            # Ended by close(), or by a refusal that must still be the answer.
+            raise self._current.down() from None
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -62,6 +62,10 @@ class Current:
 
     # -- read by the app -------------------------------------------------------------------
 
+    def down(self) -> ConnectError:
+        """Why the follower is not running: its failure if it had one, else closed."""
+        return ConnectError(self.failure if self.failure is not None else "the service is closed")
+
     def wait_for(self, what: str, ok: object, timeout: float | None) -> Snapshot:
         """The current snapshot once ``ok(snapshot)`` is true; ConnectError if the follower
         failed or the service was closed, TimeoutError after ``timeout`` seconds."""
@@ -75,10 +79,8 @@ class Current:
                 ),
                 timeout,
             )
-            if self.failure is not None:
-                raise ConnectError(self.failure)
-            if self.closed:
-                raise ConnectError("the service is closed")
+            if self.failure is not None or self.closed:
+                raise self.down()
             if not done or self.snapshot is None:
                 raise TimeoutError(f"no {what} within {timeout:g} s")
             return self.snapshot

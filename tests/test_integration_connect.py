@@ -355,6 +355,8 @@ def test_a_token_that_may_not_act_as_the_service_is_a_connect_error(tmp_path, na
         native.append(svc)
         with pytest.raises(ConnectError, match="may not act as service 'alice'"):
             svc.ready(timeout=30)
+        svc._thread.join(10)  # the follower's run has ended: still the refusal, not "closed"
+        assert not svc._thread.is_alive()
         with pytest.raises(ConnectError, match="may not act"):
             svc.connect("db")
     finally:
