@@ -31,6 +31,7 @@ $(TYPECHECK):
 	ln -sfn ../../../api $(TYPECHECK)/api
 	ln -sfn ../../../proxy $(TYPECHECK)/proxy
 	ln -sfn ../../../terraform $(TYPECHECK)/terraform
+	ln -sfn ../../../connect $(TYPECHECK)/connect
 
 # tests/test_browsers_chromium.py drives Debian's Chromium through Playwright (never
 # `playwright install`, which would download a browser of its own). Installing it needs root.
@@ -39,13 +40,13 @@ $(CHROMIUM):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 test: $(STAMP) $(TYPECHECK) $(CHROMIUM)
-	$(BIN)/ruff check api proxy terraform tests bench
+	$(BIN)/ruff check api proxy connect terraform tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check api proxy terraform tests bench
-	$(BIN)/ruff format --check api proxy terraform tests bench
+	$(BIN)/ruff check api proxy connect terraform tests bench
+	$(BIN)/ruff format --check api proxy connect terraform tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/control_plane.py

@@ -208,6 +208,10 @@ class Follower:
         self._config_changed = trio.Event()
         self.datacenter = ""
         self.ready = trio.Event()
+        #: Destinations followed beyond the registration's upstreams (``watch``: the SDK's
+        #: ``connect``, which names its destination at call time).
+        self._watched: set[tuple[str, str]] = set()
+        self._watch_changed = trio.Event()
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -418,12 +422,23 @@ class Follower:
         self._state.default_allow = default
         self._publish()
 
+    def watch(self, destination: str, datacenter: str = "") -> None:
+        """Follow ``destination``'s healthy instances too (into ``snapshot.endpoints``), as
+        if it were an upstream. Call it in the follower's trio thread; idempotent."""
+        key = (destination, datacenter)
+        if key not in self._watched:
+            self._watched.add(key)
+            # Not _config_changed: run() waits on that one for a sidecar's first registration.
+            self._watch_changed.set()
+            self._watch_changed = trio.Event()
+
     async def _upstreams(self, nursery: trio.Nursery) -> None:
         """One watch per upstream destination; restarted when the set changes."""
         running: dict[tuple[str, str], trio.CancelScope] = {}
         while True:
             cfg = self._state.config
             wanted = {(u.destination, u.datacenter) for u in (cfg.upstreams if cfg else ())}
+            wanted |= self._watched
             for key in list(running):
                 if key not in wanted:
                     running.pop(key).cancel()
@@ -432,7 +447,15 @@ class Follower:
                 scope = trio.CancelScope()
                 running[key] = scope
                 nursery.start_soon(self._watch_upstream, key[0], key[1], scope)
-            await self._config_changed.wait()
+            config_changed, watch_changed = self._config_changed, self._watch_changed
+            async with trio.open_nursery() as race:
+
+                async def first(event: trio.Event) -> None:
+                    await event.wait()
+                    race.cancel_scope.cancel()
+
+                race.start_soon(first, config_changed)
+                race.start_soon(first, watch_changed)
 
     async def _watch_upstream(self, name: str, dc: str, scope: trio.CancelScope) -> None:
         index: list[int | None] = [None]
@@ -472,7 +495,7 @@ class Follower:
         if st.leaf is not None and (st.leaf, st.roots) != self._tls_for:
             assert self._key_pem is not None  # made before the leaf was signed
             try:
-                kwargs = dict(
+                kwargs: dict[str, Any] = dict(
                     cert_pem=st.leaf.cert_pem,
                     chain_pem=st.leaf.chain_pem,
                     key_pem=self._key_pem,

@@ -21,7 +21,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"api": "trellis/api", "proxy": "trellis/proxy", "terraform": "trellis/terraform"}
+FOLDERS = {
+    "api": "trellis/api",
+    "proxy": "trellis/proxy",
+    "terraform": "trellis/terraform",
+    "connect": "trellis/connect",
+}
 
 
 def _run(*cmd: str | Path, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
