@@ -304,6 +304,9 @@ class DevAgent:
 
         self.url = f"http://{_addr(sock)}"
         self._stopped = False
+        # gunicorn forks the workers inside ``serve``: each runs its ``finally`` with a copy
+        # of this object, and must leave the agent (not its child) to the dev command.
+        self._owner = os.getpid()
         args = [
             sys.executable,
             "-c",
@@ -337,7 +340,7 @@ class DevAgent:
         """Stop the agent (a graceful leave), once; waits for it."""
         import subprocess
 
-        if self._stopped:
+        if self._stopped or os.getpid() != self._owner:
             return
         self._stopped = True
         if self.proc.poll() is None:

@@ -169,6 +169,9 @@ def test_dev_stops_its_agent_before_its_server(tmp_path, started, seen, web, sig
     workers_end = [i for i, line in enumerate(out) if "Worker exiting" in line]
     assert workers_end and stopped < min(workers_end), dev.output()
     assert "Traceback" not in dev.output(), dev.output()
+    # The workers end by themselves: none waits on the agent (not its child) until the
+    # arbiter kills it.
+    assert not [line for line in out if "SIGKILL" in line], dev.output()
 
 
 def test_sigkill_of_dev_leaves_no_child_behind(tmp_path, started, seen, web):
