@@ -420,7 +420,9 @@ def test_the_local_api_answers_both_roots_paths_from_one_tokenless_watch(stub):
         api = LocalAPI(agent, on_leave=lambda: None, shared=shared)
         async with trio.open_nursery() as n:
             await n.start(shared.run)
-            a = await api.handle(_request("/v1/agent/connect/ca/roots", token="secret"))
+            a = await api.handle(
+                _request("/v1/agent/connect/ca/roots", "index=3&wait=1s", token="secret")
+            )
             b = await api.handle(_request("/v1/connect/ca/roots", "index=3&wait=1s"))
             c = await api.handle(_request("/v1/connect/ca/roots", "pem=true"))
             n.cancel_scope.cancel()
@@ -437,6 +439,39 @@ def test_the_local_api_answers_both_roots_paths_from_one_tokenless_watch(stub):
     assert not [s for s in stub.seen if s.path == "/v1/agent/connect/ca/roots"]
     # One first read, then the watch's blocking read: not one per client.
     assert [("index" in s.query) for s in reads] == [False, True][: len(reads)]
+
+
+def test_a_non_blocking_roots_read_is_the_servers_current_answer(stub):
+    # A rotation, then a plain read of the roots (trellis ca rotate; trellis ca roots): the
+    # read must show the new root even though the node's watch has not seen it yet.
+    current = {"ActiveRootID": "r1", "TrustDomain": "td", "Roots": []}
+
+    def route(req: Seen) -> Reply:
+        if "index" in req.query:  # the watch: parked, with what it first saw
+            r = stub.json(200, {**current, "ActiveRootID": "r1"}, **{"X-Consul-Index": "7"})
+            r.delay = 2.0
+            return r
+        return stub.json(200, current, **{"X-Consul-Index": "8"})
+
+    stub.route = route
+
+    async def main() -> None:
+        agent = SimpleNamespace(servers=Servers([stub.url]), opts=SimpleNamespace(dev=False))
+        shared = SharedReads(server_fetch(agent))
+        api = LocalAPI(agent, on_leave=lambda: None, shared=shared)
+        async with trio.open_nursery() as n:
+            await n.start(shared.run)
+            await api.handle(_request("/v1/connect/ca/roots", "index=1&wait=1s"))
+            current["ActiveRootID"] = "r2"  # rotated on the server
+            got = await api.handle(_request("/v1/connect/ca/roots"))
+            n.cancel_scope.cancel()
+        assert got.status == 200
+        body = got.body if got.stream is None else b"".join([c async for c in got.stream])
+        assert json.loads(body)["ActiveRootID"] == "r2"
+        if got.close is not None:
+            await got.close()
+
+    trio.run(main)
 
 
 def test_the_local_api_shares_blocking_reads_per_token_and_refuses_a_bad_index(stub):

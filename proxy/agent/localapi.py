@@ -253,8 +253,18 @@ class LocalAPI:
     # -- shared reads ---------------------------------------------------------------------
 
     async def roots(self, req: Request, shared: SharedReads) -> Response:
-        """The CA roots from the node's one roots watch, blocking or not (roots need no ACL:
-        see ``shared.ROOTS_KEY``)."""
+        """A blocking read of the CA roots from the node's one roots watch (roots need no
+        ACL: see ``shared.ROOTS_KEY``). A non-blocking one is forwarded, so that a client
+        reads its own rotation (``trellis ca rotate`` then ``trellis ca roots``), and is
+        answered from the watch (marked stale) when no server answers."""
+        if not _index_arg(req):
+            try:
+                return await self.forward(req)
+            except NoServer:
+                held = shared.held(ROOTS_KEY)
+                if held is None:
+                    raise
+                return _answer_response(held)
         try:
             a = await shared.read(
                 ROOTS_KEY,
