@@ -282,6 +282,8 @@ class Service:
                 check_server(snap, writer.get_extra_info("ssl_object"), name)
             except ConnectError as e:
                 writer.close()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await writer.wait_closed()  # or the transport outlives the refusal
                 errors.append(f"{ep.address}:{ep.port}: {e}")
                 continue
             return reader, writer

@@ -83,6 +83,9 @@ def test_native_client_to_native_server_allowed_then_denied(trellis_server, nati
         await writer.drain()
         got = await reader.readexactly(7)
         writer.close()
+        # Let the TLS close finish before asyncio.run ends the loop: a transport still
+        # closing then is "unclosed" when collected (a ResourceWarning in a later test).
+        await writer.wait_closed()
         return got
 
     assert asyncio.run(over_asyncio()) == b"ASYNCIO"
