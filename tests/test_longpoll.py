@@ -82,16 +82,6 @@ def test_a_shared_answer_only_serves_the_queries_it_fits(client):
         assert index_of(r) > index + 2 and b'"Value":"Yg=="' in r.get_data()
 
 
-def test_an_index_ahead_of_the_store_is_answered_at_once(client):
-    # Consul parks such a query until its store passes the index; Trellis answers it with the
-    # lower index at once (see trellis.api.http._block): no store of Trellis's ever lags
-    # (replicas share one database), so the index can only come from a store since replaced.
-    client.put("/v1/kv/ahead", data=b"a")
-    index = index_of(client.get("/v1/kv/ahead"))
-    r = client.get(f"/v1/kv/ahead?index={index + 1000}&wait=30s")
-    assert r.status_code == 200 and index_of(r) == index
-
-
 def test_a_token_deleted_while_parked_gets_no_data(make_client):
     c = make_client(**DENY)
     root = bootstrap(c)["SecretID"]
