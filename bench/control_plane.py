@@ -387,10 +387,16 @@ async def load_step(
     *,
     first: int = 0,
     ok_status: tuple[int, ...] = (200,),
+    per_conn: Callable[[int], Callable[[int], bytes]] | None = None,
+    ok_body: Callable[[bytes], bool] | None = None,
 ) -> dict[str, Any]:
     """``concurrency`` connections each send requests back to back until ``max_requests``
     have been sent or ``duration`` has passed; a watchdog aborts whatever is still stuck
-    ``grace`` seconds later. A short unmeasured warm-up runs first on the same connections."""
+    ``grace`` seconds later. A short unmeasured warm-up runs first on the same connections.
+
+    ``per_conn(i)``, when given, makes connection ``i``'s own request maker (a lock step holds
+    one session per connection); ``ok_body`` says whether a 200 answer is the expected one (an
+    acquire answered ``false`` is not a lock taken): the others count as status 0."""
     waited = await wait_quiet_async(limits.quiet)
     conns = await connect(url, concurrency)
     pc = time.perf_counter
@@ -398,7 +404,15 @@ async def load_step(
     try:
         # Warm-up: not measured.
         if limits.warmup > 0:
-            await _drive(conns, make, state, first + limits.max_requests, pc() + limits.warmup)
+            await _drive(
+                conns,
+                make,
+                state,
+                first + limits.max_requests,
+                pc() + limits.warmup,
+                per_conn=per_conn,
+                ok_body=ok_body,
+            )
         start_n = state["next"]
         cpu.begin()
         t0 = pc()
@@ -409,6 +423,8 @@ async def load_step(
             start_n + limits.max_requests,
             t0 + limits.duration,
             grace=limits.grace,
+            per_conn=per_conn,
+            ok_body=ok_body,
         )
         elapsed = pc() - t0
         usage = cpu.end()
@@ -443,13 +459,15 @@ async def _drive(
     limit: int,
     deadline: float,
     grace: float = 15.0,
+    per_conn: Callable[[int], Callable[[int], bytes]] | None = None,
+    ok_body: Callable[[bytes], bool] | None = None,
 ) -> tuple[list[float], dict[int, int], int, int]:
     pc = time.perf_counter
     lat: list[float] = []
     statuses: dict[int, int] = {}
     errors = 0
 
-    async def worker(conn: Conn) -> None:
+    async def worker(conn: Conn, mk: Callable[[int], bytes]) -> None:
         nonlocal errors
         while True:
             n = state["next"]
@@ -458,14 +476,20 @@ async def _drive(
             state["next"] = n + 1
             t = pc()
             try:
-                resp = await conn.request(make(n))
+                resp = await conn.request(mk(n))
             except ConnectionError:
                 errors += 1
                 return
             lat.append(resp.t - t)
-            statuses[resp.status] = statuses.get(resp.status, 0) + 1
+            status = resp.status
+            if status == 200 and ok_body is not None and not ok_body(resp.body):
+                status = 0
+            statuses[status] = statuses.get(status, 0) + 1
 
-    tasks = [asyncio.ensure_future(worker(c)) for c in conns]
+    tasks = [
+        asyncio.ensure_future(worker(c, make if per_conn is None else per_conn(i)))
+        for i, c in enumerate(conns)
+    ]
     _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - pc()) + grace)
     stalled = len(pending)
     if pending:
@@ -522,9 +546,79 @@ async def bench_trellis(srv: TrellisServer, extra_pids: Callable[[], list[int]],
         r = await load_step(url, c, lambda n, run=run: _register_body(run, n), limits, cpu)
         out["register"].append(r)
         log(f"  catalog register c={c}: {_brief(r)}")
+    out["lock"], out["txn"] = [], []
+    for c in cfg.lock_concurrency:
+        r = await trellis_lock_step(url, c, limits, cpu)
+        out["lock"].append(r)
+        log(f"  lock acquire/release c={c}: {_brief(r)}")
+    for c in cfg.lock_concurrency:
+        r = await load_step(url, c, _txn_body, limits, cpu)
+        out["txn"].append(r)
+        log(f"  txn ({TXN_OPS} sets) c={c}: {_brief(r)}")
     out["blocking_same_key"] = await blocking_same_key(url, cfg, cpu)
     out["blocking_distinct_keys"] = await blocking_distinct_keys(url, cfg, cpu)
     return out
+
+
+# Locks and transactions. A lock step: connection i holds session i and alternates
+# ``?acquire=`` and ``?release=`` on its own key, so every operation should succeed (a
+# ``false`` counts as bad): it measures what a lock operation costs, not how contention is
+# resolved. Each row's req/s counts operations; acquire+release cycles per second are half.
+# The transaction step writes TXN_OPS keys in one ``PUT /v1/txn``, all-or-nothing.
+
+TXN_OPS = 4
+
+
+def _txn_body(n: int) -> bytes:
+    base = f"bench/txn/{n % KEYSPACE:05d}"
+    ops = [
+        {"KV": {"Verb": "set", "Key": f"{base}/{j}", "Value": _b64(VALUE)}} for j in range(TXN_OPS)
+    ]
+    return req("PUT", "/v1/txn", json.dumps(ops).encode(), "application/json")
+
+
+def _alternate(first: bytes, second: bytes) -> Callable[[int], bytes]:
+    turn = [0]
+
+    def make(_n: int) -> bytes:
+        turn[0] ^= 1
+        return first if turn[0] else second
+
+    return make
+
+
+async def trellis_lock_step(url: str, c: int, limits: Limits, cpu: CPU) -> dict[str, Any]:
+    # LockDelay 0: a release never delays the next acquire (Consul's delay applies only after
+    # an invalidation, but say so plainly); a TTL long enough to outlive the step.
+    body = json.dumps({"Name": "bench", "TTL": "600s", "LockDelay": "0s"}).encode()
+    sessions = []
+    for _ in range(c):
+        r = await call(url, req("PUT", "/v1/session/create", body, "application/json"))
+        if r.status != 200:
+            raise RuntimeError(f"session create: {r.status} {r.body[:200]!r}")
+        sessions.append(json.loads(r.body)["ID"])
+
+    def per_conn(i: int) -> Callable[[int], bytes]:
+        key, sid = f"/v1/kv/bench/lock/{i}", sessions[i]
+        return _alternate(
+            req("PUT", f"{key}?acquire={sid}", b"held"), req("PUT", f"{key}?release={sid}")
+        )
+
+    try:
+        return await load_step(
+            url, c, _per_conn_only, limits, cpu, per_conn=per_conn, ok_body=_true
+        )
+    finally:
+        for sid in sessions:
+            await call(url, req("PUT", f"/v1/session/destroy/{sid}"))
+
+
+def _true(body: bytes) -> bool:
+    return body.strip() == b"true"
+
+
+def _per_conn_only(n: int) -> bytes:
+    raise AssertionError("a per-connection step has no shared request maker")
 
 
 def _brief(r: dict[str, Any]) -> str:
@@ -718,7 +812,49 @@ async def bench_etcd(srv: EtcdServer, cfg: Config) -> dict[str, Any]:
         r = await load_step(srv.url, c, lambda n: ETCD_GET[n % KEYSPACE], limits, cpu)
         out["kv_get"].append(r)
         log(f"  etcd GET c={c}: {_brief(r)}")
+    out["lock"], out["txn"] = [], []
+    for c in cfg.lock_concurrency:
+        r = await etcd_lock_step(srv.url, c, limits, cpu)
+        out["lock"].append(r)
+        log(f"  etcd lock/unlock c={c}: {_brief(r)}")
+    for c in cfg.lock_concurrency:
+        r = await load_step(srv.url, c, _etcd_txn_body, limits, cpu)
+        out["txn"].append(r)
+        log(f"  etcd txn ({TXN_OPS} puts) c={c}: {_brief(r)}")
     return out
+
+
+def _etcd_txn_body(n: int) -> bytes:
+    base = f"bench/txn/{n % KEYSPACE:05d}"
+    puts = [
+        {"request_put": {"key": _b64(f"{base}/{j}".encode()), "value": _b64(VALUE)}}
+        for j in range(TXN_OPS)
+    ]
+    return req("POST", "/v3/kv/txn", json.dumps({"success": puts}).encode(), "application/json")
+
+
+async def etcd_lock_step(url: str, c: int, limits: Limits, cpu: CPU) -> dict[str, Any]:
+    """etcd's own lock service (v3lock, what ``etcdctl lock`` uses): one lease per
+    connection, ``lock`` then ``unlock`` of the key it returns, on a name per connection."""
+    pairs = []
+    for i in range(c):
+        grant = json.dumps({"TTL": 600}).encode()
+        r = await call(url, req("POST", "/v3/lease/grant", grant, "application/json"))
+        lease = json.loads(r.body)["ID"]
+        lock = json.dumps({"name": _b64(f"bench/lock/{i}".encode()), "lease": lease}).encode()
+        lock_req = req("POST", "/v3/lock/lock", lock, "application/json")
+        # The held key is the name plus the lease: the same on every round, so the unlock
+        # request can be encoded once, from the first lock's answer.
+        r = await call(url, lock_req)
+        if r.status != 200:
+            raise RuntimeError(f"etcd lock: {r.status} {r.body[:200]!r}")
+        unlock = json.dumps({"key": json.loads(r.body)["key"]}).encode()
+        unlock_req = req("POST", "/v3/lock/unlock", unlock, "application/json")
+        await call(url, unlock_req)
+        pairs.append((lock_req, unlock_req))
+    return await load_step(
+        url, c, _per_conn_only, limits, cpu, per_conn=lambda i: _alternate(*pairs[i])
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,6 +866,7 @@ async def bench_etcd(srv: EtcdServer, cfg: Config) -> dict[str, Any]:
 class Config:
     concurrency: list[int]
     register_concurrency: list[int]
+    lock_concurrency: list[int]
     duration: float
     max_requests: int
     warmup: float
@@ -851,6 +988,15 @@ def run(cfg: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+OPS = {
+    "kv_put": "KV PUT",
+    "kv_get": "KV GET",
+    "register": "REGISTER",
+    "lock": "LOCK OP",  # one acquire or one release (etcd: lock or unlock)
+    "txn": f"TXN x{TXN_OPS}",  # one transaction of TXN_OPS writes
+}
+
+
 def _bad(r: dict[str, Any]) -> str:
     n = sum(r["non_ok"].values()) + r["conn_errors"] + r["stalled"]
     return str(n)
@@ -928,6 +1074,10 @@ def report(res: dict[str, Any]) -> str:
         f" {res['launcher']}); client: one asyncio process, raw HTTP/1.1 keep-alive",
         f"  each step: at most {res['config']['duration']} s or {res['config']['max_requests']}"
         " requests, after a short warm-up; latency in ms; cpu% of one core (200% = both);",
+        "  LOCK OP: each connection alternates acquire and release of its own key with its own"
+        " session (etcd: v3lock lock/unlock with its own lease); cycles/s = req/s / 2;",
+        f"  TXN x{TXN_OPS}: one all-or-nothing transaction of {TXN_OPS} K/V writes per request"
+        " (etcd: one txn of as many puts);",
         "  other% = CPU used by other processes on the machine during the step (noise)",
     ]
     parts.append(f"  CPU used by other processes just before the run: {res['background_cpu_pct']}%")
@@ -943,13 +1093,13 @@ def report(res: dict[str, Any]) -> str:
     etcd = res.get("etcd") or {}
     if "kv_put" in etcd:
         targets.append((f"etcd {etcd.get('version', '')}", etcd))
-    for op in ("kv_put", "kv_get", "register"):
+    for op in OPS:
         for name, r in targets:
             for s in r.get(op, []):
                 rows.append(
                     [
                         name,
-                        {"kv_put": "KV PUT", "kv_get": "KV GET", "register": "REGISTER"}[op],
+                        OPS[op],
                         str(s["concurrency"]),
                         str(s["requests"]),
                         fmt(s["rps"], 0),
@@ -967,11 +1117,11 @@ def report(res: dict[str, Any]) -> str:
     if "kv_put" in etcd and ok:
         parts += ["", "Trellis / etcd throughput ratio (req/s; above 1 means Trellis is faster)"]
         rrows = []
-        for op in ("kv_put", "kv_get"):
-            for i, e in enumerate(etcd[op]):
-                row = [{"kv_put": "KV PUT", "kv_get": "KV GET"}[op], str(e["concurrency"])]
+        for op in ("kv_put", "kv_get", "lock", "txn"):
+            for i, e in enumerate(etcd.get(op, [])):
+                row = [OPS[op], str(e["concurrency"])]
                 for _b, r in ok.items():
-                    t = r[op][i]["rps"] if i < len(r[op]) else None
+                    t = r[op][i]["rps"] if i < len(r.get(op, [])) else None
                     row.append(fmt(t / e["rps"], 2) if t is not None and e["rps"] else "-")
                 rrows.append(row)
         parts.append(table(rrows, ["op", "conc", *(f"{b}/etcd" for b in ok)]))
@@ -1045,6 +1195,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     cfg = Config(
         concurrency=conc,
         register_concurrency=[32] if quick else [1, 32],
+        lock_concurrency=[8] if quick else [1, 8, 32],
         duration=a.duration or (1.5 if quick else 4.0),
         max_requests=a.max_requests or (5000 if quick else 20000),
         warmup=0.2 if quick else 0.5,
