@@ -50,6 +50,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+from gevent.socket import cancel_wait_ex
 from gunicorn.workers.ggevent import GeventWorker
 
 from trellis.api.errors import RequestTimeout, TooManyConnections
@@ -150,6 +151,21 @@ class _Guarded:
         self.deadline = None
 
     def recv(self, n: int) -> bytes:
+        try:
+            data = self._recv(n)
+        except cancel_wait_ex:
+            # gevent's shutdown(SHUT_RD) (the worker's drain on a graceful stop, see
+            # TrellisGeventWorker._drain_when_stopping) wakes a parked recv with this error
+            # rather than with the end of stream; for the connection it means the same: no
+            # next request. Raised, gunicorn logged it as an ERROR traceback per connection.
+            return b""
+        if self.idle and data:
+            # The first byte of the next request: its head is now on the clock.
+            self.idle = False
+            self.deadline = time.monotonic() + self._header_timeout
+        return data
+
+    def _recv(self, n: int) -> bytes:
         deadline = self.deadline
         if deadline is None:
             data: bytes = self._sock.recv(n)
@@ -164,10 +180,6 @@ class _Guarded:
                 return self._expired()
             finally:
                 self._sock.settimeout(None)
-        if self.idle and data:
-            # The first byte of the next request: its head is now on the clock.
-            self.idle = False
-            self.deadline = time.monotonic() + self._header_timeout
         return data
 
     def _expired(self) -> bytes:

@@ -155,8 +155,9 @@ def test_the_agent_hash_wait_ends_too(server, connect):
 
 def test_a_graceful_stop_answers_parked_queries_and_closes_idle_connections(server, connect):
     """SIGTERM: each parked query answers at once with what it has (same index), with
-    ``Connection: close``; idle keep-alive connections are closed; the server exits 0 without
-    waiting out gunicorn's graceful timeout."""
+    ``Connection: close``; idle keep-alive connections, and connections that never sent a
+    request, are closed; the server exits 0 without waiting out gunicorn's graceful timeout,
+    and logs no error (issue 15, item 5: an ERROR traceback per idle connection before)."""
     url = server.url
     httpx.put(f"{url}/v1/kv/stopping", content=b"v0")
     index = index_of(url, "stopping")
@@ -167,6 +168,7 @@ def test_a_graceful_stop_answers_parked_queries_and_closes_idle_connections(serv
     for s in idle:
         s.sendall(request("/v1/status/leader"))
         assert read_response(s)[0] == 200  # the connection stays open, idle
+    silent = [connect(url) for _ in range(3)]  # connected, never sent a byte
     wait_until(lambda: parked(url) == 10, timeout=20)
     assert server.stop(signal.SIGTERM, timeout=30) == 0
     for s in waiting:
@@ -175,9 +177,11 @@ def test_a_graceful_stop_answers_parked_queries_and_closes_idle_connections(serv
         assert b'"Value":"djA="' in body
         assert headers.get("connection", "").lower() == "close"
         assert s.recv(1) == b""
-    for s in idle:
+    for s in idle + silent:
         assert s.recv(1) == b""
-    assert "graceful timeout" not in server.output().lower()
+    out = server.output()
+    assert "graceful timeout" not in out.lower()
+    assert "[ERROR]" not in out and "Traceback" not in out, out
 
 
 # -- the agent leaf endpoint parks the same way ------------------------------------------------
