@@ -10,6 +10,13 @@ import threading
 
 from trellis.connect import Service
 
+#: What ``import trellis.connect`` must not load (top-level package names): the control plane's
+#: web stack, its stores and secrets, and ``cryptography`` (whose key work runs in a child).
+#: ``trellis.api`` is checked beside these.
+HEAVY = frozenset(
+    {"flask", "werkzeug", "gunicorn", "gevent", "marshmallow", "hvac", "psycopg", "cryptography"}
+)
+
 
 class NativeEcho:
     def __init__(self, svc: Service) -> None:
