@@ -18,6 +18,18 @@ HEAVY = frozenset(
 )
 
 
+def importtime_rows(stderr: str) -> list[tuple[str, int, int]]:
+    """``(module, self_us, cumulative_us)`` for each line ``python -X importtime`` wrote."""
+    rows = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:"):
+            continue
+        own, cumulative, name = line.removeprefix("import time:").split("|")
+        if own.strip().isdigit():  # not the header line
+            rows.append((name.strip(), int(own), int(cumulative)))
+    return rows
+
+
 class NativeEcho:
     def __init__(self, svc: Service) -> None:
         self.svc = svc
