@@ -223,7 +223,8 @@ class Service:
     # -- client side -----------------------------------------------------------------------
 
     def _instances(self, name: str, timeout: float | None) -> tuple[Snapshot, tuple[Endpoint, ...]]:
-        authz.check_name(name)
+        if authz.check_name(name) == authz.WILDCARD:
+            raise ValueError("a destination is a service, not '*'")
         self._watch(name)
         snap = self._current.wait_for(
             f"leaf and instances of {name!r}",
@@ -240,7 +241,8 @@ class Service:
         exactly ``name``'s SPIFFE ID in this trust domain and datacenter; the next instance
         is tried when one fails. ConnectError if none answers (with each one's reason),
         TimeoutError if the service has no leaf or ``name`` no instance list within
-        ``timeout`` seconds."""
+        ``timeout`` seconds; ValueError at once if ``name`` is not a service name or is ``*``
+        (the caller's mistake)."""
         snap, eps = self._instances(name, timeout)
         errors = []
         for ep in eps:

@@ -377,3 +377,21 @@ def test_no_control_plane_is_a_timeout_and_close_is_final(native):
     with pytest.raises(ConnectError, match="the service is closed"):
         svc.connect("db", timeout=5)
     svc.close()  # twice: nothing more to do
+
+
+@pytest.mark.parametrize("call", ["connect", "connect_async", "connect_trio"])
+def test_a_wildcard_destination_is_the_callers_mistake_said_at_once(native, call):
+    # '*' names no service to dial: a ValueError before any wait, as Service("*") is, not a
+    # wait for an instance list that the follower would ask the catalog for under that name.
+    svc = Service("web", address=f"http://127.0.0.1:{free_port()}")
+    native.append(svc)
+    fn = getattr(svc, call)
+    with pytest.raises(ValueError, match="not '\\*'"):
+        if call == "connect":
+            fn("*", timeout=2)
+        elif call == "connect_async":
+            asyncio.run(fn("*", timeout=2))
+        else:
+            trio.run(lambda: fn("*", timeout=2))
+    with pytest.raises(ValueError, match="is not valid"):
+        svc.connect("we b", timeout=2)
