@@ -308,6 +308,7 @@ def test_a_root_rotation_during_a_stream_of_calls_fails_none(trellis_server, nat
                 results.append(str(e))
 
     before = {s.name: s._current.snapshot.leaf.serial for s in (db, web)}
+    old_root = httpx.get(url + "/v1/connect/ca/roots", timeout=10).json()["ActiveRootID"]
     caller = threading.Thread(target=calls, daemon=True)
     caller.start()
     try:
@@ -318,9 +319,15 @@ def test_a_root_rotation_during_a_stream_of_calls_fails_none(trellis_server, nat
             timeout=60,
         )
         assert r.status_code == 200, r.text
+        new_root = httpx.get(url + "/v1/connect/ca/roots", timeout=10).json()["ActiveRootID"]
+        assert new_root != old_root  # a root rotation, not a renewal under the same root
         # Each side re-signs within 30 s of the new root (jittered), and serves it at once.
         wait_until(
-            lambda: all(s._current.snapshot.leaf.serial != before[s.name] for s in (db, web)),
+            lambda: all(
+                s._current.snapshot.leaf.serial != before[s.name]
+                and s._current.snapshot.roots.active_id == new_root
+                for s in (db, web)
+            ),
             timeout=45,
         )
         done = len(results)
