@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Data-plane benchmark: a Trellis sidecar pair against a HAProxy mutual-TLS pair, and direct.
+"""Data-plane benchmark: a Trellis sidecar pair against a HAProxy mutual-TLS pair, a native
+(SDK) pair, and direct.
 
 In one run, on this machine, with one load generator and one echo backend (both ``tcpload``,
 written in C so that they take little of the two cores):
@@ -11,14 +12,20 @@ written in C so that they take little of the two cores):
 * **haproxy**: load -> HAProxy (client side: ``crt``, ``ca-file``, ``verify required``,
   ``no-ssl-reuse``) -> TLS 1.3 -> HAProxy (server side: ``verify required``) -> echo, one
   thread each (``nbthread 1``, as each Trellis proxy is one process), with leaves the Trellis
-  CA signed for the same two identities.
+  CA signed for the same two identities;
+* **native**: no proxy at all: a native client (``bench/native.py client``, a ``Service`` of
+  ``trellis.connect`` whose load threads call ``Service.connect``) -> mutual TLS -> a native
+  server (``bench/native.py server``: ``server_ssl_context()``, ``authorize()``, an echo),
+  registered as Connect-native in the same ``trellis dev``. The load generator is the client
+  app itself, so its CPU column holds the load's own work too (see bench/native.py). No bulk
+  figure for this row.
 
 Measures, each run on fresh connections, in interleaved rounds (direct, trellis, haproxy,
 then again), medians reported: bulk MB/s over one connection; 1 KiB request/response per
 second with p50/p99 at concurrency 1 and 32; new connections per second (each a full mTLS
 handshake: no session resumption on either side); CPU seconds per proxy per measure; peak RSS
 per proxy, idle and with 1,000 connections open. It prints the ratios Trellis/HAProxy and
-Trellis/direct.
+Trellis/direct, and native/Trellis (native against the sidecar pair) and native/HAProxy.
 
 A second part (``--fanout N``) measures how long an intention change takes to reach N
 sidecars: N apps with sidecars, one client proxy with an upstream to each, one connection open
@@ -234,6 +241,7 @@ class Bench:
         if pairs:
             self._trellis_pair()
             self._haproxy_pair()
+            self._native_pair()
 
     def _trellis_pair(self) -> None:
         public = free_port()
@@ -304,6 +312,36 @@ class Bench:
         self.proxy_pids["haproxy"] = [pids[1], pids[0]]  # client side first, as for trellis
         wait_for(lambda: echoes(cli_port), 30, "the HAProxy pair")
 
+    def _native_pair(self) -> None:
+        script = str(REPO / "bench" / "native.py")
+        server = self.proc(
+            "native server", [PY, script, "server", self.url, "bench-native"], r"^port (\d+)$"
+        )
+        assert server.match is not None
+        api(self.url, "PUT", "/v1/agent/service/register", {
+            "Name": "bench-native", "Address": "127.0.0.1", "Port": int(server.match.group(1)),
+            "Connect": {"Native": True}, "Checks": PASSING,
+        })  # fmt: skip
+        client = self.proc(
+            "native client",
+            [PY, script, "client", self.url, "bench-native-client", "bench-native"],
+            r"^control (\d+)$",
+        )
+        assert client.match is not None
+        self.ports["native"] = int(client.match.group(1))  # the client's control port
+        self.proxy_pids["native"] = [client.pid, server.pid]
+        wait_for(lambda: self.native("probe") == ["ok"], 30, "the native pair")
+
+    def native(self, command: str) -> list[str]:
+        """One command to the native client (see bench/native.py); its answer's words."""
+        with socket.create_connection(("127.0.0.1", self.ports["native"]), timeout=10) as s:
+            s.sendall(command.encode() + b"\n")
+            s.settimeout(300)
+            answer = s.makefile().readline().split()
+        if not answer or answer[0] == "error":
+            raise RuntimeError(f"native client: {command}: {' '.join(answer)}")
+        return answer
+
     # -- measures ----------------------------------------------------------------------------
 
     def load(self, *args: str) -> list[str]:
@@ -324,9 +362,12 @@ class Bench:
             res = {"MBps": int(got) / float(secs) / 1e6}
         else:
             mode, conc = {"c1": ("rr", 1), "c32": ("rr", 32), "conn": ("conn", a.conn_conc)}[what]
-            n, secs, p50, p99, fails = self.load(
-                mode, "127.0.0.1", port, str(conc), str(a.seconds), "1024"
-            )
+            if target == "native":  # the client app is the load generator
+                n, secs, p50, p99, fails = self.native(f"{mode} {conc} {a.seconds} 1024")
+            else:
+                n, secs, p50, p99, fails = self.load(
+                    mode, "127.0.0.1", port, str(conc), str(a.seconds), "1024"
+                )
             res = {"per_s": int(n) / float(secs), "p50_us": float(p50), "p99_us": float(p99),
                    "failures": int(fails)}  # fmt: skip
         after = cpu_by_pid(pids)
@@ -334,9 +375,12 @@ class Bench:
         return res
 
     def rss(self, target: str) -> dict[str, Any]:
-        """Peak RSS of each proxy idle, then with ``--open`` connections held through it."""
+        """Peak RSS of each proxy idle, then with ``--open`` connections held through it (the
+        native pair: its two processes, idle, after the load steps)."""
         pids = self.proxy_pids[target]
         idle = [rss_now_kb(p) for p in pids]
+        if target == "native":
+            return {"idle_kb": idle, "open_kb": [], "peak_kb": [rss_peak_kb(p) for p in pids]}
         socks = []
         try:
             for _ in range(self.args.open):
@@ -568,7 +612,9 @@ def fanout(b: Bench, n: int) -> dict[str, Any]:
 # -- the run ------------------------------------------------------------------------------------
 
 MEASURES = ("bulk", "c1", "c32", "conn")
-TARGETS = ("direct", "trellis", "haproxy")
+TARGETS = ("direct", "trellis", "haproxy", "native")
+#: What each target measures: the native pair has no bulk figure (its client is an app).
+TARGET_MEASURES = {t: MEASURES if t != "native" else MEASURES[1:] for t in TARGETS}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -593,12 +639,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for rnd in range(args.rounds):
                 for target in TARGETS:
-                    for what in MEASURES:
+                    for what in TARGET_MEASURES[target]:
                         r = b.measure(target, what)
                         raw[target][what].append(r)
                         log(f"round {rnd + 1} {target} {what}: {r}")
             res["raw"] = raw
-            res["rss"] = {t: b.rss(t) for t in ("trellis", "haproxy")}
+            res["rss"] = {t: b.rss(t) for t in ("trellis", "haproxy", "native")}
         if args.fanout and args.only not in ("pair", "rss"):
             res["fanout"] = fanout(b, args.fanout)
     finally:
@@ -607,13 +653,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def _median(rows: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in rows)
+def _median(rows: list[dict[str, Any]], key: str) -> float | None:
+    return statistics.median(r[key] for r in rows) if rows else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def report(res: dict[str, Any]) -> str:
     out = [
-        "Trellis data-plane benchmark: a sidecar pair against a HAProxy mTLS pair",
+        "Trellis data-plane benchmark: a sidecar pair against a HAProxy mTLS pair and a native"
+        " (SDK) pair",
         f"  date: {res['date']}   command: {res['command']}",
         "  machine: {nproc} CPUs ({cpu}), {memory}, Python {python}, {os}".format(**res["machine"]),
         f"  CPU used by other processes just before the run: {res['background_cpu_pct']:.1f}%",
@@ -667,7 +718,7 @@ def _pair_report(res: dict[str, Any]) -> list[str]:
     rows = []
     for target in TARGETS:
         r = raw[target]
-        cpu = [sum(sum(x["cpu_s"]) for x in r[m]) / len(r[m]) for m in MEASURES]
+        cpu = [sum(sum(x["cpu_s"]) for x in r[m]) / len(r[m]) if r[m] else None for m in MEASURES]
         rows.append([
             target,
             fmt(_median(r["bulk"], "MBps"), 0),
@@ -689,9 +740,16 @@ def _pair_report(res: dict[str, Any]) -> list[str]:
         t = _median(raw["trellis"][m], key)
         h = _median(raw["haproxy"][m], key)
         d = _median(raw["direct"][m], key)
-        ratio_rows.append([m, fmt(t / h, 2), fmt(t / d, 2), fmt(h / d, 2)])
+        n = _median(raw.get("native", {}).get(m, []), key)
+        ratio_rows.append([m, fmt(_ratio(t, h), 2), fmt(_ratio(t, d), 2), fmt(_ratio(h, d), 2),
+                           fmt(_ratio(n, t), 2), fmt(_ratio(n, h), 2)])  # fmt: skip
     out.append(table(ratio_rows, ["measure", "trellis/haproxy", "trellis/direct",
-                                  "haproxy/direct"]))  # fmt: skip
+                                  "haproxy/direct", "native/trellis",
+                                  "native/haproxy"]))  # fmt: skip
+    out.append(
+        "  (native: no proxies; the client app is the load generator, so its CPU figure holds"
+        " the load's own work; trellis is the sidecar pair)"
+    )
     out.append("")
     return out + _rss_report(res)
 
@@ -700,9 +758,9 @@ def _rss_report(res: dict[str, Any]) -> list[str]:
     rss = res["rss"]
     rss_rows = [
         [t, "/".join(str(k // 1024) for k in rss[t]["idle_kb"]),
-         "/".join(str(k // 1024) for k in rss[t]["open_kb"]),
+         "/".join(str(k // 1024) for k in rss[t]["open_kb"]) or "-",
          "/".join(str(k // 1024) for k in rss[t]["peak_kb"])]
-        for t in ("trellis", "haproxy")
+        for t in ("trellis", "haproxy", "native") if t in rss
     ]  # fmt: skip
     fresh = " (fresh proxies, no load before)" if res["config"]["only"] == "rss" else ""
     return [table(rss_rows, [f"RSS MB (client/server proxy){fresh}", "idle",

@@ -108,6 +108,10 @@ class Service:
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel: trio.CancelScope | None = None
         self._thread: threading.Thread | None = None
+        #: Destinations the follower already follows: a call naming one skips the hop into the
+        #: follower's thread (some 90 us under load, on every connection) and goes straight
+        #: to the snapshot. Only ever added to, as the follower's own set is.
+        self._watched: set[str] = set()
         if _start:
             started = threading.Event()
             self._thread = threading.Thread(
@@ -161,11 +165,14 @@ class Service:
         if self._in_run():
             # The caller's bug: waiting here would block the very run that must answer.
             raise RuntimeError("from trio code, call connect_trio (this call would block)")
+        if name in self._watched:
+            return  # a closed or failed follower is said by the wait that follows
         try:
             trio.from_thread.run_sync(self._follower.watch, name, trio_token=self._token)
         except trio.RunFinishedError:
             # Ended by close(), or by a refusal that must still be the answer.
             raise self._current.down() from None
+        self._watched.add(name)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -223,7 +230,8 @@ class Service:
     # -- client side -----------------------------------------------------------------------
 
     def _instances(self, name: str, timeout: float | None) -> tuple[Snapshot, tuple[Endpoint, ...]]:
-        authz.check_name(name)
+        if authz.check_name(name) == authz.WILDCARD:
+            raise ValueError("a destination is a service, not '*'")
         self._watch(name)
         snap = self._current.wait_for(
             f"leaf and instances of {name!r}",
@@ -240,7 +248,8 @@ class Service:
         exactly ``name``'s SPIFFE ID in this trust domain and datacenter; the next instance
         is tried when one fails. ConnectError if none answers (with each one's reason),
         TimeoutError if the service has no leaf or ``name`` no instance list within
-        ``timeout`` seconds."""
+        ``timeout`` seconds; ValueError at once if ``name`` is not a service name or is ``*``
+        (the caller's mistake)."""
         snap, eps = self._instances(name, timeout)
         errors = []
         for ep in eps:

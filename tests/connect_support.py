@@ -10,6 +10,25 @@ import threading
 
 from trellis.connect import Service
 
+#: What ``import trellis.connect`` must not load (top-level package names): the control plane's
+#: web stack, its stores and secrets, and ``cryptography`` (whose key work runs in a child).
+#: ``trellis.api`` is checked beside these.
+HEAVY = frozenset(
+    {"flask", "werkzeug", "gunicorn", "gevent", "marshmallow", "hvac", "psycopg", "cryptography"}
+)
+
+
+def importtime_rows(stderr: str) -> list[tuple[str, int, int]]:
+    """``(module, self_us, cumulative_us)`` for each line ``python -X importtime`` wrote."""
+    rows = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:"):
+            continue
+        own, cumulative, name = line.removeprefix("import time:").split("|")
+        if own.strip().isdigit():  # not the header line
+            rows.append((name.strip(), int(own), int(cumulative)))
+    return rows
+
 
 class NativeEcho:
     def __init__(self, svc: Service) -> None:

@@ -14,6 +14,7 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from tests.connect_support import HEAVY, importtime_rows
 from tests.mesh_support import MeshCA, snapshot
 from trellis.connect import Decision, Outcome
 from trellis.connect._state import Current
@@ -206,11 +207,29 @@ def test_importing_the_sdk_pulls_in_no_control_plane():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    heavy = ("flask", "gunicorn", "gevent", "marshmallow", "werkzeug", "psycopg", "cryptography")
-    pulled = [m for m in got["modules"] if m.split(".")[0] in heavy or m.startswith("trellis.api")]
+    pulled = [m for m in got["modules"] if m.split(".")[0] in HEAVY or m.startswith("trellis.api")]
     assert pulled == []
-    # Figures for the record (README "Native apps"): a generous bound, not a benchmark.
+    # Figures for the record (README "Native apps", bench/connect_import.py): generous bounds,
+    # not a benchmark.
     assert got["rss_kb"] < 80_000, got["rss_kb"]
+
+
+def test_import_time_as_python_reports_it():
+    """``-X importtime``: what the interpreter itself counts for ``import trellis.connect``
+    (the cumulative time of that line), and that no module it lists is a heavy one."""
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import trellis.connect"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = importtime_rows(r.stderr)
+    listed = {name for name, _, _ in rows}
+    assert "trellis.connect._service" in listed and "trio" in listed  # the parse read it all
+    assert [m for m in listed if m.split(".")[0] in HEAVY or m.startswith("trellis.api")] == []
+    (total_us,) = [cum for name, _, cum in rows if name == "trellis.connect"]
+    assert total_us < 2_000_000, total_us  # some 150 ms on the lead's machine; a loose bound
 
 
 @pytest.mark.parametrize(

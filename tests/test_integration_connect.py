@@ -308,6 +308,7 @@ def test_a_root_rotation_during_a_stream_of_calls_fails_none(trellis_server, nat
                 results.append(str(e))
 
     before = {s.name: s._current.snapshot.leaf.serial for s in (db, web)}
+    old_root = httpx.get(url + "/v1/connect/ca/roots", timeout=10).json()["ActiveRootID"]
     caller = threading.Thread(target=calls, daemon=True)
     caller.start()
     try:
@@ -318,9 +319,15 @@ def test_a_root_rotation_during_a_stream_of_calls_fails_none(trellis_server, nat
             timeout=60,
         )
         assert r.status_code == 200, r.text
+        new_root = httpx.get(url + "/v1/connect/ca/roots", timeout=10).json()["ActiveRootID"]
+        assert new_root != old_root  # a root rotation, not a renewal under the same root
         # Each side re-signs within 30 s of the new root (jittered), and serves it at once.
         wait_until(
-            lambda: all(s._current.snapshot.leaf.serial != before[s.name] for s in (db, web)),
+            lambda: all(
+                s._current.snapshot.leaf.serial != before[s.name]
+                and s._current.snapshot.roots.active_id == new_root
+                for s in (db, web)
+            ),
             timeout=45,
         )
         done = len(results)
@@ -377,3 +384,21 @@ def test_no_control_plane_is_a_timeout_and_close_is_final(native):
     with pytest.raises(ConnectError, match="the service is closed"):
         svc.connect("db", timeout=5)
     svc.close()  # twice: nothing more to do
+
+
+@pytest.mark.parametrize("call", ["connect", "connect_async", "connect_trio"])
+def test_a_wildcard_destination_is_the_callers_mistake_said_at_once(native, call):
+    # '*' names no service to dial: a ValueError before any wait, as Service("*") is, not a
+    # wait for an instance list that the follower would ask the catalog for under that name.
+    svc = Service("web", address=f"http://127.0.0.1:{free_port()}")
+    native.append(svc)
+    fn = getattr(svc, call)
+    with pytest.raises(ValueError, match="not '\\*'"):
+        if call == "connect":
+            fn("*", timeout=2)
+        elif call == "connect_async":
+            asyncio.run(fn("*", timeout=2))
+        else:
+            trio.run(lambda: fn("*", timeout=2))
+    with pytest.raises(ValueError, match="is not valid"):
+        svc.connect("we b", timeout=2)

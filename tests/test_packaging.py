@@ -3,13 +3,15 @@
 The repository keeps its folders (``api/``, ``proxy/``); setup.cfg maps them to
 ``trellis.api`` and ``trellis.proxy``. These tests build the real wheel (offline, with the
 test environment's setuptools), install it into a fresh virtual environment and look at what
-a user's environment gets, and check that no code of the repository imports the folders by
+a user's environment gets, run a native app (``trellis.connect``) from there against the
+installed ``trellis dev``, and check that no code of the repository imports the folders by
 their bare names (which would work in a checkout and break once installed).
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +21,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.connect_support import HEAVY
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {
@@ -70,6 +74,8 @@ def test_wheel_holds_one_top_level_name_and_every_module(wheel: Path):
     # No __init__ in trellis/: it is a namespace package, so trellis.connect (the SDK) and
     # other distributions may add to it.
     assert "trellis/__init__.py" not in names
+    # The SDK is typed: its marker ships, so a user's type checker reads its annotations.
+    assert "trellis/connect/py.typed" in names
     # The OpenAPI contract ships as a file (api/openapi.yaml is a symlink in the checkout).
     spec = zipfile.ZipFile(wheel).read("trellis/api/openapi.yaml")
     assert spec == (ROOT / "openapi.yaml").read_bytes()
@@ -148,3 +154,106 @@ def test_no_code_imports_the_folders_by_their_bare_names():
         for hit in _bare_imports(path)
     ]
     assert bad == []
+
+
+# A native app as a user writes one, run by the fresh environment's interpreter from a temp
+# dir: "db" serves with server_ssl_context() and authorize() on a thread, registers itself as
+# Connect-native, and "web" calls it with connect(). It prints what it saw and where its
+# modules came from; the test judges.
+NATIVE_APP = """\
+import json, socket, ssl, sys, threading, urllib.request
+
+import trellis
+import trellis.connect
+from trellis.connect import Service
+
+url = sys.argv[1]
+with Service("db", address=url) as db, Service("web", address=url) as web:
+    db.ready(timeout=30)
+    web.ready(timeout=30)
+    ctx = db.server_ssl_context()
+    listener = socket.create_server(("127.0.0.1", 0))
+    decisions = []
+
+    def serve():
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with ctx.wrap_socket(raw, server_side=True) as conn:
+                    decision = db.authorize(conn)
+                    decisions.append(decision.reason)
+                    if decision.allowed:
+                        conn.sendall(conn.recv(100).upper())
+            except (OSError, ssl.SSLError) as e:
+                decisions.append(repr(e))
+            finally:
+                raw.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    body = {
+        "Name": "db", "Address": "127.0.0.1", "Port": listener.getsockname()[1],
+        "Connect": {"Native": True}, "Check": {"TTL": "1h", "Status": "passing"},
+    }
+    req = urllib.request.Request(
+        url + "/v1/agent/service/register", data=json.dumps(body).encode(), method="PUT"
+    )
+    urllib.request.urlopen(req, timeout=10).close()
+    with web.connect("db", timeout=30) as sock:
+        sock.sendall(b"hello from the wheel")
+        echo = sock.recv(100).decode()
+    listener.close()
+
+print(json.dumps({
+    "echo": echo,
+    "decisions": decisions,
+    "connect_file": trellis.connect.__file__,
+    "trellis_path": list(trellis.__path__),
+    "sys_path": sys.path,
+    "modules": sorted(sys.modules),
+}))
+"""
+
+
+@pytest.mark.integration
+def test_a_native_app_runs_from_the_installed_wheel(fresh_env: Path, tmp_path: Path):
+    """The wheel's SDK, in a fresh environment and run from outside the checkout, makes a real
+    native pair work through ``trellis dev`` (itself the wheel's ``trellis`` command)."""
+    from tests.support import TrellisProcess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "native_app.py").write_text(NATIVE_APP)
+    dev = TrellisProcess(
+        ["dev", "-http-port", "0", "-dns-port", "-1", "-data-dir", str(tmp_path / "data")],
+        env=env,
+    )
+    dev.args[0] = str(fresh_env / "bin" / "trellis")  # the installed command, not the checkout's
+    dev.start()
+    try:
+        r = _run(fresh_env / "bin" / "python", "native_app.py", dev.url, cwd=app_dir, env=env)
+    finally:
+        dev.stop()
+    got = json.loads(r.stdout)
+    assert got["echo"] == "HELLO FROM THE WHEEL", (got, dev.output())
+    assert got["decisions"] == ["Default behavior configured by ACLs (allow)"]
+    # The SDK, and the whole trellis namespace, came from the fresh environment...
+    assert Path(got["connect_file"]).is_relative_to(fresh_env), got["connect_file"]
+    assert got["trellis_path"] and all(
+        Path(p).is_relative_to(fresh_env) for p in got["trellis_path"]
+    )
+    # ...and nothing of the checkout was on the path: only the app's dir, the interpreter's
+    # own, the fresh environment and the test environment's site-packages (the dependencies,
+    # through the .pth line; see fresh_env).
+    deps = Path(sysconfig.get_paths()["purelib"])
+    sources = [
+        p for p in got["sys_path"]
+        if p and Path(p).resolve().is_relative_to(ROOT) and Path(p).resolve() != deps.resolve()
+    ]  # fmt: skip
+    assert sources == [], sources
+    # And the app paid for no control plane.
+    pulled = [m for m in got["modules"] if m.split(".")[0] in HEAVY or m.startswith("trellis.api")]
+    assert pulled == [], pulled
