@@ -431,6 +431,7 @@ def test_the_local_api_answers_both_roots_paths_from_one_tokenless_watch(stub):
         assert (b"x-consul-index", b"7") in a.headers
         assert c.stream is not None and c.close is not None  # ?pem is forwarded as it comes
         await c.close()
+        await agent.servers.aclose()  # the kept connections
 
     trio.run(main)
     reads = [s for s in stub.seen if s.path == "/v1/connect/ca/roots" and "pem" not in s.query]
@@ -470,6 +471,7 @@ def test_a_non_blocking_roots_read_is_the_servers_current_answer(stub):
         assert json.loads(body)["ActiveRootID"] == "r2"
         if got.close is not None:
             await got.close()
+        await agent.servers.aclose()  # the kept connections
 
     trio.run(main)
 
@@ -507,6 +509,7 @@ def test_the_local_api_shares_blocking_reads_per_token_and_refuses_a_bad_index(s
             except BadRequest:
                 pass
             n.cancel_scope.cancel()
+        await agent.servers.aclose()  # the kept connections
         whos = sorted(json.loads(r.body)[0]["who"] for r in got)
         assert whos == ["t1", "t1", "t1", "t2"]
 

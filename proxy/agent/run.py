@@ -130,6 +130,7 @@ async def run_agent(opts: Options) -> int:
             with trio.move_on_after(10):
                 await agent.supervisor.stop_all()
         nursery.cancel_scope.cancel()
+    await agent.servers.aclose()
     out("==> Trellis agent stopped")
     return 0
 

@@ -1,5 +1,5 @@
-"""The agent's way to the servers: HTTP/1.1 over trio, one request per connection, with
-failover across the ``-server`` addresses.
+"""The agent's way to the servers: HTTP/1.1 over trio, with failover across the ``-server``
+addresses, and keep-alive connections for reads.
 
 Theory of operation. The agent talks to one server at a time (``current``). A request that
 cannot reach it (connection refused, a timeout before the answer starts) or that it answers
@@ -14,6 +14,17 @@ anti-entropy sync.
 Responses are streamed (``Exchange.body``): a forwarded blocking query hands the server's
 bytes to the client as they come, and cancelling the caller's scope closes the connection to
 the server, which ends the server's wait too.
+
+Keep-alive. A new TCP connection per request cost about 1.1 ms of every request through the
+agent. Reads (GET, HEAD) now go over a kept connection when one is idle (``_Pool``): a
+connection goes back to the pool only when its exchange ended cleanly (the whole body read,
+and the server did not ask to close), and it is dropped after ``POOL_IDLE`` seconds unused,
+well under the server's own idle timeout. A kept connection may still have been closed by
+the server (its idle timeout, a restart): a read that fails on one before any byte of the
+answer arrived is sent again on a new connection, which is safe for a read. Writes keep
+opening a connection each: sent again after such a failure, a write could be applied twice
+(the server may have read it before it went away), and told apart from a stale connection it
+cannot be.
 """
 
 from __future__ import annotations
@@ -50,6 +61,12 @@ HOP_BY_HOP = frozenset(
 )
 CONNECT_TIMEOUT = 5.0
 MAX_RESPONSE_HEAD = 64 * 1024
+#: Seconds a kept connection may stay unused; the server's idle timeout is 75 s by default.
+POOL_IDLE = 15.0
+#: Idle kept connections per server address at the most (each holds a server slot).
+POOL_SIZE = 16
+#: The methods that may use a kept connection (see the module docstring).
+REUSABLE = frozenset({"GET", "HEAD"})
 
 
 class Unreachable(Exception):
@@ -72,6 +89,8 @@ class Exchange:
     server: str
     _stream: trio.abc.Stream
     _conn: h11.Connection
+    #: Where the connection goes when the exchange ends cleanly; None: it is closed.
+    _pool: _Pool | None = None
 
     async def body(self) -> AsyncIterator[bytes]:
         while True:
@@ -94,6 +113,12 @@ class Exchange:
         return bytes(out)
 
     async def close(self) -> None:
+        conn, pool = self._conn, self._pool
+        self._pool = None  # a second close must not put the connection back twice
+        if pool is not None and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            if pool.put(self.server, self._stream, conn):
+                return
         with trio.CancelScope(shield=True):
             await self._stream.aclose()
 
@@ -102,6 +127,52 @@ class Exchange:
             if k.lower() == name:
                 return v.decode("latin-1")
         return None
+
+
+class _Pool:
+    """Idle kept connections by server address, the most recently used first. It closes
+    nothing itself: what it gives back to close (``put``, ``take``, ``clear``), the caller
+    closes, in trio."""
+
+    def __init__(self) -> None:
+        self._idle: dict[str, list[tuple[float, trio.abc.Stream, h11.Connection]]] = {}
+
+    def put(self, address: str, stream: trio.abc.Stream, conn: h11.Connection) -> bool:
+        """Keep the connection; False when the pool is full (the caller closes it)."""
+        idle = self._idle.setdefault(address, [])
+        if len(idle) >= POOL_SIZE:
+            return False
+        idle.append((trio.current_time(), stream, conn))
+        return True
+
+    def take(
+        self, address: str
+    ) -> tuple[tuple[trio.abc.Stream, h11.Connection] | None, list[trio.abc.Stream]]:
+        """A kept connection young enough to use, if any, and the expired ones to close."""
+        idle = self._idle.get(address)
+        now = trio.current_time()
+        expired = []
+        while idle:
+            since, stream, conn = idle.pop()
+            if now - since < POOL_IDLE:
+                return (stream, conn), expired
+            expired.append(stream)
+        return None, expired
+
+    def clear(self) -> list[trio.abc.Stream]:
+        out = [stream for idle in self._idle.values() for _, stream, _ in idle]
+        self._idle.clear()
+        return out
+
+
+async def _close_all(streams: list[trio.abc.Stream]) -> None:
+    with trio.CancelScope(shield=True):
+        for stream in streams:
+            await stream.aclose()
+
+
+class _Stale(Exception):
+    """A kept connection failed before any byte of the answer: the server had closed it."""
 
 
 class Servers:
@@ -123,6 +194,11 @@ class Servers:
         self._ssl: ssl.SSLContext | None = None
         if any(a.startswith("https://") for a in self.addresses):
             self._ssl = ssl.create_default_context(cafile=ca_file)
+        self._pool = _Pool()
+
+    async def aclose(self) -> None:
+        """Close the kept connections (the agent is stopping)."""
+        await _close_all(self._pool.clear())
 
     @property
     def address(self) -> str:
@@ -163,38 +239,86 @@ class Servers:
         body: bytes,
         head_timeout: float,
     ) -> Exchange:
+        reuse = method in REUSABLE
+        kept = None
+        if reuse:
+            kept, expired = self._pool.take(address)
+            await _close_all(expired)
+        if kept is not None:
+            try:
+                return await self._exchange(
+                    address, *kept, method, target, headers, body, head_timeout, kept=True
+                )
+            except _Stale:
+                pass  # the server had closed it: a new connection below
         stream = await self._open(address)
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        return await self._exchange(
+            address, stream, conn, method, target, headers, body, head_timeout, kept=False
+        )
+
+    async def _exchange(
+        self,
+        address: str,
+        stream: trio.abc.Stream,
+        conn: h11.Connection,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        head_timeout: float,
+        *,
+        kept: bool,
+    ) -> Exchange:
+        """Send the request on ``stream`` and read the answer's head. On a ``kept``
+        connection, a failure before any byte of the answer raises _Stale."""
+        reuse = method in REUSABLE
         host = urlsplit(address).netloc.encode()
         try:
             out = [(b"host", host), *headers, (b"content-length", str(len(body)).encode())]
-            out.append((b"connection", b"close"))
+            if not reuse:
+                out.append((b"connection", b"close"))
             data = conn.send(h11.Request(method=method, target=target, headers=out))
             data += conn.send(h11.Data(data=body)) if body else b""
             data += conn.send(h11.EndOfMessage())
             await stream.send_all(data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            if kept:
+                raise _Stale from None
+            raise
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             raise
+        got = False
         try:
             with trio.fail_after(head_timeout):
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
                         chunk = await stream.receive_some(65536)
+                        got = got or bool(chunk)
                         conn.receive_data(chunk)
                         continue
                     if isinstance(event, h11.InformationalResponse):
                         continue
                     if isinstance(event, h11.Response):
                         return Exchange(
-                            event.status_code, list(event.headers), address, stream, conn
+                            event.status_code,
+                            list(event.headers),
+                            address,
+                            stream,
+                            conn,
+                            self._pool if reuse else None,
                         )
                     raise h11.RemoteProtocolError("the server closed the connection")
         except (OSError, trio.TooSlowError, h11.ProtocolError, trio.BrokenResourceError) as e:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+            if kept and not got and not isinstance(e, trio.TooSlowError):
+                raise _Stale from None
             raise _AfterSend(e) from None
         except BaseException:
             with trio.CancelScope(shield=True):
