@@ -44,6 +44,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -87,6 +88,22 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
+GREEN_THREADS = (
+    "gevent's monkey-patching has made threads greenlets in this process: the follower (a "
+    "thread running trio, which starts threads of its own) cannot run in it; serve with "
+    "gunicorn's sync or gthread worker, or put a sidecar in front of a gevent app"
+)
+
+
+def check_real_threads() -> None:
+    """ConnectError if gevent has monkey-patched ``threading`` in this process (gunicorn's
+    gevent worker does, after its ``post_fork`` hook): trio's worker threads would then be
+    greenlets of a hub that never runs, and the follower would stop at its next blocking
+    call, silently serving an ageing leaf and stale intentions."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        raise ConnectError(GREEN_THREADS)
+
 
 class Service:
     """One Connect service in this process: its identity, certificates and intentions.
@@ -104,7 +121,8 @@ class Service:
     ``ConnectError`` from every call (the programmer's mistake, said at the first use).
 
     ValueError if ``name`` is not a service name, ConnectError if ``address`` or ``ca_file``
-    is unusable: the caller's mistakes, said at once.
+    is unusable, or if gevent has monkey-patched threads in this process (the follower
+    needs real ones): the caller's mistakes, said at once.
     """
 
     def __init__(
@@ -138,6 +156,7 @@ class Service:
         self._cancel: trio.CancelScope | None = None
         self._thread: threading.Thread | None = None
         if _start:
+            check_real_threads()
             started = threading.Event()
             self._thread = threading.Thread(
                 target=self._thread_main,

@@ -8,8 +8,8 @@ gunicorn terminates TLS itself, with the ``ssl.SSLContext`` its ``ssl_context`` 
 ``Service.server_ssl_context()``, so every handshake requires a client certificate from the
 current roots and presents the current leaf. A verified client is not yet an allowed one:
 ``ConnectMiddleware`` decides each request, before the app sees it, on the connection it
-came on. gunicorn's sync, gthread and gevent workers put that connection (the
-``ssl.SSLSocket``, or gevent's) in ``environ["gunicorn.socket"]``; the middleware hands it to
+came on. gunicorn's workers put that connection (the ``ssl.SSLSocket``) in
+``environ["gunicorn.socket"]``; the middleware hands it to
 ``Service.authorize``, which reads the peer's verified leaf from it (no parsing of anything the
 client sent) and decides by the current intentions. Each request is decided anew, so a
 keep-alive connection gets 403 from the first request after a deny.
@@ -17,6 +17,14 @@ keep-alive connection gets 403 from the first request after a deny.
 Fail closed, always: no ``gunicorn.socket`` (another server, or gunicorn's ``gevent_pywsgi``
 worker), a connection that is not TLS, or one with no client certificate, is answered 403
 naming the reason. Never is a request let through for want of a peer to decide on.
+
+Workers: sync and gthread. The gevent worker puts the connection in the environ too, and
+the middleware would decide on it; but it monkey-patches the worker after ``post_fork``, which
+turns threads into greenlets, and the ``Service``'s follower (a thread running trio, which
+starts threads of its own) then stops at its next blocking call: the leaf would age and the
+intentions go stale with nothing said. So ``WorkerService.post_fork`` refuses such a worker
+(and ``ssl_context`` any worker found patched), and gunicorn stops with the reason rather
+than serve it (a gevent app can keep a sidecar in front of it).
 
 Forks: gunicorn forks its workers from a master; a thread does not survive ``fork()``, so the
 ``Service`` (whose follower is a thread) is made in each worker by the ``post_fork`` hook and
@@ -53,7 +61,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from trellis.connect._service import DEFAULT_TIMEOUT, Service
+from trellis.connect._service import DEFAULT_TIMEOUT, GREEN_THREADS, Service, check_real_threads
 from trellis.connect._state import ConnectError
 from trellis.proxy import authz, spiffe
 
@@ -74,6 +82,9 @@ PEER_SERVICE = "trellis.connect.peer_service"
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+#: gunicorn's workers that monkey-patch threads into greenlets, after ``post_fork``.
+PATCHING_WORKERS = frozenset({"gunicorn.workers.ggevent", "gunicorn.workers.geventlet"})
 
 _registry: dict[str, WorkerService] = {}
 _registry_lock = threading.Lock()
@@ -97,7 +108,7 @@ def decide(
             None,
             (
                 "no connection to authorize: the server put no gunicorn.socket in the WSGI "
-                "environ (serve with gunicorn's sync, gthread or gevent worker)"
+                "environ (serve with gunicorn's sync or gthread worker)"
             ),
             None,
         )
@@ -188,8 +199,12 @@ class WorkerService:
 
     def post_fork(self, server: object, worker: object) -> None:
         """gunicorn's ``post_fork`` hook: make this worker's ``Service``. ConnectError if the
-        control plane refuses the service (its token may not act as it: the operator's
-        fault), which stops the worker."""
+        worker is one that monkey-patches threads (gevent, eventlet: see the module's
+        docstring) or the control plane refuses the service (its token may not act as it):
+        the operator's mistakes, raised before the worker boots, so gunicorn stops with
+        "Worker failed to boot" instead of respawning it in a loop."""
+        if type(worker).__module__ in PATCHING_WORKERS:
+            raise ConnectError(GREEN_THREADS)
         self.start()
 
     def worker_exit(self, server: object, worker: object) -> None:
@@ -200,7 +215,10 @@ class WorkerService:
     def ssl_context(self, config: object, default_ssl_context_factory: object) -> ssl.SSLContext:
         """gunicorn's ``ssl_context`` hook (gunicorn >= 21): this worker's
         ``Service.server_ssl_context()`` instead of gunicorn's own context (whose certfile
-        and keyfile are then never read)."""
+        and keyfile are then never read). ConnectError in a gevent worker: gevent's
+        monkey-patching, done after ``post_fork``, leaves the Service's follower unable to
+        run (see ``Service``), so the worker fails to boot, saying so."""
+        check_real_threads()
         return self().server_ssl_context()
 
     def __call__(self) -> Service:
