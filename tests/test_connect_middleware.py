@@ -8,6 +8,8 @@ import json
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -365,3 +367,19 @@ def test_a_service_made_before_a_fork_fails_clearly_in_the_child(ca, services):
     assert seen["handshake"] != "served", seen
     assert seen["closed"] is True
     db.authorize(b"")  # the parent's Service is untouched
+
+
+def test_a_service_refuses_a_process_whose_threads_gevent_patched():
+    """gunicorn's gevent worker patches after post_fork; a Service made after that (or an
+    app that patched itself) would have its follower stall at its first blocking call."""
+    code = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "from trellis.connect import ConnectError, Service\n"
+        "try:\n"
+        "    Service('web', address='http://127.0.0.1:1')\n"
+        "except ConnectError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("refused: gevent's monkey-patching has made threads greenlets")
