@@ -33,7 +33,7 @@ from typing import Any
 from trellis.connect._service import Service
 from trellis.proxy import der
 
-__all__ = ["PEER_ID", "PEER_SERVICE", "ConnectMiddleware", "peer_chain"]
+__all__ = ["NO_EXTENSION", "PEER_ID", "PEER_SERVICE", "ConnectMiddleware", "peer_chain"]
 
 log = logging.getLogger("trellis.connect")
 
@@ -48,6 +48,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+#: The refusal of a scope with no TLS extension (the server's, not the peer's, shortcoming).
 NO_EXTENSION = (
     "the server exposes no TLS extension (scope['extensions']['tls']): the peer cannot be "
     "authorized; serve with a server that fills it"

@@ -90,7 +90,7 @@ _registry: dict[str, WorkerService] = {}
 _registry_lock = threading.Lock()
 
 
-def forbidden(reason: str) -> tuple[str, list[tuple[str, str]], bytes]:
+def _forbidden(reason: str) -> tuple[str, list[tuple[str, str]], bytes]:
     """The 403 a refused peer gets: the status line, headers and the JSON body of Trellis's
     errors (``{"error", "code", "status"}``), ``error`` naming the reason."""
     body = json.dumps({"error": reason, "code": "permission_denied", "status": 403}).encode()
@@ -98,7 +98,7 @@ def forbidden(reason: str) -> tuple[str, list[tuple[str, str]], bytes]:
     return "403 Forbidden", headers, body
 
 
-def decide(
+def _decide(
     service: Service, conn: object
 ) -> tuple[authz.Decision | None, str, spiffe.ServiceID | None]:
     """The decision on the peer of ``conn`` (the connection a request came on), or None and
@@ -143,13 +143,13 @@ class ConnectMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         service = self._get_service()
-        decision, reason, identity = decide(service, environ.get("gunicorn.socket"))
+        decision, reason, identity = _decide(service, environ.get("gunicorn.socket"))
         if decision is None and reason not in self._warned:
             # The deployment's mistake, not the peer's: say it once where the operator looks.
             self._warned.add(reason)
             log.error("%s: refusing every request: %s", service.name, reason)
         if decision is None or not decision.allowed or identity is None:
-            status, headers, body = forbidden(reason)
+            status, headers, body = _forbidden(reason)
             start_response(status, headers)
             return [body]
         environ[PEER_ID] = identity.uri

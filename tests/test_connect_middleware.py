@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from tests.mesh_support import MeshCA, snapshot
+from tests.support import wait_until
 from trellis.connect import ConnectError, Service, asgi, wsgi
 
 pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
@@ -383,3 +384,39 @@ def test_a_service_refuses_a_process_whose_threads_gevent_patched():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("refused: gevent's monkey-patching has made threads greenlets")
+
+
+@pytest.mark.integration
+def test_asgi_end_to_end_over_a_server_that_fills_the_tls_extension(trellis_server, services):
+    """A real control plane, real TLS: ``web`` calls ``db`` (the ASGI middleware behind a
+    server that fills the TLS extension, TLS by ``db.server_ssl_context()``) with the SDK's
+    httpx transport; allowed, then 403 after ``trellis intention create -deny``."""
+    from tests.connect_support import TLSExtensionASGI
+    from tests.test_integration_proxy import cli, register
+
+    url = trellis_server.url
+    db = Service("db", address=url)
+    services.append(db)
+    db.ready(timeout=30)
+    app = AsgiRecorder()
+    srv = TLSExtensionASGI(asgi.ConnectMiddleware(app, db), db.server_ssl_context())
+    try:
+        register(
+            url,
+            {"Name": "db", "Address": "127.0.0.1", "Port": srv.port, "Connect": {"Native": True},
+             "Check": {"TTL": "1h", "Status": "passing"}},
+        )  # fmt: skip
+        web = Service("web", address=url)
+        services.append(web)
+        web.ready(timeout=30)
+        with httpx.Client(transport=web.httpx_transport(), timeout=10) as h:
+            r = h.get("http://db/hello")
+            assert (r.status_code, r.text) == (200, "app")
+            assert app.scopes[0][asgi.PEER_SERVICE] == "web"
+            assert app.scopes[0][asgi.PEER_ID].endswith("/dc/dc1/svc/web")
+            assert cli(url, "intention", "create", "-deny", "web", "db").returncode == 0
+            wait_until(lambda: h.get("http://db/after").status_code == 403, timeout=15)
+            assert h.get("http://db/after").json()["error"] == "Matched intention: web => db (deny)"
+        assert len(app.scopes) == 1
+    finally:
+        srv.close()
