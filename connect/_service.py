@@ -155,8 +155,9 @@ class Service:
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel: trio.CancelScope | None = None
         self._thread: threading.Thread | None = None
+        # open_service's follower starts threads too (trio.to_thread): the same rule.
+        check_real_threads()
         if _start:
-            check_real_threads()
             started = threading.Event()
             self._thread = threading.Thread(
                 target=self._thread_main,

@@ -61,7 +61,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from trellis.connect._service import DEFAULT_TIMEOUT, GREEN_THREADS, Service, check_real_threads
+from trellis.connect._service import GREEN_THREADS, Service, check_real_threads
 from trellis.connect._state import ConnectError
 from trellis.proxy import authz, spiffe
 
@@ -82,6 +82,10 @@ PEER_SERVICE = "trellis.connect.peer_service"
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+#: How long ``WorkerService.post_fork`` waits for the first leaf by default: well below
+#: gunicorn's worker timeout (30 s), which also runs while ``post_fork`` does.
+READY_TIMEOUT = 10.0
 
 #: gunicorn's workers that monkey-patch threads into greenlets, after ``post_fork``.
 PATCHING_WORKERS = frozenset({"gunicorn.workers.ggevent", "gunicorn.workers.geventlet"})
@@ -162,7 +166,8 @@ class WorkerService:
     in the module's docstring. The arguments are ``Service``'s; ``ready_timeout`` is how long
     ``post_fork`` waits for the first leaf (past it the worker starts anyway and refuses
     handshakes until the leaf comes: a worker that exited instead would be respawned in a
-    loop while the control plane is away).
+    loop while the control plane is away). Keep it below gunicorn's worker ``timeout``
+    (30 s by default), past which the master kills a worker that has not checked in.
 
     Registered under ``name`` when made, for ``worker_service(name)``; making a second one of
     the same name replaces it (a reloaded config file)."""
@@ -174,7 +179,7 @@ class WorkerService:
         address: str | None = None,
         token: str | None = None,
         ca_file: str | None = None,
-        ready_timeout: float = DEFAULT_TIMEOUT,
+        ready_timeout: float = READY_TIMEOUT,
     ) -> None:
         self.name = name
         self._kwargs: dict[str, Any] = {"token": token, "ca_file": ca_file}
