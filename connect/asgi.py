@@ -8,8 +8,10 @@ scope, under ``scope["extensions"]["tls"]`` (the ASGI TLS extension), whose
 ``client_cert_chain`` holds the client's certificates as PEM, leaf first. The middleware
 takes that chain, which is only text in a dict by the time it gets here, and has
 ``Service.authorize`` verify it in full against the current roots (chain, validity, leaf
-profile: ``trellis.connect._chain``) before deciding by the current intentions. The first
-such call imports ``cryptography`` (some 9 MB).
+profile: ``trellis.connect._chain``) before deciding by the current intentions, on every
+request: about 0.2 ms (measured with a one-leaf chain), uncached, since a cache of verdicts
+would have to expire with the leaf and follow the roots. The first such call imports
+``cryptography`` (some 9 MB).
 
 Servers: the extension is optional, and few servers fill it. hypercorn 0.18 (the one the tests
 run) does not: its scopes carry no ``tls`` key even over TLS. Fail closed: a scope with no TLS
