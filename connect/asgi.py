@@ -99,6 +99,8 @@ class ConnectMiddleware:
         self._warned = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """One scope: refused (403, or a websocket closed unaccepted) for a peer that may not
+        call, else handed to ``app`` with the peer in it."""
         kind = scope.get("type")
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)

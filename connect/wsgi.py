@@ -146,6 +146,7 @@ class ConnectMiddleware:
         return s if isinstance(s, Service) else s()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        """One request: 403 for a peer that may not call, else ``app``'s answer."""
         service = self._get_service()
         decision, reason, identity = _decide(service, environ.get("gunicorn.socket"))
         if decision is None and reason not in self._warned:
@@ -191,8 +192,10 @@ class WorkerService:
             _registry[name] = self
 
     def start(self) -> Service:
-        """Make this process's ``Service`` (closing one inherited from before a fork does
-        nothing: see ``Service.close``) and wait for its first leaf."""
+        """Make this process's ``Service`` and wait up to ``ready_timeout`` for its first leaf
+        (logged, not raised, past it). A ``Service`` inherited from before a fork is simply
+        replaced: nothing of it runs in this process. ConnectError if the control plane
+        refuses the service (its token may not act as it: the operator's fault)."""
         self._service = Service(self.name, **self._kwargs)
         try:
             self._service.ready(self.ready_timeout)
