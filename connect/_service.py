@@ -136,6 +136,9 @@ class Service:
     ) -> None:
         if authz.check_name(name) == authz.WILDCARD:
             raise ValueError("a service is named, not '*'")
+        # Before anything is made; open_service's follower starts threads too
+        # (trio.to_thread): the same rule.
+        check_real_threads()
         self.name = name
         self._pid = os.getpid()
         self._generation = _fork_generation
@@ -155,8 +158,6 @@ class Service:
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel: trio.CancelScope | None = None
         self._thread: threading.Thread | None = None
-        # open_service's follower starts threads too (trio.to_thread): the same rule.
-        check_real_threads()
         if _start:
             started = threading.Event()
             self._thread = threading.Thread(
