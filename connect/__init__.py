@@ -13,6 +13,11 @@ every sidecar (``trellis.proxy.follower``), and uses it both ways:
   mutual-TLS connection to a healthy instance of ``db`` whose whole SPIFFE ID was checked,
   and ``Service.httpx_transport()`` for ``httpx`` clients calling ``http://db/...``.
 
+Ready-made adapters for web servers, each answering 403 before the app runs to a peer the
+intentions do not allow: ``trellis.connect.wsgi`` (``ConnectMiddleware``, and
+``WorkerService``, gunicorn's hooks for one ``Service`` per worker, made after the fork) and
+``trellis.connect.asgi`` (``ConnectMiddleware``, from the ASGI TLS extension).
+
 Sync and asyncio code use ``Service`` directly: it runs the follower in a background thread.
 trio code uses ``open_service``, which runs it as a task of the caller's trio run.
 

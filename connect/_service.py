@@ -22,6 +22,16 @@ The key is made in a short-lived child process (``keygen.ChildKeys``), as the si
 key is made once per identity, and the app never imports ``cryptography`` for it (some 9 MB of
 resident memory per process, which a pre-forking server pays per worker).
 
+Forks: a ``Service`` belongs to the process that made it. ``fork()`` copies the object but
+not its follower thread, so in the child nothing would renew the leaf, follow the roots or the
+intentions: a pre-forking server's worker would serve a frozen identity until it expired, and
+allow what was since denied. Such a copy fails instead, at once and with the recipe (make one
+per worker, after the fork): every call raises ``ConnectError``, and its
+``server_ssl_context`` refuses handshakes. It does not restart itself in the child: a lock or
+an HTTP connection held by the follower at the moment of the fork stays held, or shared with
+the parent, in the child, so the only sound copy is a new ``Service``. The check is one
+comparison of a counter that ``os.register_at_fork`` bumps in every child: nothing per call.
+
 A destination is followed from the first call that names it (``Follower.watch``); that call
 waits (within its timeout) for the first list of healthy instances, later calls do not.
 """
@@ -31,8 +41,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -41,7 +53,7 @@ import trio
 
 from trellis.connect._state import ConnectError, Current, Peer, check_server
 from trellis.connect._switch import switching_context
-from trellis.proxy import authz, keygen
+from trellis.proxy import authz, keygen, spiffe
 from trellis.proxy import client as api
 from trellis.proxy.config import ProxyConfig
 from trellis.proxy.follower import Follower, FollowerError
@@ -64,6 +76,35 @@ def _serving(snap: Snapshot) -> bool:
     return snap.ready_to_serve and snap.tls is not None
 
 
+#: Bumped in every child process at ``fork()``: a ``Service`` made at another value of it was
+#: made in an ancestor process, and its follower thread did not come along.
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+GREEN_THREADS = (
+    "gevent's monkey-patching has made threads greenlets in this process: the follower (a "
+    "thread running trio, which starts threads of its own) cannot run in it; serve with "
+    "gunicorn's sync or gthread worker, or put a sidecar in front of a gevent app"
+)
+
+
+def check_real_threads() -> None:
+    """ConnectError if gevent has monkey-patched ``threading`` in this process (gunicorn's
+    gevent worker does, after its ``post_fork`` hook): trio's worker threads would then be
+    greenlets of a hub that never runs, and the follower would stop at its next blocking
+    call, silently serving an ageing leaf and stale intentions."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        raise ConnectError(GREEN_THREADS)
+
+
 class Service:
     """One Connect service in this process: its identity, certificates and intentions.
 
@@ -75,10 +116,13 @@ class Service:
     and asyncio code; trio code uses ``open_service``); use it as a context manager, or call
     ``close()``. Registering the service in the catalog (``Connect: {"Native": true}``) stays
     the operator's job, as for any Consul service. A pre-forking server makes one per worker,
-    after the fork: a thread does not survive it.
+    after the fork (gunicorn: ``trellis.connect.wsgi.WorkerService``): a thread does not
+    survive it, and a ``Service`` used in a child of the process that made it raises
+    ``ConnectError`` from every call (the programmer's mistake, said at the first use).
 
     ValueError if ``name`` is not a service name, ConnectError if ``address`` or ``ca_file``
-    is unusable: the caller's mistakes, said at once.
+    is unusable, or if gevent has monkey-patched threads in this process (the follower
+    needs real ones): the caller's mistakes, said at once.
     """
 
     def __init__(
@@ -92,7 +136,12 @@ class Service:
     ) -> None:
         if authz.check_name(name) == authz.WILDCARD:
             raise ValueError("a service is named, not '*'")
+        # Before anything is made; open_service's follower starts threads too
+        # (trio.to_thread): the same rule.
+        check_real_threads()
         self.name = name
+        self._pid = os.getpid()
+        self._generation = _fork_generation
         self._current = Current()
         try:
             self._client = api.Client(address, token=token, verify=ca_file or True)
@@ -105,6 +154,7 @@ class Service:
             keys=keygen.ChildKeys(),
         )
         self._server_ctx: ssl.SSLContext | None = None
+        self._fork_logged = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel: trio.CancelScope | None = None
         self._thread: threading.Thread | None = None
@@ -151,6 +201,32 @@ class Service:
             # Raised in one of the follower's tasks, so it comes wrapped in its nursery's group.
             self._current.fail(str(group.exceptions[0]))
 
+    def _check_process(self) -> None:
+        """ConnectError in a child process forked after this Service was made (see the
+        module's theory of operation)."""
+        if self._generation != _fork_generation:
+            raise ConnectError(
+                f"this Service ({self.name!r}) was made in process {self._pid}, before a fork: "
+                "its follower did not survive the fork; make one per process after the fork "
+                "(gunicorn: trellis.connect.wsgi.WorkerService's post_fork hook)"
+            )
+
+    def _serving_context(self) -> ssl.SSLContext | None:
+        """What ``server_ssl_context`` serves a new handshake with: None (refuse) in a forked
+        child, whose copy of the leaf and roots nothing keeps current."""
+        if self._generation != _fork_generation:
+            if not self._fork_logged:
+                self._fork_logged = True
+                log.error(
+                    "%s: refusing TLS handshakes in process %d: this Service was made in "
+                    "process %d before a fork; make one per worker after the fork",
+                    self.name,
+                    os.getpid(),
+                    self._pid,
+                )
+            return None
+        return self._current.server_context()
+
     def _in_run(self) -> bool:
         """Is the caller in the trio run that follows (``open_service``'s)?"""
         try:
@@ -180,12 +256,16 @@ class Service:
         """Wait until the service can serve and call: a leaf, the roots and its intentions.
         TimeoutError after ``timeout`` seconds (the control plane is slow or unreachable);
         ConnectError if the control plane refused this service (its token may not act as it:
-        the operator's fault) or it was closed."""
+        the operator's fault), it was closed, or it was made before a fork (see ``Service``)."""
+        self._check_process()
         self._current.wait_for("leaf, roots and intentions", _serving, timeout)
 
     def close(self) -> None:
         """Stop following (idempotent). Open connections are left to their owners; new ones
-        fail with ConnectError."""
+        fail with ConnectError. In a child forked after this Service was made, nothing of it
+        runs here: close() does nothing (the parent's follower is the parent's to stop)."""
+        if self._generation != _fork_generation:
+            return
         self._current.close()
         token, scope = self._token, self._cancel
         if token is not None and scope is not None:
@@ -212,9 +292,12 @@ class Service:
         handshake, so a renewed leaf or rotated roots need no restart. Before the first leaf
         (or past its expiry) handshakes are refused. The same object on every call.
 
-        A verified client is not yet an allowed one: call ``authorize`` on the connection."""
+        A verified client is not yet an allowed one: call ``authorize`` on the connection.
+        ConnectError when called in a child forked after this Service was made; a context
+        obtained before the fork refuses every handshake in the child (and logs why, once)."""
+        self._check_process()
         if self._server_ctx is None:
-            self._server_ctx = switching_context(self._current.server_context)
+            self._server_ctx = switching_context(self._serving_context)
         return self._server_ctx
 
     def authorize(self, peer: Peer) -> authz.Decision:
@@ -224,12 +307,20 @@ class Service:
         the current roots. Computed locally from the current intentions, by the same
         ``trellis.proxy.authz`` decision the sidecar makes; never raises for a bad peer: the
         ``Decision`` is a denial whose reason says what is wrong (the peer's fault). Before
-        the intentions are known, every peer is denied."""
+        the intentions are known, every peer is denied. ConnectError (the programmer's
+        mistake, not the peer's) when called in a child forked after this Service was made."""
+        self._check_process()
         return self._current.authorize(peer)
+
+    def _admit(self, peer: Peer) -> tuple[authz.Decision, spiffe.ServiceID | None]:
+        """``authorize`` and the peer's verified identity, for the WSGI and ASGI adapters."""
+        self._check_process()
+        return self._current.admit(peer)
 
     # -- client side -----------------------------------------------------------------------
 
     def _instances(self, name: str, timeout: float | None) -> tuple[Snapshot, tuple[Endpoint, ...]]:
+        self._check_process()
         if authz.check_name(name) == authz.WILDCARD:
             raise ValueError("a destination is a service, not '*'")
         self._watch(name)
@@ -368,6 +459,7 @@ class Service:
         ignored) over ``connect``'s verified mutual TLS, keep-alive connections pooled per
         service. ``https://`` is refused (``httpx.UnsupportedProtocol``: the mesh is the TLS);
         no instance reachable is ``httpx.ConnectError``."""
+        self._check_process()
         # Imported here: httpx and httpcore cost an app that never calls this some 40 ms.
         from trellis.connect._httpx import Transport
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from trellis.connect import _chain
-from trellis.proxy import authz
+from trellis.proxy import authz, spiffe
 from trellis.proxy.snapshot import Endpoint, PeerVerdict, Snapshot
 
 
@@ -95,9 +95,15 @@ class Current:
     def authorize(self, peer: Peer) -> authz.Decision:
         """The intention decision on ``peer`` under the current snapshot; see
         ``Service.authorize``."""
+        return self.admit(peer)[0]
+
+    def admit(self, peer: Peer) -> tuple[authz.Decision, spiffe.ServiceID | None]:
+        """``authorize``'s decision and the peer's verified identity (None when its
+        certificate was refused, or before the first snapshot), for the adapters that hand
+        the identity to the app."""
         snap = self.snapshot
         if snap is None or snap.tls is None or snap.roots is None:
-            return authz.DEFAULT_DENY
+            return authz.DEFAULT_DENY, None
         if not isinstance(peer, bytes | bytearray | Sequence):
             try:
                 cert = peer.getpeercert(binary_form=True)
@@ -114,8 +120,8 @@ class Current:
             verdict = _chain.verify(chain, snap.roots.pems, snap.tls.peers)
         admission = snap.admit(verdict)
         if admission.decision is not None:
-            return admission.decision
-        return authz.Decision.refused(authz.Outcome.INVALID_PEER, admission.reason)
+            return admission.decision, admission.source
+        return authz.Decision.refused(authz.Outcome.INVALID_PEER, admission.reason), None
 
     def endpoints(self, name: str) -> tuple[Endpoint, ...]:
         """``name``'s healthy instances, rotated by one on each call (round-robin)."""

@@ -4,6 +4,7 @@ denied one is closed before a byte is read. One thread per connection; ``close``
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -137,3 +138,116 @@ class NativeHTTP:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(5)
+
+
+class TLSExtensionASGI:
+    """A small HTTP/1.1 ASGI server over TLS (asyncio and h11, in a thread of its own) that
+    fills the ASGI TLS extension, as the spec says: ``client_cert_chain`` is the client's
+    certificates as PEM, leaf first (the leaf alone: all Python 3.11's ``ssl`` gives). No
+    installed ASGI server fills it (hypercorn 0.18 does not), so this one stands in to carry
+    ``trellis.connect.asgi`` end to end. One request per connection (``Connection: close``)."""
+
+    def __init__(self, app, ctx: ssl.SSLContext) -> None:
+        import asyncio
+
+        self.app = app
+        self.ctx = ctx
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        import asyncio
+
+        async def main() -> None:
+            self.server = await asyncio.start_server(self._one, "127.0.0.1", 0, ssl=self.ctx)
+            self.port = self.server.sockets[0].getsockname()[1]
+            ready.set()
+            async with self.server:
+                await self.server.serve_forever()
+
+        asyncio.set_event_loop(self.loop)
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled by close()
+            self.loop.run_until_complete(main())
+
+    async def _one(self, reader, writer) -> None:
+        import h11
+
+        try:
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
+            conn = h11.Connection(h11.SERVER)
+            request = None
+            body = b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                    continue
+                if isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+            if request is None:
+                return
+            path, _, query = request.target.partition(b"?")
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": request.method.decode(),
+                "scheme": "https",
+                "path": path.decode(),
+                "raw_path": path,
+                "query_string": query,
+                "headers": [(k.lower(), v) for k, v in request.headers],
+                "extensions": {
+                    "tls": {
+                        "server_cert": None,
+                        "client_cert_chain": chain,
+                        "client_cert_name": None,
+                        "client_cert_error": None,
+                        "tls_version": None,
+                        "cipher_suite": None,
+                    }
+                },
+            }
+            sent: list[dict] = []
+
+            async def receive():
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+
+            await self.app(scope, receive, send)
+            start = next(m for m in sent if m["type"] == "http.response.start")
+            out = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+            headers = [
+                (k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"
+            ]
+            headers += [(b"content-length", str(len(out)).encode()), (b"connection", b"close")]
+            data = conn.send(h11.Response(status_code=start["status"], headers=headers))
+            data += conn.send(h11.Data(data=out)) + conn.send(h11.EndOfMessage())
+            writer.write(data)
+            await writer.drain()
+        except (OSError, ssl.SSLError, h11.RemoteProtocolError):
+            pass
+        finally:
+            writer.close()
+
+    def _stop(self) -> None:  # in the loop's thread
+        import asyncio
+
+        self.server.close()
+        for task in asyncio.all_tasks(self.loop):
+            task.cancel()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop)
+        self._thread.join(5)
+        self.loop.close()
