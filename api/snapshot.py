@@ -113,7 +113,9 @@ def _encode(v: Value) -> Any:
     return v
 
 
-def encode_state(tables: Iterable[tuple[str, Iterable[Sequence[Value]]]]) -> tuple[bytes, dict]:
+def encode_state(
+    tables: Iterable[tuple[str, Iterable[Sequence[Value]]]],
+) -> tuple[bytes, dict[str, int]]:
     """``state.jsonl`` for these tables' rows, and the row count of each table."""
     out = io.BytesIO()
     counts: dict[str, int] = {}
@@ -292,7 +294,7 @@ def parse_manifest(raw: bytes) -> Manifest:
 
 def _decode(v: Any) -> Value:
     if v is None or (isinstance(v, str | int | float) and not isinstance(v, bool)):
-        return v  # type: ignore[no-any-return]
+        return v
     if isinstance(v, dict) and set(v) == {"b64"} and isinstance(v["b64"], str):
         try:
             return base64.b64decode(v["b64"], validate=True)
