@@ -176,3 +176,40 @@ def test_restore_needs_acl_write(tmp_path):
     finally:
         server.stop()
     assert Path(file).exists()
+
+
+def test_through_a_node_agent_an_archive_larger_than_its_body_limit(tmp_path):
+    """``trellis dev``'s address is its node agent's, which forwards ``/v1/snapshot`` to the
+    server: a restore larger than the agent's request body limit (4 MiB) goes through too."""
+    dev = TrellisProcess(["dev", "-http-port", "0", "-dns-port", "-1"]).start()
+    try:
+        file = tmp_path / "dev.snap"
+        assert trellis("snapshot", "save", str(file), addr=dev.url).returncode == 0
+        got = archive.read_archive(file.read_bytes())
+        m = got.manifest
+        cols = m.tables["kv"].columns
+        rows = {name: list(r) for name, r in got.rows.items()}
+        for i in range(6000):  # random values: about 8 MiB even compressed
+            row = {"key": f"big/{i:05d}", "value": os.urandom(1000), "flags": 0,
+                   "create_index": m.index, "modify_index": m.index, "lock_index": 0,
+                   "session": None}  # fmt: skip
+            rows["kv"].append(tuple(row[c] for c in cols))
+        state, counts = archive.encode_state((name, rows[name]) for name in m.tables)
+        big = archive.Manifest(
+            store=m.store,
+            schema_version=m.schema_version,
+            index=m.index,
+            created_at=m.created_at,
+            trellis_version=m.trellis_version,
+            tables={n: archive.TableInfo(t.columns, counts[n]) for n, t in m.tables.items()},
+            sha256=archive.sha256(state),
+            seal_check=m.seal_check,
+        )
+        file.write_bytes(archive.write_archive(big, state))
+        assert file.stat().st_size > 4 * 1024 * 1024
+        r = trellis("snapshot", "restore", str(file), addr=dev.url)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "Restored snapshot\n", "")
+        with Client(dev.url) as c:
+            assert len(c.kv_get("big/", keys=True).value) == 6000
+    finally:
+        dev.stop()
