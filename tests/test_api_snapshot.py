@@ -347,12 +347,13 @@ def apps():
         app_of(c).extensions["trellis"].close()
 
 
-def test_another_clusters_snapshot_brings_its_ca_and_trust_domain(tmp_path, apps):
+def test_another_clusters_snapshot_brings_its_ca_and_trust_domain(tmp_path, apps, store_url):
     """The archive carries the cluster ID (the trust domain) with the CA whose roots name it:
-    after the restore this server signs leaves in that trust domain, with that root."""
+    after the restore this server (on each store) signs leaves in that trust domain, with
+    that root."""
     key = base64.b64encode(secrets.token_bytes(32)).decode()
     a = _app(tmp_path, "server-a", ca_seal_key=key)
-    b = _app(tmp_path, "server-b", ca_seal_key=key)
+    b = _app(tmp_path, "server-b", store_url, ca_seal_key=key)
     apps += [a, b]
     roots_a = a.get("/v1/connect/ca/roots").get_json()
     assert b.get("/v1/connect/ca/roots").get_json()["TrustDomain"] != roots_a["TrustDomain"]
@@ -371,9 +372,14 @@ def test_another_clusters_snapshot_brings_its_ca_and_trust_domain(tmp_path, apps
     assert nodes == {"server-a", "server-b"}
 
 
-def test_an_archive_sealed_with_another_key_is_refused(tmp_path, apps):
+def test_an_archive_sealed_with_another_key_is_refused(tmp_path, apps, store_url):
     a = _app(tmp_path, "server-a", ca_seal_key=base64.b64encode(secrets.token_bytes(32)).decode())
-    b = _app(tmp_path, "server-b", ca_seal_key=base64.b64encode(secrets.token_bytes(32)).decode())
+    b = _app(
+        tmp_path,
+        "server-b",
+        store_url,
+        ca_seal_key=base64.b64encode(secrets.token_bytes(32)).decode(),
+    )
     apps += [a, b]
     before = everything(b)
     assert_error(restore(b, save(a)), 400, "bad_request", "another CA seal key")

@@ -266,6 +266,7 @@ def test_clocks_start_again(store):
         "orphan_child",
         "wrong_type",
         "nul",
+        "no_cluster_id",
     ],
 )
 def test_a_dump_that_does_not_fit_changes_nothing(store, damage):
@@ -298,6 +299,9 @@ def test_a_dump_that_does_not_fit_changes_nothing(store, damage):
         cols, rows = tables["services"]
         at = cols.index("port")
         tables["services"] = (cols, [(*r[:at], None, *r[at + 1 :]) for r in rows])
+    elif damage == "no_cluster_id":
+        cols, rows = tables["meta"]
+        tables["meta"] = (cols, [r for r in rows if r[0] != "cluster_id"])
     elif damage == "nul":
         cols, rows = tables["meta"]
         tables["meta"] = (cols, [(r[0], "a\x00b") for r in rows])

@@ -257,6 +257,12 @@ def _check_shape(dump: StoreDump, version: int, schema: Mapping[str, tuple[str, 
             )
     if "name" not in dump.tables[INDEXES_TABLE][0]:
         raise SnapshotRefused("the snapshot's table 'indexes' has no 'name'")
+    # Every server reads the cluster ID (the trust domain) at start and on every CA change:
+    # a store without one would fail them all.
+    cols, rows = dump.tables["meta"]
+    key, value = cols.index("key"), cols.index("value")
+    if not any(r[key] == "cluster_id" and isinstance(r[value], str) and r[value] for r in rows):
+        raise SnapshotRefused("the snapshot has no cluster ID (table 'meta', key 'cluster_id')")
 
 
 def _renumbering(dump: StoreDump, base: int) -> dict[int, int]:
