@@ -32,6 +32,7 @@ from trellis.api.store.base import PASSING, Check, Node, Registration, Store
 from trellis.api.store.errors import (
     InvalidSession,
     NotFoundInStore,
+    SnapshotRefused,
     StoreConflict,
     StoreError,
     UnstorableValue,
@@ -126,6 +127,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         intentions,
         kv,
         session,
+        snapshot,
         spec,
         status,
         txn,
@@ -143,6 +145,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         spec,
         session,
         txn,
+        snapshot,
     ):
         app.register_blueprint(module.bp)
 
@@ -256,6 +259,7 @@ _STORE_TO_HTTP: dict[type[StoreError], type[TrellisError]] = {
     NotFoundInStore: NotFound,
     UnstorableValue: BadRequest,
     InvalidSession: BadRequest,
+    SnapshotRefused: BadRequest,
 }
 
 

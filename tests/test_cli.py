@@ -61,6 +61,7 @@ Available commands are:
     reload       Triggers the agent to reload its configuration files
     server       Run the control plane (HTTP API and DNS)
     services     Interact with services
+    snapshot     Saves, restores and inspects snapshots of the whole store
     terraform    Install the Terraform provider
     version      Prints the Trellis version
 """

@@ -533,6 +533,12 @@ def test_smoke_walk_every_endpoint(app_client):
     ok(c.put("/v1/txn", json=[{"KV": {"Verb": "check-index", "Key": "walk-txn", "Index": 1}}]), 409)
     ok(c.put("/v1/txn", json=[kv_set] * 129), 413)
 
+    # ---- snapshots: save, restore what was saved, a truncated archive (400)
+    snap = c.get("/v1/snapshot")
+    ok(snap)
+    ok(c.put("/v1/snapshot", data=snap.data))
+    ok(c.put("/v1/snapshot", data=snap.data[:100]), 400)
+
     # ---- ACL endpoints: this app has ACLs off, so every one answers 401
     some = "00000000-0000-4000-8000-000000000000"
     for method, url in ACL_CALLS:

@@ -187,7 +187,24 @@ class CAManager:
         self._cache: tuple[int, dict, int, dict, int] | None = None  # pos, roots, ri, cfg, ci
         self._providers: dict[tuple[str, int], Provider] = {}
         self._chain_cache: dict[tuple, tuple[x509.Certificate, ...]] = {}
-        self.trust_domain = spiffe.trust_domain_for_cluster(store.cluster_id())
+        self._trust_domain = (
+            store.feed.position(),
+            spiffe.trust_domain_for_cluster(store.cluster_id()),
+        )
+
+    @property
+    def trust_domain(self) -> str:
+        """The cluster's trust domain, from the cluster ID in the store. Read again only after
+        a change that may have replaced the ID: a snapshot restore brings the archive's (and
+        its CA, whose roots name it), and publishes a change of every topic (ANY), which
+        ``topic_changed_since`` reports for any topic in O(1); nothing else writes it."""
+        pos, td = self._trust_domain
+        feed = self.store.feed
+        if feed.topic_changed_since("meta", pos):
+            pos = feed.position()
+            td = spiffe.trust_domain_for_cluster(self.store.cluster_id())
+            self._trust_domain = (pos, td)
+        return td
 
     # -- providers -------------------------------------------------------------------------
 

@@ -242,8 +242,9 @@ class Context:
             return bytes(buf.read())
         return self.stdin.read().encode("utf-8")
 
-    def client(self, ns: argparse.Namespace) -> Client:
-        """The API client for this command: flags beat the environment."""
+    def client(self, ns: argparse.Namespace, *, timeout: float | None = None) -> Client:
+        """The API client for this command: flags beat the environment. ``timeout``: for a
+        command whose request may take long (a snapshot of a large store)."""
         address = getattr(ns, "http_addr", None) or self.http_addr
         token = getattr(ns, "token", None)
         token_file = getattr(ns, "token_file", None)
@@ -255,6 +256,8 @@ class Context:
                 raise CommandError(
                     f"Error! Cannot read token file {token_file}: {e.strerror}"
                 ) from None
+        if timeout is not None:
+            return Client(address, token=token or self.token, timeout=timeout)
         return Client(address, token=token or self.token)
 
     def print_json(self, value: Any) -> None:

@@ -49,6 +49,7 @@ MODULES = (
     "agent",
     "terraform",
     "lock",
+    "snapshot",
 )
 #: Which of them registers the commands under each first word. ``run`` imports only the module
 #: that the command line names: ``trellis connect proxy`` is a long-lived process beside every
@@ -71,6 +72,7 @@ FIRST_WORDS = {
     "reload": "agent",
     "server": "serve",
     "services": "services",
+    "snapshot": "snapshot",
     "terraform": "terraform",
 }
 

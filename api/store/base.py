@@ -17,6 +17,7 @@ from trellis.api.store.security import ACLPolicy, ACLToken, IntentionRecord
 from trellis.api.store.sessions import Session
 
 if TYPE_CHECKING:
+    from trellis.api.store.snapshot import StoreDump
     from trellis.api.store.txn import MayWrite, TxnOp, TxnOutcome
 
 PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
@@ -268,6 +269,17 @@ class Store(Protocol):
         ...
 
     def acl_policy_delete(self, policy_id: str) -> bool: ...
+
+    # snapshots: the whole state (trellis.api.store.snapshot)
+    def snapshot_tables(self) -> dict[str, tuple[str, ...]]: ...
+    def snapshot_dump(self) -> StoreDump:
+        """Every table of state, read in one snapshot, with the index it is the state of."""
+        ...
+
+    def snapshot_restore(self, dump: StoreDump, *, now: float) -> int:
+        """Replace the whole state in one transaction; the restore's index, above every index
+        given before. SnapshotRefused: the dump does not fit this store (nothing changed)."""
+        ...
 
 
 def changed_catalog_keys(services: Iterable[Service], node: str | None = None) -> set[str]:

@@ -19,6 +19,7 @@ from trellis.api.errors import StoreUnavailable
 __all__ = [
     "InvalidSession",
     "NotFoundInStore",
+    "SnapshotRefused",
     "StoreConflict",
     "StoreError",
     "StoreUnavailable",
@@ -57,3 +58,9 @@ class InvalidSession(StoreError):
     """A session write or a lock names what does not allow it: an unknown session (acquire,
     release), a node or check that is not registered, or a check that is critical (create).
     Nothing was written. The caller's fault; the HTTP boundary answers 400."""
+
+
+class SnapshotRefused(StoreError):
+    """A snapshot that does not fit this store: another schema version, other tables or
+    columns, or rows the tables cannot hold. Nothing was written. The sender's fault (HTTP
+    400)."""

@@ -51,6 +51,8 @@ class PostgresStore(SQLStore):
     blob_type = "BYTEA"
     key_collation = 'COLLATE "C"'  # byte order, so prefix ranges match SQLite's
     unavailable_errors = (psycopg.OperationalError, psycopg.InterfaceError)
+    # Values a column cannot hold (a type, a duplicate key, a missing parent): a restore's 400.
+    data_errors = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError)
     # One transaction (one advisory lock, one WAL flush) for the writes a worker has ready at
     # once; while a body waits on the database, the writers that arrive queue into its batch.
     group_commit = True
@@ -89,6 +91,31 @@ class PostgresStore(SQLStore):
 
     def _begin_read(self, conn: Any) -> None:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    # -- the schema, from PostgreSQL's catalog (trellis.api.store.snapshot) --------------------
+
+    def _schema_tables(self, q: Any) -> list[str]:
+        rows = q(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+        )
+        return sorted(r[0] for r in rows)
+
+    def _schema_columns(self, q: Any, table: str) -> list[str]:
+        rows = q(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position",
+            (table,),
+        )
+        return [r[0] for r in rows]
+
+    def _schema_parents(self, q: Any, table: str) -> list[str]:
+        rows = q(
+            "SELECT c.confrelid::regclass::text FROM pg_constraint c"
+            " WHERE c.contype = 'f' AND c.conrelid = to_regclass(?)",
+            (table,),
+        )
+        return sorted({r[0].strip('"') for r in rows})
 
     def hold_reaper_role(self) -> bool:
         """The reaper role is a session-level advisory lock on a connection of its own: the

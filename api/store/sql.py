@@ -51,6 +51,7 @@ from trellis.api.store.security import MIGRATION as SECURITY_MIGRATION
 from trellis.api.store.security import SecurityStoreMixin
 from trellis.api.store.sessions import MIGRATION as SESSIONS_MIGRATION
 from trellis.api.store.sessions import SessionStoreMixin
+from trellis.api.store.snapshot import SnapshotStoreMixin
 from trellis.api.store.txn import TxnStoreMixin
 
 log = logging.getLogger("trellis.store")
@@ -305,6 +306,11 @@ class Tx:
             self._index = int(row[0])
         return self._index
 
+    def jump_index(self, index: int) -> None:
+        """Make ``index`` this transaction's index, for a write that sets the global index
+        itself (a snapshot restore: trellis.api.store.snapshot) instead of taking the next."""
+        self._index = index
+
     def touch(self, topic: str, key: str, *, topic_index_key: bool = True) -> None:
         idx = self.index
         c = Change(idx, topic, key)
@@ -520,7 +526,7 @@ def _running() -> Any:
     return getcurrent()
 
 
-class SQLStore(SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin):
+class SQLStore(SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin, SnapshotStoreMixin):
     """The shared body of both stores. Subclasses provide the dialect hooks below."""
 
     blob_type = "BLOB"
@@ -591,6 +597,19 @@ class SQLStore(SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin):
             if isinstance(p, str) and "\x00" in p:
                 raise UnstorableValue("names and keys cannot contain the NUL character")
         return conn.execute(self._sql(sql), tuple(params))
+
+    def _exec_many(self, conn: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement for many rows (a snapshot restore): one round trip per batch of
+        rows on PostgreSQL (psycopg pipelines ``executemany``), not one per row."""
+        for row in rows:
+            for p in row:
+                if isinstance(p, str) and "\x00" in p:
+                    raise UnstorableValue("names and keys cannot contain the NUL character")
+        cur = conn.cursor()
+        try:
+            cur.executemany(self._sql(sql), [tuple(r) for r in rows])
+        finally:
+            cur.close()
 
     @contextmanager
     def _translate(self) -> Iterator[None]:

@@ -30,6 +30,8 @@ class SQLiteStore(SQLStore):
     blob_type = "BLOB"
     key_collation = ""  # BINARY: byte order of UTF-8, which is code point order
     unavailable_errors = (sqlite3.OperationalError, sqlite3.DatabaseError)
+    # IntegrityError is a DatabaseError: listed first where both are caught (a restore).
+    data_errors = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
     # One COMMIT (one fsync, with synchronous=FULL) for the writes a worker has ready at once.
     group_commit = True
 
@@ -90,6 +92,18 @@ class SQLiteStore(SQLStore):
 
     def _begin_read(self, conn: Any) -> None:
         conn.execute("BEGIN")
+
+    # -- the schema, from SQLite's catalog (trellis.api.store.snapshot) ------------------------
+
+    def _schema_tables(self, q: Any) -> list[str]:
+        rows = q("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'")
+        return sorted(r[0] for r in rows)
+
+    def _schema_columns(self, q: Any, table: str) -> list[str]:
+        return [r[0] for r in q("SELECT name FROM pragma_table_info(?) ORDER BY cid", (table,))]
+
+    def _schema_parents(self, q: Any, table: str) -> list[str]:
+        return sorted({r[0] for r in q('SELECT "table" FROM pragma_foreign_key_list(?)', (table,))})
 
     def hold_reaper_role(self) -> bool:
         """The reaper role is an exclusive ``flock`` on ``<database>.reaper``: one process of

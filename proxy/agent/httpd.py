@@ -28,6 +28,10 @@ log = logging.getLogger("trellis.agent")
 MAX_HEAD = 32 * 1024
 IDLE_TIMEOUT = 120.0
 BODY_TIMEOUT = 30.0
+#: Requests whose body may exceed ``max_body``, and their own limit: a snapshot restore
+#: carries the whole store, forwarded to a server that checks it (trellis.api.snapshot's
+#: MAX_ARCHIVE_BYTES, which this matches).
+LARGE_BODIES = {("PUT", "/v1/snapshot"): 512 * 1024 * 1024}
 
 
 @dataclass
@@ -173,6 +177,7 @@ async def _read_request(
     method = event.method.decode("ascii", "replace")
     target = event.target.decode("latin-1")
     headers = [(bytes(k).lower(), bytes(v)) for k, v in event.headers]
+    max_body = max(max_body, LARGE_BODIES.get((method, target.split("?", 1)[0]), 0))
     for k, v in headers:
         if k == b"content-length" and v.isdigit() and int(v) > max_body:
             raise PayloadTooLarge(f"the request body is larger than {max_body} bytes")
