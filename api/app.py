@@ -122,6 +122,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         agent,
         catalog,
         connect_ca,
+        event,
         health,
         intentions,
         kv,
@@ -143,6 +144,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         spec,
         session,
         txn,
+        event,
     ):
         app.register_blueprint(module.bp)
 

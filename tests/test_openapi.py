@@ -533,6 +533,20 @@ def test_smoke_walk_every_endpoint(app_client):
     ok(c.put("/v1/txn", json=[{"KV": {"Verb": "check-index", "Key": "walk-txn", "Index": 1}}]), 409)
     ok(c.put("/v1/txn", json=[kv_set] * 129), 413)
 
+    # ---- maintenance mode and user events
+    ok(c.put("/v1/agent/maintenance?enable=true&reason=walk"))
+    ok(c.put("/v1/agent/maintenance?enable=false"))
+    ok(c.put("/v1/agent/maintenance"), 400)
+    ok(c.put("/v1/agent/service/maintenance/web-1?enable=true"))
+    ok(c.put("/v1/agent/service/maintenance/web-1?enable=false"))
+    ok(c.put("/v1/agent/service/maintenance/nothing?enable=true"), 404)
+    ok(c.put("/v1/event/fire/walk?service=web&tag=v1", data=b"payload"))
+    ok(c.put("/v1/event/fire/walk-empty"))
+    ok(c.put("/v1/event/fire/_reserved"), 400)
+    ok(c.put("/v1/event/fire/walk", data=b"x" * (64 * 1024 + 1)), 413)
+    ok(c.get("/v1/event/list?name=walk"))
+    ok(c.get("/v1/event/list?name=nothing&index=1&wait=1ms"))
+
     # ---- ACL endpoints: this app has ACLs off, so every one answers 401
     some = "00000000-0000-4000-8000-000000000000"
     for method, url in ACL_CALLS:
