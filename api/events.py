@@ -20,10 +20,15 @@ from __future__ import annotations
 import base64
 import functools
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trellis.api.errors import BadRequest
-from trellis.api.store.events import EVENT_VERSION, UserEvent
+
+if TYPE_CHECKING:  # the node agent imports this module, and needs nothing of the store
+    from trellis.api.store.events import UserEvent
+
+#: The version of Consul's user event message that Trellis's events correspond to.
+EVENT_VERSION = 1
 
 #: How many events the store keeps (Consul's agents keep their last 256 each).
 HISTORY = 256

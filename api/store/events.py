@@ -27,9 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: The version of Consul's user event message that Trellis's events correspond to.
-EVENT_VERSION = 1
-
 
 def migration(blob: str) -> list[str]:
     return [
