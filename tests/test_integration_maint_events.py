@@ -14,8 +14,8 @@ import consul
 import httpx
 import pytest
 
-from tests.support import TRELLIS, OutputProcess, wait_until
-from tests.test_integration_agent import agent, server, started  # noqa: F401 - fixtures
+from tests.support import TRELLIS, OutputProcess, TrellisProcess, server_args, wait_until
+from tests.test_integration_agent import agent, server, started, wait_services_token  # noqa: F401 - fixtures
 from trellis.api import events
 
 pytestmark = pytest.mark.integration
@@ -227,3 +227,53 @@ def _syncs(agent_url: str) -> int:
 def _parked(server_url: str) -> int:
     r = httpx.get(f"{server_url}/v1/agent/self", timeout=5)
     return int(r.json()["Stats"]["blocking"]["waiting"])
+
+
+def test_acls_through_the_node_agent(tmp_path: Path, started, agent):  # noqa: F811
+    cfg = tmp_path / "server.json"
+    cfg.write_text(json.dumps({"acl": {"enabled": True, "default_policy": "deny"}}))
+    s = TrellisProcess(
+        [*server_args(tmp_path / "s", workers=1, node="srv"), "-config", str(cfg)]
+    ).start()
+    started.append(s)
+    root = httpx.put(f"{s.url}/v1/acl/bootstrap").json()["SecretID"]
+    mgmt = {"X-Consul-Token": root}
+
+    def token(name: str, rules: str) -> dict[str, str]:
+        r = httpx.put(f"{s.url}/v1/acl/policy", json={"Name": name, "Rules": rules}, headers=mgmt)
+        assert r.status_code == 200, r.text
+        body = {"Policies": [{"Name": name}]}
+        r = httpx.put(f"{s.url}/v1/acl/token", json=body, headers=mgmt)
+        return {"X-Consul-Token": r.json()["SecretID"]}
+
+    web = token(
+        "web", 'service "web" { policy = "write" }\nevent_prefix "dep" { policy = "write" }'
+    )
+    a = agent("node-a", s.url, extra=("-token", root))
+    r = httpx.put(
+        f"{a.url}/v1/agent/service/register", json={"Name": "web", "ID": "web-1"}, headers=mgmt
+    )
+    assert r.status_code == 200, r.text
+    wait_services_token(s.url, "node-a", {"web-1"}, root)
+
+    url = f"{a.url}/v1/agent/service/maintenance/web-1?enable=true&reason=r"
+    assert httpx.put(url).status_code == 403  # the anonymous token
+    assert httpx.put(url, headers=web).status_code == 200
+    # Node maintenance needs node:write, which the web token does not have.
+    r = httpx.put(f"{a.url}/v1/agent/maintenance?enable=true", headers=web)
+    assert r.status_code == 403 and set(r.json()) == {"error", "code", "status"}
+    assert httpx.put(f"{a.url}/v1/agent/maintenance?enable=true", headers=mgmt).status_code == 200
+    checks = httpx.get(f"{s.url}/v1/health/node/node-a", headers=mgmt).json()
+    assert {c["CheckID"] for c in checks} >= {"_node_maintenance", "_service_maintenance:web-1"}
+    # Disabling needs the same permissions: refused, the check stays.
+    off = f"{a.url}/v1/agent/service/maintenance/web-1?enable=false"
+    assert httpx.put(off).status_code == 403
+    assert httpx.put(off, headers=web).status_code == 200
+
+    # Events: event:write on the name to fire, event:read to list (else filtered out).
+    assert httpx.put(f"{a.url}/v1/event/fire/deploy", headers=web).status_code == 200
+    assert httpx.put(f"{a.url}/v1/event/fire/other", headers=web).status_code == 403
+    assert httpx.put(f"{a.url}/v1/event/fire/other", headers=mgmt).status_code == 200
+    assert httpx.get(f"{a.url}/v1/event/list").json() == []
+    names = [e["Name"] for e in httpx.get(f"{a.url}/v1/event/list", headers=mgmt).json()]
+    assert names == ["deploy", "other"]
