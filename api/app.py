@@ -123,6 +123,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         agent,
         catalog,
         connect_ca,
+        event,
         health,
         intentions,
         kv,
@@ -146,6 +147,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         session,
         txn,
         snapshot,
+        event,
     ):
         app.register_blueprint(module.bp)
 

@@ -278,6 +278,22 @@ def blocking(
     return _block(watch, Since.index(min_index), versioned, wait, due_in)
 
 
+def digest_blocking(watch: Watch, compute: Callable[[], tuple[T, int]]) -> tuple[T, int]:
+    """A blocking query (``?index=&wait=``) whose index is a digest of its result rather than
+    a store position (``event/list``'s, as Consul's): it waits while the result's index is
+    the client's, and answers as soon as it is any other. ``compute`` as for ``blocking``."""
+    min_index = uint_arg("index")
+    wait = wait_arg()
+    if not min_index:
+        return compute()
+
+    def versioned() -> tuple[tuple[T, int], str]:
+        value = compute()
+        return value, str(value[1])
+
+    return _block(watch, Since.changed(min_index), versioned, wait, None)
+
+
 def content_hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -66,12 +66,16 @@ class Since:
     """The version of the result the client already holds, and how to tell a newer one.
 
     ``Since.index(n)``: Consul's ``?index=n``, news is an index above n. ``Since.hash(h)``: the
-    agent's ``?hash=h``, news is any other content hash. ``header`` is the response header
-    that carries a rendered result's version.
+    agent's ``?hash=h``, news is any other content hash. ``Since.changed(n)``: an ``?index=n``
+    that is no position in the store but a digest (``event/list``'s, see trellis.api.events),
+    news is any other index. ``header`` is the response header that carries a rendered
+    result's version.
     """
 
     header: str
     held: str
+    #: Whether versions are ordered (an index that grows), or only equal or not.
+    ordered: bool = True
 
     @classmethod
     def index(cls, min_index: int) -> Since:
@@ -81,14 +85,18 @@ class Since:
     def hash(cls, want: str) -> Since:
         return cls(HASH_HEADER, want)
 
+    @classmethod
+    def changed(cls, index: int) -> Since:
+        return cls(INDEX_HEADER, str(index), ordered=False)
+
     def is_new(self, version: str) -> bool:
-        if self.header == INDEX_HEADER:
+        if self.header == INDEX_HEADER and self.ordered:
             return int(version or 0) > int(self.held)
         return version != self.held
 
     def ahead_of(self, version: str) -> bool:
         """The client's index is above the result's (it may come from another store)."""
-        return self.header == INDEX_HEADER and int(version or 0) < int(self.held)
+        return self.header == INDEX_HEADER and self.ordered and int(version or 0) < int(self.held)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ token must get. The columns:
 
 ========  ==================================================================================
 none      no token: the anonymous token, which holds no policy
-read      ``service_prefix "" {policy="read"}``, ``node_prefix ""`` and ``key_prefix ""`` read
+read      ``service_prefix "" {policy="read"}``, ``node_prefix ""``, ``key_prefix ""`` and
+          ``event_prefix ""`` read
 web       ``service "web" {policy="write" intentions="write"}``
 app       ``key_prefix "app/" {policy="write"}``
 op        ``operator = "write"``
@@ -62,7 +63,8 @@ F = 403  # the cell a token may not do
 POLICIES = {
     "read": 'service_prefix "" { policy = "read" }\n'
     'node_prefix "" { policy = "read" }\n'
-    'key_prefix "" { policy = "read" }\n',
+    'key_prefix "" { policy = "read" }\n'
+    'event_prefix "" { policy = "read" }\n',
     "web": 'service "web" { policy = "write" intentions = "write" }',
     "app": 'key_prefix "app/" { policy = "write" }',
     "op": 'operator = "write"',
@@ -238,6 +240,7 @@ class World:
             st.acl_policies(),
             ca.config_view(),
             ca.roots_view(),
+            st.events(),
         )
 
     def values(self) -> dict[str, str]:
@@ -305,6 +308,7 @@ def _world(data, store: str) -> Iterator[World]:
     w.build_kv()
     w.build_intentions()
     w.build_acl()
+    w.mgmt("PUT", "/v1/event/fire/deploy", data=b"v1")
     w.trust_domain = app.extensions["trellis"].ca.trust_domain
     w.baseline = w.signature()
     yield w
@@ -372,6 +376,10 @@ def check_ids(body: Any) -> list[str]:
 
 def node_names(body: Any) -> list[str]:
     return sorted(n["Node"] for n in body)
+
+
+def event_names(body: Any) -> list[str]:
+    return sorted({e["Name"] for e in body})
 
 
 def member_names(body: Any) -> list[str]:
@@ -580,6 +588,24 @@ ROWS: list[Row] = [
     R("GET", "/v1/session/info/no-such-session", 200, 200, 200, 200, 200, 200, F),
     R("PUT", "/v1/session/renew/no-such-session", 404, 404, 404, 404, 404, 404, F),
     R("PUT", "/v1/session/destroy/no-such-session", 200, 200, 200, 200, 200, 200, F),
+
+    # ---- maintenance mode: node:write on this node, service:write on the service (the
+    # unknown service is a 404 once the token is known, as with deregister)
+    R("PUT", "/v1/agent/maintenance?enable=true&reason=m", F, F, F, F, F, 200, F),
+    R("PUT", "/v1/agent/maintenance?enable=false", F,  F,   F,   F,   F,   200, F),
+    R("PUT", "/v1/agent/service/maintenance/web-1?enable=true", F, F, 200, F, F, 200, F),
+    R("PUT", "/v1/agent/service/maintenance/db-1?enable=true", F, F, F, F, F, 200, F),
+    R("PUT", "/v1/agent/service/maintenance/web-1?enable=false", F, F, 200, F, F, 200, F),
+    R("PUT", "/v1/agent/service/maintenance/nothing?enable=true", 404, 404, 404, 404, 404, 404,
+      F),
+
+    # ---- events: event:write on the name to fire; the list holds the events the token may
+    # read (event:read), never a 403 but for an unknown token
+    R("PUT", "/v1/event/fire/deploy",            F,   F,   F,   F,   F,   200, F, body=b"v2"),
+    R("GET", "/v1/event/list",                   200, 200, 200, 200, 200, 200, F,
+      view=event_names, none=[], read=["deploy"], web=[], app=[], op=[], mgmt=["deploy"]),
+    R("GET", "/v1/event/list?name=deploy",       200, 200, 200, 200, 200, 200, F,
+      view=event_names, none=[], read=["deploy"], web=[], app=[], op=[], mgmt=["deploy"]),
 
     # ---- status and the spec: no ACL
     R("GET", "/v1/status/leader",                200, 200, 200, 200, 200, 200, 200),

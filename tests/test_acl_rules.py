@@ -164,14 +164,14 @@ ERRORS = [
     # Unknown resources, including Consul ones Trellis does not enforce.
     (
         'agent_prefix "" { policy = "read" }',
-        'unknown rule "agent_prefix" (Trellis knows acl, '
+        'unknown rule "agent_prefix" (Trellis knows acl, event, event_prefix, '
         "key, key_prefix, node, node_prefix, operator, service, service_prefix, session,"
         " session_prefix)",
     ),
     (
         'keyring = "read"',
-        'unknown rule "keyring" (Trellis knows acl, key, key_prefix, node, '
-        "node_prefix, operator, service, service_prefix, session, session_prefix)",
+        'unknown rule "keyring" (Trellis knows acl, event, event_prefix, key, key_prefix, '
+        "node, node_prefix, operator, service, service_prefix, session, session_prefix)",
     ),
     # Bad policies.
     ('service "web" { policy = "admin" }', 'service "web": policy must be read, write or deny'),
@@ -408,6 +408,36 @@ def test_resources_do_not_leak_into_each_other():
     a = authz('service_prefix "" { policy = "write" }')
     assert a.service_write("x")
     assert not a.node_read("x") and not a.key_read("x") and not a.operator_read()
+
+
+# -- events: Consul's event and event_prefix rules, by event name ----------------------------
+
+
+@pytest.mark.parametrize("default_allow", [False, True])
+def test_event_rules_decide_by_name_longest_prefix_first(default_allow):
+    a = authz(
+        'event_prefix "" { policy = "read" }\n'
+        'event_prefix "deploy" { policy = "write" }\n'
+        'event "deploy-prod" { policy = "deny" }',
+        default_allow=default_allow,
+    )
+    assert a.event_read("anything") and not a.event_write("anything")
+    assert a.event_read("deploy-web") and a.event_write("deploy-web")
+    assert not a.event_read("deploy-prod") and not a.event_write("deploy-prod")
+    # Events are their own resource: these rules grant no key, service or node.
+    assert a.key_read("deploy") is default_allow
+    assert a.service_read("deploy") is default_allow
+    # And no other resource's rule grants events.
+    b = authz('key_prefix "" { policy = "write" }', default_allow=default_allow)
+    assert b.event_write("deploy") is default_allow
+
+
+def test_event_rules_parse_from_json_as_from_hcl():
+    hcl = parse_rules('event_prefix "" { policy = "write" }')
+    js = parse_rules('{"event_prefix": {"": {"policy": "write"}}}')
+    assert hcl == js
+    with pytest.raises(RulesError, match='policy "list" is only for key'):
+        parse_rules('event "x" { policy = "list" }')
 
 
 # -- keys: list, read, write, recursive writes ----------------------------------------------

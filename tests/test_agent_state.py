@@ -327,6 +327,21 @@ def test_plan_removes_only_what_the_agent_registered():
     ]
 
 
+def test_plan_leaves_maintenance_checks_alone():
+    # Maintenance mode's checks live in the catalog only: on the agent's node and on one of
+    # its services, neither in its definitions, both must stay (even if once synced).
+    svcs, checks = _desired(_state())
+    cat_services = {"web": _catalog_entry(dict(svcs["web"].body))}
+    cat_checks = {cid: dc.catalog() for cid, dc in checks.items()}
+    cat_checks["_node_maintenance"] = {"CheckID": "_node_maintenance", "ServiceID": ""}
+    cat_checks["_service_maintenance:web"] = {
+        "CheckID": "_service_maintenance:web",
+        "ServiceID": "web",
+    }
+    synced = {"service:web", "disk", "_node_maintenance"}
+    assert sync.plan(svcs, checks, cat_services, cat_checks, {"web"}, synced) == []
+
+
 class _CountingState(LocalState):
     """Counts how often the node's services are built (they are remembered between changes)."""
 

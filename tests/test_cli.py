@@ -52,11 +52,13 @@ Available commands are:
     catalog      Interact with the catalog
     connect      Interact with Trellis Connect
     dev          Run a throw-away server on this machine, for development
+    event        Fire a new event
     info         Provides debugging information for operators
     intention    Interact with Connect service intentions
     kv           Interact with the key-value store
     leave        Gracefully leaves the cluster and shuts down the agent
     lock         Execute a command holding a lock
+    maint        Controls node or service maintenance mode
     members      Lists the members of a Trellis cluster
     reload       Triggers the agent to reload its configuration files
     server       Run the control plane (HTTP API and DNS)
@@ -64,6 +66,7 @@ Available commands are:
     snapshot     Saves, restores and inspects snapshots of the whole store
     terraform    Install the Terraform provider
     version      Prints the Trellis version
+    watch        Watch for changes in Trellis
 """
 
 

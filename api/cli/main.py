@@ -50,6 +50,7 @@ MODULES = (
     "terraform",
     "lock",
     "snapshot",
+    "events",
 )
 #: Which of them registers the commands under each first word. ``run`` imports only the module
 #: that the command line names: ``trellis connect proxy`` is a long-lived process beside every
@@ -68,6 +69,9 @@ FIRST_WORDS = {
     "kv": "kv",
     "leave": "agent",
     "lock": "lock",
+    "event": "events",
+    "maint": "events",
+    "watch": "events",
     "members": "catalog",
     "reload": "agent",
     "server": "serve",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from trellis.api.feed import ChangeFeed
+from trellis.api.store.events import UserEvent
 from trellis.api.store.security import ACLPolicy, ACLToken, IntentionRecord
 from trellis.api.store.sessions import Session
 
@@ -183,6 +184,13 @@ class Store(Protocol):
         """Whether this process is (now) the one that expires sessions: takes the role if no
         live process holds it. The role ends with the process (or its store connection)."""
         ...
+
+    # user events (trellis.api.store.events)
+    def event_fire(self, ev: UserEvent, *, keep: int) -> UserEvent:
+        """Store an event and keep only the newest ``keep``; the event with its ``ltime``."""
+        ...
+
+    def events(self) -> list[UserEvent]: ...
 
     # catalog
     def register(self, reg: Registration, *, prepare: Prepare | None = None) -> int:

@@ -47,6 +47,8 @@ from trellis.api.store.base import (
     changed_catalog_keys,
 )
 from trellis.api.store.errors import UnstorableValue
+from trellis.api.store.events import EventStoreMixin
+from trellis.api.store.events import migration as events_migration
 from trellis.api.store.security import MIGRATION as SECURITY_MIGRATION
 from trellis.api.store.security import SecurityStoreMixin
 from trellis.api.store.sessions import MIGRATION as SESSIONS_MIGRATION
@@ -154,6 +156,8 @@ def migrations(blob: str) -> list[tuple[int, list[str]]]:
         ),
         # Sessions and K/V lock delays (api/store/sessions.py).
         (5, list(SESSIONS_MIGRATION)),
+        # User events, a bounded history (api/store/events.py).
+        (6, events_migration(blob)),
     ]
 
 
@@ -526,7 +530,9 @@ def _running() -> Any:
     return getcurrent()
 
 
-class SQLStore(SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin, SnapshotStoreMixin):
+class SQLStore(
+    SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin, SnapshotStoreMixin, EventStoreMixin
+):
     """The shared body of both stores. Subclasses provide the dialect hooks below."""
 
     blob_type = "BLOB"

@@ -10,10 +10,11 @@ import dataclasses
 import socket
 import time
 
-from flask import Blueprint
+from flask import Blueprint, request
 
 from trellis.api import __version__
 from trellis.api import catalog as cat
+from trellis.api import maintenance as maint
 from trellis.api.acl import service as acl
 from trellis.api.errors import BadRequest, NotFound
 from trellis.api.feed import Watch
@@ -287,6 +288,64 @@ def check_fail(check_id: str):
 def check_update(check_id: str):
     body = load(CheckUpdateSchema, cat.to_pascal(json_body(required=False) or {}))
     return _update(check_id, body["Status"], body["Output"])
+
+
+def _maintenance_check(body: dict, service: Service | None) -> Check:
+    node = services().settings.node_name
+    return Check(
+        node=node,
+        check_id=body["CheckID"],
+        name=body["Name"],
+        status=CRITICAL,
+        notes=body["Notes"],
+        service_id=service.id if service else "",
+        service_name=service.name if service else "",
+        type=body["Type"],
+    )
+
+
+def _set_maintenance(check: Check, enable: bool) -> None:
+    """Add the maintenance check (kept as it is if there is one: as Consul, the first reason
+    stays), or remove it (nothing to remove is no error)."""
+    s = services()
+    node = s.settings.node_name
+    if not enable:
+        s.store.deregister_check(node, check.check_id)
+        return
+
+    def prepare(view: NodeView, reg: Registration) -> Registration:
+        if view.check(check.check_id) is not None:
+            return dataclasses.replace(reg, checks=())
+        return reg
+
+    s.store.register(
+        Registration(node=local_node(), checks=(check,), keep_existing_node=True),
+        prepare=prepare,
+    )
+
+
+@bp.put("/v1/agent/maintenance")
+def node_maintenance():
+    enable = maint.parse_enable(request.args.get("enable"))
+    reason = maint.check_reason(str_arg("reason", max_len=maint.MAX_REASON))
+    node = services().settings.node_name
+    acl.require_node_write(node)
+    _set_maintenance(_maintenance_check(maint.node_check(reason), None), enable)
+    return json_response(None)
+
+
+@bp.put("/v1/agent/service/maintenance/<service_id>")
+def service_maintenance(service_id: str):
+    enable = maint.parse_enable(request.args.get("enable"))
+    reason = maint.check_reason(str_arg("reason", max_len=maint.MAX_REASON))
+    s = services()
+    authz = acl.current()  # first: an unknown token is refused whether the service exists
+    svc = next((x for x in s.store.services(node=s.settings.node_name) if x.id == service_id), None)
+    if svc is None:
+        raise NotFound(f"Unknown service ID {service_id!r}")
+    acl.require(authz.service_write(svc.name), f"service:write on {svc.name!r}")
+    _set_maintenance(_maintenance_check(maint.service_check(svc.id, reason), svc), enable)
+    return json_response(None)
 
 
 @bp.get("/v1/agent/self")

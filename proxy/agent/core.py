@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 import trio
 
+from trellis.api.maintenance import is_maintenance_check
 from trellis.proxy.agent import managed, sync
 from trellis.proxy.agent.checks import CheckRefused
 from trellis.proxy.agent.definitions import (
@@ -121,6 +122,12 @@ class Agent:
         self.last_index = 0
         self.syncs = 0  # full syncs that completed (tests and /v1/agent/self)
         self.leaving = False
+        #: The node's maintenance checks as the catalog last showed them (check ID -> the
+        #: catalog's check JSON). They live in the catalog only (trellis.api.maintenance),
+        #: never in the local state, so anti-entropy leaves them alone; this copy, refreshed
+        #: by every full sync and by the local API's maintenance writes, is what
+        #: ``/v1/agent/checks`` lists.
+        self.maintenance: dict[str, dict[str, Any]] = {}
 
     # -- local changes --------------------------------------------------------------------
 
@@ -312,11 +319,45 @@ class Agent:
             raise WriteRefused(status, _message(checks))
         return services, {str(c["CheckID"]): c for c in checks or []}
 
+    def note_maintenance(self, catalog_checks: Mapping[str, Any]) -> None:
+        """Keep the maintenance checks of the node's catalog checks (see ``maintenance``)."""
+        found = {
+            cid: dict(c)
+            for cid, c in catalog_checks.items()
+            if is_maintenance_check(cid) and isinstance(c, dict)
+        }
+        if found != self.maintenance:
+            self.maintenance = found
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def set_maintenance(self, check: Mapping[str, Any], enable: bool, token: str) -> None:
+        """Add (``enable``) or remove a maintenance check in the catalog with the caller's
+        token, so the servers' ACLs decide (node:write, or service:write on the service).
+        Enabling again keeps the check there, reason and all, as Consul: it is written again
+        as it is, which still needs the caller's permission. WriteRefused: the servers
+        refused; Unreachable: none answered (the check lives in the catalog only)."""
+        _, cat_checks = await self.catalog_view()
+        self.note_maintenance(cat_checks)
+        cid = str(check["CheckID"])
+        if enable:
+            body = dict(check)
+            old = cat_checks.get(cid)
+            if isinstance(old, dict):
+                body["Notes"] = old.get("Notes", body["Notes"])
+            await self._write("/v1/catalog/register", {**self._node_fields(), "Check": body}, token)
+        else:
+            doc = {"Node": self.opts.node, "CheckID": cid}
+            await self._write("/v1/catalog/deregister", doc, token)
+        _, cat_checks = await self.catalog_view()
+        self.note_maintenance(cat_checks)
+
     async def full_sync(self) -> int:
         """One anti-entropy pass; how many writes it made. Raises Unreachable. A write the
         server refuses is logged and skipped (its service stays out of the catalog until its
         definition or token changes)."""
         cat_services, cat_checks = await self.catalog_view()
+        self.note_maintenance(cat_checks)
         svcs, checks = self.desired()
         ops = sync.plan(
             svcs,

@@ -36,6 +36,8 @@ import h11
 import trio
 
 from trellis.api import __version__, browsers
+from trellis.api import events as user_events
+from trellis.api import maintenance as maint
 from trellis.api.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -166,9 +168,13 @@ class LocalAPI:
             ("PUT", "/v1/agent/reload"): self.reload,
             ("PUT", "/v1/agent/leave"): self.leave,
             ("GET", "/v1/agent/members"): self.members,
+            ("PUT", "/v1/agent/maintenance"): self.node_maintenance,
+            ("GET", "/v1/event/list"): self.event_list,
         }
         self.exact = exact
         self.prefixed: list[tuple[str, str, Route]] = [
+            # Before "/v1/agent/service/" (a GET), which it would otherwise fall under.
+            ("PUT", "/v1/agent/service/maintenance/", self.service_maintenance),
             ("PUT", "/v1/agent/service/deregister/", self.service_deregister),
             ("GET", "/v1/agent/service/", self.service),
             ("PUT", "/v1/agent/check/deregister/", self.check_deregister),
@@ -433,6 +439,9 @@ class LocalAPI:
                 "CreateIndex": 0,
                 "ModifyIndex": 0,
             }
+        # Maintenance checks live in the catalog only (see Agent.maintenance).
+        for cid, c in sorted(self.agent.maintenance.items()):
+            out[cid] = {**c, "ServiceTags": list(c.get("ServiceTags") or [])}
         return out
 
     async def checks(self, req: Request, _: str) -> Response:
@@ -538,6 +547,80 @@ class LocalAPI:
         if not isinstance(output, str):
             raise BadRequest("Output must be a string")
         return await self._ttl(req, cid, status, output)
+
+    # -- maintenance mode -----------------------------------------------------------------
+
+    async def _maintenance(self, req: Request, check: dict[str, Any], enable: bool) -> Response:
+        """Write a maintenance check through to the catalog, where it lives (see
+        ``Agent.set_maintenance``); without a server it cannot be, so that is a 503."""
+        try:
+            await self.agent.set_maintenance(check, enable, req.token())
+        except WriteRefused as e:
+            raise _refused(e) from None
+        except Unreachable as e:
+            raise NoServer(f"no server answered: {e}") from None
+        return json_response(None)
+
+    async def node_maintenance(self, req: Request, _: str) -> Response:
+        enable = maint.parse_enable(req.arg("enable"))
+        reason = maint.check_reason(req.arg("reason"))
+        return await self._maintenance(req, maint.node_check(reason), enable)
+
+    async def service_maintenance(self, req: Request, sid: str) -> Response:
+        enable = maint.parse_enable(req.arg("enable"))
+        reason = maint.check_reason(req.arg("reason"))
+        if sid not in self.agent.state.services():
+            raise NotFound(f"Unknown service ID {sid!r}")
+        return await self._maintenance(req, maint.service_check(sid, reason), enable)
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def event_list(self, req: Request, _: str) -> Response:
+        """The events this node processes, as a Consul agent lists them: the servers' list
+        (the cluster's history, with the caller's token: event:read), less the events whose
+        node, service or tag filter does not match this node and its services. The index is
+        the listing's own (trellis.api.events); a blocking list follows the servers' list
+        with blocking reads of its own until this node's listing changes or the wait ends."""
+        want = _index_arg(req)
+        deadline = trio.current_time() + wait_arg(req)
+        query = [
+            f"{quote(k, safe='')}={quote(v, safe='')}"
+            for k, vs in req.query.items()
+            if k not in ("index", "wait")
+            for v in vs
+        ]
+        server_index = 0
+        while True:
+            remaining = deadline - trio.current_time()
+            q = list(query)
+            if want and server_index and remaining > 0:
+                q += [f"index={server_index}", f"wait={max(1, int(remaining))}s"]
+            target = "/v1/event/list" + ("?" + "&".join(q) if q else "")
+            try:
+                status, value, ex = await self.agent.servers.call(
+                    "GET", target, token=req.token(), timeout=max(30.0, remaining * 1.1 + 30.0)
+                )
+            except Unreachable as e:
+                raise NoServer(f"no server answered: {e}") from None
+            if status != 200 or not isinstance(value, list):
+                raise Refused(status, _message_of(value))
+            svcs = [
+                (s.name, [str(t) for t in s.body.get("Tags") or []])
+                for s in self.agent.state.services().values()
+            ]
+            mine = [
+                e
+                for e in value
+                if isinstance(e, dict) and user_events.processes(e, self.agent.opts.node, svcs)
+            ]
+            index = user_events.list_index(mine)
+            if not want or index != want or trio.current_time() >= deadline:
+                headers = [(b"x-consul-index", str(index).encode())]
+                if ex is not None and ex.header(b"x-consul-results-filtered-by-acls"):
+                    headers.append((b"x-consul-results-filtered-by-acls", b"true"))
+                return json_response(mine, headers=headers)
+            got = ex.header(b"x-consul-index") if ex is not None else None
+            server_index = int(got) if got and got.isdigit() else 1
 
     # -- the agent itself -----------------------------------------------------------------
 
@@ -648,6 +731,12 @@ class LocalAPI:
         if flt is not None:
             out = flt.select(out)
         return json_response(out)
+
+
+def _message_of(value: Any) -> str:
+    if isinstance(value, dict) and isinstance(value.get("error"), str):
+        return value["error"]
+    return str(value)[:300]
 
 
 def _index_arg(req: Request) -> int | None:

@@ -5,7 +5,8 @@ each with its current result and token) with what the catalog holds for the node
 the writes: a service that is missing or differs is registered again with all its checks; a
 check whose status, output or definition differs is registered again on its own; what the
 agent registered before (``synced``) and no longer has is deregistered. What the agent never
-registered is never touched, whoever put it there. The catalog is made to match the agent,
+registered is never touched, whoever put it there; nor are maintenance mode's checks, which
+live in the catalog only (``trellis.api.maintenance``). The catalog is made to match the agent,
 never the reverse.
 
 Comparison is by the fields the agent sets, normalised as the catalog answers them (it fills
@@ -20,6 +21,7 @@ from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
+from trellis.api.maintenance import is_maintenance_check
 from trellis.proxy.agent.definitions import catalog_check
 from trellis.proxy.agent.ports import CheckResult
 
@@ -154,6 +156,10 @@ def plan(
             ops.append(RegisterCheck(cid, want_check, dc.token))
     for cid, stale in sorted(catalog_checks.items()):
         if cid in checks or cid == SERF_CHECK:
+            continue
+        if is_maintenance_check(cid):
+            # Maintenance mode's checks live in the catalog only (Agent.maintenance): never
+            # the agent's own definitions, and not stale for missing from them.
             continue
         sid = str(stale.get("ServiceID") or "")
         if sid in services:
