@@ -122,9 +122,11 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         agent,
         catalog,
         connect_ca,
+        coordinate,
         health,
         intentions,
         kv,
+        query,
         session,
         spec,
         status,
@@ -143,6 +145,8 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         spec,
         session,
         txn,
+        query,
+        coordinate,
     ):
         app.register_blueprint(module.bp)
 

@@ -12,6 +12,7 @@ Rules (Consul 1.4+ policy language, the subset Trellis enforces)::
     key_prefix "app/"   { policy = "list" }
     key "app/secret"    { policy = "deny" }
     session_prefix ""   { policy = "write" }
+    query_prefix "db-"  { policy = "write" }
     operator = "read"
     acl = "write"
 
@@ -67,6 +68,8 @@ BLOCKS: Mapping[str, tuple[str, bool]] = {
     "key_prefix": ("key", True),
     "session": ("session", False),
     "session_prefix": ("session", True),
+    "query": ("query", False),
+    "query_prefix": ("query", True),
 }
 #: Top-level attributes: ``operator = "read"``, ``acl = "write"``.
 SCALARS = ("operator", "acl")
@@ -76,6 +79,7 @@ _POLICIES: Mapping[str, tuple[str, ...]] = {
     "node": (READ, WRITE, DENY),
     "key": (READ, WRITE, LIST, DENY),
     "session": (READ, WRITE, DENY),
+    "query": (READ, WRITE, DENY),
 }
 _LEVELS = (READ, WRITE, DENY)  # operator, acl and intentions
 
@@ -526,6 +530,14 @@ class Authorizer:
     def session_write(self, node: str) -> bool:
         """Create, renew or destroy a session on ``node``."""
         return self._check("session", node, WRITE)
+
+    def query_read(self, name: str) -> bool:
+        """Read the prepared query named ``name`` (``query`` rules name queries)."""
+        return self._check("query", name, READ)
+
+    def query_write(self, name: str) -> bool:
+        """Create, change or delete the prepared query named ``name``."""
+        return self._check("query", name, WRITE)
 
     def operator_read(self) -> bool:
         return self._scalar(self._operator, READ, self._default_allow)
