@@ -176,13 +176,12 @@ def is_uuid(text: str) -> bool:
         return False
 
 
-def acl_prefix(doc: Mapping[str, Any]) -> str | None:
-    """The name ACL rules decide on (``query`` rules, by prefix): the query's ``Name``, or
-    None for an unnamed query that is not a template (its ID is its capability), as
-    Consul's ``GetACLPrefix``."""
-    if doc["Name"] or doc["Template"]["Type"]:
-        return str(doc["Name"])
-    return None
+def acl_name(doc: Mapping[str, Any]) -> str:
+    """The name ``query`` ACL rules decide on: the query's ``Name``, ``""`` for an unnamed
+    one. (Consul exempts unnamed queries from every rule, their ID being the capability;
+    Trellis governs them as the name ``""``, so that a client with no rights cannot fill the
+    ``MAX_QUERIES`` every client shares.)"""
+    return str(doc["Name"])
 
 
 def with_indexes(doc: Mapping[str, Any], index: int) -> dict[str, Any]:

@@ -7,13 +7,12 @@ came in between (else it tries again), so that names stay unique across every se
 sharing the store without a table of their own. Queries are few and small (at most
 ``MAX_QUERIES``); reads are one indexed row.
 
-ACLs, as Consul's: creating, changing or deleting a named query (or a template) needs
-``query:write`` on its name (on the old name too when an update renames it); an unnamed query
-is covered by no rule, its unguessable ID being the capability. Reading a query needs
-``query:read`` on its name, and only a management token reads unnamed ones. Executing needs
-no query rule: the results are what the query's own ``Token`` (or, without one, the caller's)
-may read (``service:read`` and ``node:read``). The reads always show ``<hidden>`` for a token:
-Trellis keeps only its hash.
+ACLs, as Consul's: creating, changing or deleting a query needs ``query:write`` on its name
+(on the old name too when an update renames it), reading it ``query:read``; rules match names
+by prefix. An unnamed query is governed as the name ``""`` (Consul exempts it from every rule:
+see ``trellis.api.queries.acl_name``). Executing needs no query rule: the results are what the
+query's own ``Token`` (or, without one, the caller's) may read (``service:read`` and
+``node:read``). The reads always show ``<hidden>`` for a token: Trellis keeps only its hash.
 """
 
 from __future__ import annotations
@@ -81,16 +80,12 @@ def _check_session(doc: dict[str, Any]) -> None:
 
 
 def _require_write(authz: Authorizer, doc: dict[str, Any]) -> None:
-    prefix = q.acl_prefix(doc)
-    if prefix is not None:
-        acl.require(authz.query_write(prefix), f"query:write on {prefix!r}")
+    name = q.acl_name(doc)
+    acl.require(authz.query_write(name), f"query:write on {name!r}")
 
 
 def _may_read(authz: Authorizer, doc: dict[str, Any]) -> bool:
-    if authz.acl_write():  # management (or ACLs off) reads every query
-        return True
-    prefix = q.acl_prefix(doc)
-    return prefix is not None and authz.query_read(prefix)
+    return authz.query_read(q.acl_name(doc))
 
 
 @bp.post("/v1/query")
@@ -254,7 +249,6 @@ def explain(query: str):
     check_dc()
     authz = acl.current()
     doc = _resolve(query)
-    prefix = q.acl_prefix(doc)
-    if prefix is not None:
-        acl.require(authz.query_read(prefix), f"query:read on {prefix!r}")
+    name = q.acl_name(doc)
+    acl.require(authz.query_read(name), f"query:read on {name!r}")
     return json_response({"Query": q.query_json(doc)})
