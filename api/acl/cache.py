@@ -160,3 +160,18 @@ def dns_authorizer(
         return acls.resolve(None)[1]
 
     return authorizer
+
+
+def dns_query_authorizer(
+    acl_enabled: bool, acls: AuthorizerCache
+) -> Callable[[str], Authorizer] | None:
+    """The rules a prepared query with a token of its own answers under over DNS, from the
+    token's hash (``trellis.api.dns``); None with ACLs off. PermissionDenied if the token is
+    gone."""
+    if not acl_enabled:
+        return None
+
+    def authorizer(secret_hash: str) -> Authorizer:
+        return acls.resolve_hash(secret_hash)[1]
+
+    return authorizer
