@@ -4,9 +4,9 @@ One app with ACLs on and the default policy deny, on a real SQLite file and then
 PostgreSQL database, holds a small world
 (services ``web`` and ``db`` on this node and on ``ext-1``, a sidecar for ``web``, checks, keys
 under ``app/`` and ``secret/``, intentions ``api => web`` and ``api => db``, prepared queries
-``web-q`` and ``db-q``, a victim ACL policy and token). Each row below is one request (an endpoint with one target: ``web``/``app/`` is the
-one the scoped tokens may touch, ``db``/``secret/`` the one they may not) and the status each
-token must get. The columns:
+``web-q`` and ``db-q``, a victim ACL policy and token). Each row below is one request (an
+endpoint with one target: ``web``/``app/`` is the one the scoped tokens may touch,
+``db``/``secret/`` the one they may not) and the status each token must get. The columns:
 
 ========  ==================================================================================
 none      no token: the anonymous token, which holds no policy
