@@ -51,9 +51,14 @@ def nodes():
 def node(node: str):
     check_dc()
     acl.current()
+    # Consul's 404 carries the blocking headers (py-consul reads them even from a 404).
+    headers = {"X-Consul-Index": "1", "X-Consul-KnownLeader": "true", "X-Consul-LastContact": "0"}
     if services().store.node(node) is None:
-        raise NotFound(f"no node {node!r}")
-    raise NotFound(f"node {node!r} has no coordinates (Trellis computes none: it has no gossip)")
+        raise NotFound(f"no node {node!r}", headers=headers)
+    raise NotFound(
+        f"node {node!r} has no coordinates (Trellis computes none: it has no gossip)",
+        headers=headers,
+    )
 
 
 @bp.put("/v1/coordinate/update")
