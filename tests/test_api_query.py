@@ -324,9 +324,12 @@ def test_query_acls(make_client):
 
     # Executing needs no query rule; the results are what the query's token may read.
     assert ids(execute(c, "db-q")) == ["db-1", "db-2"]
-    # Sending back "<hidden>" keeps the token; a new one replaces it.
-    assert c.put(f"/v1/query/{qid}", json=q, headers=tok(writer)).status_code == 200
+    # Sending back "<hidden>" keeps the token, for a token that manages ACLs only: with
+    # query:write alone, the writer could re-aim a query that runs with a stronger token.
+    assert_error(c.put(f"/v1/query/{qid}", json=q, headers=tok(writer)), 403, contains="acl:write")
+    assert c.put(f"/v1/query/{qid}", json=q, headers=tok(root)).status_code == 200
     assert ids(execute(c, "db-q")) == ["db-1", "db-2"]
+    # A new one replaces it.
     no_read = token('key_prefix "" { policy = "read" }')
     assert (
         c.put(f"/v1/query/{qid}", json={**body, "Token": no_read}, headers=tok(writer)).status_code
@@ -382,3 +385,29 @@ def test_concurrent_creates_keep_every_query_and_names_unique(client):
     assert codes == [200] * 5 + [400] * 5
     names = sorted(q["Name"] for q in client.get("/v1/query").get_json())
     assert names == [f"q{n}" for n in range(5)]
+
+
+def test_query_write_alone_cannot_re_aim_a_query_that_runs_with_a_stronger_token(make_client):
+    c = make_client(**DENY)
+    root = bootstrap(c)["SecretID"]
+    catalog(c, tok(root))
+    policy = c.put(
+        "/v1/acl/policy",
+        json={"Name": "web-team", "Rules": 'query_prefix "web-" { policy = "write" }'},
+        headers=tok(root),
+    ).get_json()
+    team = create_token(c, root, [{"ID": policy["ID"]}])["SecretID"]
+    # The operator's query runs with a token that reads everything, to serve web.
+    qid = create(
+        c, {"Name": "web-q", "Service": {"Service": "web"}, "Token": root}, headers=tok(root)
+    )
+    [q] = c.get(f"/v1/query/{qid}", headers=tok(team)).get_json()
+    q["Service"]["Service"] = "db"
+    r = c.put(f"/v1/query/{qid}", json=q, headers=tok(team))  # Token "<hidden>": keep it
+    assert_error(r, 403, contains="acl:write")
+    assert c.get(f"/v1/query/{qid}", headers=tok(team)).get_json()[0]["Service"]["Service"] == "web"
+    assert execute(c, "web-q")["Nodes"] == []  # still web (none registered), not db
+    # The team may replace the query with a token of its own (or none).
+    q["Token"] = team
+    assert c.put(f"/v1/query/{qid}", json=q, headers=tok(team)).status_code == 200
+    assert execute(c, "web-q")["Nodes"] == []  # the team's token reads no db

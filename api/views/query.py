@@ -13,6 +13,8 @@ by prefix. An unnamed query is governed as the name ``""`` (Consul exempts it fr
 see ``trellis.api.queries.acl_name``). Executing needs no query rule: the results are what the
 query's own ``Token`` (or, without one, the caller's) may read (``service:read`` and
 ``node:read``). The reads always show ``<hidden>`` for a token: Trellis keeps only its hash.
+An update that sends ``<hidden>`` back keeps the stored token, which needs ``acl:write``: the
+token is a delegation of its reads, and ``query:write`` alone must not re-aim it.
 """
 
 from __future__ import annotations
@@ -164,7 +166,11 @@ def update(query_id: str):
         new = dict(doc)
         new["CreateIndex"] = old["CreateIndex"]
         if token == q.HIDDEN:
-            new["TokenHash"] = old.get("TokenHash", "")  # sent back as read: keep it
+            # Sent back as read: keep the stored token. Only a token that manages ACLs may:
+            # otherwise a holder of query:write alone could point a query that runs with a
+            # stronger token at anything that token reads, for anyone who executes it.
+            acl.require(authz.acl_write(), "acl:write (to keep a query's token)")
+            new["TokenHash"] = old.get("TokenHash", "")
         else:
             new["TokenHash"] = hash_secret(token) if token else ""
         docs[at] = new
