@@ -32,9 +32,12 @@ nodes it has no coordinates for).
 from __future__ import annotations
 
 import copy
+import json
 import random
 import re
+import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -56,8 +59,10 @@ from trellis.proxy.durations import DurationError, parse_duration
 NAME_PREFIX_MATCH = "name_prefix_match"
 #: What the reads show for a query's token (Consul's redaction).
 HIDDEN = "<hidden>"
-#: At most this many prepared queries (they are stored as one document; see the views).
+#: At most this many prepared queries (they are stored as one document; see the views), and
+#: at most this many bytes of JSON each: the document is read on every execute.
 MAX_QUERIES = 1000
+MAX_QUERY_BYTES = 16 * 1024
 #: The system document that holds every prepared query.
 DOC = "prepared-queries"
 #: RE2's memory budget for a template's regexp (the same as ``?filter=``'s ``matches``).
@@ -165,6 +170,8 @@ def parse_query(body: Mapping[str, Any] | None, *, query_id: str) -> tuple[dict[
         # at every lookup.
         _compile(regexp)
         _walk(doc["Service"], lambda s: _interpolate(s, {}, check_only=True))
+    if len(json.dumps(doc)) > MAX_QUERY_BYTES:
+        raise BadRequest(f"a prepared query may be at most {MAX_QUERY_BYTES} bytes of JSON")
     token = fields.get("Token")
     return doc, (token or None)
 
@@ -383,10 +390,27 @@ def stored(store: Store) -> tuple[list[dict[str, Any]], int]:
 
     A query tied to a session (``Session``) lives as long as the session, as in Consul: one
     whose session is gone is left out here (and dropped by the next write of the document).
+    Every execute and every ``.query.`` DNS name reads them: the parsed document is kept per
+    store and read again only when the document's index moved (one indexed read per call).
     """
-    got = store.system_get(DOC)
-    if got is None:
-        return [], 0
-    value, index = got
-    docs = [with_indexes(d, index) for d in value.get("Queries", ())]
+    index = store.topic_index(f"system/{DOC}")
+    with _cache_lock:
+        hit = _cache.get(store)
+    if hit is None or hit[0] != index:
+        got = store.system_get(DOC)
+        if got is None:
+            return [], 0
+        value, index = got
+        hit = (index, [with_indexes(d, index) for d in value.get("Queries", ())])
+        with _cache_lock:
+            _cache[store] = hit
+    index, docs = hit
+    # A new list (a write builds the next document from it) of shared queries: treat them
+    # as read-only (render and query_json copy what they change).
     return [d for d in docs if not d["Session"] or store.session_get(d["Session"])], index
+
+
+_cache: weakref.WeakKeyDictionary[Any, tuple[int, list[dict[str, Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
+_cache_lock = threading.Lock()

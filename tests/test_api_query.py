@@ -411,3 +411,23 @@ def test_query_write_alone_cannot_re_aim_a_query_that_runs_with_a_stronger_token
     q["Token"] = team
     assert c.put(f"/v1/query/{qid}", json=q, headers=tok(team)).status_code == 200
     assert execute(c, "web-q")["Nodes"] == []  # the team's token reads no db
+
+
+def test_two_servers_on_one_store_see_each_others_queries_at_once(make_client):
+    # Each process keeps the parsed queries; a write through another must still show at once.
+    a, b = make_client(), make_client()
+    catalog(a)
+    assert_error(b.get("/v1/query/db/execute"), 404)
+    qid = create(a, {"Name": "db", "Service": {"Service": "db", "OnlyPassing": True}})
+    assert ids(execute(b, "db")) == ["db-1"]
+    r = a.put(f"/v1/query/{qid}", json={"Name": "db", "Service": {"Service": "db"}})
+    assert r.status_code == 200
+    assert ids(execute(b, "db")) == ["db-1", "db-2"]
+    assert a.delete(f"/v1/query/{qid}").status_code == 200
+    assert_error(b.get("/v1/query/db/execute"), 404)
+
+
+def test_a_query_is_at_most_16_kib(client):
+    body = {"Service": {"Service": "db", "Tags": ["t" * 250] * 64, "NodeMeta": {}}}
+    body["Service"]["ServiceMeta"] = {f"k{i}": "v" * 500 for i in range(40)}
+    assert_error(client.post("/v1/query", json=body), 400, contains="at most 16384 bytes")
