@@ -4,13 +4,17 @@ Raft configuration, and the query's ``.query.`` and PTR names over the server's 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import consul
 import consul.exceptions
+import httpx
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
+
+from tests.support import TrellisProcess
 
 pytestmark = pytest.mark.integration
 
@@ -79,3 +83,39 @@ def test_coordinates_and_raft_configuration(c):
     assert (server["Node"], server["Leader"], server["Voter"]) == ("test-node", True, True)
     assert server["Address"] == c.status.leader()
     assert raft["Index"] >= 1
+
+
+def test_dns_runs_a_query_with_its_own_token_under_acls(tmp_path):
+    """A real ``trellis server`` with ACLs on (default deny): DNS carries no token, so a
+    ``.query.`` name answers what the query's own token may read, and nothing without one."""
+    config = tmp_path / "trellis.json"
+    config.write_text(json.dumps({"acl": {"enabled": True, "default_policy": "deny"}}))
+    p = TrellisProcess(
+        [
+            "server",
+            *("-config", str(config), "-data-dir", str(tmp_path / "data")),
+            *("-http-port", "0", "-dns-port", "0", "-workers", "2", "-node", "n1"),
+        ]
+    ).start()
+    try:
+        url = p.url
+        root = {"X-Consul-Token": httpx.put(f"{url}/v1/acl/bootstrap").json()["SecretID"]}
+
+        def put(path: str, body: dict) -> dict:
+            r = httpx.put(f"{url}{path}", json=body, headers=root)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        put("/v1/agent/service/register", {"Name": "web", "Address": "10.1.2.3", "Port": 80})
+        rules = 'service "web" { policy = "read" }\nnode_prefix "" { policy = "read" }'
+        policy = put("/v1/acl/policy", {"Name": "web-read", "Rules": rules})
+        reader = put("/v1/acl/token", {"Policies": [{"ID": policy["ID"]}]})["SecretID"]
+        for name, token in (("open", ""), ("with-token", reader)):
+            body = {"Name": name, "Service": {"Service": "web"}, "Token": token}
+            r = httpx.post(f"{url}/v1/query", json=body, headers=root)
+            assert r.status_code == 200, r.text
+        assert ask(p, "open.query.trellis.").header.rcode == RCODE.NXDOMAIN
+        r = ask(p, "with-token.query.trellis.")
+        assert [str(rr.rdata) for rr in r.rr] == ["10.1.2.3"]
+    finally:
+        p.stop()
