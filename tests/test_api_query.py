@@ -335,7 +335,9 @@ def test_query_acls(make_client):
         c.put(f"/v1/query/{qid}", json={**body, "Token": no_read}, headers=tok(writer)).status_code
         == 200
     )
-    assert execute(c, "db-q")["Nodes"] == []
+    r = c.get("/v1/query/db-q/execute")
+    assert r.get_json()["Nodes"] == []
+    assert r.headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
     # Without a token of its own, the caller's decides.
     assert c.put(f"/v1/query/{qid}", json=body, headers=tok(writer)).status_code == 200
     assert execute(c, "db-q")["Nodes"] == []

@@ -224,8 +224,10 @@ def execute(query: str):
     authz = _runs_as(doc)
     name = doc["Service"]["Service"]
     nodes = []
+    hidden = False
     for inst in q.select(store, doc, connect=connect):
         if not (authz.service_read(inst.service.name) and authz.node_read(inst.node.name)):
+            hidden = True
             continue
         nodes.append(
             {
@@ -247,7 +249,8 @@ def execute(query: str):
         # Trellis has one datacenter: no failover target is ever tried.
         "Failovers": 0,
     }
-    return json_response(body, index=index)
+    extra = {"X-Consul-Results-Filtered-By-ACLs": "true"} if hidden else None
+    return json_response(body, index=index, headers=extra)
 
 
 @bp.get("/v1/query/<query>/explain")
