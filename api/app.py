@@ -123,10 +123,12 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         agent,
         catalog,
         connect_ca,
+        coordinate,
         event,
         health,
         intentions,
         kv,
+        query,
         session,
         snapshot,
         spec,
@@ -148,6 +150,8 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         txn,
         snapshot,
         event,
+        query,
+        coordinate,
     ):
         app.register_blueprint(module.bp)
 

@@ -7,16 +7,23 @@ store reads, and it never raises. It parses the packet with dnslib, checks the e
 query, opcode QUERY, one question, at most one EDNS0 OPT record), then resolves the name:
 
 * names outside our domain are REFUSED: we are authoritative for one zone and never recurse;
-* under the domain, the *rightmost* label among ``service``, ``connect``, ``node`` and ``addr``
-  says what is asked (so a dotted node name such as ``db.rack1.node.trellis.`` still parses,
-  as in Consul); the single optional label after it is the datacenter, and any datacenter
-  other than ours is NXDOMAIN because this control plane only knows its own;
+  but for full reverse names under ``in-addr.arpa`` and ``ip6.arpa`` (PTR, as Consul answers
+  them): the nodes with that address (``<node>.node.<dc>.<domain>``), else the services
+  registered with it as their own (``<service>.service.<dc>.<domain>``), found through the
+  ``NameIndex``'s addresses (no catalog scan per query);
+* under the domain, the *rightmost* label among ``service``, ``connect``, ``node``, ``addr``
+  and ``query`` says what is asked (so a dotted node name such as ``db.rack1.node.trellis.``
+  still parses, as in Consul); the single optional label after it is the datacenter, and any
+  datacenter other than ours is NXDOMAIN because this control plane only knows its own;
 * ``<svc>.service``, ``<tag>.<svc>.service``, ``_<svc>._<tag>.service`` (``_tcp`` = no tag)
   and ``<svc>.connect`` go through ``trellis.api.health.service_instances`` with
   ``include_critical=False``, so DNS serves exactly the instances the HTTP health API calls
   not critical (warning is healthy, a critical node-level check removes every instance on
   that node);
 * ``<node>.node`` gives the node's address whatever its health, as Consul does;
+* ``<query>.query`` runs a prepared query (by ID, name, or a template's name prefix) as
+  ``/v1/query/<query>/execute`` does (``trellis.api.queries``), under the query's own token
+  if it has one, with the query's ``DNS.TTL`` on its records; no result is NXDOMAIN;
 * ``<hex-ip>.addr`` decodes the address; we emit such names as SRV targets for services that
   have an address of their own (the node name would give the wrong address).
 
@@ -89,6 +96,7 @@ from dnslib import (  # type: ignore[import-untyped]
     EDNS0,
     NS,
     OPCODE,
+    PTR,
     QTYPE,
     RCODE,
     RR,
@@ -101,12 +109,13 @@ from dnslib import (  # type: ignore[import-untyped]
     DNSRecord,
 )
 
+from trellis.api import queries
 from trellis.api.acl.rules import Authorizer
-from trellis.api.errors import StoreUnavailable
+from trellis.api.errors import StoreUnavailable, TrellisError
 from trellis.api.health import Instance, service_instances
 from trellis.api.peers import client_key
 from trellis.api.settings import Settings
-from trellis.api.store.base import WARNING, Node, Store
+from trellis.api.store.base import WARNING, Node, Service, Store
 
 log = logging.getLogger("trellis.dns")
 
@@ -121,7 +130,10 @@ TCP_MAX = 65535
 #: RFC 6891 extended RCODE BADVERS (16): the upper 8 bits go into the OPT record.
 _BADVERS_EXT = 16 >> 4
 
-_KINDS = ("service", "connect", "node", "addr")
+_KINDS = ("service", "connect", "node", "addr", "query")
+#: The reverse-lookup zones (RFC 1035 3.5, RFC 3596 2.5), their labels right to left.
+_IN_ADDR = (b"arpa", b"in-addr")
+_IP6 = (b"arpa", b"ip6")
 _ANY = QTYPE.ANY
 #: QCLASS ANY (dnslib names it "*").
 _CLASS_ANY = 255
@@ -243,6 +255,7 @@ def answer(
     *,
     max_udp: int | None = 512,
     authorizer: Callable[[], Authorizer | None] | None = None,
+    query_authorizer: Callable[[str], Authorizer] | None = None,
 ) -> bytes:
     """Parse one DNS query packet and return the reply packet (b"" = send nothing).
 
@@ -250,10 +263,12 @@ def answer(
     where only the 65535-byte frame limits. ``authorizer`` gives the ACL rules DNS answers
     under (with ACLs on: the anonymous token's, as Consul's DNS uses the agent's default
     token): a service needs ``service:read`` and each instance ``node:read`` on its node, a
-    node ``node:read``; what the rules hide does not exist (NXDOMAIN). Never raises.
+    node ``node:read``; what the rules hide does not exist (NXDOMAIN). A prepared query
+    with a token of its own answers under that token's rules instead: ``query_authorizer``
+    gives them from the token's hash (None: ACLs are off). Never raises.
     """
     try:
-        return bytes(_answer(store, settings, bytes(query), max_udp, authorizer))
+        return bytes(_answer(store, settings, bytes(query), max_udp, authorizer, query_authorizer))
     except Exception:
         # A bug here must cost one query, not the server, nor the log: one traceback per
         # interval, however many packets trigger it.
@@ -306,6 +321,7 @@ def _answer(
     query: bytes,
     max_udp: int | None,
     authorizer: Callable[[], Authorizer | None] | None,
+    query_authorizer: Callable[[str], Authorizer] | None = None,
 ) -> bytes:
     if len(query) < 12 or query[2] & 0x80:
         return _raw_reply(query, RCODE.FORMERR)
@@ -356,7 +372,7 @@ def _answer(
 
     try:
         authz = authorizer() if authorizer is not None else None
-        result = _resolve(store, _Zone(settings), q, authz)
+        result = _resolve(store, _Zone(settings), q, authz, query_authorizer)
     except StoreUnavailable as e:
         log.warning("dns: store unavailable answering %s: %s", q.qname, e)
         result = _Result(RCODE.SERVFAIL, authoritative=False)
@@ -465,10 +481,19 @@ def _labels(qname: DNSLabel, zone: _Zone) -> list[str] | None:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _resolve(store: Store, zone: _Zone, q: DNSQuestion, authz: Authorizer | None) -> _Result:
+def _resolve(
+    store: Store,
+    zone: _Zone,
+    q: DNSQuestion,
+    authz: Authorizer | None,
+    query_authorizer: Callable[[str], Authorizer] | None = None,
+) -> _Result:
     qname, qtype = q.qname, q.qtype
     labels = _labels(qname, zone)
     if labels is None:
+        reverse = _reverse_ip(qname)
+        if reverse is not None:
+            return _ptr_lookup(store, zone, qname, qtype, reverse, authz)
         return _Result(RCODE.REFUSED, authoritative=False)
     if any("." in x or "\ufffd" in x or _CONTROL.search(x) for x in labels):
         # A label with a dot in it (legal on the wire) would alias a dotted name, and one
@@ -492,6 +517,8 @@ def _resolve(store: Store, zone: _Zone, q: DNSQuestion, authz: Authorizer | None
         return _node_lookup(store, zone, qname, qtype, ".".join(parts), authz)
     if kind == "addr":
         return _addr_lookup(zone, qname, qtype, parts)
+    if kind == "query":
+        return _query_lookup(store, zone, qname, qtype, ".".join(parts), authz, query_authorizer)
     if kind == "connect":
         if len(parts) != 1:
             return zone.nxdomain()
@@ -586,7 +613,8 @@ def _candidate_names(store: Store, name: str, connect: bool) -> Iterable[str]:
 
 
 class NameIndex:
-    """The catalog's service names, proxy destinations and node names by case fold.
+    """The catalog's service names, proxy destinations and node names by case fold, and node
+    and service names by address (for reverse lookups).
 
     DNS names are case-insensitive and the store's are not: ``WEB.service`` must find the
     service registered as ``Web``. Scanning the catalog for that on every name not found
@@ -605,6 +633,11 @@ class NameIndex:
         self._names: dict[str, set[str]] = {}
         self._destinations: dict[str, set[str]] = {}
         self._nodes: dict[str, set[str]] = {}
+        # For reverse lookups: node and service names by address, and each one's addresses.
+        self._node_addr: dict[str, str] = {}
+        self._svc_addrs: dict[str, set[str]] = {}
+        self._at_nodes: dict[str, set[str]] = {}
+        self._at_svcs: dict[str, set[str]] = {}
         #: How many times the whole catalog was read (for tests and metrics).
         self.scans = 0
 
@@ -621,6 +654,34 @@ class NameIndex:
     def nodes(self, name: str) -> set[str]:
         self._refresh()
         return set(self._nodes.get(name.casefold(), ()))
+
+    def nodes_at(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> set[str]:
+        """The nodes whose address is ``ip``."""
+        self._refresh()
+        return set(self._at_nodes.get(str(ip), ()))
+
+    def services_at(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> set[str]:
+        """The services with an instance registered with ``ip`` as its own address."""
+        self._refresh()
+        return set(self._at_svcs.get(str(ip), ()))
+
+    def _file_node_addr(self, name: str, node: Node | None) -> None:
+        old = self._node_addr.pop(name, None)
+        if old is not None:
+            _file(self._at_nodes, old, False, name)
+        ip = _ip(node.address) if node is not None else None
+        if ip is not None:
+            self._node_addr[name] = str(ip)
+            _file(self._at_nodes, str(ip), True, name)
+
+    def _file_svc_addrs(self, name: str, services: Iterable[Service]) -> None:
+        for old in self._svc_addrs.pop(name, set()):
+            _file(self._at_svcs, old, False, name)
+        ips = {str(ip) for ip in (_ip(s.address) for s in services) if ip is not None}
+        if ips:
+            self._svc_addrs[name] = ips
+            for ip in ips:
+                _file(self._at_svcs, ip, True, name)
 
     def _refresh(self) -> None:
         feed = self._store.feed
@@ -642,10 +703,14 @@ class NameIndex:
                         elif kind == "node":
                             nodes.add(key)
                 for key in services:
-                    _file(self._names, key, bool(self._store.services(name=key)))
+                    found = self._store.services(name=key)
+                    _file(self._names, key, bool(found))
                     _file(self._destinations, key, bool(self._store.services(destination=key)))
+                    self._file_svc_addrs(key, found)
                 for key in nodes:
-                    _file(self._nodes, key, self._store.node(key) is not None)
+                    node = self._store.node(key)
+                    _file(self._nodes, key, node is not None)
+                    self._file_node_addr(key, node)
             self._pos = pos
 
     def _rebuild(self) -> None:
@@ -653,23 +718,34 @@ class NameIndex:
         names: dict[str, set[str]] = {}
         destinations: dict[str, set[str]] = {}
         nodes: dict[str, set[str]] = {}
-        for svc in self._store.services():
+        by_name: dict[str, list[Service]] = {}
+        all_services = self._store.services()
+        all_nodes = self._store.nodes()
+        for svc in all_services:
             _file(names, svc.name, True)
+            by_name.setdefault(svc.name, []).append(svc)
             if svc.destination:
                 _file(destinations, svc.destination, True)
-        for node in self._store.nodes():
+        for node in all_nodes:
             _file(nodes, node.name, True)
         self._names, self._destinations, self._nodes = names, destinations, nodes
+        self._node_addr, self._svc_addrs, self._at_nodes, self._at_svcs = {}, {}, {}, {}
+        for node in all_nodes:
+            self._file_node_addr(node.name, node)
+        for name, found in by_name.items():
+            self._file_svc_addrs(name, found)
 
 
-def _file(index: dict[str, set[str]], name: str, present: bool) -> None:
+def _file(index: dict[str, set[str]], name: str, present: bool, value: str | None = None) -> None:
+    """File ``value`` (default: ``name`` itself) under ``name``'s case fold, or take it out."""
     folded = name.casefold()
+    value = name if value is None else value
     if present:
-        index.setdefault(folded, set()).add(name)
+        index.setdefault(folded, set()).add(value)
         return
     spellings = index.get(folded)
     if spellings is not None:
-        spellings.discard(name)
+        spellings.discard(value)
         if not spellings:
             del index[folded]
 
@@ -739,6 +815,12 @@ def _service_lookup(
         return zone.answers(_srv_records(zone, qname, insts))
     if qtype not in (QTYPE.A, QTYPE.AAAA, _ANY):
         return zone.nodata()
+    return zone.answers(_address_records(qname, qtype, insts))
+
+
+def _address_records(
+    qname: DNSLabel, qtype: int, insts: Sequence[Instance]
+) -> list[tuple[RR, list[RR]]]:
     seen: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
     out: list[tuple[RR, list[RR]]] = []
     for inst in insts:
@@ -749,7 +831,7 @@ def _service_lookup(
         seen.add(ip)
         out.append((_rr(qname, ip), []))
     _shuffle(out)
-    return zone.answers(out)
+    return out
 
 
 def _srv_records(
@@ -784,6 +866,102 @@ def _srv_records(
         out.append((RR(qname, QTYPE.SRV, ttl=TTL, rdata=rdata), extra))
     _shuffle(out)
     return out
+
+
+def _query_lookup(
+    store: Store,
+    zone: _Zone,
+    qname: DNSLabel,
+    qtype: int,
+    name: str,
+    authz: Authorizer | None,
+    query_authorizer: Callable[[str], Authorizer] | None,
+) -> _Result:
+    """``<query>.query``: a prepared query by ID or name (or a template's name prefix), run as
+    ``/v1/query/<query>/execute`` runs it; its ``DNS.TTL`` is every record's TTL. No instance
+    is NXDOMAIN, as in Consul."""
+    docs, _ = queries.stored(store)
+    doc = queries.resolve(docs, name)
+    if doc is None and name.lower() != name:
+        doc = queries.resolve(docs, name.lower())  # resolvers may vary the case (0x20)
+    if doc is None:
+        return zone.nxdomain()
+    if doc.get("TokenHash") and query_authorizer is not None:
+        try:
+            authz = query_authorizer(doc["TokenHash"])
+        except TrellisError:
+            # The query's token is gone: as the HTTP execute's 403, a failure, not a name.
+            return _Result(RCODE.SERVFAIL, authoritative=False)
+    insts = queries.select(store, doc)
+    if authz is not None:
+        insts = [
+            i for i in insts if authz.service_read(i.service.name) and authz.node_read(i.node.name)
+        ]
+    if not insts:
+        return zone.nxdomain()
+    if qtype == QTYPE.SRV:
+        records = _srv_records(zone, qname, insts)
+    elif qtype in (QTYPE.A, QTYPE.AAAA, _ANY):
+        records = _address_records(qname, qtype, insts)
+    else:
+        return zone.nodata()
+    ttl = queries.ttl_seconds(doc)
+    if ttl is not None:
+        for rr, extra in records:
+            rr.ttl = ttl
+            for x in extra:
+                x.ttl = ttl
+    return zone.answers(records)
+
+
+def _reverse_ip(qname: DNSLabel) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a full reverse name (``4.3.2.1.in-addr.arpa``, 32 nibbles under
+    ``ip6.arpa``) stands for; None for any other name (a partial one included)."""
+    labels = [x.lower() for x in reversed(qname.label)]
+    try:
+        if tuple(labels[:2]) == _IN_ADDR and len(labels) == 6:
+            octets = [x.decode("ascii") for x in labels[2:]]
+            if all(o.isdigit() and len(o) <= 3 for o in octets):
+                return ipaddress.IPv4Address(".".join(octets))
+        if tuple(labels[:2]) == _IP6 and len(labels) == 34:
+            nibbles = [x.decode("ascii") for x in labels[2:]]
+            if all(len(n) == 1 and n in "0123456789abcdef" for n in nibbles):
+                return ipaddress.IPv6Address(bytes.fromhex("".join(nibbles)))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return None
+
+
+def _ptr_lookup(
+    store: Store,
+    zone: _Zone,
+    qname: DNSLabel,
+    qtype: int,
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    authz: Authorizer | None,
+) -> _Result:
+    """A reverse lookup, as Consul's: the nodes with this address
+    (``<node>.node.<dc>.<domain>``), else the services registered with it as their own
+    address (``<service>.service.<dc>.<domain>``); NXDOMAIN for an address we do not hold.
+    The addresses come from the ``NameIndex`` (no catalog scan per query)."""
+    index = name_index(store)
+    targets: list[DNSLabel | None] = []
+    for name in sorted(index.nodes_at(ip)):
+        if authz is None or authz.node_read(name):
+            targets.append(zone.node_target(name))
+    if not targets:
+        for name in sorted(index.services_at(ip)):
+            if authz is not None and not authz.service_read(name):
+                continue
+            nodes = {s.node for s in store.services(name=name) if _ip(s.address) == ip}
+            if authz is None or any(authz.node_read(n) for n in nodes):
+                targets.append(_name(name, "service", zone.dc, zone.domain))
+    found = [t for t in targets if t is not None]
+    if not found:
+        return zone.nxdomain()
+    if qtype not in (QTYPE.PTR, _ANY):
+        return zone.nodata()
+    return zone.answers([(RR(qname, QTYPE.PTR, ttl=TTL, rdata=PTR(t)), []) for t in found])
 
 
 # -- sockets ------------------------------------------------------------------------------------
@@ -853,10 +1031,12 @@ class DNSServer:
         udp_workers: int = 8,
         udp_queue: int = 1024,
         authorizer: Callable[[], Authorizer | None] | None = None,
+        query_authorizer: Callable[[str], Authorizer] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.authorizer = authorizer
+        self.query_authorizer = query_authorizer
         self._udp = udp_sock
         self._tcp = tcp_sock
         # Keyword arguments override the settings (tests use short timeouts and small caps).
@@ -1034,7 +1214,12 @@ class DNSServer:
                 continue  # draining to our sentinel
             data, peer = item
             reply = answer(
-                self.store, self.settings, data, max_udp=CLASSIC_UDP, authorizer=self.authorizer
+                self.store,
+                self.settings,
+                data,
+                max_udp=CLASSIC_UDP,
+                authorizer=self.authorizer,
+                query_authorizer=self.query_authorizer,
             )
             if reply:
                 try:
@@ -1145,7 +1330,12 @@ class DNSServer:
                 if data is None:
                     break  # a zero-length or half-sent frame ends the connection
                 reply = answer(
-                    self.store, self.settings, data, max_udp=None, authorizer=self.authorizer
+                    self.store,
+                    self.settings,
+                    data,
+                    max_udp=None,
+                    authorizer=self.authorizer,
+                    query_authorizer=self.query_authorizer,
                 )
                 if not reply:
                     break

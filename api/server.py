@@ -536,7 +536,7 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.dns_socks is None:
             return
-        from trellis.api.acl.cache import dns_authorizer
+        from trellis.api.acl.cache import dns_authorizer, dns_query_authorizer
         from trellis.api.dns import DNSServer
 
         app = worker.wsgi
@@ -550,7 +550,10 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
             socket.socket(s.family, s.type, s.proto, fileno=s.detach()) for s in self.dns_socks
         )
         authorizer = dns_authorizer(svc.settings.acl_enabled, svc.acls)
-        server = DNSServer(store, self.settings, udp, tcp, authorizer=authorizer)
+        by_hash = dns_query_authorizer(svc.settings.acl_enabled, svc.acls)
+        server = DNSServer(
+            store, self.settings, udp, tcp, authorizer=authorizer, query_authorizer=by_hash
+        )
         app.extensions["trellis-dns"] = server
         threading.Thread(target=server.serve_forever, name="trellis-dns", daemon=True).start()
 

@@ -3,16 +3,16 @@
 One app with ACLs on and the default policy deny, on a real SQLite file and then on a real
 PostgreSQL database, holds a small world
 (services ``web`` and ``db`` on this node and on ``ext-1``, a sidecar for ``web``, checks, keys
-under ``app/`` and ``secret/``, intentions ``api => web`` and ``api => db``, a victim ACL policy
-and token). Each row below is one request (an endpoint with one target: ``web``/``app/`` is the
-one the scoped tokens may touch, ``db``/``secret/`` the one they may not) and the status each
-token must get. The columns:
+under ``app/`` and ``secret/``, intentions ``api => web`` and ``api => db``, prepared queries
+``web-q`` and ``db-q``, a victim ACL policy and token). Each row below is one request (an
+endpoint with one target: ``web``/``app/`` is the one the scoped tokens may touch,
+``db``/``secret/`` the one they may not) and the status each token must get. The columns:
 
 ========  ==================================================================================
 none      no token: the anonymous token, which holds no policy
 read      ``service_prefix "" {policy="read"}``, ``node_prefix ""``, ``key_prefix ""`` and
-          ``event_prefix ""`` read
-web       ``service "web" {policy="write" intentions="write"}``
+          ``event_prefix ""`` read, ``query_prefix ""`` read
+web       ``service "web" {policy="write" intentions="write"}``, ``query_prefix "web-"`` write
 app       ``key_prefix "app/" {policy="write"}``
 op        ``operator = "write"``
 mgmt      the bootstrap token (global-management)
@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tests.openapi_check import ValidatingClient
 from tests.support import fresh_database
 from trellis.api.app import create_app
+from trellis.api.queries import DOC as QUERIES_DOC
 from trellis.api.settings import Settings, validate
 from trellis.proxy import spiffe
 from trellis.proxy import x509 as px
@@ -64,8 +65,10 @@ POLICIES = {
     "read": 'service_prefix "" { policy = "read" }\n'
     'node_prefix "" { policy = "read" }\n'
     'key_prefix "" { policy = "read" }\n'
-    'event_prefix "" { policy = "read" }\n',
-    "web": 'service "web" { policy = "write" intentions = "write" }',
+    'event_prefix "" { policy = "read" }\n'
+    'query_prefix "" { policy = "read" }\n',
+    "web": 'service "web" { policy = "write" intentions = "write" }\n'
+    'query_prefix "web-" { policy = "write" }',
     "app": 'key_prefix "app/" { policy = "write" }',
     "op": 'operator = "write"',
 }
@@ -103,6 +106,7 @@ EXT_DB = {
     },
 }
 KEYS = {"app/cfg": b"a", "secret/cfg": b"s"}
+QUERIES = {"web-q": "web", "db-q": "db"}
 INTENTIONS = (("api", "web"), ("api", "db"))
 VICTIM_RULES = 'key "victim" { policy = "read" }'
 
@@ -152,6 +156,14 @@ class World:
                 json={"Action": "allow"},
             )
 
+    def build_queries(self) -> None:
+        for name, service in QUERIES.items():
+            self.mgmt("POST", "/v1/query", json={"Name": name, "Service": {"Service": service}})
+
+    def queries_doc(self) -> Any:
+        got = self.store.system_get(QUERIES_DOC)
+        return got[0] if got is not None else None
+
     def build_acl(self) -> None:
         victim = self.store.acl_policy(name="victim")
         body = {"Name": "victim", "Rules": VICTIM_RULES}
@@ -184,6 +196,7 @@ class World:
                 sorted((p.name, p.rules, p.description) for p in st.acl_policies()),
                 sorted((t.description, t.policies) for t in st.acl_tokens()),
             ),
+            "queries": self.queries_doc(),
         }
 
     def restore(self) -> None:
@@ -223,6 +236,9 @@ class World:
                 if p.name not in names:
                     st.acl_policy_delete(p.id)
             self.build_acl()
+        if now["queries"] != self.baseline["queries"]:
+            # The queries are one document: put it back as it was (the same IDs).
+            st.system_write({QUERIES_DOC: self.baseline["queries"]})
         assert self.signature() == self.baseline, "the world could not be restored"
 
     def snapshot(self) -> tuple:
@@ -241,6 +257,7 @@ class World:
             ca.config_view(),
             ca.roots_view(),
             st.events(),
+            self.queries_doc(),
         )
 
     def values(self) -> dict[str, str]:
@@ -252,6 +269,8 @@ class World:
             "victim_policy": st.acl_policy(name="victim").id,
             "victim_token": self.victim_token,
         }
+        for d in (self.queries_doc() or {}).get("Queries", ()):
+            out[f"query_{d['Name'].removesuffix('-q')}"] = d["ID"]
         return out
 
     def csr(self, service: str) -> str:
@@ -309,6 +328,7 @@ def _world(data, store: str) -> Iterator[World]:
     w.build_intentions()
     w.build_acl()
     w.mgmt("PUT", "/v1/event/fire/deploy", data=b"v1")
+    w.build_queries()
     w.trust_domain = app.extensions["trellis"].ca.trust_domain
     w.baseline = w.signature()
     yield w
@@ -321,7 +341,7 @@ def _world(data, store: str) -> Iterator[World]:
 @dataclass(frozen=True)
 class Row:
     method: str
-    url: str  # may hold {ixn_web}, {ixn_db}, {victim_policy}, {victim_token}
+    url: str  # may hold {ixn_web}, {ixn_db}, {victim_policy}, {victim_token}, {query_web}...
     expect: dict[str, int]
     body: Any = None  # JSON, bytes, or a callable(world) giving JSON
     view: Callable[[Any], Any] | None = None  # what of a 200 body to compare
@@ -427,6 +447,12 @@ ALL_SERVICES = ["db", "web", "web-sidecar-proxy"]
 LOCAL_IDS = ["db-1", "web-1", "web-1-sidecar-proxy"]
 BOTH_NODES = ["ext-1", NODE]
 BOTH_IXNS = ["api => db", "api => web"]
+BOTH_QUERIES = ["db-q", "web-q"]
+
+
+def query_names(body: Any) -> list[str]:
+    return sorted(q["Name"] for q in body)
+
 
 # fmt: off
 ROWS: list[Row] = [
@@ -606,6 +632,41 @@ ROWS: list[Row] = [
       view=event_names, none=[], read=["deploy"], web=[], app=[], op=[], mgmt=["deploy"]),
     R("GET", "/v1/event/list?name=deploy",       200, 200, 200, 200, 200, 200, F,
       view=event_names, none=[], read=["deploy"], web=[], app=[], op=[], mgmt=["deploy"]),
+    # ---- prepared queries: query:write on the name to create, change (old and new names) or
+    # delete, query:read to read (lists filtered); an unnamed query is governed as the name ""
+    # (Consul exempts it). Executing needs no query rule: the results are filtered by the
+    # caller's token (these queries carry none).
+    R("POST", "/v1/query",                       F,   F,   200, F,   F,   200, F,
+      body={"Name": "web-new", "Service": {"Service": "web"}}),
+    R("POST", "/v1/query",                       F,   F,   F,   F,   F,   200, F,
+      body={"Name": "db-new", "Service": {"Service": "db"}}),
+    R("POST", "/v1/query",                       F,   F,   F,   F,   F,   200, F,
+      body={"Service": {"Service": "web"}}),
+    R("GET", "/v1/query",                        200, 200, 200, 200, 200, 200, F,
+      view=query_names, none=[], read=BOTH_QUERIES, web=["web-q"], app=[], op=[],
+      mgmt=BOTH_QUERIES),
+    R("GET", "/v1/query/{query_web}",            F,   200, 200, F,   F,   200, F),
+    R("GET", "/v1/query/{query_db}",             F,   200, F,   F,   F,   200, F),
+    R("PUT", "/v1/query/{query_web}",            F,   F,   200, F,   F,   200, F,
+      body={"Name": "web-q", "Service": {"Service": "web"}, "DNS": {"TTL": "5s"}}),
+    # renaming web's query out of web- needs write on the new name too
+    R("PUT", "/v1/query/{query_web}",            F,   F,   F,   F,   F,   200, F,
+      body={"Name": "db-2", "Service": {"Service": "db"}}),
+    R("PUT", "/v1/query/{query_db}",             F,   F,   F,   F,   F,   200, F,
+      body={"Name": "db-q", "Service": {"Service": "db"}}),
+    R("DELETE", "/v1/query/{query_web}",         F,   F,   200, F,   F,   200, F),
+    R("DELETE", "/v1/query/{query_db}",          F,   F,   F,   F,   F,   200, F),
+    R("GET", "/v1/query/web-q/execute",          200, 200, 200, 200, 200, 200, F),
+    R("GET", "/v1/query/web-q/explain",          F,   200, 200, F,   F,   200, F),
+    R("GET", "/v1/query/db-q/explain",           F,   200, F,   F,   F,   200, F),
+
+    # ---- coordinates (Trellis has none) and the Raft configuration (operator:read)
+    R("GET", "/v1/coordinate/datacenters",       200, 200, 200, 200, 200, 200, F),
+    R("GET", "/v1/coordinate/nodes",             200, 200, 200, 200, 200, 200, F),
+    R("GET", f"/v1/coordinate/node/{NODE}",      404, 404, 404, 404, 404, 404, F),
+    R("PUT", "/v1/coordinate/update",            400, 400, 400, 400, 400, 400, F,
+      body={"Node": NODE, "Coord": {"Vec": [0.0], "Error": 1.5, "Adjustment": 0, "Height": 0}}),
+    R("GET", "/v1/operator/raft/configuration",  F,   F,   F,   F,   200, 200, F),
 
     # ---- status and the spec: no ACL
     R("GET", "/v1/status/leader",                200, 200, 200, 200, 200, 200, 200),
@@ -715,7 +776,12 @@ NOT_ENDPOINTS = {("GET", "/static/<path:filename>")}
 
 def _route(app, method: str, url: str) -> tuple[str, str]:
     path = url.split("?", 1)[0].format(
-        ixn_web=uuid.UUID(int=1), ixn_db=uuid.UUID(int=2), victim_policy="p", victim_token="t"
+        ixn_web=uuid.UUID(int=1),
+        ixn_db=uuid.UUID(int=2),
+        victim_policy="p",
+        victim_token="t",
+        query_web="q1",
+        query_db="q2",
     )
     rule, _ = app.url_map.bind("localhost").match(path, method=method, return_rule=True)
     return method, rule.rule

@@ -165,13 +165,14 @@ ERRORS = [
     (
         'agent_prefix "" { policy = "read" }',
         'unknown rule "agent_prefix" (Trellis knows acl, event, event_prefix, '
-        "key, key_prefix, node, node_prefix, operator, service, service_prefix, session,"
-        " session_prefix)",
+        "key, key_prefix, node, node_prefix, operator, query, query_prefix, service,"
+        " service_prefix, session, session_prefix)",
     ),
     (
         'keyring = "read"',
         'unknown rule "keyring" (Trellis knows acl, event, event_prefix, key, key_prefix, '
-        "node, node_prefix, operator, service, service_prefix, session, session_prefix)",
+        "node, node_prefix, operator, query, query_prefix, service, service_prefix, session,"
+        " session_prefix)",
     ),
     # Bad policies.
     ('service "web" { policy = "admin" }', 'service "web": policy must be read, write or deny'),
@@ -440,6 +441,19 @@ def test_event_rules_parse_from_json_as_from_hcl():
         parse_rules('event "x" { policy = "list" }')
 
 
+def test_query_rules_name_prepared_queries_by_prefix():
+    a = authz(
+        'query_prefix "" { policy = "read" }\n'
+        'query_prefix "db-" { policy = "write" }\n'
+        'query "db-secret" { policy = "deny" }'
+    )
+    assert a.query_read("web") and not a.query_write("web")
+    assert a.query_read("db-x") and a.query_write("db-x")
+    assert not a.query_read("db-secret") and not a.query_write("db-secret")
+    assert not a.service_read("web") and not a.key_read("db-x")
+    assert authz('{"query": {"q": {"policy": "write"}}}').query_write("q")
+
+
 # -- keys: list, read, write, recursive writes ----------------------------------------------
 
 KEY_LEVELS = {
@@ -636,6 +650,8 @@ def _every_answer(a: Authorizer, name: str) -> list[bool]:
         a.key_list(name),
         a.key_write(name),
         a.key_write_prefix(name),
+        a.query_read(name),
+        a.query_write(name),
         a.operator_read(),
         a.operator_write(),
         a.acl_read(),
@@ -657,7 +673,7 @@ def test_no_rules_and_default_deny_denies_everything():
 
 def test_default_allow_with_no_rules_allows_everything_but_acl():
     a = Authorizer([], default_allow=True)
-    assert _every_answer(a, "web") == [True] * 12 + [False, False]
+    assert _every_answer(a, "web") == [True] * 14 + [False, False]
 
 
 # -- several policies on one token ----------------------------------------------------------

@@ -526,6 +526,24 @@ def test_smoke_walk_every_endpoint(app_client):
     ok(c.put(f"/v1/session/renew/{sid}"), 404)
     ok(c.put("/v1/session/create", json={"TTL": "1s"}), 400)
 
+    # ---- prepared queries, coordinates (there are none), the Raft configuration
+    walk_q = {"Name": "walk-q", "Service": {"Service": "web", "Tags": ["!old"]}}
+    qid = ok(c.post("/v1/query", json=walk_q)).json["ID"]
+    ok(c.get("/v1/query"))
+    ok(c.get(f"/v1/query/{qid}?index=1&wait=1ms"))
+    ok(c.put(f"/v1/query/{qid}", json={**walk_q, "DNS": {"TTL": "5s"}}))
+    ok(c.get("/v1/query/walk-q/execute?limit=1"))
+    ok(c.get("/v1/query/walk-q/explain"))
+    ok(c.delete(f"/v1/query/{qid}"))
+    ok(c.get(f"/v1/query/{qid}"), 404)
+    ok(c.get("/v1/query/walk-q/execute"), 404)
+    ok(c.post("/v1/query", json={"Name": "no-service"}), 400)
+    ok(c.get("/v1/coordinate/datacenters"))
+    ok(c.get("/v1/coordinate/nodes?index=1&wait=1ms"))
+    ok(c.get("/v1/coordinate/node/test-node"), 404)
+    ok(c.put("/v1/coordinate/update", json={"Node": "test-node"}), 400)
+    ok(c.get("/v1/operator/raft/configuration"))
+
     # ---- transactions: a write, a read (index headers), a failed check (409), too many (413)
     kv_set = {"KV": {"Verb": "set", "Key": "walk-txn", "Value": "dHhu"}}
     ok(c.put("/v1/txn", json=[kv_set, {"Node": {"Verb": "set", "Node": {"Node": "walk-n"}}}]))
@@ -562,11 +580,16 @@ def test_smoke_walk_every_endpoint(app_client):
     #      ACL operations: test_smoke_walk_acls)
     seen_ok = {(m, t) for m, t, s in c.seen if 200 <= s < 300}
     not_exercised = sorted(spec_operations() - acl_operations() - seen_ok)
-    allowed_unexercised = {("PUT", "/v1/kv/")}  # always 400: a key name is required
-    assert set(not_exercised) <= allowed_unexercised, not_exercised
-    assert {("GET", t) for m, t in spec_operations() - acl_operations() if m == "GET"} <= {
-        (m, t) for m, t, s in c.seen if s == 200
+    # Always 400 (a key name is required; Trellis keeps no coordinates) or 404 (no node
+    # has coordinates).
+    never_ok = {
+        ("PUT", "/v1/kv/"),
+        ("PUT", "/v1/coordinate/update"),
+        ("GET", "/v1/coordinate/node/{node}"),
     }
+    assert set(not_exercised) <= never_ok, not_exercised
+    gets = {("GET", t) for m, t in spec_operations() - acl_operations() if m == "GET"}
+    assert gets - never_ok <= {(m, t) for m, t, s in c.seen if s == 200}
     assert {400, 404, 413} <= {s for _, _, s in c.seen}
 
 

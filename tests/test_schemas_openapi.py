@@ -39,6 +39,7 @@ from trellis.api.schemas.catalog import (
     ServiceSchema,
 )
 from trellis.api.schemas.intentions import AuthorizeSchema, IntentionExactSchema, IntentionSchema
+from trellis.api.schemas.query import PreparedQuerySchema
 from trellis.api.schemas.session import SessionCreateSchema
 
 #: (METHOD, path) -> (the openapi component that describes the body, the marshmallow schema).
@@ -56,6 +57,8 @@ BODIES: dict[tuple[str, str], tuple[str, type[Schema]]] = {
     ("PUT", "/v1/connect/intentions/exact"): ("IntentionExactBody", IntentionExactSchema),
     ("POST", "/v1/agent/connect/authorize"): ("AuthorizeBody", AuthorizeSchema),
     ("PUT", "/v1/session/create"): ("SessionCreateBody", SessionCreateSchema),
+    ("POST", "/v1/query"): ("PreparedQueryBody", PreparedQuerySchema),
+    ("PUT", "/v1/query/{query_id}"): ("PreparedQueryBody", PreparedQuerySchema),
     ("PUT", "/v1/acl/policy"): ("ACLPolicyBody", PolicySchema),
     ("PUT", "/v1/acl/policy/{policy_id}"): ("ACLPolicyBody", PolicySchema),
     ("PUT", "/v1/acl/token"): ("ACLTokenBody", TokenSchema),

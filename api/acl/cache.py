@@ -92,8 +92,20 @@ class AuthorizerCache:
         boundary reads them once per request); without them the cache reads them itself.
         PermissionDenied "ACL not found" for a secret that names no token: the client's fault.
         """
-        now = (self._fresh() if indexes is None else indexes)[ACL_TOPIC]
         h = hash_secret(secret if secret is not None else ANONYMOUS_SECRET)
+        return self.resolve_hash(h, anonymous=secret is None, indexes=indexes)
+
+    def resolve_hash(
+        self,
+        h: str,
+        *,
+        anonymous: bool = False,
+        indexes: Mapping[str, int] | None = None,
+    ) -> Resolved:
+        """``resolve`` for a secret known only by its hash (``hash_secret``): the token a
+        prepared query runs with is kept that way. PermissionDenied "ACL not found" if it
+        names no token (and is not the ``anonymous`` one)."""
+        now = (self._fresh() if indexes is None else indexes)[ACL_TOPIC]
         with self._lock:
             if now > self._index:
                 self._entries = {}
@@ -102,7 +114,7 @@ class AuthorizerCache:
         if hit is not None:
             return hit
         token, policies, at = self._store.acl_resolve(h)
-        if token is None and secret is not None:
+        if token is None and not anonymous:
             raise PermissionDenied("ACL not found")
         result = (token, self._authorizer(token, policies))
         with self._lock:
@@ -146,5 +158,20 @@ def dns_authorizer(
 
     def authorizer() -> Authorizer:
         return acls.resolve(None)[1]
+
+    return authorizer
+
+
+def dns_query_authorizer(
+    acl_enabled: bool, acls: AuthorizerCache
+) -> Callable[[str], Authorizer] | None:
+    """The rules a prepared query with a token of its own answers under over DNS, from the
+    token's hash (``trellis.api.dns``); None with ACLs off. PermissionDenied if the token is
+    gone."""
+    if not acl_enabled:
+        return None
+
+    def authorizer(secret_hash: str) -> Authorizer:
+        return acls.resolve_hash(secret_hash)[1]
 
     return authorizer

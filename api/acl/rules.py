@@ -13,6 +13,7 @@ Rules (Consul 1.4+ policy language, the subset Trellis enforces)::
     key "app/secret"    { policy = "deny" }
     session_prefix ""   { policy = "write" }
     event_prefix "deploy" { policy = "write" }
+    query_prefix "db-"  { policy = "write" }
     operator = "read"
     acl = "write"
 
@@ -70,6 +71,8 @@ BLOCKS: Mapping[str, tuple[str, bool]] = {
     "session_prefix": ("session", True),
     "event": ("event", False),
     "event_prefix": ("event", True),
+    "query": ("query", False),
+    "query_prefix": ("query", True),
 }
 #: Top-level attributes: ``operator = "read"``, ``acl = "write"``.
 SCALARS = ("operator", "acl")
@@ -80,6 +83,7 @@ _POLICIES: Mapping[str, tuple[str, ...]] = {
     "key": (READ, WRITE, LIST, DENY),
     "session": (READ, WRITE, DENY),
     "event": (READ, WRITE, DENY),
+    "query": (READ, WRITE, DENY),
 }
 _LEVELS = (READ, WRITE, DENY)  # operator, acl and intentions
 
@@ -538,6 +542,14 @@ class Authorizer:
     def event_write(self, name: str) -> bool:
         """Fire an event named ``name``."""
         return self._check("event", name, WRITE)
+
+    def query_read(self, name: str) -> bool:
+        """Read the prepared query named ``name`` (``query`` rules name queries)."""
+        return self._check("query", name, READ)
+
+    def query_write(self, name: str) -> bool:
+        """Create, change or delete the prepared query named ``name``."""
+        return self._check("query", name, WRITE)
 
     def operator_read(self) -> bool:
         return self._scalar(self._operator, READ, self._default_allow)
