@@ -452,3 +452,24 @@ def test_py_consul_round_trip_of_the_forms_it_sends(c):
     assert [e["Key"] for e in c.kv.get("cfg/", recurse=True)[1]] == ["cfg/", "cfg/a"]
     assert c.kv.delete("cfg/", recurse=True)
     assert c.kv.get("cfg/", recurse=True)[1] is None
+
+
+def test_no_schema_has_two_fields_that_differ_only_in_case():
+    # fold_names would have to pick one of them; _shape refuses the schema instead.
+    import importlib
+    import inspect
+    import pkgutil
+
+    import marshmallow
+
+    import trellis.api.schemas as package
+    from trellis.api.schemas import _shape
+
+    seen = 0
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, marshmallow.Schema) and cls.__module__ == module.__name__:
+                _shape(cls())
+                seen += 1
+    assert seen >= 15
