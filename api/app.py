@@ -158,8 +158,9 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     _error_handlers(app)
     longpoll.install(app)
     browsers.install(app, settings)  # web pages: cross-origin writes, dev's Host check
-    from trellis.api.http import refuse_filter
+    from trellis.api.http import redirect_unclean_path, refuse_filter
 
+    app.before_request(redirect_unclean_path)
     app.before_request(refuse_filter)
 
     @app.after_request

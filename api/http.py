@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from flask import Response, current_app, request
 
@@ -39,16 +40,58 @@ def services():
     return current_app.extensions["trellis"]
 
 
+# Consul reads its boolean query parameters in two ways, and Trellis reads each as Consul does:
+#
+# * Present or absent (``if _, ok := params["recurse"]``): K/V's ``recurse``, ``keys`` and
+#   ``raw``, and the consistency modes (``stale``, ``consistent``, ``cached``, ``leader``,
+#   which Trellis has no use for: every read is consistent). The value is not looked at:
+#   ``?recurse``, ``?recurse=``, ``?recurse=1`` and ``?recurse=None`` (what a Python client
+#   sends for a flag it set to None) are all a recursive read: ``present``.
+# * A value read with Go's ``strconv.ParseBool`` (``getBoolQueryParam``): ``passing``, ``pem``,
+#   ``replace-existing-checks``. No value (``?passing``, ``?passing=``) is true; ``1``, ``t``,
+#   ``true``, ``True``, ``TRUE`` are true and ``0``, ``f``, ``false``, ``False``, ``FALSE``
+#   false; anything else is a 400, as in Consul (``?passing=None`` too): ``flag``.
+#
+# The differences, on purpose (README, "Consul request rules"): a present-or-absent flag whose
+# value says false (``?recurse=false``) is refused, where Consul reads it as set; Consul's
+# ``?pem`` with no value is false (JSON), and its ``replace-existing-checks`` is true only
+# for no value or ``true`` (``=1`` is silently false).
+
+#: Go's strconv.ParseBool, which Consul reads the flags that take a value with.
+_TRUE = frozenset({"1", "t", "T", "true", "True", "TRUE"})
+_FALSE = frozenset({"0", "f", "F", "false", "False", "FALSE"})
+
+
 def flag(name: str) -> bool:
-    """A boolean query parameter: present (``?recurse``) or ``true``/``1`` is true."""
+    """A boolean query parameter that takes a value (see above): absent is false, no value
+    true, else Go's ParseBool. Anything else is the client's fault: a 400."""
     if name not in request.args:
         return False
-    v = request.args.get(name, "").strip().lower()
-    if v in ("", "true", "1", "yes"):
+    v = request.args.get(name, "")
+    if v == "" or v in _TRUE:
         return True
-    if v in ("false", "0", "no"):
+    if v in _FALSE:
         return False
-    raise BadRequest(f"query parameter {name!r} must be true or false, not {v!r}")
+    raise BadRequest(
+        f"query parameter {name!r} must be true or false (or no value, which is true),"
+        f" not {v[:64]!r}"
+    )
+
+
+def present(name: str) -> bool:
+    """A present-or-absent query flag (see above): set by its name alone, whatever its value,
+    except a value that says false. Consul would read ``?recurse=false`` as set, and delete a
+    whole subtree for a client that asked for one key; the client means two things at once,
+    so it gets a 400 that says which one Consul would do."""
+    if name not in request.args:
+        return False
+    for v in request.args.getlist(name):
+        if v in _FALSE:
+            raise BadRequest(
+                f"query parameter {name!r} is set by its presence, whatever its value (Consul"
+                f" reads {name}={v} as {name} set): leave it out to turn it off"
+            )
+    return True
 
 
 def accepts_filter(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -95,6 +138,55 @@ def refuse_filter() -> None:
         "query parameter 'filter' is not supported on this endpoint (Consul does not filter"
         " it either); Trellis refuses it rather than return results that look filtered and"
         " are not: leave out 'filter'"
+    )
+
+
+def clean_path(path: str) -> str:
+    """``path`` as Go's net/http ServeMux cleans it before routing (``cleanPath``): repeated
+    slashes merged, ``.`` segments dropped, each ``..`` with the segment before it (never
+    above the root), a trailing slash kept. Pure."""
+    if "//" not in path and "/." not in path and path.startswith("/"):
+        return path  # the common case: nothing to clean, decided without splitting
+    out: list[str] = []
+    for seg in path.split("/"):
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg not in ("", "."):
+            out.append(seg)
+    clean = "/" + "/".join(out)
+    if path.endswith("/") and clean != "/":
+        clean += "/"
+    return clean
+
+
+def redirect_unclean_path() -> Response | None:
+    """Answer a path that is not in its clean form (``/v1/kv/a//b``) as Consul does, before
+    routing (a ``before_request`` hook; the one place for every endpoint).
+
+    Consul's HTTP server is Go's ServeMux, which redirects such a path to its clean form
+    (``/v1/kv/a/b``) with a 301 whatever the method: a K/V key with an empty, ``.`` or ``..``
+    segment can never be read or written through ``/v1/kv/`` (a transaction can write one).
+    A read gets that 301 here too (with the query kept). A write does not: a client follows
+    a 301 to a PUT either as a GET (Go's client: the write silently never happens) or as a
+    PUT without its body (Python's requests: an empty value is written and acknowledged), so
+    it is refused with a 400 that names the clean path; the client is at fault. A trailing
+    slash is clean: ``PUT /v1/kv/dir/`` writes the key ``dir/`` (a "folder").
+    """
+    raw = request.environ.get("PATH_INFO", "")
+    clean = clean_path(raw)
+    if clean == raw:
+        return None
+    # PATH_INFO holds the path's bytes as latin-1 (WSGI); the Location is them %-encoded.
+    location = quote(clean.encode("latin-1", "replace"), safe="/:@!$&'()*+,;=-._~")
+    if request.query_string:
+        location += "?" + request.query_string.decode("latin-1")
+    if request.method in ("GET", "HEAD"):
+        return Response(status=301, headers={"Location": location})
+    raise BadRequest(
+        f"the path {quote(raw.encode('latin-1', 'replace'), safe='/')!r} has an empty, '.' or"
+        f" '..' segment: Consul redirects it to {location!r} (a 301, which clients follow"
+        " without the write's body or method); send the clean path"
     )
 
 
@@ -154,11 +246,54 @@ def json_body(*, required: bool = True, allow_list: bool = False) -> Any:
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
     _check_json_tree(data)
-    if isinstance(data, dict) or (allow_list and isinstance(data, list)):
+    if isinstance(data, dict):
+        return _drop_request_options(data)
+    if allow_list and isinstance(data, list):
         return data
     if data is None and not required:
         return None
     raise BadRequest("request body must be a JSON object")
+
+
+#: The top-level keys of a body that Consul's clients send and Consul ignores, in folded case:
+#: its request structs embed ``WriteRequest`` (``Token``) or ``QueryOptions``, which Consul
+#: before 1.7 decoded from a key of that name (mapstructure) and then overwrote with the
+#: request's own token. python-consul still sends ``{"WriteRequest": {"Token": ...}}`` with
+#: ``catalog/register`` and ``catalog/deregister``.
+_REQUEST_OPTIONS = ("writerequest", "queryoptions")
+
+
+def _drop_request_options(body: dict) -> dict:
+    """``body`` without its ``WriteRequest``/``QueryOptions`` keys (in any case), which are
+    accepted and ignored as Consul ignores them: the token is the request's (header, or
+    ``?token=``), never the body's.
+
+    One refusal Consul does not make, with ACLs on: a body whose ``WriteRequest.Token`` is
+    the only token the request carries. Consul runs it with the anonymous token, so the
+    client believes it wrote as the token it sent and wrote as no one (or was refused, and
+    cannot tell why). It is a 400 that says where to put the token; the client is at fault.
+    With ACLs off no token matters, and the body is accepted as Consul accepts it.
+    """
+    found = [k for k in body if isinstance(k, str) and k.lower() in _REQUEST_OPTIONS]
+    if not found:
+        return body
+    for k in found:
+        v = body[k]
+        if v is not None and not isinstance(v, dict):
+            raise BadRequest(f"{k} must be an object")
+        token = next((t for n, t in (v or {}).items() if str(n).lower() == "token"), None)
+        if token and services().settings.acl_enabled and not _request_carries_token():
+            raise BadRequest(
+                f"the token in {k}.Token is not read (Consul ignores it too, and would run"
+                " the request as anonymous): send it in the X-Consul-Token header"
+            )
+    return {k: v for k, v in body.items() if k not in found}
+
+
+def _request_carries_token() -> bool:
+    from trellis.api.acl.service import request_secret  # not at import: it imports this module
+
+    return request_secret() is not None or bool(request.args.get("token"))
 
 
 def _no_constant(name: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 from trellis.api.errors import BadRequest
 from trellis.api.schemas import load
-from trellis.api.schemas.session import ServiceCheckSchema, SessionCreateSchema
+from trellis.api.schemas.session import SessionCreateSchema
 from trellis.api.store.sessions import DELETE, RELEASE, Session
 from trellis.proxy.durations import DurationError, format_duration, parse_duration
 
@@ -28,31 +28,10 @@ _LOCK_DELAY_SECONDS_BELOW = 1000
 _NS = 1_000_000_000
 
 
-def _fold(body: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
-    """The body with its field names in Consul's spelling (any case in, one case out); an
-    unknown name is kept as sent, for the schema to refuse."""
-    out: dict[str, Any] = {}
-    for key, value in body.items():
-        name = names.get(key.lower(), key)
-        if name in out:
-            raise BadRequest(f"field {name!r} given twice (field names ignore case)")
-        out[name] = value
-    return out
-
-
-_NAMES = {n.lower(): n for n in SessionCreateSchema().load_fields}
-_SERVICE_CHECK_NAMES = {n.lower(): n for n in ServiceCheckSchema().load_fields}
-
-
 def parse_create(body: Mapping[str, Any] | None, *, default_node: str, ttl_min: float) -> Session:
     """The session a create body asks for, with a fresh ID (indexes are the store's)."""
-    folded = _fold(body or {}, _NAMES)
-    if isinstance(folded.get("ServiceChecks"), list):
-        folded["ServiceChecks"] = [
-            _fold(c, _SERVICE_CHECK_NAMES) if isinstance(c, Mapping) else c
-            for c in folded["ServiceChecks"]
-        ]
-    fields = load(SessionCreateSchema, folded)
+    # ``load`` matches the field names in any case, as Consul's decoder does.
+    fields = load(SessionCreateSchema, body or {})
     node = fields.get("Node") or default_node
     behavior = fields.get("Behavior") or RELEASE
     if behavior not in (RELEASE, DELETE):

@@ -17,6 +17,10 @@ The rules every schema follows:
 * **No coercion.** Integers are ``strict`` (``"80"`` and ``1.5`` are refused, as Go's
   encoding/json refuses them), booleans are ``true``/``false`` only where Consul's own field
   is a bool (``StrictBoolean``), numbers are finite JSON numbers, never strings.
+* **Field names in any case**, as Consul's decoder reads them (``fold_names``, run by
+  ``load`` before the schema): ``serviceid`` is ``ServiceID``, at every level the schema
+  describes; the keys of maps that hold user data (``Meta``, ``NodeMeta``, a proxy's
+  ``Config``) are kept as sent.
 * **One error shape.** ``load`` turns marshmallow's nested messages into one line, each
   problem as ``<path>: <problem>`` (``Config.LeafCertTTL: must be between 1h and 8760h``,
   ``Checks.0.Bogus: Unknown field.``), every problem at once, separated by ``; ``. The
@@ -46,6 +50,7 @@ __all__ = [
     "StrictBoolean",
     "ValidationError",
     "flatten",
+    "fold_names",
     "load",
 ]
 
@@ -142,7 +147,7 @@ def load(schema: Schema | type[Schema], data: Any, *, path: str = "", what: str 
             instance = _INSTANCES[schema] = schema()
         schema = instance
     try:
-        result: dict = schema.load(data)
+        result: dict = schema.load(fold_names(schema, data))
     except ValidationError as e:
         problems = flatten(e.messages, path)
         raise BadRequest(f"{what}: {problems}" if what else problems) from None
@@ -170,3 +175,87 @@ def flatten(messages: Any, path: str = "") -> str:
             return f"{path}: {text}" if path else text
         return "; ".join(flatten(m, path) for m in messages)
     return f"{path}: {messages}" if path else str(messages)
+
+
+# -- field names in any case ---------------------------------------------------------------
+#
+# Consul decodes a request body with Go's encoding/json (``lib.DecodeJSON``; before 1.7 with
+# mapstructure, which matches names the same way). encoding/json matches an object key to a
+# struct field by the field's name or tag, preferring an exact match but also accepting one
+# that differs only in case, compared as ``bytes.EqualFold`` compares: Unicode simple case
+# folding, under which the only non-ASCII letters equal to ASCII ones are U+017F (long s,
+# equal to "s") and U+212A (Kelvin sign, equal to "k"). It does so at every level it decodes
+# into a struct (``Check``, ``Connect.SidecarService.Proxy.Upstreams``...), and never in a
+# map: the keys of ``Meta``, ``NodeMeta``, ``TaggedAddresses`` or a proxy's ``Config`` are
+# data and keep their case. ``fold_names`` does the same with the schema for the struct: a
+# ``Nested`` field is a struct, a ``Dict`` field a map (whose values are folded only when
+# they are structs themselves), anything else a value left alone.
+#
+# One difference, on purpose: a body that names one field twice in two spellings
+# (``{"Name": "a", "name": "b"}``) is refused. encoding/json keeps the last one, so what the
+# client meant depends on the order of its keys, and a proxy or audit log that reads the
+# first one would see another request than the one Trellis runs.
+
+
+def _fold(name: str) -> str:
+    """``name`` in one case: equal for two names that Go's ``bytes.EqualFold`` calls equal,
+    as far as the ASCII field names of a schema can tell (see above)."""
+    return name.replace("\u017f", "s").lower()
+
+
+#: Per schema class: the input name of each field (its ``data_key`` or its attribute name)
+#: by its folded form, and the field by its input name.
+_SHAPES: dict[type[Schema], tuple[dict[str, str], dict[str, fields.Field]]] = {}
+
+
+def _shape(schema: Schema) -> tuple[dict[str, str], dict[str, fields.Field]]:
+    shape = _SHAPES.get(type(schema))
+    if shape is None:
+        by_name = {f.data_key or n: f for n, f in schema.load_fields.items()}
+        folded = {_fold(n): n for n in by_name}
+        # Two fields whose names differ only in case would make the folding ambiguous.
+        assert len(folded) == len(by_name), f"{type(schema).__name__}: names clash in case"
+        shape = _SHAPES[type(schema)] = (folded, by_name)
+    return shape
+
+
+def fold_names(schema: Schema, data: Any) -> Any:
+    """``data`` with each field name spelled as ``schema`` (and its nested schemas) declare
+    it, matched as Consul's decoder matches them (see above). A name no field matches is
+    kept as sent, for the schema to refuse (or ignore, where it ignores unknown fields).
+    Raises ``BadRequest`` (the client's fault) for a field given twice in two spellings."""
+    # dict, not Mapping: a parsed JSON body holds dicts, and the ABC check costs a third of
+    # the time here.
+    if not isinstance(data, dict):
+        return data
+    folded, by_name = _shape(schema)
+    out: dict[Any, Any] = {}
+    for key, value in data.items():
+        name = key
+        if isinstance(key, str) and key not in by_name:
+            name = folded.get(_fold(key), key)
+        if name in out:
+            raise BadRequest(
+                f"field {name!r} is given twice (as {key!r} and another spelling; field"
+                " names are matched in any case)"
+            )
+        field = by_name.get(name)
+        out[name] = value if field is None else _fold_value(field, value)
+    return out
+
+
+def _fold_value(field: fields.Field, value: Any) -> Any:
+    if isinstance(field, fields.Nested):
+        inner = field.schema
+        if field.many and isinstance(value, list):
+            return [fold_names(inner, v) for v in value]
+        return fold_names(inner, value)
+    if isinstance(field, fields.List) and isinstance(value, list):
+        return [_fold_value(field.inner, v) for v in value]
+    if isinstance(field, fields.Dict) and isinstance(value, dict):
+        values = field.value_field
+        if values is None:
+            return value
+        # The keys are data (a tagged address's name): only struct values are folded.
+        return {k: _fold_value(values, v) for k, v in value.items()}
+    return value

@@ -1,10 +1,9 @@
 """The session create body (``PUT /v1/session/create``).
 
 Consul decodes this body with field names in any case (python-consul sends ``name``,
-``lockdelay``, ``ttl``, ``checks``): ``trellis.api.sessions.parse_create`` folds the names to
-the ones below before loading, so this schema sees Consul's spelling only. What depends on
-more than one field or on units (the TTL's bounds, the lock delay's number form) is checked
-there too.
+``lockdelay``, ``ttl``, ``checks``): ``trellis.api.schemas.load`` folds the names to the ones
+below, as for every body. What depends on more than one field or on units (the TTL's bounds,
+the lock delay's number form) is checked in ``trellis.api.sessions.parse_create``.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from trellis.api.feed import Watch
 from trellis.api.http import (
     add_index_headers,
     blocking,
-    flag,
     json_response,
+    present,
     services,
     str_arg,
     uint_arg,
@@ -114,7 +114,7 @@ def _folded_keys(entries: list[KVEntry], prefix: str, sep: str | None) -> list[s
 @bp.get("/v1/kv/<kvkey:key>")
 def get(key: str):
     check_dc()  # K/V took ?dc= and answered from this datacenter whatever it named
-    recurse, keys, raw = flag("recurse"), flag("keys"), flag("raw")
+    recurse, keys, raw = present("recurse"), present("keys"), present("raw")
     sep = str_arg("separator", max_len=64)
     check_key(key, allow_empty=recurse or keys)
     authz = acl.current()
@@ -210,7 +210,7 @@ def _session_arg(name: str) -> str:
 @bp.delete("/v1/kv/<kvkey:key>")
 def delete(key: str):
     check_dc()
-    recurse = flag("recurse")
+    recurse = present("recurse")
     check_key(key, allow_empty=recurse)
     cas = uint_arg("cas")
     if recurse and cas is not None:

@@ -14,6 +14,10 @@ from typing import Any
 OPAQUE = frozenset({"Meta", "NodeMeta", "Config", "Header", "ServiceMeta", "EnvoyExtensions"})
 #: Keys whose values are maps with free-form keys but structured values.
 FREE_KEYS = frozenset({"TaggedAddresses"})
+# Matched in any case: an API body's field names are (``META`` is ``Meta``), and the keys of
+# the map under it are data all the same.
+_OPAQUE = frozenset(k.lower() for k in OPAQUE)
+_FREE_KEYS = frozenset(k.lower() for k in FREE_KEYS)
 
 SPECIAL = {
     "id": "ID",
@@ -57,13 +61,13 @@ def to_pascal(value: Any, parent: str = "") -> Any:
         return [to_pascal(v, parent) for v in value]
     if not isinstance(value, dict):
         return value
-    if parent in OPAQUE:
+    if parent.lower() in _OPAQUE:
         return value
     out: dict[str, Any] = {}
     for k, v in value.items():
         if not isinstance(k, str):
             raise SpellingError("object keys must be strings")
-        nk = k if parent in FREE_KEYS else pascal(k)
+        nk = k if parent.lower() in _FREE_KEYS else pascal(k)
         if nk in out:
             raise SpellingError(f"field {nk!r} is given twice (as {k!r} and another spelling)")
         out[nk] = to_pascal(v, nk)
