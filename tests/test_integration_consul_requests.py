@@ -213,3 +213,44 @@ def test_ids_no_path_could_name_are_refused(cluster, via, bad_id):
         headers=auth,
     )
     assert r.status_code == 400, r.text
+
+
+# -- sessions through the agent -------------------------------------------------------------------
+
+
+def test_a_session_created_through_the_agent_is_the_agents_nodes(cluster):
+    """Consul's agent fills in its own node; forwarded as it came, the server's was used, so
+    a token allowed sessions on the agent's node only was refused, and the session hung on
+    the server node's health."""
+    root = {"X-Consul-Token": cluster.root}
+    r = httpx.put(
+        f"{cluster.agent.url}/v1/acl/policy",
+        json={"Name": "sessions-on-node-a", "Rules": 'session "node-a" { policy = "write" }'},
+        headers=root,
+    )
+    assert r.status_code == 200, r.text
+    r = httpx.put(
+        f"{cluster.agent.url}/v1/acl/token",
+        json={"Policies": [{"Name": "sessions-on-node-a"}]},
+        headers=root,
+    )
+    assert r.status_code == 200, r.text
+    own = r.json()["SecretID"]
+    a = cluster.agent.url
+    r = httpx.put(f"{a}/v1/session/create", json={"Name": "mine"}, params={"token": own})
+    assert r.status_code == 200, r.text
+    sid = r.json()["ID"]
+    r = httpx.get(f"{a}/v1/session/info/{sid}", headers=root)
+    assert (r.json()[0]["Node"], r.json()[0]["NodeChecks"]) == ("node-a", ["serfHealth"])
+    # No body at all, as some clients send: the agent's node too.
+    r = httpx.put(f"{a}/v1/session/create", headers=root)
+    assert r.status_code == 200, r.text
+    other = r.json()["ID"]
+    assert httpx.get(f"{a}/v1/session/info/{other}", headers=root).json()[0]["Node"] == "node-a"
+    # A body that names a node keeps it (any case, as Consul reads field names).
+    r = httpx.put(f"{a}/v1/session/create", json={"node": "srv"}, headers=root)
+    assert r.status_code == 200, r.text
+    third = r.json()["ID"]
+    assert httpx.get(f"{a}/v1/session/info/{third}", headers=root).json()[0]["Node"] == "srv"
+    for s in (sid, other, third):
+        assert httpx.put(f"{a}/v1/session/destroy/{s}", headers=root).status_code == 200
