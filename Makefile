@@ -15,9 +15,19 @@ $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("Trellis needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 
+# python-consul and python-consul2 ship the same top-level package ("consul") as py-consul,
+# so they cannot share the environment: each goes in a directory of its own, which
+# tests/test_integration_compat_clients.py imports it from (their one dependency beyond
+# requests, six, is in the test extras).
+CONSUL_CLIENTS = build/consul-clients
+
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade \
+		--target $(CONSUL_CLIENTS)/python-consul 'python-consul==1.1.0'
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade \
+		--target $(CONSUL_CLIENTS)/python-consul2 'python-consul2==0.1.5'
 	touch $(STAMP)
 
 dev: $(STAMP)

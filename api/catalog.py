@@ -71,6 +71,8 @@ def build_checks(
         check_id = d.get("CheckID") or d.get("ID") or default_id
         if not check_id:
             raise BadRequest("a node check needs a CheckID or a Name")
+        if not names.is_instance_id(check_id):
+            raise BadRequest(f"check ID {check_id!r} is not valid: {names.ID_RULE}")
         name = d.get("Name") or (f"Service '{sname}' check" if sname else check_id)
         ctype = (
             "ttl"
@@ -128,8 +130,8 @@ def build_service(node: str, d: dict) -> Service:
         raise BadRequest("Name: Missing data for required field.")
     valid_name("service name", name)
     sid = d.get("ID") or name
-    if len(sid) > 256 or any(ord(c) < 32 for c in sid) or "/" in sid:
-        raise BadRequest(f"service ID {sid!r} is not valid")
+    if not names.is_instance_id(sid):
+        raise BadRequest(f"service ID {sid!r} is not valid: {names.ID_RULE}")
     kind = d.get("Kind", "")
     proxy = d.get("Proxy")
     if kind == "connect-proxy":

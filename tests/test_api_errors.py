@@ -258,7 +258,8 @@ WRONG = [
     (REGISTER, {"Name": "bad name"}, "not valid"),
     (REGISTER, {"Name": "-w"}, "not valid"),
     (REGISTER, {"Name": "w" * 129}, "not valid"),
-    (REGISTER, {"Name": "w", "ID": "a/b"}, "not valid"),
+    # '/' is allowed (Patroni's "scope/name"); what no request path could name is not.
+    (REGISTER, {"Name": "w", "ID": "a\u2028b"}, "not valid"),
     (REGISTER, {"Name": "w", "ID": "a\u0001b"}, "not valid"),
     (REGISTER, {"name": "w", "Name": "w"}, "twice"),
     (REGISTER, {"Name": "w", "Meta": {"k": "v"}, "meta": {}}, "twice"),
@@ -444,7 +445,6 @@ def test_unknown_routes_are_404_json(client, subtests):
         ("GET", "/v1"),
         ("GET", "/v1/agent/bogus"),
         ("GET", "/v1/catalog/services/extra"),
-        ("PUT", "/v1/agent/service/register/extra"),
         ("DELETE", "/v1/nope"),
         ("POST", "/v2/kv/a"),
     ):
@@ -463,6 +463,10 @@ def test_wrong_methods_are_405_json_with_allow(client, subtests):
         ("POST", "/v1/kv/a", {"GET", "PUT", "DELETE"}),
         ("PATCH", "/v1/kv/", {"GET", "PUT", "DELETE"}),
         ("GET", "/v1/agent/service/deregister/x", {"PUT"}),
+        ("GET", "/v1/agent/service/deregister/a/b", {"PUT"}),
+        # IDs may hold slashes, so this is /v1/agent/service/{service_id} (as in Consul, whose
+        # /v1/agent/service/ handler answers it a 405 too).
+        ("PUT", "/v1/agent/service/register/extra", {"GET"}),
         # /v1/agent/service/register is also /v1/agent/service/{service_id}, so GET is
         # allowed (and is a lookup of the service "register").
         ("POST", REGISTER, {"GET", "PUT"}),

@@ -1,11 +1,12 @@
 """ACLs at the HTTP boundary: who is asking (the token), and what may they do (an Authorizer).
 
-The token comes from ``X-Consul-Token`` or ``Authorization: Bearer``; no token means the
-anonymous token. Secrets are compared by SHA-256 (they are random UUIDs, so a plain hash is
-enough) and never logged. Authorizers come from the per-process ``AuthorizerCache``
-(``trellis.api.acl.cache``), which never answers from a state older than the request: each
-request reads the store's ACL and intention indexes once, when it first needs them
-(``fresh_indexes``), and the caches compare their contents with that.
+The token comes from ``X-Consul-Token``, else ``Authorization: Bearer``, else the query
+parameter ``?token=`` (Consul's order); no token means the anonymous token. Secrets are
+compared by SHA-256 (they are random UUIDs, so a plain hash is enough) and never logged.
+Authorizers come from the per-process ``AuthorizerCache`` (``trellis.api.acl.cache``), which
+never answers from a state older than the request: each request reads the store's ACL and
+intention indexes once, when it first needs them (``fresh_indexes``), and the caches compare
+their contents with that.
 
 With ACLs off (``trellis dev``), every request gets ``Authorizer.allow_all()``.
 """
@@ -32,14 +33,21 @@ _ALLOW_ALL = Authorizer.allow_all()
 
 
 def request_secret() -> str | None:
-    """The token the request carries, if any (Consul's header, or a bearer token)."""
+    """The token the request carries, if any: Consul's header, a bearer token, or, last,
+    ``?token=``. The query parameter is what python-consul and py-consul send when given a
+    token, and what a node agent passes on unchanged when it forwards such a request; without
+    it those clients' requests were silently anonymous (a 403 under default deny, or, worse,
+    the anonymous token's rights mistaken for theirs). The token is never logged: Trellis
+    writes no access log, and no error message repeats the query string."""
     token = request.headers.get("X-Consul-Token")
     if token:
         return token.strip()
     auth = request.headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return None
+        bearer = auth[7:].strip()
+        if bearer:
+            return bearer
+    return request.args.get("token", "").strip() or None
 
 
 def require(allowed: bool, permission: str) -> None:

@@ -16,7 +16,7 @@ from trellis.api import __version__
 from trellis.api import catalog as cat
 from trellis.api import maintenance as maint
 from trellis.api.acl import service as acl
-from trellis.api.errors import BadRequest, NotFound
+from trellis.api.errors import BadRequest, MethodNotAllowed, NotFound
 from trellis.api.feed import Watch
 from trellis.api.http import (
     accepts_filter,
@@ -130,7 +130,7 @@ def service_register():
     return json_response(None)
 
 
-@bp.put("/v1/agent/service/deregister/<service_id>")
+@bp.put("/v1/agent/service/deregister/<path:service_id>")
 def service_deregister(service_id: str):
     store = services().store
     node = services().settings.node_name
@@ -172,8 +172,15 @@ def list_services():
     return json_response(data, headers={"X-Consul-ContentHash": h})
 
 
-@bp.get("/v1/agent/service/<service_id>")
+@bp.get("/v1/agent/service/<path:service_id>")
 def get_service(service_id: str):
+    if service_id.startswith("deregister/"):
+        # IDs may hold slashes, so this route also matches a GET of a deregistration path.
+        # Consul's longest-prefix routing sends that to deregister, which allows only PUT.
+        raise MethodNotAllowed(
+            f"method {request.method} is not allowed on {request.path}", headers={"Allow": "PUT"}
+        )
+
     def compute():
         return _local_services().get(service_id)
 
@@ -233,7 +240,7 @@ def check_register():
     return json_response(None)
 
 
-@bp.put("/v1/agent/check/deregister/<check_id>")
+@bp.put("/v1/agent/check/deregister/<path:check_id>")
 def check_deregister(check_id: str):
     s = services()
     _require_check_write(check_id)
@@ -269,22 +276,22 @@ def _update(check_id: str, status: str, output: str | None):
     return json_response(None)
 
 
-@bp.put("/v1/agent/check/pass/<check_id>")
+@bp.put("/v1/agent/check/pass/<path:check_id>")
 def check_pass(check_id: str):
     return _update(check_id, PASSING, str_arg("note", max_len=MAX_OUTPUT * 2))
 
 
-@bp.put("/v1/agent/check/warn/<check_id>")
+@bp.put("/v1/agent/check/warn/<path:check_id>")
 def check_warn(check_id: str):
     return _update(check_id, WARNING, str_arg("note", max_len=MAX_OUTPUT * 2))
 
 
-@bp.put("/v1/agent/check/fail/<check_id>")
+@bp.put("/v1/agent/check/fail/<path:check_id>")
 def check_fail(check_id: str):
     return _update(check_id, CRITICAL, str_arg("note", max_len=MAX_OUTPUT * 2))
 
 
-@bp.put("/v1/agent/check/update/<check_id>")
+@bp.put("/v1/agent/check/update/<path:check_id>")
 def check_update(check_id: str):
     body = load(CheckUpdateSchema, cat.to_pascal(json_body(required=False) or {}))
     return _update(check_id, body["Status"], body["Output"])

@@ -326,8 +326,8 @@ def service_def(
     d.pop("Service", None)
     d["Name"] = name
     sid = _str(d, "ID") or name
-    if len(sid) > 256 or any(ord(c) < 32 for c in sid) or "/" in sid:
-        raise DefinitionError(f"service ID {sid!r} is not valid")
+    if not names.is_instance_id(sid):
+        raise DefinitionError(f"service ID {sid!r} is not valid: {names.ID_RULE}")
     d["ID"] = sid
     port = d.get("Port", 0)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -496,6 +496,8 @@ def check_body(raw: Mapping[str, Any], *, enable_script_checks: bool = False) ->
         if not d.get("Name"):
             raise DefinitionError("a check needs a CheckID or a Name")
         d["CheckID"] = d["Name"]
+    if not names.is_instance_id(d["CheckID"]):
+        raise DefinitionError(f"check ID {d['CheckID']!r} is not valid: {names.ID_RULE}")
     d.setdefault("Name", d["CheckID"])
     check_def(d)  # the durations
     return d

@@ -63,9 +63,10 @@ class Request:
         if t:
             return t
         auth = self.header("authorization") or ""
-        if auth.lower().startswith("bearer "):
+        if auth.lower().startswith("bearer ") and auth[7:].strip():
             return auth[7:].strip()
-        return self.arg("token") or ""
+        # Lowest priority, as in Consul (and as the servers read it: trellis.api.acl.service).
+        return (self.arg("token") or "").strip()
 
     def json(self) -> Any:
         if not self.body.strip():

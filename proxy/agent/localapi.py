@@ -218,6 +218,8 @@ class LocalAPI:
             raise NotFound(f"{req.path} is not served by the node agent")
         if not req.path.startswith("/v1/") and req.path not in ("/", "/ui"):
             raise NotFound(f"unknown path {req.path}")
+        if req.method == "PUT" and req.path == "/v1/session/create":
+            req = self._session_on_this_node(req)
         if self.shared is not None and req.method == "GET":
             if (
                 req.path in (ROOTS_PATH, "/v1/agent/connect/ca/roots")
@@ -229,6 +231,23 @@ class LocalAPI:
         return await self.forward(req)
 
     # -- forwarding -----------------------------------------------------------------------
+
+    def _session_on_this_node(self, req: Request) -> Request:
+        """A session created through an agent belongs to the agent's node, as in Consul
+        (whose agent fills in its node name when the body names none): its node checks
+        (serfHealth by default) and its ``session:write`` ACL are this node's. Forwarded
+        unchanged, the server filled in its own node instead. A body that is not a JSON
+        object is forwarded as it came, for the server to refuse."""
+        try:
+            body = json.loads(req.body) if req.body.strip() else {}
+        except ValueError:
+            return req
+        if not isinstance(body, dict) or any(
+            isinstance(k, str) and k.lower() == "node" for k in body
+        ):
+            return req
+        body["Node"] = self.agent.opts.node
+        return dataclasses.replace(req, body=json.dumps(body).encode())
 
     async def forward(self, req: Request) -> Response:
         head_timeout = 60.0

@@ -1,0 +1,521 @@
+"""The compatibility suite: py-consul, python-consul and python-consul2, unchanged, against a
+real ``trellis server`` with ACLs on (default deny, a management token) and a real
+``trellis agent`` in front of it, as a client's local agent on its port 8500.
+
+Every call of theirs that Trellis serves is driven, with the token in each place the client
+puts it: the constructor's token (py-consul sends it as ``X-Consul-Token``, python-consul as
+``?token=``, python-consul2 as either, by endpoint) and the per-call ``token=`` where the
+client has one. Where the three share an API the tests are parametrised over them; the ACL
+and Connect APIs differ by client and have tests of their own. An anonymous client is refused
+(a 403, which each client raises as ``ACLPermissionDenied``), so every call that succeeds
+proves the token got through. Events, maintenance mode and prepared queries are not driven
+here yet (being built on other branches); nor are calls Trellis does not serve (the README's
+compatibility list says which).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.consul_clients import CLIENTS
+from tests.consul_clients import load as _load
+from tests.support import TrellisProcess, server_args, wait_until
+
+pytestmark = pytest.mark.integration
+
+ALL = list(CLIENTS)
+
+
+@dataclass
+class Cluster:
+    server: TrellisProcess
+    agent: TrellisProcess
+    root: str  # the management token's secret
+
+    @property
+    def port(self) -> int:
+        port = urlsplit(self.agent.url).port
+        assert port is not None
+        return port
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    # The clients read CONSUL_HTTP_TOKEN before their constructor's token: none must be set.
+    assert "CONSUL_HTTP_TOKEN" not in os.environ
+    base = tmp_path_factory.mktemp("compat-clients")
+    cfg = base / "server.json"
+    cfg.write_text(json.dumps({"acl": {"enabled": True, "default_policy": "deny"}}))
+    started: list[TrellisProcess] = []
+    try:
+        s = TrellisProcess([*server_args(base / "s", workers=1, node="srv"), "-config", str(cfg)])
+        started.append(s)
+        s.start()
+        r = httpx.put(f"{s.url}/v1/acl/bootstrap")
+        assert r.status_code == 200, r.text
+        root = r.json()["SecretID"]
+        (base / "conf").mkdir()
+        a = TrellisProcess(
+            [
+                *("agent", "-node", "node-a", "-http-port", "0", "-server", s.url),
+                *("-data-dir", str(base / "agent"), "-config-dir", str(base / "conf")),
+                *("-token", root),
+            ]
+        )
+        started.append(a)
+        a.start()
+        yield Cluster(s, a, root)
+    finally:
+        for p in reversed(started):
+            p.stop()
+
+
+@dataclass
+class Clients:
+    name: str
+    mod: Any
+    root: Any  # a client made with the management token
+    anon: Any  # a client made with no token
+
+    def close(self) -> None:
+        for c in (self.root, self.anon):
+            # An idle keep-alive connection would hold a worker's slot at the server's stop.
+            c.http.session.close()
+
+
+@pytest.fixture(params=ALL)
+def clients(request, cluster) -> Iterator[Clients]:
+    mod = load(request.param)
+    made = Clients(
+        request.param,
+        mod,
+        mod.Consul(host="127.0.0.1", port=cluster.port, token=cluster.root),
+        mod.Consul(host="127.0.0.1", port=cluster.port),
+    )
+    yield made
+    made.close()
+
+
+class _Module:
+    """A client's ``consul`` module whose ``Consul`` is made without the DeprecationWarnings
+    python-consul2's constructor gives (the legacy ACL API, the discovery chain API: the
+    client's own notices about Consul versions, which this suite's warnings-are-errors
+    setting would turn into failures)."""
+
+    def __init__(self, mod: ModuleType) -> None:
+        self._mod = mod
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._mod, name)
+
+    def Consul(self, *args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return self._mod.Consul(*args, **kwargs)
+
+
+def load(client: str) -> Any:
+    return _Module(_load(client))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# -- K/V ----------------------------------------------------------------------------------------
+
+
+def test_kv_with_the_constructors_token(clients):
+    c, mod = clients.root, clients.mod
+    p = unique("kv")
+    with pytest.raises(mod.ACLPermissionDenied):
+        clients.anon.kv.put(f"{p}/a", "x")
+    assert c.kv.put(f"{p}/a", "1")
+    assert c.kv.put(f"{p}/b/c", b"\x00\xff")
+    assert c.kv.put(f"{p}/flagged", "v", flags=42)
+    index, item = c.kv.get(f"{p}/a")
+    assert (item["Key"], item["Value"]) == (f"{p}/a", b"1")
+    assert int(index) >= item["ModifyIndex"]
+    assert c.kv.get(f"{p}/b/c")[1]["Value"] == b"\x00\xff"
+    assert c.kv.get(f"{p}/flagged")[1]["Flags"] == 42
+    _, items = c.kv.get(f"{p}/", recurse=True)
+    assert [i["Key"] for i in items] == [f"{p}/a", f"{p}/b/c", f"{p}/flagged"]
+    _, keys = c.kv.get(f"{p}/", keys=True, separator="/")
+    assert keys == [f"{p}/a", f"{p}/b/", f"{p}/flagged"]
+    # cas: 0 creates only; the current ModifyIndex updates; a stale one does nothing.
+    assert not c.kv.put(f"{p}/a", "2", cas=0)
+    assert c.kv.put(f"{p}/a", "2", cas=item["ModifyIndex"])
+    assert not c.kv.put(f"{p}/a", "3", cas=item["ModifyIndex"])
+    assert c.kv.get(f"{p}/a")[1]["Value"] == b"2"
+    # A blocking read that times out returns the same index.
+    index, _ = c.kv.get(f"{p}/a")
+    assert c.kv.get(f"{p}/a", index=index, wait="100ms")[0] == index
+    assert c.kv.delete(f"{p}/a")
+    assert c.kv.get(f"{p}/a")[1] is None
+    assert c.kv.delete(f"{p}/", recurse=True)
+    assert c.kv.get(f"{p}/", recurse=True)[1] is None
+
+
+def test_kv_with_the_per_call_token(clients, cluster):
+    c, mod, root = clients.anon, clients.mod, cluster.root
+    k = unique("kv-call")
+    with pytest.raises(mod.ACLPermissionDenied):
+        c.kv.get(k)
+    assert c.kv.put(k, "v", token=root)
+    assert c.kv.get(k, token=root)[1]["Value"] == b"v"
+    assert c.kv.get(k, recurse=True, token=root)[1][0]["Key"] == k
+    assert c.kv.delete(k, token=root)
+    assert c.kv.get(k, token=root)[1] is None
+
+
+# -- sessions and locks ---------------------------------------------------------------------------
+
+
+def test_sessions_and_locks(clients, cluster):
+    c, mod = clients.root, clients.mod
+    key = unique("lock")
+    with pytest.raises(mod.ACLPermissionDenied):
+        clients.anon.session.create(name="nobody", ttl=30)
+    if clients.name == "python-consul":
+        # python-consul's session calls send no token (neither its constructor's nor a
+        # per-call one: they take none), so under default deny they are anonymous.
+        with pytest.raises(mod.ACLPermissionDenied):
+            c.session.create(name="leader")
+        return
+    sid = c.session.create(name="leader", behavior="delete", ttl=30, lock_delay=0, checks=[])
+    other = c.session.create(name="follower", lock_delay=0, checks=[])
+    _, info = c.session.info(sid)
+    assert (info["ID"], info["Name"], info["Behavior"], info["TTL"]) == (
+        sid,
+        "leader",
+        "delete",
+        "30s",
+    )
+    _, listed = c.session.list()
+    assert {sid, other} <= {s["ID"] for s in listed}
+    _, on_node = c.session.node(info["Node"])
+    assert sid in {s["ID"] for s in on_node}
+    renewed = c.session.renew(sid)
+    assert renewed["ID"] == sid
+
+    assert c.kv.put(key, "me", acquire=sid)
+    assert not c.kv.put(key, "them", acquire=other)  # held by sid
+    _, held = c.kv.get(key)
+    assert (held["Session"], held["LockIndex"], held["Value"]) == (sid, 1, b"me")
+    assert not c.kv.put(key, "x", release=other)  # not the holder
+    assert c.kv.put(key, "released", release=sid)
+    assert "Session" not in c.kv.get(key)[1] or not c.kv.get(key)[1]["Session"]
+    assert c.kv.put(key, "them", acquire=other)
+    assert c.session.destroy(other)
+    # "release" (the default): the key stays, unlocked.
+    _, after = c.kv.get(key)
+    assert after["Value"] == b"them" and not after.get("Session")
+    # "delete": destroying the session deletes the key it holds.
+    assert c.kv.put(key, "mine", acquire=sid)
+    assert c.session.destroy(sid)
+    wait_until(lambda: c.kv.get(key)[1] is None, timeout=10)
+    assert c.session.info(sid)[1] is None
+
+
+def test_sessions_with_the_per_call_token(cluster):
+    """python-consul has no per-call token on sessions; the other two do."""
+    for name in ("py-consul", "python-consul2"):
+        mod = load(name)
+        c = mod.Consul(host="127.0.0.1", port=cluster.port)
+        try:
+            sid = c.session.create(name="per-call", token=cluster.root)
+            assert c.session.info(sid, token=cluster.root)[1]["ID"] == sid
+            assert sid in {s["ID"] for s in c.session.list(token=cluster.root)[1]}
+            assert c.session.renew(sid, token=cluster.root)["ID"] == sid
+            assert c.session.destroy(sid, token=cluster.root)
+        finally:
+            c.http.session.close()
+
+
+# -- transactions -------------------------------------------------------------------------------
+
+
+def b64(v: bytes) -> str:
+    return base64.b64encode(v).decode()
+
+
+def test_txn(clients, cluster):
+    p = unique("txn")
+    ops = [
+        {"KV": {"Verb": "set", "Key": f"{p}/a", "Value": b64(b"1")}},
+        {"KV": {"Verb": "set", "Key": f"{p}/b", "Value": b64(b"2")}},
+        {"KV": {"Verb": "get", "Key": f"{p}/a"}},
+    ]
+    # As in Consul, a transaction's ACL refusals are per operation: a 409 with the Errors.
+    denied = r"409.*Permission denied"
+    with pytest.raises(clients.mod.ConsulException, match=denied):
+        clients.anon.txn.put(ops)
+    if clients.name in ("py-consul", "python-consul"):
+        # py-consul's and python-consul's txn.put send no token at all (neither the
+        # constructor's nor a per-call one: they take none), so under default deny they are
+        # anonymous and refused, as by Consul.
+        with pytest.raises(clients.mod.ConsulException, match=denied):
+            clients.root.txn.put(ops)
+        return
+    out = clients.root.txn.put(ops)
+    assert out["Errors"] is None
+    assert [r["KV"]["Key"] for r in out["Results"]] == [f"{p}/a", f"{p}/b", f"{p}/a"]
+    if clients.name == "python-consul2":
+        out = clients.anon.txn.put([{"KV": {"Verb": "get", "Key": f"{p}/b"}}], token=cluster.root)
+        assert base64.b64decode(out["Results"][0]["KV"]["Value"]) == b"2"
+    assert clients.root.kv.delete(f"{p}/", recurse=True)
+
+
+# -- catalog and health -------------------------------------------------------------------------
+
+
+def test_catalog_and_health(clients, cluster):
+    """The catalog and health reads. The instance is registered through the agent: the
+    clients' catalog.register and catalog.deregister send a ``WriteRequest`` body field and
+    lowercase field names (``serviceid``), which Trellis refuses until it reads bodies as
+    Consul does (issue 14, item 6, another branch)."""
+    c = clients.root
+    svc = unique("cat-svc")
+    sid = f"{svc}/1"
+    check = clients.mod.Check.ttl("30s")
+    assert c.agent.service.register(
+        svc, service_id=sid, port=8080, tags=["v1"], check=check, token=cluster.root
+    )
+    # A passing check, set directly: python-consul's ttl_pass sends no token (see below).
+    r = httpx.put(
+        f"{cluster.agent.url}/v1/agent/check/pass/service:{sid}",
+        headers={"X-Consul-Token": cluster.root},
+    )
+    assert r.status_code == 200, r.text
+    assert c.catalog.datacenters() == ["dc1"]
+    wait_until(lambda: len(c.health.service(svc, passing=True)[1]) == 1)
+    _, nodes = c.catalog.nodes()
+    assert "node-a" in {n["Node"] for n in nodes}
+    _, services = c.catalog.services()
+    assert services[svc] == ["v1"]
+    if clients.name != "python-consul":  # its catalog.node fails on a token: a client bug
+        _, one = c.catalog.node("node-a")
+        assert sid in one["Services"]
+    _, instances = c.catalog.service(svc)
+    assert [(i["ServiceID"], i["ServicePort"]) for i in instances] == [(sid, 8080)]
+    _, tagged = c.catalog.service(svc, tag="v1")
+    assert len(tagged) == 1
+    _, healthy = c.health.service(svc, passing=True)
+    assert [e["Service"]["ID"] for e in healthy] == [sid]
+    _, checks = c.health.checks(svc)
+    assert [ch["CheckID"] for ch in checks] == [f"service:{sid}"]
+    _, passing = c.health.state("passing")
+    assert f"service:{sid}" in {ch["CheckID"] for ch in passing}
+    _, on_node = c.health.node("node-a")
+    assert f"service:{sid}" in {ch["CheckID"] for ch in on_node}
+    # An anonymous client sees nothing under default deny, and everything with the per-call
+    # token.
+    assert clients.anon.catalog.service(svc)[1] == []
+    _, anon_view = clients.anon.catalog.service(svc, token=cluster.root)
+    assert len(anon_view) == 1
+    _, anon_health = clients.anon.health.service(svc, token=cluster.root)
+    assert len(anon_health) == 1
+    r = httpx.put(
+        f"{cluster.agent.url}/v1/agent/service/deregister/{sid}",
+        headers={"X-Consul-Token": cluster.root},
+    )
+    assert r.status_code == 200, r.text
+    wait_until(lambda: c.catalog.service(svc)[1] == [])
+
+
+# -- the agent ----------------------------------------------------------------------------------
+
+
+def test_agent_services_and_checks(clients, cluster):
+    c, mod = clients.root, clients.mod
+    name = unique("agent-svc")
+    sid = f"{name}/member-1"  # an ID with a slash, as Patroni's
+    me = c.agent.self()
+    assert me["Config"]["NodeName"] == "node-a"
+    if clients.name == "python-consul2":
+        # The others send no token on agent.members (and take no per-call one): anonymous,
+        # they get the list filtered to nothing, as from Consul under default deny.
+        assert "node-a" in {m["Name"] for m in c.agent.members()}
+    with pytest.raises(mod.ACLPermissionDenied):
+        clients.anon.agent.service.register(name, service_id=sid)
+    # The per-call token, from the anonymous client (all three have it on register).
+    assert clients.anon.agent.service.register(
+        name, service_id=sid, port=9000, tags=["t"], check=mod.Check.ttl("30s"), token=cluster.root
+    )
+    assert c.agent.services()[sid]["Service"] == name
+    cid = f"service:{sid}"
+    assert c.agent.checks()[cid]["Status"] == "critical"
+    if clients.name == "python-consul":
+        # python-consul's ttl_pass/warn/fail send no token (and take none): anonymous, they
+        # are refused, as Consul refuses a check update without service:write.
+        with pytest.raises(mod.ACLPermissionDenied):
+            c.agent.check.ttl_pass(cid)
+    else:
+        for verb, status in (
+            ("ttl_warn", "warning"),
+            ("ttl_fail", "critical"),
+            ("ttl_pass", "passing"),
+        ):
+            assert getattr(c.agent.check, verb)(cid, notes=verb)
+            assert c.agent.checks()[cid]["Status"] == status
+    assert c.agent.check.register("own", check=mod.Check.ttl("30s"), check_id=f"{name}/own")
+    assert f"{name}/own" in c.agent.checks()
+    if clients.name == "python-consul":
+        # python-consul's check.deregister sends no token (and takes none): refused.
+        with pytest.raises(mod.ACLPermissionDenied):
+            c.agent.check.deregister(f"{name}/own")
+        r = httpx.put(
+            f"{cluster.agent.url}/v1/agent/check/deregister/{name}/own",
+            headers={"X-Consul-Token": cluster.root},
+        )
+        assert r.status_code == 200, r.text
+    else:
+        assert c.agent.check.deregister(f"{name}/own")
+    assert f"{name}/own" not in c.agent.checks()
+    wait_until(lambda: [e["Service"]["ID"] for e in c.health.service(name)[1]] == [sid])
+    if clients.name == "python-consul":
+        # python-consul's service.deregister sends no token (and takes none): refused.
+        with pytest.raises(mod.ACLPermissionDenied):
+            c.agent.service.deregister(sid)
+        r = httpx.put(
+            f"{cluster.agent.url}/v1/agent/service/deregister/{sid}",
+            headers={"X-Consul-Token": cluster.root},
+        )
+        assert r.status_code == 200, r.text
+    else:
+        assert c.agent.service.deregister(sid)
+    assert sid not in c.agent.services()
+    wait_until(lambda: c.health.service(name)[1] == [])
+
+
+def test_status(clients):
+    leader = clients.root.status.leader()
+    assert leader and leader.rpartition(":")[2].isdigit()
+    assert clients.root.status.peers() == [leader]
+
+
+# -- ACL (the clients' APIs differ) -------------------------------------------------------------
+
+
+def test_acl_through_py_consul(cluster):
+    mod = load("py-consul")
+    c = mod.Consul(host="127.0.0.1", port=cluster.port, token=cluster.root)
+    anon = mod.Consul(host="127.0.0.1", port=cluster.port)
+    try:
+        with pytest.raises(mod.ACLPermissionDenied):
+            anon.acl.policy.list()
+        # py-consul's policy.create sends lowercase "name" and "rules", which Trellis refuses
+        # until it reads body field names in any case (issue 14, item 6, another branch):
+        # the policy is made directly, and py-consul drives the rest.
+        r = httpx.put(
+            f"{cluster.agent.url}/v1/acl/policy",
+            json={"Name": unique("kv-read"), "Rules": 'key_prefix "" { policy = "read" }'},
+            headers={"X-Consul-Token": cluster.root},
+        )
+        assert r.status_code == 200, r.text
+        policy = r.json()
+        assert c.acl.policy.read(policy["ID"])["Name"] == policy["Name"]
+        assert policy["ID"] in {p["ID"] for p in c.acl.policy.list()}
+        token = c.acl.token.create(policies_id=[policy["ID"]], description="reader")
+        assert c.acl.token.read(token["AccessorID"])["Description"] == "reader"
+        assert token["AccessorID"] in {t["AccessorID"] for t in c.acl.token.list()}
+        assert (
+            anon.acl.token.read_self(token=token["SecretID"])["AccessorID"] == token["AccessorID"]
+        )
+        # The new token works where its policy allows, from a client made with it.
+        reader = mod.Consul(host="127.0.0.1", port=cluster.port, token=token["SecretID"])
+        try:
+            assert reader.kv.get(unique("nothing"))[1] is None  # read allowed: a 404
+            with pytest.raises(mod.ACLPermissionDenied):
+                reader.kv.put(unique("denied"), "x")
+        finally:
+            reader.http.session.close()
+        # An update replaces the policy (py-consul sends no Rules here: it then has none).
+        updated = c.acl.policy.update(policy["ID"], policy["Name"], description="reads K/V")
+        assert (updated["Description"], updated["Rules"]) == ("reads K/V", "")
+        assert c.acl.token.delete(token["AccessorID"])
+        assert c.acl.policy.delete(policy["ID"])
+    finally:
+        c.http.session.close()
+        anon.http.session.close()
+
+
+def test_acl_through_python_consul2(cluster):
+    mod = load("python-consul2")
+    c = mod.Consul(host="127.0.0.1", port=cluster.port, token=cluster.root)
+    anon = mod.Consul(host="127.0.0.1", port=cluster.port)
+    try:
+        with pytest.raises(mod.ACLPermissionDenied):
+            anon.acl.policy.list()
+        name = unique("kv-read")
+        policy = c.acl.policy.create(name, rules='key_prefix "" { policy = "read" }')
+        assert c.acl.policy.get(policy["ID"])["Name"] == name
+        assert policy["ID"] in {p["ID"] for p in c.acl.policy.list()}
+        assert c.acl.policy.update(policy["ID"], name, description="reads")["Description"] == (
+            "reads"
+        )
+        token = c.acl.tokens.create({"Policies": [{"ID": policy["ID"]}], "Description": "r"})
+        assert c.acl.tokens.get(token["AccessorID"])["Description"] == "r"
+        assert token["AccessorID"] in {t["AccessorID"] for t in c.acl.tokens.list()}
+        assert anon.acl.tokens.self(token=token["SecretID"])["AccessorID"] == token["AccessorID"]
+        assert anon.acl.self(token=cluster.root)["Policies"][0]["Name"] == "global-management"
+        assert c.acl.tokens.delete(token["AccessorID"])
+        assert c.acl.policy.delete(policy["ID"])
+    finally:
+        c.http.session.close()
+        anon.http.session.close()
+
+
+# -- Connect: CA and intentions -----------------------------------------------------------------
+
+
+def test_connect_through_py_consul(cluster):
+    mod = load("py-consul")
+    c = mod.Consul(host="127.0.0.1", port=cluster.port, token=cluster.root)
+    try:
+        roots = c.connect.ca.roots()
+        assert roots["ActiveRootID"] in {r["ID"] for r in roots["Roots"]}
+        assert c.connect.ca.configuration()["Provider"]
+        src, dst = unique("web"), unique("db")
+        assert c.connect.intentions.upsert(src, dst, action="deny")
+        assert c.connect.intentions.read(src, dst)["Action"] == "deny"
+        assert (src, dst) in {
+            (i["SourceName"], i["DestinationName"]) for i in c.connect.intentions.list()
+        }
+        assert c.connect.intentions.check(src, dst) is False  # py-consul returns Allowed
+        matched = c.connect.intentions.match("destination", dst)
+        assert [i["SourceName"] for i in matched[dst]] == [src]
+        assert c.connect.intentions.delete(src, dst)
+    finally:
+        c.http.session.close()
+
+
+def test_connect_through_python_consul2(cluster):
+    mod = load("python-consul2")
+    c = mod.Consul(host="127.0.0.1", port=cluster.port, token=cluster.root)
+    try:
+        roots = c.connect.certificates.list()
+        assert roots["ActiveRootID"] in {r["ID"] for r in roots["Roots"]}
+        assert c.connect.certificates.current()["Provider"]
+        assert c.agent.connect.root_certificates()["ActiveRootID"] == roots["ActiveRootID"]
+        src, dst = unique("web"), unique("db")
+        iid = c.connect.intentions.create(src, dst, "consul", "allow", description="first")["ID"]
+        assert c.connect.intentions.get(iid)["Action"] == "allow"
+        assert iid in {i["ID"] for i in c.connect.intentions.list()}
+        assert c.connect.intentions.check(src, dst) == {"Allowed": True}
+        assert [i["ID"] for i in c.connect.intentions.list_match("destination", dst)[dst]] == [iid]
+        assert c.connect.intentions.delete(iid)
+    finally:
+        c.http.session.close()
