@@ -257,3 +257,76 @@ def test_a_native_app_runs_from_the_installed_wheel(fresh_env: Path, tmp_path: P
     # And the app paid for no control plane.
     pulled = [m for m in got["modules"] if m.split(".")[0] in HEAVY or m.startswith("trellis.api")]
     assert pulled == [], pulled
+
+
+# The example client: "web" calls the example backend with connect() and prints the answer and
+# where trellis.connect came from.
+EXAMPLE_CLIENT = """\
+import json, sys
+
+import trellis.connect
+from trellis.connect import Service
+
+with Service("web", address=sys.argv[1]) as web:
+    web.ready(timeout=30)
+    with web.connect("backend", timeout=30) as sock:
+        sock.sendall(b"hello from the wheel\\n")
+        answer = b""
+        while not answer.endswith(b"\\n"):
+            data = sock.recv(100)
+            if not data:
+                break
+            answer += data
+print(json.dumps({"answer": answer.decode(), "connect_file": trellis.connect.__file__}))
+"""
+
+
+@pytest.mark.integration
+def test_an_example_app_runs_from_the_installed_wheel(fresh_env: Path, tmp_path: Path):
+    """examples/trio-backend, copied out of the checkout and run by the fresh environment's
+    Python, serves a native client through ``trellis dev`` (the wheel's command)."""
+    from tests.support import TrellisProcess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    shutil.copy(ROOT / "examples" / "trio-backend" / "backend.py", app_dir / "backend.py")
+    (app_dir / "client.py").write_text(EXAMPLE_CLIENT)
+    dev = TrellisProcess(
+        ["dev", "-http-port", "0", "-dns-port", "-1", "-data-dir", str(tmp_path / "data")],
+        env=env,
+    )
+    dev.args[0] = str(fresh_env / "bin" / "trellis")
+    dev.start()
+    backend = None
+    try:
+        backend = subprocess.Popen(
+            [str(fresh_env / "bin" / "python"), "backend.py", "-register", "-http-addr", dev.url],
+            cwd=app_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert backend.stdout is not None
+        lines = []
+        for line in backend.stdout:  # ends when the backend exits (a failure)
+            lines.append(line)
+            if "registered as" in line:
+                break
+        assert any("registered as" in x for x in lines), "".join(lines)
+        r = _run(fresh_env / "bin" / "python", "client.py", dev.url, cwd=app_dir, env=env)
+        got = json.loads(r.stdout)
+        assert got["answer"] == "backend: HELLO FROM THE WHEEL\n", got
+        assert Path(got["connect_file"]).is_relative_to(fresh_env), got["connect_file"]
+    finally:
+        if backend is not None:
+            backend.terminate()
+            try:
+                backend.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                backend.kill()
+                backend.wait(timeout=10)
+            if backend.stdout is not None:
+                backend.stdout.close()
+        dev.stop()
