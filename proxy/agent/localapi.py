@@ -71,7 +71,7 @@ from trellis.proxy.agent.upstream import HOP_BY_HOP, Unreachable
 from trellis.proxy.bexpr import Filter, FilterError, Struct
 from trellis.proxy.bexpr import parse_optional as parse_filter
 from trellis.proxy.durations import DurationError, parse_duration
-from trellis.proxy.filtershapes import AGENT_MEMBER, AGENT_SERVICE, HEALTH_CHECK
+from trellis.proxy.filtershapes import AGENT_MEMBER, AGENT_SERVICE, HEALTH_CHECK, omit_empty
 
 log = logging.getLogger("trellis.agent")
 
@@ -386,12 +386,14 @@ class LocalAPI:
         value, h = await self._hash_blocking(req, self._services_json)
         if flt is not None:
             value = {k: v for k, v in value.items() if flt(v)}
+        value = {k: omit_empty(v) for k, v in value.items()}
         return json_response(value, headers=[(b"x-consul-contenthash", h.encode())])
 
     async def service(self, req: Request, sid: str) -> Response:
         value, h = await self._hash_blocking(req, lambda: self._service_json(sid))
         if value is None:
             raise NotFound(f"unknown service ID: {sid}")
+        value = omit_empty(value)
         value["ContentHash"] = h
         return json_response(value, headers=[(b"x-consul-contenthash", h.encode())])
 
@@ -697,7 +699,6 @@ class LocalAPI:
                     "shared_watches": str(self.shared.watching() if self.shared else 0),
                 }
             },
-            "xDS": None,
         }
 
     async def reload(self, req: Request, _: str) -> Response:
