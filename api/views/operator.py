@@ -133,6 +133,7 @@ def gauges() -> list[tuple[str, float, dict[str, str]]]:
         ("catalog.service_instances", float(len(svcs)), {}),
         ("session.count", float(len(store.sessions())), {}),
         ("cluster.server_processes", float(s.members.share()[1]), {}),
+        ("agent.monitors", float(_monitors()), {}),
     ]
     for status in ("passing", "warning", "critical", "maintenance"):
         n = sum(1 for c in checks if c.status == status)
@@ -189,28 +190,42 @@ class _Tap(logging.Handler):
         self.as_json = as_json
         self.dropped = 0
 
+    def line_for(self, record: logging.LogRecord) -> str:
+        """One record as Consul's monitor prints it: text, or one JSON object (logjson)."""
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        ts += f".{int(record.msecs):03d}Z"
+        level = {"WARNING": "WARN"}.get(record.levelname, record.levelname)
+        msg = record.getMessage()
+        if self.as_json:
+            return json.dumps(
+                {"@level": level.lower(), "@message": msg, "@module": record.name, "@timestamp": ts}
+            )
+        return f"{ts} [{level}]  {record.name}: {msg}"
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            msg = record.getMessage()
-            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            ts += f".{int(record.msecs):03d}Z"
-            level = {"WARNING": "WARN"}.get(record.levelname, record.levelname)
-            if self.as_json:
-                line = json.dumps(
-                    {
-                        "@level": level.lower(),
-                        "@message": msg,
-                        "@module": record.name,
-                        "@timestamp": ts,
-                    }
-                )
-            else:
-                line = f"{ts} [{level}]  {record.name}: {msg}"
-            self.lines.put_nowait(line + "\n")
+            self.lines.put_nowait(self.line_for(record) + "\n")
         except queue.Full:
             self.dropped += 1
         except Exception:  # a bad log call must not break the code that logged
             self.handleError(record)
+
+
+def _own_line(tap: _Tap, level: int, msg: str) -> bytes:
+    """A line of the monitor's own (whatever the level asked), in the stream's format."""
+    record = logging.LogRecord(log.name, level, __file__, 0, msg, None, None)
+    return (tap.line_for(record) + "\n").encode()
+
+
+_MONITORS = [0]
+_MONITORS_LOCK = threading.Lock()
+
+
+def _monitors(delta: int = 0) -> int:
+    """How many monitor streams this process is serving (after adding ``delta``)."""
+    with _MONITORS_LOCK:
+        _MONITORS[0] += delta
+        return _MONITORS[0]
 
 
 @bp.get("/v1/agent/monitor")
@@ -226,11 +241,12 @@ def monitor():
     sock = client_socket(request.environ)
     root = logging.getLogger()
     root.addHandler(tap)
+    _monitors(+1)
 
     def stream() -> Iterator[bytes]:
         try:
             # Something to start the chunked body with, so the client knows it is streaming.
-            yield f"{time.strftime('%Y-%m-%dT%H:%M:%S')}Z [INFO]  agent: monitor started\n".encode()
+            yield _own_line(tap, logging.INFO, f"monitor started at level {name}")
             while True:
                 try:
                     line = tap.lines.get(timeout=1.0)
@@ -240,10 +256,13 @@ def monitor():
                     continue
                 if tap.dropped:
                     n, tap.dropped = tap.dropped, 0
-                    yield f"[WARN]  agent: monitor dropped {n} lines (client too slow)\n".encode()
+                    yield _own_line(
+                        tap, logging.WARNING, f"monitor dropped {n} lines (slow client)"
+                    )
                 yield line.encode("utf-8", "replace")
         finally:
             root.removeHandler(tap)
+            _monitors(-1)
 
     return Response(
         stream(),
@@ -265,7 +284,7 @@ def reload():
     _require_agent(write=True)
     s = services().settings
     if not s.config_file:
-        log.info("agent: reload requested; this server was started without a config file")
+        log.info("reload requested; this server was started without a config file")
         return json_response(None)
     try:
         values = load_file(s.config_file)
@@ -278,9 +297,10 @@ def reload():
         raise BadRequest(f"reload refused: log_level {level.lower()!r} is not a log level")
     logging.getLogger().setLevel("DEBUG" if level == "TRACE" else level)
     restart = sorted(k for k, v in values.items() if k != "log_level" and getattr(s, k, v) != v)
-    log.info("agent: reloaded %s: log level %s", s.config_file, level.lower())
+    log.info("reloaded %s: log level %s", s.config_file, level.lower())
+    log.debug("reload: now logging at %s", level.lower())
     if restart:
-        log.warning("agent: reload: these settings change only on a restart: %s", restart)
+        log.warning("reload: these settings change only on a restart: %s", restart)
     return json_response(None)
 
 
@@ -326,7 +346,7 @@ def set_token(kind: str):
             tokens = agent_tokens()
             tokens[canonical] = secret
             _write_private(path, json.dumps(tokens, sort_keys=True))
-    log.info("agent: updated agent token %r", canonical)
+    log.info("updated agent token %r", canonical)
     return json_response(None)
 
 
