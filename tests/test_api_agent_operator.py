@@ -294,3 +294,49 @@ def test_a_monitor_client_that_goes_is_let_go(server_with_config):
         # The stream ends when its client goes (the worker notices within a second, with no
         # log line to write): the one worker's gauge of open monitors falls back to 0.
         wait_until(lambda: open_monitors() == 0, timeout=15)
+
+
+# -- the node agent answers version and host for its own node ----------------------------------
+
+
+def test_node_agent_answers_version_and_its_host_under_operator_read(tmp_path):
+    cfg = tmp_path / "server.json"
+    cfg.write_text(json.dumps({"acl": {"enabled": True, "default_policy": "deny"}}))
+    procs: list[TrellisProcess] = []
+    try:
+        server = TrellisProcess(
+            [*server_args(tmp_path / "srv", workers=1, node="srv"), "-config", str(cfg)]
+        ).start()
+        procs.append(server)
+        root = httpx.put(server.url + "/v1/acl/bootstrap", timeout=10).json()["SecretID"]
+
+        def token(rules: str) -> str:
+            h = {"X-Consul-Token": root}
+            name = f"p{len(rules)}"
+            pol = {"Name": name, "Rules": rules}
+            assert httpx.put(server.url + "/v1/acl/policy", json=pol, headers=h).status_code == 200
+            body = {"Policies": [{"Name": name}]}
+            return httpx.put(server.url + "/v1/acl/token", json=body, headers=h).json()["SecretID"]
+
+        op, nodes = token('operator = "read"'), token('node_prefix "" { policy = "write" }')
+        base = tmp_path / "node-a"
+        (base / "conf").mkdir(parents=True)
+        agent = TrellisProcess(
+            [
+                *("agent", "-node", "node-a", "-http-port", "0", "-server", server.url),
+                *("-data-dir", str(base / "data"), "-config-dir", str(base / "conf")),
+                *("-token", root),
+            ]
+        )
+        procs.append(agent)
+        agent.start()
+        v = httpx.get(agent.url + "/v1/agent/version", timeout=10)
+        assert v.status_code == 200 and v.json()["HumanVersion"]
+        h = httpx.get(agent.url + "/v1/agent/host", headers={"X-Consul-Token": op}, timeout=10)
+        assert h.status_code == 200 and h.json()["Host"]["hostname"] == os.uname().nodename
+        for t in (nodes, "", "00000000-0000-4000-8000-0000000000ff"):
+            r = httpx.get(agent.url + "/v1/agent/host", headers={"X-Consul-Token": t}, timeout=10)
+            assert r.status_code == 403, (t, r.text)
+    finally:
+        for p in reversed(procs):
+            p.stop()

@@ -5,7 +5,8 @@ Answered here: service and check registration (written through to the catalog wi
 caller's token first, so the servers' ACLs decide; a 403 there is the caller's 403), the
 local reads (``agent/services`` with hash-based blocking, ``agent/service/{id}``,
 ``agent/checks``, ``agent/self``, ``agent/members``), TTL check updates, ``reload`` and
-``leave``. Forwarded: everything else under ``/v1/`` (K/V, catalog, health, the Connect CA
+``leave``, ``agent/version`` and this host's ``agent/host`` (``operator:read``, which the
+servers decide). Forwarded: everything else under ``/v1/`` (K/V, catalog, health, the Connect CA
 and ``agent/connect/*``), with the caller's headers and token, the server's status, headers
 and body passed back as they come; a blocking query blocks the same way, and a client that
 hangs up cancels its forwarded request.
@@ -28,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
@@ -35,7 +37,7 @@ from urllib.parse import quote
 import h11
 import trio
 
-from trellis.api import __version__, browsers
+from trellis.api import __version__, browsers, telemetry
 from trellis.api import events as user_events
 from trellis.api import maintenance as maint
 from trellis.api.errors import (
@@ -170,7 +172,10 @@ class LocalAPI:
             ("GET", "/v1/agent/members"): self.members,
             ("PUT", "/v1/agent/maintenance"): self.node_maintenance,
             ("GET", "/v1/event/list"): self.event_list,
+            ("GET", "/v1/agent/version"): self.version,
+            ("GET", "/v1/agent/host"): self.host,
         }
+        self.started = time.time()
         self.exact = exact
         self.prefixed: list[tuple[str, str, Route]] = [
             # Before "/v1/agent/service/" (a GET), which it would otherwise fall under.
@@ -700,6 +705,26 @@ class LocalAPI:
                 }
             },
         }
+
+    async def version(self, req: Request, _: str) -> Response:
+        return json_response({"SHA": "", "BuildDate": "", "HumanVersion": __version__, "FIPS": ""})
+
+    async def host(self, req: Request, _: str) -> Response:
+        """This node's host (``operator:read``, as on the servers). The agent holds no ACL
+        rules, so it asks the servers whether the caller's token reads the operator resource
+        (``GET operator/autopilot/configuration`` needs exactly that and changes nothing),
+        and answers with its own host only then."""
+        try:
+            status, value, _ = await self.agent.servers.call(
+                "GET", "/v1/operator/autopilot/configuration", token=req.token()
+            )
+        except Unreachable as e:
+            raise NoServer(f"no server answered: {e}") from None
+        if status == 403:
+            raise PermissionDenied(_message_of(value))
+        if status != 200:
+            raise Refused(status, _message_of(value))
+        return json_response(telemetry.host_info(time.time(), self.started))
 
     async def reload(self, req: Request, _: str) -> Response:
         errors = await self.agent.reload()
