@@ -198,6 +198,24 @@ def test_agent_services_omit_empty_kind_and_tagged_addresses(app_client):
     assert svc["ServiceKind"] == "" and "ServiceTaggedAddresses" in svc
 
 
+def test_the_server_refuses_script_checks_as_a_consul_agent_without_them(app_client):
+    c = app_client
+    for body in (
+        {"Name": "s", "Args": ["/bin/true"], "Interval": "10s"},
+        {"name": "s", "args": ["/bin/true"], "interval": "10s"},
+    ):
+        r = ok(c.put("/v1/agent/check/register", json=body), 400)
+        assert r.get_json()["error"].startswith("Scripts are disabled on this agent")
+    for body in (
+        {"Name": "w", "Check": {"Args": ["/bin/true"], "Interval": "10s"}},
+        {"Name": "w", "Checks": [{"ScriptArgs": ["/bin/true"], "Interval": "10s"}]},
+    ):
+        r = ok(c.put("/v1/agent/service/register", json=body), 400)
+        assert r.get_json()["error"].startswith("Scripts are disabled on this agent")
+    assert ok(c.get("/v1/agent/services")).get_json() == {}
+    ok(c.put("/v1/agent/service/register", json={"Name": "w", "Checks": 5}), 400)
+
+
 # -- a real server: the monitor streams, reload applies the log level ---------------------------
 
 
@@ -337,6 +355,15 @@ def test_node_agent_answers_version_and_its_host_under_operator_read(tmp_path):
         for t in (nodes, "", "00000000-0000-4000-8000-0000000000ff"):
             r = httpx.get(agent.url + "/v1/agent/host", headers={"X-Consul-Token": t}, timeout=10)
             assert r.status_code == 403, (t, r.text)
+        # The service definition's Locality is kept in the agent's view of it.
+        h = {"X-Consul-Token": root}
+        loc = {"Region": "eu-west-1", "Zone": "eu-west-1a"}
+        body = {"Name": "web", "Port": 80, "Locality": loc}
+        r = httpx.put(agent.url + "/v1/agent/service/register", json=body, headers=h, timeout=10)
+        assert r.status_code == 200, r.text
+        listed = httpx.get(agent.url + "/v1/agent/services", headers=h, timeout=10).json()
+        assert listed["web"]["Locality"] == loc
+        assert "Kind" not in listed["web"] and "TaggedAddresses" not in listed["web"]
     finally:
         for p in reversed(procs):
             p.stop()

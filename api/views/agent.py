@@ -59,12 +59,33 @@ def node_watch() -> Watch:
     return Watch("catalog", exact=(f"node/{services().settings.node_name}",))
 
 
+#: The fields that make a check a script check (API and config-file spellings).
+SCRIPT_FIELDS = ("Args", "ScriptArgs", "Script")
+
+
+def refuse_script_checks(checks: list) -> None:
+    """A server runs no checks of its own, so never a script: as a Consul agent without
+    ``enable_script_checks``, it refuses one (the caller's 400, which says where scripts
+    can run) rather than with an unknown-field error or by registering a check nothing runs."""
+    for c in checks:
+        if isinstance(c, dict) and any(c.get(k) for k in SCRIPT_FIELDS):
+            raise BadRequest(
+                "Scripts are disabled on this agent (a Trellis server runs no script checks);"
+                " register script checks through a `trellis agent` started with"
+                " enable_script_checks"
+            )
+
+
 def register_service_body(body: dict, *, replace_checks: bool) -> Service:
     """Register one service (and its sidecar) on this node from an agent registration body."""
     store = services().store
     settings = services().settings
     node = settings.node_name
-    d = load(ServiceSchema, cat.to_pascal(cat.unwrap_service_body(body)))
+    pascal = cat.to_pascal(cat.unwrap_service_body(body))
+    if isinstance(pascal, dict):
+        listed = pascal.get("Checks")
+        refuse_script_checks([pascal.get("Check"), *(listed if isinstance(listed, list) else [])])
+    d = load(ServiceSchema, pascal)
     svc = cat.build_service(node, d)
     defs = list(d.get("Checks") or [])
     if d.get("Check"):
@@ -217,7 +238,9 @@ def list_checks():
 @bp.put("/v1/agent/check/register")
 def check_register():
     s = services()
-    d = load(CheckSchema, cat.to_pascal(json_body()))
+    pascal = cat.to_pascal(json_body())
+    refuse_script_checks([pascal])
+    d = load(CheckSchema, pascal)
     owner = None
     if d.get("ServiceID"):
         owner = next(

@@ -363,6 +363,9 @@ class LocalAPI:
             out["Proxy"] = b["Proxy"]
         if b.get("Connect") is not None:
             out["Connect"] = b["Connect"]
+        if b.get("Locality"):
+            # Kept as the definition gave it (Consul: omitted when empty).
+            out["Locality"] = b["Locality"]
         return out
 
     def _services_json(self) -> dict[str, Any]:
