@@ -48,8 +48,10 @@ class _Sample:
         self.count += 1
         self.total += value
         self.total_sq += value * value
-        self.min = min(self.min, value)
-        self.max = max(self.max, value)
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
 
 
 Labels = tuple[tuple[str, str], ...]
@@ -65,14 +67,26 @@ class Metrics:
     _samples: dict[tuple[str, Labels], _Sample] = field(default_factory=dict)
 
     def count(self, name: str, labels: Mapping[str, str] | None = None, n: float = 1.0) -> None:
-        key = (name, tuple(sorted((labels or {}).items())))
-        with self._lock:
-            self._counters.setdefault(key, _Sample()).add(n)
+        self.count_key((name, tuple(sorted((labels or {}).items()))), n)
 
     def sample(self, name: str, value: float, labels: Mapping[str, str] | None = None) -> None:
-        key = (name, tuple(sorted((labels or {}).items())))
+        self.sample_key((name, tuple(sorted((labels or {}).items()))), value)
+
+    def count_key(self, key: tuple[str, Labels], n: float = 1.0) -> None:
+        """``count`` with the key made by the caller (labels sorted by name): the per-request
+        hook's way, which keeps its keys."""
         with self._lock:
-            self._samples.setdefault(key, _Sample()).add(value)
+            s = self._counters.get(key)
+            if s is None:
+                s = self._counters[key] = _Sample()
+            s.add(n)
+
+    def sample_key(self, key: tuple[str, Labels], value: float) -> None:
+        with self._lock:
+            s = self._samples.get(key)
+            if s is None:
+                s = self._samples[key] = _Sample()
+            s.add(value)
 
     def _copy(self) -> tuple[dict, dict]:
         with self._lock:

@@ -167,14 +167,22 @@ def install_request_metrics(app: Any) -> None:
     def _start() -> None:
         request.environ["trellis.started"] = time.perf_counter()
 
+    m: telemetry.Metrics = app.extensions["trellis.metrics"]
+    # Every request passes here (a hot path): the keys are built once per method and status.
+    keys: dict[tuple[str, int], tuple[tuple, tuple]] = {}
+
     @app.after_request
     def _count(resp: Any) -> Any:
-        m: telemetry.Metrics = app.extensions["trellis.metrics"]
-        labels = {"method": request.method, "worker_pid": pid}
-        m.count("http.requests", {**labels, "code": str(resp.status_code)})
+        k = (request.method, resp.status_code)
+        pair = keys.get(k)
+        if pair is None:
+            labels = (("method", k[0]), ("worker_pid", pid))
+            counter = (("code", str(k[1])), *labels)
+            pair = keys[k] = (("http.requests", counter), ("api.http", labels))
+        m.count_key(pair[0])
         t0 = request.environ.get("trellis.started")
         if t0 is not None:
-            m.sample("api.http", (time.perf_counter() - t0) * 1000.0, labels)
+            m.sample_key(pair[1], (time.perf_counter() - t0) * 1000.0)
         return resp
 
 
