@@ -123,6 +123,18 @@ def test_metrics_count_this_process_requests_and_report_store_figures(app_client
     assert http["Count"] >= 1 and http["Min"] <= http["Mean"] <= http["Max"]
 
 
+def test_a_blocking_query_counts_once(app_client):
+    c = app_client
+    ok(c.put("/v1/kv/a", data=b"1"))
+    index = ok(c.get("/v1/kv/a")).headers["X-Consul-Index"]
+    before = ok(c.get("/v1/agent/metrics")).get_json()
+    # Parks, is re-run when its wait runs out, and answers: one request.
+    ok(c.get(f"/v1/kv/a?index={index}&wait=50ms"))
+    after = ok(c.get("/v1/agent/metrics")).get_json()
+    got = _counter(after, "consul.http.requests") - _counter(before, "consul.http.requests")
+    assert got == 2  # the blocking read and the first metrics read
+
+
 def test_metrics_in_prometheus_format(app_client):
     c = app_client
     ok(c.get("/v1/status/leader"))

@@ -46,7 +46,7 @@ from trellis.api import __version__, telemetry
 from trellis.api.acl import service as acl
 from trellis.api.errors import BadRequest, ConfigError, NotFound
 from trellis.api.http import json_body, json_response, services
-from trellis.api.longpoll import client_socket
+from trellis.api.longpoll import RERUN, client_socket
 from trellis.api.settings import load_file
 
 bp = Blueprint("operator", __name__)
@@ -159,7 +159,8 @@ def metrics():
 
 
 def install_request_metrics(app: Any) -> None:
-    """Count every request and time it, by method (Consul's ``api.http`` sample)."""
+    """Count every request and time it, by method (Consul's ``api.http`` sample). A blocking
+    query counts once, timed until it parked or answered at once."""
     app.extensions["trellis.metrics"] = telemetry.Metrics()
     pid = str(os.getpid())
 
@@ -173,6 +174,10 @@ def install_request_metrics(app: Any) -> None:
 
     @app.after_request
     def _count(resp: Any) -> Any:
+        if RERUN in request.environ:
+            # A parked blocking query's re-run (trellis.api.longpoll): the request was
+            # counted, and timed, when it parked.
+            return resp
         k = (request.method, resp.status_code)
         pair = keys.get(k)
         if pair is None:
