@@ -376,6 +376,14 @@ def test_node_agent_answers_version_and_its_host_under_operator_read(tmp_path):
         listed = httpx.get(agent.url + "/v1/agent/services", headers=h, timeout=10).json()
         assert listed["web"]["Locality"] == loc
         assert "Kind" not in listed["web"] and "TaggedAddresses" not in listed["web"]
+        # agent/self has the DebugConfig subset, and agent/members this node's Member.
+        me = httpx.get(agent.url + "/v1/agent/self", headers=h, timeout=10).json()
+        assert me["DebugConfig"]["NodeName"] == "node-a"
+        assert me["DebugConfig"]["ServerMode"] is False
+        assert me["DebugConfig"]["EnableScriptChecks"] is False
+        assert "xDS" not in me
+        members = httpx.get(agent.url + "/v1/agent/members", headers=h, timeout=10).json()
+        assert [m for m in members if m["Name"] == "node-a"] == [me["Member"]]
     finally:
         for p in reversed(procs):
             p.stop()

@@ -667,6 +667,8 @@ class LocalAPI:
                 return json_response(own)
             if status == 200 and isinstance(value, dict) and isinstance(value.get("Stats"), dict):
                 value["Stats"]["agent"] = own["Stats"]["agent"]
+                # This agent's member entry, as its agent/members lists it.
+                value["Member"] = own["Member"]
             return json_response(value, status)
         return json_response(own)
 
@@ -685,17 +687,26 @@ class LocalAPI:
                 "Version": __version__,
                 "PrimaryDatacenter": a.datacenter,
             },
-            "Member": {
-                "Name": a.opts.node,
-                "Addr": a.opts.address,
-                "Port": 8301,
-                "Tags": {
-                    "role": "consul" if server else "node",
-                    "dc": a.datacenter,
-                    "build": __version__,
-                },
-                "Status": 1,
+            "DebugConfig": {
+                # The subset clients read, with what this agent really runs.
+                "Datacenter": a.datacenter,
+                "PrimaryDatacenter": a.datacenter,
+                "NodeName": a.opts.node,
+                "ServerMode": server,
+                "Revision": "",
+                "Version": __version__,
+                "HTTPPort": a.opts.http_port,
+                "HTTPSPort": -1,
+                "GRPCPort": -1,
+                "GRPCTLSPort": -1,
+                "ClientAddrs": [a.opts.bind],
+                "BindAddr": a.opts.bind,
+                "AdvertiseAddrLAN": a.opts.address,
+                "ConnectEnabled": True,
+                "EnableDebug": False,
+                "EnableScriptChecks": a.opts.enable_script_checks,
             },
+            "Member": self._own_member(),
             "Meta": {},
             "Stats": {
                 "agent": {
@@ -707,6 +718,22 @@ class LocalAPI:
                     "shared_watches": str(self.shared.watching() if self.shared else 0),
                 }
             },
+        }
+
+    def _own_member(self, status: int = 1) -> dict[str, Any]:
+        """This node as a member: the same in agent/self and agent/members."""
+        a = self.agent
+        # dev's agent fronts a server of its own node (see _self_json).
+        return {
+            "Name": a.opts.node,
+            "Addr": a.opts.address,
+            "Port": 8301,
+            "Tags": {
+                "role": "consul" if a.opts.dev else "node",
+                "dc": a.datacenter,
+                "build": __version__,
+            },
+            "Status": status,
         }
 
     async def version(self, req: Request, _: str) -> Response:
@@ -761,6 +788,13 @@ class LocalAPI:
         out = []
         for n in nodes:
             st = member_status(health.get(n["Node"]))
+            if (
+                n["Node"] == self.agent.opts.node
+                and n.get("Datacenter", "") == self.agent.datacenter
+            ):
+                # The same entry as agent/self's Member: clients match the two.
+                out.append(self._own_member({"alive": 1, "left": 3, "failed": 4}[st]))
+                continue
             out.append(
                 {
                     "Name": n["Node"],
