@@ -309,8 +309,19 @@ def test_reload_applies_the_log_level_and_refuses_a_broken_file(server_with_conf
     assert httpx.get(server.url + "/v1/status/leader", timeout=10).status_code == 200
 
 
-def test_a_monitor_client_that_goes_is_let_go(server_with_config):
-    server, _ = server_with_config
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_a_monitor_client_that_goes_is_let_go(tmp_path, worker_class):
+    server = TrellisProcess(
+        [*server_args(tmp_path, workers=1, node="srv"), "-worker-class", worker_class]
+    )
+    try:
+        server.start()
+        _monitor_client_goes(server)
+    finally:
+        server.stop()
+
+
+def _monitor_client_goes(server: TrellisProcess) -> None:
 
     def open_monitors() -> float:
         body = httpx.get(server.url + "/v1/agent/metrics", timeout=10).json()
