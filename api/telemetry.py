@@ -201,6 +201,12 @@ def _meminfo(text: str) -> dict[str, int]:
     return out
 
 
+def _leading_int(text: str) -> int:
+    """The number a /proc field starts with ("491520 KB" -> 491520); 0 when there is none."""
+    m = re.match(r"\s*(\d+)", text)
+    return int(m.group(1)) if m else 0
+
+
 def _cpus(text: str) -> list[dict[str, Any]]:
     cpus: list[dict[str, Any]] = []
     for block in text.split("\n\n"):
@@ -213,21 +219,17 @@ def _cpus(text: str) -> list[dict[str, Any]]:
         mhz = fields.get("cpu MHz", "")
         cpus.append(
             {
-                "cpu": int(fields["processor"]) if fields["processor"].isdigit() else len(cpus),
+                "cpu": _leading_int(fields["processor"]),
                 "vendorId": fields.get("vendor_id", ""),
                 "family": fields.get("cpu family", ""),
                 "model": fields.get("model", ""),
-                "stepping": int(fields.get("stepping", "0") or 0)
-                if fields.get("stepping", "0").isdigit()
-                else 0,
+                "stepping": _leading_int(fields.get("stepping", "")),
                 "physicalId": fields.get("physical id", ""),
                 "coreId": fields.get("core id", ""),
                 "cores": 1,
                 "modelName": fields.get("model name", ""),
-                "mhz": float(mhz) if re.fullmatch(r"[0-9.]+", mhz) else 0.0,
-                "cacheSize": int(fields.get("cache size", "0 KB").split()[0] or 0)
-                if fields.get("cache size", "0").split()[0].isdigit()
-                else 0,
+                "mhz": float(mhz) if re.fullmatch(r"[0-9]+(\.[0-9]+)?", mhz) else 0.0,
+                "cacheSize": _leading_int(fields.get("cache size", "")),
                 "flags": fields.get("flags", "").split(),
                 "microcode": fields.get("microcode", ""),
             }
@@ -258,9 +260,8 @@ def host_info(now: float, started: float) -> dict[str, Any]:
     boot = 0
     for line in _read("/proc/stat").splitlines():
         if line.startswith("btime "):
-            boot = int(line.split()[1])
-    uptime_text = _read("/proc/uptime").split()
-    uptime = int(float(uptime_text[0])) if uptime_text else 0
+            boot = _leading_int(line[len("btime ") :])
+    uptime = _leading_int(_read("/proc/uptime"))
     host = {
         "hostname": u.nodename,
         "uptime": uptime,

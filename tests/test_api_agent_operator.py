@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.support import TrellisProcess, server_args, wait_until
+from trellis.api import telemetry
 
 NODE = "test-node"
 
@@ -92,6 +93,16 @@ def test_version_and_host(app_client):
     assert h["Host"]["hostname"] == os.uname().nodename
     assert h["Memory"]["total"] > 0 and h["CPU"] and h["Disk"]["total"] > 0
     assert h["Errors"] is None
+
+
+def test_host_parsers_take_odd_proc_text_without_failing():
+    # Fields present but empty or not numbers (containers and odd kernels write such).
+    [cpu] = telemetry._cpus("processor\t: 0\ncache size\t:\nstepping\t: x\ncpu MHz\t: 1.2.3\n")
+    assert (cpu["cpu"], cpu["cacheSize"], cpu["stepping"], cpu["mhz"]) == (0, 0, 0, 0.0)
+    [cpu] = telemetry._cpus("processor\t: 3\ncache size\t: 512 KB\ncpu MHz\t: 2600.5\n")
+    assert (cpu["cpu"], cpu["cacheSize"], cpu["mhz"]) == (3, 512, 2600.5)
+    assert telemetry._meminfo("MemTotal: \nMemFree: 5 kB\nBad\n") == {"MemFree": 5120}
+    assert telemetry._cpus("") == []
 
 
 def _counter(body: dict, name: str, **labels: str) -> float:
