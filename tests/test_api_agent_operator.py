@@ -61,6 +61,10 @@ def test_usage_counts_services_instances_and_connect_kinds(app_client):
         }
     }
     assert body["Index"] == int(r.headers["X-Consul-Index"]) >= 1
+    assert ok(c.get("/v1/operator/usage?dc=dc1")).get_json()["Usage"]["dc1"]["Nodes"] == 1
+    for path in ("usage", "autopilot/health", "autopilot/state", "autopilot/configuration"):
+        r = ok(c.get(f"/v1/operator/{path}?dc=elsewhere"), 400)
+        assert r.get_json()["error"] == "No path to datacenter 'elsewhere'"
 
 
 def test_autopilot_reports_this_server_alone_with_the_store_index(app_client):

@@ -49,6 +49,7 @@ from trellis.api.errors import BadRequest, ConfigError, NotFound
 from trellis.api.http import json_body, json_response, services
 from trellis.api.longpoll import RERUN, client_socket
 from trellis.api.settings import load_file
+from trellis.api.views.catalog import check_dc
 
 bp = Blueprint("operator", __name__)
 log = logging.getLogger("trellis.agent")
@@ -403,6 +404,7 @@ _GATEWAYS = ("ingress-gateway", "mesh-gateway", "terminating-gateway")
 
 @bp.get("/v1/operator/usage")
 def usage():
+    check_dc()
     acl.require_operator(write=False)
     s = services()
     store = s.store
@@ -442,6 +444,7 @@ def usage():
 
 @bp.get("/v1/operator/autopilot/configuration")
 def autopilot_configuration():
+    check_dc()
     acl.require_operator(write=False)
     return json_response(
         {
@@ -461,6 +464,7 @@ def autopilot_configuration():
 
 @bp.put("/v1/operator/autopilot/configuration")
 def autopilot_set_configuration():
+    check_dc()
     acl.require_operator(write=True)
     raise BadRequest(
         "Trellis has no Raft, so no autopilot to configure: each server is its own leader"
@@ -494,6 +498,7 @@ def _server_health() -> dict[str, Any]:
 
 @bp.get("/v1/operator/autopilot/health")
 def autopilot_health():
+    check_dc()
     acl.require_operator(write=False)
     server = _server_health()
     return json_response({"Healthy": True, "FailureTolerance": 0, "Servers": [server]})
@@ -501,6 +506,7 @@ def autopilot_health():
 
 @bp.get("/v1/operator/autopilot/state")
 def autopilot_state():
+    check_dc()
     acl.require_operator(write=False)
     h = _server_health()
     server = {
