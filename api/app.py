@@ -128,6 +128,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         health,
         intentions,
         kv,
+        operator,
         query,
         session,
         snapshot,
@@ -152,8 +153,10 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         event,
         query,
         coordinate,
+        operator,
     ):
         app.register_blueprint(module.bp)
+    operator.install_request_metrics(app)
 
     _error_handlers(app)
     longpoll.install(app)

@@ -20,6 +20,7 @@ makes psycopg cooperative (``check_store``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -66,6 +67,8 @@ def main_server(values: dict[str, Any], config_file: str | None) -> int:
         settings = build(merged)
     except ConfigError as e:
         return _fail(f"invalid configuration: {e}")
+    if config_file:
+        settings = dataclasses.replace(settings, config_file=os.path.abspath(config_file))
     return serve(settings)
 
 

@@ -98,6 +98,9 @@ class Settings:
     register_node: bool = True
     dev: bool = False
     log_level: str = "info"
+    #: The config file the server was started with (``PUT /v1/agent/reload`` re-reads it);
+    #: set by ``trellis server``, never read from a file or the environment.
+    config_file: str = ""
     acl_enabled: bool = False
     acl_default_policy: str = "allow"
     #: Consul's acl.enable_key_list_policy: ``?keys`` needs key:list on the prefix itself.

@@ -10,6 +10,8 @@ check expressions against these.
 
 from __future__ import annotations
 
+from typing import Any
+
 from trellis.proxy.bexpr import BOOL, INT, STRING, ListOf, MapOf, Shape, struct
 
 STRINGS = ListOf(STRING)
@@ -128,3 +130,14 @@ INTENTION = struct(
 
 #: ``/agent/members`` (``consul members -filter``).
 AGENT_MEMBER = struct(Name=STRING, Addr=STRING, Port=INT, Tags=STRING_MAP, Status=INT)
+
+
+#: The agent service fields Consul leaves out when empty (``json:",omitempty"`` on its
+#: AgentService); the catalog shapes keep them.
+AGENT_OMIT_EMPTY = ("Kind", "TaggedAddresses")
+
+
+def omit_empty(d: dict[str, Any]) -> dict[str, Any]:
+    """An agent service as Consul prints it: ``AGENT_OMIT_EMPTY`` fields left out when empty.
+    Applied after filtering, which sees every field."""
+    return {k: v for k, v in d.items() if not (k in AGENT_OMIT_EMPTY and not v)}

@@ -668,6 +668,30 @@ ROWS: list[Row] = [
       body={"Node": NODE, "Coord": {"Vec": [0.0], "Error": 1.5, "Adjustment": 0, "Height": 0}}),
     R("GET", "/v1/operator/raft/configuration",  F,   F,   F,   F,   200, 200, F),
 
+    # ---- usage and autopilot (operator:read; the autopilot write is a 400 once operator:write
+    # is granted: Trellis has no autopilot to configure)
+    R("GET", "/v1/operator/usage",               F,   F,   F,   F,   200, 200, F),
+    R("GET", "/v1/operator/autopilot/configuration", F, F, F,   F,   200, 200, F),
+    R("PUT", "/v1/operator/autopilot/configuration", F, F, F,   F,   400, 400, F,
+      body={"CleanupDeadServers": True}),
+    R("GET", "/v1/operator/autopilot/health",    F,   F,   F,   F,   200, 200, F),
+    R("GET", "/v1/operator/autopilot/state",     F,   F,   F,   F,   200, 200, F),
+
+    # ---- the agent itself: version needs nothing; host operator:read; metrics and monitor
+    # Consul's agent:read, reload agent:write (node:read/node:write on this node); the
+    # agent's tokens acl:write. The monitor row asks for a bad level, so that a token allowed
+    # past the ACL check gets the 400 at once rather than an endless stream.
+    R("GET", "/v1/agent/version",                200, 200, 200, 200, 200, 200, 200),
+    R("GET", "/v1/agent/host",                   F,   F,   F,   F,   200, 200, F),
+    R("GET", "/v1/agent/metrics",                F,   200, F,   F,   F,   200, F),
+    R("GET", "/v1/agent/metrics?format=prometheus", F, 200, F,  F,   F,   200, F),
+    R("GET", "/v1/agent/monitor?loglevel=nonsense", F, 400, F,  F,   F,   400, F),
+    R("PUT", "/v1/agent/reload",                 F,   F,   F,   F,   F,   200, F),
+    R("PUT", "/v1/agent/token/default",          F,   F,   F,   F,   F,   200, F,
+      body={"Token": "d2a1d1c6-0000-4000-8000-000000000001"}),
+    R("PUT", "/v1/agent/token/no-such-kind",     F,   F,   F,   F,   F,   404, F,
+      body={"Token": "x"}),
+
     # ---- status and the spec: no ACL
     R("GET", "/v1/status/leader",                200, 200, 200, 200, 200, 200, 200),
     R("GET", "/v1/status/peers",                 200, 200, 200, 200, 200, 200, 200),

@@ -57,13 +57,16 @@ def agent_service(sid: str, name: str, **fields) -> dict:
         "Datacenter": "dc1",
     }
     d.update(fields)
-    return d
+    # As Consul's agent endpoints: no Kind or TaggedAddresses when empty.
+    return {k: v for k, v in d.items() if not (k in ("Kind", "TaggedAddresses") and not v)}
 
 
 def catalog_shape(agent: dict) -> dict:
     """The ``service_json`` shape (health and catalog/node): no Datacenter, null Proxy/Connect,
     the indexes (which the caller fills in)."""
     d = {k: v for k, v in agent.items() if k != "Datacenter"}
+    d.setdefault("Kind", "")
+    d.setdefault("TaggedAddresses", {})
     d.setdefault("Proxy", None)
     d.setdefault("Connect", None)
     return d
@@ -747,7 +750,8 @@ def test_agent_self(client, store_kind):
     r = client.get("/v1/agent/self")
     assert r.status_code == 200
     body = r.get_json()
-    assert set(body) == {"Config", "Member", "Meta", "Stats", "xDS"}
+    # No xDS section: Trellis serves no xDS (Consul leaves it out without gRPC too).
+    assert set(body) == {"Config", "DebugConfig", "Member", "Meta", "Stats"}
     cfg = body["Config"]
     assert cfg == {
         "Datacenter": "dc1",
@@ -773,4 +777,10 @@ def test_agent_self(client, store_kind):
     assert stats["agent"] == {"checks": "4", "services": "1"}
     assert stats["store"] == {"backend": store_kind, "index": str(current_index(client))}
     assert stats["blocking"] == {"waiting": "0"}
-    assert body["xDS"] is None
+    assert stats["consul"]["leader_addr"] == client.get("/v1/status/leader").get_json()
+    debug = body["DebugConfig"]
+    assert (debug["Datacenter"], debug["NodeName"], debug["NodeID"]) == ("dc1", NODE, cfg["NodeID"])
+    assert debug["ServerMode"] is True and debug["GRPCPort"] == -1
+    # agent/members holds the same entry for this node as agent/self's Member.
+    own = [m for m in client.get("/v1/agent/members").get_json() if m["Name"] == NODE]
+    assert own == [body["Member"]]

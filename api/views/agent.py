@@ -41,6 +41,7 @@ from trellis.api.store.base import (
     Service,
 )
 from trellis.api.views.catalog import guard_overwrites, require_overwrite_write
+from trellis.api.views.status import _addr
 from trellis.proxy import filtershapes as shapes
 
 bp = Blueprint("agent", __name__)
@@ -58,12 +59,33 @@ def node_watch() -> Watch:
     return Watch("catalog", exact=(f"node/{services().settings.node_name}",))
 
 
+#: The fields that make a check a script check (API and config-file spellings).
+SCRIPT_FIELDS = ("Args", "ScriptArgs", "Script")
+
+
+def refuse_script_checks(checks: list) -> None:
+    """A server runs no checks of its own, so never a script: as a Consul agent without
+    ``enable_script_checks``, it refuses one (the caller's 400, which says where scripts
+    can run) rather than with an unknown-field error or by registering a check nothing runs."""
+    for c in checks:
+        if isinstance(c, dict) and any(c.get(k) for k in SCRIPT_FIELDS):
+            raise BadRequest(
+                "Scripts are disabled on this agent (a Trellis server runs no script checks);"
+                " register script checks through a `trellis agent` started with"
+                " enable_script_checks"
+            )
+
+
 def register_service_body(body: dict, *, replace_checks: bool) -> Service:
     """Register one service (and its sidecar) on this node from an agent registration body."""
     store = services().store
     settings = services().settings
     node = settings.node_name
-    d = load(ServiceSchema, cat.to_pascal(cat.unwrap_service_body(body)))
+    pascal = cat.to_pascal(cat.unwrap_service_body(body))
+    if isinstance(pascal, dict):
+        listed = pascal.get("Checks")
+        refuse_script_checks([pascal.get("Check"), *(listed if isinstance(listed, list) else [])])
+    d = load(ServiceSchema, pascal)
     svc = cat.build_service(node, d)
     defs = list(d.get("Checks") or [])
     if d.get("Check"):
@@ -169,6 +191,7 @@ def list_services():
     data, h = hash_blocking(node_watch(), _local_services)
     if flt is not None:
         data = {k: v for k, v in data.items() if flt(v)}
+    data = {k: shapes.omit_empty(v) for k, v in data.items()}
     return json_response(data, headers={"X-Consul-ContentHash": h})
 
 
@@ -187,6 +210,7 @@ def get_service(service_id: str):
     data, h = hash_blocking(node_watch(), compute)
     if data is None:
         raise NotFound(f"unknown service ID: {service_id}")
+    data = shapes.omit_empty(data)
     data["ContentHash"] = h
     return json_response(data, headers={"X-Consul-ContentHash": h})
 
@@ -214,7 +238,9 @@ def list_checks():
 @bp.put("/v1/agent/check/register")
 def check_register():
     s = services()
-    d = load(CheckSchema, cat.to_pascal(json_body()))
+    pascal = cat.to_pascal(json_body())
+    refuse_script_checks([pascal])
+    d = load(CheckSchema, pascal)
     owner = None
     if d.get("ServiceID"):
         owner = next(
@@ -374,14 +400,41 @@ def self_():
         # keep their session TTLs acceptable.
         "SessionTTLMin": round(s.settings.session_ttl_min * 1_000_000_000),
     }
-    member = {
-        "Name": s.settings.node_name,
-        "Addr": s.settings.node_address,
-        "Port": s.settings.http_port,
-        "Tags": {"role": "consul", "dc": s.settings.datacenter, "build": __version__},
-        "Status": 1,
+    member = _own_member()
+    debug = {
+        # The subset of Consul's runtime configuration that clients read (Nomad's and
+        # Consul's own tools among them), each with what Trellis really runs.
+        "Datacenter": s.settings.datacenter,
+        "PrimaryDatacenter": s.settings.datacenter,
+        "NodeName": s.settings.node_name,
+        "NodeID": node.id,
+        "ServerMode": True,
+        "Revision": "",
+        "Version": __version__,
+        "DNSDomain": s.settings.domain_fqdn,
+        "DNSPort": s.settings.dns_port,
+        "HTTPPort": s.settings.http_port,
+        "HTTPSPort": -1,
+        # No gRPC/xDS server: Consul's -1 is "disabled".
+        "GRPCPort": -1,
+        "GRPCTLSPort": -1,
+        "ClientAddrs": [s.settings.http_host],
+        "BindAddr": s.settings.http_host,
+        "AdvertiseAddrLAN": s.settings.node_address,
+        "ACLsEnabled": s.settings.acl_enabled,
+        "ConnectEnabled": True,
+        "EnableDebug": False,
+        "EnableScriptChecks": False,  # a server runs no checks; node agents do
     }
     stats = {
+        # Consul's consul section, which clients read for the leader's address: every
+        # Trellis server is its own leader (/v1/status/leader says the same).
+        "consul": {
+            "server": "true",
+            "leader": "true",
+            "leader_addr": _addr(),
+            "known_datacenters": "1",
+        },
         "agent": {"checks": str(len(_local_checks())), "services": str(len(_local_services()))},
         "store": {"backend": s.store_kind, "index": str(s.store.current_index())},
         "blocking": {"waiting": str(s.store.feed.waiting())},
@@ -394,12 +447,24 @@ def self_():
     return json_response(
         {
             "Config": cfg,
+            "DebugConfig": debug,
             "Member": member,
             "Meta": dict(node.meta),
             "Stats": stats,
-            "xDS": None,
         }
     )
+
+
+def _own_member() -> dict:
+    """This server's member entry, the same in agent/self and agent/members."""
+    s = services().settings
+    return {
+        "Name": s.node_name,
+        "Addr": s.node_address,
+        "Port": s.http_port,
+        "Tags": {"role": "consul", "dc": s.datacenter, "build": __version__},
+        "Status": 1,
+    }
 
 
 @bp.get("/v1/agent/members")
@@ -412,15 +477,16 @@ def members():
     for n in s.store.nodes():
         if not authz.node_read(n.name):
             continue
+        if n.name == s.settings.node_name:
+            # The same entry as agent/self's Member: clients match the two.
+            out.append(_own_member())
+            continue
         out.append(
             {
                 "Name": n.name,
                 "Addr": n.address,
                 "Port": 8301,
-                "Tags": {
-                    "dc": n.datacenter,
-                    "role": "consul" if n.name == s.settings.node_name else "node",
-                },
+                "Tags": {"dc": n.datacenter, "role": "node"},
                 "Status": 1,
             }
         )

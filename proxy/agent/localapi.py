@@ -5,7 +5,8 @@ Answered here: service and check registration (written through to the catalog wi
 caller's token first, so the servers' ACLs decide; a 403 there is the caller's 403), the
 local reads (``agent/services`` with hash-based blocking, ``agent/service/{id}``,
 ``agent/checks``, ``agent/self``, ``agent/members``), TTL check updates, ``reload`` and
-``leave``. Forwarded: everything else under ``/v1/`` (K/V, catalog, health, the Connect CA
+``leave``, ``agent/version`` and this host's ``agent/host`` (``operator:read``, which the
+servers decide). Forwarded: everything else under ``/v1/`` (K/V, catalog, health, the Connect CA
 and ``agent/connect/*``), with the caller's headers and token, the server's status, headers
 and body passed back as they come; a blocking query blocks the same way, and a client that
 hangs up cancels its forwarded request.
@@ -28,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
@@ -35,7 +37,7 @@ from urllib.parse import quote
 import h11
 import trio
 
-from trellis.api import __version__, browsers
+from trellis.api import __version__, browsers, telemetry
 from trellis.api import events as user_events
 from trellis.api import maintenance as maint
 from trellis.api.errors import (
@@ -71,7 +73,7 @@ from trellis.proxy.agent.upstream import HOP_BY_HOP, Unreachable
 from trellis.proxy.bexpr import Filter, FilterError, Struct
 from trellis.proxy.bexpr import parse_optional as parse_filter
 from trellis.proxy.durations import DurationError, parse_duration
-from trellis.proxy.filtershapes import AGENT_MEMBER, AGENT_SERVICE, HEALTH_CHECK
+from trellis.proxy.filtershapes import AGENT_MEMBER, AGENT_SERVICE, HEALTH_CHECK, omit_empty
 
 log = logging.getLogger("trellis.agent")
 
@@ -170,7 +172,10 @@ class LocalAPI:
             ("GET", "/v1/agent/members"): self.members,
             ("PUT", "/v1/agent/maintenance"): self.node_maintenance,
             ("GET", "/v1/event/list"): self.event_list,
+            ("GET", "/v1/agent/version"): self.version,
+            ("GET", "/v1/agent/host"): self.host,
         }
+        self.started = time.time()
         self.exact = exact
         self.prefixed: list[tuple[str, str, Route]] = [
             # Before "/v1/agent/service/" (a GET), which it would otherwise fall under.
@@ -358,6 +363,9 @@ class LocalAPI:
             out["Proxy"] = b["Proxy"]
         if b.get("Connect") is not None:
             out["Connect"] = b["Connect"]
+        if b.get("Locality"):
+            # Kept as the definition gave it (Consul: omitted when empty).
+            out["Locality"] = b["Locality"]
         return out
 
     def _services_json(self) -> dict[str, Any]:
@@ -386,12 +394,14 @@ class LocalAPI:
         value, h = await self._hash_blocking(req, self._services_json)
         if flt is not None:
             value = {k: v for k, v in value.items() if flt(v)}
+        value = {k: omit_empty(v) for k, v in value.items()}
         return json_response(value, headers=[(b"x-consul-contenthash", h.encode())])
 
     async def service(self, req: Request, sid: str) -> Response:
         value, h = await self._hash_blocking(req, lambda: self._service_json(sid))
         if value is None:
             raise NotFound(f"unknown service ID: {sid}")
+        value = omit_empty(value)
         value["ContentHash"] = h
         return json_response(value, headers=[(b"x-consul-contenthash", h.encode())])
 
@@ -657,6 +667,8 @@ class LocalAPI:
                 return json_response(own)
             if status == 200 and isinstance(value, dict) and isinstance(value.get("Stats"), dict):
                 value["Stats"]["agent"] = own["Stats"]["agent"]
+                # This agent's member entry, as its agent/members lists it.
+                value["Member"] = own["Member"]
             return json_response(value, status)
         return json_response(own)
 
@@ -675,17 +687,26 @@ class LocalAPI:
                 "Version": __version__,
                 "PrimaryDatacenter": a.datacenter,
             },
-            "Member": {
-                "Name": a.opts.node,
-                "Addr": a.opts.address,
-                "Port": 8301,
-                "Tags": {
-                    "role": "consul" if server else "node",
-                    "dc": a.datacenter,
-                    "build": __version__,
-                },
-                "Status": 1,
+            "DebugConfig": {
+                # The subset clients read, with what this agent really runs.
+                "Datacenter": a.datacenter,
+                "PrimaryDatacenter": a.datacenter,
+                "NodeName": a.opts.node,
+                "ServerMode": server,
+                "Revision": "",
+                "Version": __version__,
+                "HTTPPort": a.opts.http_port,
+                "HTTPSPort": -1,
+                "GRPCPort": -1,
+                "GRPCTLSPort": -1,
+                "ClientAddrs": [a.opts.bind],
+                "BindAddr": a.opts.bind,
+                "AdvertiseAddrLAN": a.opts.address,
+                "ConnectEnabled": True,
+                "EnableDebug": False,
+                "EnableScriptChecks": a.opts.enable_script_checks,
             },
+            "Member": self._own_member(),
             "Meta": {},
             "Stats": {
                 "agent": {
@@ -697,8 +718,43 @@ class LocalAPI:
                     "shared_watches": str(self.shared.watching() if self.shared else 0),
                 }
             },
-            "xDS": None,
         }
+
+    def _own_member(self, status: int = 1) -> dict[str, Any]:
+        """This node as a member: the same in agent/self and agent/members."""
+        a = self.agent
+        # dev's agent fronts a server of its own node (see _self_json).
+        return {
+            "Name": a.opts.node,
+            "Addr": a.opts.address,
+            "Port": 8301,
+            "Tags": {
+                "role": "consul" if a.opts.dev else "node",
+                "dc": a.datacenter,
+                "build": __version__,
+            },
+            "Status": status,
+        }
+
+    async def version(self, req: Request, _: str) -> Response:
+        return json_response({"SHA": "", "BuildDate": "", "HumanVersion": __version__, "FIPS": ""})
+
+    async def host(self, req: Request, _: str) -> Response:
+        """This node's host (``operator:read``, as on the servers). The agent holds no ACL
+        rules, so it asks the servers whether the caller's token reads the operator resource
+        (``GET operator/autopilot/configuration`` needs exactly that and changes nothing),
+        and answers with its own host only then."""
+        try:
+            status, value, _ = await self.agent.servers.call(
+                "GET", "/v1/operator/autopilot/configuration", token=req.token()
+            )
+        except Unreachable as e:
+            raise NoServer(f"no server answered: {e}") from None
+        if status == 403:
+            raise PermissionDenied(_message_of(value))
+        if status != 200:
+            raise Refused(status, _message_of(value))
+        return json_response(telemetry.host_info(time.time(), self.started))
 
     async def reload(self, req: Request, _: str) -> Response:
         errors = await self.agent.reload()
@@ -732,6 +788,13 @@ class LocalAPI:
         out = []
         for n in nodes:
             st = member_status(health.get(n["Node"]))
+            if (
+                n["Node"] == self.agent.opts.node
+                and n.get("Datacenter", "") == self.agent.datacenter
+            ):
+                # The same entry as agent/self's Member: clients match the two.
+                out.append(self._own_member({"alive": 1, "left": 3, "failed": 4}[st]))
+                continue
             out.append(
                 {
                     "Name": n["Node"],
