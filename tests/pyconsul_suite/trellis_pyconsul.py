@@ -57,7 +57,9 @@ pytest_plugins = ["pytest_asyncio"]
 
 def _load_support() -> Any:
     # tests/support.py, under a name of its own: this run's ``tests`` package is py-consul's.
-    spec = importlib.util.spec_from_file_location("trellis_test_support", ROOT / "tests" / "support.py")
+    spec = importlib.util.spec_from_file_location(
+        "trellis_test_support", ROOT / "tests" / "support.py"
+    )
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -106,7 +108,11 @@ class Instance:
         cfg.write_text(json.dumps(config))
         try:
             server = support.TrellisProcess(
-                [*support.server_args(self.base / "server", workers=1, node="trellis-dev"), "-config", str(cfg)]
+                [
+                    *support.server_args(self.base / "server", workers=1, node="trellis-dev"),
+                    "-config",
+                    str(cfg),
+                ]
             )
             self.procs.append(server)
             server.start()
@@ -118,6 +124,8 @@ class Instance:
                 [
                     *("agent", "-dev", "-node", "trellis-dev", "-server", server.url),
                     *("-http-port", "0", "-data-dir", str(self.base / "agent")),
+                    # Consul's fixture sets enable_script_checks.
+                    "-enable-script-checks",
                 ]
             )
             self.procs.append(agent)
@@ -210,7 +218,9 @@ _results: dict[str, str] = {}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--trellis-results", default=None, help="write each test's outcome here (JSON)")
+    parser.addoption(
+        "--trellis-results", default=None, help="write each test's outcome here (JSON)"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -285,7 +295,9 @@ def load_expected() -> tuple[dict[str, str], dict[str, str]]:
     return flat(raw.get("cannot_apply", {})), flat(raw.get("not_yet", {}))
 
 
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
     cannot, not_yet = load_expected()
     seen = {i.nodeid for i in items}
     stale = sorted((set(cannot) | set(not_yet)) - seen)
@@ -303,7 +315,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             _results[item.nodeid] = "cannot apply"
             continue
         if item.nodeid in not_yet:
-            item.add_marker(pytest.mark.xfail(strict=True, reason="not yet: " + not_yet[item.nodeid]))
+            item.add_marker(
+                pytest.mark.xfail(strict=True, reason="not yet: " + not_yet[item.nodeid])
+            )
         keep.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
