@@ -108,23 +108,6 @@ def test_a_misspelled_service_field_is_refused():
         service_def({"name": "web", "prot": 80})
 
 
-def test_field_names_match_in_any_case_as_consul_decodes_them():
-    # py-consul sends "serviceid" and "enabletagoverride" (its agent.check.register and
-    # agent.service.register); Consul's JSON decoding matches field names in any case.
-    s = service_def(
-        {"name": "web", "enabletagoverride": True, "CHECK": {"ttl": "5s", "NOTES": "n"}}
-    )
-    assert s.body["EnableTagOverride"] is True
-    assert s.checks[0]["Notes"] == "n"
-    c = node_check({"name": "c", "ttl": "5s", "serviceid": "web", "Checkid": "c1"})
-    assert (c.body["ServiceID"], c.body["CheckID"]) == ("web", "c1")
-
-
-def test_a_field_given_twice_in_two_cases_is_refused():
-    with pytest.raises(DefinitionError, match="'ServiceID' is given twice"):
-        node_check({"name": "c", "ttl": "5s", "serviceid": "a", "ServiceID": "b"})
-
-
 def test_script_checks_only_when_enabled():
     c = node_check(
         {"name": "s", "args": ["/bin/true"], "interval": "5s"}, enable_script_checks=True

@@ -289,19 +289,7 @@ def _pascal(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _known(d: dict[str, Any], fields: frozenset[str], what: str) -> None:
-    """Rename, in place, each field of ``d`` given in another case to its own name, and refuse
-    any other (the sender's typo). Consul decodes these bodies with Go's encoding/json, which
-    matches a field name in any case, and clients rely on it: py-consul sends ``serviceid``
-    and ``enabletagoverride``."""
-    by_lower = {f.lower(): f for f in fields}
-    for k in [k for k in d if k not in fields]:
-        own = by_lower.get(k.lower())
-        if own is None:
-            continue
-        if own in d:
-            raise DefinitionError(f"field {own!r} is given twice (as {k!r} and {own!r})")
-        d[own] = d.pop(k)
+def _known(d: Mapping[str, Any], fields: frozenset[str], what: str) -> None:
     unknown = sorted(k for k in d if k not in fields)
     if unknown:
         raise DefinitionError(f"unknown {what} field {unknown[0]!r}")
