@@ -17,8 +17,8 @@ tests assume an empty store), answering on one HTTP port as a dev agent does. He
 accepts it, else by bootstrapping (``PUT /v1/acl/bootstrap``), whose SecretID the tests get.
 
 Starting a server and an agent takes about a second, and stopping them gracefully as long;
-one after the other, 120 tests would take minutes. So while a test runs, the instance the
-next test needs (``pytest_runtest_protocol``'s ``nextitem``) is started in a thread, and a
+one after the other, 120 tests would take minutes. So while a test runs, the instances the
+next two tests need (known once the tests are collected) are being started in threads, and a
 finished test's instance is stopped in a thread too. Every process is started through
 tests/support.py's TrellisProcess and ended by its PID (its process group), and the session
 does not end before every stop has finished.
@@ -102,7 +102,8 @@ class Instance:
         if self.acl:
             config["acl"] = {"enabled": True}
             if _accepts_initial_management():
-                self.token = uuid.uuid4().hex
+                # A UUID, which any reading of the setting accepts (Consul's fixture: its hex).
+                self.token = str(uuid.uuid4())
                 config["acl"]["tokens"] = {"initial_management": self.token}
         cfg = self.base / "server.json"
         cfg.write_text(json.dumps(config))
@@ -146,16 +147,26 @@ class Instance:
 
 
 class Pool:
-    """Instances started ahead of the test that needs them, and stopped behind it."""
+    """Instances started ahead of the tests that need them, and stopped behind them.
 
-    def __init__(self, tmp: pytest.TempPathFactory) -> None:
+    ``plan`` is the kind (ACL or not) of each coming test that needs an instance, in the order
+    they run; up to ``AHEAD`` of them are being started at any time. A test takes the oldest
+    started instance of its kind (or starts one, if the plan was wrong: a test left out)."""
+
+    AHEAD = 2
+
+    def __init__(self, tmp: pytest.TempPathFactory, plan: list[bool]) -> None:
         self.tmp = tmp
         self.lock = threading.Lock()
-        self.ready: dict[bool, list[tuple[threading.Thread, list[Any]]]] = {False: [], True: []}
+        self.plan = collections.deque(plan)
+        self.ahead: collections.deque[tuple[bool, threading.Thread, list[Any]]] = (
+            collections.deque()
+        )
         self.threads: list[threading.Thread] = []
-        self.next_acl: bool | None = None
+        with self.lock:
+            self._fill()
 
-    def _started(self, acl: bool) -> tuple[threading.Thread, list[Any]]:
+    def _started(self, acl: bool) -> tuple[bool, threading.Thread, list[Any]]:
         box: list[Any] = []
         inst = Instance(self.tmp.mktemp("trellis"), acl=acl)
 
@@ -168,22 +179,25 @@ class Pool:
         t = threading.Thread(target=run, daemon=True)
         t.start()
         self.threads.append(t)
-        return t, box
+        return acl, t, box
 
-    def prestart(self, acl: bool | None) -> None:
-        if acl is None:
-            return
-        with self.lock:
-            if not self.ready[acl]:
-                self.ready[acl].append(self._started(acl))
+    def _fill(self) -> None:
+        while len(self.ahead) < min(self.AHEAD, len(self.plan)):
+            self.ahead.append(self._started(self.plan[len(self.ahead)]))
 
     def take(self, acl: bool) -> Instance:
         with self.lock:
-            pending = self.ready[acl].pop(0) if self.ready[acl] else self._started(acl)
+            if self.plan and self.plan[0] == acl:
+                self.plan.popleft()
+            pending = next((p for p in self.ahead if p[0] == acl), None)
+            if pending is None:
+                pending = self._started(acl)
+            else:
+                self.ahead.remove(pending)
+            self._fill()
         # A server stuck starting fails its own start (TrellisProcess's deadlines).
-        pending[0].join()
-        got = pending[1][0]
-        self.prestart(self.next_acl)
+        pending[1].join()
+        got = pending[2][0]
         if isinstance(got, BaseException):
             raise got
         return got
@@ -194,12 +208,15 @@ class Pool:
         self.threads.append(t)
 
     def close(self) -> None:
-        # Instances started for a test that never came (a failure, -x) are stopped too.
-        for queue in self.ready.values():
-            for t, box in queue:
-                t.join()
-                if box and isinstance(box[0], Instance):
-                    box[0].stop()
+        # Instances started for tests that never came (a failure, -x) are stopped too.
+        with self.lock:
+            left = list(self.ahead)
+            self.ahead.clear()
+            self.plan.clear()
+        for _, t, box in left:
+            t.join()
+            if box and isinstance(box[0], Instance):
+                box[0].stop()
         for t in self.threads:
             t.join()
 
@@ -213,7 +230,7 @@ def _kind(item: pytest.Item | None) -> bool | None:
     return None
 
 
-_pool: Pool | None = None
+_plan: list[bool] = []
 _results: dict[str, str] = {}
 
 
@@ -223,22 +240,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-    if _pool is not None:
-        _pool.next_acl = _kind(nextitem)
-    yield
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _plan[:] = [k for k in map(_kind, session.items) if k is not None]
 
 
 @pytest.fixture(scope="session")
 def _trellis_pool(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    global _pool
-    _pool = Pool(tmp_path_factory)
+    pool = Pool(tmp_path_factory, _plan)
     try:
-        yield _pool
+        yield pool
     finally:
-        _pool.close()
-        _pool = None
+        pool.close()
 
 
 def _instance(request: pytest.FixtureRequest, pool: Pool, *, acl: bool) -> Any:
