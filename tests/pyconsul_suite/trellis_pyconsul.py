@@ -307,6 +307,8 @@ def load_expected() -> tuple[dict[str, str], dict[str, str]]:
     return flat(raw.get("cannot_apply", {})), flat(raw.get("not_yet", {}))
 
 
+# First, before -k/-m deselect anything: the lists are checked against every collected test.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
