@@ -21,7 +21,26 @@ $(BIN)/python:
 # requests, six, is in the test extras).
 CONSUL_CLIENTS = build/consul-clients
 
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+# py-consul's own test suite runs against Trellis (tests/test_pyconsul_suite.py), from the
+# source distribution of the py-consul the test extras install (wheels carry no tests). It is
+# downloaded here, never at test time; the test unpacks a fresh copy of it for every run.
+PY_CONSUL_VERSION = 1.8.0
+PY_CONSUL_SDIST = build/py-consul/py_consul-$(PY_CONSUL_VERSION).tar.gz
+
+# Its asyncio client's tests need aiohttp and pytest-asyncio: they go in a directory of their
+# own that only that run puts on its path (installed in the environment, pytest-asyncio would
+# plug itself into every run of Trellis's own suite).
+PY_CONSUL_DEPS = build/py-consul/deps
+
+$(PY_CONSUL_SDIST): | $(BIN)/python
+	$(BIN)/python -m pip download --quiet --no-binary :all: --no-deps \
+		--dest build/py-consul 'py-consul==$(PY_CONSUL_VERSION)'
+	$(BIN)/python -m pip install --quiet --upgrade --target $(PY_CONSUL_DEPS) 'aiohttp==3.14.5'
+	$(BIN)/python -m pip install --quiet --upgrade --no-deps --target $(PY_CONSUL_DEPS) \
+		'pytest-asyncio==1.5.0'
+	test -f $@
+
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml $(PY_CONSUL_SDIST)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade \
