@@ -40,7 +40,7 @@ _DNS = (
     'query_prefix "" {\n  policy = "read"\n}\n'
 )
 
-_NAME_SCHEMA = json.dumps(
+NAME_SCHEMA = json.dumps(
     {
         "type": "object",
         "properties": {"name": {"type": "string", "$ref": "#/definitions/min-length-one"}},

@@ -50,8 +50,7 @@ from trellis.api.store.errors import UnstorableValue
 from trellis.api.store.events import EventStoreMixin
 from trellis.api.store.events import migration as events_migration
 from trellis.api.store.security import MIGRATION as SECURITY_MIGRATION
-from trellis.api.store.security import ROLES_MIGRATION
-from trellis.api.store.security import SecurityStoreMixin
+from trellis.api.store.security import ROLES_MIGRATION, SecurityStoreMixin
 from trellis.api.store.sessions import MIGRATION as SESSIONS_MIGRATION
 from trellis.api.store.sessions import SessionStoreMixin
 from trellis.api.store.snapshot import SnapshotStoreMixin
