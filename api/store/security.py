@@ -199,6 +199,8 @@ ROLES_MIGRATION = [
     "ALTER TABLE acl_tokens ADD COLUMN identities TEXT NOT NULL DEFAULT '{}'",
     "ALTER TABLE acl_tokens ADD COLUMN expires_at DOUBLE PRECISION",
     "CREATE INDEX acl_tokens_by_expiry ON acl_tokens (expires_at)",
+    # Accessors are looked up whatever their case (``acl_token``).
+    "CREATE UNIQUE INDEX acl_tokens_by_accessor_any_case ON acl_tokens (lower(accessor_id))",
 ]
 
 
@@ -313,6 +315,7 @@ class SecurityStoreMixin:
     ) -> ACLToken | None:
         """By accessor (whatever its case: Consul's accessor index ignores it, and the ID
         keeps the case it was given) or by secret hash."""
+        val: str | None
         if accessor_id is not None:
             where, val = "lower(accessor_id) = lower(?)", accessor_id
         else:
