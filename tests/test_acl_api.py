@@ -371,7 +371,9 @@ def test_token_create_read_update_delete_list(acl_client):
     assert_error(
         c.get("/v1/acl/token/self", headers=tok(secret)), 403, "permission_denied", "ACL not found"
     )
-    assert_error(c.get(f"/v1/acl/token/{t['AccessorID']}", headers=h), 404, "not_found")
+    # As in Consul, a read of a token that is gone is a 403 "ACL not found".
+    r = c.get(f"/v1/acl/token/{t['AccessorID']}", headers=h)
+    assert_error(r, 403, "permission_denied", "ACL not found")
     assert_error(c.delete(f"/v1/acl/token/{t['AccessorID']}", headers=h), 404, "not_found")
     assert_error(c.get("/v1/acl/token/not-a-uuid", headers=h), 400, "bad_request")
 

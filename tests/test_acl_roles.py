@@ -359,7 +359,7 @@ def test_clone_copies_grants_with_new_ids(c, mgmt):
     # Deleting the original leaves the clone working.
     ok(c.delete(f"/v1/acl/token/{src['AccessorID']}", headers=mgmt))
     assert c.put("/v1/kv/app/y", data=b"1", headers=tok(clone["SecretID"])).status_code == 200
-    assert_error(c.put(url, headers=mgmt), 404)
+    assert_error(c.put(url, headers=mgmt), 403, None, "ACL not found")
     bad = c.put(f"/v1/acl/token/{clone['AccessorID']}/clone", json={"Description": 5}, headers=mgmt)
     assert_error(bad, 400, None, "Description")
 
@@ -381,6 +381,33 @@ def test_a_deleted_or_unknown_token_is_403_acl_not_found(c, mgmt):
             assert_error(c.get(url, headers=tok(secret)), 403, None, "ACL not found")
 
 
+def test_reading_or_cloning_a_deleted_or_expired_token_is_403_acl_not_found(c, mgmt):
+    """Consul answers a read (and a clone) of a token that does not exist with its
+    ``acl.ErrNotFound``, a 403 "ACL not found", not a 404; an expired token not yet reaped
+    reads as gone, and lists leave it out. Trellis answered 404 and showed expired tokens."""
+    t = token(c, mgmt)
+    ok(c.delete(f"/v1/acl/token/{t['AccessorID']}", headers=mgmt))
+    for aid in (t["AccessorID"], str(uuid.uuid4())):
+        r = c.get(f"/v1/acl/token/{aid}", headers=mgmt)
+        assert_error(r, 403, "permission_denied", "ACL not found")
+        r = c.put(f"/v1/acl/token/{aid}/clone", headers=mgmt)
+        assert_error(r, 403, "permission_denied", "ACL not found")
+    expired = str(uuid.uuid4())
+    store_of(c).acl_token_put(
+        ACLToken(
+            accessor_id=expired,
+            secret_hash=hash_secret("gone"),
+            description="expired",
+            expires_at=time.time() - 1,
+        ),
+        create=True,
+    )
+    assert_error(c.get(f"/v1/acl/token/{expired}", headers=mgmt), 403, None, "ACL not found")
+    assert_error(c.put(f"/v1/acl/token/{expired}/clone", headers=mgmt), 403)
+    listed = {x["AccessorID"] for x in ok(c.get("/v1/acl/tokens", headers=mgmt))}
+    assert expired not in listed
+
+
 def test_an_accessor_id_keeps_the_case_it_was_given(c, mgmt):
     """Consul keeps the accessor as given and finds it whatever the case; Trellis used to
     lower-case it on create, so a client that compared its own ID with the answer failed."""
@@ -396,7 +423,7 @@ def test_an_accessor_id_keeps_the_case_it_was_given(c, mgmt):
     assert updated["AccessorID"] == upper
     assert upper in {x["AccessorID"] for x in ok(c.get("/v1/acl/tokens", headers=mgmt))}
     assert ok(c.delete(f"/v1/acl/token/{upper.lower()}", headers=mgmt)) is True
-    assert_error(c.get(f"/v1/acl/token/{upper}", headers=mgmt), 404)
+    assert_error(c.get(f"/v1/acl/token/{upper}", headers=mgmt), 403, None, "ACL not found")
 
 
 def test_identities_in_roles_survive_a_damaged_store_as_deny_all(store):

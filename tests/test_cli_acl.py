@@ -359,7 +359,9 @@ def test_token_create_read_update_list_delete(server, cli, api):
     r = cli("acl", "token", "delete", "-id", accessor)
     assert r == Result(0, f'Token "{accessor}" deleted successfully\n', "")
     r = cli("acl", "token", "read", "-id", accessor)
-    assert r == Result(1, "", f'Error reading token "{accessor}": ACL token {accessor} not found\n')
+    assert r == Result(
+        1, "", f'Error reading token "{accessor}": Permission denied: ACL not found\n'
+    )
     r = cli("acl", "token", "delete", "-id", accessor)
     assert r == Result(
         1, "", f'Error deleting token "{accessor}": ACL token {accessor} not found\n'

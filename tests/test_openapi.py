@@ -703,7 +703,7 @@ def test_smoke_walk_acls(tmp_path):
         assert ok(c.delete(f"/v1/acl/role/{role['ID']}", headers=h)).json is True
         ok(c.delete(f"/v1/acl/role/{role['ID']}", headers=h), 404)
         assert ok(c.delete(f"/v1/acl/token/{t['AccessorID']}", headers=h)).json is True
-        ok(c.get(f"/v1/acl/token/{t['AccessorID']}", headers=h), 404)
+        ok(c.get(f"/v1/acl/token/{t['AccessorID']}", headers=h), 403)  # ACL not found
         ok(c.delete(f"/v1/acl/token/{t['AccessorID']}", headers=h), 404)
         assert ok(c.delete(f"/v1/acl/policy/{p['ID']}", headers=h)).json is True
         ok(c.delete(f"/v1/acl/policy/{p['ID']}", headers=h), 404)

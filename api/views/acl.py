@@ -143,6 +143,20 @@ def _uuid(value: Any, what: str) -> str:
         raise BadRequest(f"{what} {value!r} is not a UUID") from None
 
 
+def _live_token(accessor_id: str) -> ACLToken:
+    """The token with this accessor, unless it is gone or expired: then PermissionDenied
+    "ACL not found", Consul's answer (its ``acl.ErrNotFound`` is a 403, not a 404). The
+    caller named a token that is not one: the caller's fault."""
+    t = services().store.acl_token(accessor_id=_accessor(accessor_id))
+    if t is None or _expired(t, time.time()):
+        raise PermissionDenied("ACL not found")
+    return t
+
+
+def _expired(t: ACLToken, now: float) -> bool:
+    return t.expires_at is not None and t.expires_at <= now
+
+
 def _accessor(value: str) -> str:
     """A token's AccessorID from the path: checked, and kept in the case it was given (the
     store's lookups ignore case, as Consul's accessor index does)."""
@@ -326,9 +340,7 @@ def token_self():
 @bp.get("/v1/acl/token/<accessor_id>")
 @needs("read")
 def token_read(accessor_id: str):
-    t = services().store.acl_token(accessor_id=_accessor(accessor_id))
-    if t is None:
-        raise NotFound(f"ACL token {accessor_id} not found")
+    t = _live_token(accessor_id)
     return json_response(token_json(t), index=t.modify_index)
 
 
@@ -373,10 +385,10 @@ def token_update(accessor_id: str):
 def token_clone(accessor_id: str):
     """A new token (new AccessorID and SecretID) with the original's policies, roles,
     identities, locality and expiry; ``Description`` from the body, else the original's."""
-    src = services().store.acl_token(accessor_id=_accessor(accessor_id))
-    if src is None or src.accessor_id == acl.ANONYMOUS_ACCESSOR:
-        # Consul cannot clone the anonymous token either; it has no secret worth copying.
-        raise NotFound(f"ACL token {accessor_id} not found")
+    src = _live_token(accessor_id)
+    if src.accessor_id == acl.ANONYMOUS_ACCESSOR:
+        # Consul refuses this too: a copy of the anonymous token would be a second one.
+        raise BadRequest("the anonymous token cannot be cloned")
     body = load(TokenCloneSchema, json_body(required=False) or {})
     description = src.description if body["Description"] is None else body["Description"]
     secret = str(uuid.uuid4())
@@ -412,13 +424,17 @@ def token_delete(accessor_id: str):
 @bp.get("/v1/acl/tokens")
 @needs("read")
 def token_list():
-    """Every token, or those holding ``?policy=`` (an ID), ``?role=`` (an ID) or a service
-    identity for ``?servicename=``, as Consul filters them."""
+    """Every live token, or those holding ``?policy=`` (an ID), ``?role=`` (an ID) or a
+    service identity for ``?servicename=``, as Consul filters them. Expired tokens the reaper
+    has not deleted yet are left out, as Consul does."""
     policy = request.args.get("policy")
     role = request.args.get("role")
     service = request.args.get("servicename")
+    now = time.time()
     out = []
     for t in services().store.acl_tokens():
+        if _expired(t, now):
+            continue
         if policy and policy not in t.policies:
             continue
         if role and role not in t.roles:
