@@ -17,6 +17,7 @@ import pytest
 
 from tests import api_fixtures
 from tests.api_fixtures import assert_error
+from tests.support import wait_until
 from trellis.api.acl.cache import AuthorizerCache, hash_secret
 from trellis.api.errors import PermissionDenied
 from trellis.api.store.security import ACLPolicy, ACLRole, ACLToken
@@ -331,6 +332,26 @@ def test_an_expired_token_is_acl_not_found_then_reaped(c, mgmt):
     assert "expired" not in {t.description for t in store.acl_tokens()}
 
 
+def test_the_background_reaper_deletes_expired_tokens(make_client):
+    """The maintenance loop of the process holding the reaper role (the one that expires
+    sessions) deletes expired tokens, and only those."""
+    c = make_client(**DENY, ttl_check_interval=0.05)
+    store = store_of(c)
+    for name, expires in (("expired", time.time() - 1), ("live", time.time() + 3600)):
+        store.acl_token_put(
+            ACLToken(
+                accessor_id=str(uuid.uuid4()),
+                secret_hash=hash_secret(name),
+                description=name,
+                expires_at=expires,
+            ),
+            create=True,
+        )
+    wait_until(lambda: "expired" not in {t.description for t in store.acl_tokens()})
+    assert "live" in {t.description for t in store.acl_tokens()}
+    assert c.application.extensions["trellis"].reaper
+
+
 # -- clone, filters, Consul's small rules -------------------------------------------------------
 
 
@@ -406,6 +427,18 @@ def test_reading_or_cloning_a_deleted_or_expired_token_is_403_acl_not_found(c, m
     assert_error(c.put(f"/v1/acl/token/{expired}/clone", headers=mgmt), 403)
     listed = {x["AccessorID"] for x in ok(c.get("/v1/acl/tokens", headers=mgmt))}
     assert expired not in listed
+
+
+def test_an_update_may_send_the_tokens_own_secret_back(c, mgmt):
+    """Consul's Go client updates a token by sending the whole token back, its SecretID
+    included; Consul accepts the same secret and refuses another. Trellis refused both."""
+    t = token(c, mgmt)
+    url = f"/v1/acl/token/{t['AccessorID']}"
+    same = {"SecretID": t["SecretID"], "Description": "renamed"}
+    assert ok(c.put(url, json=same, headers=mgmt))["Description"] == "renamed"
+    other = {"SecretID": str(uuid.uuid4())}
+    assert_error(c.put(url, json=other, headers=mgmt), 400, None, "SecretID cannot be changed")
+    ok(c.get("/v1/acl/token/self", headers=tok(t["SecretID"])))
 
 
 def test_an_accessor_id_keeps_the_case_it_was_given(c, mgmt):

@@ -244,7 +244,8 @@ class LinkSchema(PolicyLinkSchema):
 
 class TokenSchema(_ACLBody):
     """A token. ``AccessorID``/``SecretID``: made by the server unless given on create; on
-    update the AccessorID must match the path and a SecretID is refused (the view's rules).
+    update the AccessorID must match the path and a SecretID other than the token's own is
+    refused (the view's rules).
     ``ExpirationTTL`` (1m-24h) or ``ExpirationTime``: when it stops working, set on create
     only (the view's rule: Consul refuses to change it)."""
 
