@@ -154,18 +154,8 @@ def _check_name(name: Any, what: str) -> None:
             raise ValidationError(str(e)) from None
 
 
-def _identity_fields() -> dict[str, fields.Field]:
-    return {
-        "ServiceIdentities": fields.List(
-            fields.Nested(ServiceIdentitySchema), allow_none=True, load_default=None
-        ),
-        "NodeIdentities": fields.List(
-            fields.Nested(NodeIdentitySchema), allow_none=True, load_default=None
-        ),
-        "TemplatedPolicies": fields.List(
-            fields.Nested(TemplatedPolicySchema), allow_none=True, load_default=None
-        ),
-    }
+def _list_of(schema: type[Schema]) -> fields.List:
+    return fields.List(fields.Nested(schema), allow_none=True, load_default=None)
 
 
 def identities_of(data: dict[str, Any]) -> dict[str, Any]:
@@ -264,11 +254,12 @@ class TokenSchema(_ACLBody):
     )
     local = StrictBoolean(data_key="Local", load_default=False)
     Roles = fields.List(fields.Nested(LinkSchema), allow_none=True, load_default=None)
-    locals().update(_identity_fields())
+    ServiceIdentities = _list_of(ServiceIdentitySchema)
+    NodeIdentities = _list_of(NodeIdentitySchema)
+    TemplatedPolicies = _list_of(TemplatedPolicySchema)
     ExpirationTTL = TTL(allow_none=True, load_default=None)
     ExpirationTime = Timestamp(allow_none=True, load_default=None)
     Legacy = Ignored()
-    Hash = Ignored()
 
     @validates_schema
     def _ttl(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -301,7 +292,9 @@ class RoleSchema(_ACLBody):
     )
     Description = fields.String(load_default="")
     Policies = fields.List(fields.Nested(PolicyLinkSchema), allow_none=True, load_default=None)
-    locals().update(_identity_fields())
+    ServiceIdentities = _list_of(ServiceIdentitySchema)
+    NodeIdentities = _list_of(NodeIdentitySchema)
+    TemplatedPolicies = _list_of(TemplatedPolicySchema)
 
     @post_load
     def _lists(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
