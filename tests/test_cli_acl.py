@@ -372,6 +372,31 @@ def test_token_create_read_update_list_delete(server, cli, api):
     api.acl_policy_delete(ops["ID"])
 
 
+def test_token_update_keeps_roles_and_identities(cli, api):
+    """``acl token update`` changes what its flags name and keeps the rest, as Consul's does:
+    the PUT body is the token's whole new state, and the CLI used to send only the
+    description, policies and locality, so an update dropped the token's roles and
+    identities."""
+    role = api.request("PUT", "/v1/acl/role", json={"Name": "cli-kept"}).json()
+    body = {
+        "Description": "before",
+        "Roles": [{"ID": role["ID"]}],
+        "ServiceIdentities": [{"ServiceName": "web"}],
+        "NodeIdentities": [{"NodeName": "n1", "Datacenter": "dc1"}],
+        "TemplatedPolicies": [{"TemplateName": "builtin/dns"}],
+    }
+    t = api.request("PUT", "/v1/acl/token", json=body).json()
+    r = cli("acl", "token", "update", "-id", t["AccessorID"], "-description", "after")
+    assert r.code == 0, r
+    got = api.acl_token_read(t["AccessorID"])
+    assert got["Description"] == "after"
+    assert got["Roles"] == [{"ID": role["ID"], "Name": "cli-kept"}]
+    for key in ("ServiceIdentities", "NodeIdentities", "TemplatedPolicies"):
+        assert got[key] == body[key], key
+    api.acl_token_delete(t["AccessorID"])
+    api.request("DELETE", f"/v1/acl/role/{role['ID']}")
+
+
 def test_tokens_and_their_errors(server, cli):
     # No token: the anonymous token, which may read itself and nothing else.
     r = cli("acl", "token", "read", "-self", token=None)
