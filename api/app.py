@@ -240,7 +240,8 @@ def _init_ca(ca: CAManager) -> bool:
 def _maintenance(svc: AppServices) -> None:
     """Background chores, about once a ``ttl_check_interval``: tell the other server
     processes this one is alive (every few seconds, see api.members); turn TTL checks that were
-    not refreshed critical; expire sessions, in the one process that holds the reaper role;
+    not refreshed critical; expire sessions and reap expired ACL tokens, in the one process
+    that holds the reaper role;
     set up the CA if its provider was down at start; prune old roots."""
     ca_ready = svc.ca.initialized()
     last_prune = 0.0
@@ -253,6 +254,8 @@ def _maintenance(svc: AppServices) -> None:
             svc.reaper = svc.store.hold_reaper_role()
             if svc.reaper:
                 svc.store.expire_sessions(time.time())
+                # Expired ACL tokens already fail to resolve; this deletes them.
+                svc.store.acl_expire_tokens(time.time())
             if not ca_ready:
                 ca_ready = _init_ca(svc.ca)
             if time.monotonic() - last_prune > 60:

@@ -920,10 +920,14 @@ class Client:
         description: str = "",
         policies: list[Mapping[str, str]] | tuple[Mapping[str, str], ...] = (),
         local: bool = False,
+        keep: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Replace a token's description, policies (``{"ID": ...}`` or ``{"Name": ...}``)
-        and locality; its secret never changes."""
+        and locality; its secret never changes. ``keep``: more of the token's fields to send
+        as they are (its ``Roles`` and identities, as a read returned them), since the body is
+        the token's whole new state."""
         body = {
+            **(keep or {}),
             "AccessorID": accessor_id,
             "Description": description,
             "Policies": [dict(p) for p in policies],

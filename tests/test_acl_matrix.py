@@ -4,7 +4,7 @@ One app with ACLs on and the default policy deny, on a real SQLite file and then
 PostgreSQL database, holds a small world
 (services ``web`` and ``db`` on this node and on ``ext-1``, a sidecar for ``web``, checks, keys
 under ``app/`` and ``secret/``, intentions ``api => web`` and ``api => db``, prepared queries
-``web-q`` and ``db-q``, a victim ACL policy and token). Each row below is one request (an
+``web-q`` and ``db-q``, a victim ACL policy, role and token). Each row below is one request (an
 endpoint with one target: ``web``/``app/`` is the one the scoped tokens may touch,
 ``db``/``secret/`` the one they may not) and the status each token must get. The columns:
 
@@ -176,6 +176,12 @@ class World:
         else:
             r = self.mgmt("PUT", "/v1/acl/token", json={"Description": "victim"})
             self.victim_token = r.get_json()["AccessorID"]
+        role = self.store.acl_role(name="victim")
+        body = {"Name": "victim", "Policies": [{"Name": "victim"}]}
+        if role is None:
+            self.mgmt("PUT", "/v1/acl/role", json=body)
+        else:
+            self.mgmt("PUT", f"/v1/acl/role/{role.id}", json=body)
 
     def signature(self) -> dict[str, Any]:
         """What the rows depend on (not indexes, check states or the CA)."""
@@ -195,6 +201,7 @@ class World:
             "acl": (
                 sorted((p.name, p.rules, p.description) for p in st.acl_policies()),
                 sorted((t.description, t.policies) for t in st.acl_tokens()),
+                sorted((r.name, r.description, len(r.policies)) for r in st.acl_roles()),
             ),
             "queries": self.queries_doc(),
         }
@@ -235,6 +242,10 @@ class World:
             for p in st.acl_policies():
                 if p.name not in names:
                     st.acl_policy_delete(p.id)
+            role_names = {r[0] for r in self.baseline["acl"][2]}
+            for r in st.acl_roles():
+                if r.name not in role_names:
+                    st.acl_role_delete(r.id)
             self.build_acl()
         if now["queries"] != self.baseline["queries"]:
             # The queries are one document: put it back as it was (the same IDs).
@@ -254,6 +265,7 @@ class World:
             st.intentions(),
             st.acl_tokens(),
             st.acl_policies(),
+            st.acl_roles(),
             ca.config_view(),
             ca.roots_view(),
             st.events(),
@@ -268,6 +280,7 @@ class World:
             "ixn_db": st.intention_exact("api", "db").id,
             "victim_policy": st.acl_policy(name="victim").id,
             "victim_token": self.victim_token,
+            "victim_role": st.acl_role(name="victim").id,
         }
         for d in (self.queries_doc() or {}).get("Queries", ()):
             out[f"query_{d['Name'].removesuffix('-q')}"] = d["ID"]
@@ -341,7 +354,7 @@ def _world(data, store: str) -> Iterator[World]:
 @dataclass(frozen=True)
 class Row:
     method: str
-    url: str  # may hold {ixn_web}, {ixn_db}, {victim_policy}, {victim_token}, {query_web}...
+    url: str  # may hold {ixn_web}, {ixn_db}, {victim_policy}, {victim_token}, {victim_role}...
     expect: dict[str, int]
     body: Any = None  # JSON, bytes, or a callable(world) giving JSON
     view: Callable[[Any], Any] | None = None  # what of a 200 body to compare
@@ -785,6 +798,25 @@ ROWS: list[Row] = [
       body={"Description": "changed", "Policies": [{"Name": "read"}]}),
     R("DELETE", "/v1/acl/token/{victim_token}",  F,   F,   F,   F,   F,   200, F),
     R("GET", "/v1/acl/tokens",                   F,   F,   F,   F,   F,   200, F),
+    R("GET", "/v1/acl/tokens?role={victim_role}&policy={victim_policy}",
+                                                 F,   F,   F,   F,   F,   200, F),
+    R("PUT", "/v1/acl/token/{victim_token}/clone",
+                                                 F,   F,   F,   F,   F,   200, F,
+      body={"Description": "cloned"}),
+    R("PUT", "/v1/acl/role",                     F,   F,   F,   F,   F,   200, F,
+      body={"Name": "made", "ServiceIdentities": [{"ServiceName": "web"}]}),
+    R("GET", "/v1/acl/role/{victim_role}",       F,   F,   F,   F,   F,   200, F),
+    R("GET", "/v1/acl/role/name/victim",         F,   F,   F,   F,   F,   200, F),
+    R("PUT", "/v1/acl/role/{victim_role}",       F,   F,   F,   F,   F,   200, F,
+      body={"Name": "victim", "Description": "changed", "Policies": [{"Name": "op"}]}),
+    R("DELETE", "/v1/acl/role/{victim_role}",    F,   F,   F,   F,   F,   200, F),
+    R("GET", "/v1/acl/roles",                    F,   F,   F,   F,   F,   200, F),
+    R("GET", "/v1/acl/templated-policies",       F,   F,   F,   F,   F,   200, F),
+    R("GET", "/v1/acl/templated-policy/name/builtin/service",
+                                                 F,   F,   F,   F,   F,   200, F),
+    R("POST", "/v1/acl/templated-policy/preview/builtin/service",
+                                                 F,   F,   F,   F,   F,   200, F,
+      body={"Name": "web"}),
 
     # ---- snapshots: acl:write for both (an archive holds every token); mgmt restores the
     # world's own snapshot, so the world is the same afterwards
@@ -804,6 +836,7 @@ def _route(app, method: str, url: str) -> tuple[str, str]:
         ixn_db=uuid.UUID(int=2),
         victim_policy="p",
         victim_token="t",
+        victim_role="r",
         query_web="q1",
         query_db="q2",
     )

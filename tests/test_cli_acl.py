@@ -359,7 +359,9 @@ def test_token_create_read_update_list_delete(server, cli, api):
     r = cli("acl", "token", "delete", "-id", accessor)
     assert r == Result(0, f'Token "{accessor}" deleted successfully\n', "")
     r = cli("acl", "token", "read", "-id", accessor)
-    assert r == Result(1, "", f'Error reading token "{accessor}": ACL token {accessor} not found\n')
+    assert r == Result(
+        1, "", f'Error reading token "{accessor}": Permission denied: ACL not found\n'
+    )
     r = cli("acl", "token", "delete", "-id", accessor)
     assert r == Result(
         1, "", f'Error deleting token "{accessor}": ACL token {accessor} not found\n'
@@ -368,6 +370,31 @@ def test_token_create_read_update_list_delete(server, cli, api):
     assert r.code == 1 and "ACL not found" in r.err, r
     api.acl_policy_delete(kv["ID"])
     api.acl_policy_delete(ops["ID"])
+
+
+def test_token_update_keeps_roles_and_identities(cli, api):
+    """``acl token update`` changes what its flags name and keeps the rest, as Consul's does:
+    the PUT body is the token's whole new state, and the CLI used to send only the
+    description, policies and locality, so an update dropped the token's roles and
+    identities."""
+    role = api.request("PUT", "/v1/acl/role", json={"Name": "cli-kept"}).json()
+    body = {
+        "Description": "before",
+        "Roles": [{"ID": role["ID"]}],
+        "ServiceIdentities": [{"ServiceName": "web"}],
+        "NodeIdentities": [{"NodeName": "n1", "Datacenter": "dc1"}],
+        "TemplatedPolicies": [{"TemplateName": "builtin/dns"}],
+    }
+    t = api.request("PUT", "/v1/acl/token", json=body).json()
+    r = cli("acl", "token", "update", "-id", t["AccessorID"], "-description", "after")
+    assert r.code == 0, r
+    got = api.acl_token_read(t["AccessorID"])
+    assert got["Description"] == "after"
+    assert got["Roles"] == [{"ID": role["ID"], "Name": "cli-kept"}]
+    for key in ("ServiceIdentities", "NodeIdentities", "TemplatedPolicies"):
+        assert got[key] == body[key], key
+    api.acl_token_delete(t["AccessorID"])
+    api.request("DELETE", f"/v1/acl/role/{role['ID']}")
 
 
 def test_tokens_and_their_errors(server, cli):

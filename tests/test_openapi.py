@@ -615,7 +615,7 @@ def test_smoke_walk_every_endpoint(app_client):
     assert {400, 404, 413} <= {s for _, _, s in c.seen}
 
 
-#: One request per ACL operation (``{id}``: a policy ID or a token accessor).
+#: One request per ACL operation (``{id}``: a policy, role or token ID).
 ACL_CALLS = (
     ("PUT", "/v1/acl/bootstrap"),
     ("PUT", "/v1/acl/policy"),
@@ -630,6 +630,16 @@ ACL_CALLS = (
     ("PUT", "/v1/acl/token/{id}"),
     ("DELETE", "/v1/acl/token/{id}"),
     ("GET", "/v1/acl/tokens"),
+    ("PUT", "/v1/acl/token/{id}/clone"),
+    ("PUT", "/v1/acl/role"),
+    ("GET", "/v1/acl/role/{id}"),
+    ("PUT", "/v1/acl/role/{id}"),
+    ("DELETE", "/v1/acl/role/{id}"),
+    ("GET", "/v1/acl/role/name/p"),
+    ("GET", "/v1/acl/roles"),
+    ("GET", "/v1/acl/templated-policies"),
+    ("GET", "/v1/acl/templated-policy/name/builtin/dns"),
+    ("POST", "/v1/acl/templated-policy/preview/builtin/dns"),
 )
 
 
@@ -674,8 +684,47 @@ def test_smoke_walk_acls(tmp_path):
         body = {"Description": "app deployer", "Policies": [{"ID": p["ID"]}]}
         ok(c.put(f"/v1/acl/token/{t['AccessorID']}", json=body, headers=h))
         ok(c.get("/v1/acl/tokens", headers=h))
+        # roles, identities, templated policies, clone, expiry
+        role_body = {
+            "Name": "deployer",
+            "Policies": [{"Name": "app"}],
+            "ServiceIdentities": [{"ServiceName": "web", "Datacenters": ["dc1"]}],
+            "NodeIdentities": [{"NodeName": "node-1", "Datacenter": "dc1"}],
+            "TemplatedPolicies": [{"TemplateName": "builtin/dns"}],
+        }
+        role = ok(c.put("/v1/acl/role", json=role_body, headers=h)).json
+        ok(c.put("/v1/acl/role", json=role_body, headers=h), 409)
+        ok(c.put("/v1/acl/role", json={"Name": "r", "Policies": [{"Name": "no"}]}, headers=h), 400)
+        ok(c.get(f"/v1/acl/role/{role['ID']}", headers=h))
+        ok(c.get("/v1/acl/role/name/deployer", headers=h))
+        ok(c.get("/v1/acl/role/name/nothing", headers=h), 404)
+        ok(c.put(f"/v1/acl/role/{role['ID']}", json={**role_body, "Description": "d"}, headers=h))
+        ok(c.get(f"/v1/acl/roles?policy={p['ID']}", headers=h))
+        body = {
+            "Roles": [{"Name": "deployer"}],
+            "ServiceIdentities": [{"ServiceName": "api"}],
+            "TemplatedPolicies": [
+                {"TemplateName": "builtin/node", "TemplateVariables": {"Name": "n"}}
+            ],
+            "ExpirationTTL": "1h",
+        }
+        t2 = ok(c.put("/v1/acl/token", json=body, headers=h)).json
+        clone = ok(c.put(f"/v1/acl/token/{t2['AccessorID']}/clone", json={}, headers=h)).json
+        ok(c.put(f"/v1/acl/token/{clone['AccessorID']}/clone", headers=h))
+        ok(c.get(f"/v1/acl/tokens?role={role['ID']}&servicename=api", headers=h))
+        ok(c.get("/v1/acl/templated-policies", headers=h))
+        ok(c.get("/v1/acl/templated-policy/name/builtin/service", headers=h))
+        ok(c.get("/v1/acl/templated-policy/name/builtin/nothing", headers=h), 404)
+        ok(
+            c.post(
+                "/v1/acl/templated-policy/preview/builtin/service", json={"Name": "api"}, headers=h
+            )
+        )
+        ok(c.post("/v1/acl/templated-policy/preview/builtin/service", json={}, headers=h), 400)
+        assert ok(c.delete(f"/v1/acl/role/{role['ID']}", headers=h)).json is True
+        ok(c.delete(f"/v1/acl/role/{role['ID']}", headers=h), 404)
         assert ok(c.delete(f"/v1/acl/token/{t['AccessorID']}", headers=h)).json is True
-        ok(c.get(f"/v1/acl/token/{t['AccessorID']}", headers=h), 404)
+        ok(c.get(f"/v1/acl/token/{t['AccessorID']}", headers=h), 403)  # ACL not found
         ok(c.delete(f"/v1/acl/token/{t['AccessorID']}", headers=h), 404)
         assert ok(c.delete(f"/v1/acl/policy/{p['ID']}", headers=h)).json is True
         ok(c.delete(f"/v1/acl/policy/{p['ID']}", headers=h), 404)

@@ -23,7 +23,13 @@ from marshmallow import EXCLUDE, RAISE, Schema, fields
 
 from tests.openapi_check import HTTP_METHODS, _deref, spec_dict
 from trellis.api.schemas import Rejected
-from trellis.api.schemas.acl import PolicySchema, TokenSchema
+from trellis.api.schemas.acl import (
+    PolicySchema,
+    RoleSchema,
+    TemplateVariablesSchema,
+    TokenCloneSchema,
+    TokenSchema,
+)
 from trellis.api.schemas.ca import (
     BuiltinConfigSchema,
     CAConfigurationSchema,
@@ -63,6 +69,13 @@ BODIES: dict[tuple[str, str], tuple[str, type[Schema]]] = {
     ("PUT", "/v1/acl/policy/{policy_id}"): ("ACLPolicyBody", PolicySchema),
     ("PUT", "/v1/acl/token"): ("ACLTokenBody", TokenSchema),
     ("PUT", "/v1/acl/token/{accessor_id}"): ("ACLTokenBody", TokenSchema),
+    ("PUT", "/v1/acl/token/{accessor_id}/clone"): ("ACLTokenCloneBody", TokenCloneSchema),
+    ("PUT", "/v1/acl/role"): ("ACLRoleBody", RoleSchema),
+    ("PUT", "/v1/acl/role/{role_id}"): ("ACLRoleBody", RoleSchema),
+    ("POST", "/v1/acl/templated-policy/preview/{name}"): (
+        "ACLTemplateVariables",
+        TemplateVariablesSchema,
+    ),
 }
 
 _ANY = None  # a field or schema that takes any JSON value

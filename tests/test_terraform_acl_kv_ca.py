@@ -7,6 +7,7 @@ Vault cases use a real OpenBao (tests/vault_fixtures.py).
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
@@ -324,6 +325,25 @@ def test_token_secret_import_drift(acl_env):
     _, d = call("delete", r, updated)
     ok(d)
     assert call("read", r, updated)[0] is None
+
+
+def test_a_token_read_with_an_unknown_provider_token_is_an_error_not_gone(acl_env):
+    """The server answers a read of a missing token with 403 "ACL not found", as Consul does,
+    and the same words when the caller's own token is unknown. The resource must drop the
+    token from its state only in the first case: a provider holding a deleted token must
+    report the error, not plan to recreate every token it manages."""
+    acl_env.other.acl_policy_create("web", rules=RULES)
+    r = ACLTokenResource(acl_env.provider)
+    created, d = call("create", r, token_state())
+    ok(d)
+    p = TrellisProvider({}, transport=acl_env.transport)
+    p.configure_provider(Diagnostics(), {"address": ADDR, "token": str(uuid.uuid4())})
+    state, d = call("read", ACLTokenResource(p), created)
+    assert state == created
+    assert "ACL not found" in one_error(d).detail + one_error(d).summary
+    # With a working token, a deleted token is gone from the state.
+    acl_env.other.acl_token_delete(created["accessor_id"])
+    assert call("read", r, created)[0] is None
 
 
 def test_acl_403_names_the_permission(acl_env):

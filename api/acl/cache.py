@@ -28,6 +28,10 @@ ACL write raises inside its own transaction):
    result under that index only if it is the cache's (or moves the cache forward to it): a
    result read before a write can never be filed beside the results read after it.
 
+Expiry is checked on every resolve, hit or miss, against the cache's clock: a token whose
+``ExpirationTime`` has passed stops working at that moment, whatever the cache holds and
+before the reaper deletes it (a deletion is an ACL write, which empties the cache anyway).
+
 The index read is one statement (one round trip on PostgreSQL), shared by the requests that
 start together and, through ``indexes=``, by the intention cache within one request.
 """
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
@@ -68,7 +73,8 @@ class AuthorizerCache:
     """Per-process cache of resolved tokens; see the module docstring for why it is fresh.
 
     ``fresh()`` returns the store's topic indexes (at least ``"acl"``) from a read that began
-    after it was called; ``default_allow`` is the ACL default policy.
+    after it was called; ``default_allow`` is the ACL default policy; ``clock`` (epoch
+    seconds) decides when a token has expired.
     """
 
     def __init__(
@@ -77,8 +83,10 @@ class AuthorizerCache:
         *,
         default_allow: bool,
         fresh: Callable[[], Mapping[str, int]],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._clock = clock
         self._default_allow = default_allow
         self._fresh = fresh
         self._lock = threading.Lock()
@@ -112,10 +120,12 @@ class AuthorizerCache:
                 self._index = now
             hit = self._entries.get(h)
         if hit is not None:
+            self._check_expiry(hit[0])
             return hit
         token, policies, at = self._store.acl_resolve(h)
         if token is None and not anonymous:
             raise PermissionDenied("ACL not found")
+        self._check_expiry(token)
         result = (token, self._authorizer(token, policies))
         with self._lock:
             if at > self._index:
@@ -129,11 +139,18 @@ class AuthorizerCache:
         # write kept it out of the cache.
         return result
 
+    def _check_expiry(self, token: ACLToken | None) -> None:
+        """PermissionDenied "ACL not found" (as Consul answers) once the token has expired:
+        the client's fault, its token is no longer one."""
+        if token is not None and token.expires_at is not None and token.expires_at <= self._clock():
+            raise PermissionDenied("ACL not found")
+
     def _authorizer(self, token: ACLToken | None, policies: Sequence[ACLPolicy]) -> Authorizer:
         if token is None:
             # No anonymous token yet (ACLs just enabled): the default policy alone.
             return Authorizer((), default_allow=self._default_allow)
-        if MANAGEMENT_POLICY_ID in token.policies:
+        # Held directly or through a role.
+        if any(p.id == MANAGEMENT_POLICY_ID for p in policies):
             return Authorizer.management()
         rules = []
         for p in policies:  # a deleted policy is not among them: it grants nothing

@@ -305,9 +305,15 @@ def acl_token_update(ctx: Context, ns: argparse.Namespace) -> int:
                 else ns.description,
                 policies=links,
                 local=bool(cur.get("Local")),
+                # The body is the whole new state: what no flag changes is sent back as is.
+                keep={k: cur[k] for k in _KEPT_ON_UPDATE if cur.get(k)},
             )
     _show_token(ctx, ns, t)
     return 0
+
+
+#: A token's fields ``acl token update`` has no flags for, which it keeps.
+_KEPT_ON_UPDATE = ("Roles", "ServiceIdentities", "NodeIdentities", "TemplatedPolicies")
 
 
 def _has(token: Mapping[str, Any], link: Mapping[str, str]) -> bool:

@@ -9,6 +9,7 @@ update, and is the view's rule. That a named policy exists is the store's, check
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from typing import Any
 
@@ -22,8 +23,15 @@ from marshmallow import (
     validates_schema,
 )
 
+from trellis.api.acl import identities as ids
 from trellis.api.acl.rules import RulesError, parse_rules
-from trellis.api.schemas import Ignored, Rejected, Strict, StrictBoolean
+from trellis.api.schemas import Ignored, Strict, StrictBoolean
+from trellis.proxy.durations import DurationError, parse_duration
+
+#: Consul's default bounds on a token's lifetime (``acl.token_min_expiration_ttl`` and
+#: ``acl.token_max_expiration_ttl``): one minute to one day.
+MIN_EXPIRATION_TTL = 60.0
+MAX_EXPIRATION_TTL = 24 * 3600.0
 
 
 class OptionalUUID(fields.String):
@@ -44,6 +52,119 @@ class OptionalUUID(fields.String):
             return str(uuid.UUID(value))
         except ValueError:
             raise self.make_error("invalid") from None
+
+
+class AccessorID(OptionalUUID):
+    """A UUID kept as it was given (Consul keeps an accessor's case; lookups ignore it)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str | None:
+        checked = super()._deserialize(value, attr, data, **kwargs)
+        return None if checked is None else str(value)
+
+
+class TTL(fields.Field):
+    """``ExpirationTTL``: a Go duration string ("1h") or, as Go's client sends a
+    ``time.Duration``, a whole number of nanoseconds; loads as seconds."""
+
+    json_types = frozenset({"string", "integer"})
+    default_error_messages = {"invalid": "must be a duration such as '1h'"}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise self.make_error("invalid")
+        if isinstance(value, int):
+            return value / 1e9
+        try:
+            return parse_duration(value) if value else 0.0
+        except DurationError:
+            raise self.make_error("invalid") from None
+
+
+class Timestamp(fields.String):
+    """``ExpirationTime``: an RFC 3339 time; loads as epoch seconds."""
+
+    default_error_messages = {"invalid": "must be an RFC 3339 time"}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise self.make_error("invalid") from None
+        if parsed.tzinfo is None:
+            raise self.make_error("invalid")
+        return parsed.timestamp()
+
+
+class ServiceIdentitySchema(Strict):
+    ServiceName = fields.String(required=True)
+    Datacenters = fields.List(fields.String(), allow_none=True, load_default=None)
+
+    @validates_schema
+    def _name(self, data: dict[str, Any], **kwargs: Any) -> None:
+        _check_name(data.get("ServiceName"), "ServiceName")
+
+    @post_load
+    def _shape(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"ServiceName": data["ServiceName"]}
+        if data["Datacenters"]:
+            out["Datacenters"] = list(data["Datacenters"])
+        return out
+
+
+class NodeIdentitySchema(Strict):
+    NodeName = fields.String(required=True)
+    Datacenter = fields.String(required=True)
+
+    @validates_schema
+    def _name(self, data: dict[str, Any], **kwargs: Any) -> None:
+        _check_name(data.get("NodeName"), "NodeName")
+
+
+class TemplatedPolicySchema(Strict):
+    TemplateName = fields.String(required=True)
+    TemplateVariables = fields.Dict(
+        keys=fields.String(), values=fields.String(), allow_none=True, load_default=None
+    )
+    Datacenters = fields.List(fields.String(), allow_none=True, load_default=None)
+
+    @validates_schema
+    def _renders(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "TemplateName" in data:
+            try:
+                ids.templated_rules(data["TemplateName"], data.get("TemplateVariables") or {})
+            except ids.IdentityError as e:
+                raise ValidationError(str(e)) from None
+
+    @post_load
+    def _shape(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"TemplateName": data["TemplateName"]}
+        if data["TemplateVariables"]:
+            out["TemplateVariables"] = dict(data["TemplateVariables"])
+        if data["Datacenters"]:
+            out["Datacenters"] = list(data["Datacenters"])
+        return out
+
+
+def _check_name(name: Any, what: str) -> None:
+    if name is not None:
+        try:
+            ids.check_name(name, what)
+        except ids.IdentityError as e:
+            raise ValidationError(str(e)) from None
+
+
+def _list_of(schema: type[Schema]) -> fields.List:
+    return fields.List(fields.Nested(schema), allow_none=True, load_default=None)
+
+
+def identities_of(data: dict[str, Any]) -> dict[str, Any]:
+    """The identities of a loaded body, as the store keeps them (empty lists left out)."""
+    return {
+        k: list(data[k])
+        for k in ("ServiceIdentities", "NodeIdentities", "TemplatedPolicies")
+        if data[k]
+    }
 
 
 class Rules(fields.String):
@@ -107,11 +228,18 @@ class PolicyLinkSchema(Schema):
             raise ValidationError("needs an ID or a Name")
 
 
+class LinkSchema(PolicyLinkSchema):
+    """A role a token holds, by ``ID`` or by ``Name`` (the same shape as a policy link)."""
+
+
 class TokenSchema(_ACLBody):
     """A token. ``AccessorID``/``SecretID``: made by the server unless given on create; on
-    update the AccessorID must match the path and a SecretID is refused (the view's rules)."""
+    update the AccessorID must match the path and a SecretID other than the token's own is
+    refused (the view's rules).
+    ``ExpirationTTL`` (1m-24h) or ``ExpirationTime``: when it stops working, set on create
+    only (the view's rule: Consul refuses to change it)."""
 
-    AccessorID = OptionalUUID()
+    AccessorID = AccessorID()
     SecretID = OptionalUUID()
     description = fields.String(
         data_key="Description",
@@ -125,9 +253,66 @@ class TokenSchema(_ACLBody):
         load_default=None,
     )
     local = StrictBoolean(data_key="Local", load_default=False)
-    ExpirationTTL = Rejected("is not supported yet")
+    Roles = fields.List(fields.Nested(LinkSchema), allow_none=True, load_default=None)
+    ServiceIdentities = _list_of(ServiceIdentitySchema)
+    NodeIdentities = _list_of(NodeIdentitySchema)
+    TemplatedPolicies = _list_of(TemplatedPolicySchema)
+    ExpirationTTL = TTL(allow_none=True, load_default=None)
+    ExpirationTime = Timestamp(allow_none=True, load_default=None)
+    Legacy = Ignored()
+
+    @validates_schema
+    def _ttl(self, data: dict[str, Any], **kwargs: Any) -> None:
+        ttl = data.get("ExpirationTTL")
+        if ttl and not MIN_EXPIRATION_TTL <= ttl <= MAX_EXPIRATION_TTL:
+            raise ValidationError("must be between 1m and 24h", "ExpirationTTL")
+        if ttl and data.get("ExpirationTime") is not None:
+            raise ValidationError(
+                "give ExpirationTTL or ExpirationTime, not both", "ExpirationTime"
+            )
 
     @post_load
     def _no_policies(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         data["policies"] = list(data["policies"] or ())
+        data["Roles"] = list(data["Roles"] or ())
         return data
+
+
+class RoleSchema(_ACLBody):
+    """A role: policies (by ID or name) and identities. ``ID``: refused on create, must match
+    the path on update (the view's rule)."""
+
+    ID = OptionalUUID()
+    Name = fields.String(
+        required=True,
+        validate=validate.Regexp(
+            r"^[A-Za-z0-9_-]{1,256}$", error="must be 1-256 letters, digits, '-' or '_'"
+        ),
+        error_messages={"required": "is required (1-256 letters, digits, '-' or '_')"},
+    )
+    Description = fields.String(load_default="")
+    Policies = fields.List(fields.Nested(PolicyLinkSchema), allow_none=True, load_default=None)
+    ServiceIdentities = _list_of(ServiceIdentitySchema)
+    NodeIdentities = _list_of(NodeIdentitySchema)
+    TemplatedPolicies = _list_of(TemplatedPolicySchema)
+
+    @post_load
+    def _lists(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        data["Policies"] = list(data["Policies"] or ())
+        return data
+
+
+class TokenCloneSchema(Strict):
+    """``PUT /v1/acl/token/<id>/clone``: an optional new ``Description``."""
+
+    Description = fields.String(
+        load_default=None,
+        validate=validate.Length(max=512, error="must be a string of at most 512 characters"),
+    )
+
+
+class TemplateVariablesSchema(Strict):
+    """The variables of a templated policy (``POST /v1/acl/templated-policy/preview/<name>``):
+    only ``Name`` exists among Consul's builtin templates."""
+
+    Name = fields.String(load_default=None, allow_none=True)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from trellis.api.feed import ChangeFeed
 from trellis.api.store.events import UserEvent
-from trellis.api.store.security import ACLPolicy, ACLToken, IntentionRecord
+from trellis.api.store.security import ACLPolicy, ACLRole, ACLToken, IntentionRecord
 from trellis.api.store.sessions import Session
 
 if TYPE_CHECKING:
@@ -277,6 +277,21 @@ class Store(Protocol):
         ...
 
     def acl_policy_delete(self, policy_id: str) -> bool: ...
+
+    # ACL roles and token expiry
+    def acl_roles(self) -> list[ACLRole]: ...
+    def acl_role(
+        self, *, role_id: str | None = None, name: str | None = None
+    ) -> ACLRole | None: ...
+    def acl_role_put(self, r: ACLRole, *, create: bool) -> ACLRole | None:
+        """Create (StoreConflict if the ID exists) or update (None if there is no such role);
+        StoreConflict if another role has the name."""
+        ...
+
+    def acl_role_delete(self, role_id: str) -> bool: ...
+    def acl_expire_tokens(self, now: float) -> int:
+        """Delete the tokens expired at ``now`` (epoch seconds); how many."""
+        ...
 
     # snapshots: the whole state (trellis.api.store.snapshot)
     def snapshot_tables(self) -> dict[str, tuple[str, ...]]: ...

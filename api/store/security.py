@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from trellis.api.acl import identities as ids
 from trellis.api.store.errors import NotFoundInStore, StoreConflict
 
 INTENTION_COLS = (
@@ -21,8 +22,13 @@ INTENTION_COLS = (
 TOKEN_COLS = (  # column names, not a secret
     "accessor_id, secret_hash, description, policies, is_local, create_time, create_index,"  # noqa: S105
     " modify_index"
+    # Roles, identities, templated policies and expiry (migration 7, ROLES_MIGRATION).
+    ", roles, identities, expires_at"
 )
 POLICY_COLS = "id, name, description, rules, datacenters, create_index, modify_index"
+ROLE_COLS = "id, name, description, policies, identities, create_index, modify_index"
+#: The keys of a token's or role's ``identities``, in Consul's JSON shapes.
+IDENTITY_KEYS = ("ServiceIdentities", "NodeIdentities", "TemplatedPolicies")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,26 @@ class ACLToken:
     policies: tuple[str, ...] = ()
     local: bool = False
     create_time: str = ""
+    create_index: int = 0
+    modify_index: int = 0
+    #: IDs of the roles the token holds (a deleted role grants nothing).
+    roles: tuple[str, ...] = ()
+    #: ``ServiceIdentities``, ``NodeIdentities`` and ``TemplatedPolicies`` as Consul shapes
+    #: them (``trellis.api.acl.identities`` turns them into rules); empty lists left out.
+    identities: Mapping[str, Any] = field(default_factory=dict)
+    #: Epoch seconds after which the token no longer works (None: never expires).
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ACLRole:
+    """A named set of policies and identities that tokens hold by reference."""
+
+    id: str
+    name: str
+    description: str = ""
+    policies: tuple[str, ...] = ()
+    identities: Mapping[str, Any] = field(default_factory=dict)
     create_index: int = 0
     modify_index: int = 0
 
@@ -88,7 +114,53 @@ def _token(r: Sequence[Any]) -> ACLToken:
         create_time=r[5],
         create_index=int(r[6]),
         modify_index=int(r[7]),
+        roles=tuple(json.loads(r[8] or "[]")),
+        identities=json.loads(r[9] or "{}"),
+        expires_at=None if r[10] is None else float(r[10]),
     )
+
+
+def _role(r: Sequence[Any]) -> ACLRole:
+    return ACLRole(
+        id=r[0],
+        name=r[1],
+        description=r[2],
+        policies=tuple(json.loads(r[3] or "[]")),
+        identities=json.loads(r[4] or "{}"),
+        create_index=int(r[5]),
+        modify_index=int(r[6]),
+    )
+
+
+def synthetic_policies(owner: str, identities: Mapping[str, Any]) -> list[ACLPolicy]:
+    """The policies a token's or role's identities and templated policies grant, made from
+    Consul's templates (``trellis.api.acl.identities``). ``owner`` names them for logs."""
+    out = []
+    for i in identities.get("ServiceIdentities", ()):
+        out.append(_synthetic(owner, ids.service_rules(i["ServiceName"])))
+    for i in identities.get("NodeIdentities", ()):
+        out.append(_synthetic(owner, ids.node_rules(i["NodeName"])))
+    for i in identities.get("TemplatedPolicies", ()):
+        rules = ids.templated_rules(i["TemplateName"], i.get("TemplateVariables") or {})
+        out.append(_synthetic(owner, rules))
+    return out
+
+
+def _synthetic(owner: str, rules: str) -> ACLPolicy:
+    return ACLPolicy(id="", name=f"synthetic-policy-{owner}", rules=rules)
+
+
+#: Rules no parser accepts: what an identity the templates cannot render (a damaged store:
+#: they are checked on write) resolves to, so the authorizer denies everything rather than
+#: dropping the identity's rules silently.
+DAMAGED_RULES = "# damaged identity\n{"
+
+
+def _granted(owner: str, identities: Mapping[str, Any]) -> list[ACLPolicy]:
+    try:
+        return synthetic_policies(owner, identities)
+    except (ids.IdentityError, KeyError, TypeError, AttributeError):
+        return [_synthetic(owner, DAMAGED_RULES)]
 
 
 def _policy(r: Sequence[Any]) -> ACLPolicy:
@@ -116,6 +188,19 @@ MIGRATION = [
     "CREATE TABLE acl_tokens (accessor_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL UNIQUE,"
     " description TEXT NOT NULL, policies TEXT NOT NULL, is_local INTEGER NOT NULL,"
     " create_time TEXT NOT NULL, create_index BIGINT NOT NULL, modify_index BIGINT NOT NULL)",
+]
+
+#: Roles, and what tokens gained with them: roles, identities, templated policies, expiry.
+ROLES_MIGRATION = [
+    "CREATE TABLE acl_roles (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,"
+    " description TEXT NOT NULL, policies TEXT NOT NULL, identities TEXT NOT NULL,"
+    " create_index BIGINT NOT NULL, modify_index BIGINT NOT NULL)",
+    "ALTER TABLE acl_tokens ADD COLUMN roles TEXT NOT NULL DEFAULT '[]'",
+    "ALTER TABLE acl_tokens ADD COLUMN identities TEXT NOT NULL DEFAULT '{}'",
+    "ALTER TABLE acl_tokens ADD COLUMN expires_at DOUBLE PRECISION",
+    "CREATE INDEX acl_tokens_by_expiry ON acl_tokens (expires_at)",
+    # Accessors are looked up whatever their case (``acl_token``).
+    "CREATE UNIQUE INDEX acl_tokens_by_accessor_any_case ON acl_tokens (lower(accessor_id))",
 ]
 
 
@@ -228,22 +313,25 @@ class SecurityStoreMixin:
     def acl_token(
         self, *, accessor_id: str | None = None, secret_hash: str | None = None
     ) -> ACLToken | None:
-        col, val = (
-            ("accessor_id", accessor_id)
-            if accessor_id is not None
-            else (
-                "secret_hash",
-                secret_hash,
-            )
-        )
+        """By accessor (whatever its case: Consul's accessor index ignores it, and the ID
+        keeps the case it was given) or by secret hash."""
+        val: str | None
+        if accessor_id is not None:
+            where, val = "lower(accessor_id) = lower(?)", accessor_id
+        else:
+            where, val = "secret_hash = ?", secret_hash
         with self.read() as q:  # type: ignore[attr-defined]
-            rows = q(f"SELECT {TOKEN_COLS} FROM acl_tokens WHERE {col} = ?", (val,))  # noqa: S608
+            rows = q(f"SELECT {TOKEN_COLS} FROM acl_tokens WHERE {where}", (val,))  # noqa: S608
         return _token(rows[0]) if rows else None
 
     def acl_resolve(self, secret_hash: str) -> tuple[ACLToken | None, list[ACLPolicy], int]:
-        """The token with this secret hash (None if there is none), its policies (in the
-        token's order; a deleted one is left out) and the ``acl`` topic index, all read from
-        one snapshot: the index is that of the newest ACL write the answer reflects."""
+        """The token with this secret hash (None if there is none), the policies it is
+        granted, and the ``acl`` topic index, all read from one snapshot: the index is that of
+        the newest ACL write the answer reflects.
+
+        The policies are the token's own (in its order; a deleted one is left out), then those
+        of its roles, then synthetic ones made from the token's and its roles' identities and
+        templated policies (``synthetic_policies``). Expiry is the caller's to check."""
         with self.read() as q:  # type: ignore[attr-defined]
             idx = q("SELECT idx FROM indexes WHERE name = 'acl'")
             index = int(idx[0][0]) if idx else 0
@@ -251,20 +339,34 @@ class SecurityStoreMixin:
             if not rows:
                 return None, [], index
             token = _token(rows[0])
-            if not token.policies:
-                return token, [], index
-            marks = ",".join("?" * len(token.policies))
-            sql = f"SELECT {POLICY_COLS} FROM acl_policies WHERE id IN ({marks})"  # noqa: S608 - only placeholders
-            found = {p.id: p for p in map(_policy, q(sql, token.policies))}
-        return token, [found[pid] for pid in token.policies if pid in found], index
+            roles: list[ACLRole] = []
+            if token.roles:
+                marks = ",".join("?" * len(token.roles))
+                sql = f"SELECT {ROLE_COLS} FROM acl_roles WHERE id IN ({marks})"  # noqa: S608 - only placeholders
+                found_roles = {r.id: r for r in map(_role, q(sql, token.roles))}
+                roles = [found_roles[rid] for rid in token.roles if rid in found_roles]
+            wanted: list[str] = list(token.policies)
+            for role in roles:
+                wanted += [pid for pid in role.policies if pid not in wanted]
+            found: dict[str, ACLPolicy] = {}
+            if wanted:
+                marks = ",".join("?" * len(wanted))
+                sql = f"SELECT {POLICY_COLS} FROM acl_policies WHERE id IN ({marks})"  # noqa: S608 - only placeholders
+                found = {p.id: p for p in map(_policy, q(sql, wanted))}
+        policies = [found[pid] for pid in wanted if pid in found]
+        policies += _granted(token.accessor_id, token.identities)
+        for role in roles:
+            policies += _granted(role.id, role.identities)
+        return token, policies, index
 
     def acl_token_put(self, t: ACLToken, *, create: bool) -> ACLToken | None:
-        """Create (StoreConflict if the accessor or secret exists) or update (None if
-        missing)."""
+        """Create (StoreConflict if the accessor, in any case, or the secret exists) or update
+        (None if missing; the accessor keeps the case it was created with, and the secret and
+        the expiry never change)."""
         with self.write() as tx:  # type: ignore[attr-defined]
             cur = tx.one(
-                "SELECT create_index, secret_hash, create_time FROM acl_tokens"
-                " WHERE accessor_id = ?",
+                "SELECT create_index, secret_hash, create_time, accessor_id, expires_at"
+                " FROM acl_tokens WHERE lower(accessor_id) = lower(?)",
                 (t.accessor_id,),
             )
             if create:
@@ -280,11 +382,14 @@ class SecurityStoreMixin:
             create_index = idx if cur is None else int(cur[0])
             secret_hash = t.secret_hash if cur is None else cur[1]
             create_time = t.create_time if cur is None else cur[2]
-            tx.execute("DELETE FROM acl_tokens WHERE accessor_id = ?", (t.accessor_id,))
+            accessor = t.accessor_id if cur is None else cur[3]
+            expires_at = t.expires_at if cur is None else cur[4]
+            tx.execute("DELETE FROM acl_tokens WHERE accessor_id = ?", (accessor,))
             tx.execute(
-                f"INSERT INTO acl_tokens ({TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                f"INSERT INTO acl_tokens ({TOKEN_COLS})"  # noqa: S608
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    t.accessor_id,
+                    accessor,
                     secret_hash,
                     t.description,
                     json.dumps(list(t.policies)),
@@ -292,21 +397,103 @@ class SecurityStoreMixin:
                     create_time,
                     create_index,
                     idx,
+                    json.dumps(list(t.roles)),
+                    json.dumps(dict(t.identities)),
+                    expires_at,
                 ),
             )
             tx.touch("acl", "tokens")
             row = tx.one(
                 f"SELECT {TOKEN_COLS} FROM acl_tokens WHERE accessor_id = ?",  # noqa: S608
-                (t.accessor_id,),
+                (accessor,),
             )
             return _token(row)
 
     def acl_token_delete(self, accessor_id: str) -> bool:
         with self.write() as tx:  # type: ignore[attr-defined]
-            if tx.one("SELECT 1 FROM acl_tokens WHERE accessor_id = ?", (accessor_id,)) is None:
+            row = tx.one(
+                "SELECT accessor_id FROM acl_tokens WHERE lower(accessor_id) = lower(?)",
+                (accessor_id,),
+            )
+            if row is None:
                 return False
-            tx.execute("DELETE FROM acl_tokens WHERE accessor_id = ?", (accessor_id,))
+            tx.execute("DELETE FROM acl_tokens WHERE accessor_id = ?", (row[0],))
             tx.touch("acl", "tokens")
+            return True
+
+    def acl_expire_tokens(self, now: float) -> int:
+        """Delete the tokens whose expiry is at or before ``now``; how many. They stopped
+        working at that moment already (the resolver checks the expiry); this only reaps
+        them, in the one process that holds the reaper role."""
+        with self.write() as tx:  # type: ignore[attr-defined]
+            due = [
+                r[0]
+                for r in tx.execute(
+                    "SELECT accessor_id FROM acl_tokens"
+                    " WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                    (now,),
+                ).fetchall()
+            ]
+            if not due:
+                return 0
+            tx.execute(
+                "DELETE FROM acl_tokens WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                (now,),
+            )
+            tx.touch("acl", "tokens")
+            return len(due)
+
+    # -- roles -----------------------------------------------------------------------------------
+
+    def acl_roles(self) -> list[ACLRole]:
+        with self.read() as q:  # type: ignore[attr-defined]
+            rows = q(f"SELECT {ROLE_COLS} FROM acl_roles ORDER BY name")  # noqa: S608
+        return [_role(r) for r in rows]
+
+    def acl_role(self, *, role_id: str | None = None, name: str | None = None) -> ACLRole | None:
+        col, val = ("id", role_id) if role_id is not None else ("name", name)
+        with self.read() as q:  # type: ignore[attr-defined]
+            rows = q(f"SELECT {ROLE_COLS} FROM acl_roles WHERE {col} = ?", (val,))  # noqa: S608
+        return _role(rows[0]) if rows else None
+
+    def acl_role_put(self, r: ACLRole, *, create: bool) -> ACLRole | None:
+        """Create (StoreConflict if the ID exists) or update (None if missing); StoreConflict
+        if another role has the name."""
+        with self.write() as tx:  # type: ignore[attr-defined]
+            cur = tx.one("SELECT create_index FROM acl_roles WHERE id = ?", (r.id,))
+            if create and cur is not None:
+                raise StoreConflict("a role with this ID exists")
+            if not create and cur is None:
+                return None
+            other = tx.one("SELECT id FROM acl_roles WHERE name = ?", (r.name,))
+            if other is not None and other[0] != r.id:
+                raise StoreConflict(f"a role named {r.name!r} exists")
+            idx = tx.index
+            create_index = idx if cur is None else int(cur[0])
+            tx.execute("DELETE FROM acl_roles WHERE id = ?", (r.id,))
+            tx.execute(
+                f"INSERT INTO acl_roles ({ROLE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (
+                    r.id,
+                    r.name,
+                    r.description,
+                    json.dumps(list(r.policies)),
+                    json.dumps(dict(r.identities)),
+                    create_index,
+                    idx,
+                ),
+            )
+            tx.touch("acl", "roles")
+            row = tx.one(f"SELECT {ROLE_COLS} FROM acl_roles WHERE id = ?", (r.id,))  # noqa: S608
+            return _role(row)
+
+    def acl_role_delete(self, role_id: str) -> bool:
+        """Delete a role; tokens that named it keep the ID, which then grants nothing."""
+        with self.write() as tx:  # type: ignore[attr-defined]
+            if tx.one("SELECT 1 FROM acl_roles WHERE id = ?", (role_id,)) is None:
+                return False
+            tx.execute("DELETE FROM acl_roles WHERE id = ?", (role_id,))
+            tx.touch("acl", "roles")
             return True
 
     def acl_policies(self) -> list[ACLPolicy]:

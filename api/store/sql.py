@@ -50,7 +50,7 @@ from trellis.api.store.errors import UnstorableValue
 from trellis.api.store.events import EventStoreMixin
 from trellis.api.store.events import migration as events_migration
 from trellis.api.store.security import MIGRATION as SECURITY_MIGRATION
-from trellis.api.store.security import SecurityStoreMixin
+from trellis.api.store.security import ROLES_MIGRATION, SecurityStoreMixin
 from trellis.api.store.sessions import MIGRATION as SESSIONS_MIGRATION
 from trellis.api.store.sessions import SessionStoreMixin
 from trellis.api.store.snapshot import SnapshotStoreMixin
@@ -158,6 +158,8 @@ def migrations(blob: str) -> list[tuple[int, list[str]]]:
         (5, list(SESSIONS_MIGRATION)),
         # User events, a bounded history (api/store/events.py).
         (6, events_migration(blob)),
+        # ACL roles; tokens' roles, identities and expiry (api/store/security.py).
+        (7, list(ROLES_MIGRATION)),
     ]
 
 

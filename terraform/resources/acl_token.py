@@ -133,7 +133,7 @@ class ACLTokenResource(Resource):
         try:
             found = api.acl_token_read(current["accessor_id"])
         except APIError as e:
-            if e.status == 404:
+            if _gone(api, e):
                 return None
             self._error(ctx.diagnostics, e, f"read {_label(current)}")
             return current
@@ -181,7 +181,7 @@ class ACLTokenResource(Resource):
         try:
             found = api.acl_token_read(id)
         except APIError as e:
-            if e.status == 404:
+            if _gone(api, e):
                 ctx.diagnostics.add_error(
                     f"Cannot import ACL token {id}: there is none",
                     "Check the accessor ID with `trellis acl token list`.",
@@ -218,3 +218,19 @@ class ACLTokenResource(Resource):
             hint=HINT,
             conflict="A token with this accessor ID exists already.",
         )
+
+
+def _gone(api: Any, e: APIError) -> bool:
+    """Whether a failed token read means the token does not exist. As Consul does, the server
+    answers that with 403 "ACL not found" (older Trellis servers: 404), which is also its
+    answer when the provider's own token is unknown; so a 403 counts only if the provider's
+    token still reads itself."""
+    if e.status == 404:
+        return True
+    if e.status != 403 or "ACL not found" not in e.message:
+        return False
+    try:
+        api.acl_token_self()
+    except APIError:
+        return False
+    return True
