@@ -120,6 +120,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
 
     from trellis.api.views import (
         acl,
+        acl_login,
         agent,
         catalog,
         connect_ca,
@@ -145,6 +146,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         connect_ca,
         intentions,
         acl,
+        acl_login,
         spec,
         session,
         txn,

@@ -28,6 +28,11 @@ ACL write raises inside its own transaction):
    result under that index only if it is the cache's (or moves the cache forward to it): a
    result read before a write can never be filed beside the results read after it.
 
+A token made by ``acl/login`` may carry an expiry and identities bound as data
+(``ACLToken.login``): the expiry is checked on every resolve, cached or not, against the
+cache's clock (an expired token is "ACL not found" at once, whatever was cached), and the
+identities become rules here (``identity_rules``), as Consul's service and node identities do.
+
 The index read is one statement (one round trip on PostgreSQL), shared by the requests that
 start together and, through ``indexes=``, by the intention cache within one request.
 """
@@ -35,7 +40,9 @@ start together and, through ``indexes=``, by the intention cache within one requ
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
@@ -77,8 +84,10 @@ class AuthorizerCache:
         *,
         default_allow: bool,
         fresh: Callable[[], Mapping[str, int]],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._clock = clock
         self._default_allow = default_allow
         self._fresh = fresh
         self._lock = threading.Lock()
@@ -112,10 +121,12 @@ class AuthorizerCache:
                 self._index = now
             hit = self._entries.get(h)
         if hit is not None:
+            self._check_expiry(hit[0])
             return hit
         token, policies, at = self._store.acl_resolve(h)
         if token is None and not anonymous:
             raise PermissionDenied("ACL not found")
+        self._check_expiry(token)
         result = (token, self._authorizer(token, policies))
         with self._lock:
             if at > self._index:
@@ -128,6 +139,11 @@ class AuthorizerCache:
         # Read after ``now`` was, so at least as new: right for this request even if a newer
         # write kept it out of the cache.
         return result
+
+    def _check_expiry(self, token: ACLToken | None) -> None:
+        login = token.login if token is not None else None
+        if login is not None and login.expires_at is not None and self._clock() >= login.expires_at:
+            raise PermissionDenied("ACL not found")
 
     def _authorizer(self, token: ACLToken | None, policies: Sequence[ACLPolicy]) -> Authorizer:
         if token is None:
@@ -143,7 +159,27 @@ class AuthorizerCache:
                 # Rules are checked on write, so this is a damaged store. Skipping the policy
                 # would drop its denies and grant more; deny everything instead.
                 return Authorizer((), default_allow=False)
+        if token.login is not None:
+            rules.extend(parse_rules(identity_rules(t, n)) for t, n in token.login.binds)
         return Authorizer(rules, default_allow=self._default_allow)
+
+
+def identity_rules(bind_type: str, name: str) -> str:
+    """The rules of an identity a login bound (Consul's service and node identities): a
+    service may write itself and its sidecar and read the catalog; a node may write itself and
+    read services. An unknown kind grants nothing (a newer server's row read by an older one)."""
+    q = json.dumps(name)
+    if bind_type == "service":
+        side = json.dumps(name + "-sidecar-proxy")
+        return (
+            f'service {q} {{ policy = "write" }}\n'
+            f'service {side} {{ policy = "write" }}\n'
+            'service_prefix "" { policy = "read" }\n'
+            'node_prefix "" { policy = "read" }\n'
+        )
+    if bind_type == "node":
+        return f'node {q} {{ policy = "write" }}\nservice_prefix "" {{ policy = "read" }}\n'
+    return ""
 
 
 def dns_authorizer(

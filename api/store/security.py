@@ -7,6 +7,7 @@ own destination); ACL writes touch topic ``acl``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,19 @@ class IntentionRecord:
 
 
 @dataclass(frozen=True)
+class TokenLogin:
+    """What a token made by ``acl/login`` has beyond an ordinary token (its own table,
+    ``acl_token_logins``: ``trellis.api.store.logins``): the method that made it, its expiry
+    (``expires_at``: epoch seconds, None for never) and what its binding rules bound it to,
+    as data the ACL cache turns into rules (``("service", "web")``, ``("node", "n1")``)."""
+
+    auth_method: str
+    expiration_time: str = ""
+    expires_at: float | None = None
+    binds: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class ACLToken:
     accessor_id: str
     #: SHA-256 of the secret: the secret itself is never stored.
@@ -50,6 +64,8 @@ class ACLToken:
     create_time: str = ""
     create_index: int = 0
     modify_index: int = 0
+    #: Set for a token made by ``acl/login`` (read from ``acl_token_logins``).
+    login: TokenLogin | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,26 @@ def _token(r: Sequence[Any]) -> ACLToken:
         create_index=int(r[6]),
         modify_index=int(r[7]),
     )
+
+
+LOGIN_COLS = "accessor_id, auth_method, expiration_time, expires_at, binds"
+
+
+def _login(r: Sequence[Any]) -> TokenLogin:
+    return TokenLogin(
+        auth_method=r[1],
+        expiration_time=r[2],
+        expires_at=None if r[3] is None else float(r[3]),
+        binds=tuple((str(t), str(n)) for t, n in json.loads(r[4] or "[]")),
+    )
+
+
+def _with_login(q: Any, token: ACLToken) -> ACLToken:
+    """``token`` with its login row (if any) attached, read through ``q`` (the caller's
+    snapshot)."""
+    sql = f"SELECT {LOGIN_COLS} FROM acl_token_logins WHERE accessor_id = ?"  # noqa: S608
+    rows = q(sql, (token.accessor_id,))
+    return dataclasses.replace(token, login=_login(rows[0])) if rows else token
 
 
 def _policy(r: Sequence[Any]) -> ACLPolicy:
@@ -223,7 +259,8 @@ class SecurityStoreMixin:
     def acl_tokens(self) -> list[ACLToken]:
         with self.read() as q:  # type: ignore[attr-defined]
             rows = q(f"SELECT {TOKEN_COLS} FROM acl_tokens ORDER BY create_index, accessor_id")  # noqa: S608
-        return [_token(r) for r in rows]
+            logins = {r[0]: _login(r) for r in q(f"SELECT {LOGIN_COLS} FROM acl_token_logins")}  # noqa: S608
+        return [dataclasses.replace(t, login=logins.get(t.accessor_id)) for t in map(_token, rows)]
 
     def acl_token(
         self, *, accessor_id: str | None = None, secret_hash: str | None = None
@@ -238,7 +275,7 @@ class SecurityStoreMixin:
         )
         with self.read() as q:  # type: ignore[attr-defined]
             rows = q(f"SELECT {TOKEN_COLS} FROM acl_tokens WHERE {col} = ?", (val,))  # noqa: S608
-        return _token(rows[0]) if rows else None
+            return _with_login(q, _token(rows[0])) if rows else None
 
     def acl_resolve(self, secret_hash: str) -> tuple[ACLToken | None, list[ACLPolicy], int]:
         """The token with this secret hash (None if there is none), its policies (in the
@@ -250,7 +287,7 @@ class SecurityStoreMixin:
             rows = q(f"SELECT {TOKEN_COLS} FROM acl_tokens WHERE secret_hash = ?", (secret_hash,))  # noqa: S608
             if not rows:
                 return None, [], index
-            token = _token(rows[0])
+            token = _with_login(q, _token(rows[0]))
             if not token.policies:
                 return token, [], index
             marks = ",".join("?" * len(token.policies))
@@ -306,6 +343,7 @@ class SecurityStoreMixin:
             if tx.one("SELECT 1 FROM acl_tokens WHERE accessor_id = ?", (accessor_id,)) is None:
                 return False
             tx.execute("DELETE FROM acl_tokens WHERE accessor_id = ?", (accessor_id,))
+            tx.execute("DELETE FROM acl_token_logins WHERE accessor_id = ?", (accessor_id,))
             tx.touch("acl", "tokens")
             return True
 

@@ -81,6 +81,20 @@ def token_json(t: ACLToken, secret: str | None = None) -> dict[str, Any]:
         "CreateIndex": t.create_index,
         "ModifyIndex": t.modify_index,
     }
+    if t.login is not None:  # a token made by acl/login (api/views/acl_login.py)
+        out["AuthMethod"] = t.login.auth_method
+        if t.login.expiration_time:
+            out["ExpirationTime"] = t.login.expiration_time
+        services_ = [{"ServiceName": n} for k, n in t.login.binds if k == "service"]
+        nodes = [
+            {"NodeName": n, "Datacenter": services().settings.datacenter}
+            for k, n in t.login.binds
+            if k == "node"
+        ]
+        if services_:
+            out["ServiceIdentities"] = services_
+        if nodes:
+            out["NodeIdentities"] = nodes
     if secret is not None:
         out["SecretID"] = secret
     return out
