@@ -176,9 +176,11 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     _init_ca(ca)
     if settings.acl_enabled:
         with app.app_context():
-            from trellis.api.acl.service import ensure_builtins
+            from trellis.api.acl.service import ensure_builtins, initial_management
 
             ensure_builtins()
+            if settings.acl_initial_management_token:
+                initial_management(settings.acl_initial_management_token)
     if background:
         store.start_follower()
         t = threading.Thread(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 import uuid
 
@@ -18,9 +19,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from tests import api_fixtures
 from tests.api_fixtures import assert_error
-from trellis.api.acl.cache import AuthorizerCache
+from trellis.api.acl.cache import AuthorizerCache, dns_authorizer
 from trellis.api.acl.jwtauth import JWTConfig, LoginError
-from trellis.api.errors import PermissionDenied
+from trellis.api.errors import ConfigError, PermissionDenied
+from trellis.api.settings import build, load_file
 
 make_client = api_fixtures.make_client
 
@@ -360,3 +362,79 @@ def test_leeways_and_claim_pointers(rsa_key):
     # With the default leeway (150s plus 60s of skew) a token 2s past exp still logs in.
     lenient = JWTConfig.parse({"JWTValidationPubKeys": [pem(rsa_key)]})
     assert lenient.verify(just_expired, list(lenient.pem_keys), now)["exp"] == int(now) - 2
+
+
+# -- acl.tokens.* in the config file -------------------------------------------------------------
+
+
+def test_acl_tokens_in_json_and_hcl_config_files(tmp_path):
+    secret = str(uuid.uuid4())
+    j = tmp_path / "c.json"
+    j.write_text(
+        json.dumps(
+            {
+                "acl": {
+                    "enabled": True,
+                    "tokens": {"initial_management": secret, "dns": "d", "agent": "a"},
+                }
+            }
+        )
+    )
+    h = tmp_path / "c.hcl"
+    h.write_text(
+        f'acl {{\n  enabled = true\n  tokens {{\n    master = "{secret}"\n'
+        '    dns = "d"\n    agent = "a"\n  }\n}\n'
+    )
+    for f in (j, h):
+        s = build({**load_file(str(f)), "data_dir": str(tmp_path)})
+        assert (s.acl_initial_management_token, s.acl_dns_token, s.acl_agent_token) == (
+            secret,
+            "d",
+            "a",
+        )
+        assert secret not in repr(s)  # secrets stay out of logs of the settings
+    bad = tmp_path / "bad.json"
+    for tokens, msg in (
+        ({"default": "x"}, "acl.tokens.default"),
+        ({"initial_management": "nope"}, "UUID"),
+    ):
+        bad.write_text(json.dumps({"acl": {"tokens": tokens}}))
+        with pytest.raises(ConfigError, match=msg):
+            build({**load_file(str(bad)), "data_dir": str(tmp_path)})
+
+
+def test_initial_management_bootstraps_once_and_a_mismatch_is_logged(make_client, caplog):
+    first, other = str(uuid.uuid4()), str(uuid.uuid4())
+    c = make_client(**DENY, acl_initial_management_token=first)
+    me = c.get("/v1/acl/token/self", headers=tok(first))
+    assert me.status_code == 200
+    assert [p["Name"] for p in me.get_json()["Policies"]] == ["global-management"]
+    assert_error(c.put("/v1/acl/bootstrap"), 403)  # bootstrapped already
+    # The same secret again (a restart, another worker): nothing to say.
+    with caplog.at_level(logging.WARNING, logger="trellis.api.acl.service"):
+        make_client(**DENY, acl_initial_management_token=first)
+    assert "initial_management" not in caplog.text
+    # Another secret on the bootstrapped store: logged, not installed.
+    with caplog.at_level(logging.WARNING, logger="trellis.api.acl.service"):
+        c2 = make_client(**DENY, acl_initial_management_token=other)
+    assert "acl.tokens.initial_management" in caplog.text and other not in caplog.text
+    assert_error(c2.get("/v1/acl/token/self", headers=tok(other)), 403)
+    assert c2.get("/v1/acl/token/self", headers=tok(first)).status_code == 200
+
+
+def test_dns_authorizer_uses_the_dns_token(make_client):
+    c = make_client(**DENY)
+    boot = c.put("/v1/acl/bootstrap").get_json()["SecretID"]
+    pid = c.put(
+        "/v1/acl/policy",
+        json={"Name": "dns", "Rules": 'service_prefix "" { policy = "read" }'},
+        headers=tok(boot),
+    ).get_json()["ID"]
+    secret = c.put("/v1/acl/token", json={"Policies": [{"ID": pid}]}, headers=tok(boot)).get_json()[
+        "SecretID"
+    ]
+    svc = c.application.extensions["trellis"]
+    assert dns_authorizer(True, svc.acls, secret)().service_read("web")
+    assert not dns_authorizer(True, svc.acls)().service_read("web")  # the anonymous token
+    # A configured token that names no token answers nothing (not the anonymous rules).
+    assert not dns_authorizer(True, svc.acls, "no-such-secret")().service_read("web")

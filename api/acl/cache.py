@@ -183,17 +183,25 @@ def identity_rules(bind_type: str, name: str) -> str:
 
 
 def dns_authorizer(
-    acl_enabled: bool, acls: AuthorizerCache
+    acl_enabled: bool, acls: AuthorizerCache, token: str = ""
 ) -> Callable[[], Authorizer | None] | None:
     """The rules DNS answers under, for ``trellis.api.dns``: None with ACLs off; otherwise those
-    of the anonymous token (DNS carries no token; Consul's DNS uses the agent's default token,
-    which is the anonymous one unless set), resolved per query, so that a policy change
-    acknowledged before a query reaches it, on every worker."""
+    of ``token`` (``acl.tokens.dns``), or of the anonymous token when it is unset (DNS carries
+    no token; Consul's DNS uses its DNS token, else the default one), resolved per query, so
+    that a policy change acknowledged before a query reaches it, on every worker. A configured
+    token that names no token (deleted, mistyped) answers nothing: falling back to the
+    anonymous token's rules would answer with rights the operator did not choose for DNS."""
     if not acl_enabled:
         return None
+    deny = Authorizer((), default_allow=False)
 
     def authorizer() -> Authorizer:
-        return acls.resolve(None)[1]
+        if not token:
+            return acls.resolve(None)[1]
+        try:
+            return acls.resolve(token)[1]
+        except PermissionDenied:
+            return deny
 
     return authorizer
 
