@@ -6,19 +6,18 @@ Keys are made here (RSA, EC P-256, Ed25519) and tokens signed here; nothing is f
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import time
 import uuid
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tests import api_fixtures
 from tests.api_fixtures import assert_error
+from tests.jwt_support import b64, pem, sign
 from trellis.api.acl.cache import AuthorizerCache, dns_authorizer
 from trellis.api.acl.jwtauth import JWTConfig, LoginError
 from trellis.api.errors import ConfigError, PermissionDenied
@@ -28,43 +27,6 @@ make_client = api_fixtures.make_client
 
 DENY = {"acl_enabled": True, "acl_default_policy": "deny"}
 ISSUER = "https://issuer.example"
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def pem(key) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-
-
-def sign(key, claims: dict, alg: str | None = None, kid: str | None = None) -> str:
-    if alg is None:
-        alg = {rsa.RSAPrivateKey: "RS256", ec.EllipticCurvePrivateKey: "ES256"}.get(
-            next(
-                t
-                for t in (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, object)
-                if isinstance(key, t)
-            ),
-            "EdDSA",
-        )
-    header = {"alg": alg, "typ": "JWT"}
-    if kid:
-        header["kid"] = kid
-    signed = b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())
-    data = signed.encode()
-    if alg == "RS256":
-        sig = key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-    elif alg == "ES256":
-        r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
-        sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-    else:
-        sig = key.sign(data)
-    return signed + "." + b64(sig)
 
 
 def claims(**extra) -> dict:
