@@ -241,7 +241,8 @@ def _init_ca(ca: CAManager) -> bool:
 def _maintenance(svc: AppServices) -> None:
     """Background chores, about once a ``ttl_check_interval``: tell the other server
     processes this one is alive (every few seconds, see api.members); turn TTL checks that were
-    not refreshed critical; expire sessions, in the one process that holds the reaper role;
+    not refreshed critical; expire sessions and reap expired login tokens, in the one process
+    that holds the reaper role;
     set up the CA if its provider was down at start; prune old roots."""
     ca_ready = svc.ca.initialized()
     last_prune = 0.0
@@ -254,6 +255,7 @@ def _maintenance(svc: AppServices) -> None:
             svc.reaper = svc.store.hold_reaper_role()
             if svc.reaper:
                 svc.store.expire_sessions(time.time())
+                svc.store.acl_login_tokens_reap(time.time())
             if not ca_ready:
                 ca_ready = _init_ca(svc.ca)
             if time.monotonic() - last_prune > 60:

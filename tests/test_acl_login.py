@@ -400,3 +400,30 @@ def test_dns_authorizer_uses_the_dns_token(make_client):
     assert not dns_authorizer(True, svc.acls)().service_read("web")  # the anonymous token
     # A configured token that names no token answers nothing (not the anonymous rules).
     assert not dns_authorizer(True, svc.acls, "no-such-secret")().service_read("web")
+
+
+def test_expired_login_tokens_are_reaped(make_client, rsa_key):
+    """The reaper (the maintenance loop's reaper process) deletes login tokens past their
+    expiry, and only those."""
+    c = make_client(**DENY)
+    boot = setup(c, [rsa_key], ttl="5m")
+    short = login(c, sign(rsa_key, claims())).get_json()
+    store = c.application.extensions["trellis"].store
+    assert store.acl_login_tokens_reap(time.time()) == 0
+    assert store.acl_login_tokens_reap(time.time() + 301) == 1
+    assert store.acl_token(accessor_id=short["AccessorID"]) is None
+    assert c.get("/v1/acl/token/self", headers=tok(boot)).status_code == 200
+
+
+def test_auth_methods_rules_and_login_tokens_are_in_a_snapshot(make_client, rsa_key):
+    c = make_client(**DENY)
+    boot = setup(c, [rsa_key], ttl="5m")
+    t = login(c, sign(rsa_key, claims())).get_json()
+    snap = c.get("/v1/snapshot", headers=tok(boot))
+    assert snap.status_code == 200
+    assert c.delete("/v1/acl/auth-method/m", headers=tok(boot)).status_code == 200
+    assert_error(c.get("/v1/acl/token/self", headers=tok(t["SecretID"])), 403)
+    assert c.put("/v1/snapshot", data=snap.data, headers=tok(boot)).status_code == 200
+    me = c.get("/v1/acl/token/self", headers=tok(t["SecretID"])).get_json()
+    assert me["AuthMethod"] == "m" and me["ExpirationTime"] == t["ExpirationTime"]
+    assert len(c.get("/v1/acl/binding-rules", headers=tok(boot)).get_json()) == 1
