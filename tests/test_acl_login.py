@@ -12,8 +12,8 @@ import time
 import uuid
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from tests import api_fixtures
 from tests.api_fixtures import assert_error
@@ -427,3 +427,16 @@ def test_auth_methods_rules_and_login_tokens_are_in_a_snapshot(make_client, rsa_
     me = c.get("/v1/acl/token/self", headers=tok(t["SecretID"])).get_json()
     assert me["AuthMethod"] == "m" and me["ExpirationTime"] == t["ExpirationTime"]
     assert len(c.get("/v1/acl/binding-rules", headers=tok(boot)).get_json()) == 1
+
+
+@pytest.mark.parametrize("exp", ["NaN", "Infinity", "1e999", '"soon"', "true"])
+def test_a_signed_token_with_a_non_finite_or_non_numeric_exp_is_refused(rsa_key, exp):
+    """Python's JSON reader takes NaN and Infinity, and NaN compares false with every time:
+    an ``exp`` of NaN would pass the expiry check unless refused."""
+    cfg = JWTConfig.parse({"JWTValidationPubKeys": [pem(rsa_key)]})
+    head = b64(json.dumps({"alg": "RS256"}).encode())
+    body = b64(('{"sub": "x", "exp": ' + exp + "}").encode())
+    signed = f"{head}.{body}".encode()
+    sig = b64(rsa_key.sign(signed, padding.PKCS1v15(), hashes.SHA256()))
+    with pytest.raises(LoginError):
+        cfg.verify(f"{head}.{body}.{sig}", list(cfg.pem_keys), time.time())

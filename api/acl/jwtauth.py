@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -381,9 +382,15 @@ def _b64(part: str, what: str) -> bytes:
         raise LoginError(f"the token's {what} is not base64url") from None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json_part(part: str, what: str) -> dict[str, Any]:
     try:
-        v = json.loads(_b64(part, what))
+        # NaN and Infinity are not JSON; Python would read them, and an ``exp`` of NaN
+        # compares false with every time, which would pass the expiry check.
+        v = json.loads(_b64(part, what), parse_constant=_no_constant)
     except ValueError:
         raise LoginError(f"the token's {what} is not JSON") from None
     if not isinstance(v, dict):
@@ -463,7 +470,7 @@ def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
     v = claims.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise LoginError(f"the token's {name} claim is not a number")
     return float(v)
 
