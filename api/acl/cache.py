@@ -121,7 +121,8 @@ class AuthorizerCache:
                 self._index = now
             hit = self._entries.get(h)
         if hit is not None:
-            self._check_expiry(hit[0])
+            if hit[0] is not None and hit[0].login is not None:  # the rare login token
+                self._check_expiry(hit[0])
             return hit
         token, policies, at = self._store.acl_resolve(h)
         if token is None and not anonymous:
