@@ -231,6 +231,8 @@ def test_binding_rule_validation(make_client, rsa_key):
         {"AuthMethod": "m", "BindType": "role", "BindName": "r"},
         {"AuthMethod": "m", "BindType": "bogus", "BindName": "x"},
         {"AuthMethod": "m", "BindType": "service", "BindName": "x", "Selector": "value.env =="},
+        {"AuthMethod": "m", "BindType": "service", "BindName": "x", "Selector": 'value.nv == "p"'},
+        {"AuthMethod": "m", "BindType": "service", "BindName": "x", "Selector": '"a" in list.grp'},
         {"AuthMethod": "gone", "BindType": "service", "BindName": "x"},
         {"AuthMethod": "m", "BindType": "service"},
     ):

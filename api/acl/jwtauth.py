@@ -274,14 +274,39 @@ SELECTOR_SHAPE = bexpr.struct(
 )
 
 
-def check_selector(text: str) -> bexpr.Filter | None:
-    """A binding rule's ``Selector`` (empty: every login matches); AuthMethodError if bad."""
+def check_selector(
+    text: str, variables: tuple[set[str], set[str]] | None = None
+) -> bexpr.Filter | None:
+    """A binding rule's ``Selector`` (empty: every login matches); AuthMethodError if bad.
+    With ``variables`` (``JWTConfig.variables()``), a ``value.x`` or ``list.x`` the method does
+    not map is refused too: it could never match, and is most likely a typo."""
     if not text.strip():
         return None
     try:
-        return bexpr.parse(text, SELECTOR_SHAPE)
+        f = bexpr.parse(text, SELECTOR_SHAPE)
     except bexpr.FilterError as e:
         raise AuthMethodError(f"Selector: {e}") from None
+    if variables is not None:
+        known = {"value": variables[0], "list": variables[1]}
+        for m in _matches(f.ast):
+            steps = m.steps
+            if len(steps) >= 2 and steps[1][0] == "key":
+                kind, name = steps[0][1], steps[1][1]
+                if name not in known[kind]:
+                    have = ", ".join(f"{kind}.{n}" for n in sorted(known[kind])) or "none"
+                    raise AuthMethodError(
+                        f"Selector: {kind}.{name} is not a variable of this auth method"
+                        f" (known: {have})"
+                    )
+    return f
+
+
+def _matches(node: bexpr.Node) -> list[bexpr.Match]:
+    if isinstance(node, bexpr.Match):
+        return [node]
+    if isinstance(node, bexpr.Not):
+        return _matches(node.operand)
+    return [m for part in node.operands for m in _matches(part)]
 
 
 def interpolate(bind_name: str, variables: Mapping[str, Any]) -> str:

@@ -256,9 +256,9 @@ def _rule(body: Any, rule_id: str | None) -> BindingRule:
     bind_name = _str(b, "BindName")
     selector = _str(b, "Selector")
     try:
-        values, _lists = _parse_config(method.config).variables()
-        check_bind_name(bind_name, values)
-        check_selector(selector)
+        variables = _parse_config(method.config).variables()
+        check_bind_name(bind_name, variables[0])
+        check_selector(selector, variables)
     except AuthMethodError as e:
         raise BadRequest(str(e)) from None
     if "${" not in bind_name:
