@@ -120,6 +120,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
 
     from trellis.api.views import (
         acl,
+        acl_login,
         agent,
         catalog,
         connect_ca,
@@ -146,6 +147,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         connect_ca,
         intentions,
         acl,
+        acl_login,
         spec,
         session,
         txn,
@@ -177,9 +179,11 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     _init_ca(ca)
     if settings.acl_enabled:
         with app.app_context():
-            from trellis.api.acl.service import ensure_builtins
+            from trellis.api.acl.service import ensure_builtins, initial_management
 
             ensure_builtins()
+            if settings.acl_initial_management_token:
+                initial_management(settings.acl_initial_management_token)
     if background:
         store.start_follower()
         t = threading.Thread(
@@ -240,8 +244,8 @@ def _init_ca(ca: CAManager) -> bool:
 def _maintenance(svc: AppServices) -> None:
     """Background chores, about once a ``ttl_check_interval``: tell the other server
     processes this one is alive (every few seconds, see api.members); turn TTL checks that were
-    not refreshed critical; expire sessions and reap expired ACL tokens, in the one process
-    that holds the reaper role;
+    not refreshed critical; expire sessions, reap expired ACL tokens and login tokens, in the
+    one process that holds the reaper role;
     set up the CA if its provider was down at start; prune old roots."""
     ca_ready = svc.ca.initialized()
     last_prune = 0.0
@@ -256,6 +260,7 @@ def _maintenance(svc: AppServices) -> None:
                 svc.store.expire_sessions(time.time())
                 # Expired ACL tokens already fail to resolve; this deletes them.
                 svc.store.acl_expire_tokens(time.time())
+                svc.store.acl_login_tokens_reap(time.time())
             if not ca_ready:
                 ca_ready = _init_ca(svc.ca)
             if time.monotonic() - last_prune > 60:

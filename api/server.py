@@ -552,7 +552,7 @@ class TrellisGunicorn(_gunicorn_base()):  # type: ignore[misc]
         udp, tcp = (
             socket.socket(s.family, s.type, s.proto, fileno=s.detach()) for s in self.dns_socks
         )
-        authorizer = dns_authorizer(svc.settings.acl_enabled, svc.acls)
+        authorizer = dns_authorizer(svc.settings.acl_enabled, svc.acls, svc.settings.acl_dns_token)
         by_hash = dns_query_authorizer(svc.settings.acl_enabled, svc.acls)
         server = DNSServer(
             store, self.settings, udp, tcp, authorizer=authorizer, query_authorizer=by_hash

@@ -105,6 +105,15 @@ class Settings:
     acl_default_policy: str = "allow"
     #: Consul's acl.enable_key_list_policy: ``?keys`` needs key:list on the prefix itself.
     acl_enable_key_list_policy: bool = False
+    #: acl.tokens.initial_management: the secret of the first management token, made at the
+    #: store's first start with ACLs on (a UUID). A store bootstrapped already keeps its token.
+    acl_initial_management_token: str = field(default="", repr=False)
+    #: acl.tokens.agent: accepted so that a Consul server config loads; a server writes its own
+    #: node straight to the store, so it has no use for it (``trellis agent`` reads it from
+    #: its own config files: ``trellis.proxy.agent.definitions.config_agent_token``).
+    acl_agent_token: str = field(default="", repr=False)
+    #: acl.tokens.dns: DNS answers with this token's rights (unset: the anonymous token's).
+    acl_dns_token: str = field(default="", repr=False)
     #: The CA provider and its configuration at the cluster's first start (later changes go
     #: through the API, as in Consul). PascalCase keys, as the API takes them.
     ca_provider: str = "builtin"
@@ -242,9 +251,36 @@ CA_CONFIG_KEYS = {
 }
 
 
+#: ``acl.tokens.*`` (Consul's names; ``master`` is the old name of ``initial_management``).
+_ACL_TOKENS = {
+    "initial_management": "acl_initial_management_token",
+    "master": "acl_initial_management_token",
+    "agent": "acl_agent_token",
+    "dns": "acl_dns_token",
+}
+
+
+def _acl_tokens(v: Any, source: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ConfigError(f"{source}: acl.tokens must be an object")
+    out: dict[str, Any] = {}
+    for k, secret in v.items():
+        name = _ACL_TOKENS.get(k)
+        if name is None:
+            raise ConfigError(
+                f"{source}: unknown setting acl.tokens.{k} (Trellis has"
+                " initial_management, agent and dns)"
+            )
+        out[name] = secret
+    return out
+
+
 def flatten(raw: dict[str, Any], *, source: str = "config") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in raw.items():
+        if k == "acl" and isinstance(v, dict) and "tokens" in v:
+            v = dict(v)
+            out.update(_acl_tokens(v.pop("tokens"), source))
         if k in _TOP:
             out[_TOP[k]] = v
         elif k == "bind_addr":
@@ -347,6 +383,21 @@ def validate(s: Settings) -> Settings:
     ):
         if not isinstance(v, bool):
             raise ConfigError(f"{name} must be true or false, not {v!r}")
+    for key, name in (
+        ("initial_management", "acl_initial_management_token"),
+        ("agent", "acl_agent_token"),
+        ("dns", "acl_dns_token"),
+    ):
+        v = getattr(s, name)
+        if not isinstance(v, str) or len(v) > 256 or v != v.strip():
+            raise ConfigError(f"acl.tokens.{key} must be a token secret (a string)")
+    if s.acl_initial_management_token:
+        import uuid
+
+        try:
+            c["acl_initial_management_token"] = str(uuid.UUID(s.acl_initial_management_token))
+        except ValueError:
+            raise ConfigError("acl.tokens.initial_management must be a UUID") from None
     if not isinstance(s.domain, str) or not s.domain.strip("."):
         raise ConfigError("domain must be a DNS name such as 'trellis.'")
     if not s.datacenter or not str(s.datacenter).replace("-", "").replace("_", "").isalnum():

@@ -41,12 +41,15 @@ import base64
 import contextlib
 import json
 import secrets
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.openapi_check import ValidatingClient
@@ -123,6 +126,9 @@ class World:
     csrs: dict[str, str] = field(default_factory=dict)
     #: The accessors of the tokens the world starts with (not the victim).
     baseline_tokens: frozenset[str] = frozenset()
+    #: The key that signs the JWTs the ``victim-m`` auth method trusts, and its binding rule.
+    jwt_key: Any = None
+    victim_rule: str = ""
 
     @property
     def store(self):
@@ -183,6 +189,36 @@ class World:
         else:
             self.mgmt("PUT", f"/v1/acl/role/{role.id}", json=body)
 
+    def jwt_config(self) -> dict[str, Any]:
+        pub = self.jwt_key.public_key().public_bytes(
+            Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return {"JWTValidationPubKeys": [pub.decode()], "ClaimMappings": {"service": "svc"}}
+
+    def jwt(self) -> str:
+        """A JWT for ``victim-m`` that its binding rule binds (service identity ``web``)."""
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        head = b64(json.dumps({"alg": "RS256"}).encode())
+        body = b64(json.dumps({"service": "web", "exp": int(time.time()) + 300}).encode())
+        signed = f"{head}.{body}".encode()
+        sig = self.jwt_key.sign(signed, padding.PKCS1v15(), hashes.SHA256())
+        return f"{head}.{body}.{b64(sig)}"
+
+    def build_logins(self) -> None:
+        body = {"Name": "victim-m", "Type": "jwt", "Config": self.jwt_config()}
+        if self.store.acl_auth_method("victim-m") is None:
+            self.mgmt("PUT", "/v1/acl/auth-method", json=body)
+        else:
+            self.mgmt("PUT", "/v1/acl/auth-method/victim-m", json=body)
+        rule = {"AuthMethod": "victim-m", "BindType": "service", "BindName": "${value.svc}"}
+        if self.victim_rule and self.store.acl_binding_rule(self.victim_rule):
+            self.mgmt("PUT", f"/v1/acl/binding-rule/{self.victim_rule}", json=rule)
+        else:
+            self.victim_rule = self.mgmt("PUT", "/v1/acl/binding-rule", json=rule).get_json()["ID"]
+
     def signature(self) -> dict[str, Any]:
         """What the rows depend on (not indexes, check states or the CA)."""
         st = self.store
@@ -204,6 +240,15 @@ class World:
                 sorted((r.name, r.description, len(r.policies)) for r in st.acl_roles()),
             ),
             "queries": self.queries_doc(),
+            "logins": (
+                sorted(
+                    (m.name, m.description, json.dumps(m.config)) for m in st.acl_auth_methods()
+                ),
+                sorted(
+                    (b.auth_method, b.bind_type, b.bind_name, b.selector)
+                    for b in st.acl_binding_rules()
+                ),
+            ),
         }
 
     def restore(self) -> None:
@@ -247,6 +292,14 @@ class World:
                 if r.name not in role_names:
                     st.acl_role_delete(r.id)
             self.build_acl()
+        if now["logins"] != self.baseline["logins"]:
+            for m in st.acl_auth_methods():
+                if m.name != "victim-m":
+                    st.acl_auth_method_delete(m.name)
+            for b in st.acl_binding_rules():
+                if b.id != self.victim_rule:
+                    st.acl_binding_rule_delete(b.id)
+            self.build_logins()
         if now["queries"] != self.baseline["queries"]:
             # The queries are one document: put it back as it was (the same IDs).
             st.system_write({QUERIES_DOC: self.baseline["queries"]})
@@ -266,6 +319,8 @@ class World:
             st.acl_tokens(),
             st.acl_policies(),
             st.acl_roles(),
+            st.acl_auth_methods(),
+            st.acl_binding_rules(),
             ca.config_view(),
             ca.roots_view(),
             st.events(),
@@ -281,6 +336,7 @@ class World:
             "victim_policy": st.acl_policy(name="victim").id,
             "victim_token": self.victim_token,
             "victim_role": st.acl_role(name="victim").id,
+            "victim_rule": self.victim_rule,
         }
         for d in (self.queries_doc() or {}).get("Queries", ()):
             out[f"query_{d['Name'].removesuffix('-q')}"] = d["ID"]
@@ -340,6 +396,8 @@ def _world(data, store: str) -> Iterator[World]:
     w.build_kv()
     w.build_intentions()
     w.build_acl()
+    w.jwt_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    w.build_logins()
     w.mgmt("PUT", "/v1/event/fire/deploy", data=b"v1")
     w.build_queries()
     w.trust_domain = app.extensions["trellis"].ca.trust_domain
@@ -817,6 +875,30 @@ ROWS: list[Row] = [
     R("POST", "/v1/acl/templated-policy/preview/builtin/service",
                                                  F,   F,   F,   F,   F,   200, F,
       body={"Name": "web"}),
+    # auth methods and binding rules: acl:read / acl:write
+    R("PUT", "/v1/acl/auth-method",              F,   F,   F,   F,   F,   200, F,
+      body=lambda w: {"Name": "made-m", "Type": "jwt", "Config": w.jwt_config()}),
+    R("GET", "/v1/acl/auth-method/victim-m",     F,   F,   F,   F,   F,   200, F),
+    R("PUT", "/v1/acl/auth-method/victim-m",     F,   F,   F,   F,   F,   200, F,
+      body=lambda w: {"Name": "victim-m", "Type": "jwt", "Description": "changed",
+                      "Config": w.jwt_config()}),
+    R("DELETE", "/v1/acl/auth-method/victim-m",  F,   F,   F,   F,   F,   200, F),
+    R("GET", "/v1/acl/auth-methods",             F,   F,   F,   F,   F,   200, F),
+    R("PUT", "/v1/acl/binding-rule",             F,   F,   F,   F,   F,   200, F,
+      body={"AuthMethod": "victim-m", "BindType": "node", "BindName": "n1"}),
+    R("GET", "/v1/acl/binding-rule/{victim_rule}",       F,   F,   F,   F,   F,   200, F),
+    R("PUT", "/v1/acl/binding-rule/{victim_rule}",       F,   F,   F,   F,   F,   200, F,
+      body={"AuthMethod": "victim-m", "BindType": "service", "BindName": "changed"}),
+    R("DELETE", "/v1/acl/binding-rule/{victim_rule}",    F,   F,   F,   F,   F,   200, F),
+    R("GET", "/v1/acl/binding-rules?authmethod=victim-m", F,  F,   F,   F,   F,   200, F),
+    # login: the bearer JWT is the credential, whatever token the request carries; logout:
+    # only a token made by login (none of the matrix's tokens is)
+    R("POST", "/v1/acl/login",                   200, 200, 200, 200, 200, 200, 200,
+      body=lambda w: {"AuthMethod": "victim-m", "BearerToken": w.jwt()}),
+    R("PUT", "/v1/acl/login",                    200, 200, 200, 200, 200, 200, 200,
+      body=lambda w: {"AuthMethod": "victim-m", "BearerToken": w.jwt()}),
+    R("POST", "/v1/acl/logout",                  F,   F,   F,   F,   F,   F,   F),
+    R("PUT", "/v1/acl/logout",                   F,   F,   F,   F,   F,   F,   F),
 
     # ---- snapshots: acl:write for both (an archive holds every token); mgmt restores the
     # world's own snapshot, so the world is the same afterwards
@@ -837,6 +919,7 @@ def _route(app, method: str, url: str) -> tuple[str, str]:
         victim_policy="p",
         victim_token="t",
         victim_role="r",
+        victim_rule=uuid.UUID(int=3),
         query_web="q1",
         query_db="q2",
     )

@@ -5,6 +5,7 @@ deny answers DNS with the anonymous token's rules, and follows a change of them.
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
 import pytest
@@ -67,3 +68,52 @@ def test_dns_answers_what_the_anonymous_token_may_read(server):
     for _ in range(4):
         wait_until(lambda: lookup(server, "web.service.trellis") == (RCODE.NOERROR, {"10.1.2.3"}))
     assert lookup(server, "n1.node.trellis") == (RCODE.NOERROR, {"127.0.0.1"})
+
+
+def test_dns_answers_with_the_configured_dns_token_not_the_anonymous_one(tmp_path):
+    """``acl.tokens.dns`` (HCL config): DNS answers what that token may read, while the
+    anonymous token may read nothing; a lookup before the token exists answers nothing."""
+    dns_secret = str(uuid.uuid4())
+    config = tmp_path / "trellis.hcl"
+    config.write_text(
+        'acl {\n  enabled = true\n  default_policy = "deny"\n'
+        f'  tokens {{\n    dns = "{dns_secret}"\n  }}\n}}\n'
+    )
+    p = TrellisProcess(
+        [
+            "server",
+            *("-config", str(config), "-data-dir", str(tmp_path / "data")),
+            *("-http-port", "0", "-dns-port", "0", "-workers", "2", "-node", "n1"),
+        ]
+    ).start()
+    try:
+        url = p.url
+        root = {"X-Consul-Token": httpx.put(f"{url}/v1/acl/bootstrap").json()["SecretID"]}
+        r = httpx.put(
+            f"{url}/v1/agent/service/register",
+            json={"Name": "web", "Port": 80, "Address": "10.1.2.3"},
+            headers=root,
+        )
+        assert r.status_code == 200, r.text
+        assert lookup(p, "web.service.trellis") == (RCODE.NXDOMAIN, set())
+        policy = httpx.put(
+            f"{url}/v1/acl/policy",
+            json={
+                "Name": "dns",
+                "Rules": 'service_prefix "" { policy = "read" }\n'
+                'node_prefix "" { policy = "read" }',
+            },
+            headers=root,
+        ).json()
+        r = httpx.put(
+            f"{url}/v1/acl/token",
+            json={"SecretID": dns_secret, "Policies": [{"ID": policy["ID"]}]},
+            headers=root,
+        )
+        assert r.status_code == 200, r.text
+        for _ in range(4):
+            wait_until(lambda: lookup(p, "web.service.trellis") == (RCODE.NOERROR, {"10.1.2.3"}))
+        # The anonymous token still may read nothing over HTTP.
+        assert httpx.get(f"{url}/v1/catalog/service/web").json() == []
+    finally:
+        p.stop()

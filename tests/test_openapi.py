@@ -14,11 +14,12 @@ import re
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from flask import Flask, Response
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from werkzeug.routing import PathConverter
 
-from tests import openapi_check
+from tests import jwt_support, openapi_check
 from tests.openapi_check import (
     SPEC_PATH,
     ValidatingClient,
@@ -640,6 +641,20 @@ ACL_CALLS = (
     ("GET", "/v1/acl/templated-policies"),
     ("GET", "/v1/acl/templated-policy/name/builtin/dns"),
     ("POST", "/v1/acl/templated-policy/preview/builtin/dns"),
+    ("PUT", "/v1/acl/auth-method"),
+    ("GET", "/v1/acl/auth-method/{id}"),
+    ("PUT", "/v1/acl/auth-method/{id}"),
+    ("DELETE", "/v1/acl/auth-method/{id}"),
+    ("GET", "/v1/acl/auth-methods"),
+    ("PUT", "/v1/acl/binding-rule"),
+    ("GET", "/v1/acl/binding-rule/{id}"),
+    ("PUT", "/v1/acl/binding-rule/{id}"),
+    ("DELETE", "/v1/acl/binding-rule/{id}"),
+    ("GET", "/v1/acl/binding-rules"),
+    ("POST", "/v1/acl/login"),
+    ("PUT", "/v1/acl/login"),
+    ("POST", "/v1/acl/logout"),
+    ("PUT", "/v1/acl/logout"),
 )
 
 
@@ -729,6 +744,7 @@ def test_smoke_walk_acls(tmp_path):
         assert ok(c.delete(f"/v1/acl/policy/{p['ID']}", headers=h)).json is True
         ok(c.delete(f"/v1/acl/policy/{p['ID']}", headers=h), 404)
         ok(c.put(f"/v1/acl/policy/{p['ID']}", json={"Name": "x"}, headers=h), 404)
+        _walk_logins(c, h)
     finally:
         app.extensions["trellis"].close()
 
@@ -739,6 +755,39 @@ def test_smoke_walk_acls(tmp_path):
     }
     assert {400, 403, 404, 409} <= {s for m, t, s in c.seen if t.startswith("/v1/acl/")}
     assert len(ACL_CALLS) == len(acl_operations())
+
+
+def _walk_logins(c, h: dict[str, str]) -> None:
+    """Auth methods, binding rules, login and logout (tests/test_acl_login.py in depth)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    config = {
+        "JWTValidationPubKeys": [jwt_support.pem(key)],
+        "JWTSupportedAlgs": ["ES256"],
+        "ClaimMappings": {"service": "svc", "env": "env"},
+    }
+    body = {"Name": "m", "Type": "jwt", "MaxTokenTTL": "10m", "Config": config}
+    ok(c.put("/v1/acl/auth-method", json=body, headers=h))
+    ok(c.put("/v1/acl/auth-method", json=body, headers=h), 409)
+    ok(c.put("/v1/acl/auth-method", json={**body, "Name": "u", "Type": "oidc"}, headers=h), 400)
+    ok(c.put("/v1/acl/auth-method/m", json={**body, "Description": "d"}, headers=h))
+    ok(c.put("/v1/acl/auth-method/none", json={**body, "Name": "none"}, headers=h), 404)
+    ok(c.get("/v1/acl/auth-method/m", headers=h))
+    ok(c.get("/v1/acl/auth-methods", headers=h))
+    rule = {"AuthMethod": "m", "BindType": "service", "BindName": "${value.svc}"}
+    r = ok(c.put("/v1/acl/binding-rule", json={**rule, "Selector": 'value.env == "p"'}, headers=h))
+    rid = r.json["ID"]
+    ok(c.put(f"/v1/acl/binding-rule/{rid}", json={**rule, "Selector": ""}, headers=h))
+    ok(c.get(f"/v1/acl/binding-rule/{rid}", headers=h))
+    ok(c.get("/v1/acl/binding-rules?authmethod=m", headers=h))
+    jwt = jwt_support.sign(key, {"service": "web", "env": "p"})
+    t = ok(c.post("/v1/acl/login", json={"AuthMethod": "m", "BearerToken": jwt})).json
+    ok(c.put("/v1/acl/login", json={"AuthMethod": "m", "BearerToken": "x.y.z"}), 403)
+    ok(c.post("/v1/acl/logout", headers=h), 403)
+    ok(c.post("/v1/acl/logout", headers={"X-Consul-Token": t["SecretID"]}))
+    t = ok(c.put("/v1/acl/login", json={"AuthMethod": "m", "BearerToken": jwt})).json
+    ok(c.put("/v1/acl/logout", headers={"X-Consul-Token": t["SecretID"]}))
+    assert ok(c.delete(f"/v1/acl/binding-rule/{rid}", headers=h)).json is True
+    assert ok(c.delete("/v1/acl/auth-method/m", headers=h)).json is True
 
 
 def test_store_unavailable_is_a_503_in_the_contract(tmp_path):

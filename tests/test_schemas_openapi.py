@@ -296,6 +296,20 @@ HAND_CHECKED = {
     # Service and Check objects through ServiceSchema and CheckSchema); its refusals are
     # tests/test_api_txn.py::test_malformed_is_a_400_and_writes_nothing.
     ("PUT", "/v1/txn"),
+    # Auth methods, binding rules and login (trellis.api.views.acl_login): closed objects
+    # checked field by field there, the jwt Config by trellis.api.acl.jwtauth.JWTConfig.parse;
+    # their refusals are tests/test_acl_login.py::test_jwks_url_is_refused_and_bad_config_is_a_400,
+    # ::test_binding_rule_validation and ::test_wrong_key_alg_none_and_garbage_are_refused.
+    ("PUT", "/v1/acl/auth-method"),
+    ("PUT", "/v1/acl/auth-method/{name}"),
+    ("PUT", "/v1/acl/binding-rule"),
+    ("PUT", "/v1/acl/binding-rule/{rule_id}"),
+    ("POST", "/v1/acl/login"),
+    ("PUT", "/v1/acl/login"),
+    # One field, {"Token": "<secret>"}: trellis.api.views.operator.set_token checks it; its
+    # refusals are in tests/test_api_agent_operator.py
+    # (test_agent_tokens_are_kept_private_under_their_kind).
+    ("PUT", "/v1/agent/token/{kind}"),
 }
 
 

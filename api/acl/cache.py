@@ -32,6 +32,10 @@ Expiry is checked on every resolve, hit or miss, against the cache's clock: a to
 ``ExpirationTime`` has passed stops working at that moment, whatever the cache holds and
 before the reaper deletes it (a deletion is an ACL write, which empties the cache anyway).
 
+A token made by ``acl/login`` may also carry an expiry and identities bound as data
+(``ACLToken.login``): that expiry is checked the same way, and the
+identities become rules here (``identity_rules``), as Consul's service and node identities do.
+
 The index read is one statement (one round trip on PostgreSQL), shared by the requests that
 start together and, through ``indexes=``, by the intention cache within one request.
 """
@@ -39,6 +43,7 @@ start together and, through ``indexes=``, by the intention cache within one requ
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -140,9 +145,16 @@ class AuthorizerCache:
         return result
 
     def _check_expiry(self, token: ACLToken | None) -> None:
-        """PermissionDenied "ACL not found" (as Consul answers) once the token has expired:
-        the client's fault, its token is no longer one."""
-        if token is not None and token.expires_at is not None and token.expires_at <= self._clock():
+        """PermissionDenied "ACL not found" (as Consul answers) once the token has expired,
+        by its own ``ExpirationTime`` or its login's: the client's fault, its token is no
+        longer one."""
+        if token is None:
+            return
+        now = self._clock()
+        login = token.login
+        if (token.expires_at is not None and token.expires_at <= now) or (
+            login is not None and login.expires_at is not None and now >= login.expires_at
+        ):
             raise PermissionDenied("ACL not found")
 
     def _authorizer(self, token: ACLToken | None, policies: Sequence[ACLPolicy]) -> Authorizer:
@@ -160,21 +172,49 @@ class AuthorizerCache:
                 # Rules are checked on write, so this is a damaged store. Skipping the policy
                 # would drop its denies and grant more; deny everything instead.
                 return Authorizer((), default_allow=False)
+        if token.login is not None:
+            rules.extend(parse_rules(identity_rules(t, n)) for t, n in token.login.binds)
         return Authorizer(rules, default_allow=self._default_allow)
 
 
+def identity_rules(bind_type: str, name: str) -> str:
+    """The rules of an identity a login bound (Consul's service and node identities): a
+    service may write itself and its sidecar and read the catalog; a node may write itself and
+    read services. An unknown kind grants nothing (a newer server's row read by an older one)."""
+    q = json.dumps(name)
+    if bind_type == "service":
+        side = json.dumps(name + "-sidecar-proxy")
+        return (
+            f'service {q} {{ policy = "write" }}\n'
+            f'service {side} {{ policy = "write" }}\n'
+            'service_prefix "" { policy = "read" }\n'
+            'node_prefix "" { policy = "read" }\n'
+        )
+    if bind_type == "node":
+        return f'node {q} {{ policy = "write" }}\nservice_prefix "" {{ policy = "read" }}\n'
+    return ""
+
+
 def dns_authorizer(
-    acl_enabled: bool, acls: AuthorizerCache
+    acl_enabled: bool, acls: AuthorizerCache, token: str = ""
 ) -> Callable[[], Authorizer | None] | None:
     """The rules DNS answers under, for ``trellis.api.dns``: None with ACLs off; otherwise those
-    of the anonymous token (DNS carries no token; Consul's DNS uses the agent's default token,
-    which is the anonymous one unless set), resolved per query, so that a policy change
-    acknowledged before a query reaches it, on every worker."""
+    of ``token`` (``acl.tokens.dns``), or of the anonymous token when it is unset (DNS carries
+    no token; Consul's DNS uses its DNS token, else the default one), resolved per query, so
+    that a policy change acknowledged before a query reaches it, on every worker. A configured
+    token that names no token (deleted, mistyped) answers nothing: falling back to the
+    anonymous token's rules would answer with rights the operator did not choose for DNS."""
     if not acl_enabled:
         return None
+    deny = Authorizer((), default_allow=False)
 
     def authorizer() -> Authorizer:
-        return acls.resolve(None)[1]
+        if not token:
+            return acls.resolve(None)[1]
+        try:
+            return acls.resolve(token)[1]
+        except PermissionDenied:
+            return deny
 
     return authorizer
 

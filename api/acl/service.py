@@ -144,6 +144,36 @@ def bootstrap(secret: str) -> ACLToken | None:
     )
 
 
+def initial_management(secret: str) -> None:
+    """``acl.tokens.initial_management``: make the first management token with this secret
+    if the store was never bootstrapped (compare-and-set decides among workers and replicas,
+    as for ``PUT /v1/acl/bootstrap``). On a store bootstrapped already the configured secret
+    is not installed: a token the operator may have rotated or deleted must not come back
+    because a config file still names it. A mismatch is logged (never the secret), so that
+    an operator who expected the configured secret to work learns why it does not."""
+    import logging
+
+    if bootstrap(secret) is not None:
+        logging.getLogger(__name__).info(
+            "ACL bootstrapped with the token of acl.tokens.initial_management"
+        )
+        return
+    store = services().store
+    mine = store.acl_token(secret_hash=hash_secret(secret))
+    if mine is not None and MANAGEMENT_POLICY_ID in mine.policies:
+        return
+    got = store.system_get(BOOTSTRAP_DOC)
+    first = got[0].get("AccessorID") if got is not None and isinstance(got[0], dict) else None
+    if first and store.acl_token(accessor_id=first) is None and mine is None:
+        # Another process won the bootstrap a moment ago and has not written its token yet
+        # (or the operator deleted it): nothing to compare with.
+        return
+    logging.getLogger(__name__).warning(
+        "acl.tokens.initial_management is set but this store was bootstrapped with another"
+        " token; the configured secret was not installed (ACLs are unchanged)"
+    )
+
+
 def require_service_write(name: str) -> None:
     require(current().service_write(name), f"service:write on {name!r}")
 

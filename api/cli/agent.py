@@ -165,6 +165,10 @@ def agent_cmd(ctx: Context, ns: argparse.Namespace) -> int:
             raise CommandError(
                 f"Error! Cannot read token file {ns.token_file}: {e.strerror}"
             ) from None
+    if not token:
+        from trellis.proxy.agent.definitions import config_agent_token
+
+        token = config_agent_token(ns.config_dir, ns.config_file)
     token = token or ctx.token or ""
     if ns.data_dir:
         try:

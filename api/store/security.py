@@ -7,6 +7,7 @@ own destination); ACL writes touch topic ``acl``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,19 @@ class IntentionRecord:
 
 
 @dataclass(frozen=True)
+class TokenLogin:
+    """What a token made by ``acl/login`` has beyond an ordinary token (its own table,
+    ``acl_token_logins``: ``trellis.api.store.logins``): the method that made it, its expiry
+    (``expires_at``: epoch seconds, None for never) and what its binding rules bound it to,
+    as data the ACL cache turns into rules (``("service", "web")``, ``("node", "n1")``)."""
+
+    auth_method: str
+    expiration_time: str = ""
+    expires_at: float | None = None
+    binds: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class ACLToken:
     accessor_id: str
     #: SHA-256 of the secret: the secret itself is never stored.
@@ -63,6 +77,9 @@ class ACLToken:
     identities: Mapping[str, Any] = field(default_factory=dict)
     #: Epoch seconds after which the token no longer works (None: never expires).
     expires_at: float | None = None
+
+    #: Set for a token made by ``acl/login`` (read from ``acl_token_logins``).
+    login: TokenLogin | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +178,26 @@ def _granted(owner: str, identities: Mapping[str, Any]) -> list[ACLPolicy]:
         return synthetic_policies(owner, identities)
     except (ids.IdentityError, KeyError, TypeError, AttributeError):
         return [_synthetic(owner, DAMAGED_RULES)]
+
+
+LOGIN_COLS = "accessor_id, auth_method, expiration_time, expires_at, binds"
+
+
+def _login(r: Sequence[Any]) -> TokenLogin:
+    return TokenLogin(
+        auth_method=r[1],
+        expiration_time=r[2],
+        expires_at=None if r[3] is None else float(r[3]),
+        binds=tuple((str(t), str(n)) for t, n in json.loads(r[4] or "[]")),
+    )
+
+
+def _with_login(q: Any, token: ACLToken) -> ACLToken:
+    """``token`` with its login row (if any) attached, read through ``q`` (the caller's
+    snapshot)."""
+    sql = f"SELECT {LOGIN_COLS} FROM acl_token_logins WHERE accessor_id = ?"  # noqa: S608
+    rows = q(sql, (token.accessor_id,))
+    return dataclasses.replace(token, login=_login(rows[0])) if rows else token
 
 
 def _policy(r: Sequence[Any]) -> ACLPolicy:
@@ -308,7 +345,8 @@ class SecurityStoreMixin:
     def acl_tokens(self) -> list[ACLToken]:
         with self.read() as q:  # type: ignore[attr-defined]
             rows = q(f"SELECT {TOKEN_COLS} FROM acl_tokens ORDER BY create_index, accessor_id")  # noqa: S608
-        return [_token(r) for r in rows]
+            logins = {r[0]: _login(r) for r in q(f"SELECT {LOGIN_COLS} FROM acl_token_logins")}  # noqa: S608
+        return [dataclasses.replace(t, login=logins.get(t.accessor_id)) for t in map(_token, rows)]
 
     def acl_token(
         self, *, accessor_id: str | None = None, secret_hash: str | None = None
@@ -322,7 +360,7 @@ class SecurityStoreMixin:
             where, val = "secret_hash = ?", secret_hash
         with self.read() as q:  # type: ignore[attr-defined]
             rows = q(f"SELECT {TOKEN_COLS} FROM acl_tokens WHERE {where}", (val,))  # noqa: S608
-        return _token(rows[0]) if rows else None
+            return _with_login(q, _token(rows[0])) if rows else None
 
     def acl_resolve(self, secret_hash: str) -> tuple[ACLToken | None, list[ACLPolicy], int]:
         """The token with this secret hash (None if there is none), the policies it is
@@ -338,7 +376,7 @@ class SecurityStoreMixin:
             rows = q(f"SELECT {TOKEN_COLS} FROM acl_tokens WHERE secret_hash = ?", (secret_hash,))  # noqa: S608
             if not rows:
                 return None, [], index
-            token = _token(rows[0])
+            token = _with_login(q, _token(rows[0]))
             roles: list[ACLRole] = []
             if token.roles:
                 marks = ",".join("?" * len(token.roles))
@@ -418,6 +456,7 @@ class SecurityStoreMixin:
             if row is None:
                 return False
             tx.execute("DELETE FROM acl_tokens WHERE accessor_id = ?", (row[0],))
+            tx.execute("DELETE FROM acl_token_logins WHERE accessor_id = ?", (row[0],))
             tx.touch("acl", "tokens")
             return True
 

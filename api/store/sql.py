@@ -49,6 +49,8 @@ from trellis.api.store.base import (
 from trellis.api.store.errors import UnstorableValue
 from trellis.api.store.events import EventStoreMixin
 from trellis.api.store.events import migration as events_migration
+from trellis.api.store.logins import MIGRATION as LOGINS_MIGRATION
+from trellis.api.store.logins import LoginStoreMixin
 from trellis.api.store.security import MIGRATION as SECURITY_MIGRATION
 from trellis.api.store.security import ROLES_MIGRATION, SecurityStoreMixin
 from trellis.api.store.sessions import MIGRATION as SESSIONS_MIGRATION
@@ -160,6 +162,8 @@ def migrations(blob: str) -> list[tuple[int, list[str]]]:
         (6, events_migration(blob)),
         # ACL roles; tokens' roles, identities and expiry (api/store/security.py).
         (7, list(ROLES_MIGRATION)),
+        # ACL auth methods, binding rules and login tokens (api/store/logins.py).
+        (8, list(LOGINS_MIGRATION)),
     ]
 
 
@@ -533,7 +537,12 @@ def _running() -> Any:
 
 
 class SQLStore(
-    SecurityStoreMixin, SessionStoreMixin, TxnStoreMixin, SnapshotStoreMixin, EventStoreMixin
+    SecurityStoreMixin,
+    LoginStoreMixin,
+    SessionStoreMixin,
+    TxnStoreMixin,
+    SnapshotStoreMixin,
+    EventStoreMixin,
 ):
     """The shared body of both stores. Subclasses provide the dialect hooks below."""
 

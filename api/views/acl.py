@@ -113,6 +113,20 @@ def token_json(t: ACLToken, secret: str | None = None) -> dict[str, Any]:
             out[key] = t.identities[key]
     if t.expires_at is not None:
         out["ExpirationTime"] = _rfc3339(t.expires_at)
+    if t.login is not None:  # a token made by acl/login (api/views/acl_login.py)
+        out["AuthMethod"] = t.login.auth_method
+        if t.login.expiration_time and "ExpirationTime" not in out:
+            out["ExpirationTime"] = t.login.expiration_time
+        services_ = [{"ServiceName": n} for k, n in t.login.binds if k == "service"]
+        nodes = [
+            {"NodeName": n, "Datacenter": services().settings.datacenter}
+            for k, n in t.login.binds
+            if k == "node"
+        ]
+        if services_:
+            out["ServiceIdentities"] = [*out.get("ServiceIdentities", ()), *services_]
+        if nodes:
+            out["NodeIdentities"] = [*out.get("NodeIdentities", ()), *nodes]
     if secret is not None:
         out["SecretID"] = secret
     return out

@@ -185,6 +185,8 @@ def split_document(doc: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
             if not isinstance(v, list):
                 raise DefinitionError("'checks' must be a list")
             checks.extend(v)
+        elif k == "acl":
+            pass  # acl.tokens.agent: the agent's own token, read by config_agent_token
         else:
             raise DefinitionError(f"unexpected key {k!r} (want service(s) or check(s))")
     for x in (*svcs, *checks):
@@ -217,6 +219,25 @@ def load_file(path: str, *, token: str = "", enable_script_checks: bool = False)
             node_check(c, token=token, source=path, enable_script_checks=enable_script_checks)
         )
     return out
+
+
+def config_agent_token(dirs: Sequence[str], files: Sequence[str]) -> str:
+    """Consul's ``acl.tokens.agent`` in the agent's config files (the last file that sets it
+    wins): the token the agent sends for its own registrations when ``-token`` is not given.
+    A file that cannot be read or parsed sets nothing here; ``load_config`` reports it."""
+    token = ""
+    for p in config_files(dirs, files)[0]:
+        try:
+            with open(p, "rb") as f:
+                doc = parse_document(f.read(MAX_FILE_BYTES).decode("utf-8"), p)
+        except (OSError, UnicodeDecodeError, DefinitionError):
+            continue
+        acl = doc.get("acl") if isinstance(doc, dict) else None
+        tokens = acl.get("tokens") if isinstance(acl, dict) else None
+        agent = tokens.get("agent") if isinstance(tokens, dict) else None
+        if isinstance(agent, str) and agent.strip():
+            token = agent.strip()
+    return token
 
 
 def config_files(dirs: Sequence[str], files: Sequence[str]) -> tuple[list[str], list[str]]:
