@@ -771,3 +771,75 @@ def test_catalog_register_and_deregister(clients, cluster):
         assert c.catalog.deregister(node)
     assert c.catalog.service(svc)[1] == []
     assert node not in {n["Node"] for n in c.catalog.nodes()[1]}
+
+
+# -- the other calls Trellis serves -------------------------------------------------------------
+
+
+def test_operator_raft_config(clients):
+    if clients.name in ("py-consul", "python-consul"):
+        # Their operator.raft_config sends no token (and takes none): anonymous, refused for
+        # want of operator:read, as by Consul.
+        with pytest.raises(clients.mod.ACLPermissionDenied):
+            clients.root.operator.raft_config()
+        return
+    with pytest.raises(clients.mod.ACLPermissionDenied):
+        clients.anon.operator.raft_config()
+    [server] = clients.root.operator.raft_config()["Servers"]
+    assert (server["Node"], server["Leader"], server["Voter"]) == ("srv", True, True)
+
+
+def test_more_calls_through_py_consul(cluster):
+    """py-consul's Connect catalog and health reads, its agent's service definition and
+    filters, its connect CA and leaf calls, token update, snapshot save."""
+    mod = load("py-consul")
+    c = mod.Consul(host="127.0.0.1", port=cluster.port, token=cluster.root)
+    try:
+        svc = unique("native")
+        sid = f"{svc}/1"
+        assert c.agent.service.register(
+            svc, service_id=sid, port=7000, connect={"native": True}, check=mod.Check.ttl("30s")
+        )
+        assert c.agent.service_definition(sid)["Service"] == svc
+        assert set(c.agent.services(filter_expr=f'Service == "{svc}"')) == {sid}
+        assert set(c.agent.checks(filter_expr=f'ServiceID == "{sid}"')) == {f"service:{sid}"}
+        wait_until(lambda: c.catalog.connect(svc)[1])
+        assert [i["ServiceID"] for i in c.catalog.connect(svc)[1]] == [sid]
+        assert [e["Service"]["ID"] for e in c.health.connect(svc)[1]] == [sid]
+        roots = c.agent.connect.ca.roots()
+        leaf = c.agent.connect.ca.leaf(svc)
+        assert leaf["Service"] == svc and leaf["CertPEM"].startswith("-----BEGIN CERTIFICATE")
+        assert roots["ActiveRootID"] in {r["ID"] for r in roots["Roots"]}
+        # authorize: py-consul sends PUT where Consul (and Trellis) take POST, a 405 from
+        # both: a client bug.
+        with pytest.raises(mod.ConsulException, match="405"):
+            c.agent.connect.authorize(svc, f"spiffe://x/ns/default/dc/dc1/svc/{svc}", "1")
+        assert c.coordinate.node("node-a") == ("1", None)  # no coordinates: a 404
+        token = c.acl.token.create(description="before")
+        assert c.acl.token.update(token["AccessorID"], description="after")["Description"] == (
+            "after"
+        )
+        assert c.acl.token.delete(token["AccessorID"])
+        snap = c.snapshot.save()
+        assert isinstance(snap, bytes) and len(snap) > 0
+        assert c.agent.service.deregister(sid)
+    finally:
+        c.http.session.close()
+
+
+def test_more_calls_through_python_consul2(cluster):
+    """python-consul2's token update, agent connect authorize and snapshot read."""
+    mod = load("python-consul2")
+    c = mod.Consul(host="127.0.0.1", port=cluster.port, token=cluster.root)
+    try:
+        token = c.acl.tokens.create({"Description": "before"})
+        updated = c.acl.tokens.update({"Description": "after"}, token["AccessorID"])
+        assert updated["Description"] == "after"
+        assert c.acl.tokens.delete(token["AccessorID"])
+        svc = unique("authz")
+        # A peer of another trust domain: refused, with Consul's reason.
+        answer = c.agent.connect.authorize(svc, "spiffe://x.trellis/ns/default/dc/dc1/svc/w", "1")
+        assert answer["Authorized"] is False and "trust domain" in answer["Reason"]
+        assert len(c.snapshot.get()) > 0
+    finally:
+        c.http.session.close()
