@@ -341,7 +341,7 @@ def node_maintenance():
     return json_response(None)
 
 
-@bp.put("/v1/agent/service/maintenance/<service_id>")
+@bp.put("/v1/agent/service/maintenance/<path:service_id>")
 def service_maintenance(service_id: str):
     enable = maint.parse_enable(request.args.get("enable"))
     reason = maint.check_reason(str_arg("reason", max_len=maint.MAX_REASON))
