@@ -24,6 +24,7 @@ from trellis.api.longpoll import RERUN, Park, Parked, Since, client_address
 from trellis.proxy.bexpr import Filter, FilterError, Struct
 from trellis.proxy.bexpr import parse_optional as parse_filter
 from trellis.proxy.durations import DurationError, parse_duration
+from trellis.proxy.requestrules import FALSE, FieldNameError, parse_bool, split_request_options
 
 U64_MAX = (1 << 64) - 1
 #: How deeply a JSON body may nest. Real registrations are under ten levels deep; the limit keeps
@@ -57,25 +58,21 @@ def services():
 # ``?pem`` with no value is false (JSON), and its ``replace-existing-checks`` is true only
 # for no value or ``true`` (``=1`` is silently false).
 
-#: Go's strconv.ParseBool, which Consul reads the flags that take a value with.
-_TRUE = frozenset({"1", "t", "T", "true", "True", "TRUE"})
-_FALSE = frozenset({"0", "f", "F", "false", "False", "FALSE"})
-
 
 def flag(name: str) -> bool:
     """A boolean query parameter that takes a value (see above): absent is false, no value
-    true, else Go's ParseBool. Anything else is the client's fault: a 400."""
+    true, else Go's ParseBool (``trellis.proxy.requestrules.parse_bool``, the node agent's
+    rule too). Anything else is the client's fault: a 400."""
     if name not in request.args:
         return False
     v = request.args.get(name, "")
-    if v == "" or v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise BadRequest(
-        f"query parameter {name!r} must be true or false (or no value, which is true),"
-        f" not {v[:64]!r}"
-    )
+    value = parse_bool(v)
+    if value is None:
+        raise BadRequest(
+            f"query parameter {name!r} must be true or false (or no value, which is true),"
+            f" not {v[:64]!r}"
+        )
+    return value
 
 
 def present(name: str) -> bool:
@@ -86,7 +83,7 @@ def present(name: str) -> bool:
     if name not in request.args:
         return False
     for v in request.args.getlist(name):
-        if v in _FALSE:
+        if v in FALSE:
             raise BadRequest(
                 f"query parameter {name!r} is set by its presence, whatever its value (Consul"
                 f" reads {name}={v} as {name} set): leave it out to turn it off"
@@ -255,18 +252,10 @@ def json_body(*, required: bool = True, allow_list: bool = False) -> Any:
     raise BadRequest("request body must be a JSON object")
 
 
-#: The top-level keys of a body that Consul's clients send and Consul ignores, in folded case:
-#: its request structs embed ``WriteRequest`` (``Token``) or ``QueryOptions``, which Consul
-#: before 1.7 decoded from a key of that name (mapstructure) and then overwrote with the
-#: request's own token. python-consul still sends ``{"WriteRequest": {"Token": ...}}`` with
-#: ``catalog/register`` and ``catalog/deregister``.
-_REQUEST_OPTIONS = ("writerequest", "queryoptions")
-
-
 def _drop_request_options(body: dict) -> dict:
     """``body`` without its ``WriteRequest``/``QueryOptions`` keys (in any case), which are
-    accepted and ignored as Consul ignores them: the token is the request's (header, or
-    ``?token=``), never the body's.
+    accepted and ignored as Consul ignores them (``trellis.proxy.requestrules``, the rule the
+    node agent shares): the token is the request's (header, or ``?token=``), never the body's.
 
     One refusal Consul does not make, with ACLs on: a body whose ``WriteRequest.Token`` is
     the only token the request carries. Consul runs it with the anonymous token, so the
@@ -274,20 +263,16 @@ def _drop_request_options(body: dict) -> dict:
     cannot tell why). It is a 400 that says where to put the token; the client is at fault.
     With ACLs off no token matters, and the body is accepted as Consul accepts it.
     """
-    found = [k for k in body if isinstance(k, str) and k.lower() in _REQUEST_OPTIONS]
-    if not found:
-        return body
-    for k in found:
-        v = body[k]
-        if v is not None and not isinstance(v, dict):
-            raise BadRequest(f"{k} must be an object")
-        token = next((t for n, t in (v or {}).items() if str(n).lower() == "token"), None)
-        if token and services().settings.acl_enabled and not _request_carries_token():
-            raise BadRequest(
-                f"the token in {k}.Token is not read (Consul ignores it too, and would run"
-                " the request as anonymous): send it in the X-Consul-Token header"
-            )
-    return {k: v for k, v in body.items() if k not in found}
+    try:
+        split = split_request_options(body)
+    except FieldNameError as e:
+        raise BadRequest(str(e)) from None
+    if split.token and services().settings.acl_enabled and not _request_carries_token():
+        raise BadRequest(
+            f"the token in {split.where} is not read (Consul ignores it too, and would run"
+            " the request as anonymous): send it in the X-Consul-Token header"
+        )
+    return split.body
 
 
 def _request_carries_token() -> bool:

@@ -117,3 +117,18 @@ def test_bad_requests_are_400_or_404_and_change_nothing(client, subtests):
             assert_error(client.put(url), status, contains=contains)
     assert _checks(client) == before
     assert client.get("/v1/agent/maintenance?enable=true").status_code == 405
+
+
+def test_service_maintenance_of_an_id_with_a_slash(client):
+    # Patroni's IDs are scope/name: the rest of the path is the ID, sent as is or encoded, as
+    # on the deregister and check paths.
+    register(client, {"Name": "pgha", "ID": "pgha/pg1", "Port": 5432, "Address": "10.0.0.1"})
+    for path in ("pgha/pg1", "pgha%2Fpg1"):
+        r = client.put(f"/v1/agent/service/maintenance/{path}?enable=true&reason=r")
+        assert r.status_code == 200, r.get_data(as_text=True)
+        assert _checks(client)["_service_maintenance:pgha/pg1"]["Notes"] == "r"
+        assert _passing(client, "pgha") == []
+        r = client.put(f"/v1/agent/service/maintenance/{path}?enable=false")
+        assert r.status_code == 200, r.get_data(as_text=True)
+        assert _passing(client, "pgha") == ["pgha/pg1"]
+    assert_error(client.put("/v1/agent/service/maintenance/pgha/pg2?enable=true"), 404, "not_found")

@@ -117,10 +117,10 @@ def member_config(base: Path, name: str, consul_url: str) -> tuple[Path, dict[st
             "listen": f"127.0.0.1:{api_port}",
             "connect_address": f"127.0.0.1:{api_port}",
         },
-        # register_service stays off until Trellis reads body field names in any case, as
-        # Consul does (issue 14, item 6): py-consul, which Patroni uses, sends
-        # "enabletagoverride", which Trellis refuses today (a 400 Patroni logs every loop).
-        "consul": {"url": consul_url, "register_service": False},
+        # Each member registers itself as service SCOPE, ID "scope/name", through the node
+        # agent (dev's): py-consul's body in lowercase ("enabletagoverride"), tagged with its
+        # role, with an HTTP check of its REST API's /<role> that the agent runs.
+        "consul": {"url": consul_url, "register_service": True, "service_check_interval": "1s"},
         "bootstrap": {
             "dcs": {
                 "ttl": TTL,
@@ -177,6 +177,24 @@ def patronictl_list(config: Path) -> list[dict[str, Any]]:
 
 def roles(config: Path) -> dict[str, str]:
     return {m["Member"]: m["Role"] for m in patronictl_list(config)}
+
+
+def instances(url: str, *, passing: bool = False) -> dict[str, dict[str, Any]]:
+    """The members registered as service SCOPE, by service ID (health entries)."""
+    r = httpx.get(f"{url}/v1/health/service/{SCOPE}", params={"passing": "1"} if passing else {})
+    assert r.status_code == 200, r.text
+    return {e["Service"]["ID"]: e for e in r.json()}
+
+
+def registered_as(url: str, want: dict[str, str], *, passing: set[str]) -> bool:
+    """Each member of ``want`` registered with its role's tag, and exactly ``passing`` of
+    them passing their checks."""
+    got = instances(url)
+    for sid, role in want.items():
+        e = got.get(sid)
+        if e is None or role not in e["Service"]["Tags"]:
+            return False
+    return set(instances(url, passing=True)) == passing
 
 
 def leader_key(url: str) -> str | None:
@@ -282,6 +300,32 @@ def test_patroni_cluster_elects_replicates_and_fails_over(trellis_server, workdi
     wait_until(replicated, timeout=20, interval=0.2)
     assert sql(pg2_port, "SELECT pg_is_in_recovery()") == [(True,)]
 
+    # Both members registered through the agent as Patroni names them, each with its role's
+    # tag and an HTTP check of its REST API that passes.
+    pg1, pg2 = f"{SCOPE}/pg1", f"{SCOPE}/pg2"
+    try:
+        wait_until(
+            lambda: registered_as(url, {pg1: "primary", pg2: "replica"}, passing={pg1, pg2}),
+            timeout=30,
+            interval=0.5,
+        )
+    except AssertionError:
+        raise AssertionError(f"registrations: {instances(url)}\n" + output()) from None
+    got = instances(url)
+    assert "master" in got[pg1]["Service"]["Tags"]
+    assert (got[pg1]["Service"]["Address"], got[pg1]["Service"]["Port"]) == ("127.0.0.1", pg1_port)
+    assert got[pg2]["Service"]["Port"] == pg2_port
+    for sid in (pg1, pg2):
+        assert got[sid]["Service"]["EnableTagOverride"] is True
+        [check] = [c for c in got[sid]["Checks"] if c["ServiceID"] == sid]
+        assert (check["CheckID"], check["Type"], check["Status"]) == (
+            f"service:{sid}",
+            "http",
+            "passing",
+        )
+    agent_services = httpx.get(f"{url}/v1/agent/services").json()
+    assert {pg1, pg2} <= set(agent_services)
+
     # The leader's Patroni dies (SIGKILL: no clean release of the leader key).
     os.kill(first.pid, signal.SIGKILL)
     first.wait(10)
@@ -304,6 +348,14 @@ def test_patroni_cluster_elects_replicates_and_fails_over(trellis_server, workdi
 
     ctl2 = configs["pg2"][0]
     wait_until(lambda: roles(ctl2) == {"pg2": "Leader"}, timeout=20, interval=0.5)
+    # pg2 registered again as the primary; pg1's check fails (its REST API is gone), so only
+    # pg2 is passing.
+    try:
+        wait_until(
+            lambda: registered_as(url, {pg2: "primary"}, passing={pg2}), timeout=30, interval=0.5
+        )
+    except AssertionError:
+        raise AssertionError(f"registrations: {instances(url)}\n" + output()) from None
     wait_until(lambda: sql(pg2_port, "SELECT pg_is_in_recovery()") == [(False,)], timeout=20)
     sql(pg2_port, "INSERT INTO t VALUES (%s)", "written on pg2")
     assert sql(pg2_port, "SELECT v FROM t ORDER BY v") == [("written on pg1",), ("written on pg2",)]

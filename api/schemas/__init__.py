@@ -41,6 +41,8 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, missing, post_load
 
 from trellis.api.errors import BadRequest
+from trellis.proxy.requestrules import FieldNameError, Kind, ListOf, MapOf, Shape
+from trellis.proxy.requestrules import fold_names as _fold_names
 
 __all__ = [
     "FiniteNumber",
@@ -179,83 +181,51 @@ def flatten(messages: Any, path: str = "") -> str:
 
 # -- field names in any case ---------------------------------------------------------------
 #
-# Consul decodes a request body with Go's encoding/json (``lib.DecodeJSON``; before 1.7 with
-# mapstructure, which matches names the same way). encoding/json matches an object key to a
-# struct field by the field's name or tag, preferring an exact match but also accepting one
-# that differs only in case, compared as ``bytes.EqualFold`` compares: Unicode simple case
-# folding, under which the only non-ASCII letters equal to ASCII ones are U+017F (long s,
-# equal to "s") and U+212A (Kelvin sign, equal to "k"). It does so at every level it decodes
-# into a struct (``Check``, ``Connect.SidecarService.Proxy.Upstreams``...), and never in a
-# map: the keys of ``Meta``, ``NodeMeta``, ``TaggedAddresses`` or a proxy's ``Config`` are
-# data and keep their case. ``fold_names`` does the same with the schema for the struct: a
-# ``Nested`` field is a struct, a ``Dict`` field a map (whose values are folded only when
-# they are structs themselves), anything else a value left alone.
-#
-# One difference, on purpose: a body that names one field twice in two spellings
-# (``{"Name": "a", "name": "b"}``) is refused. encoding/json keeps the last one, so what the
-# client meant depends on the order of its keys, and a proxy or audit log that reads the
-# first one would see another request than the one Trellis runs.
+# The rule is ``trellis.proxy.requestrules``'s (its docstring says how Consul's decoder matches
+# names), shared with the node agent. Here a schema is turned into that module's ``Shape``
+# once per class: a ``Nested`` field is a struct, a ``Dict`` field a map (whose values are
+# folded only when they are structs themselves), anything else a value left alone.
+
+#: One shape per schema class (made on first use; a schema that holds itself, as a service's
+#: ``Connect.SidecarService``, finds its own shape here while it is being made).
+_SHAPES: dict[type[Schema], Shape] = {}
 
 
-def _fold(name: str) -> str:
-    """``name`` in one case: equal for two names that Go's ``bytes.EqualFold`` calls equal,
-    as far as the ASCII field names of a schema can tell (see above)."""
-    return name.replace("\u017f", "s").lower()
-
-
-#: Per schema class: the input name of each field (its ``data_key`` or its attribute name)
-#: by its folded form, and the field by its input name.
-_SHAPES: dict[type[Schema], tuple[dict[str, str], dict[str, fields.Field]]] = {}
-
-
-def _shape(schema: Schema) -> tuple[dict[str, str], dict[str, fields.Field]]:
-    shape = _SHAPES.get(type(schema))
+def _shape(schema: Schema) -> Shape:
+    cls = type(schema)
+    shape = _SHAPES.get(cls)
     if shape is None:
-        by_name = {f.data_key or n: f for n, f in schema.load_fields.items()}
-        folded = {_fold(n): n for n in by_name}
-        # Two fields whose names differ only in case would make the folding ambiguous.
-        assert len(folded) == len(by_name), f"{type(schema).__name__}: names clash in case"
-        shape = _SHAPES[type(schema)] = (folded, by_name)
+        shape = _SHAPES[cls] = Shape(cls.__name__)
+        try:
+            shape.define({f.data_key or n: _kind(f) for n, f in schema.load_fields.items()})
+        except BaseException:
+            del _SHAPES[cls]
+            raise
     return shape
+
+
+def _kind(field: fields.Field) -> Kind:
+    if isinstance(field, fields.Nested):
+        inner = _shape(field.schema)
+        return ListOf(inner) if field.many else inner
+    if isinstance(field, fields.List):
+        item = _kind(field.inner)
+        return None if item is None else ListOf(item)
+    if isinstance(field, fields.Dict) and field.value_field is not None:
+        value = _kind(field.value_field)
+        return None if value is None else MapOf(value)
+    return None
 
 
 def fold_names(schema: Schema, data: Any) -> Any:
     """``data`` with each field name spelled as ``schema`` (and its nested schemas) declare
-    it, matched as Consul's decoder matches them (see above). A name no field matches is
-    kept as sent, for the schema to refuse (or ignore, where it ignores unknown fields).
-    Raises ``BadRequest`` (the client's fault) for a field given twice in two spellings."""
-    # dict, not Mapping: a parsed JSON body holds dicts, and the ABC check costs a third of
-    # the time here.
+    it, matched as Consul's decoder matches them (``trellis.proxy.requestrules``). A name no
+    field matches is kept as sent, for the schema to refuse (or ignore, where it ignores
+    unknown fields). Raises ``BadRequest`` (the client's fault) for a field given twice in
+    two spellings."""
     if not isinstance(data, dict):
         return data
-    folded, by_name = _shape(schema)
-    out: dict[Any, Any] = {}
-    for key, value in data.items():
-        name = key
-        if isinstance(key, str) and key not in by_name:
-            name = folded.get(_fold(key), key)
-        if name in out:
-            raise BadRequest(
-                f"field {name!r} is given twice (as {key!r} and another spelling; field"
-                " names are matched in any case)"
-            )
-        field = by_name.get(name)
-        out[name] = value if field is None else _fold_value(field, value)
-    return out
-
-
-def _fold_value(field: fields.Field, value: Any) -> Any:
-    if isinstance(field, fields.Nested):
-        inner = field.schema
-        if field.many and isinstance(value, list):
-            return [fold_names(inner, v) for v in value]
-        return fold_names(inner, value)
-    if isinstance(field, fields.List) and isinstance(value, list):
-        return [_fold_value(field.inner, v) for v in value]
-    if isinstance(field, fields.Dict) and isinstance(value, dict):
-        values = field.value_field
-        if values is None:
-            return value
-        # The keys are data (a tagged address's name): only struct values are folded.
-        return {k: _fold_value(values, v) for k, v in value.items()}
-    return value
+    try:
+        return _fold_names(_shape(schema), data)
+    except FieldNameError as e:
+        raise BadRequest(str(e)) from None

@@ -254,10 +254,12 @@ class Agent:
             raise WriteRefused(status, _message(value))
 
     async def register_service(
-        self, sid: str, body: Mapping[str, Any], checks: Any, token: str
+        self, sid: str, body: Mapping[str, Any], checks: Any, token: str, *, body_token: str = ""
     ) -> None:
-        """Raises WriteRefused (the server's 4xx) or Unreachable."""
+        """Raises WriteRefused (the server's 4xx) or Unreachable. ``body_token``: the token a
+        local API caller sent only in its body's ``WriteRequest`` (see ``_options``)."""
         doc = {**self._node_fields(), "Service": dict(body), "Checks": [dict(c) for c in checks]}
+        doc.update(_options(body_token))
         await self._write("/v1/catalog/register", doc, token)
         self.state.synced_services.add(sid)
         self.state.synced_checks.update(str(c["CheckID"]) for c in checks)
@@ -269,8 +271,10 @@ class Agent:
         self.state.synced_services.discard(sid)
         self.state.save_synced()
 
-    async def register_check(self, cid: str, check: Mapping[str, Any], token: str) -> None:
-        doc = {**self._node_fields(), "Check": dict(check)}
+    async def register_check(
+        self, cid: str, check: Mapping[str, Any], token: str, *, body_token: str = ""
+    ) -> None:
+        doc = {**self._node_fields(), "Check": dict(check), **_options(body_token)}
         await self._write("/v1/catalog/register", doc, token)
         self.state.synced_checks.add(cid)
         self.state.save_synced()
@@ -559,17 +563,20 @@ class Agent:
 
     # -- API registrations ----------------------------------------------------------------
 
-    async def api_register(self, svc: ServiceDef) -> None:
+    async def api_register(self, svc: ServiceDef, *, body_token: str = "") -> None:
         """A service registered through the local API: written through to the catalog with
         the caller's token first, so the server's ACLs decide (WriteRefused is the caller's
-        answer); kept locally and synced later if no server answers."""
+        answer); kept locally and synced later if no server answers. ``body_token``: see
+        ``register_service``."""
         body = svc.body
         checks = [
             sync.DesiredCheck(c, self.state.result(str(c["CheckID"]), c), svc.token)
             for c in svc.checks
         ]
         try:
-            await self.register_service(svc.id, body, [c.catalog() for c in checks], svc.token)
+            await self.register_service(
+                svc.id, body, [c.catalog() for c in checks], svc.token, body_token=body_token
+            )
         except Unreachable as e:
             log.warning("no server for the registration of %s, kept for later: %s", svc.id, e)
         self.state.add_service(svc)
@@ -587,6 +594,14 @@ class Agent:
         self.state.remove_service(sid)
         self.changed()
         return True
+
+
+def _options(body_token: str) -> dict[str, Any]:
+    """The ``WriteRequest`` of a write-through whose caller sent its token only in the body:
+    passed on, so that the server applies its rule to it as to a body sent to it directly
+    (ignored with ACLs off; with ACLs on a 400 that says to send the token in X-Consul-Token,
+    where Consul would run the write as anonymous)."""
+    return {"WriteRequest": {"Token": body_token}} if body_token else {}
 
 
 def _describe(op: sync.Op) -> str:

@@ -23,6 +23,7 @@ from trellis.proxy.agent.ports import CRITICAL, PASSING, WARNING, CheckDef
 from trellis.proxy.agent.spelling import SpellingError, to_pascal
 from trellis.proxy.config import ConfigError, sidecar_registration
 from trellis.proxy.durations import DurationError, parse_duration
+from trellis.proxy.requestrules import FieldNameError, ListOf, MapOf, Shape, fold_names
 
 STATES = (PASSING, WARNING, CRITICAL)
 #: Check fields the catalog stores (its CheckSchema); the agent keeps the rest to itself.
@@ -43,62 +44,119 @@ CATALOG_CHECK_FIELDS = (
     "AliasService",
     "AliasNode",
 )
-#: The fields of a service and of a check (the server's ServiceSchema and CheckSchema, plus a
-#: script check's ScriptArgs): any other is a typo, refused with the file's path rather than
-#: by the server at every sync.
-SERVICE_FIELDS = frozenset(
+# The fields of a service and of a check, as the servers' ServiceSchema and CheckSchema
+# declare them (a test compares the two), plus a script check's ScriptArgs, which only an
+# agent runs. Names are matched in any case, as Consul's decoder and the servers match them
+# (``trellis.proxy.requestrules``), at every level; any other name is a typo, refused with the
+# file's path (or by the local API) rather than by the server at every sync.
+CHECK = Shape(
+    "Check",
+    dict.fromkeys(
+        (
+            "CheckID",
+            "ID",
+            "Name",
+            "Notes",
+            "Status",
+            "ServiceID",
+            "Output",
+            "TTL",
+            "HTTP",
+            "Method",
+            "Header",
+            "Body",
+            "TCP",
+            "Interval",
+            "Timeout",
+            "TLSSkipVerify",
+            "TLSServerName",
+            "DeregisterCriticalServiceAfter",
+            "SuccessBeforePassing",
+            "FailuresBeforeCritical",
+            "AliasService",
+            "AliasNode",
+            "Type",
+            "Definition",
+            "Namespace",
+            "ScriptArgs",
+        )
+    ),
+)
+UPSTREAM = Shape(
+    "Upstream",
+    dict.fromkeys(
+        (
+            "DestinationType",
+            "DestinationName",
+            "DestinationNamespace",
+            "DestinationPartition",
+            "DestinationPeer",
+            "Datacenter",
+            "LocalBindAddress",
+            "LocalBindPort",
+            "LocalBindSocketPath",
+            "LocalBindSocketMode",
+            "Config",
+            "MeshGateway",
+            "CentrallyConfigured",
+        )
+    ),
+)
+PROXY = Shape(
+    "Proxy",
     {
-        "ID",
-        "Name",
-        "Service",
-        "Tags",
-        "Address",
-        "TaggedAddresses",
-        "Meta",
-        "Port",
-        "Kind",
-        "Proxy",
-        "Connect",
-        "Check",
-        "Checks",
-        "EnableTagOverride",
-        "Weights",
-        "Namespace",
-        "Partition",
-        "Locality",
-        "SocketPath",
+        **dict.fromkeys(
+            (
+                "DestinationServiceName",
+                "DestinationServiceID",
+                "LocalServiceAddress",
+                "LocalServicePort",
+                "LocalServiceSocketPath",
+                "Mode",
+                "Config",
+                "MeshGateway",
+                "Expose",
+                "TransparentProxy",
+                "ExecMode",
+                "Command",
+            )
+        ),
+        "Upstreams": ListOf(UPSTREAM),
+    },
+)
+SERVICE = Shape("Service")
+CONNECT = Shape("Connect", {"Native": None, "Proxy": PROXY, "SidecarService": SERVICE})
+SERVICE.define(
+    {
+        **dict.fromkeys(
+            (
+                "ID",
+                "Name",
+                "Service",
+                "Tags",
+                "Address",
+                "Meta",
+                "Port",
+                "Kind",
+                "EnableTagOverride",
+                "Namespace",
+                "Partition",
+                "Locality",
+                "SocketPath",
+                "CreateIndex",
+                "ModifyIndex",
+            )
+        ),
+        "TaggedAddresses": MapOf(Shape("TaggedAddress", {"Address": None, "Port": None})),
+        "Proxy": PROXY,
+        "Connect": CONNECT,
+        "Check": CHECK,
+        "Checks": ListOf(CHECK),
+        "Weights": Shape("Weights", {"Passing": None, "Warning": None}),
     }
 )
-CHECK_FIELDS = frozenset(
-    {
-        "CheckID",
-        "ID",
-        "Name",
-        "Notes",
-        "Status",
-        "ServiceID",
-        "Output",
-        "TTL",
-        "HTTP",
-        "Method",
-        "Header",
-        "Body",
-        "TCP",
-        "Interval",
-        "Timeout",
-        "TLSSkipVerify",
-        "TLSServerName",
-        "DeregisterCriticalServiceAfter",
-        "SuccessBeforePassing",
-        "FailuresBeforeCritical",
-        "AliasService",
-        "AliasNode",
-        "Type",
-        "Definition",
-        "Namespace",
-        "ScriptArgs",
-    }
-)
+#: What Consul's clients send back as they read it, accepted and dropped (as by the servers).
+READ_ONLY_SERVICE_FIELDS = ("CreateIndex", "ModifyIndex")
 CONFIG_SUFFIXES = (".json", ".hcl")
 MAX_FILE_BYTES = 4 * 1024 * 1024
 
@@ -301,19 +359,18 @@ def load_config(
 # -- services ---------------------------------------------------------------------------------
 
 
-def _pascal(raw: Mapping[str, Any]) -> dict[str, Any]:
+def _pascal(raw: Mapping[str, Any], shape: Shape, what: str) -> dict[str, Any]:
+    """``raw`` in the API spelling: config-file names (``check_id``) rewritten, then every
+    name matched to ``shape`` in any case; an unknown name is a DefinitionError."""
+    unknown: list[str] = []
     try:
-        out = to_pascal(dict(raw))
-    except SpellingError as e:
+        out = fold_names(shape, to_pascal(dict(raw)), unknown=unknown)
+    except (SpellingError, FieldNameError) as e:
         raise DefinitionError(str(e)) from None
-    assert isinstance(out, dict)
-    return out
-
-
-def _known(d: Mapping[str, Any], fields: frozenset[str], what: str) -> None:
-    unknown = sorted(k for k in d if k not in fields)
     if unknown:
         raise DefinitionError(f"unknown {what} field {unknown[0]!r}")
+    assert isinstance(out, dict)
+    return out
 
 
 def _str(d: Mapping[str, Any], key: str, what: str = "") -> str:
@@ -337,8 +394,9 @@ def service_def(
         ((k, v),) = raw.items()
         if k in ("service", "Service") and isinstance(v, dict):
             raw = v
-    d = _pascal(raw)
-    _known(d, SERVICE_FIELDS, "service")
+    d = _pascal(raw, SERVICE, "service")
+    for k in READ_ONLY_SERVICE_FIELDS:
+        d.pop(k, None)
     name = _str(d, "Name") or _str(d, "Service")
     if not name:
         raise DefinitionError("Name: a service needs a name")
@@ -424,7 +482,7 @@ def sidecar_service(parent: ServiceDef, taken_ports: Iterable[int]) -> ServiceDe
     pb = parent.body
     try:
         body = sidecar_registration(
-            _pascal(parent.sidecar),
+            _pascal(parent.sidecar, SERVICE, "sidecar service"),
             parent_id=parent.id,
             parent_name=parent.name,
             parent_port=int(pb.get("Port") or 0),
@@ -482,8 +540,7 @@ def check_kind(d: Mapping[str, Any]) -> str:
 def check_body(raw: Mapping[str, Any], *, enable_script_checks: bool = False) -> dict[str, Any]:
     """A check definition in PascalCase with its fields checked (``check_def`` must accept
     it); raises DefinitionError."""
-    d = _pascal(raw)
-    _known(d, CHECK_FIELDS, "check")
+    d = _pascal(raw, CHECK, "check")
     if "ID" in d and "CheckID" not in d:
         d["CheckID"] = d.pop("ID")
     kind = check_kind(d)

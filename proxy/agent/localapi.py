@@ -74,6 +74,13 @@ from trellis.proxy.bexpr import Filter, FilterError, Struct
 from trellis.proxy.bexpr import parse_optional as parse_filter
 from trellis.proxy.durations import DurationError, parse_duration
 from trellis.proxy.filtershapes import AGENT_MEMBER, AGENT_SERVICE, HEALTH_CHECK, omit_empty
+from trellis.proxy.requestrules import (
+    FieldNameError,
+    Shape,
+    fold_names,
+    parse_bool,
+    split_request_options,
+)
 
 log = logging.getLogger("trellis.agent")
 
@@ -141,6 +148,8 @@ def _refused(e: WriteRefused) -> TrellisError:
 
 
 Route = Callable[[Request, str], Awaitable[Response]]
+#: ``agent/check/update``'s body (the servers' CheckUpdateSchema).
+CHECK_UPDATE = Shape("CheckUpdate", {"Status": None, "Output": None})
 
 #: Forwarded reads whose blocking form is shared between local clients: the reads a sidecar
 #: follows (health, intentions), and the other index-blocking reads that answer the same to
@@ -406,9 +415,7 @@ class LocalAPI:
         return json_response(value, headers=[(b"x-consul-contenthash", h.encode())])
 
     async def service_register(self, req: Request, _: str) -> Response:
-        body = req.json()
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
+        body, body_token = _registration_body(req)
         token = req.token()
         try:
             svc = service_def(
@@ -416,7 +423,7 @@ class LocalAPI:
             )
         except DefinitionError as e:
             raise BadRequest(str(e)) from None
-        if not req.has("replace-existing-checks"):
+        if not _flag(req, "replace-existing-checks"):
             # Consul keeps the checks of an earlier registration of the ID that this one
             # does not name; ?replace-existing-checks drops them.
             old = self.agent.state.api_services.get(svc.id)
@@ -426,7 +433,7 @@ class LocalAPI:
                 if kept:
                     svc = dataclasses.replace(svc, checks=svc.checks + kept)
         try:
-            await self.agent.api_register(svc)
+            await self.agent.api_register(svc, body_token=body_token)
         except WriteRefused as e:
             raise _refused(e) from None
         except OSError as e:
@@ -481,9 +488,7 @@ class LocalAPI:
         return json_response(value)
 
     async def check_register(self, req: Request, _: str) -> Response:
-        body = req.json()
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
+        body, body_token = _registration_body(req)
         token = req.token()
         try:
             c = node_check(
@@ -499,7 +504,10 @@ class LocalAPI:
         if sid in self.agent.state.synced_services or not sid:
             try:
                 await self.agent.register_check(
-                    c.id, catalog_check(c.body, result.status, result.output), token
+                    c.id,
+                    catalog_check(c.body, result.status, result.output),
+                    token,
+                    body_token=body_token,
                 )
             except WriteRefused as e:
                 raise _refused(e) from None
@@ -569,8 +577,15 @@ class LocalAPI:
         body = req.json() if req.body.strip() else {}
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
-        status = body.get("Status") or body.get("status")
-        output = body.get("Output") or body.get("output") or ""
+        unknown: list[str] = []
+        try:
+            body = fold_names(CHECK_UPDATE, split_request_options(body).body, unknown=unknown)
+        except FieldNameError as e:
+            raise BadRequest(str(e)) from None
+        if unknown:
+            raise BadRequest(f"{unknown[0]}: Unknown field.")
+        status = body.get("Status")
+        output = body.get("Output") or ""
         if status not in (PASSING, WARNING, CRITICAL):
             raise BadRequest("Status must be passing, warning or critical")
         if not isinstance(output, str):
@@ -870,6 +885,38 @@ def member_status(check: dict[str, Any] | None) -> str:
     if "left" in str(check.get("Output") or ""):
         return "left"
     return "failed"
+
+
+def _registration_body(req: Request) -> tuple[dict[str, Any], str]:
+    """A registration's body, less its ``WriteRequest``/``QueryOptions`` (Consul ignores
+    them, as the servers do), and the token one of them carried when the request itself
+    carries none. That token is passed on with the write-through to the server, whose rule
+    then decides, as for a body sent to it directly: ignored with ACLs off, a 400 saying
+    where to send it with ACLs on. A body that is not an object is the client's fault."""
+    body = req.json()
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    try:
+        split = split_request_options(body)
+    except FieldNameError as e:
+        raise BadRequest(str(e)) from None
+    return split.body, "" if req.token() else split.token
+
+
+def _flag(req: Request, name: str) -> bool:
+    """A query flag that takes a value, read as the servers read it (Go's ParseBool, no
+    value being true: ``trellis.proxy.requestrules.parse_bool``); anything else is the
+    client's fault."""
+    if not req.has(name):
+        return False
+    v = req.arg(name) or ""
+    value = parse_bool(v)
+    if value is None:
+        raise BadRequest(
+            f"query parameter {name!r} must be true or false (or no value, which is true),"
+            f" not {v[:64]!r}"
+        )
+    return value
 
 
 def _filter_arg(req: Request, shape: Struct) -> Filter | None:
