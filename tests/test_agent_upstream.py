@@ -146,3 +146,26 @@ def test_a_fresh_connection_dropped_before_the_answer_is_not_retried_forever(ser
     with pytest.raises(Unreachable):
         _calls(url, "GET", 1)
     assert state.connections == 1
+
+
+def test_a_failure_drops_the_kept_connections_to_that_server(server):
+    # A connection kept from before may reach a server process that is going away (its
+    # workers drain after the master stopped listening), whose answer would hide the failure
+    # the agent just saw: after a failure, reads start again on new connections.
+    url, state = server
+
+    async def main() -> None:
+        servers = Servers([url])
+        try:
+            assert (await servers.call("GET", "/v1/kv/k"))[0] == 200  # connection 1, kept
+            state.drop_before_answer = True
+            with pytest.raises(Unreachable):
+                await servers.call("PUT", "/v1/kv/k")  # connection 2, dropped: a failure
+            state.drop_before_answer = False
+            assert (await servers.call("GET", "/v1/kv/k"))[0] == 200
+        finally:
+            await servers.aclose()
+
+    trio.run(main)
+    assert state.connections == 3
+    assert [n for n, _ in state.requests] == [1, 2, 3]

@@ -136,6 +136,13 @@ class _Pool:
 
     def __init__(self) -> None:
         self._idle: dict[str, list[tuple[float, trio.abc.Stream, h11.Connection]]] = {}
+        self._dropped: list[trio.abc.Stream] = []  # to close at the next take() or clear()
+
+    def drop(self, address: str) -> None:
+        """Forget the kept connections to ``address`` (it failed: a connection kept from
+        before may reach a server process that is going away, whose answer would hide the
+        failure)."""
+        self._dropped += [stream for _, stream, _ in self._idle.pop(address, ())]
 
     def put(self, address: str, stream: trio.abc.Stream, conn: h11.Connection) -> bool:
         """Keep the connection; False when the pool is full (the caller closes it)."""
@@ -151,7 +158,7 @@ class _Pool:
         """A kept connection young enough to use, if any, and the expired ones to close."""
         idle = self._idle.get(address)
         now = trio.current_time()
-        expired = []
+        expired, self._dropped = self._dropped, []
         while idle:
             since, stream, conn = idle.pop()
             if now - since < POOL_IDLE:
@@ -161,7 +168,9 @@ class _Pool:
 
     def clear(self) -> list[trio.abc.Stream]:
         out = [stream for idle in self._idle.values() for _, stream, _ in idle]
+        out += self._dropped
         self._idle.clear()
+        self._dropped = []
         return out
 
 
@@ -205,6 +214,7 @@ class Servers:
         return self.addresses[self.current]
 
     def _failed(self, address: str, why: str) -> None:
+        self._pool.drop(address)
         if not self.failing:
             log.warning("server %s failed (%s); trying the next", address, why)
         self.failing = True
