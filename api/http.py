@@ -190,6 +190,27 @@ def redirect_unclean_path() -> Response | None:
     )
 
 
+#: The paths whose Consul endpoints take ``?peer=`` (a cluster peer's imported services).
+PEERED_PATHS = ("/v1/catalog/", "/v1/health/")
+
+
+def refuse_peer() -> None:
+    """Refuse ``?peer=NAME`` on the catalog and health reads that take it in Consul (a
+    ``before_request`` hook, the one place). Trellis has no cluster peering: ignoring the
+    parameter would answer with this cluster's instances as if they were the peer's, and the
+    client would connect to them. The client asked for what does not exist here: a 400. An
+    empty ``?peer=`` is the local cluster, as in Consul, and is accepted."""
+    if b"peer" not in request.query_string and b"%" not in request.query_string:
+        return
+    if not request.path.startswith(PEERED_PATHS):
+        return
+    if any(v.strip() for v in request.args.getlist("peer")):
+        raise BadRequest(
+            "Trellis has no cluster peering: query parameter 'peer' names a peer that does"
+            " not exist here; leave it out (or empty) for this cluster"
+        )
+
+
 def uint_arg(name: str, *, maximum: int = U64_MAX) -> int | None:
     v = request.args.get(name)
     if v is None:

@@ -410,6 +410,10 @@ def node_services(body: Any) -> list[str] | None:
     return None if body is None else sorted(body["Services"])
 
 
+def node_service_list(body: Any) -> list[str] | None:
+    return None if body["Node"] is None else sorted(s["ID"] for s in body["Services"])
+
+
 def labels(body: Any) -> list[str]:
     return sorted(f"{i['SourceName']} => {i['DestinationName']}" for i in body)
 
@@ -443,8 +447,9 @@ LOCAL_CHECKS = [
     "web-ttl",
 ]
 ALL_CHECKS = sorted([*LOCAL_CHECKS, "db-ext-check"])
-ALL_SERVICES = ["db", "web", "web-sidecar-proxy"]
+ALL_SERVICES = ["consul", "db", "web", "web-sidecar-proxy"]  # consul: the server itself
 LOCAL_IDS = ["db-1", "web-1", "web-1-sidecar-proxy"]
+NODE_IDS = ["consul", *LOCAL_IDS]  # the server's node holds its consul service too
 BOTH_NODES = ["ext-1", NODE]
 BOTH_IXNS = ["api => db", "api => web"]
 BOTH_QUERIES = ["db-q", "web-q"]
@@ -534,10 +539,18 @@ ROWS: list[Row] = [
       view=service_ids, none=[], read=["web-1-sidecar-proxy"], web=[], app=[], op=[],
       mgmt=["web-1-sidecar-proxy"]),
     R("GET", f"/v1/catalog/node/{NODE}",         200, 200, 200, 200, 200, 200, F,
-      view=node_services, none=None, read=LOCAL_IDS, web=None, app=None, op=None,
-      mgmt=LOCAL_IDS),
+      view=node_services, none=None, read=NODE_IDS, web=None, app=None, op=None,
+      mgmt=NODE_IDS),
+
+    # node-services: as catalog/node (a null Node without node:read), services filtered
+    R("GET", f"/v1/catalog/node-services/{NODE}", 200, 200, 200, 200, 200, 200, F,
+      view=node_service_list, none=None, read=NODE_IDS, web=None, app=None, op=None,
+      mgmt=NODE_IDS),
+    # gateway-services: service:read on the gateway, as Consul (always empty: no gateways)
+    R("GET", "/v1/catalog/gateway-services/web", F,   200, 200, F,   F,   200, F),
 
     # ---- health: filtered like the catalog
+    R("GET", "/v1/health/ingress/web",           200, 200, 200, 200, 200, 200, F),
     R("GET", "/v1/health/service/web",           200, 200, 200, 200, 200, 200, F,
       view=health_ids, none=[], read=["web-1", "web-ext"], web=[], app=[], op=[],
       mgmt=["web-1", "web-ext"]),

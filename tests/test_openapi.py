@@ -399,6 +399,10 @@ def test_smoke_walk_every_endpoint(app_client):
     assert ok(c.get("/v1/catalog/connect/api")).json
     assert ok(c.get("/v1/catalog/node/test-node")).json["Services"]
     assert ok(c.get("/v1/catalog/node/nobody")).json is None
+    assert ok(c.get("/v1/catalog/node-services/test-node")).json["Services"]
+    assert ok(c.get("/v1/catalog/node-services/nobody")).json == {"Node": None, "Services": []}
+    assert ok(c.get("/v1/catalog/gateway-services/gw?index=1&wait=1ms")).json == []
+    assert ok(c.get("/v1/health/ingress/web?passing")).json == []
     ok(c.get("/v1/health/service/web?pretty"))
     ok(c.get("/v1/health/service/ext?passing&tag=v1"))
     ok(c.get("/v1/health/connect/web"))
