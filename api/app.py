@@ -122,6 +122,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         acl,
         agent,
         catalog,
+        config,
         connect_ca,
         coordinate,
         event,
@@ -152,6 +153,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         event,
         query,
         coordinate,
+        config,
     ):
         app.register_blueprint(module.bp)
 

@@ -414,6 +414,10 @@ def node_service_list(body: Any) -> list[str] | None:
     return None if body["Node"] is None else sorted(s["ID"] for s in body["Services"])
 
 
+def entry_names(body: Any) -> list[str]:
+    return [e["Name"] for e in body]
+
+
 def labels(body: Any) -> list[str]:
     return sorted(f"{i['SourceName']} => {i['DestinationName']}" for i in body)
 
@@ -733,6 +737,34 @@ ROWS: list[Row] = [
                                                  F,   F,   200, F,   F,   200, F),
     R("DELETE", "/v1/connect/intentions/exact?source=api&destination=db",
                                                  F,   F,   F,   F,   F,   200, F),
+    # ---- config entries: service-intentions as the intentions (intentions:read/write on the
+    #      destination), service-defaults service:read/write on its name, proxy-defaults
+    #      readable by any token and written with operator:write
+    R("GET", "/v1/config/service-intentions",     200, 200, 200, 200, 200, 200, F,
+      view=entry_names, none=[], read=["db", "web"], web=["web"], app=[], op=[],
+      mgmt=["db", "web"]),
+    R("GET", "/v1/config/service-intentions/web", F,   200, 200, F,   F,   200, F),
+    R("GET", "/v1/config/service-intentions/db",  F,   200, F,   F,   F,   200, F),
+    R("PUT", "/v1/config",                        F,   F,   200, F,   F,   200, F, body={
+        "Kind": "service-intentions", "Name": "web",
+        "Sources": [{"Name": "api", "Action": "deny"}]}),
+    R("PUT", "/v1/config",                        F,   F,   F,   F,   F,   200, F, body={
+        "Kind": "service-intentions", "Name": "db",
+        "Sources": [{"Name": "api", "Action": "deny"}]}),
+    R("DELETE", "/v1/config/service-intentions/web", F, F,  200, F,   F,   200, F),
+    R("DELETE", "/v1/config/service-intentions/db",  F, F,  F,   F,   F,   200, F),
+    R("GET", "/v1/config/service-defaults",       200, 200, 200, 200, 200, 200, F),
+    R("GET", "/v1/config/service-defaults/web",   F,   404, 404, F,   F,   404, F),
+    R("PUT", "/v1/config",                        F,   F,   200, F,   F,   200, F, body={
+        "Kind": "service-defaults", "Name": "web", "Protocol": "http"}),
+    R("PUT", "/v1/config",                        F,   F,   F,   F,   F,   200, F, body={
+        "Kind": "service-defaults", "Name": "db", "Protocol": "http"}),
+    R("DELETE", "/v1/config/service-defaults/web", F,  F,   200, F,   F,   200, F),
+    R("GET", "/v1/config/proxy-defaults/global",  404, 404, 404, 404, 404, 404, F),
+    R("PUT", "/v1/config",                        F,   F,   F,   F,   200, 200, F, body={
+        "Kind": "proxy-defaults", "Name": "global", "Config": {"x": 1}}),
+    R("DELETE", "/v1/config/proxy-defaults/global", F, F,   F,   F,   200, 200, F),
+
     R("GET", "/v1/connect/intentions/match?by=destination&name=web",
                                                  F,   200, 200, F,   F,   200, F),
     R("GET", "/v1/connect/intentions/match?by=destination&name=db",
