@@ -207,7 +207,7 @@ def check_sources(sources: Any) -> list[dict[str, Any]]:
         if unknown:
             raise BadRequest(f"{where}: unknown field(s) {', '.join(unknown)}")
         try:
-            name = authz.check_name(src.get("Name"))
+            name = authz.check_name(src.get("Name"))  # type: ignore[arg-type]  # checks the type
         except authz.IntentionError as e:
             raise BadRequest(f"{where}.Name: {e}") from None
         if name in seen:
