@@ -12,12 +12,9 @@ Three kinds are taken; any other is the client's 400 naming these:
   for the moment between them; each intention write is atomic, and ``?cas=`` is checked
   against the destination's index just before the writes).
 * ``service-defaults`` and ``proxy-defaults`` (``Name`` must be ``global``): kept as given, one
-  system document per kind (``config/<kind>``: ``{"Entries": {name: entry}}``), written with
-  compare-and-set on the document, retried on a race with another writer. An entry's
-  ``CreateIndex``/``ModifyIndex`` are the store index of the write that made or last changed
-  it; the write does not know its own index before it commits, so it stores ``None`` for
-  "this write's index", and whoever reads the document next resolves it to the document's
-  modify index (the index of the last write, which is the one that stored the ``None``).
+  system document per entry (``config/<kind>/<name>``), whose create and modify indexes are
+  the entry's (so a snapshot restore renumbers them with everything else); ``?cas=`` is the
+  store's compare-and-set on that document, in the write's own transaction.
   Trellis's proxies read none of their fields yet (README, "Config entries"): they are stored
   for the clients and tools that read them back.
 
@@ -230,16 +227,3 @@ def check_sources(sources: Any) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def resolved(doc: Mapping[str, Any] | None, index: int) -> dict[str, dict[str, Any]]:
-    """The entries of a kind's document read at modify index ``index``, with the indexes the
-    last write left as None (its own, unknown to it) filled in."""
-    entries: dict[str, dict[str, Any]] = {}
-    for name, e in ((doc or {}).get("Entries") or {}).items():
-        e = dict(e)
-        for f in ("CreateIndex", "ModifyIndex"):
-            if e.get(f) is None:
-                e[f] = index
-        entries[name] = e
-    return entries

@@ -172,3 +172,32 @@ def test_concurrent_writes_to_one_kind_all_land(client):
         assert ok(t.result()).get_json() is True
     listed = [e["Name"] for e in ok(client.get("/v1/config/service-defaults")).json]
     assert listed == sorted(names)
+
+
+def test_a_restore_renumbers_entry_indexes_and_keeps_cas_honest(client):
+    """An entry's indexes are its document's, which a snapshot restore renumbers above every
+    index a client saw before it: a cas read before the restore no longer matches."""
+    ok(put(client, {"Kind": "service-defaults", "Name": "web", "Protocol": "http"}))
+    ok(put(client, {"Kind": "service-defaults", "Name": "db", "Protocol": "tcp"}))
+    before = ok(client.get("/v1/config/service-defaults/web")).json
+    archive = ok(client.get("/v1/snapshot")).data
+    ok(put(client, {"Kind": "service-defaults", "Name": "web", "Protocol": "grpc"}))
+    seen = ok(client.get("/v1/config/service-defaults/web")).json["ModifyIndex"]
+    ok(client.put("/v1/snapshot", data=archive))
+    after = ok(client.get("/v1/config/service-defaults/web")).json
+    assert after["Protocol"] == "http"
+    assert after["CreateIndex"] == after["ModifyIndex"] > seen
+    body = {"Kind": "service-defaults", "Name": "web", "Protocol": "tcp"}
+    assert ok(put(client, body, cas=before["ModifyIndex"])).json is False
+    assert ok(put(client, body, cas=after["ModifyIndex"])).json is True
+
+
+def test_system_list_reads_a_prefix_in_one_snapshot(client):
+    store = client.application.extensions["trellis"].store
+    idx = store.system_write({"config/a/x": {"v": 1}, "config/a/y": {"v": 2}, "config/ab": {}})
+    store.system_write({"config/a/y": {"v": 3}})
+    got = store.system_list("config/a/")
+    assert [(k, v) for k, v, _, _ in got] == [("config/a/x", {"v": 1}), ("config/a/y", {"v": 3})]
+    (_, _, created, modified) = got[1]
+    assert created == idx < modified
+    assert store.system_list("config/%") == []  # no wildcard: the prefix is taken literally

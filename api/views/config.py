@@ -12,7 +12,6 @@ from flask import Blueprint
 from trellis.api import config_entries as ce
 from trellis.api.acl import service as acl
 from trellis.api.acl.rules import Authorizer
-from trellis.api.errors import Conflict
 from trellis.api.feed import Watch
 from trellis.api.http import blocking, json_body, json_response, services, uint_arg
 from trellis.api.store.security import IntentionRecord
@@ -21,13 +20,9 @@ from trellis.proxy import authz
 
 bp = Blueprint("config", __name__)
 
-#: Writes of a stored kind retried when another writer changed the kind's document between
-#: the read and the compare-and-set (each retry reads it again).
-RETRIES = 20
 
-
-def _doc_key(kind: str) -> str:
-    return f"config/{kind}"
+def _prefix(kind: str) -> str:
+    return f"config/{kind}/"
 
 
 # -- ACLs, as Consul's (each kind's CanRead / CanWrite) ------------------------------------------
@@ -88,25 +83,35 @@ def _intention_entries(only: str | None = None) -> tuple[dict[str, dict[str, Any
     return out, index
 
 
-def _stored(kind: str) -> tuple[dict[str, dict[str, Any]], int]:
+def _stored(kind: str, only: str | None = None) -> tuple[dict[str, dict[str, Any]], int]:
+    """The stored entries of ``kind`` (or the one named ``only``) with the index to answer
+    with, read first (see blocking): the entry's key's, or the system topic's, which every
+    entry write moves."""
     store = services().store
-    got = store.system_get(_doc_key(kind))
-    if got is None:
-        return {}, store.topic_index("system")
-    doc, index = got
-    return ce.resolved(doc, index), index
+    prefix = _prefix(kind) + (only or "")
+    # One entry: its own key's index (moved by its writes only), else the topic's.
+    index = (only is not None and store.topic_index(f"system/{prefix}")) or store.topic_index(
+        "system"
+    )
+    out = {}
+    for key, value, created, modified in store.system_list(prefix):
+        name = key[len(_prefix(kind)) :]
+        if only is not None and name != only:
+            continue
+        out[name] = {**value, "CreateIndex": created, "ModifyIndex": modified}
+    return out, index
 
 
 def _entries(kind: str, only: str | None = None) -> tuple[dict[str, dict[str, Any]], int]:
     if kind == ce.INTENTIONS:
         return _intention_entries(only)
-    return _stored(kind)
+    return _stored(kind, only)
 
 
 def _watch(kind: str) -> Watch:
     if kind == ce.INTENTIONS:
         return Watch("intentions", prefixes=("",))
-    return Watch("system", exact=(_doc_key(kind),))
+    return Watch("system", prefixes=(_prefix(kind),))
 
 
 @bp.get("/v1/config/<kind>")
@@ -177,28 +182,11 @@ def delete_entry(kind: str, name: str):
 
 
 def _write_stored(kind: str, name: str, entry: dict[str, Any] | None, cas: int | None) -> bool:
-    """Put (or, with None, delete) ``name`` in the kind's document, compare-and-set on the
-    document; False when ``cas`` does not match."""
-    store = services().store
-    key = _doc_key(kind)
-    for _ in range(RETRIES):
-        got = store.system_get(key)
-        doc, index = got if got is not None else (None, 0)
-        entries = ce.resolved(doc, index)
-        old = entries.get(name)
-        if cas is not None and (old["ModifyIndex"] if old else 0) != cas:
-            return False
-        if entry is None:
-            if old is None:
-                return True
-            entries.pop(name)
-        else:
-            # None: this write's index, resolved by the next read (config_entries).
-            created = old["CreateIndex"] if old else None
-            entries[name] = {**entry, "CreateIndex": created, "ModifyIndex": None}
-        if store.system_write({key: {"Entries": entries}}, expect={key: index}) is not None:
-            return True
-    raise Conflict(f"the {kind} entries kept changing while this write was tried; retry")
+    """Put (or, with None, delete) the entry's document; with ``cas``, compare-and-set on
+    its modify index in the same transaction (0: it must not exist), False on a mismatch."""
+    key = _prefix(kind) + name
+    expect = {key: cas} if cas is not None else None
+    return services().store.system_write({key: entry}, expect=expect) is not None
 
 
 def _now() -> str:
