@@ -283,6 +283,10 @@ HAND_CHECKED = {
     # Service and Check objects through ServiceSchema and CheckSchema); its refusals are
     # tests/test_api_txn.py::test_malformed_is_a_400_and_writes_nothing.
     ("PUT", "/v1/txn"),
+    # A config entry: its fields depend on its Kind; trellis.api.config_entries.check_entry
+    # checks each kind's (refusals: tests/test_api_config_entries.py::
+    # test_bad_entries_and_unsupported_kinds_are_400s).
+    ("PUT", "/v1/config"),
 }
 
 
