@@ -16,7 +16,7 @@ from pathlib import Path
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from trellis.api import browsers, longpoll
+from trellis.api import __version__, browsers, longpoll
 from trellis.api.acl.cache import ACL_TOPIC, AuthorizerCache
 from trellis.api.ca.leaves import AgentLeaves
 from trellis.api.ca.manager import CAManager
@@ -28,7 +28,7 @@ from trellis.api.longpoll import ParkedClients
 from trellis.api.members import Membership
 from trellis.api.settings import Settings
 from trellis.api.store import SQLITE, open_store, store_kind
-from trellis.api.store.base import PASSING, Check, Node, Registration, Store
+from trellis.api.store.base import PASSING, Check, Node, Registration, Service, Store
 from trellis.api.store.errors import (
     InvalidSession,
     NotFoundInStore,
@@ -123,6 +123,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         acl_login,
         agent,
         catalog,
+        config,
         connect_ca,
         coordinate,
         event,
@@ -156,6 +157,7 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
         query,
         coordinate,
         operator,
+        config,
     ):
         app.register_blueprint(module.bp)
     operator.install_request_metrics(app)
@@ -163,10 +165,11 @@ def create_app(settings: Settings, *, store: Store | None = None, background: bo
     _error_handlers(app)
     longpoll.install(app)
     browsers.install(app, settings)  # web pages: cross-origin writes, dev's Host check
-    from trellis.api.http import redirect_unclean_path, refuse_filter
+    from trellis.api.http import redirect_unclean_path, refuse_filter, refuse_peer
 
     app.before_request(redirect_unclean_path)
     app.before_request(refuse_filter)
+    app.before_request(refuse_peer)
 
     @app.after_request
     def _headers(resp: Response) -> Response:
@@ -200,9 +203,30 @@ def _store_options(settings: Settings) -> dict:
     return {"poll_interval": settings.pg_poll_interval}
 
 
+#: The service every Consul server registers for itself, which clients look up to find the
+#: servers (``consul.service.consul``, ``catalog/service/consul``).
+CONSUL_SERVICE = "consul"
+
+
+def consul_service(settings: Settings) -> Service:
+    """This server as Consul's ``consul`` service: the port is the HTTP API's (Trellis has no
+    RPC port; the API is what a client that found a server talks to). No tags, as Consul's
+    (clients compare ``catalog/services`` with ``{"consul": []}``); Trellis's own name is in
+    its Meta (``implementation``)."""
+    return Service(
+        node=settings.node_name,
+        id=CONSUL_SERVICE,
+        name=CONSUL_SERVICE,
+        port=settings.http_port,
+        meta={"implementation": "trellis", "version": __version__},
+    )
+
+
 def register_local_node(store: Store, settings: Settings) -> None:
     """Put this server's node in the catalog, with the always-passing ``serfHealth`` check
-    that Consul clients expect to see on every node."""
+    that Consul clients expect to see on every node and the ``consul`` service that they look
+    up to find the servers. Run at start and again by the maintenance loop, which puts back
+    what was removed (a deregistration, a restored snapshot): cheap when nothing changed."""
     existing = store.node(settings.node_name)
     node = Node(
         name=settings.node_name,
@@ -220,14 +244,30 @@ def register_local_node(store: Store, settings: Settings) -> None:
         output="Agent alive and reachable",
         type="",
     )
+    server = consul_service(settings)
     have = {c.check_id: c for c in store.checks(node=settings.node_name)}
     same = existing is not None and (existing.address, existing.datacenter) == (
         node.address,
         node.datacenter,
     )
-    if same and "serfHealth" in have and have["serfHealth"].status == PASSING:
+    listed = {s.id: s for s in store.services(node=settings.node_name)}.get(CONSUL_SERVICE)
+    if (
+        same
+        and "serfHealth" in have
+        and have["serfHealth"].status == PASSING
+        and listed is not None
+        and (listed.name, listed.port, dict(listed.meta), listed.tags)
+        == (server.name, server.port, dict(server.meta), server.tags)
+    ):
         return
-    store.register(Registration(node=node, checks=(health,)))
+    store.register(Registration(node=node, services=(server,), checks=(health,)))
+
+
+def leave_catalog(store: Store, settings: Settings) -> None:
+    """Take this server's ``consul`` service out of the catalog (its graceful stop), so that
+    clients stop finding it. The node and its other services stay (a node agent's own)."""
+    if settings.register_node:
+        store.deregister_service(settings.node_name, CONSUL_SERVICE)
 
 
 def _init_ca(ca: CAManager) -> bool:
@@ -245,10 +285,11 @@ def _maintenance(svc: AppServices) -> None:
     """Background chores, about once a ``ttl_check_interval``: tell the other server
     processes this one is alive (every few seconds, see api.members); turn TTL checks that were
     not refreshed critical; expire sessions, reap expired ACL tokens and login tokens, in the
-    one process that holds the reaper role;
-    set up the CA if its provider was down at start; prune old roots."""
+    one process that holds the reaper role; set up the CA if its provider was down at start;
+    prune old roots; every 10 s, put this server's node, ``serfHealth`` and ``consul``
+    service back if they went missing."""
     ca_ready = svc.ca.initialized()
-    last_prune = 0.0
+    last_prune = last_catalog = 0.0
     while not svc.stop.wait(svc.settings.ttl_check_interval):
         try:
             svc.store.expire_ttl_checks(time.time())
@@ -263,6 +304,9 @@ def _maintenance(svc: AppServices) -> None:
                 svc.store.acl_login_tokens_reap(time.time())
             if not ca_ready:
                 ca_ready = _init_ca(svc.ca)
+            if svc.settings.register_node and time.monotonic() - last_catalog > 10:
+                last_catalog = time.monotonic()
+                register_local_node(svc.store, svc.settings)
             if time.monotonic() - last_prune > 60:
                 last_prune = time.monotonic()
                 svc.ca.prune()

@@ -187,6 +187,44 @@ def redirect_unclean_path() -> Response | None:
     )
 
 
+#: The paths whose Consul endpoints take ``?peer=`` (a cluster peer's imported services).
+PEERED_PATHS = ("/v1/catalog/", "/v1/health/")
+
+
+def refuse_peer() -> Response | None:
+    """``?peer=NAME`` on the catalog and health endpoints that take it in Consul (a
+    ``before_request`` hook, the one place). Trellis has no cluster peering, so every peer is
+    one it does not know. Ignoring the parameter answered with this cluster's instances as if
+    they were the peer's, and the client would connect to them. Instead a read answers as
+    Consul answers a peer it does not know: with nothing (an empty list or map; index 1, and a
+    blocking read waits out its ``wait`` first, so that a client polling it does not spin). A
+    write naming a peer is a 400. An empty ``?peer=`` is the local cluster, as in Consul."""
+    if b"peer" not in request.query_string and b"%" not in request.query_string:
+        return None
+    if not request.path.startswith(PEERED_PATHS):
+        return None
+    if not any(v.strip() for v in request.args.getlist("peer")):
+        return None
+    if request.method not in ("GET", "HEAD"):
+        raise BadRequest(
+            "Trellis has no cluster peering: query parameter 'peer' names a peer that does"
+            " not exist here; leave it out (or empty) for this cluster"
+        )
+    index = uint_arg("index")
+    wait = wait_arg()
+    if index:
+        time.sleep(wait)  # cooperative under the gevent worker; bounded by max_wait
+    path = request.path
+    empty: Any = []
+    if path == "/v1/catalog/services":
+        empty = {}
+    elif path.startswith("/v1/catalog/node/"):
+        empty = None
+    elif path.startswith("/v1/catalog/node-services/"):
+        empty = {"Node": None, "Services": []}
+    return json_response(empty, index=1)
+
+
 def uint_arg(name: str, *, maximum: int = U64_MAX) -> int | None:
     v = request.args.get(name)
     if v is None:

@@ -264,6 +264,10 @@ def serve(settings: Settings, *, agent_config_dirs: tuple[str, ...] = ()) -> int
     ]
     print("\n".join(lines), flush=True)
 
+    # The port clients reach the API on (the agent's in dev), for the ``consul`` service the
+    # workers register: the configured one, or the one bound when 0 asked for a free port.
+    api_port = int((agent.url if agent else http_url).rsplit(":", 1)[1])
+    settings = dataclasses.replace(settings, http_port=api_port)
     app = TrellisGunicorn(settings, http, dns_socks, agent=agent)
     from gunicorn.errors import HaltServer
 
@@ -280,7 +284,27 @@ def serve(settings: Settings, *, agent_config_dirs: tuple[str, ...] = ()) -> int
     finally:
         if agent is not None:
             agent.stop()
+        _leave_catalog(settings)
     return 0
+
+
+def _leave_catalog(settings: Settings) -> None:
+    """After the workers stopped: this server's ``consul`` service leaves the catalog. Best
+    effort: a store that is down keeps it listed (the log says so)."""
+    from trellis.api.app import leave_catalog
+    from trellis.api.store import open_store
+
+    try:
+        store = open_store(settings.store_url)
+    except Exception as e:
+        log.warning("could not leave the catalog: %s", e)
+        return
+    try:
+        leave_catalog(store, settings)
+    except Exception as e:
+        log.warning("could not leave the catalog: %s", e)
+    finally:
+        store.close()
 
 
 class DevAgent:

@@ -481,6 +481,14 @@ def node_services(body: Any) -> list[str] | None:
     return None if body is None else sorted(body["Services"])
 
 
+def node_service_list(body: Any) -> list[str] | None:
+    return None if body["Node"] is None else sorted(s["ID"] for s in body["Services"])
+
+
+def entry_names(body: Any) -> list[str]:
+    return [e["Name"] for e in body]
+
+
 def labels(body: Any) -> list[str]:
     return sorted(f"{i['SourceName']} => {i['DestinationName']}" for i in body)
 
@@ -514,8 +522,9 @@ LOCAL_CHECKS = [
     "web-ttl",
 ]
 ALL_CHECKS = sorted([*LOCAL_CHECKS, "db-ext-check"])
-ALL_SERVICES = ["db", "web", "web-sidecar-proxy"]
+ALL_SERVICES = ["consul", "db", "web", "web-sidecar-proxy"]  # consul: the server itself
 LOCAL_IDS = ["db-1", "web-1", "web-1-sidecar-proxy"]
+NODE_IDS = ["consul", *LOCAL_IDS]  # the server's node holds its consul service too
 BOTH_NODES = ["ext-1", NODE]
 BOTH_IXNS = ["api => db", "api => web"]
 BOTH_QUERIES = ["db-q", "web-q"]
@@ -605,10 +614,18 @@ ROWS: list[Row] = [
       view=service_ids, none=[], read=["web-1-sidecar-proxy"], web=[], app=[], op=[],
       mgmt=["web-1-sidecar-proxy"]),
     R("GET", f"/v1/catalog/node/{NODE}",         200, 200, 200, 200, 200, 200, F,
-      view=node_services, none=None, read=LOCAL_IDS, web=None, app=None, op=None,
-      mgmt=LOCAL_IDS),
+      view=node_services, none=None, read=NODE_IDS, web=None, app=None, op=None,
+      mgmt=NODE_IDS),
+
+    # node-services: as catalog/node (a null Node without node:read), services filtered
+    R("GET", f"/v1/catalog/node-services/{NODE}", 200, 200, 200, 200, 200, 200, F,
+      view=node_service_list, none=None, read=NODE_IDS, web=None, app=None, op=None,
+      mgmt=NODE_IDS),
+    # gateway-services: service:read on the gateway, as Consul (always empty: no gateways)
+    R("GET", "/v1/catalog/gateway-services/web", F,   200, 200, F,   F,   200, F),
 
     # ---- health: filtered like the catalog
+    R("GET", "/v1/health/ingress/web",           200, 200, 200, 200, 200, 200, F),
     R("GET", "/v1/health/service/web",           200, 200, 200, 200, 200, 200, F,
       view=health_ids, none=[], read=["web-1", "web-ext"], web=[], app=[], op=[],
       mgmt=["web-1", "web-ext"]),
@@ -815,6 +832,34 @@ ROWS: list[Row] = [
                                                  F,   F,   200, F,   F,   200, F),
     R("DELETE", "/v1/connect/intentions/exact?source=api&destination=db",
                                                  F,   F,   F,   F,   F,   200, F),
+    # ---- config entries: service-intentions as the intentions (intentions:read/write on the
+    #      destination), service-defaults service:read/write on its name, proxy-defaults
+    #      readable by any token and written with operator:write
+    R("GET", "/v1/config/service-intentions",     200, 200, 200, 200, 200, 200, F,
+      view=entry_names, none=[], read=["db", "web"], web=["web"], app=[], op=[],
+      mgmt=["db", "web"]),
+    R("GET", "/v1/config/service-intentions/web", F,   200, 200, F,   F,   200, F),
+    R("GET", "/v1/config/service-intentions/db",  F,   200, F,   F,   F,   200, F),
+    R("PUT", "/v1/config",                        F,   F,   200, F,   F,   200, F, body={
+        "Kind": "service-intentions", "Name": "web",
+        "Sources": [{"Name": "api", "Action": "deny"}]}),
+    R("PUT", "/v1/config",                        F,   F,   F,   F,   F,   200, F, body={
+        "Kind": "service-intentions", "Name": "db",
+        "Sources": [{"Name": "api", "Action": "deny"}]}),
+    R("DELETE", "/v1/config/service-intentions/web", F, F,  200, F,   F,   200, F),
+    R("DELETE", "/v1/config/service-intentions/db",  F, F,  F,   F,   F,   200, F),
+    R("GET", "/v1/config/service-defaults",       200, 200, 200, 200, 200, 200, F),
+    R("GET", "/v1/config/service-defaults/web",   F,   404, 404, F,   F,   404, F),
+    R("PUT", "/v1/config",                        F,   F,   200, F,   F,   200, F, body={
+        "Kind": "service-defaults", "Name": "web", "Protocol": "http"}),
+    R("PUT", "/v1/config",                        F,   F,   F,   F,   F,   200, F, body={
+        "Kind": "service-defaults", "Name": "db", "Protocol": "http"}),
+    R("DELETE", "/v1/config/service-defaults/web", F,  F,   200, F,   F,   200, F),
+    R("GET", "/v1/config/proxy-defaults/global",  404, 404, 404, 404, 404, 404, F),
+    R("PUT", "/v1/config",                        F,   F,   F,   F,   200, 200, F, body={
+        "Kind": "proxy-defaults", "Name": "global", "Config": {"x": 1}}),
+    R("DELETE", "/v1/config/proxy-defaults/global", F, F,   F,   F,   200, 200, F),
+
     R("GET", "/v1/connect/intentions/match?by=destination&name=web",
                                                  F,   200, 200, F,   F,   200, F),
     R("GET", "/v1/connect/intentions/match?by=destination&name=db",

@@ -58,9 +58,9 @@ ROTATE = "/v1/connect/ca/rotate"
 PROMPT = 1.0
 
 DEFAULT_CONFIG = {
-    "LeafCertTTL": "72h0m0s",
-    "IntermediateCertTTL": "8760h0m0s",
-    "RootCertTTL": "87600h0m0s",
+    "LeafCertTTL": "72h",
+    "IntermediateCertTTL": "8760h",
+    "RootCertTTL": "87600h",
     "PrivateKeyType": "ec",
     "PrivateKeyBits": 256,
     "CSRMaxPerSecond": 50,
@@ -216,13 +216,37 @@ def test_consul_alias_and_a_ttl_only_change_does_not_rotate(client):
     r = ok(put_config(client, {"LeafCertTTL": "24h", "CSRMaxPerSecond": 10}, provider="consul"))
     assert r.get_json() is True
     cfg = config_of(client)
-    assert cfg["Provider"] == "builtin"
-    assert cfg["Config"] == {**DEFAULT_CONFIG, "LeafCertTTL": "24h0m0s", "CSRMaxPerSecond": 10}
+    assert cfg["Provider"] == "consul"
+    assert cfg["Config"] == {**DEFAULT_CONFIG, "LeafCertTTL": "24h", "CSRMaxPerSecond": 10}
     assert roots_of(client) == before  # same ActiveRootID, same Sequence, one root
     # A PUT replaces the whole configuration: what it leaves out returns to its default.
     ok(put_config(client, {}, provider="builtin"))
     assert config_of(client)["Config"] == DEFAULT_CONFIG
     assert roots_of(client) == before
+
+
+def test_the_configuration_reads_back_as_written(client):
+    """Consul keeps the configuration as it was written, and its clients (Terraform's plan,
+    py-consul's tests) compare what they read with what they wrote: the provider's name was
+    read back as ``builtin`` and every duration as Go's canonical ``72h0m0s``."""
+    before = roots_of(client)
+    written = {"LeafCertTTL": "72h", "IntermediateCertTTL": "9000h", "RootCertTTL": "90000h"}
+    ok(put_config(client, written, provider="consul"))
+    cfg = config_of(client)
+    assert cfg["Provider"] == "consul"
+    assert cfg["Config"] == {**DEFAULT_CONFIG, **written}
+    # Spelt otherwise, read back otherwise; the meaning is checked as before.
+    ok(put_config(client, {"LeafCertTTL": "4320m", "RootCertTTL": 360000000}, provider="builtin"))
+    cfg = config_of(client)
+    assert cfg["Provider"] == "builtin"
+    assert (cfg["Config"]["LeafCertTTL"], cfg["Config"]["RootCertTTL"]) == ("4320m", 360000000)
+    assert roots_of(client) == before
+    # A rotation keeps the name it was given, as it keeps the rest of the configuration.
+    ok(put_config(client, {"LeafCertTTL": "72h"}, provider="consul"))
+    ok(client.post(ROTATE, json={}))
+    assert config_of(client)["Provider"] == "consul"
+    assert roots_of(client)["ActiveRootID"] != before["ActiveRootID"]
+    assert_error(put_config(client, {"LeafCertTTL": "30m"}), 400, "bad_request", "LeafCertTTL")
 
 
 def test_consul_go_client_bodies_and_a_read_configuration_are_accepted(app_client):
@@ -240,7 +264,7 @@ def test_consul_go_client_bodies_and_a_read_configuration_are_accepted(app_clien
     }
     ok(app_client.put(CONFIG, json=go_body))
     read = config_of(app_client)
-    assert read["Config"]["LeafCertTTL"] == "24h0m0s"
+    assert read["Config"]["LeafCertTTL"] == "24h"
     ok(app_client.put(CONFIG, json=read))
     assert config_of(app_client)["Config"] == read["Config"]
     assert roots_of(app_client) == before
@@ -432,7 +456,7 @@ def test_a_ttl_change_wakes_a_blocking_configuration_read(app_client):
     r = ok(q.result())
     assert time.monotonic() - t0 < PROMPT
     assert index_of(r) > idx
-    assert r.get_json()["Config"]["LeafCertTTL"] == "12h0m0s"
+    assert r.get_json()["Config"]["LeafCertTTL"] == "12h"
 
 
 def test_rotate_body_errors(app_client):

@@ -840,6 +840,18 @@ def test_a_token_vault_refuses_is_a_400_that_says_what_vault_answered(
     api_ok(api_sign(c))
 
 
+def test_the_vault_configuration_reads_back_as_written(app_client, openbao, vault_paths):
+    """As the built-in provider's: the durations were read back as ``72h0m0s``."""
+    c = app_client
+    api_ok(put_vault(c, openbao, vault_paths, LeafCertTTL="72h", IntermediateCertTTL="9000h"))
+    cfg = api_ok(c.get(CONFIG)).get_json()
+    assert cfg["Provider"] == "vault"
+    assert (cfg["Config"]["LeafCertTTL"], cfg["Config"]["IntermediateCertTTL"]) == ("72h", "9000h")
+    assert cfg["Config"]["RootCertTTL"] == "87600h"  # Consul's default, spelt as Consul's
+    assert "Token" not in cfg["Config"]
+    api_ok(api_sign(c))
+
+
 def assert_api_error(resp, status: int, contains: str) -> str:
     body = resp.get_json()
     assert (resp.status_code, body["status"]) == (status, status), body

@@ -463,7 +463,7 @@ def test_trellis_dev_config_dir_starts_an_agent_for_its_node(tmp_path):
         line = dev.wait_for_line(r"Server API: http://")
         server_url = line.split("Server API: ")[1].strip()
         assert server_url != dev.url
-        wait_services(server_url, "devnode", {"web"})
+        wait_services(server_url, "devnode", {"web", "consul"})  # consul: the server
         assert set(httpx.get(f"{dev.url}/v1/agent/services").json()) == {"web"}
         agent_pid = wait_until(lambda: _agent_pid(dev.pid))
     finally:

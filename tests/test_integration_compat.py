@@ -85,7 +85,7 @@ def test_service_with_ttl_check_register_pass_read_deregister(c):
     index, services = c.catalog.services()
     assert int(index) >= 1
     assert set(services["web"]) == {"v1", "primary"}
-    assert "consul" not in services  # Trellis does not pretend to be a Consul server service
+    assert services["consul"] == []  # the server itself, as Consul's (issue 15)
     index, instances = c.catalog.service("web")
     assert len(instances) == 1
     inst = instances[0]

@@ -401,6 +401,18 @@ def test_smoke_walk_every_endpoint(app_client):
     assert ok(c.get("/v1/catalog/connect/api")).json
     assert ok(c.get("/v1/catalog/node/test-node")).json["Services"]
     assert ok(c.get("/v1/catalog/node/nobody")).json is None
+    assert ok(c.get("/v1/catalog/node-services/test-node")).json["Services"]
+    assert ok(c.get("/v1/catalog/node-services/nobody")).json == {"Node": None, "Services": []}
+    assert ok(c.get("/v1/catalog/gateway-services/gw?index=1&wait=1ms")).json == []
+    assert ok(c.get("/v1/health/ingress/web?passing")).json == []
+    # ---- config entries: a write, a list and a read (index headers), a 404, deletes
+    entry = {"Kind": "service-defaults", "Name": "web", "Protocol": "http"}
+    assert ok(c.put("/v1/config?cas=0", json=entry)).json is True
+    assert ok(c.get("/v1/config/service-defaults?index=1&wait=1ms")).json[0]["Name"] == "web"
+    assert ok(c.get("/v1/config/service-defaults/web")).json["Protocol"] == "http"
+    ok(c.get("/v1/config/proxy-defaults/global"), 404)
+    assert ok(c.delete("/v1/config/service-defaults/web?cas=1")).json is False
+    assert ok(c.delete("/v1/config/service-defaults/web")).json == {}
     ok(c.get("/v1/health/service/web?pretty"))
     ok(c.get("/v1/health/service/ext?passing&tag=v1"))
     ok(c.get("/v1/health/connect/web"))

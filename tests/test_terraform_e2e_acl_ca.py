@@ -291,7 +291,7 @@ def test_ca_config_vault_token_file_is_in_no_state(
         assert "Resources: 0 added, 1 changed, 0 destroyed" in r.out, r
         assert "replaces the CA root" not in r.out + r.err
         assert api.ca_roots().value["ActiveRootID"] == roots["ActiveRootID"]
-        assert api.ca_get_config()["Config"]["LeafCertTTL"] == "24h0m0s"
+        assert api.ca_get_config()["Config"]["LeafCertTTL"] == "24h"
         assert openbao.token not in wd.shown()
         # Destroy forgets the configuration, says so, and leaves the CA serving.
         r = wd.run("destroy", "-auto-approve", "-no-color")

@@ -250,6 +250,15 @@ class CAManager:
                 out[f] = {"Sealed": self.sealer.seal(f"{CONFIG_DOC}/{f}", str(out[f]))}
         return out
 
+    def _config_doc(self, name: str, config: Mapping[str, Any], *, named: str) -> dict[str, Any]:
+        """The ``ca/config`` document: the provider, its sealed configuration and, when the
+        client called the provider by its alias (Consul's ``consul``), that name, which is
+        what a read returns."""
+        doc: dict[str, Any] = {"Provider": name, "Config": self._seal(config)}
+        if named and named != name:
+            doc["Named"] = named
+        return doc
+
     def _unseal(self, config: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(config)
         for f in SECRET_FIELDS:
@@ -305,8 +314,9 @@ class CAManager:
                 "Sequence": 1,
                 "Roots": [record],
             }
+            doc = self._config_doc(name, config, named=self.bootstrap[0])
             idx = self.store.system_write(
-                {ROOTS_DOC: roots, CONFIG_DOC: {"Provider": name, "Config": self._seal(config)}},
+                {ROOTS_DOC: roots, CONFIG_DOC: doc},
                 expect={ROOTS_DOC: 0, CONFIG_DOC: 0},
             )
             if idx is None:
@@ -400,7 +410,9 @@ class CAManager:
         _, _, config, idx = self._state()
         public = {k: v for k, v in config["Config"].items() if k not in SECRET_FIELDS}
         return {
-            "Provider": config["Provider"],
+            # The name as the client wrote it: Consul's clients write "consul" and compare
+            # what they read back (Terraform's plan, py-consul's tests).
+            "Provider": config.get("Named", config["Provider"]),
             "Config": public,
             "State": None,
             "ForceWithoutCrossSigning": False,
@@ -521,6 +533,7 @@ class CAManager:
         """``PUT /v1/connect/ca/configuration``: rotate if the change needs a new root."""
         request = load(CAConfigurationSchema, body)
         name, raw, force = request["provider"], request["config"], request["force"]
+        named = request["named"]
         with self._lock:
             self.ensure_initialized()
             roots, ridx, config, cidx = self._state()
@@ -542,7 +555,7 @@ class CAManager:
                     raise _refused(name, e) from None
                 if (
                     self.store.system_write(
-                        {CONFIG_DOC: {"Provider": name, "Config": self._seal(new_cfg)}},
+                        {CONFIG_DOC: self._config_doc(name, new_cfg, named=named)},
                         expect={CONFIG_DOC: cidx},
                     )
                     is None
@@ -558,6 +571,7 @@ class CAManager:
                 cidx=cidx,
                 config=config,
                 new_config=True,
+                named=named,
             )
 
     def rotate(self, *, force: bool = False) -> None:
@@ -574,6 +588,7 @@ class CAManager:
                 ridx=ridx,
                 cidx=cidx,
                 config=config,
+                named=config.get("Named", config["Provider"]),
             )
 
     def _rotate(
@@ -587,6 +602,7 @@ class CAManager:
         cidx: int,
         config: dict,
         new_config: bool = False,
+        named: str = "",
     ) -> None:
         old_provider = self._cross_signer(name, new_cfg, force=force, roots=roots, config=config)
         if not force and old_provider is not None and not old_provider.supports_cross_signing():
@@ -633,7 +649,7 @@ class CAManager:
             idx = self.store.system_write(
                 {
                     ROOTS_DOC: new_roots,
-                    CONFIG_DOC: {"Provider": name, "Config": self._seal(new_cfg)},
+                    CONFIG_DOC: self._config_doc(name, new_cfg, named=named),
                 },
                 expect={ROOTS_DOC: ridx, CONFIG_DOC: cidx},
             )

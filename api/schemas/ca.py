@@ -28,6 +28,8 @@ MIN_LEAF_TTL, MAX_LEAF_TTL = 3600.0, 8760 * 3600.0
 #: The lowest rate that is not "no limit": one CSR every 1000 s (the longest Retry-After).
 MIN_RATE, MAX_RATE = 0.001, 1_000_000
 MAX_CONCURRENT = 100_000
+#: Consul's defaults of the durations, as its GET returns them.
+DURATION_DEFAULTS = {"LeafCertTTL": "72h", "IntermediateCertTTL": "8760h", "RootCertTTL": "87600h"}
 
 
 class Duration(fields.Field):
@@ -98,10 +100,13 @@ class CommonConfigSchema(Strict):
         if errors:
             raise ValidationError(errors)
 
-    @post_load
-    def _canonical(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        for name in ("LeafCertTTL", "IntermediateCertTTL", "RootCertTTL"):
-            data[name] = format_duration(data[name])
+    @post_load(pass_original=True)
+    def _as_written(self, data: dict[str, Any], original: Any, **kwargs: Any) -> dict[str, Any]:
+        # Kept as the client wrote them (checked above as seconds): Consul stores the
+        # configuration as given, and its clients compare what they read back with what they
+        # wrote ("72h", not "72h0m0s"). A left-out one is Consul's default, spelt as Consul's.
+        for name, default in DURATION_DEFAULTS.items():
+            data[name] = original[name] if name in original else default
         return data
 
 
@@ -172,7 +177,7 @@ def validate_config(
     min_leaf_ttl: float = MIN_LEAF_TTL,
 ) -> dict[str, Any]:
     """``config`` checked for ``provider`` (``builtin`` or ``vault``), with the defaults filled
-    in and the durations written canonically (``72h0m0s``). BadRequest (the client's fault,
+    in and the durations kept as written (``72h`` stays ``72h``). BadRequest (the client's fault,
     or the operator's for a config file: ``path`` and ``what`` say where) naming every bad
     field. ``min_leaf_ttl``: the server's floor for LeafCertTTL (1h unless configured)."""
     return load(_schema(provider, min_leaf_ttl), config, path=path, what=what)
@@ -217,10 +222,13 @@ class CAConfigurationSchema(Strict):
     CreateIndex = Ignored()
     ModifyIndex = Ignored()
 
-    @post_load
-    def _no_config(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    @post_load(pass_original=True)
+    def _no_config(self, data: dict[str, Any], original: Any, **kwargs: Any) -> dict[str, Any]:
         if data["config"] is None:
             data["config"] = {}
+        # The provider's name as written (``consul``), which a read returns; ``provider`` is
+        # the one Trellis runs (``builtin``).
+        data["named"] = original["Provider"]
         return data
 
 

@@ -244,6 +244,10 @@ class Store(Protocol):
     def system_write(
         self, puts: dict[str, Any], expect: dict[str, int] | None = None
     ) -> int | None: ...
+    def system_list(self, prefix: str) -> list[tuple[str, Any, int, int]]:
+        """Every system document whose key starts with ``prefix``, by key, read in one
+        snapshot: ``(key, value, create_index, modify_index)``."""
+        ...
 
     # intentions
     def intentions(self) -> list[IntentionRecord]: ...

@@ -1421,6 +1421,17 @@ class SQLStore(
             rows = q("SELECT value, modify_index FROM system WHERE key = ?", (key,))
         return (json.loads(rows[0][0]), int(rows[0][1])) if rows else None
 
+    def system_list(self, prefix: str) -> list[tuple[str, Any, int, int]]:
+        """System documents by key prefix (config entries: ``config/<kind>/``), one read."""
+        # substr, not LIKE: no wildcard in the prefix to escape, and no collation involved.
+        with self.read() as q:
+            rows = q(
+                "SELECT key, value, create_index, modify_index FROM system"
+                " WHERE substr(key, 1, ?) = ? ORDER BY key",
+                (len(prefix), prefix),
+            )
+        return [(str(k), json.loads(v), int(c), int(m)) for k, v, c, m in rows]
+
     def system_write(
         self, puts: dict[str, Any], expect: dict[str, int] | None = None
     ) -> int | None:

@@ -16,6 +16,7 @@ from trellis.api import __version__
 from trellis.api import catalog as cat
 from trellis.api import maintenance as maint
 from trellis.api.acl import service as acl
+from trellis.api.app import CONSUL_SERVICE
 from trellis.api.errors import BadRequest, MethodNotAllowed, NotFound
 from trellis.api.feed import Watch
 from trellis.api.http import (
@@ -175,10 +176,13 @@ def service_deregister(service_id: str):
 def _local_services() -> dict:
     s = services()
     authz = acl.current()
+    # The server's own ``consul`` entry is the catalog's, not an agent registration: Consul's
+    # agent/services does not list it either.
+    own = CONSUL_SERVICE if s.settings.register_node else None
     return {
         svc.id: cat.agent_service_json(svc, s.settings.datacenter)
         for svc in s.store.services(node=s.settings.node_name)
-        if authz.service_read(svc.name)
+        if authz.service_read(svc.name) and svc.id != own
     }
 
 

@@ -335,3 +335,52 @@ def node(node: str):
                 },
             }
     return json_response(data, index=index)
+
+
+@bp.get("/v1/catalog/node-services/<node>")
+@accepts_filter
+def node_services(node: str):
+    """Consul's newer shape of ``catalog/node``: the services as a list rather than a map by
+    ID. An unknown node is ``{"Node": null, "Services": []}``, as Consul answers it."""
+    check_dc()
+    store = services().store
+    flt = filter_arg(shapes.NODE_SERVICE)
+
+    def compute():
+        idx = store.topic_index(f"catalog/node/{node}") or store.topic_index("catalog")  # first
+        n = store.node(node)
+        if n is None:
+            return {"Node": None, "Services": []}, idx
+        svcs = [cat.service_json(s) for s in store.services(node=node)]
+        return {"Node": cat.node_json(n), "Services": svcs}, idx
+
+    data, index = blocking(Watch("catalog", exact=(f"node/{node}",)), compute)
+    authz = acl.current()
+    if data["Node"] is not None and not authz.node_read(node):
+        data = {"Node": None, "Services": []}
+    data = {
+        **data,
+        "Services": [
+            v
+            for v in data["Services"]
+            if authz.service_read(v["Service"]) and (flt is None or flt(v))
+        ],
+    }
+    return json_response(data, index=index)
+
+
+@bp.get("/v1/catalog/gateway-services/<gateway>")
+def gateway_services(gateway: str):
+    """The services a terminating or ingress gateway routes to, which Consul takes from the
+    gateway's config entry. Trellis has no gateways (no config entry of those kinds is
+    accepted: see ``/v1/config``), so the list is always empty; still a blocking read of the
+    gateway's name, with its index, as clients poll it. ``service:read`` on the gateway."""
+    check_dc()
+
+    def compute():
+        return [], _service_index(gateway)
+
+    authz = acl.current()
+    acl.require(authz.service_read(gateway), f"service:read on {gateway!r}")
+    data, index = blocking(svc_watch(gateway), compute)
+    return json_response(data, index=index)

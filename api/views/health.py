@@ -129,3 +129,23 @@ def state(state: str):
     authz = acl.current()
     data = [c for c in data if _visible(authz, c) and (flt is None or flt(c))]
     return json_response(data, index=index)
+
+
+@bp.get("/v1/health/ingress/<name>")
+@accepts_filter
+def ingress(name: str):
+    """The ingress gateways that route to ``name``, with their checks. Consul finds them
+    through ingress-gateway config entries, which Trellis does not have (no gateways): the
+    list is always empty, answered as a blocking read of the service, with its index, so a
+    client polling it waits for changes as it would on Consul. ``?passing`` and ``?tag`` are
+    accepted as on ``health/service``."""
+    check_dc()
+    flag("passing")  # read, so that a bad value is the client's 400 here too
+    filter_arg(shapes.CHECK_SERVICE_NODE)
+
+    def compute():
+        return [], _service_index(name)
+
+    data, index = blocking(svc_watch(name), compute)
+    acl.current()  # an unknown token is refused as on every read
+    return json_response(data, index=index)

@@ -25,7 +25,7 @@ it is: a cluster cannot be without a CA, and "back to the defaults" would rotate
 every running sidecar, an outage a ``terraform destroy`` should not cause by surprise. To go
 back to the built-in CA, declare ``connect_provider = "consul"`` and apply.
 
-Values are compared by meaning: ``72h`` and the server's ``72h0m0s``, ``consul`` and
+Values are compared by meaning: ``72h`` and ``4320m``, ``consul`` and
 ``builtin``; a setting left out of the configuration is the server's default, and a value
 other than the default found on the server shows as drift.
 """
