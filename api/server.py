@@ -77,6 +77,7 @@ def main_dev(values: dict[str, Any], agent_config_dirs: tuple[str, ...] = ()) ->
     and in front of it a node agent for the server's own node (``DevAgent``) that loads
     ``agent_config_dirs``."""
     own_dir = None
+    master = os.getpid()  # see serve(): a worker unwinds this frame too
     merged: dict[str, Any] = {"workers": 1, "dev": True}
     merged.update(values)
     if not merged.get("data_dir") and not merged.get("store"):
@@ -89,7 +90,7 @@ def main_dev(values: dict[str, Any], agent_config_dirs: tuple[str, ...] = ()) ->
     try:
         return serve(settings, agent_config_dirs=agent_config_dirs)
     finally:
-        if own_dir:
+        if own_dir and os.getpid() == master:
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
@@ -157,6 +158,10 @@ def raise_open_files_limit(settings: Settings) -> None:
 
 
 def serve(settings: Settings, *, agent_config_dirs: tuple[str, ...] = ()) -> int:
+    # gunicorn's workers are forked inside app.run() below and leave by SystemExit, which
+    # unwinds this frame in each worker too: what the finally clauses do (stop the agent,
+    # leave the catalog, and main_dev's removal of its data dir) is the master's alone.
+    master = os.getpid()
     configure_logging(settings.log_level)
     raise_open_files_limit(settings)
     if settings.data_dir:
@@ -282,9 +287,10 @@ def serve(settings: Settings, *, agent_config_dirs: tuple[str, ...] = ()) -> int
         # halting for the first (e.g. every worker failed to boot); its log says why.
         return _fail(f"the server stopped: {e.reason}")
     finally:
-        if agent is not None:
-            agent.stop()
-        _leave_catalog(settings)
+        if os.getpid() == master:
+            if agent is not None:
+                agent.stop()
+            _leave_catalog(settings)
     return 0
 
 

@@ -215,3 +215,26 @@ def test_dev_refuses_a_missing_config_dir(tmp_path):
     )
     assert r.returncode == 1, r
     assert f"Error! Config directory {missing} does not exist" in r.stderr
+
+
+def test_dev_on_its_own_data_dir_stops_quietly_and_removes_it(tmp_path, started):
+    """Without -data-dir, dev makes a temporary one and removes it when it stops. gunicorn's
+    worker leaves by SystemExit, which unwound dev's own frames in the worker too: the worker
+    removed the directory and left the catalog while the master still ran, so the master's
+    own leave logged "could not leave the catalog: the data directory ... does not exist"."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    dev = TrellisProcess(
+        ["dev", "-http-port", "0", "-dns-port", "-1", "-node", "laptop"],
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    started.append(dev)
+    dev.start()
+    assert [p for p in tmp.iterdir() if p.name.startswith("trellis-dev-")], dev.output()
+    assert dev.proc is not None
+    dev.proc.send_signal(signal.SIGINT)
+    assert dev.proc.wait(30) == 0, dev.output()
+    dev._close()
+    assert not [p for p in tmp.iterdir() if p.name.startswith("trellis-dev-")], dev.output()
+    out = dev.output()
+    assert "[WARNING]" not in out and "[ERROR]" not in out and "Traceback" not in out, out
