@@ -4,12 +4,14 @@ forwarded to a server.
 Answered here: service and check registration (written through to the catalog with the
 caller's token first, so the servers' ACLs decide; a 403 there is the caller's 403), the
 local reads (``agent/services`` with hash-based blocking, ``agent/service/{id}``,
-``agent/checks``, ``agent/self``, ``agent/members``), TTL check updates, ``reload`` and
-``leave``, ``agent/version`` and this host's ``agent/host`` (``operator:read``, which the
-servers decide). Forwarded: everything else under ``/v1/`` (K/V, catalog, health, the Connect CA
-and ``agent/connect/*``), with the caller's headers and token, the server's status, headers
-and body passed back as they come; a blocking query blocks the same way, and a client that
-hangs up cancels its forwarded request.
+``agent/checks``, ``agent/self``, ``agent/members``), TTL check updates, ``reload``
+(``agent:write``, node:write on this node) and ``leave`` (``operator:write``),
+``agent/version`` and this host's ``agent/host`` (``operator:read``). The agent holds no ACL
+rules: the servers decide each of these for the caller's token (``LocalAPI.authorize``), and
+when none answers the agent refuses (503). Forwarded: everything else under ``/v1/`` (K/V,
+catalog, health, the Connect CA and ``agent/connect/*``), with the caller's headers and
+token, the server's status, headers and body passed back as they come; a blocking query
+blocks the same way, and a client that hangs up cancels its forwarded request.
 
 Shared (``trellis.proxy.agent.shared``): the CA roots, every read of them, come from the node's
 one roots watch; a blocking read (``?index=``) of the catalog, health, K/V or intentions
@@ -771,7 +773,46 @@ class LocalAPI:
             raise Refused(status, _message_of(value))
         return json_response(telemetry.host_info(time.time(), self.started))
 
+    async def authorize(self, req: Request, resource: str, access: str, segment: str = "") -> None:
+        """Refuse unless the caller's token may ``access`` ``resource``: the agent holds no ACL
+        rules, so it asks the servers (``POST /v1/internal/acl/authorize``, which decides by
+        the Authorizer every server endpoint uses and changes nothing). Their 403 (an
+        unknown token, or ``Allow: false``) is the caller's 403; their 401 "ACL support
+        disabled" means ACLs are off and everything is allowed. No server answering, or an
+        answer the agent cannot read (a server too old to have the endpoint), is a 503:
+        never allowed by default."""
+        ask: dict[str, str] = {"Resource": resource, "Access": access}
+        if segment:
+            ask["Segment"] = segment
+        try:
+            status, value, _ = await self.agent.servers.call(
+                "POST", "/v1/internal/acl/authorize", token=req.token(), json_body=[ask]
+            )
+        except Unreachable as e:
+            raise NoServer(f"no server answered whether the token may do this: {e}") from None
+        if status == 401 and isinstance(value, dict) and value.get("code") == "acl_disabled":
+            return
+        if status == 403:
+            raise PermissionDenied(_message_of(value))
+        if (
+            status != 200
+            or not isinstance(value, list)
+            or len(value) != 1
+            or not isinstance(value[0], dict)
+        ):
+            raise NoServer(
+                f"the servers could not say whether the token may do this (HTTP {status}:"
+                f" {_message_of(value)})"
+            )
+        if value[0].get("Allow") is not True:
+            on = f" on {segment!r}" if segment else ""
+            raise PermissionDenied(
+                f"Permission denied: token lacks permission '{resource}:{access}'{on}"
+            )
+
     async def reload(self, req: Request, _: str) -> Response:
+        """``agent:write`` on this node (Consul's rule), asked of the servers."""
+        await self.authorize(req, "agent", "write", self.agent.opts.node)
         errors = await self.agent.reload()
         if errors:
             # The other files were applied; the caller learns which were refused and why.
@@ -779,6 +820,9 @@ class LocalAPI:
         return json_response(None)
 
     async def leave(self, req: Request, _: str) -> Response:
+        """``operator:write`` (Consul's rule for a graceful leave), asked of the servers: any
+        local process could otherwise make the node leave."""
+        await self.authorize(req, "operator", "write")
         self.on_leave()
         return json_response(None)
 
