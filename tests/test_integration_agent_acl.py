@@ -168,3 +168,23 @@ def test_agent_reload_and_leave_are_allowed_when_the_servers_have_acls_off(tmp_p
     assert "web" in _local_services(a)
     assert httpx.put(f"{a.url}/v1/agent/leave", timeout=10).status_code == 200
     assert a.wait(timeout=15) == 0, a.output()
+
+
+def test_agent_metrics_are_the_agents_own_under_node_read(tmp_path, cluster):
+    """Before: a 404 (the agent did not serve agent/metrics)."""
+    s, a, root = cluster
+    _refused(httpx.get(f"{a.url}/v1/agent/metrics", timeout=10), 403)
+    reader = _token(s.url, root, "reader", f'node "{NODE}" {{ policy = "read" }}')
+    h = {"X-Consul-Token": reader}
+    r = httpx.get(f"{a.url}/v1/agent/metrics", headers=h, timeout=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"Timestamp", "Gauges", "Points", "Counters", "Samples"}
+    gauges = {g["Name"]: g["Value"] for g in body["Gauges"]}
+    assert gauges["consul.agent.services"] == 0
+    assert gauges["consul.runtime.rss_bytes"] > 0
+    r = httpx.get(f"{a.url}/v1/agent/metrics?format=prometheus", headers=h, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert "# TYPE consul_agent_services gauge" in r.text
+    _refused(httpx.get(f"{a.url}/v1/agent/metrics?format=xml", headers=h, timeout=10), 400)

@@ -6,7 +6,8 @@ caller's token first, so the servers' ACLs decide; a 403 there is the caller's 4
 local reads (``agent/services`` with hash-based blocking, ``agent/service/{id}``,
 ``agent/checks``, ``agent/self``, ``agent/members``), TTL check updates, ``reload``
 (``agent:write``, node:write on this node) and ``leave`` (``operator:write``),
-``agent/version`` and this host's ``agent/host`` (``operator:read``). The agent holds no ACL
+``agent/version``, this host's ``agent/host`` (``operator:read``) and this agent's
+``agent/metrics`` (``agent:read``, node:read on this node). The agent holds no ACL
 rules: the servers decide each of these for the caller's token (``LocalAPI.authorize``), and
 when none answers the agent refuses (503). Forwarded: everything else under ``/v1/`` (K/V,
 catalog, health, the Connect CA and ``agent/connect/*``), with the caller's headers and
@@ -185,6 +186,7 @@ class LocalAPI:
             ("GET", "/v1/event/list"): self.event_list,
             ("GET", "/v1/agent/version"): self.version,
             ("GET", "/v1/agent/host"): self.host,
+            ("GET", "/v1/agent/metrics"): self.metrics,
         }
         self.started = time.time()
         self.exact = exact
@@ -809,6 +811,36 @@ class LocalAPI:
             raise PermissionDenied(
                 f"Permission denied: token lacks permission '{resource}:{access}'{on}"
             )
+
+    async def metrics(self, req: Request, _: str) -> Response:
+        """This agent's own figures (``agent:read``, node:read on this node, asked of the
+        servers): gauges of its services, checks and shared watches, and this process's
+        memory and open files, in Consul's JSON or (``?format=prometheus``) Prometheus text.
+        The agent counts no requests, so Counters and Samples are empty rather than made up.
+        dev's agent passes the request to dev's server, whose figures are the node's."""
+        if self.agent.opts.dev:
+            return await self.forward(req)
+        await self.authorize(req, "agent", "read", self.agent.opts.node)
+        fmt = req.arg("format") or ""
+        if fmt not in ("", "prometheus"):
+            raise BadRequest(
+                f"query parameter 'format' must be 'prometheus' or absent, not {fmt[:64]!r}"
+            )
+        state = self.agent.state
+        gauges: list[tuple[str, float, Mapping[str, str]]] = [
+            ("agent.services", float(len(state.services())), {}),
+            ("agent.checks", float(len(state.checks())), {}),
+            ("agent.shared_watches", float(self.shared.watching() if self.shared else 0), {}),
+            *telemetry.process_gauges(),
+        ]
+        figures = telemetry.Metrics(started=self.started)
+        if fmt == "prometheus":
+            return Response(
+                200,
+                [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
+                figures.to_prometheus(gauges).encode(),
+            )
+        return json_response(figures.to_json(gauges, time.time()))
 
     async def reload(self, req: Request, _: str) -> Response:
         """``agent:write`` on this node (Consul's rule), asked of the servers."""
