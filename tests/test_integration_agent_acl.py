@@ -1,5 +1,5 @@
-"""The node agent's own endpoints decide by the servers' ACLs: ``agent/leave`` needs
-``operator:write``, ``agent/reload`` ``agent:write`` (node:write on the agent's node), each asked
+"""The node agent's own endpoints decide by the servers' ACLs: ``agent/leave`` and
+``agent/reload`` need ``agent:write`` (node:write on the agent's node, Consul's rule), each asked
 of the servers (``POST /v1/internal/acl/authorize``) with the caller's token; no server
 answering is a 503, never an allow. Real ``trellis server`` (ACLs on, default deny) and
 ``trellis agent`` processes, each recorded and ended by PID, also when a test fails."""
@@ -128,17 +128,21 @@ def test_agent_reload_needs_node_write_on_the_agents_node(tmp_path, cluster):
     )
     assert r.status_code == 200, r.text
     assert "web" in _local_services(a)
-    # node:write on the agent's node is not operator:write: it may not make the node leave.
-    r = httpx.put(f"{a.url}/v1/agent/leave", headers={"X-Consul-Token": mine}, timeout=10)
-    _refused(r, 403)
-    assert alive(a.pid)
 
 
-def test_agent_leave_with_operator_write_leaves(tmp_path, cluster):
+def test_agent_leave_needs_node_write_on_the_agents_node(tmp_path, cluster):
     s, a, root = cluster
+    # operator:write is force-leave's rule (another node), not a node's own graceful leave.
     op = _token(s.url, root, "op", 'operator = "write"')
+    other = _token(s.url, root, "other-node", 'node "elsewhere" { policy = "write" }')
+    for t in (op, other):
+        r = httpx.put(f"{a.url}/v1/agent/leave", headers={"X-Consul-Token": t}, timeout=10)
+        _refused(r, 403)
+        assert "agent:write" in r.json()["error"], r.text
+    assert alive(a.pid)
+    mine = _token(s.url, root, "this-node", f'node "{NODE}" {{ policy = "write" }}')
     # ?token=, the place python-consul and py-consul put it.
-    r = httpx.put(f"{a.url}/v1/agent/leave", params={"token": op}, timeout=10)
+    r = httpx.put(f"{a.url}/v1/agent/leave", params={"token": mine}, timeout=10)
     assert r.status_code == 200, r.text
     assert a.wait(timeout=15) == 0, a.output()
 

@@ -4,8 +4,8 @@ forwarded to a server.
 Answered here: service and check registration (written through to the catalog with the
 caller's token first, so the servers' ACLs decide; a 403 there is the caller's 403), the
 local reads (``agent/services`` with hash-based blocking, ``agent/service/{id}``,
-``agent/checks``, ``agent/self``, ``agent/members``), TTL check updates, ``reload``
-(``agent:write``, node:write on this node) and ``leave`` (``operator:write``),
+``agent/checks``, ``agent/self``, ``agent/members``), TTL check updates, ``reload`` and
+``leave`` (``agent:write``, node:write on this node, as in Consul),
 ``agent/version``, this host's ``agent/host`` (``operator:read``) and this agent's
 ``agent/metrics`` (``agent:read``, node:read on this node). The agent holds no ACL
 rules: the servers decide each of these for the caller's token (``LocalAPI.authorize``), and
@@ -842,9 +842,10 @@ class LocalAPI:
         return json_response(None)
 
     async def leave(self, req: Request, _: str) -> Response:
-        """``operator:write`` (Consul's rule for a graceful leave), asked of the servers: any
-        local process could otherwise make the node leave."""
-        await self.authorize(req, "operator", "write")
+        """``agent:write`` on this node (node:write), asked of the servers: Consul's rule for
+        a graceful leave (its AgentLeave; ``operator:write`` is force-leave's, of another
+        node). Any local process could otherwise make the node leave."""
+        await self.authorize(req, "agent", "write", self.agent.opts.node)
         self.on_leave()
         return json_response(None)
 
