@@ -780,6 +780,22 @@ ROWS: list[Row] = [
     R("PUT", "/v1/agent/token/no-such-kind",     F,   F,   F,   F,   F,   404, F,
       body={"Token": "x"}),
 
+    # ---- Consul's internal authorization endpoint: any token may ask what it may do (the
+    # bogus one is "ACL not found", as anywhere); each answer is the Authorizer's. The agent
+    # resource is node on the segment. A body that is not a list is a 400 before the token is
+    # looked at.
+    R("POST", "/v1/internal/acl/authorize",      200, 200, 200, 200, 200, 200, F,
+      body=[{"Resource": "operator", "Access": "write"},
+            {"Resource": "agent", "Segment": NODE, "Access": "write"},
+            {"Resource": "service", "Segment": "web", "Access": "write"},
+            {"Resource": "key", "Segment": "app/x", "Access": "read"}],
+      view=lambda b: [e["Allow"] for e in b],
+      none=[False, False, False, False], read=[False, False, False, True],
+      web=[False, False, True, False], app=[False, False, False, True],
+      op=[True, False, False, False], mgmt=[True, True, True, True]),
+    R("POST", "/v1/internal/acl/authorize",      400, 400, 400, 400, 400, 400, 400,
+      body={"Resource": "operator", "Access": "write"}),
+
     # ---- status and the spec: no ACL
     R("GET", "/v1/status/leader",                200, 200, 200, 200, 200, 200, 200),
     R("GET", "/v1/status/peers",                 200, 200, 200, 200, 200, 200, 200),

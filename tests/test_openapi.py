@@ -667,11 +667,12 @@ ACL_CALLS = (
     ("PUT", "/v1/acl/login"),
     ("POST", "/v1/acl/logout"),
     ("PUT", "/v1/acl/logout"),
+    ("POST", "/v1/internal/acl/authorize"),
 )
 
 
 def acl_operations() -> set[tuple[str, str]]:
-    return {(m, t) for m, t in spec_operations() if t.startswith("/v1/acl/")}
+    return {(m, t) for m, t in spec_operations() if t.startswith(("/v1/acl/", "/v1/internal/acl/"))}
 
 
 def test_smoke_walk_acls(tmp_path):
@@ -685,6 +686,12 @@ def test_smoke_walk_acls(tmp_path):
         boot = ok(c.put("/v1/acl/bootstrap")).json
         ok(c.put("/v1/acl/bootstrap"), 403)
         h = {"X-Consul-Token": boot["SecretID"]}
+        ask = [{"Resource": "operator", "Access": "write"}]
+        got = ok(c.post("/v1/internal/acl/authorize", json=ask, headers=h)).json
+        assert got == [{"Resource": "operator", "Access": "write", "Allow": True}]
+        ok(c.post("/v1/internal/acl/authorize", json=ask), 200)  # the anonymous token
+        ok(c.post("/v1/internal/acl/authorize", json=[{"Resource": "x", "Access": "read"}]), 400)
+        ok(c.post("/v1/internal/acl/authorize", json=ask * 65, headers=h), 400)
         ok(c.get("/v1/acl/token/self", headers={"X-Consul-Token": "no-such-secret"}), 403)
 
         rules = 'key_prefix "app/" { policy = "write" }'

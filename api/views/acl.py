@@ -19,6 +19,8 @@ from flask import Blueprint, request
 
 from trellis.api.acl import identities as ids
 from trellis.api.acl import service as acl
+from trellis.api.acl.authorize import decide
+from trellis.api.acl.rules import Authorizer
 from trellis.api.errors import BadRequest, NotFound, PermissionDenied, TrellisError
 from trellis.api.http import json_body, json_response, services
 from trellis.api.schemas import load
@@ -33,6 +35,7 @@ from trellis.api.schemas.acl import (
     identities_of,
 )
 from trellis.api.store.security import IDENTITY_KEYS, ACLPolicy, ACLRole, ACLToken
+from trellis.api.views.catalog import check_dc
 
 bp = Blueprint("acl", __name__)
 
@@ -582,3 +585,17 @@ def templated_policy_preview(name: str):
             "Datacenters": [],
         }
     )
+
+
+@bp.post("/v1/internal/acl/authorize")
+@needs(None)
+def authorize():
+    """Consul's internal authorization endpoint (trellis.api.acl.authorize): what the
+    request's token may do, asked of the same Authorizer every endpoint asks. Any token may
+    ask about itself; ACLs off is the 401 every ACL endpoint gives (the node agent reads it as
+    "everything is allowed"). A bad body is the caller's 400; an unknown token the 403 of
+    any request."""
+    check_dc()
+    body = json_body(allow_list=True)
+    decide(Authorizer.allow_all(), body)  # a bad body is a 400 before the token is resolved
+    return json_response(decide(acl.current(), body))

@@ -5,11 +5,14 @@ Answered here: service and check registration (written through to the catalog wi
 caller's token first, so the servers' ACLs decide; a 403 there is the caller's 403), the
 local reads (``agent/services`` with hash-based blocking, ``agent/service/{id}``,
 ``agent/checks``, ``agent/self``, ``agent/members``), TTL check updates, ``reload`` and
-``leave``, ``agent/version`` and this host's ``agent/host`` (``operator:read``, which the
-servers decide). Forwarded: everything else under ``/v1/`` (K/V, catalog, health, the Connect CA
-and ``agent/connect/*``), with the caller's headers and token, the server's status, headers
-and body passed back as they come; a blocking query blocks the same way, and a client that
-hangs up cancels its forwarded request.
+``leave`` (``agent:write``, node:write on this node, as in Consul),
+``agent/version``, this host's ``agent/host`` (``operator:read``) and this agent's
+``agent/metrics`` (``agent:read``, node:read on this node). The agent holds no ACL
+rules: the servers decide each of these for the caller's token (``LocalAPI.authorize``), and
+when none answers the agent refuses (503). Forwarded: everything else under ``/v1/`` (K/V,
+catalog, health, the Connect CA and ``agent/connect/*``), with the caller's headers and
+token, the server's status, headers and body passed back as they come; a blocking query
+blocks the same way, and a client that hangs up cancels its forwarded request.
 
 Shared (``trellis.proxy.agent.shared``): the CA roots, every read of them, come from the node's
 one roots watch; a blocking read (``?index=``) of the catalog, health, K/V or intentions
@@ -183,6 +186,7 @@ class LocalAPI:
             ("GET", "/v1/event/list"): self.event_list,
             ("GET", "/v1/agent/version"): self.version,
             ("GET", "/v1/agent/host"): self.host,
+            ("GET", "/v1/agent/metrics"): self.metrics,
         }
         self.started = time.time()
         self.exact = exact
@@ -755,23 +759,82 @@ class LocalAPI:
         return json_response({"SHA": "", "BuildDate": "", "HumanVersion": __version__, "FIPS": ""})
 
     async def host(self, req: Request, _: str) -> Response:
-        """This node's host (``operator:read``, as on the servers). The agent holds no ACL
-        rules, so it asks the servers whether the caller's token reads the operator resource
-        (``GET operator/autopilot/configuration`` needs exactly that and changes nothing),
-        and answers with its own host only then."""
-        try:
-            status, value, _ = await self.agent.servers.call(
-                "GET", "/v1/operator/autopilot/configuration", token=req.token()
-            )
-        except Unreachable as e:
-            raise NoServer(f"no server answered: {e}") from None
-        if status == 403:
-            raise PermissionDenied(_message_of(value))
-        if status != 200:
-            raise Refused(status, _message_of(value))
+        """This node's host (``operator:read``, as on the servers), asked of the servers
+        (``authorize``). It used to borrow ``GET operator/autopilot/configuration``, which
+        needs the same and changes nothing; the servers' own question is plainer."""
+        await self.authorize(req, "operator", "read")
         return json_response(telemetry.host_info(time.time(), self.started))
 
+    async def authorize(self, req: Request, resource: str, access: str, segment: str = "") -> None:
+        """Refuse unless the caller's token may ``access`` ``resource``: the agent holds no ACL
+        rules, so it asks the servers (``POST /v1/internal/acl/authorize``, which decides by
+        the Authorizer every server endpoint uses and changes nothing). Their 403 (an
+        unknown token, or ``Allow: false``) is the caller's 403; their 401 "ACL support
+        disabled" means ACLs are off and everything is allowed. No server answering, or an
+        answer the agent cannot read (a server too old to have the endpoint), is a 503:
+        never allowed by default."""
+        ask: dict[str, str] = {"Resource": resource, "Access": access}
+        if segment:
+            ask["Segment"] = segment
+        try:
+            status, value, _ = await self.agent.servers.call(
+                "POST", "/v1/internal/acl/authorize", token=req.token(), json_body=[ask]
+            )
+        except Unreachable as e:
+            raise NoServer(f"no server answered whether the token may do this: {e}") from None
+        if status == 401 and isinstance(value, dict) and value.get("code") == "acl_disabled":
+            return
+        if status == 403:
+            raise PermissionDenied(_message_of(value))
+        if (
+            status != 200
+            or not isinstance(value, list)
+            or len(value) != 1
+            or not isinstance(value[0], dict)
+        ):
+            raise NoServer(
+                f"the servers could not say whether the token may do this (HTTP {status}:"
+                f" {_message_of(value)})"
+            )
+        if value[0].get("Allow") is not True:
+            on = f" on {segment!r}" if segment else ""
+            raise PermissionDenied(
+                f"Permission denied: token lacks permission '{resource}:{access}'{on}"
+            )
+
+    async def metrics(self, req: Request, _: str) -> Response:
+        """This agent's own figures (``agent:read``, node:read on this node, asked of the
+        servers): gauges of its services, checks and shared watches, and this process's
+        memory and open files, in Consul's JSON or (``?format=prometheus``) Prometheus text.
+        The agent counts no requests, so Counters and Samples are empty rather than made up.
+        dev's agent passes the request to dev's server, whose figures are the node's."""
+        if self.agent.opts.dev:
+            return await self.forward(req)
+        await self.authorize(req, "agent", "read", self.agent.opts.node)
+        fmt = req.arg("format") or ""
+        if fmt not in ("", "prometheus"):
+            raise BadRequest(
+                f"query parameter 'format' must be 'prometheus' or absent, not {fmt[:64]!r}"
+            )
+        state = self.agent.state
+        gauges: list[tuple[str, float, Mapping[str, str]]] = [
+            ("agent.services", float(len(state.services())), {}),
+            ("agent.checks", float(len(state.checks())), {}),
+            ("agent.shared_watches", float(self.shared.watching() if self.shared else 0), {}),
+            *telemetry.process_gauges(),
+        ]
+        figures = telemetry.Metrics(started=self.started)
+        if fmt == "prometheus":
+            return Response(
+                200,
+                [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
+                figures.to_prometheus(gauges).encode(),
+            )
+        return json_response(figures.to_json(gauges, time.time()))
+
     async def reload(self, req: Request, _: str) -> Response:
+        """``agent:write`` on this node (Consul's rule), asked of the servers."""
+        await self.authorize(req, "agent", "write", self.agent.opts.node)
         errors = await self.agent.reload()
         if errors:
             # The other files were applied; the caller learns which were refused and why.
@@ -779,6 +842,10 @@ class LocalAPI:
         return json_response(None)
 
     async def leave(self, req: Request, _: str) -> Response:
+        """``agent:write`` on this node (node:write), asked of the servers: Consul's rule for
+        a graceful leave (its AgentLeave; ``operator:write`` is force-leave's, of another
+        node). Any local process could otherwise make the node leave."""
+        await self.authorize(req, "agent", "write", self.agent.opts.node)
         self.on_leave()
         return json_response(None)
 
