@@ -310,6 +310,10 @@ HAND_CHECKED = {
     # refusals are in tests/test_api_agent_operator.py
     # (test_agent_tokens_are_kept_private_under_their_kind).
     ("PUT", "/v1/agent/token/{kind}"),
+    # A list of {Resource, Segment, Access}: trellis.api.acl.authorize checks each entry;
+    # its refusals are in tests/test_acl_authorize.py
+    # (test_a_bad_list_is_the_callers_400_for_the_whole_list).
+    ("POST", "/v1/internal/acl/authorize"),
     # A config entry: its fields depend on its Kind; trellis.api.config_entries.check_entry
     # checks each kind's (refusals: tests/test_api_config_entries.py::
     # test_bad_entries_and_unsupported_kinds_are_400s).
