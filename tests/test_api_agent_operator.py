@@ -46,8 +46,9 @@ def test_usage_counts_services_instances_and_connect_kinds(app_client):
     body = r.get_json()
     assert body["Usage"] == {
         "dc1": {
-            "Services": 3,
-            "ServiceInstances": 4,
+            # With the server's own consul service (not billable).
+            "Services": 4,
+            "ServiceInstances": 5,
             "ConnectServiceInstances": {
                 "connect-native": 1,
                 "connect-proxy": 1,
@@ -130,7 +131,7 @@ def test_metrics_count_this_process_requests_and_report_store_figures(app_client
     assert got == 8
     assert _counter(after, "consul.http.requests", method="PUT") == 2
     gauges = {(g["Name"], tuple(sorted(g["Labels"].items()))): g["Value"] for g in after["Gauges"]}
-    assert gauges[("consul.catalog.service_instances", ())] == 1
+    assert gauges[("consul.catalog.service_instances", ())] == 2  # web, the server's consul
     assert gauges[("consul.session.count", ())] == 1
     assert gauges[("consul.blocking.waiting", ())] == 0
     assert after["Points"] == []
